@@ -1,0 +1,48 @@
+// kvstore wire protocol: framed transport, binary protocol.
+//
+// The first four methods are the seed's service, unchanged in names, field ids
+// and types, so a client generated from the seed IDL works against a kvstore
+// node. Everything after them is a kvstore extension.
+//
+// Refusals (a get/put sent to a non-primary, a replicate from a stale primary,
+// an oversized key) are sent as TApplicationException, never as a normal reply:
+// a client that only knows the seed IDL then sees an error, not a success.
+// The exception's `type` carries a kvstore error code (see errors.py):
+//   100 NOT_PRIMARY   101 UNAVAILABLE   102 TOO_LARGE   103 BAD_REQUEST
+//   104 STALE_EPOCH   105 REPLICATION_FAILED (outcome unknown)   106 DATA_LOST
+
+namespace py kvstore
+namespace java kvstore
+
+struct NodeStatus {
+  1: string node_id,        // this node's znode name
+  2: string role,           // starting | standby | syncing | backup | primary | stopped
+  3: i64 epoch,             // the primary epoch this node serves under (0: none)
+  4: i64 key_count,
+  5: string primary_address // host:port of the primary as this node knows it ("" if unknown)
+}
+
+struct SyncChunk {
+  1: list<string> keys,
+  2: list<string> values,
+  3: i32 next_stripe        // -1 when the snapshot is complete
+}
+
+service KeyValueService {
+  string get(1: string key);
+  void put(1: string key, 2: string value);
+  // Field 3 is a kvstore addition: a replicate without the sender's epoch is refused.
+  void replicate(1: string key, 2: string value, 3: i64 epoch);
+  map<string, string> dump();
+
+  // --- kvstore extensions ---
+  // Primary -> backup: apply entries in order. An empty batch is a heartbeat.
+  // Every accepted batch renews the primary's read lease.
+  void replicate_batch(1: i64 epoch, 2: list<string> keys, 3: list<string> values);
+  NodeStatus status();
+  // Backup -> primary: start forwarding puts to backup_id, then fetch the snapshot
+  // stripe by stripe with sync_fetch and confirm with join_done.
+  i32 join(1: i64 epoch, 2: string backup_id);
+  SyncChunk sync_fetch(1: i64 epoch, 2: string backup_id, 3: i32 first_stripe, 4: i32 max_entries);
+  void join_done(1: i64 epoch, 2: string backup_id);
+}

@@ -1,0 +1,128 @@
+"""The kvstore exception tree. No package imports.
+
+Every error says whether the operation it interrupted is *definite* (certainly
+not applied: safe to retry as the same operation) or *indefinite* (it may have
+been applied: a client must record it as unknown, never silently retry it).
+
+On the wire, a node's refusal is a TApplicationException whose ``type`` is one
+of the codes below; :func:`from_code` turns it back into the matching class.
+"""
+
+from __future__ import annotations
+
+
+class KVError(Exception):
+    """Root of all kvstore errors."""
+
+    code = 0
+    is_definite = True
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message or self.__class__.__name__)
+        self.message = message
+
+
+class NotPrimaryError(KVError):
+    """A get/put reached a node that is not the primary. ``primary_address`` may hint the right one."""
+
+    code = 100
+
+    def __init__(self, message: str = "", primary_address: str = "") -> None:
+        super().__init__(message)
+        self.primary_address = primary_address
+
+
+class UnavailableError(KVError):
+    """The node cannot serve right now (starting, syncing, stopping); nothing was applied."""
+
+    code = 101
+
+
+class TooLargeError(KVError):
+    """A key or value exceeds the configured limit."""
+
+    code = 102
+
+
+class BadRequestError(KVError):
+    """A malformed request: a missing argument or an argument of the wrong type."""
+
+    code = 103
+
+
+class StaleEpochError(KVError):
+    """A replicate came from a node that is not (or no longer) the current primary."""
+
+    code = 104
+
+
+class ReplicationFailedError(KVError):
+    """The primary could not confirm replication; the put may or may not survive."""
+
+    code = 105
+    is_definite = False
+
+
+class DataLostError(KVError):
+    """No node holds a complete copy of the data any more. The store refuses to serve."""
+
+    code = 106
+
+
+class ConnectError(KVError):
+    """Could not connect: the request was certainly not sent."""
+
+
+class ConnectionLostError(KVError):
+    """The connection failed after the request was (maybe) sent: outcome unknown."""
+
+    is_definite = False
+
+
+class ProtocolError(KVError):
+    """The peer answered with something that is not a valid reply."""
+
+    is_definite = False
+
+
+class CoordinationError(KVError):
+    """ZooKeeper is unreachable, or the cluster metadata is not what it must be."""
+
+
+class DeposedError(KVError):
+    """This node learnt that another node became primary; it must stop acting as primary."""
+
+    is_definite = False
+
+
+_BY_CODE: dict[int, type[KVError]] = {
+    cls.code: cls
+    for cls in (
+        NotPrimaryError,
+        UnavailableError,
+        TooLargeError,
+        BadRequestError,
+        StaleEpochError,
+        ReplicationFailedError,
+        DataLostError,
+    )
+}
+
+NOT_PRIMARY_HINT = "primary="
+
+
+def from_code(code: int, message: str) -> KVError:
+    """Rebuild the error a node sent as a TApplicationException (type=code)."""
+    cls = _BY_CODE.get(code)
+    if cls is None:
+        return ProtocolError(f"node error (type {code}): {message}")
+    if cls is NotPrimaryError:
+        return NotPrimaryError(message, primary_address=_hint(message))
+    return cls(message)
+
+
+def _hint(message: str) -> str:
+    for word in message.split():
+        if word.startswith(NOT_PRIMARY_HINT):
+            return word[len(NOT_PRIMARY_HINT):].strip(".,;")
+    return ""
