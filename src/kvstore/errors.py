@@ -72,6 +72,10 @@ class DataLostError(KVError):
 class ConnectError(KVError):
     """Could not connect: the request was certainly not sent."""
 
+    def __init__(self, message: str = "", is_refused: bool = False) -> None:
+        super().__init__(message)
+        self.is_refused = is_refused
+
 
 class ConnectionLostError(KVError):
     """The connection failed after the request was (maybe) sent: outcome unknown."""

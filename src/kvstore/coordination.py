@@ -1,0 +1,253 @@
+"""ZooKeeper: membership and cluster metadata. The only module that imports kazoo.
+
+Layout under the parent path P (created by ``kv-createznode``):
+
+- ``P/node-0000000042`` — one ephemeral sequential znode per live node, data
+  ``host:port`` (UTF-8). In a steady state the lowest sequence is the primary and
+  the next one the backup, as in the seed.
+- the data of P itself — :class:`ClusterMeta` as JSON: the epoch, the primary and
+  the *in-sync set* (the nodes holding every acknowledged write). It is only ever
+  changed by compare-and-set on P's version, so two nodes can never both win a
+  change based on the same state. A node takes over as primary only by a CAS
+  that bumps the epoch, and only if it is in the in-sync set; a primary drops a
+  failed backup from the set (by CAS) before it acknowledges writes without it.
+
+Reads are cached and re-read only after a ZooKeeper watch fired, so polling
+:meth:`ClusterView.members` / :meth:`ClusterView.meta` is cheap. Watch callbacks
+and session listeners only set flags and call ``on_change``; they never block.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from kazoo.client import KazooClient, KazooState
+from kazoo.exceptions import BadVersionError, KazooException, NodeExistsError, NoNodeError
+from kazoo.handlers.threading import KazooTimeoutError
+
+from kvstore import errors
+
+log = logging.getLogger(__name__)
+
+MEMBER_PREFIX = "node-"
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    name: str
+    address: str
+
+    @property
+    def sequence(self) -> int:
+        return int(self.name.rsplit("-", 1)[-1])
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterMeta:
+    """The fenced cluster state kept in the parent znode's data."""
+
+    epoch: int = 0
+    primary: str = ""
+    primary_address: str = ""
+    in_sync: tuple[str, ...] = field(default=())
+
+    @property
+    def is_initialized(self) -> bool:
+        return self.epoch > 0
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(
+            {
+                "epoch": self.epoch,
+                "primary": self.primary,
+                "primary_address": self.primary_address,
+                "in_sync": list(self.in_sync),
+            },
+            sort_keys=True,
+        ).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes | None) -> ClusterMeta:
+        if not data:
+            return cls()
+        try:
+            raw = json.loads(data)
+            return cls(
+                epoch=int(raw["epoch"]),
+                primary=str(raw["primary"]),
+                primary_address=str(raw["primary_address"]),
+                in_sync=tuple(raw["in_sync"]),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise errors.CoordinationError(f"parent znode holds no kvstore metadata: {exc}") from None
+
+    def with_in_sync(self, names: tuple[str, ...]) -> ClusterMeta:
+        return replace(self, in_sync=names)
+
+
+def connect(zk_connect: str, session_timeout_s: float, connect_timeout_s: float) -> KazooClient:
+    zk = KazooClient(hosts=zk_connect, timeout=session_timeout_s)
+    try:
+        zk.start(timeout=connect_timeout_s)
+    except KazooTimeoutError:
+        zk.close()
+        raise errors.CoordinationError(
+            f"cannot reach ZooKeeper at {zk_connect} within {connect_timeout_s:g} s"
+        ) from None
+    return zk
+
+
+def create_parent(zk_connect: str, path: str, reset: bool = False, timeout_s: float = 10.0) -> str:
+    """Create ``path`` (and its parents). With ``reset``, clear its cluster metadata."""
+    zk = connect(zk_connect, session_timeout_s=10.0, connect_timeout_s=timeout_s)
+    try:
+        try:
+            zk.create(path, b"", makepath=True)
+            return "created"
+        except NodeExistsError:
+            if not reset:
+                return "exists"
+            zk.set(path, b"")
+            return "reset"
+    finally:
+        zk.stop()
+        zk.close()
+
+
+class ClusterView:
+    """Cached, watch-driven view of the members and the metadata under one parent path."""
+
+    def __init__(self, zk: KazooClient, path: str, on_change: Callable[[], None]) -> None:
+        self.zk = zk
+        self.path = path.rstrip("/") or "/"
+        self._on_change = on_change
+        self._lock = threading.Lock()
+        self._members_dirty = True
+        self._meta_dirty = True
+        self._members: list[Member] = []
+        self._addresses: dict[str, str] = {}
+        self._meta = ClusterMeta()
+        self._meta_version = -1
+        self.is_session_lost = False
+        self.is_connected = True
+        zk.add_listener(self._on_state)
+
+    # Called from kazoo's threads: set flags, never block.
+    def _on_state(self, state: str) -> None:
+        if state == KazooState.LOST:
+            self.is_session_lost = True
+        self.is_connected = state == KazooState.CONNECTED
+        self._members_dirty = self._meta_dirty = True
+        self._on_change()
+
+    def _on_members_event(self, _event: Any) -> None:
+        self._members_dirty = True
+        self._on_change()
+
+    def _on_meta_event(self, _event: Any) -> None:
+        self._meta_dirty = True
+        self._on_change()
+
+    def members(self) -> list[Member]:
+        """Live members in sequence order (lowest first)."""
+        with self._lock:
+            if self._members_dirty:
+                self._members_dirty = False
+                try:
+                    self._members = self._read_members()
+                except Exception:
+                    self._members_dirty = True
+                    raise
+            return list(self._members)
+
+    def _read_members(self) -> list[Member]:
+        names = self.zk.get_children(self.path, watch=self._on_members_event)
+        names = sorted((n for n in names if n.startswith(MEMBER_PREFIX)), key=_sequence)
+        addresses: dict[str, str] = {}
+        for name in names:
+            address = self._addresses.get(name)
+            if address is None:
+                try:
+                    data, _ = self.zk.get(f"{self.path}/{name}")
+                except NoNodeError:
+                    continue
+                address = data.decode("utf-8", "replace")
+            addresses[name] = address
+        self._addresses = addresses
+        return [Member(n, addresses[n]) for n in names if n in addresses]
+
+    def meta(self) -> tuple[ClusterMeta, int]:
+        """The metadata and the parent znode's version (for compare-and-set)."""
+        with self._lock:
+            if self._meta_dirty:
+                self._meta_dirty = False
+                try:
+                    data, stat = self.zk.get(self.path, watch=self._on_meta_event)
+                except Exception:
+                    self._meta_dirty = True
+                    raise
+                self._meta, self._meta_version = ClusterMeta.from_bytes(data), stat.version
+            return self._meta, self._meta_version
+
+    def refresh(self) -> None:
+        """Forget the cache: the next read goes to ZooKeeper."""
+        self._members_dirty = self._meta_dirty = True
+
+    def sync(self) -> None:
+        """Catch up with the ZooKeeper leader, then forget the cache (for reads that must be fresh)."""
+        self.zk.sync(self.path)
+        self.refresh()
+
+
+class Coordinator(ClusterView):
+    """A node's handle on ZooKeeper: registration plus compare-and-set of the metadata."""
+
+    def __init__(self, zk: KazooClient, path: str, on_change: Callable[[], None]) -> None:
+        super().__init__(zk, path, on_change)
+        self.name = ""
+
+    def register(self, address: str) -> str:
+        self.zk.ensure_path(self.path)
+        created = self.zk.create(
+            f"{self.path}/{MEMBER_PREFIX}", address.encode(), ephemeral=True, sequence=True
+        )
+        self.name = created.rsplit("/", 1)[-1]
+        self.refresh()
+        return self.name
+
+    def compare_and_set(self, meta: ClusterMeta, version: int) -> bool:
+        """Write ``meta`` if the parent is still at ``version``. False if someone changed it."""
+        try:
+            self.zk.set(self.path, meta.to_bytes(), version=version)
+        except BadVersionError:
+            self.refresh()
+            return False
+        self.refresh()
+        return True
+
+    def remove_member(self, name: str) -> None:
+        """Delete another node's znode (after proving it dead or fencing it out)."""
+        try:
+            self.zk.delete(f"{self.path}/{name}")
+        except NoNodeError:
+            pass
+        self.refresh()
+
+    def close(self) -> None:
+        try:
+            self.zk.stop()
+            self.zk.close()
+        except KazooException:
+            log.debug("error while closing the ZooKeeper session", exc_info=True)
+
+
+def _sequence(name: str) -> int:
+    try:
+        return int(name.rsplit("-", 1)[-1])
+    except ValueError:
+        return -1

@@ -1,0 +1,337 @@
+"""Thrift transport for kvstore: the only module that touches thriftpy2's transport layer.
+
+Server: one thread per connection (like the seed's threaded server), framed
+transport + binary protocol with thriftpy2's compiled codec. Unlike thriftpy2's
+TServerSocket it never sets SO_REUSEPORT (two nodes must not share a port), it
+refuses frames larger than ``max_frame_bytes`` before buffering them, and it
+keeps idle connections open (a pooled connection must not die under a client).
+
+Errors are mapped here, in one place:
+- a handler's :class:`~kvstore.errors.KVError` goes out as a TApplicationException
+  whose ``type`` is the error code (so a seed-only client sees an error);
+- on the client side that exception comes back as the same KVError class;
+- a failure to connect is a definite :class:`ConnectError` (nothing was sent);
+  any failure after sending is an indefinite :class:`ConnectionLostError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import select
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from thriftpy2.protocol.cybin import TCyBinaryProtocol
+from thriftpy2.thrift import TApplicationException, TClient, TProcessor
+from thriftpy2.transport import TSocket, TTransportException
+from thriftpy2.transport.framed import TCyFramedTransport
+
+from kvstore import errors
+from kvstore.idl import KeyValueService
+
+log = logging.getLogger(__name__)
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"not a host:port address: {address!r}")
+    return host, int(port)
+
+
+# --------------------------------------------------------------------------- server
+
+
+class FrameTooLargeError(Exception):
+    pass
+
+
+class _GuardedSocket:
+    """Socket facade for TCyFramedTransport that checks every frame header as it passes.
+
+    The compiled framed transport would malloc whatever length a header claims; this
+    refuses a frame that is not in (0, max_frame_bytes] before any of its body is read.
+    """
+
+    __slots__ = ("_body_left", "_header", "_max_frame_bytes", "sock")
+
+    def __init__(self, sock: socket.socket, max_frame_bytes: int) -> None:
+        self.sock = sock
+        self._max_frame_bytes = max_frame_bytes
+        self._body_left = 0
+        self._header = b""
+
+    def read(self, size: int) -> bytes:
+        data = self.sock.recv(size)
+        if not data:
+            raise TTransportException(TTransportException.END_OF_FILE, "peer closed")
+        self._scan(data)
+        return data
+
+    def _scan(self, data: bytes) -> None:
+        i, end = 0, len(data)
+        while i < end:
+            if self._body_left:
+                step = min(self._body_left, end - i)
+                self._body_left -= step
+                i += step
+                continue
+            take = data[i : i + 4 - len(self._header)]
+            self._header += take
+            i += len(take)
+            if len(self._header) == 4:
+                size = int.from_bytes(self._header, "big", signed=True)
+                self._header = b""
+                if not 0 < size <= self._max_frame_bytes:
+                    raise FrameTooLargeError(f"frame of {size} bytes refused")
+                self._body_left = size
+
+    def write(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def flush(self) -> None:
+        pass
+
+    def is_open(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+class _Dispatcher(TProcessor):
+    """Calls the handler; maps KVError to a typed TApplicationException, bugs to INTERNAL_ERROR."""
+
+    def process(self, iprot: Any, oprot: Any) -> None:
+        api, seqid, result, call = self.process_in(iprot)
+        if isinstance(result, TApplicationException):
+            self.send_exception(oprot, api, result, seqid)
+            return
+        assert call is not None
+        try:
+            result.success = call()
+        except errors.KVError as exc:
+            self.send_exception(oprot, api, TApplicationException(exc.code, str(exc)), seqid)
+            return
+        except Exception as exc:
+            log.exception("handler %s failed", api)
+            failure = TApplicationException(TApplicationException.INTERNAL_ERROR, f"{api}: {exc}")
+            self.send_exception(oprot, api, failure, seqid)
+            return
+        self.send_result(oprot, api, result, seqid)
+
+
+ConnectionHook = Callable[[], None]
+
+
+class RpcServer:
+    """Threaded framed/binary Thrift server for the KeyValueService.
+
+    ``on_disconnect`` (optional) is called in the connection's thread when it ends,
+    so a handler can keep per-connection state in a threading.local.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        handler: object,
+        max_frame_bytes: int,
+        on_disconnect: ConnectionHook | None = None,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self._handler = handler
+        self._max_frame_bytes = max_frame_bytes
+        self._on_disconnect = on_disconnect
+        self._listener: socket.socket | None = None
+        self._connections: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._is_closed = False
+
+    def bind(self) -> None:
+        """Bind and listen; raises OSError (EADDRINUSE) if another process holds the port."""
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            listener.bind((self.host, self.port))
+            listener.listen(256)
+        except OSError:
+            listener.close()
+            raise
+        self.port = listener.getsockname()[1]
+        self._listener = listener
+
+    def start(self) -> None:
+        if self._listener is None:
+            self.bind()
+        thread = threading.Thread(target=self._accept_loop, name="rpc-accept", daemon=True)
+        thread.start()
+
+    def _accept_loop(self) -> None:
+        listener = self._listener
+        assert listener is not None
+        while not self._is_closed:
+            try:
+                sock, _ = listener.accept()
+            except OSError as exc:
+                if self._is_closed:
+                    return
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.error("accept failed (%s); still serving existing connections", exc)
+                    threading.Event().wait(0.05)
+                continue
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            with self._lock:
+                if self._is_closed:
+                    sock.close()
+                    return
+                self._connections.add(sock)
+            threading.Thread(target=self._serve, args=(sock,), name="rpc-conn", daemon=True).start()
+
+    def _serve(self, sock: socket.socket) -> None:
+        guard = _GuardedSocket(sock, self._max_frame_bytes)
+        proto = TCyBinaryProtocol(TCyFramedTransport(guard))
+        dispatcher = _Dispatcher(KeyValueService, self._handler)
+        try:
+            while True:
+                dispatcher.process(proto, proto)
+        except (TTransportException, ConnectionError, OSError):
+            pass
+        except FrameTooLargeError as exc:
+            log.warning("closing connection: %s (limit %d bytes)", exc, self._max_frame_bytes)
+        except Exception as exc:  # malformed message: bad version, bad type, truncated data
+            log.warning("closing connection after a malformed request: %r", exc)
+        finally:
+            with self._lock:
+                self._connections.discard(sock)
+            guard.close()
+            if self._on_disconnect is not None:
+                self._on_disconnect()
+
+    def close(self) -> None:
+        """Stop accepting, then cut every open connection."""
+        with self._lock:
+            self._is_closed = True
+            connections = list(self._connections)
+        if self._listener is not None:
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)
+            self._listener.close()
+        for sock in connections:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+# --------------------------------------------------------------------------- client
+
+
+class Connection:
+    """One connection to one node. Not thread-safe: one per thread, or per pool slot.
+
+    ``call`` raises :class:`errors.ConnectError` when nothing was sent, the node's
+    own KVError when it refused, and :class:`errors.ConnectionLostError` when the
+    outcome is unknown; after the last two kinds of transport failure the
+    connection is closed and the next call reconnects.
+    """
+
+    def __init__(self, address: str, timeout_ms: int = 2000, connect_timeout_ms: int = 500) -> None:
+        self.address = address
+        self._host, self._port = parse_address(address)
+        self._timeout_ms = timeout_ms
+        self._connect_timeout_ms = connect_timeout_ms
+        self._socket: TSocket | None = None
+        self._poller: select.poll | None = None
+        self._client: Any = None
+
+    @property
+    def is_open(self) -> bool:
+        return self._client is not None
+
+    def open(self) -> None:
+        try:
+            raw = socket.create_connection(
+                (self._host, self._port), timeout=self._connect_timeout_ms / 1000
+            )
+        except OSError as exc:
+            refused = isinstance(exc, ConnectionRefusedError)
+            raise errors.ConnectError(
+                f"cannot connect to {self.address}: {exc}", is_refused=refused
+            ) from None
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        raw.settimeout(self._timeout_ms / 1000)
+        self._socket = TSocket(sock=raw)
+        self._poller = select.poll()
+        self._poller.register(raw, select.POLLIN | select.POLLPRI)
+        self._client = TClient(KeyValueService, TCyBinaryProtocol(TCyFramedTransport(self._socket)))
+
+    def _is_dead(self) -> bool:
+        """True if an idle connection has something to read: the peer closed it (or broke it).
+
+        Checked before each reuse, so a request is never written into a connection the
+        server already closed (which would make its outcome needlessly unknown).
+        """
+        poller = self._poller
+        if poller is None:
+            return True
+        try:
+            return bool(poller.poll(0))
+        except OSError:
+            return True
+
+    def call(self, method: str, *args: Any) -> Any:
+        if self._client is not None and self._is_dead():
+            self.close()
+        if self._client is None:
+            self.open()
+        try:
+            return getattr(self._client, method)(*args)
+        except TApplicationException as exc:
+            raise _from_application_error(exc) from None
+        except (TTransportException, OSError, EOFError) as exc:
+            self.close()
+            raise errors.ConnectionLostError(f"{method} to {self.address}: {exc!r}") from None
+        except Exception as exc:  # undecodable reply
+            self.close()
+            raise errors.ProtocolError(f"{method} to {self.address}: {exc!r}") from None
+
+    def close(self) -> None:
+        """Close the socket. May be called from another thread to abort a call in progress."""
+        sock, self._socket, self._client, self._poller = self._socket, None, None, None
+        raw = sock.sock if sock is not None else None
+        if raw is not None:
+            with contextlib.suppress(OSError):
+                raw.shutdown(socket.SHUT_RDWR)
+            raw.close()
+
+
+def _from_application_error(exc: TApplicationException) -> errors.KVError:
+    message = exc.message or ""
+    if exc.type == TApplicationException.UNKNOWN_METHOD:
+        return errors.ProtocolError(f"unknown method: {message}")
+    if exc.type == TApplicationException.INTERNAL_ERROR:
+        # The handler crashed before or after applying: the outcome is unknown.
+        return errors.ProtocolError(f"node internal error: {message}")
+    return errors.from_code(exc.type, message)
+
+
+def probe(address: str, timeout_ms: int) -> Any | None:
+    """Ask a node for its status. None if nothing listens there (connection refused).
+
+    Raises ConnectionLostError / ConnectError on a timeout: the node may be alive but stuck.
+    """
+    conn = Connection(address, timeout_ms=timeout_ms, connect_timeout_ms=timeout_ms)
+    try:
+        return conn.call("status")
+    except errors.ConnectError as exc:
+        if exc.is_refused:
+            return None
+        raise
+    finally:
+        conn.close()

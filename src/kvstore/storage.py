@@ -1,0 +1,108 @@
+"""The in-memory map and its striped reader-writer locks. No network, no ZooKeeper.
+
+Keys are spread over ``stripe_count`` shards, each a dict guarded by its own
+reader-writer lock (readerwriterlock's fair lock). Readers of one stripe run
+together; a writer has the stripe alone. The primary keeps a stripe's write lock
+while a put is being replicated, so no reader sees a value before the backup has
+applied it.
+
+A snapshot is taken stripe by stripe under each stripe's read lock; it is a
+consistent copy of every stripe at the moment that stripe was copied.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from readerwriterlock import rwlock
+
+
+class StripedStore:
+    def __init__(self, stripe_count: int = 256) -> None:
+        if stripe_count < 1:
+            raise ValueError("stripe_count must be >= 1")
+        self.stripe_count = stripe_count
+        self._shards: list[dict[str, str]] = [{} for _ in range(stripe_count)]
+        locks = [rwlock.RWLockFair() for _ in range(stripe_count)]
+        self._read_locks = [lock.gen_rlock() for lock in locks]
+        self._write_locks = [lock.gen_wlock() for lock in locks]
+
+    def stripe_of(self, key: str) -> int:
+        return hash(key) % self.stripe_count
+
+    def get(self, key: str) -> str | None:
+        i = hash(key) % self.stripe_count
+        with self._read_locks[i]:
+            return self._shards[i].get(key)
+
+    def put(self, key: str, value: str) -> None:
+        i = hash(key) % self.stripe_count
+        with self._write_locks[i]:
+            self._shards[i][key] = value
+
+    def put_many(self, keys: list[str], values: list[str]) -> None:
+        """Apply writes in list order (one stripe lock at a time)."""
+        for key, value in zip(keys, values, strict=True):
+            self.put(key, value)
+
+    def put_if_absent_many(self, keys: list[str], values: list[str]) -> int:
+        """Insert entries whose key is not present yet; returns how many were inserted."""
+        inserted = 0
+        for key, value in zip(keys, values, strict=True):
+            i = hash(key) % self.stripe_count
+            with self._write_locks[i]:
+                shard = self._shards[i]
+                if key not in shard:
+                    shard[key] = value
+                    inserted += 1
+        return inserted
+
+    @contextmanager
+    def write_locked(self, key: str) -> Iterator[dict[str, str]]:
+        """Hold the key's stripe write lock; yields the shard dict that holds the key."""
+        i = hash(key) % self.stripe_count
+        with self._write_locks[i]:
+            yield self._shards[i]
+
+    @contextmanager
+    def all_write_locked(self) -> Iterator[None]:
+        """Hold every stripe's write lock (in stripe order, so no deadlock with each other)."""
+        for lock in self._write_locks:
+            lock.acquire()
+        try:
+            yield
+        finally:
+            for lock in reversed(self._write_locks):
+                lock.release()
+
+    def snapshot_stripes(self, first: int, max_entries: int) -> tuple[list[str], list[str], int]:
+        """Copy whole stripes from ``first`` on until at least ``max_entries`` are copied.
+
+        Returns (keys, values, next_stripe); next_stripe is -1 after the last stripe.
+        """
+        keys: list[str] = []
+        values: list[str] = []
+        i = first
+        while i < self.stripe_count and (len(keys) < max_entries or not keys):
+            with self._read_locks[i]:
+                shard = self._shards[i]
+                keys.extend(shard.keys())
+                values.extend(shard.values())
+            i += 1
+        return keys, values, (i if i < self.stripe_count else -1)
+
+    def snapshot(self) -> dict[str, str]:
+        result: dict[str, str] = {}
+        for i, shard in enumerate(self._shards):
+            with self._read_locks[i]:
+                result.update(shard)
+        return result
+
+    def clear(self) -> None:
+        with self.all_write_locked():
+            for shard in self._shards:
+                shard.clear()
+
+    def __len__(self) -> int:
+        return sum(len(shard) for shard in self._shards)

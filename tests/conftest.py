@@ -1,0 +1,49 @@
+"""Shared pytest fixtures: one real ZooKeeper per test session, a fresh parent path per test.
+
+When a test that used ZooKeeper fails, the tail of the ZooKeeper log is attached
+to its report (shown by pytest as a "zookeeper log" section).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from kvstore.zkserver import ZooKeeperServer
+
+ZK_LOG_LINES = 60
+
+
+@pytest.fixture(scope="session")
+def zk_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ZooKeeperServer]:
+    """A standalone ZooKeeper (tickTime 200 ms, sessions 0.4 to 30 s), stopped after the session."""
+    server = ZooKeeperServer(tmp_path_factory.mktemp("zookeeper"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def zk_path() -> str:
+    """A parent znode path no other test uses (not created)."""
+    return f"/kvstore-test-{uuid.uuid4().hex}"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> pytest.TestReport:
+    report: pytest.TestReport = yield
+    if report.failed:
+        servers = [
+            value
+            for value in getattr(item, "funcargs", {}).values()
+            if isinstance(value, ZooKeeperServer)
+        ]
+        for server in servers:
+            report.sections.append(
+                (f"zookeeper log ({server.log_path})", server.log_tail(ZK_LOG_LINES))
+            )
+    return report
