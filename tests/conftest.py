@@ -11,9 +11,11 @@ from collections.abc import Iterator
 
 import pytest
 
+from kvstore.cluster import LocalCluster
 from kvstore.zkserver import ZooKeeperServer
 
 ZK_LOG_LINES = 60
+NODE_LOG_LINES = 60
 
 
 @pytest.fixture(scope="session")
@@ -33,6 +35,18 @@ def zk_path() -> str:
     return f"/kvstore-test-{uuid.uuid4().hex}"
 
 
+@pytest.fixture
+def cluster(zk_server: ZooKeeperServer, zk_path: str, tmp_path_factory: pytest.TempPathFactory
+            ) -> Iterator[LocalCluster]:
+    """Two real node processes under a fresh parent path: a primary and a synced backup."""
+    local = LocalCluster(zk_server.connect_string, zk_path, tmp_path_factory.mktemp("nodes"), size=2)
+    try:
+        local.start()
+        yield local
+    finally:
+        local.stop()
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> pytest.TestReport:
     report: pytest.TestReport = yield
@@ -46,4 +60,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             report.sections.append(
                 (f"zookeeper log ({server.log_path})", server.log_tail(ZK_LOG_LINES))
             )
+        for value in getattr(item, "funcargs", {}).values():
+            if isinstance(value, LocalCluster):
+                report.sections.append(("node logs", value.logs(NODE_LOG_LINES)))
     return report

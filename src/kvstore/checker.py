@@ -74,8 +74,15 @@ class CheckResult:
 class _Cluster:
     """A write (None: the initial value) and the completed reads that returned its value."""
 
-    __slots__ = ("first_done", "last_start", "max_invoke_ns", "min_complete_ns", "read_count",
-                 "value", "write")
+    __slots__ = (
+        "first_done",
+        "last_start",
+        "max_invoke_ns",
+        "min_complete_ns",
+        "read_count",
+        "value",
+        "write",
+    )
 
     def __init__(self, value: str, write: Op | None) -> None:
         self.value = value
@@ -162,7 +169,7 @@ def run_check(path: StrPath, out: TextIO | None = None) -> int:
 
 def describe(op: Op) -> str:
     """One operation for humans: thread, kind, key, value and its real-time interval."""
-    done = "pending" if op.complete_ns is None else f"{op.complete_ns}"
+    done = "pending" if op.complete_ns is None else f"{op.complete_ns} ns"
     action = "write" if op.kind == WRITE else "read"
     arrow = "=" if op.kind == WRITE else "->"
     return f"tid {op.tid} {action} {op.key!r} {arrow} {op.value!r} [{op.invoke_ns} ns, {done}]"
@@ -269,7 +276,7 @@ def _conflict(key: str, first: _Cluster, second: _Cluster) -> Violation:
         f"({_precedes(second.first_done, first.last_start)})"
     )
     witnesses = (first.first_done, second.last_start, second.first_done, first.last_start)
-    ops = tuple(dict.fromkeys(op for op in witnesses if op is not None))
+    ops = tuple(sorted(set(op for op in witnesses if op is not None), key=_op_order))
     return Violation(key, reason, ops, detail)
 
 
@@ -280,6 +287,10 @@ def _precedes(earlier: Op | None, later: Op | None) -> str:
         f"tid {earlier.tid} {_verb(earlier)} completed at {earlier.complete_ns} ns, before "
         f"tid {later.tid} {_verb(later)} began at {later.invoke_ns} ns"
     )
+
+
+def _op_order(op: Op) -> tuple[int, float]:
+    return (op.invoke_ns, math.inf if op.complete_ns is None else op.complete_ns)
 
 
 def _verb(op: Op) -> str:

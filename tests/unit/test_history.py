@@ -111,22 +111,22 @@ def test_invocations_at_end_of_file_are_pending() -> None:
 )
 def test_malformed_line_error_names_the_line_number(bad_line: str) -> None:
     lines = _lines("1\tINV\t7\tW\tk\tv", "2\tRES\t7\tW\tk", bad_line)
-    with pytest.raises(LogFormatError, match="^line 3: "):
+    with pytest.raises(LogFormatError, match=r"^line 3: "):
         parse_log(lines)
 
 
 def test_response_without_invocation_is_an_error() -> None:
-    with pytest.raises(LogFormatError, match="^line 2: .*no invocation"):
+    with pytest.raises(LogFormatError, match=r"^line 2: .*no invocation"):
         parse_log(_lines("", "1\tRES\t1\tW\tk"))
 
 
 def test_response_that_does_not_match_its_invocation_is_an_error() -> None:
-    with pytest.raises(LogFormatError, match="^line 2: .*does not match .* line 1"):
+    with pytest.raises(LogFormatError, match=r"^line 2: .*does not match .* line 1"):
         parse_log(_lines("1\tINV\t1\tW\tk\tv", "2\tRES\t1\tW\tother"))
 
 
 def test_response_before_its_invocation_is_an_error() -> None:
-    with pytest.raises(LogFormatError, match="^line 2: .*precedes"):
+    with pytest.raises(LogFormatError, match=r"^line 2: .*precedes"):
         parse_log(_lines("5\tINV\t1\tW\tk\tv", "4\tRES\t1\tW\tk"))
 
 
