@@ -23,7 +23,9 @@ class PrimaryLocator:
     """Shared by all threads of a client: the primary's address, kept fresh by watches."""
 
     def __init__(self, config: ClientConfig) -> None:
-        self._zk = connect(config.zk_connect, session_timeout_s=10.0, connect_timeout_s=config.zk_connect_timeout_s)
+        self._zk = connect(
+            config.zk_connect, session_timeout_s=10.0, connect_timeout_s=config.zk_connect_timeout_s
+        )
         self._changed = threading.Condition()
         self._generation = 0
         self._view = ClusterView(self._zk, config.zk_path, self._on_change)

@@ -55,13 +55,25 @@ class NodeProcess:
     def start(self) -> None:
         assert self.process is None or self.process.poll() is not None, "already running"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "kvstore", "node", self.host, str(self.port),
-                   self.zk_connect, self.zk_path, *self.extra_args]
+        command = [
+            sys.executable,
+            "-m",
+            "kvstore",
+            "node",
+            self.host,
+            str(self.port),
+            self.zk_connect,
+            self.zk_path,
+            *self.extra_args,
+        ]
         with open(self.log_path, "ab") as log:
             log.write(f"--- starting: {' '.join(command)}\n".encode())
             log.flush()
             self.process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
 
@@ -136,7 +148,10 @@ class LocalCluster:
         self.zk_connect = zk_connect
         self.zk_path = zk_path
         self.log_dir = Path(log_dir)
-        self.nodes = [NodeProcess(zk_connect, zk_path, self.log_dir, extra_args=node_args) for _ in range(size)]
+        self.nodes = [
+            NodeProcess(zk_connect, zk_path, self.log_dir, extra_args=node_args)
+            for _ in range(size)
+        ]
 
     def start(self, timeout_s: float = 30.0) -> None:
         create_parent(self.zk_connect, self.zk_path)

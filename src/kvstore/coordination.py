@@ -19,6 +19,7 @@ and session listeners only set flags and call ``on_change``; they never block.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -84,7 +85,9 @@ class ClusterMeta:
                 in_sync=tuple(raw["in_sync"]),
             )
         except (ValueError, KeyError, TypeError) as exc:
-            raise errors.CoordinationError(f"parent znode holds no kvstore metadata: {exc}") from None
+            raise errors.CoordinationError(
+                f"parent znode holds no kvstore metadata: {exc}"
+            ) from None
 
     def with_in_sync(self, names: tuple[str, ...]) -> ClusterMeta:
         return replace(self, in_sync=names)
@@ -199,7 +202,7 @@ class ClusterView:
         self._members_dirty = self._meta_dirty = True
 
     def sync(self) -> None:
-        """Catch up with the ZooKeeper leader, then forget the cache (for reads that must be fresh)."""
+        """Catch up with the ZooKeeper leader, then forget the cache (for must-be-fresh reads)."""
         self.zk.sync(self.path)
         self.refresh()
 
@@ -232,10 +235,8 @@ class Coordinator(ClusterView):
 
     def remove_member(self, name: str) -> None:
         """Delete another node's znode (after proving it dead or fencing it out)."""
-        try:
+        with contextlib.suppress(NoNodeError):
             self.zk.delete(f"{self.path}/{name}")
-        except NoNodeError:
-            pass
         self.refresh()
 
     def close(self) -> None:

@@ -1,4 +1,4 @@
-"""The README's main job: a local ZooKeeper, two nodes, kv-client with a kill -9 of the primary midway.
+"""The README's main job: local ZooKeeper, two nodes, kv-client, kill -9 of the primary midway.
 
 Everything runs on loopback ports chosen free at start and lives under one work
 directory (ZooKeeper data and log, node logs, execution.log). Everything started
@@ -23,17 +23,23 @@ def run_demo(seconds: float, threads: int, keyspace: int, workdir: str) -> int:
     print(f"== work directory: {root}")
     with ZooKeeperServer(root / "zookeeper") as zk:
         print(f"== ZooKeeper up at {zk.connect_string}")
-        cluster = LocalCluster(zk.connect_string, f"/kvstore-demo-{uuid.uuid4().hex[:8]}", root / "nodes")
+        cluster = LocalCluster(
+            zk.connect_string, f"/kvstore-demo-{uuid.uuid4().hex[:8]}", root / "nodes"
+        )
         try:
             cluster.start()
             for node in cluster.nodes:
                 status = node.status()
                 print(f"== node {node.address}: {status.role if status else '?'}")
-            print(f"== kv-client: {threads} threads, {seconds:g} s, {keyspace} keys; "
-                  f"kill -9 of the primary at {seconds / 2:g} s, restarted at once")
+            print(
+                f"== kv-client: {threads} threads, {seconds:g} s, {keyspace} keys; "
+                f"kill -9 of the primary at {seconds / 2:g} s, restarted at once"
+            )
             workload = bench.Workload(threads, seconds, keyspace)
             half = seconds / 2
-            result, kills = faults.run_with_kills(cluster, workload, "primary", (half, half), max_kills=1)
+            result, kills = faults.run_with_kills(
+                cluster, workload, "primary", (half, half), max_kills=1
+            )
         finally:
             cluster.stop()
     for at_s, address in kills:

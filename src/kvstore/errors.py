@@ -23,7 +23,7 @@ class KVError(Exception):
 
 
 class NotPrimaryError(KVError):
-    """A get/put reached a node that is not the primary. ``primary_address`` may hint the right one."""
+    """A get/put reached a non-primary node. ``primary_address`` may hint the right one."""
 
     code = 100
 
@@ -128,5 +128,5 @@ def from_code(code: int, message: str) -> KVError:
 def _hint(message: str) -> str:
     for word in message.split():
         if word.startswith(NOT_PRIMARY_HINT):
-            return word[len(NOT_PRIMARY_HINT):].strip(".,;")
+            return word[len(NOT_PRIMARY_HINT) :].strip(".,;")
     return ""

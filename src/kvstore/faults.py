@@ -18,7 +18,7 @@ from kvstore.config import ClientConfig
 
 @dataclass
 class Killer:
-    """Kills the node holding ``role`` every ``interval_s`` (a [low, high] range) until ``seconds``."""
+    """Kills the node holding ``role`` every ``interval_s`` ([low, high]) until ``seconds``."""
 
     cluster: LocalCluster
     role: str

@@ -215,10 +215,14 @@ class StorageNode:
                 return  # already dropped (or replaced) by another thread
             if replicator.is_in_sync:
                 name = replicator.backup.name
-                self._update_meta(lambda m: m.with_in_sync(tuple(n for n in m.in_sync if n != name)))
+                self._update_meta(
+                    lambda m: m.with_in_sync(tuple(n for n in m.in_sync if n != name))
+                )
             self._replicator = None
         replicator.close()
-        log.warning("dropped backup %s (%s): %s", replicator.backup.name, replicator.backup.address, reason)
+        log.warning(
+            "dropped backup %s (%s): %s", replicator.backup.name, replicator.backup.address, reason
+        )
         self._dead_backups.append(replicator.backup)
         self._wakeup.set()
 
@@ -247,7 +251,9 @@ class StorageNode:
             old = self._replicator
             if old is not None and old.is_in_sync:
                 name = old.backup.name
-                self._update_meta(lambda m: m.with_in_sync(tuple(n for n in m.in_sync if n != name)))
+                self._update_meta(
+                    lambda m: m.with_in_sync(tuple(n for n in m.in_sync if n != name))
+                )
             if old is not None:
                 old.close()
             config = self.config
@@ -257,7 +263,9 @@ class StorageNode:
         log.info("backup %s (%s) joining", backup_name, candidates[0].address)
         return self.store.stripe_count
 
-    def sync_chunk(self, epoch: int, backup_name: str, first_stripe: int, max_entries: int) -> object:
+    def sync_chunk(
+        self, epoch: int, backup_name: str, first_stripe: int, max_entries: int
+    ) -> object:
         self.check_primary(epoch)
         self._require_joining(backup_name)
         if not 0 <= first_stripe < self.store.stripe_count:
@@ -288,8 +296,12 @@ class StorageNode:
         if self.role != Role.PRIMARY:
             if self.role == Role.STOPPED:
                 raise errors.UnavailableError(f"node {self.name} is stopping")
-            hint = f" {errors.NOT_PRIMARY_HINT}{self.primary_address}" if self.primary_address else ""
-            raise errors.NotPrimaryError(f"node {self.name} is {self.role.value}, not the primary.{hint}")
+            hint = (
+                f" {errors.NOT_PRIMARY_HINT}{self.primary_address}" if self.primary_address else ""
+            )
+            raise errors.NotPrimaryError(
+                f"node {self.name} is {self.role.value}, not the primary.{hint}"
+            )
         if epoch is not None and epoch != self.epoch:
             raise errors.StaleEpochError(f"epoch {epoch} is not the current epoch {self.epoch}")
 
@@ -323,7 +335,9 @@ class StorageNode:
         is_dead = _is_dead(meta.primary, meta.primary_address, self.config.probe_timeout_ms)
         if not self._fence.fence_if(is_dead):
             return  # the old primary may still serve reads on its lease: wait it out
-        self._take_over(meta, version, names, "primary is dead" if is_dead else "primary lease expired")
+        self._take_over(
+            meta, version, names, "primary is dead" if is_dead else "primary lease expired"
+        )
 
     def _take_over(self, meta: ClusterMeta, version: int, names: set[str], why: str) -> None:
         coordinator = self._require_coordinator()
@@ -339,7 +353,9 @@ class StorageNode:
         self.epoch = new_meta.epoch
         self.primary_address = self.config.address
         self.role = Role.PRIMARY
-        log.warning("took over as primary (epoch %d, %d keys): %s", self.epoch, len(self.store), why)
+        log.warning(
+            "took over as primary (epoch %d, %d keys): %s", self.epoch, len(self.store), why
+        )
         if meta.primary in names:
             coordinator.remove_member(meta.primary)
 
@@ -383,7 +399,9 @@ class StorageNode:
             while stripe != -1:
                 if self._stop_reason is not None:
                     return
-                chunk = conn.call("sync_fetch", meta.epoch, self.name, stripe, self.config.sync_chunk_entries)
+                chunk = conn.call(
+                    "sync_fetch", meta.epoch, self.name, stripe, self.config.sync_chunk_entries
+                )
                 self.store.put_if_absent_many(chunk.keys, chunk.values)
                 stripe = chunk.next_stripe
             conn.call("join_done", meta.epoch, self.name)
@@ -458,14 +476,18 @@ class NodeHandler:
         try:
             self._node.replicate_put(checked_key, checked_value)
         except (errors.DeposedError, errors.CoordinationError) as exc:
-            raise errors.ReplicationFailedError(f"put not confirmed, outcome unknown: {exc}") from None
+            raise errors.ReplicationFailedError(
+                f"put not confirmed, outcome unknown: {exc}"
+            ) from None
 
     def replicate(self, key: object, value: object, epoch: int | None) -> None:
         keys = [self._text(key, "key", self._max_key_bytes)]
         values = [self._text(value, "value", self._max_value_bytes)]
         self._node.apply_replicated(epoch, keys, values)
 
-    def replicate_batch(self, epoch: int | None, keys: list[str] | None, values: list[str] | None) -> None:
+    def replicate_batch(
+        self, epoch: int | None, keys: list[str] | None, values: list[str] | None
+    ) -> None:
         keys, values = keys or [], values or []
         if len(keys) != len(values):
             raise errors.BadRequestError("replicate_batch: keys and values differ in length")
@@ -482,9 +504,13 @@ class NodeHandler:
     def join(self, epoch: int | None, backup_id: object) -> int:
         return self._node.accept_join(_required_int(epoch), self._text(backup_id, "backup_id", 256))
 
-    def sync_fetch(self, epoch: int | None, backup_id: object, first: int | None, most: int | None) -> object:
+    def sync_fetch(
+        self, epoch: int | None, backup_id: object, first: int | None, most: int | None
+    ) -> object:
         name = self._text(backup_id, "backup_id", 256)
-        return self._node.sync_chunk(_required_int(epoch), name, _required_int(first), _required_int(most))
+        return self._node.sync_chunk(
+            _required_int(epoch), name, _required_int(first), _required_int(most)
+        )
 
     def join_done(self, epoch: int | None, backup_id: object) -> None:
         self._node.finish_join(_required_int(epoch), self._text(backup_id, "backup_id", 256))

@@ -32,16 +32,26 @@ def check_history(result: bench.BenchResult, tmp_path) -> checker.CheckResult:
     return verdict
 
 
-def assert_progress_after_each_kill(result: bench.BenchResult, kills: list[tuple[float, str]]) -> None:
+def assert_progress_after_each_kill(
+    result: bench.BenchResult, kills: list[tuple[float, str]]
+) -> None:
     completions = sorted(t for t, is_response, *_ in result.events if is_response)
     for kill_at_s, address in kills:
         kill_ns = int(kill_at_s * 1e9)
-        assert any(t > kill_ns for t in completions), f"no successful operation after killing {address}"
+        assert any(t > kill_ns for t in completions), (
+            f"no successful operation after killing {address}"
+        )
 
 
 @pytest.mark.parametrize(
     ("role", "keyspace"),
-    [("primary", 100), ("primary", 1_000), ("primary", 10_000), ("primary", 100_000), ("backup", 100)],
+    [
+        ("primary", 100),
+        ("primary", 1_000),
+        ("primary", 10_000),
+        ("primary", 100_000),
+        ("backup", 100),
+    ],
 )
 def test_kill_every_few_seconds_stays_linearizable(
     cluster: LocalCluster, tmp_path, role: str, keyspace: int
@@ -54,7 +64,10 @@ def test_kill_every_few_seconds_stays_linearizable(
     verdict = check_history(result, tmp_path)
     assert verdict.op_count > 0
     assert_progress_after_each_kill(result, kills)
-    print(f"\n{role} kills={len(kills)} keyspace={keyspace}: " + " | ".join(bench.summary_lines(result)))
+    print(
+        f"\n{role} kills={len(kills)} keyspace={keyspace}: "
+        + " | ".join(bench.summary_lines(result))
+    )
     # The restarted node ends up as a synced backup again.
     cluster.wait_for("primary", timeout_s=30)
     cluster.wait_for("backup", timeout_s=30)

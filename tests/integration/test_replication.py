@@ -1,4 +1,4 @@
-"""Replication, state transfer, failover and restart with a real ZooKeeper and real node processes."""
+"""Replication, state transfer, failover and restart: real ZooKeeper, real node processes."""
 
 from __future__ import annotations
 
@@ -31,7 +31,9 @@ def client(cluster: LocalCluster) -> Iterator[KVClient]:
     locator.close()
 
 
-def poll(condition: Callable[[], object], timeout_s: float = 20.0, what: str = "condition") -> object:
+def poll(
+    condition: Callable[[], object], timeout_s: float = 20.0, what: str = "condition"
+) -> object:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         value = condition()
