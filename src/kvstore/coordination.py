@@ -23,7 +23,8 @@ import contextlib
 import json
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -91,6 +92,15 @@ class ClusterMeta:
 
     def with_in_sync(self, names: tuple[str, ...]) -> ClusterMeta:
         return replace(self, in_sync=names)
+
+
+@contextmanager
+def zookeeper_errors(what: str) -> Iterator[None]:
+    """Map kazoo's exceptions to CoordinationError: kazoo types stay inside this module."""
+    try:
+        yield
+    except (KazooException, KazooTimeoutError) as exc:
+        raise errors.CoordinationError(f"ZooKeeper {what} failed: {exc!r}") from None
 
 
 def connect(zk_connect: str, session_timeout_s: float, connect_timeout_s: float) -> KazooClient:
@@ -162,7 +172,8 @@ class ClusterView:
             if self._members_dirty:
                 self._members_dirty = False
                 try:
-                    self._members = self._read_members()
+                    with zookeeper_errors("reading members"):
+                        self._members = self._read_members()
                 except Exception:
                     self._members_dirty = True
                     raise
@@ -190,7 +201,8 @@ class ClusterView:
             if self._meta_dirty:
                 self._meta_dirty = False
                 try:
-                    data, stat = self.zk.get(self.path, watch=self._on_meta_event)
+                    with zookeeper_errors("reading metadata"):
+                        data, stat = self.zk.get(self.path, watch=self._on_meta_event)
                 except Exception:
                     self._meta_dirty = True
                     raise
@@ -203,7 +215,8 @@ class ClusterView:
 
     def sync(self) -> None:
         """Catch up with the ZooKeeper leader, then forget the cache (for must-be-fresh reads)."""
-        self.zk.sync(self.path)
+        with zookeeper_errors("sync"):
+            self.zk.sync(self.path)
         self.refresh()
 
 
@@ -215,27 +228,29 @@ class Coordinator(ClusterView):
         self.name = ""
 
     def register(self, address: str) -> str:
-        self.zk.ensure_path(self.path)
-        created = self.zk.create(
-            f"{self.path}/{MEMBER_PREFIX}", address.encode(), ephemeral=True, sequence=True
-        )
+        with zookeeper_errors("registration"):
+            self.zk.ensure_path(self.path)
+            created = self.zk.create(
+                f"{self.path}/{MEMBER_PREFIX}", address.encode(), ephemeral=True, sequence=True
+            )
         self.name = created.rsplit("/", 1)[-1]
         self.refresh()
         return self.name
 
     def compare_and_set(self, meta: ClusterMeta, version: int) -> bool:
         """Write ``meta`` if the parent is still at ``version``. False if someone changed it."""
-        try:
-            self.zk.set(self.path, meta.to_bytes(), version=version)
-        except BadVersionError:
-            self.refresh()
-            return False
+        with zookeeper_errors("compare-and-set of the metadata"):
+            try:
+                self.zk.set(self.path, meta.to_bytes(), version=version)
+            except BadVersionError:
+                self.refresh()
+                return False
         self.refresh()
         return True
 
     def remove_member(self, name: str) -> None:
         """Delete another node's znode (after proving it dead or fencing it out)."""
-        with contextlib.suppress(NoNodeError):
+        with zookeeper_errors("delete"), contextlib.suppress(NoNodeError):
             self.zk.delete(f"{self.path}/{name}")
         self.refresh()
 
