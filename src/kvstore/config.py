@@ -36,8 +36,6 @@ class NodeConfig:
     rpc_timeout_ms: int = 2000
     probe_timeout_ms: int = 300
     sync_chunk_entries: int = 20000
-    # Largest replicate_batch the primary sends at once.
-    max_batch_bytes: int = 4 * 1024 * 1024
 
     @property
     def address(self) -> str:

@@ -258,7 +258,7 @@ class StorageNode:
                 old.close()
             config = self.config
             self._replicator = Replicator(
-                candidates[0], epoch, config.lease_s, config.rpc_timeout_ms, config.max_batch_bytes
+                candidates[0], epoch, config.lease_s, config.rpc_timeout_ms
             )
         log.info("backup %s (%s) joining", backup_name, candidates[0].address)
         return self.store.stripe_count
@@ -467,7 +467,10 @@ class NodeHandler:
 
     def get(self, key: object) -> str:
         self._node.check_primary()
-        return self._node.read(self._text(key, "key", self._max_key_bytes))
+        try:
+            return self._node.read(self._text(key, "key", self._max_key_bytes))
+        except (errors.DeposedError, errors.CoordinationError) as exc:
+            raise errors.UnavailableError(f"cannot serve the read: {exc}") from None
 
     def put(self, key: object, value: object) -> None:
         self._node.check_primary()
@@ -494,9 +497,8 @@ class NodeHandler:
         self._node.apply_replicated(epoch, keys, values)
 
     def dump(self) -> dict[str, str]:
-        node = self._node
-        node.read("")  # a primary with a valid lease, or an error
-        return node.store.snapshot()
+        self.get("")  # a primary with a valid lease, or an error
+        return self._node.store.snapshot()
 
     def status(self) -> object:
         return self._node.status()

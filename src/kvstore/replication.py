@@ -1,14 +1,13 @@
 """Primary -> backup forwarding (primary side) and the fence/lease book-keeping (backup side).
 
 Invariants:
-- Entries reach the backup in the order ``Replicator.replicate`` was called. The
-  primary calls it while holding the key's stripe write lock, so puts to one key
-  are applied in the same order on both nodes.
+- The primary calls ``Replicator.replicate`` while holding the key's stripe write
+  lock, so puts to one key reach the backup one at a time, in the order they are
+  applied on the primary. Puts to different keys replicate in parallel, each
+  calling thread on its own connection.
 - ``replicate`` returns only after the backup applied the entry (ack after apply).
-  Concurrent callers share one ``replicate_batch`` RPC (group commit): the first
-  caller to find the line idle sends everything queued so far, the others wait.
-- Once a send fails the replicator is broken for good; every waiting and later
-  caller gets :class:`BackupFailedError`. The primary must then drop the backup
+- Once a send fails the replicator is broken for good; every later caller gets
+  :class:`BackupFailedError`. The primary must then drop the backup
   from the in-sync set (by CAS in ZooKeeper) before it acknowledges anything.
 - Lease: a backup that accepts a batch at time t promises not to take over before
   t + lease_s (its clock). The primary counts its lease from the moment it *sent*
@@ -19,7 +18,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
 
 from kvstore import errors
 from kvstore.coordination import Member
@@ -32,28 +30,14 @@ class BackupFailedError(Exception):
     """Replication to the backup failed; the backup must be dropped from the in-sync set."""
 
 
-class _Batch:
-    __slots__ = ("error", "is_done", "keys", "size_bytes", "values")
-
-    def __init__(self) -> None:
-        self.keys: list[str] = []
-        self.values: list[str] = []
-        self.size_bytes = 0
-        self.is_done = False
-        self.error: BaseException | None = None
-
-
 class Replicator:
-    """The primary's line to one backup (one connection, group commit)."""
+    """The primary's line to one backup: one connection per calling thread, no shared queue.
 
-    def __init__(
-        self,
-        backup: Member,
-        epoch: int,
-        lease_s: float,
-        rpc_timeout_ms: int,
-        max_batch_bytes: int,
-    ) -> None:
+    A put holds its key's stripe write lock until its entry is applied, so entries of
+    one key never overtake each other even though threads replicate in parallel.
+    """
+
+    def __init__(self, backup: Member, epoch: int, lease_s: float, rpc_timeout_ms: int) -> None:
         self.backup = backup
         self.epoch = epoch
         self.is_in_sync = False
@@ -61,12 +45,10 @@ class Replicator:
         self.lease_until = 0.0
         self.last_send_at = time.monotonic()
         self._lease_s = lease_s * LEASE_SAFETY
-        self._max_batch_bytes = max_batch_bytes
-        self._conn = Connection(backup.address, timeout_ms=rpc_timeout_ms)
-        self._cv = threading.Condition(threading.Lock())
-        self._unsent: deque[_Batch] = deque()
-        self._is_sending = False
-        self._wait_s = rpc_timeout_ms / 1000 + 1.0
+        self._rpc_timeout_ms = rpc_timeout_ms
+        self._local = threading.local()
+        self._connections: list[Connection] = []
+        self._lock = threading.Lock()
 
     @property
     def has_lease(self) -> bool:
@@ -74,71 +56,41 @@ class Replicator:
 
     def replicate(self, key: str, value: str) -> None:
         """Return once the backup applied ``key = value``; raise BackupFailedError otherwise."""
-        self._drive(self._enqueue(key, value))
+        self._send([key], [value])
 
     def heartbeat(self) -> None:
-        """Send an (empty) batch now: renews the lease, detects a dead backup."""
-        self._drive(self._enqueue(None, None))
+        """Send an empty batch: renews the lease, detects a dead backup."""
+        self._send([], [])
 
-    def _enqueue(self, key: str | None, value: str | None) -> _Batch:
-        with self._cv:
+    def _send(self, keys: list[str], values: list[str]) -> None:
+        if self.is_broken:
+            raise BackupFailedError(f"replication to {self.backup.address} already failed")
+        conn = getattr(self._local, "conn", None) or self._connect()
+        started = time.monotonic()
+        try:
+            conn.call("replicate_batch", self.epoch, keys, values)
+        except Exception as exc:  # every failure, expected (KVError) or not, breaks the line
+            self.is_broken = True
+            raise BackupFailedError(f"replication to {self.backup.address}: {exc}") from exc
+        if started + self._lease_s > self.lease_until:
+            self.lease_until = started + self._lease_s
+        self.last_send_at = started
+
+    def _connect(self) -> Connection:
+        conn = Connection(self.backup.address, timeout_ms=self._rpc_timeout_ms)
+        with self._lock:
             if self.is_broken:
                 raise BackupFailedError(f"replication to {self.backup.address} already failed")
-            batch = self._unsent[-1] if self._unsent else None
-            if batch is None or batch.size_bytes >= self._max_batch_bytes:
-                batch = _Batch()
-                self._unsent.append(batch)
-            if key is not None and value is not None:
-                batch.keys.append(key)
-                batch.values.append(value)
-                batch.size_bytes += len(key) + len(value) + 8
-            return batch
-
-    def _drive(self, batch: _Batch) -> None:
-        with self._cv:
-            while not batch.is_done:
-                if self._is_sending:
-                    if not self._cv.wait(self._wait_s) and self._is_sending:
-                        self._fail_all(BackupFailedError("replication stalled"))
-                    continue
-                self._send_oldest()
-        if batch.error is not None:
-            raise BackupFailedError(str(batch.error)) from batch.error
-
-    def _send_oldest(self) -> None:
-        """Called with the lock held; sends without it, as the group's leader."""
-        sending = self._unsent.popleft()
-        self._is_sending = True
-        self._cv.release()
-        error: BaseException | None = None
-        try:
-            started = time.monotonic()
-            self._conn.call("replicate_batch", self.epoch, sending.keys, sending.values)
-            self.lease_until = max(self.lease_until, started + self._lease_s)
-            self.last_send_at = started
-        except Exception as exc:  # every failure, expected (KVError) or not, breaks the line
-            error = exc
-        finally:
-            self._cv.acquire()
-            self._is_sending = False
-        sending.is_done = True
-        sending.error = error
-        if error is not None:
-            self._fail_all(error)
-        self._cv.notify_all()
-
-    def _fail_all(self, error: BaseException) -> None:
-        self.is_broken = True
-        while self._unsent:
-            batch = self._unsent.popleft()
-            batch.is_done = True
-            batch.error = error
-        self._cv.notify_all()
+            self._connections.append(conn)
+        self._local.conn = conn
+        return conn
 
     def close(self) -> None:
-        with self._cv:
-            self._fail_all(BackupFailedError("replicator closed"))
-        self._conn.close()
+        with self._lock:
+            self.is_broken = True
+            connections, self._connections = self._connections, []
+        for conn in connections:
+            conn.close()
 
 
 class BackupFence:

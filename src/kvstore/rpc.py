@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from thriftpy2.protocol.cybin import TCyBinaryProtocol  # type: ignore[attr-defined]
-from thriftpy2.thrift import TApplicationException, TClient, TProcessor
+from thriftpy2.thrift import TApplicationException, TMessageType, TType
 from thriftpy2.transport import TSocket, TTransportException
 from thriftpy2.transport.framed import TCyFramedTransport
 
@@ -46,49 +46,64 @@ def parse_address(address: str) -> tuple[str, int]:
 # --------------------------------------------------------------------------- server
 
 
-class FrameTooLargeError(Exception):
-    pass
+class MalformedFrameError(Exception):
+    """A frame header out of bounds, or a message that does not fit in its frame."""
 
 
 class _GuardedSocket:
-    """Socket facade for TCyFramedTransport that checks every frame header as it passes.
+    """Socket facade for TCyFramedTransport that holds every message to one bounded frame.
 
-    The compiled framed transport would malloc whatever length a header claims; this
-    refuses a frame that is not in (0, max_frame_bytes] before any of its body is read.
+    The compiled framed transport would malloc whatever length a header claims, and it
+    lets one message run on over any number of frames; a length field inside a small
+    frame could then hold a connection (and its memory) forever. This facade refuses a
+    header outside (0, max_frame_bytes] before reading the body, never hands out bytes
+    past the current frame, and refuses to start a second frame within one message
+    (``next_message`` starts a message). It reads the socket in 64 KiB chunks.
     """
 
-    __slots__ = ("_body_left", "_header", "_max_frame_bytes", "sock")
+    __slots__ = ("_frame_left", "_max_frame_bytes", "_may_start_frame", "_pending", "sock")
 
     def __init__(self, sock: socket.socket, max_frame_bytes: int) -> None:
         self.sock = sock
         self._max_frame_bytes = max_frame_bytes
-        self._body_left = 0
-        self._header = b""
+        self._pending = b""
+        self._frame_left = 0
+        self._may_start_frame = True
+
+    def next_message(self) -> None:
+        self._may_start_frame = True
 
     def read(self, size: int) -> bytes:
-        data = self.sock.recv(size)
-        if not data:
-            raise TTransportException(TTransportException.END_OF_FILE, "peer closed")
-        self._scan(data)
+        if self._frame_left == 0:
+            return self._read_header()
+        data = self._take(min(size, self._frame_left))
+        self._frame_left -= len(data)
         return data
 
-    def _scan(self, data: bytes) -> None:
-        i, end = 0, len(data)
-        while i < end:
-            if self._body_left:
-                step = min(self._body_left, end - i)
-                self._body_left -= step
-                i += step
-                continue
-            take = data[i : i + 4 - len(self._header)]
-            self._header += take
-            i += len(take)
-            if len(self._header) == 4:
-                size = int.from_bytes(self._header, "big", signed=True)
-                self._header = b""
-                if not 0 < size <= self._max_frame_bytes:
-                    raise FrameTooLargeError(f"frame of {size} bytes refused")
-                self._body_left = size
+    def _read_header(self) -> bytes:
+        if not self._may_start_frame:
+            raise MalformedFrameError("message runs past the end of its frame")
+        header = self._take(4)
+        while len(header) < 4:
+            header += self._take(4 - len(header))
+        frame_size = int.from_bytes(header, "big", signed=True)
+        if not 0 < frame_size <= self._max_frame_bytes:
+            raise MalformedFrameError(f"frame of {frame_size} bytes refused")
+        self._frame_left = frame_size
+        self._may_start_frame = False
+        return header
+
+    def _take(self, most: int) -> bytes:
+        pending = self._pending
+        if not pending:
+            pending = self.sock.recv(65536)
+            if not pending:
+                raise TTransportException(TTransportException.END_OF_FILE, "peer closed")
+        if len(pending) <= most:
+            self._pending = b""
+            return pending
+        self._pending = pending[most:]
+        return pending[:most]
 
     def write(self, data: bytes) -> None:
         self.sock.sendall(data)
@@ -104,26 +119,56 @@ class _GuardedSocket:
             self.sock.close()
 
 
-class _Dispatcher(TProcessor):
-    """Calls the handler; maps KVError to a typed TApplicationException, bugs to INTERNAL_ERROR."""
+class _Dispatcher:
+    """Calls the handler; maps KVError to a typed TApplicationException, bugs to INTERNAL_ERROR.
+
+    Does what thriftpy2's TProcessor does, with the per-method lookups done once.
+    """
+
+    def __init__(self, service: Any, handler: object) -> None:
+        self._methods: dict[str, tuple[Any, Any, Any, tuple[str, ...]]] = {}
+        for name in service.thrift_services:
+            args_cls = getattr(service, f"{name}_args")
+            names = tuple(spec[1] for spec in args_cls.thrift_spec.values())
+            result_cls = getattr(service, f"{name}_result")
+            self._methods[name] = (args_cls, result_cls, getattr(handler, name), names)
 
     def process(self, iprot: Any, oprot: Any) -> None:
-        api, seqid, result, call = self.process_in(iprot)
-        if isinstance(result, TApplicationException):
-            self.send_exception(oprot, api, result, seqid)
+        api, _, seqid = iprot.read_message_begin()
+        entry = self._methods.get(api)
+        if entry is None:
+            iprot.skip(TType.STRUCT)
+            iprot.read_message_end()
+            unknown = TApplicationException(
+                TApplicationException.UNKNOWN_METHOD, f"unknown method {api}"
+            )
+            self._send(oprot, api, TMessageType.EXCEPTION, unknown, seqid)
             return
-        assert call is not None
+        args_cls, result_cls, method, names = entry
+        args = args_cls()
+        args.read(iprot)
+        iprot.read_message_end()
         try:
-            result.success = call()
+            value = method(*[getattr(args, n) for n in names])
         except errors.KVError as exc:
-            self.send_exception(oprot, api, TApplicationException(exc.code, str(exc)), seqid)
+            failure = TApplicationException(exc.code, str(exc))
+            self._send(oprot, api, TMessageType.EXCEPTION, failure, seqid)
             return
         except Exception as exc:
             log.exception("handler %s failed", api)
             failure = TApplicationException(TApplicationException.INTERNAL_ERROR, f"{api}: {exc}")
-            self.send_exception(oprot, api, failure, seqid)
+            self._send(oprot, api, TMessageType.EXCEPTION, failure, seqid)
             return
-        self.send_result(oprot, api, result, seqid)
+        result = result_cls()
+        result.success = value
+        self._send(oprot, api, TMessageType.REPLY, result, seqid)
+
+    @staticmethod
+    def _send(oprot: Any, api: str, message_type: int, payload: Any, seqid: int) -> None:
+        oprot.write_message_begin(api, message_type, seqid)
+        payload.write(oprot)
+        oprot.write_message_end()
+        oprot.trans.flush()
 
 
 ConnectionHook = Callable[[], None]
@@ -146,7 +191,7 @@ class RpcServer:
     ) -> None:
         self.host = host
         self.port = port
-        self._handler = handler
+        self._dispatcher = _Dispatcher(KeyValueService, handler)
         self._max_frame_bytes = max_frame_bytes
         self._on_disconnect = on_disconnect
         self._listener: socket.socket | None = None
@@ -198,14 +243,15 @@ class RpcServer:
     def _serve(self, sock: socket.socket) -> None:
         guard = _GuardedSocket(sock, self._max_frame_bytes)
         proto = TCyBinaryProtocol(TCyFramedTransport(guard))
-        dispatcher = _Dispatcher(KeyValueService, self._handler)
+        dispatcher = self._dispatcher
         try:
             while True:
+                guard.next_message()
                 dispatcher.process(proto, proto)
         except (TTransportException, ConnectionError, OSError):
             pass
-        except FrameTooLargeError as exc:
-            log.warning("closing connection: %s (limit %d bytes)", exc, self._max_frame_bytes)
+        except MalformedFrameError as exc:
+            log.warning("closing connection: %s (frame limit %d bytes)", exc, self._max_frame_bytes)
         except Exception as exc:  # malformed message: bad version, bad type, truncated data
             log.warning("closing connection after a malformed request: %r", exc)
         finally:
@@ -248,7 +294,8 @@ class Connection:
         self._connect_timeout_ms = connect_timeout_ms
         self._socket: TSocket | None = None
         self._poller: select.poll | None = None
-        self._client: Any = None
+        self._client: Any = None  # the protocol object while connected
+        self._seqid = 0
 
     @property
     def is_open(self) -> bool:
@@ -269,7 +316,7 @@ class Connection:
         self._socket = TSocket(sock=raw)
         self._poller = select.poll()
         self._poller.register(raw, select.POLLIN | select.POLLPRI)
-        self._client = TClient(KeyValueService, TCyBinaryProtocol(TCyFramedTransport(self._socket)))
+        self._client = TCyBinaryProtocol(TCyFramedTransport(self._socket))
 
     def _is_dead(self) -> bool:
         """True if an idle connection has something to read: the peer closed it (or broke it).
@@ -291,15 +338,44 @@ class Connection:
         if self._client is None:
             self.open()
         try:
-            return getattr(self._client, method)(*args)
+            return self._invoke(self._client, method, args)
         except TApplicationException as exc:
             raise _from_application_error(exc) from None
+        except errors.ProtocolError:
+            self.close()
+            raise
         except (TTransportException, OSError, EOFError) as exc:
             self.close()
             raise errors.ConnectionLostError(f"{method} to {self.address}: {exc!r}") from None
         except Exception as exc:  # undecodable reply
             self.close()
             raise errors.ProtocolError(f"{method} to {self.address}: {exc!r}") from None
+
+    def _invoke(self, proto: Any, method: str, args: tuple[Any, ...]) -> Any:
+        """One request/response exchange (what thriftpy2's TClient does, minus its lookups)."""
+        args_cls, result_cls, has_result = _CLIENT_METHODS[method]
+        self._seqid = seqid = (self._seqid + 1) & 0x7FFFFFFF
+        proto.write_message_begin(method, TMessageType.CALL, seqid)
+        args_cls(*args).write(proto)
+        proto.write_message_end()
+        proto.trans.flush()
+        _, message_type, reply_seqid = proto.read_message_begin()
+        if message_type == TMessageType.EXCEPTION:
+            exc = TApplicationException()
+            exc.read(proto)
+            proto.read_message_end()
+            raise exc
+        result = result_cls()
+        result.read(proto)
+        proto.read_message_end()
+        if reply_seqid != seqid:
+            raise errors.ProtocolError(
+                f"{method}: reply {reply_seqid} does not match request {seqid}"
+            )
+        value = getattr(result, "success", None)
+        if has_result and value is None:
+            raise errors.ProtocolError(f"{method}: reply without a result")
+        return value
 
     def close(self) -> None:
         """Close the socket. May be called from another thread to abort a call in progress."""
@@ -309,6 +385,16 @@ class Connection:
             with contextlib.suppress(OSError):
                 raw.shutdown(socket.SHUT_RDWR)
             raw.close()
+
+
+_CLIENT_METHODS: dict[str, tuple[Any, Any, bool]] = {
+    name: (
+        getattr(KeyValueService, f"{name}_args"),
+        getattr(KeyValueService, f"{name}_result"),
+        0 in getattr(KeyValueService, f"{name}_result").thrift_spec,
+    )
+    for name in KeyValueService.thrift_services
+}
 
 
 def _from_application_error(exc: TApplicationException) -> errors.KVError:

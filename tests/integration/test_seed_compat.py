@@ -82,13 +82,7 @@ def seed_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModuleTyp
 @contextmanager
 def _imported_from(directory: Path, module_name: str) -> Iterator[ModuleType]:
     """Import ``module_name`` from ``directory``; restore sys.path and sys.modules afterwards."""
-    saved = {
-        name: module
-        for name, module in sys.modules.items()
-        if name == SEED_PACKAGE or name.startswith(f"{SEED_PACKAGE}.")
-    }
-    for name in saved:
-        del sys.modules[name]
+    saved = {name: sys.modules.pop(name) for name in _seed_module_names()}
     sys.path.insert(0, str(directory))
     try:
         module = importlib.import_module(module_name)
@@ -97,9 +91,13 @@ def _imported_from(directory: Path, module_name: str) -> Iterator[ModuleType]:
     try:
         yield module
     finally:
-        for name in [n for n in sys.modules if n == SEED_PACKAGE or n.startswith(f"{SEED_PACKAGE}.")]:
+        for name in _seed_module_names():
             del sys.modules[name]
         sys.modules.update(saved)
+
+
+def _seed_module_names() -> list[str]:
+    return [n for n in sys.modules if n == SEED_PACKAGE or n.startswith(f"{SEED_PACKAGE}.")]
 
 
 class SeedClient:
