@@ -144,8 +144,7 @@ class ClusterView:
         self._meta_dirty = True
         self._members: list[Member] = []
         self._addresses: dict[str, str] = {}
-        self._meta = ClusterMeta()
-        self._meta_version = -1
+        self._meta_state: tuple[ClusterMeta, int] = (ClusterMeta(), -1)
         self.is_session_lost = False
         self.is_connected = True
         zk.add_listener(self._on_state)
@@ -197,6 +196,8 @@ class ClusterView:
 
     def meta(self) -> tuple[ClusterMeta, int]:
         """The metadata and the parent znode's version (for compare-and-set)."""
+        if not self._meta_dirty:  # hot path of every client request: no lock
+            return self._meta_state
         with self._lock:
             if self._meta_dirty:
                 self._meta_dirty = False
@@ -206,8 +207,8 @@ class ClusterView:
                 except Exception:
                     self._meta_dirty = True
                     raise
-                self._meta, self._meta_version = ClusterMeta.from_bytes(data), stat.version
-            return self._meta, self._meta_version
+                self._meta_state = (ClusterMeta.from_bytes(data), stat.version)
+            return self._meta_state
 
     def refresh(self) -> None:
         """Forget the cache: the next read goes to ZooKeeper."""
