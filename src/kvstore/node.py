@@ -187,7 +187,8 @@ class StorageNode:
 
     def replicate_put(self, key: str, value: str) -> None:
         """The primary's put: replicate, then apply, under the key's stripe write lock."""
-        with self.store.write_locked(key) as shard:
+        lock, shard = self.store.stripe_for_write(key)
+        with lock:
             replicator = self._replicator
             if replicator is not None:
                 try:

@@ -77,7 +77,11 @@ class Replicator:
         self.last_send_at = started
 
     def _connect(self) -> Connection:
-        conn = Connection(self.backup.address, timeout_ms=self._rpc_timeout_ms)
+        # Not checked before each use: the backup never closes a live primary's connection,
+        # and any failure breaks the whole line anyway.
+        conn = Connection(
+            self.backup.address, timeout_ms=self._rpc_timeout_ms, is_checked_before_use=False
+        )
         with self._lock:
             if self.is_broken:
                 raise BackupFailedError(f"replication to {self.backup.address} already failed")

@@ -75,23 +75,25 @@ class _GuardedSocket:
 
     def read(self, size: int) -> bytes:
         if self._frame_left == 0:
-            return self._read_header()
+            self._start_frame()
         data = self._take(min(size, self._frame_left))
         self._frame_left -= len(data)
         return data
 
-    def _read_header(self) -> bytes:
+    def _start_frame(self) -> None:
+        """Check the next frame's header (left in the buffer: it is handed out like the body)."""
         if not self._may_start_frame:
             raise MalformedFrameError("message runs past the end of its frame")
-        header = self._take(4)
-        while len(header) < 4:
-            header += self._take(4 - len(header))
-        frame_size = int.from_bytes(header, "big", signed=True)
+        while len(self._pending) < 4:
+            more = self.sock.recv(65536)
+            if not more:
+                raise TTransportException(TTransportException.END_OF_FILE, "peer closed")
+            self._pending += more
+        frame_size = int.from_bytes(self._pending[:4], "big", signed=True)
         if not 0 < frame_size <= self._max_frame_bytes:
             raise MalformedFrameError(f"frame of {frame_size} bytes refused")
-        self._frame_left = frame_size
+        self._frame_left = 4 + frame_size
         self._may_start_frame = False
-        return header
 
     def _take(self, most: int) -> bytes:
         pending = self._pending
@@ -287,8 +289,15 @@ class Connection:
     connection is closed and the next call reconnects.
     """
 
-    def __init__(self, address: str, timeout_ms: int = 2000, connect_timeout_ms: int = 500) -> None:
+    def __init__(
+        self,
+        address: str,
+        timeout_ms: int = 2000,
+        connect_timeout_ms: int = 500,
+        is_checked_before_use: bool = True,
+    ) -> None:
         self.address = address
+        self._is_checked_before_use = is_checked_before_use
         self._host, self._port = parse_address(address)
         self._timeout_ms = timeout_ms
         self._connect_timeout_ms = connect_timeout_ms
@@ -333,7 +342,7 @@ class Connection:
             return True
 
     def call(self, method: str, *args: Any) -> Any:
-        if self._client is not None and self._is_dead():
+        if self._client is not None and self._is_checked_before_use and self._is_dead():
             self.close()
         if self._client is None:
             self.open()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from readerwriterlock import rwlock
 
@@ -58,12 +59,14 @@ class StripedStore:
                     inserted += 1
         return inserted
 
-    @contextmanager
-    def write_locked(self, key: str) -> Iterator[dict[str, str]]:
-        """Hold the key's stripe write lock; yields the shard dict that holds the key."""
+    def stripe_for_write(self, key: str) -> tuple[Any, dict[str, str]]:
+        """The key's stripe write lock (not taken) and the shard dict that holds the key.
+
+        For callers that must do more than a put while holding the lock (the primary
+        replicates first): ``lock, shard = ...; with lock: ...``.
+        """
         i = hash(key) % self.stripe_count
-        with self._write_locks[i]:
-            yield self._shards[i]
+        return self._write_locks[i], self._shards[i]
 
     @contextmanager
     def all_write_locked(self) -> Iterator[None]:
@@ -84,7 +87,7 @@ class StripedStore:
         keys: list[str] = []
         values: list[str] = []
         i = first
-        while i < self.stripe_count and (len(keys) < max_entries or not keys):
+        while i < self.stripe_count and len(keys) < max_entries:
             with self._read_locks[i]:
                 shard = self._shards[i]
                 keys.extend(shard.keys())
