@@ -199,15 +199,24 @@ class StorageNode:
             shard[key] = value
 
     def read(self, key: str) -> str:
+        value = self.store.get(key)
+        self.confirm_read()
+        return "" if value is None else value
+
+    def confirm_read(self) -> None:
+        """Vouch for what this node read a moment ago, or raise.
+
+        Checked *after* reading: the read may have waited on a stripe lock past the end
+        of the lease. A lease still valid now was valid then; otherwise a heartbeat the
+        backup accepts now proves it had not taken over (and accepted writes) by then.
+        """
         replicator = self._replicator
         if replicator is not None and replicator.is_in_sync and not replicator.has_lease:
             try:
                 replicator.heartbeat()
             except BackupFailedError as exc:
                 self._drop_backup(replicator, f"lease renewal failed: {exc}")
-        value = self.store.get(key)
         self.check_primary()
-        return "" if value is None else value
 
     def _drop_backup(self, replicator: Replicator, reason: str) -> None:
         """Stop replicating to a failed backup; first remove it from the in-sync set."""
@@ -498,8 +507,14 @@ class NodeHandler:
         self._node.apply_replicated(epoch, keys, values)
 
     def dump(self) -> dict[str, str]:
-        self.get("")  # a primary with a valid lease, or an error
-        return self._node.store.snapshot()
+        node = self._node
+        node.check_primary()
+        snapshot = node.store.snapshot()
+        try:
+            node.confirm_read()
+        except (errors.DeposedError, errors.CoordinationError) as exc:
+            raise errors.UnavailableError(f"cannot serve the dump: {exc}") from None
+        return snapshot
 
     def status(self) -> object:
         return self._node.status()
