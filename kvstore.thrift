@@ -31,18 +31,21 @@ struct SyncChunk {
 service KeyValueService {
   string get(1: string key);
   void put(1: string key, 2: string value);
-  // Field 3 is a kvstore addition: a replicate without the sender's epoch is refused.
-  void replicate(1: string key, 2: string value, 3: i64 epoch);
+  // Kept for wire compatibility and always refused (STALE_EPOCH): a kvstore primary
+  // replicates with replicate_batch, which names its epoch and the backup's join.
+  void replicate(1: string key, 2: string value);
   map<string, string> dump();
 
   // --- kvstore extensions ---
-  // Primary -> backup: apply entries in order. An empty batch is a heartbeat.
-  // Every accepted batch renews the primary's read lease.
-  void replicate_batch(1: i64 epoch, 2: list<string> keys, 3: list<string> values);
+  // Primary -> backup: apply entries in order. An empty batch is a heartbeat. Accepted
+  // only from the current primary (epoch) for the backup's current join (join_id);
+  // every accepted batch renews the primary's read lease.
+  void replicate_batch(1: i64 epoch, 2: list<string> keys, 3: list<string> values, 4: string join_id);
   NodeStatus status();
-  // Backup -> primary: start forwarding puts to backup_id, then fetch the snapshot
-  // stripe by stripe with sync_fetch and confirm with join_done.
-  i32 join(1: i64 epoch, 2: string backup_id);
-  SyncChunk sync_fetch(1: i64 epoch, 2: string backup_id, 3: i32 first_stripe, 4: i32 max_entries);
-  void join_done(1: i64 epoch, 2: string backup_id);
+  // Backup -> primary: start forwarding puts to backup_id (tagged with join_id), then
+  // fetch the snapshot stripe by stripe with sync_fetch and confirm with join_done.
+  // lease_ms is the read lease this backup grants; the primary returns its stripe count.
+  i32 join(1: i64 epoch, 2: string backup_id, 3: string join_id, 4: i32 lease_ms);
+  SyncChunk sync_fetch(1: i64 epoch, 2: string join_id, 3: i32 first_stripe, 4: i32 max_entries);
+  void join_done(1: i64 epoch, 2: string join_id);
 }

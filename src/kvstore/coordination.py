@@ -12,7 +12,9 @@ Layout under the parent path P (created by ``kv-createznode``):
   that bumps the epoch, and only if it is in the in-sync set; a primary drops a
   failed backup from the set (by CAS) before it acknowledges writes without it.
 
-Reads are cached and re-read only after a ZooKeeper watch fired, so polling
+Every request is bounded by REQUEST_TIMEOUT_S (a timeout is a CoordinationError;
+for a compare-and-set its outcome is unknown until read back). Reads are cached
+and re-read only after a ZooKeeper watch fired, so polling
 :meth:`ClusterView.members` / :meth:`ClusterView.meta` is cheap. Watch callbacks
 and session listeners only set flags and call ``on_change``; they never block.
 """
@@ -37,6 +39,7 @@ from kvstore import errors
 log = logging.getLogger(__name__)
 
 MEMBER_PREFIX = "node-"
+REQUEST_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +150,7 @@ class ClusterView:
         self._meta_state: tuple[ClusterMeta, int] = (ClusterMeta(), -1)
         self.is_session_lost = False
         self.is_connected = True
+        self.request_timeout_s = REQUEST_TIMEOUT_S
         zk.add_listener(self._on_state)
 
     # Called from kazoo's threads: set flags, never block.
@@ -179,14 +183,14 @@ class ClusterView:
             return list(self._members)
 
     def _read_members(self) -> list[Member]:
-        names = self.zk.get_children(self.path, watch=self._on_members_event)
+        names = self._wait(self.zk.get_children_async(self.path, watch=self._on_members_event))
         names = sorted((n for n in names if n.startswith(MEMBER_PREFIX)), key=_sequence)
         addresses: dict[str, str] = {}
         for name in names:
             address = self._addresses.get(name)
             if address is None:
                 try:
-                    data, _ = self.zk.get(f"{self.path}/{name}")
+                    data, _ = self._wait(self.zk.get_async(f"{self.path}/{name}"))
                 except NoNodeError:
                     continue
                 address = data.decode("utf-8", "replace")
@@ -203,12 +207,18 @@ class ClusterView:
                 self._meta_dirty = False
                 try:
                     with zookeeper_errors("reading metadata"):
-                        data, stat = self.zk.get(self.path, watch=self._on_meta_event)
+                        data, stat = self._wait(
+                            self.zk.get_async(self.path, watch=self._on_meta_event)
+                        )
                 except Exception:
                     self._meta_dirty = True
                     raise
                 self._meta_state = (ClusterMeta.from_bytes(data), stat.version)
             return self._meta_state
+
+    def _wait(self, result: Any) -> Any:
+        """Every ZooKeeper request is bounded: kazoo would queue it until reconnected."""
+        return result.get(timeout=self.request_timeout_s)
 
     def refresh(self) -> None:
         """Forget the cache: the next read goes to ZooKeeper."""
@@ -217,7 +227,7 @@ class ClusterView:
     def sync(self) -> None:
         """Catch up with the ZooKeeper leader, then forget the cache (for must-be-fresh reads)."""
         with zookeeper_errors("sync"):
-            self.zk.sync(self.path)
+            self._wait(self.zk.sync_async(self.path))
         self.refresh()
 
 
@@ -230,9 +240,11 @@ class Coordinator(ClusterView):
 
     def register(self, address: str) -> str:
         with zookeeper_errors("registration"):
-            self.zk.ensure_path(self.path)
-            created = self.zk.create(
-                f"{self.path}/{MEMBER_PREFIX}", address.encode(), ephemeral=True, sequence=True
+            self._wait(self.zk.ensure_path_async(self.path))
+            created = self._wait(
+                self.zk.create_async(
+                    f"{self.path}/{MEMBER_PREFIX}", address.encode(), ephemeral=True, sequence=True
+                )
             )
         self.name = created.rsplit("/", 1)[-1]
         self.refresh()
@@ -242,7 +254,7 @@ class Coordinator(ClusterView):
         """Write ``meta`` if the parent is still at ``version``. False if someone changed it."""
         with zookeeper_errors("compare-and-set of the metadata"):
             try:
-                self.zk.set(self.path, meta.to_bytes(), version=version)
+                self._wait(self.zk.set_async(self.path, meta.to_bytes(), version=version))
             except BadVersionError:
                 self.refresh()
                 return False
@@ -252,7 +264,7 @@ class Coordinator(ClusterView):
     def remove_member(self, name: str) -> None:
         """Delete another node's znode (after proving it dead or fencing it out)."""
         with zookeeper_errors("delete"), contextlib.suppress(NoNodeError):
-            self.zk.delete(f"{self.path}/{name}")
+            self._wait(self.zk.delete_async(f"{self.path}/{name}"))
         self.refresh()
 
     def close(self) -> None:

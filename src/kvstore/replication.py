@@ -31,23 +31,28 @@ class BackupFailedError(Exception):
 
 
 class Replicator:
-    """The primary's line to one backup: one connection per calling thread, no shared queue.
+    """The primary's line to one backup, for one join of that backup.
 
-    A put holds its key's stripe write lock until its entry is applied, so entries of
-    one key never overtake each other even though threads replicate in parallel.
+    Threads replicate in parallel, each on a connection checked out of a small pool
+    (as many connections as puts were ever in flight at once). Every batch carries
+    the epoch and the backup's join id, so the backup refuses anything sent for an
+    earlier join. After ``close`` or any failure nothing more is sent.
     """
 
-    def __init__(self, backup: Member, epoch: int, lease_s: float, rpc_timeout_ms: int) -> None:
+    def __init__(
+        self, backup: Member, epoch: int, join_id: str, lease_s: float, rpc_timeout_ms: int
+    ) -> None:
         self.backup = backup
         self.epoch = epoch
+        self.join_id = join_id
         self.is_in_sync = False
         self.is_broken = False
         self.lease_until = 0.0
         self.last_send_at = time.monotonic()
         self._lease_s = lease_s * LEASE_SAFETY
         self._rpc_timeout_ms = rpc_timeout_ms
-        self._local = threading.local()
-        self._connections: list[Connection] = []
+        self._idle: list[Connection] = []
+        self._all: list[Connection] = []
         self._lock = threading.Lock()
 
     @property
@@ -63,73 +68,83 @@ class Replicator:
         self._send([], [])
 
     def _send(self, keys: list[str], values: list[str]) -> None:
-        if self.is_broken:
-            raise BackupFailedError(f"replication to {self.backup.address} already failed")
-        conn = getattr(self._local, "conn", None) or self._connect()
+        conn = self._checkout()
         started = time.monotonic()
         try:
-            conn.call("replicate_batch", self.epoch, keys, values)
+            conn.call("replicate_batch", self.epoch, keys, values, self.join_id)
         except Exception as exc:  # every failure, expected (KVError) or not, breaks the line
-            self.is_broken = True
+            self.close()
             raise BackupFailedError(f"replication to {self.backup.address}: {exc}") from exc
         if started + self._lease_s > self.lease_until:
             self.lease_until = started + self._lease_s
         self.last_send_at = started
+        self._idle.append(conn)
 
-    def _connect(self) -> Connection:
-        # Not checked before each use: the backup never closes a live primary's connection,
-        # and any failure breaks the whole line anyway.
+    def _checkout(self) -> Connection:
+        if self.is_broken:
+            raise BackupFailedError(f"replication to {self.backup.address} already failed")
+        try:
+            return self._idle.pop()
+        except IndexError:
+            pass
+        # Not checked before each use: the backup never closes a live primary's
+        # connection, and any failure breaks the whole line anyway.
         conn = Connection(
             self.backup.address, timeout_ms=self._rpc_timeout_ms, is_checked_before_use=False
         )
         with self._lock:
             if self.is_broken:
                 raise BackupFailedError(f"replication to {self.backup.address} already failed")
-            self._connections.append(conn)
-        self._local.conn = conn
+            self._all.append(conn)
         return conn
 
     def close(self) -> None:
+        """Stop for good; connections in use fail their call, none is reopened."""
         with self._lock:
             self.is_broken = True
-            connections, self._connections = self._connections, []
+            connections, self._all, self._idle = self._all, [], []
         for conn in connections:
-            conn.close()
+            conn.shut()
 
 
 class BackupFence:
-    """Backup side: which epoch's replicates are accepted, and the lease granted so far.
+    """Backup side: which primary epoch and join the node accepts batches for, and its lease.
 
     All changes happen under one lock, so a takeover (``fence_if``) can never
     interleave with a batch being applied and acknowledged.
     """
 
     def __init__(self, lease_s: float) -> None:
-        self._lease_s = lease_s
+        self.lease_s = lease_s
         self.lock = threading.Lock()
-        self.accepting_epoch: int | None = None
+        self.accepting: tuple[int, str] | None = None  # (epoch, join id)
         self.lease_granted_until = 0.0
         self.last_heard_at = time.monotonic()
         self.connection_closed_at = 0.0
 
-    def open(self, epoch: int) -> None:
+    def open(self, epoch: int, join_id: str) -> None:
         with self.lock:
-            self.accepting_epoch = epoch
+            self.accepting = (epoch, join_id)
             self.last_heard_at = time.monotonic()
 
-    def check(self, epoch: int | None) -> None:
-        """Raise StaleEpochError unless batches of ``epoch`` are accepted. Call with lock held."""
-        if epoch is None or epoch != self.accepting_epoch:
+    def close(self) -> None:
+        with self.lock:
+            self.accepting = None
+
+    def check(self, epoch: int | None, join_id: str | None) -> None:
+        """Raise StaleEpochError unless this batch belongs to the open join. Call with lock held."""
+        if self.accepting is None or (epoch, join_id) != self.accepting:
             raise errors.StaleEpochError(
-                f"replicate from epoch {epoch} refused: this node accepts epoch "
-                f"{self.accepting_epoch} (a replicate must come from the current primary)"
+                f"replicate from epoch {epoch} refused: this node accepts "
+                f"{'nothing' if self.accepting is None else f'epoch {self.accepting[0]}'} "
+                f"(a replicate must come from the current primary, for this node's current join)"
             )
 
     def granted(self) -> None:
         """Record an accepted batch. Call with lock held, after applying it."""
         now = time.monotonic()
         self.last_heard_at = now
-        self.lease_granted_until = now + self._lease_s
+        self.lease_granted_until = now + self.lease_s
 
     def is_suspect(self, suspect_after_s: float) -> bool:
         now = time.monotonic()
@@ -142,6 +157,6 @@ class BackupFence:
         """Stop accepting the current primary if it is dead or its lease ran out."""
         with self.lock:
             if is_primary_dead or time.monotonic() >= self.lease_granted_until:
-                self.accepting_epoch = None
+                self.accepting = None
                 return True
             return False

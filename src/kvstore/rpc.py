@@ -298,6 +298,7 @@ class Connection:
     ) -> None:
         self.address = address
         self._is_checked_before_use = is_checked_before_use
+        self._is_shut = False
         self._host, self._port = parse_address(address)
         self._timeout_ms = timeout_ms
         self._connect_timeout_ms = connect_timeout_ms
@@ -311,6 +312,8 @@ class Connection:
         return self._client is not None
 
     def open(self) -> None:
+        if self._is_shut:
+            raise errors.ConnectError(f"connection to {self.address} was shut")
         try:
             raw = socket.create_connection(
                 (self._host, self._port), timeout=self._connect_timeout_ms / 1000
@@ -385,6 +388,11 @@ class Connection:
         if has_result and value is None:
             raise errors.ProtocolError(f"{method}: reply without a result")
         return value
+
+    def shut(self) -> None:
+        """Close for good: later calls fail with ConnectError instead of reconnecting."""
+        self._is_shut = True
+        self.close()
 
     def close(self) -> None:
         """Close the socket. May be called from another thread to abort a call in progress."""

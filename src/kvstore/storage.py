@@ -79,19 +79,24 @@ class StripedStore:
             for lock in reversed(self._write_locks):
                 lock.release()
 
-    def snapshot_stripes(self, first: int, max_entries: int) -> tuple[list[str], list[str], int]:
-        """Copy whole stripes from ``first`` on until at least ``max_entries`` are copied.
+    def snapshot_stripes(
+        self, first: int, max_entries: int, max_bytes: int = 1 << 62
+    ) -> tuple[list[str], list[str], int]:
+        """Copy whole stripes from ``first`` on, until ``max_entries`` or ``max_bytes`` is reached.
 
         Returns (keys, values, next_stripe); next_stripe is -1 after the last stripe.
+        At least one stripe is copied per call, so a caller always makes progress.
         """
         keys: list[str] = []
         values: list[str] = []
+        size = 0
         i = first
-        while i < self.stripe_count and len(keys) < max_entries:
+        while i < self.stripe_count and len(keys) < max_entries and size < max_bytes:
             with self._read_locks[i]:
                 shard = self._shards[i]
                 keys.extend(shard.keys())
                 values.extend(shard.values())
+                size += sum(len(k) + len(v) for k, v in shard.items())
             i += 1
         return keys, values, (i if i < self.stripe_count else -1)
 

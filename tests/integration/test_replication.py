@@ -15,7 +15,7 @@ from kvstore.client import KVClient, PrimaryLocator
 from kvstore.cluster import LocalCluster, NodeProcess
 from kvstore.config import ClientConfig
 from kvstore.coordination import create_parent
-from kvstore.node import EXIT_DATA_LOST
+from kvstore.roles import EXIT_DATA_LOST
 from kvstore.rpc import Connection
 
 RETRY_S = 15.0
@@ -131,7 +131,7 @@ def test_state_transfer_under_concurrent_puts(zk_server, zk_path, tmp_path) -> N
             deadline = time.monotonic() + 60
             n = 0
             while not stop.is_set() and time.monotonic() < deadline:
-                key = f"key-{(n * 3 + slot) % 20_000}"  # disjoint keys per writer
+                key = f"key-{(n % 6_000) * 3 + slot}"  # disjoint keys per writer
                 value = f"new-{slot}-{n}"
                 kv.put(key, value, retry_s=RETRY_S)
                 acked[slot][key] = value

@@ -96,33 +96,38 @@ def test_parse_address() -> None:
             parse_address(bad)
 
 
-def test_fence_accepts_only_the_open_epoch() -> None:
+def test_fence_accepts_only_the_open_join_of_the_current_epoch() -> None:
     fence = BackupFence(lease_s=10.0)
     with fence.lock, pytest.raises(errors.StaleEpochError):
-        fence.check(1)
-    fence.open(1)
+        fence.check(1, "join-a")  # nothing accepted before a join
+    fence.open(1, "join-a")
     with fence.lock:
-        fence.check(1)
-        with pytest.raises(errors.StaleEpochError):
-            fence.check(2)
-        with pytest.raises(errors.StaleEpochError):
-            fence.check(None)  # the seed's replicate carries no epoch
+        fence.check(1, "join-a")
+        for epoch, join_id in ((2, "join-a"), (None, "join-a"), (1, "join-b"), (1, None)):
+            with pytest.raises(errors.StaleEpochError):
+                fence.check(epoch, join_id)
+    fence.open(1, "join-b")  # a new join: batches sent for the old one are refused
+    with fence.lock, pytest.raises(errors.StaleEpochError):
+        fence.check(1, "join-a")
+    fence.close()
+    with fence.lock, pytest.raises(errors.StaleEpochError):
+        fence.check(1, "join-b")
 
 
 def test_fence_waits_out_a_granted_lease_unless_the_primary_is_dead() -> None:
     fence = BackupFence(lease_s=10.0)
-    fence.open(1)
+    fence.open(1, "j")
     with fence.lock:
         fence.granted()
     assert not fence.fence_if(is_primary_dead=False), "took over inside the lease"
     assert fence.fence_if(is_primary_dead=True)
     with fence.lock, pytest.raises(errors.StaleEpochError):
-        fence.check(1)  # once fenced, the old primary's batches are refused
+        fence.check(1, "j")  # once fenced, the old primary's batches are refused
 
 
 def test_fence_takes_over_after_the_lease_ran_out() -> None:
     fence = BackupFence(lease_s=0.05)
-    fence.open(1)
+    fence.open(1, "j")
     with fence.lock:
         fence.granted()
     deadline = time.monotonic() + 5
@@ -133,7 +138,7 @@ def test_fence_takes_over_after_the_lease_ran_out() -> None:
 
 def test_suspicion_after_silence_or_closed_connection() -> None:
     fence = BackupFence(lease_s=1.0)
-    fence.open(1)
+    fence.open(1, "j")
     assert not fence.is_suspect(suspect_after_s=60)
     fence.connection_closed_at = time.monotonic() + 1
     assert fence.is_suspect(suspect_after_s=60)
