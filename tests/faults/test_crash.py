@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -73,14 +74,34 @@ def test_kill_every_few_seconds_stays_linearizable(
     cluster.wait_for("backup", timeout_s=30)
 
 
+def test_graceful_stops_under_load_stay_linearizable(cluster: LocalCluster, tmp_path) -> None:
+    """SIGTERM the primary twice under load (16 threads, 20 keys), restarting it each time."""
+    config = ClientConfig(cluster.zk_connect, cluster.zk_path)
+    workload = bench.Workload(16, 8.0, 20, seed=11)
+    stopped: list[str] = []
+
+    def stop_primary_twice() -> None:
+        for _ in range(2):
+            time.sleep(2.5)
+            node = cluster.wait_for("primary", timeout_s=10)
+            node.stop()
+            stopped.append(node.address)
+            node.start()
+
+    stopper = threading.Thread(target=stop_primary_twice, daemon=True)
+    stopper.start()
+    result = bench.run(workload, config)
+    stopper.join(timeout=30)
+    assert len(stopped) == 2
+    check_history(result, tmp_path)
+
+
 def test_paused_primary_under_load_stays_linearizable(cluster: LocalCluster, tmp_path) -> None:
     """SIGSTOP the primary for 3 s: the backup must wait out the lease before taking over."""
     primary = cluster.find("primary")
     assert primary is not None and primary.pid is not None
     config = ClientConfig(cluster.zk_connect, cluster.zk_path)
     workload = bench.Workload(THREADS, 8.0, 100, seed=7)
-
-    import threading
 
     def pause_primary() -> None:
         time.sleep(2.0)
