@@ -239,16 +239,44 @@ class Coordinator(ClusterView):
         self.name = ""
 
     def register(self, address: str) -> str:
-        with zookeeper_errors("registration"):
-            self._wait(self.zk.ensure_path_async(self.path))
-            created = self._wait(
-                self.zk.create_async(
-                    f"{self.path}/{MEMBER_PREFIX}", address.encode(), ephemeral=True, sequence=True
+        """Create this node's ephemeral sequential znode; safe to retry after an unclear failure."""
+        try:
+            with zookeeper_errors("registration"):
+                self._wait(self.zk.ensure_path_async(self.path))
+                created = self._wait(
+                    self.zk.create_async(
+                        f"{self.path}/{MEMBER_PREFIX}",
+                        address.encode(),
+                        ephemeral=True,
+                        sequence=True,
+                    )
                 )
-            )
-        self.name = created.rsplit("/", 1)[-1]
+            self.name = created.rsplit("/", 1)[-1]
+        except errors.CoordinationError:
+            # The create may have succeeded with its reply lost: adopt such a znode, never
+            # leave a second one behind (it would pose as another member at our address).
+            own = self._own_member(address)
+            if own is None:
+                raise
+            self.name = own
         self.refresh()
         return self.name
+
+    def _own_member(self, address: str) -> str | None:
+        session_id = self.zk.client_id[0] if self.zk.client_id else None
+        with zookeeper_errors("looking for our own znode"):
+            for name in self._wait(self.zk.get_children_async(self.path)):
+                try:
+                    data, stat = self._wait(self.zk.get_async(f"{self.path}/{name}"))
+                except NoNodeError:
+                    continue
+                if data == address.encode() and stat.ephemeralOwner == session_id:
+                    return str(name)
+        return None
+
+    def is_usable(self) -> bool:
+        """Connected, with a session: requests can go through now."""
+        return self.is_connected and self.zk.connected
 
     def compare_and_set(self, meta: ClusterMeta, version: int) -> bool:
         """Write ``meta`` if the parent is still at ``version``. False if someone changed it."""

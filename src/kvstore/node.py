@@ -63,6 +63,7 @@ class StorageNode(FollowerRole):
         self._dead_backups: list[Member] = []
         self._local = threading.local()
         self._coordinator: Coordinator | None = None
+        self._session_lost_at: float | None = None
         self.server = RpcServer(
             config.host,
             config.port,
@@ -154,6 +155,13 @@ class StorageNode(FollowerRole):
         """A new ZooKeeper session: a primary re-registers and keeps its data; others restart."""
         if self.role != Role.PRIMARY:
             raise NodeExit(EXIT_RESTART, "ZooKeeper session expired; restarting empty")
+        if self._session_lost_at is None:
+            self._session_lost_at = time.monotonic()
+            log.warning("ZooKeeper session expired; waiting for a new one to re-register")
+        if not coordinator.is_usable():
+            if time.monotonic() - self._session_lost_at > self.config.zk_connect_timeout_s:
+                raise NodeExit(EXIT_RESTART, "ZooKeeper session expired and no new one came")
+            raise errors.CoordinationError("no ZooKeeper session yet")  # retried next tick
         old_name = self.name
         try:
             new_name = coordinator.register(self.config.address)
@@ -173,6 +181,7 @@ class StorageNode(FollowerRole):
         except errors.CoordinationError as exc:
             raise NodeExit(EXIT_RESTART, f"session expired; could not re-register: {exc}") from None
         self.name = new_name
+        self._session_lost_at = None
         log.warning("new ZooKeeper session: still primary, now registered as %s", new_name)
 
     def _cas_confirmed(self, wanted: ClusterMeta, version: int) -> bool:

@@ -209,3 +209,47 @@ def test_no_complete_copy_left_is_reported_not_served(zk_server, zk_path, tmp_pa
         assert Connection(newcomer.address).call("get", "precious") == ""
     finally:
         cluster.stop()
+
+
+def test_primary_whose_session_expired_keeps_its_data(zk_server, zk_path, tmp_path) -> None:
+    """The only copy must survive a ZooKeeper session expiry: the primary re-registers."""
+    node = NodeProcess(
+        zk_server.connect_string, zk_path, tmp_path, extra_args=["--session-timeout", "1"]
+    )
+    create_parent(zk_server.connect_string, zk_path)
+    try:
+        node.start()
+        before = node.wait_for_role(["primary"])
+        Connection(node.address).call("put", "precious", "data")
+        assert node.pid is not None
+        os.kill(node.pid, signal.SIGSTOP)  # stops heart-beating: the session expires
+        try:
+            poll(
+                lambda: not _has_member(zk_server.connect_string, zk_path, before.node_id),
+                what="the session to expire",
+            )
+        finally:
+            os.kill(node.pid, signal.SIGCONT)
+        after = poll(lambda: _renamed_primary(node, before.node_id), what="re-registration")
+        assert after.epoch == before.epoch
+        assert Connection(node.address).call("get", "precious") == "data"
+    finally:
+        node.stop()
+
+
+def _has_member(zk_connect: str, zk_path: str, name: str) -> bool:
+    from kvstore.coordination import connect
+
+    zk = connect(zk_connect, session_timeout_s=10, connect_timeout_s=10)
+    try:
+        return name in zk.get_children(zk_path)
+    finally:
+        zk.stop()
+        zk.close()
+
+
+def _renamed_primary(node: NodeProcess, old_name: str) -> object:
+    status = node.status()
+    if status is not None and status.role == "primary" and status.node_id != old_name:
+        return status
+    return None
