@@ -36,10 +36,13 @@ def zk_path() -> str:
 
 
 @pytest.fixture
-def cluster(zk_server: ZooKeeperServer, zk_path: str, tmp_path_factory: pytest.TempPathFactory
-            ) -> Iterator[LocalCluster]:
+def cluster(
+    zk_server: ZooKeeperServer, zk_path: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalCluster]:
     """Two real node processes under a fresh parent path: a primary and a synced backup."""
-    local = LocalCluster(zk_server.connect_string, zk_path, tmp_path_factory.mktemp("nodes"), size=2)
+    local = LocalCluster(
+        zk_server.connect_string, zk_path, tmp_path_factory.mktemp("nodes"), size=2
+    )
     try:
         local.start()
         yield local

@@ -144,10 +144,13 @@ class ClusterView:
         self._on_change = on_change
         self._lock = threading.Lock()
         self._members_dirty = True
-        self._meta_dirty = True
         self._members: list[Member] = []
         self._addresses: dict[str, str] = {}
         self._meta_state: tuple[ClusterMeta, int] = (ClusterMeta(), -1)
+        # The cached metadata is fresh while _meta_seen == _meta_wanted; a watch or a
+        # refresh bumps _meta_wanted, a completed read sets _meta_seen to what it served.
+        self._meta_wanted = 1
+        self._meta_seen = 0
         self.is_session_lost = False
         self.is_connected = True
         self.request_timeout_s = REQUEST_TIMEOUT_S
@@ -158,7 +161,8 @@ class ClusterView:
         if state == KazooState.LOST:
             self.is_session_lost = True
         self.is_connected = state == KazooState.CONNECTED
-        self._members_dirty = self._meta_dirty = True
+        self._members_dirty = True
+        self._meta_wanted += 1
         self._on_change()
 
     def _on_members_event(self, _event: Any) -> None:
@@ -166,7 +170,7 @@ class ClusterView:
         self._on_change()
 
     def _on_meta_event(self, _event: Any) -> None:
-        self._meta_dirty = True
+        self._meta_wanted += 1
         self._on_change()
 
     def members(self) -> list[Member]:
@@ -200,20 +204,15 @@ class ClusterView:
 
     def meta(self) -> tuple[ClusterMeta, int]:
         """The metadata and the parent znode's version (for compare-and-set)."""
-        if not self._meta_dirty:  # hot path of every client request: no lock
+        if self._meta_seen == self._meta_wanted:  # hot path of every client request: no lock
             return self._meta_state
         with self._lock:
-            if self._meta_dirty:
-                self._meta_dirty = False
-                try:
-                    with zookeeper_errors("reading metadata"):
-                        data, stat = self._wait(
-                            self.zk.get_async(self.path, watch=self._on_meta_event)
-                        )
-                except Exception:
-                    self._meta_dirty = True
-                    raise
+            wanted = self._meta_wanted
+            if self._meta_seen != wanted:
+                with zookeeper_errors("reading metadata"):
+                    data, stat = self._wait(self.zk.get_async(self.path, watch=self._on_meta_event))
                 self._meta_state = (ClusterMeta.from_bytes(data), stat.version)
+                self._meta_seen = wanted
             return self._meta_state
 
     def _wait(self, result: Any) -> Any:
@@ -222,7 +221,8 @@ class ClusterView:
 
     def refresh(self) -> None:
         """Forget the cache: the next read goes to ZooKeeper."""
-        self._members_dirty = self._meta_dirty = True
+        self._members_dirty = True
+        self._meta_wanted += 1
 
     def sync(self) -> None:
         """Catch up with the ZooKeeper leader, then forget the cache (for must-be-fresh reads)."""

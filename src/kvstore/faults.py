@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kvstore import bench
@@ -18,7 +19,11 @@ from kvstore.config import ClientConfig
 
 @dataclass
 class Killer:
-    """Kills the node holding ``role`` every ``interval_s`` ([low, high]) until ``seconds``."""
+    """Kills the node holding ``role`` every ``interval_s`` ([low, high]) until ``seconds``.
+
+    ``kills`` lists (seconds since ``origin_ns``, address): pass the benchmark's
+    ``start_ns`` to have them on the execution log's clock (default: since start()).
+    """
 
     cluster: LocalCluster
     role: str
@@ -26,6 +31,7 @@ class Killer:
     seconds: float
     max_kills: int = 1000
     seed: int | None = None
+    origin_ns: int | None = None
     kills: list[tuple[float, str]] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -38,6 +44,7 @@ class Killer:
         rng = random.Random(self.seed)
         began = time.monotonic()
         deadline = began + self.seconds
+        origin = began if self.origin_ns is None else self.origin_ns / 1e9
         while len(self.kills) < self.max_kills:
             pause = rng.uniform(*self.interval_s)
             if time.monotonic() + pause >= deadline or self._stop.wait(pause):
@@ -46,7 +53,7 @@ class Killer:
             if node is None:
                 continue  # nobody holds the role right now (failover in progress)
             node.kill()
-            self.kills.append((time.monotonic() - began, node.address))
+            self.kills.append((time.monotonic() - origin, node.address))
             node.start()
 
     def join(self) -> None:
@@ -62,13 +69,23 @@ def run_with_kills(
     interval_s: tuple[float, float],
     max_kills: int = 1000,
     seed: int | None = None,
+    procs: int = 1,
+    on_start: Callable[[], None] | None = None,
 ) -> tuple[bench.BenchResult, list[tuple[float, str]]]:
-    """Run the benchmark while killing (and restarting) the node with ``role`` on a schedule."""
+    """Run the benchmark (over ``procs`` client processes) while killing and restarting the
+    node with ``role`` on a schedule that starts with the benchmark's clock (when ``on_start``
+    is called too). The kill times are on the execution log's clock."""
     config = ClientConfig(cluster.zk_connect, cluster.zk_path)
-    killer = Killer(cluster, role, interval_s, workload.seconds, max_kills, seed)
-    killer.start()
+    start_ns = time.monotonic_ns()
+    killer = Killer(cluster, role, interval_s, workload.seconds, max_kills, seed, start_ns)
+
+    def start() -> None:
+        killer.start()
+        if on_start is not None:
+            on_start()
+
     try:
-        result = bench.run(workload, config)
+        result = bench.run(workload, config, start_ns, procs=procs, on_start=start)
     finally:
         killer.join()
     return result, killer.kills
