@@ -53,6 +53,7 @@ class Scenario:
     value_bytes: int
     faults: str
     procs: int
+    placement: str = "free"
 
     @property
     def mix(self) -> str:
@@ -62,7 +63,7 @@ class Scenario:
     def name(self) -> str:
         return (
             f"t{self.threads}-k{self.keyspace}-r{self.read_percent}-v{self.value_bytes}-"
-            f"{self.faults}-p{self.procs}"
+            f"{self.faults}-p{self.procs}-{self.placement}"
         )
 
     def workload(self, seconds: float) -> bench.Workload:
@@ -73,7 +74,11 @@ class Scenario:
 BASELINE = Scenario(
     threads=4, keyspace=1000, read_percent=50, value_bytes=10, faults="none", procs=1
 )
-DIMENSIONS = ("threads", "keyspace", "read_percent", "value_bytes", "faults", "procs")
+DIMENSIONS = ("threads", "keyspace", "read_percent", "value_bytes", "faults", "procs", "placement")
+# free: no CPU pinning. split: both nodes pinned to CPU 0 (kv-node --cpu 0), the client to the
+# other CPUs: no cross-core GIL hand-offs inside a process, and the client does not compete
+# with the nodes for a core.
+PLACEMENTS = ("free", "split")
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,7 @@ class Matrix:
     value_bytes: tuple[int, ...] = (10, 1024)
     faults: tuple[str, ...] = FAULT_KINDS
     procs: tuple[int, ...] = (1,)
+    placement: tuple[str, ...] = ("free",)
 
     def scenarios(self, full: bool = False) -> list[Scenario]:
         """The cross product if ``full``; else the baseline, then one dimension varied at a time.
@@ -137,11 +143,20 @@ def run_scenario(
     zk_connect: str, zk_pid: int | None, scenario: Scenario, seconds: float, workdir: Path
 ) -> dict[str, Any]:
     """Run one configuration on a fresh cluster; its table row (a dict)."""
-    cluster = LocalCluster(zk_connect, f"/kv-bench-{uuid.uuid4().hex[:8]}", workdir / scenario.name)
+    node_args = ["--cpu", "0"] if scenario.placement == "split" else []
+    cluster = LocalCluster(
+        zk_connect,
+        f"/kv-bench-{uuid.uuid4().hex[:8]}",
+        workdir / scenario.name,
+        node_args=node_args,
+    )
     workload = scenario.workload(seconds)
     kills: list[tuple[float, str]] = []
+    own_cpus = os.sched_getaffinity(0)
     try:
         cluster.start()
+        if scenario.placement == "split" and len(own_cpus) > 1:
+            os.sched_setaffinity(0, own_cpus - {0})  # client processes spawned now inherit it
         primary, backup = cluster.find("primary"), cluster.find("backup")
         meter = CpuMeter(
             {
@@ -168,6 +183,7 @@ def run_scenario(
             )
         cores = meter.stop()
     finally:
+        os.sched_setaffinity(0, own_cpus)
         cluster.stop()
     if kills:  # killed nodes were reaped into this process's children rusage; nodes restarted
         cores.update(client=None, primary=None, backup=None, other=None)  # irq, machine: valid
@@ -222,6 +238,7 @@ COLUMNS = (
     ("value_bytes", "value", 5, "{}"),
     ("faults", "faults", 12, "{}"),
     ("procs", "procs", 5, "{}"),
+    ("placement", "place", 5, "{}"),
     ("throughput", "ops/s", 7, "{:.0f}"),
     ("p50_ms", "p50ms", 6, "{:.3f}"),
     ("p99_ms", "p99ms", 6, "{:.3f}"),
@@ -248,7 +265,7 @@ def cores_text(cores: dict[str, float | None]) -> str:
 
 
 def format_row(row: dict[str, Any]) -> str:
-    cells = [form.format(row[key]).rjust(width) for key, _, width, form in COLUMNS]
+    cells = [form.format(row.get(key, "-")).rjust(width) for key, _, width, form in COLUMNS]
     return " ".join(cells) + f"  {cores_text(row.get('cores') or {})}"
 
 
@@ -283,7 +300,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[str]:
                 other
                 for other, candidates in groups.items()
                 if candidates[0]["faults"] == "none"
-                and all(candidates[0][d] == first[d] for d in DIMENSIONS if d != "faults")
+                and all(candidates[0].get(d) == first.get(d) for d in DIMENSIONS if d != "faults")
             ),
             None,
         )

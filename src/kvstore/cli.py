@@ -345,6 +345,15 @@ def _fault_list(text: str) -> tuple[str, ...]:
     return values
 
 
+def _placement_list(text: str) -> tuple[str, ...]:
+    from kvstore.benchmark import PLACEMENTS
+
+    values = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not values or any(value not in PLACEMENTS for value in values):
+        raise argparse.ArgumentTypeError(f"placements are {', '.join(PLACEMENTS)}; got {text!r}")
+    return values
+
+
 def bench_main(argv: Sequence[str] | None = None) -> int:
     import time
     from pathlib import Path
@@ -419,6 +428,14 @@ the default value of each dimension whose list contains it, else the list's firs
         default=(1,),
         metavar="LIST",
         help="client processes the threads are spread over, like kv-client --procs (default 1)",
+    )
+    parser.add_argument(
+        "--placement",
+        type=_placement_list,
+        default=("free",),
+        metavar="LIST",
+        help="free (no CPU pinning) and/or split: both nodes pinned to CPU 0 with kv-node --cpu 0, "
+        "the client to the other CPUs (default free)",
     )
     parser.add_argument(
         "--seconds",
@@ -510,7 +527,13 @@ the default value of each dimension whose list contains it, else the list's firs
         None
         if args.no_matrix
         else Matrix(
-            args.threads, args.keyspace, args.mix, args.value_bytes, args.faults, args.procs
+            args.threads,
+            args.keyspace,
+            args.mix,
+            args.value_bytes,
+            args.faults,
+            args.procs,
+            args.placement,
         )
     )
     workdir = Path(args.workdir).resolve() / time.strftime("%Y%m%d-%H%M%S")
