@@ -39,9 +39,10 @@ def _cpu_list(text: str) -> set[int]:
         cpus = {int(part) for part in text.split(",") if part.strip()}
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a list of CPU numbers: {text}") from None
-    available = os.sched_getaffinity(0)
-    if not cpus or not cpus <= available:
-        raise argparse.ArgumentTypeError(f"CPUs {text} not among the available {sorted(available)}")
+    # Not the inherited affinity: a node started by a pinned parent may still be pinned elsewhere.
+    online = set(range(os.cpu_count() or 1))
+    if not cpus or not cpus <= online:
+        raise argparse.ArgumentTypeError(f"CPUs {text} not among this machine's {sorted(online)}")
     return cpus
 
 
