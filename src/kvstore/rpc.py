@@ -307,10 +307,6 @@ class Connection:
         self._client: Any = None  # the protocol object while connected
         self._seqid = 0
 
-    @property
-    def is_open(self) -> bool:
-        return self._client is not None
-
     def open(self) -> None:
         if self._is_shut:
             raise errors.ConnectError(f"connection to {self.address} was shut")

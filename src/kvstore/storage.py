@@ -29,9 +29,6 @@ class StripedStore:
         self._read_locks = [lock.gen_rlock() for lock in locks]
         self._write_locks = [lock.gen_wlock() for lock in locks]
 
-    def stripe_of(self, key: str) -> int:
-        return hash(key) % self.stripe_count
-
     def get(self, key: str) -> str | None:
         i = hash(key) % self.stripe_count
         with self._read_locks[i]:
