@@ -21,6 +21,7 @@ import errno
 import logging
 import select
 import socket
+import struct
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -320,7 +321,7 @@ class Connection:
                 f"cannot connect to {self.address}: {exc}", is_refused=refused
             ) from None
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        raw.settimeout(self._timeout_ms / 1000)
+        _set_kernel_timeout(raw, self._timeout_ms)
         self._socket = TSocket(sock=raw)
         self._poller = select.poll()
         self._poller.register(raw, select.POLLIN | select.POLLPRI)
@@ -398,6 +399,20 @@ class Connection:
             with contextlib.suppress(OSError):
                 raw.shutdown(socket.SHUT_RDWR)
             raw.close()
+
+
+def _set_kernel_timeout(sock: socket.socket, timeout_ms: int) -> None:
+    """Bound every send and receive in the kernel (SO_SNDTIMEO/SO_RCVTIMEO) on a blocking socket.
+
+    A Python-level timeout (settimeout) makes every send and receive poll() first: two more
+    system calls per request. A kernel timeout fails the call with EAGAIN instead, which
+    surfaces as an OSError like any other broken connection.
+    """
+    sock.settimeout(None)
+    seconds, remainder_ms = divmod(timeout_ms, 1000)
+    timeval = struct.pack("ll", seconds, remainder_ms * 1000)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
 
 
 _CLIENT_METHODS: dict[str, tuple[Any, Any, bool]] = {
