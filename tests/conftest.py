@@ -6,6 +6,7 @@ to its report (shown by pytest as a "zookeeper log" section).
 
 from __future__ import annotations
 
+import signal
 import uuid
 from collections.abc import Iterator
 
@@ -16,6 +17,16 @@ from kvstore.zkserver import ZooKeeperServer
 
 ZK_LOG_LINES = 60
 NODE_LOG_LINES = 60
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Turn SIGTERM (e.g. from `timeout`) into KeyboardInterrupt, so fixtures still stop the
+    ZooKeeper and node processes they started instead of leaving them running."""
+
+    def interrupt(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt("SIGTERM")
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 @pytest.fixture(scope="session")
