@@ -96,6 +96,14 @@ class ClusterMeta:
     def with_in_sync(self, names: tuple[str, ...]) -> ClusterMeta:
         return replace(self, in_sync=names)
 
+    def without_in_sync(self, name: str) -> ClusterMeta:
+        return replace(self, in_sync=tuple(n for n in self.in_sync if n != name))
+
+
+def designated_backup(members: list[Member], primary: str) -> Member | None:
+    """The node that should be the backup: the lowest member other than the primary."""
+    return next((m for m in members if m.name != primary), None)
+
 
 @contextmanager
 def zookeeper_errors(what: str) -> Iterator[None]:

@@ -18,7 +18,7 @@ import uuid
 from typing import TYPE_CHECKING
 
 from kvstore import errors
-from kvstore.coordination import ClusterMeta, Coordinator, Member
+from kvstore.coordination import ClusterMeta, Coordinator, Member, designated_backup
 from kvstore.roles import EXIT_DATA_LOST, NodeExit, Role, is_dead
 from kvstore.rpc import Connection
 
@@ -80,7 +80,7 @@ class FollowerRole:
         names = {m.name for m in members}
         if meta.primary in names and not self._fence.is_suspect(self.config.suspect_after_s):
             return
-        is_primary_dead = is_dead(meta.primary, meta.primary_address, self.config.probe_timeout_ms)
+        is_primary_dead = self._is_primary_dead(meta)
         if not self._fence.fence_if(is_primary_dead):
             return  # the old primary may still serve reads on its lease: wait it out
         self._take_over(
@@ -105,15 +105,12 @@ class FollowerRole:
     # ----------------------------------------------------------------- standby role
 
     def _evaluate_standby(self, meta: ClusterMeta, version: int, members: list[Member]) -> None:
-        coordinator = self._require_coordinator()
         if not meta.is_initialized:
             if members and members[0].name == self.name:
-                self._start_new_cluster(coordinator, version)
+                self._start_new_cluster(version)
             return
         names = {m.name for m in members}
-        if not any(name in names for name in meta.in_sync) and is_dead(
-            meta.primary, meta.primary_address, self.config.probe_timeout_ms
-        ):
+        if not any(name in names for name in meta.in_sync) and self._is_primary_dead(meta):
             raise NodeExit(
                 EXIT_DATA_LOST,
                 f"DATA LOST: no node holding a complete copy is alive (in-sync set was "
@@ -121,11 +118,14 @@ class FollowerRole:
                 f"Refusing to serve an incomplete store. To start over with an EMPTY store run: "
                 f"kv-createznode --reset {self.config.zk_connect} {self.config.zk_path}",
             )
-        candidates = [m for m in members if m.name != meta.primary]
-        if candidates and candidates[0].name == self.name:
+        backup = designated_backup(members, meta.primary)
+        if backup is not None and backup.name == self.name:
             self._join(meta, names)
 
-    def _start_new_cluster(self, coordinator: Coordinator, version: int) -> None:
+    def _is_primary_dead(self, meta: ClusterMeta) -> bool:
+        return is_dead(meta.primary, meta.primary_address, self.config.probe_timeout_ms)
+
+    def _start_new_cluster(self, version: int) -> None:
         meta = ClusterMeta(1, self.name, self.config.address, (self.name,))
         if self._cas_confirmed(meta, version):
             self._become_primary(1, "started a new, empty store")
@@ -183,6 +183,6 @@ class FollowerRole:
     def _forget_dead_primary(self, meta: ClusterMeta, names: set[str]) -> None:
         if meta.primary not in names:
             return
-        if is_dead(meta.primary, meta.primary_address, self.config.probe_timeout_ms):
+        if self._is_primary_dead(meta):
             log.warning("primary %s is dead; removing its znode", meta.primary)
             self._require_coordinator().remove_member(meta.primary)

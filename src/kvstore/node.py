@@ -31,7 +31,7 @@ from collections.abc import Callable
 
 from kvstore import errors
 from kvstore.config import NodeConfig
-from kvstore.coordination import ClusterMeta, Coordinator, Member, connect
+from kvstore.coordination import ClusterMeta, Coordinator, Member, connect, designated_backup
 from kvstore.follower import FollowerRole
 from kvstore.handler import NodeHandler
 from kvstore.idl import NodeStatus, SyncChunk
@@ -218,10 +218,14 @@ class StorageNode(FollowerRole):
         if replicator is not None and (
             time.monotonic() - replicator.last_send_at >= self.config.heartbeat_interval_s
         ):
-            try:
-                replicator.heartbeat()
-            except BackupFailedError as exc:
-                self._drop_backup(replicator, f"heartbeat failed: {exc}")
+            self._heartbeat(replicator)
+
+    def _heartbeat(self, replicator: Replicator) -> None:
+        """Renew the lease (and check the backup); a failed heartbeat drops the backup."""
+        try:
+            replicator.heartbeat()
+        except BackupFailedError as exc:
+            self._drop_backup(replicator, f"heartbeat failed: {exc}")
 
     def _remove_dead_backups(self) -> None:
         while self._dead_backups:
@@ -260,10 +264,7 @@ class StorageNode(FollowerRole):
         """
         replicator = self._replicator
         if replicator is not None and replicator.is_in_sync and not replicator.has_lease:
-            try:
-                replicator.heartbeat()
-            except BackupFailedError as exc:
-                self._drop_backup(replicator, f"lease renewal failed: {exc}")
+            self._heartbeat(replicator)
         self.check_primary()
 
     def _drop_backup(self, replicator: Replicator, reason: str) -> None:
@@ -271,18 +272,21 @@ class StorageNode(FollowerRole):
         with self._backup_lock:
             if replicator is not self._replicator:
                 return  # already dropped (or replaced) by another thread
-            if replicator.is_in_sync:
-                name = replicator.backup.name
-                self._update_meta(
-                    lambda m: m.with_in_sync(tuple(n for n in m.in_sync if n != name))
-                )
-            self._replicator = None
-        replicator.close()
+            self._retire_backup(replicator)
         log.warning(
             "dropped backup %s (%s): %s", replicator.backup.name, replicator.backup.address, reason
         )
         self._dead_backups.append(replicator.backup)
         self._wakeup.set()
+
+    def _retire_backup(self, replicator: Replicator) -> None:
+        """Replicate to this backup no more; first remove it from the in-sync set if it is
+        in it. Call with ``_backup_lock`` held, for the current replicator."""
+        if replicator.is_in_sync:
+            name = replicator.backup.name
+            self._update_meta(lambda m: m.without_in_sync(name))
+        self._replicator = None
+        replicator.close()
 
     def _update_meta(self, change: Callable[[ClusterMeta], ClusterMeta]) -> None:
         """CAS a change into the metadata, as primary of this epoch (else: deposed)."""
@@ -302,23 +306,17 @@ class StorageNode(FollowerRole):
         self.check_primary(epoch)
         coordinator = self._require_coordinator()
         coordinator.refresh()
-        candidates = [m for m in coordinator.members() if m.name != self.name]
-        if not candidates or candidates[0].name != backup_name:
+        backup = designated_backup(coordinator.members(), self.name)
+        if backup is None or backup.name != backup_name:
             raise errors.UnavailableError(f"{backup_name} is not the designated backup")
         with self._backup_lock:
-            old = self._replicator
-            if old is not None and old.is_in_sync:
-                name = old.backup.name
-                self._update_meta(
-                    lambda m: m.with_in_sync(tuple(n for n in m.in_sync if n != name))
-                )
-            if old is not None:
-                old.close()
+            if self._replicator is not None:
+                self._retire_backup(self._replicator)
             lease_s = min(self.config.lease_s, lease_ms / 1000)  # the shorter lease rules
             self._replicator = Replicator(
-                candidates[0], epoch, join_id, lease_s, self.config.rpc_timeout_ms
+                backup, epoch, join_id, lease_s, self.config.rpc_timeout_ms
             )
-        log.info("backup %s (%s) joining", backup_name, candidates[0].address)
+        log.info("backup %s (%s) joining", backup_name, backup.address)
         return self.store.stripe_count
 
     def sync_chunk(self, epoch: int, join_id: str, first_stripe: int, max_entries: int) -> object:
