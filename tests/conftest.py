@@ -47,18 +47,25 @@ def zk_path() -> str:
 
 
 @pytest.fixture
-def cluster(
+def idle_cluster(
     zk_server: ZooKeeperServer, zk_path: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LocalCluster]:
-    """Two real node processes under a fresh parent path: a primary and a synced backup."""
+    """Two node processes, none started yet (nodes create the parent path themselves);
+    whatever the test started is stopped afterwards."""
     local = LocalCluster(
         zk_server.connect_string, zk_path, tmp_path_factory.mktemp("nodes"), size=2
     )
     try:
-        local.start()
         yield local
     finally:
         local.stop()
+
+
+@pytest.fixture
+def cluster(idle_cluster: LocalCluster) -> LocalCluster:
+    """Two real node processes under a fresh parent path: a primary and a synced backup."""
+    idle_cluster.start()
+    return idle_cluster
 
 
 @pytest.hookimpl(wrapper=True)

@@ -107,56 +107,52 @@ def test_backup_restart_rejoins_and_syncs(cluster: LocalCluster, client: KVClien
     assert len(data) == 201 and data["while-backup-down"] == "x"
 
 
-def test_state_transfer_under_concurrent_puts(zk_server, zk_path, tmp_path) -> None:
-    cluster = LocalCluster(zk_server.connect_string, zk_path, tmp_path, size=2)
-    create_parent(cluster.zk_connect, zk_path)
+def test_state_transfer_under_concurrent_puts(idle_cluster: LocalCluster) -> None:
+    cluster = idle_cluster
     primary, backup = cluster.nodes
-    try:
-        primary.start()
-        primary.wait_for_role(["primary"])
-        config = ClientConfig(cluster.zk_connect, zk_path)
-        locator = PrimaryLocator(config)
-        expected: dict[str, str] = {}
-        preload = KVClient(locator, config)
-        for i in range(20_000):
-            preload.put(f"key-{i}", f"old-{i}", retry_s=RETRY_S)
-            expected[f"key-{i}"] = f"old-{i}"
-        preload.close()
+    primary.start()
+    primary.wait_for_role(["primary"])
+    config = ClientConfig(cluster.zk_connect, cluster.zk_path)
+    locator = PrimaryLocator(config)
+    expected: dict[str, str] = {}
+    preload = KVClient(locator, config)
+    for i in range(20_000):
+        preload.put(f"key-{i}", f"old-{i}", retry_s=RETRY_S)
+        expected[f"key-{i}"] = f"old-{i}"
+    preload.close()
 
-        stop = threading.Event()
-        acked: list[dict[str, str]] = [{} for _ in range(3)]
+    stop = threading.Event()
+    acked: list[dict[str, str]] = [{} for _ in range(3)]
 
-        def writer(slot: int) -> None:
-            kv = KVClient(locator, config)
-            deadline = time.monotonic() + 60
-            n = 0
-            while not stop.is_set() and time.monotonic() < deadline:
-                key = f"key-{(n % 6_000) * 3 + slot}"  # disjoint keys per writer
-                value = f"new-{slot}-{n}"
-                kv.put(key, value, retry_s=RETRY_S)
-                acked[slot][key] = value
-                n += 1
-            kv.close()
+    def writer(slot: int) -> None:
+        kv = KVClient(locator, config)
+        deadline = time.monotonic() + 60
+        n = 0
+        while not stop.is_set() and time.monotonic() < deadline:
+            key = f"key-{(n % 6_000) * 3 + slot}"  # disjoint keys per writer
+            value = f"new-{slot}-{n}"
+            kv.put(key, value, retry_s=RETRY_S)
+            acked[slot][key] = value
+            n += 1
+        kv.close()
 
-        writers = [threading.Thread(target=writer, args=(slot,)) for slot in range(3)]
-        for thread in writers:
-            thread.start()
-        poll(lambda: sum(map(len, acked)) > 500, what="writers running")
-        backup.start()  # joins while the writers keep going
-        backup.wait_for_role(["backup"], timeout_s=30)
-        poll(lambda: sum(map(len, acked)) > 5000, what="writes after the join")
-        stop.set()
-        for thread in writers:
-            thread.join(timeout=30)
-        for slot_acked in acked:
-            expected.update(slot_acked)
-        locator.close()
+    writers = [threading.Thread(target=writer, args=(slot,)) for slot in range(3)]
+    for thread in writers:
+        thread.start()
+    poll(lambda: sum(map(len, acked)) > 500, what="writers running")
+    backup.start()  # joins while the writers keep going
+    backup.wait_for_role(["backup"], timeout_s=30)
+    poll(lambda: sum(map(len, acked)) > 5000, what="writes after the join")
+    stop.set()
+    for thread in writers:
+        thread.join(timeout=30)
+    for slot_acked in acked:
+        expected.update(slot_acked)
+    locator.close()
 
-        primary.kill()  # the backup's copy is now the only one: it must be exact
-        cluster.wait_for("primary", timeout_s=20)
-        assert dump_of(backup) == expected
-    finally:
-        cluster.stop()
+    primary.kill()  # the backup's copy is now the only one: it must be exact
+    cluster.wait_for("primary", timeout_s=20)
+    assert dump_of(backup) == expected
 
 
 def test_graceful_stop_hands_over(cluster: LocalCluster, client: KVClient) -> None:
@@ -187,28 +183,24 @@ def test_paused_primary_is_replaced_after_its_lease_and_steps_down(
     assert client.get("a", retry_s=RETRY_S) == "2"
 
 
-def test_no_complete_copy_left_is_reported_not_served(zk_server, zk_path, tmp_path) -> None:
-    cluster = LocalCluster(zk_server.connect_string, zk_path, tmp_path, size=2)
-    create_parent(cluster.zk_connect, zk_path)
+def test_no_complete_copy_left_is_reported_not_served(idle_cluster: LocalCluster) -> None:
+    cluster = idle_cluster
     only, newcomer = cluster.nodes
-    try:
-        only.start()
-        only.wait_for_role(["primary"])
-        Connection(only.address).call("put", "precious", "data")
-        only.kill()  # the only copy is gone before anyone synced it
-        newcomer.start()
-        assert newcomer.process is not None
-        assert newcomer.process.wait(timeout=30) == EXIT_DATA_LOST
-        assert "DATA LOST" in newcomer.log_path.read_text()
+    only.start()
+    only.wait_for_role(["primary"])
+    Connection(only.address).call("put", "precious", "data")
+    only.kill()  # the only copy is gone before anyone synced it
+    newcomer.start()
+    assert newcomer.process is not None
+    assert newcomer.process.wait(timeout=30) == EXIT_DATA_LOST
+    assert "DATA LOST" in newcomer.log_path.read_text()
 
-        assert create_parent(cluster.zk_connect, zk_path, reset=True) == "reset"
-        newcomer.start()
-        newcomer.wait_for_role(["primary"])
-        with pytest.raises(errors.KVError):
-            Connection(only.address, connect_timeout_ms=200).call("get", "precious")
-        assert Connection(newcomer.address).call("get", "precious") == ""
-    finally:
-        cluster.stop()
+    assert create_parent(cluster.zk_connect, cluster.zk_path, reset=True) == "reset"
+    newcomer.start()
+    newcomer.wait_for_role(["primary"])
+    with pytest.raises(errors.KVError):
+        Connection(only.address, connect_timeout_ms=200).call("get", "precious")
+    assert Connection(newcomer.address).call("get", "precious") == ""
 
 
 def test_primary_whose_session_expired_keeps_its_data(zk_server, zk_path, tmp_path) -> None:
@@ -216,7 +208,6 @@ def test_primary_whose_session_expired_keeps_its_data(zk_server, zk_path, tmp_pa
     node = NodeProcess(
         zk_server.connect_string, zk_path, tmp_path, extra_args=["--session-timeout", "1"]
     )
-    create_parent(zk_server.connect_string, zk_path)
     try:
         node.start()
         before = node.wait_for_role(["primary"])
