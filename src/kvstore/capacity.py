@@ -27,7 +27,7 @@ from typing import Any
 
 from kvstore import errors
 from kvstore.client import KVClient, PrimaryLocator
-from kvstore.cluster import LocalCluster, NodeProcess
+from kvstore.cluster import LocalCluster, NodeProcess, wait_until
 from kvstore.config import ClientConfig
 from kvstore.coordination import create_parent
 from kvstore.procstat import vm_rss_kib
@@ -153,13 +153,11 @@ def measure_memory(zk_connect: str, log_dir: Path, keys: int, value_bytes: int) 
 
 
 def _wait_for_key_count(node: NodeProcess, count: int, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    def reached() -> Any | None:
         status = node.status(timeout_ms=2000)
-        if status is not None and status.key_count >= count:
-            return
-        time.sleep(0.05)
-    raise errors.KVError(f"node {node.address} did not reach {count} keys in {timeout_s} s")
+        return status if status is not None and status.key_count >= count else None
+
+    wait_until(reached, timeout_s, lambda: f"node {node.address} did not reach {count} keys")
 
 
 # --------------------------------------------------------------------------- state transfer

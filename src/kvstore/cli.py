@@ -556,7 +556,7 @@ the default value of each dimension whose list contains it, else the list's firs
     try:
         with ZooKeeperServer(workdir / "zookeeper") as zk:
             session.run(zk.connect_string, zk.pid)
-    except errors.KVError as exc:
+    except (errors.KVError, TimeoutError) as exc:
         print(f"kv-bench: {exc}", file=sys.stderr)
         return 1
     return 0

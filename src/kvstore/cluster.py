@@ -12,16 +12,29 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from kvstore import errors
 from kvstore.coordination import create_parent
-from kvstore.rpc import Connection
-from kvstore.zkserver import free_port
+from kvstore.rpc import probe
+from kvstore.zkserver import free_port, terminate
 
 POLL_S = 0.02
+T = TypeVar("T")
+
+
+def wait_until(found: Callable[[], T | None], timeout_s: float, failure: Callable[[], str]) -> T:
+    """Poll ``found`` every POLL_S until it returns something; TimeoutError(failure()) after
+    ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = found()
+        if value is not None:
+            return value
+        time.sleep(POLL_S)
+    raise TimeoutError(failure())
 
 
 class NodeProcess:
@@ -89,41 +102,34 @@ class NodeProcess:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM, then SIGKILL if it does not exit in time."""
-        if not self.is_running():
-            return
-        assert self.process is not None
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.kill()
+        if self.process is not None:
+            terminate(self.process, timeout_s)
 
     def status(self, timeout_ms: int = 500) -> Any | None:
         """The node's NodeStatus, or None if it does not answer."""
-        conn = Connection(self.address, timeout_ms=timeout_ms, connect_timeout_ms=timeout_ms)
         try:
-            return conn.call("status")
+            return probe(self.address, timeout_ms)
         except errors.KVError:
             return None
-        finally:
-            conn.close()
 
     def wait_for_role(self, roles: Sequence[str], timeout_s: float = 30.0) -> Any:
         """Poll until the node reports one of ``roles``; raise with the log tail otherwise."""
-        deadline = time.monotonic() + timeout_s
         last = None
-        while time.monotonic() < deadline:
+
+        def in_role() -> Any | None:
+            nonlocal last
             if self.process is not None and self.process.poll() is not None:
                 raise RuntimeError(
                     f"node {self.address} exited with {self.process.returncode}\n{self.log_tail()}"
                 )
             last = self.status()
-            if last is not None and last.role in roles:
-                return last
-            time.sleep(POLL_S)
-        raise TimeoutError(
-            f"node {self.address} not {'/'.join(roles)} after {timeout_s} s "
-            f"(last status: {last})\n{self.log_tail()}"
+            return last if last is not None and last.role in roles else None
+
+        return wait_until(
+            in_role,
+            timeout_s,
+            lambda: f"node {self.address} not {'/'.join(roles)} after {timeout_s} s "
+            f"(last status: {last})\n{self.log_tail()}",
         )
 
     def log_tail(self, lines: int = 40) -> str:
@@ -171,13 +177,11 @@ class LocalCluster:
         return None
 
     def wait_for(self, role: str, timeout_s: float = 30.0) -> NodeProcess:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            node = self.find(role)
-            if node is not None:
-                return node
-            time.sleep(POLL_S)
-        raise TimeoutError(f"no {role} after {timeout_s} s\n{self.logs()}")
+        return wait_until(
+            lambda: self.find(role),
+            timeout_s,
+            lambda: f"no {role} after {timeout_s} s\n{self.logs()}",
+        )
 
     def logs(self, lines: int = 30) -> str:
         return "\n".join(f"=== {node.log_path}\n{node.log_tail(lines)}" for node in self.nodes)

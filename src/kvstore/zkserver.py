@@ -188,7 +188,7 @@ class ZooKeeperServer:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        self._finalizer = weakref.finalize(self, _terminate, self._process)
+        self._finalizer = weakref.finalize(self, terminate, self._process)
         try:
             self._wait_until_ok(timeout_s)
         except ZooKeeperServerError:
@@ -203,7 +203,7 @@ class ZooKeeperServer:
         if self._finalizer is not None:
             self._finalizer.detach()
             self._finalizer = None
-        _terminate(process, timeout_s)
+        terminate(process, timeout_s)
 
     def restart(self, timeout_s: float = 30.0) -> None:
         """Stop, then start again on the same port with the same data directory."""
@@ -265,7 +265,7 @@ class ZooKeeperServer:
         )
 
 
-def _terminate(process: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
+def terminate(process: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
     """SIGTERM the process, SIGKILL it if it outlives ``timeout_s``, and reap it."""
     if process.poll() is not None:
         return
