@@ -12,7 +12,7 @@ import pytest
 
 from kvstore import errors
 from kvstore.client import KVClient, PrimaryLocator
-from kvstore.cluster import LocalCluster, NodeProcess
+from kvstore.cluster import LocalCluster, NodeProcess, wait_until
 from kvstore.config import ClientConfig
 from kvstore.coordination import create_parent
 from kvstore.roles import EXIT_DATA_LOST
@@ -34,13 +34,9 @@ def client(cluster: LocalCluster) -> Iterator[KVClient]:
 def poll(
     condition: Callable[[], object], timeout_s: float = 20.0, what: str = "condition"
 ) -> object:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"{what} not reached within {timeout_s} s")
+    return wait_until(
+        lambda: condition() or None, timeout_s, lambda: f"{what} not reached within {timeout_s} s"
+    )
 
 
 def dump_of(node: NodeProcess) -> dict[str, str]:
