@@ -38,14 +38,7 @@ TBinaryProtocol = pytest.importorskip("thrift.protocol.TBinaryProtocol")
 Thrift = pytest.importorskip("thrift.Thrift")
 TApplicationException = Thrift.TApplicationException
 
-SEED_IDL = """\
-service KeyValueService {
-  string get(1: string key);
-  void put(1: string key, 2: string value);
-  void replicate(1: string key, 2: string value);
-  map<string, string> dump();
-}
-"""
+SEED_IDL = Path(__file__).resolve().parents[2] / "scripts" / "seed.thrift"
 SEED_PACKAGE = "seed"  # the compiler names the package after seed.thrift
 TIMEOUT_MS = 5000
 COMPILE_TIMEOUT_S = 60
@@ -64,11 +57,9 @@ ENTRIES = {
 def seed_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModuleType]:
     """The seed IDL compiled by ``thrift --gen py``; its ``KeyValueService`` module."""
     out_dir = tmp_path_factory.mktemp("seed-gen")
-    idl_path = out_dir / "seed.thrift"
-    idl_path.write_text(SEED_IDL)
     assert THRIFT_BIN is not None
     done = subprocess.run(
-        [THRIFT_BIN, "-r", "--gen", "py", "-out", str(out_dir), str(idl_path)],
+        [THRIFT_BIN, "-r", "--gen", "py", "-out", str(out_dir), str(SEED_IDL)],
         capture_output=True,
         text=True,
         timeout=COMPILE_TIMEOUT_S,
