@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from kvstore import errors
-from kvstore.coordination import create_parent
 from kvstore.rpc import probe
 from kvstore.zkserver import free_port, terminate
 
@@ -160,7 +159,7 @@ class LocalCluster:
         ]
 
     def start(self, timeout_s: float = 30.0) -> None:
-        create_parent(self.zk_connect, self.zk_path)
+        """Start the primary, then the others; the first node creates the parent path."""
         first, *rest = self.nodes
         first.start()
         first.wait_for_role(["primary"], timeout_s)
