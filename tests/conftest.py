@@ -12,8 +12,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from kvstore.cluster import LocalCluster
-from kvstore.zkserver import ZooKeeperServer
+from kvstore.local.cluster import LocalCluster
+from kvstore.local.zkserver import ZooKeeperServer
 
 ZK_LOG_LINES = 60
 NODE_LOG_LINES = 60

@@ -1,4 +1,4 @@
-"""``python -m kvstore {node,client,createznode,check,demo} ...``"""
+"""``python -m kvstore {node,client,createznode,check,demo,bench} ...``"""
 
 import sys
 

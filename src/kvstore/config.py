@@ -1,8 +1,16 @@
-"""Frozen configuration records. Units are in the names: *_s seconds, *_ms milliseconds."""
+"""Frozen configuration records: every tunable of a node and a client lives here.
+
+Units are in the names: *_s seconds, *_ms milliseconds, *_bytes bytes.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+MIB = 1024 * 1024
+# Defaults shared by several records.
+ZK_SESSION_TIMEOUT_S = 10.0
+ZK_REQUEST_TIMEOUT_S = 5.0  # kazoo would otherwise queue a request until it reconnects
 
 
 @dataclass(frozen=True, slots=True)
@@ -10,9 +18,15 @@ class Limits:
     """What a node accepts from clients. Requests beyond these get TOO_LARGE."""
 
     max_key_bytes: int = 1024
-    max_value_bytes: int = 1024 * 1024
+    max_value_bytes: int = MIB
     # Largest frame a node reads; anything larger closes the connection unread.
-    max_frame_bytes: int = 16 * 1024 * 1024
+    max_frame_bytes: int = 16 * MIB
+
+    @classmethod
+    def for_sizes(cls, max_key_bytes: int, max_value_bytes: int) -> Limits:
+        """Limits whose frame bound fits a request carrying the largest key and value."""
+        frame = max(16 * MIB, 2 * (max_key_bytes + max_value_bytes) + 4096)
+        return cls(max_key_bytes, max_value_bytes, frame)
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,8 +39,9 @@ class NodeConfig:
     stripe_count: int = 256
     # ZooKeeper session. Failover does not wait for it: a dead primary is detected by the
     # backup directly (closed replication connection + probe) or by lease expiry.
-    zk_session_timeout_s: float = 10.0
+    zk_session_timeout_s: float = ZK_SESSION_TIMEOUT_S
     zk_connect_timeout_s: float = 15.0
+    zk_request_timeout_s: float = ZK_REQUEST_TIMEOUT_S
     # The primary serves reads only while it holds a lease from its in-sync backup; the backup
     # promises not to take over before the lease it granted has run out.
     lease_s: float = 1.0
@@ -35,7 +50,14 @@ class NodeConfig:
     suspect_after_s: float = 0.5
     rpc_timeout_ms: int = 2000
     probe_timeout_ms: int = 300
+    # A joining backup's calls to the primary (a snapshot chunk may take a while to copy).
+    join_rpc_timeout_ms: int = 10_000
     sync_chunk_entries: int = 20000
+    sync_chunk_bytes: int = 4 * MIB
+    # The control loop runs at least this often (and at once when something changes).
+    control_tick_s: float = 0.05
+    # Compare-and-set attempts of one metadata change before giving up (others keep changing it).
+    meta_cas_attempts: int = 20
 
     @property
     def address(self) -> str:
@@ -49,3 +71,5 @@ class ClientConfig:
     rpc_timeout_ms: int = 2000
     connect_timeout_ms: int = 500
     zk_connect_timeout_s: float = 10.0
+    zk_session_timeout_s: float = ZK_SESSION_TIMEOUT_S
+    zk_request_timeout_s: float = ZK_REQUEST_TIMEOUT_S

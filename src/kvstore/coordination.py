@@ -12,7 +12,7 @@ Layout under the parent path P (created by ``kv-createznode``):
   that bumps the epoch, and only if it is in the in-sync set; a primary drops a
   failed backup from the set (by CAS) before it acknowledges writes without it.
 
-Every request is bounded by REQUEST_TIMEOUT_S (a timeout is a CoordinationError;
+Every request is bounded by ``request_timeout_s`` (a timeout is a CoordinationError;
 for a compare-and-set its outcome is unknown until read back). Reads are cached
 and re-read only after a ZooKeeper watch fired, so polling
 :meth:`ClusterView.members` / :meth:`ClusterView.meta` is cheap. Watch callbacks
@@ -35,11 +35,11 @@ from kazoo.exceptions import BadVersionError, KazooException, NodeExistsError, N
 from kazoo.handlers.threading import KazooTimeoutError
 
 from kvstore import errors
+from kvstore.config import ZK_REQUEST_TIMEOUT_S, ZK_SESSION_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
 MEMBER_PREFIX = "node-"
-REQUEST_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +128,7 @@ def connect(zk_connect: str, session_timeout_s: float, connect_timeout_s: float)
 
 def create_parent(zk_connect: str, path: str, reset: bool = False, timeout_s: float = 10.0) -> str:
     """Create ``path`` (and its parents). With ``reset``, clear its cluster metadata."""
-    zk = connect(zk_connect, session_timeout_s=10.0, connect_timeout_s=timeout_s)
+    zk = connect(zk_connect, session_timeout_s=ZK_SESSION_TIMEOUT_S, connect_timeout_s=timeout_s)
     try:
         try:
             zk.create(path, b"", makepath=True)
@@ -146,7 +146,13 @@ def create_parent(zk_connect: str, path: str, reset: bool = False, timeout_s: fl
 class ClusterView:
     """Cached, watch-driven view of the members and the metadata under one parent path."""
 
-    def __init__(self, zk: KazooClient, path: str, on_change: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        zk: KazooClient,
+        path: str,
+        on_change: Callable[[], None],
+        request_timeout_s: float = ZK_REQUEST_TIMEOUT_S,
+    ) -> None:
         self.zk = zk
         self.path = path.rstrip("/") or "/"
         self._on_change = on_change
@@ -161,7 +167,7 @@ class ClusterView:
         self._meta_seen = 0
         self.is_session_lost = False
         self.is_connected = True
-        self.request_timeout_s = REQUEST_TIMEOUT_S
+        self.request_timeout_s = request_timeout_s
         zk.add_listener(self._on_state)
 
     # Called from kazoo's threads: set flags, never block.
@@ -242,8 +248,14 @@ class ClusterView:
 class Coordinator(ClusterView):
     """A node's handle on ZooKeeper: registration plus compare-and-set of the metadata."""
 
-    def __init__(self, zk: KazooClient, path: str, on_change: Callable[[], None]) -> None:
-        super().__init__(zk, path, on_change)
+    def __init__(
+        self,
+        zk: KazooClient,
+        path: str,
+        on_change: Callable[[], None],
+        request_timeout_s: float = ZK_REQUEST_TIMEOUT_S,
+    ) -> None:
+        super().__init__(zk, path, on_change, request_timeout_s)
         self.name = ""
 
     def register(self, address: str) -> str:

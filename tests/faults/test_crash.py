@@ -14,10 +14,12 @@ import time
 
 import pytest
 
-from kvstore import bench, checker, faults
-from kvstore.cluster import LocalCluster
+from kvstore.bench import faults, load
+from kvstore.bench.workload import BenchResult, Workload, summary_lines
+from kvstore.check import checker
+from kvstore.check.history import parse_log, write_events
 from kvstore.config import ClientConfig
-from kvstore.history import parse_log, write_events
+from kvstore.local.cluster import LocalCluster
 
 pytestmark = pytest.mark.faults
 
@@ -25,7 +27,7 @@ SECONDS = float(os.environ.get("KVSTORE_CRASH_SECONDS", "14"))
 THREADS = 4
 
 
-def check_history(result: bench.BenchResult, tmp_path) -> checker.CheckResult:
+def check_history(result: BenchResult, tmp_path) -> checker.CheckResult:
     log_path = tmp_path / "execution.log"
     write_events(log_path, result.events)
     verdict = checker.check(parse_log(log_path.read_text().splitlines()))
@@ -33,9 +35,7 @@ def check_history(result: bench.BenchResult, tmp_path) -> checker.CheckResult:
     return verdict
 
 
-def assert_progress_after_each_kill(
-    result: bench.BenchResult, kills: list[tuple[float, str]]
-) -> None:
+def assert_progress_after_each_kill(result: BenchResult, kills: list[tuple[float, str]]) -> None:
     completions = sorted(t for t, is_response, *_ in result.events if is_response)
     for kill_at_s, address in kills:
         kill_ns = int(kill_at_s * 1e9)
@@ -57,7 +57,7 @@ def assert_progress_after_each_kill(
 def test_kill_every_few_seconds_stays_linearizable(
     cluster: LocalCluster, tmp_path, role: str, keyspace: int
 ) -> None:
-    workload = bench.Workload(THREADS, SECONDS, keyspace, seed=keyspace)
+    workload = Workload(THREADS, SECONDS, keyspace, seed=keyspace)
     result, kills = faults.run_with_kills(cluster, workload, role, (4.0, 5.0), seed=keyspace)
 
     assert len(kills) >= 2, f"expected at least two kills of the {role}, got {kills}"
@@ -65,10 +65,7 @@ def test_kill_every_few_seconds_stays_linearizable(
     verdict = check_history(result, tmp_path)
     assert verdict.op_count > 0
     assert_progress_after_each_kill(result, kills)
-    print(
-        f"\n{role} kills={len(kills)} keyspace={keyspace}: "
-        + " | ".join(bench.summary_lines(result))
-    )
+    print(f"\n{role} kills={len(kills)} keyspace={keyspace}: " + " | ".join(summary_lines(result)))
     # The restarted node ends up as a synced backup again.
     cluster.wait_for("primary", timeout_s=30)
     cluster.wait_for("backup", timeout_s=30)
@@ -77,7 +74,7 @@ def test_kill_every_few_seconds_stays_linearizable(
 def test_graceful_stops_under_load_stay_linearizable(cluster: LocalCluster, tmp_path) -> None:
     """SIGTERM the primary twice under load (16 threads, 20 keys), restarting it each time."""
     config = ClientConfig(cluster.zk_connect, cluster.zk_path)
-    workload = bench.Workload(16, 8.0, 20, seed=11)
+    workload = Workload(16, 8.0, 20, seed=11)
     stopped: list[str] = []
 
     def stop_primary_twice() -> None:
@@ -90,7 +87,7 @@ def test_graceful_stops_under_load_stay_linearizable(cluster: LocalCluster, tmp_
 
     stopper = threading.Thread(target=stop_primary_twice, daemon=True)
     stopper.start()
-    result = bench.run(workload, config)
+    result = load.run(workload, config)
     stopper.join(timeout=30)
     assert len(stopped) == 2
     check_history(result, tmp_path)
@@ -101,7 +98,7 @@ def test_paused_primary_under_load_stays_linearizable(cluster: LocalCluster, tmp
     primary = cluster.find("primary")
     assert primary is not None and primary.pid is not None
     config = ClientConfig(cluster.zk_connect, cluster.zk_path)
-    workload = bench.Workload(THREADS, 8.0, 100, seed=7)
+    workload = Workload(THREADS, 8.0, 100, seed=7)
 
     def pause_primary() -> None:
         time.sleep(2.0)
@@ -112,7 +109,7 @@ def test_paused_primary_under_load_stays_linearizable(cluster: LocalCluster, tmp
     pauser = threading.Thread(target=pause_primary, daemon=True)
     pauser.start()
     try:
-        result = bench.run(workload, config)
+        result = load.run(workload, config)
     finally:
         pauser.join(timeout=20)
         os.kill(primary.pid, signal.SIGCONT)

@@ -1,0 +1,312 @@
+"""kv-bench: the benchmark matrix on fresh local clusters, plus the capacity probes.
+
+One managed ZooKeeper serves the whole session. Every configuration gets a fresh
+2-node LocalCluster under a parent path of its own, so every history starts from
+empty registers, and its merged history is checked for linearizability. A row is
+printed as soon as its configuration finishes and the JSON file is rewritten after
+every step, so an interrupted session keeps what it measured.
+
+CPU figures (see :class:`kvstore.procstat.CpuMeter`), in cores over the measured
+interval: the client (its worker processes included), the primary, the backup, irq
+(interrupt time, mostly loopback TCP's receive work; it overlaps the processes' figures),
+"other" (everything else that ran meanwhile but ZooKeeper, which is in the JSON) and the
+whole machine. A run with a large "other" figure shared the CPUs with someone else.
+
+Invariants: loopback only; everything started is stopped (by PID, through the objects
+that started it) when its step ends; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import re
+import statistics
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from operator import itemgetter
+from pathlib import Path
+from typing import Any
+
+from kvstore.bench import faults, load
+from kvstore.bench.procstat import CpuMeter
+from kvstore.bench.workload import BenchResult, Event, Workload
+from kvstore.check import checker
+from kvstore.check.history import format_event, parse_log, write_events
+from kvstore.config import ClientConfig
+from kvstore.local.cluster import LocalCluster
+
+FAULT_KINDS = ("none", "kill-primary")
+KILL_INTERVAL_S = 4.0
+YCSB_MIXES = {"a": 50, "b": 95, "c": 100}  # read share, percent
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    threads: int
+    keyspace: int
+    read_percent: int
+    value_bytes: int
+    faults: str
+    procs: int
+    placement: str = "free"
+
+    @property
+    def mix(self) -> str:
+        return f"{self.read_percent}/{100 - self.read_percent}"
+
+    @property
+    def name(self) -> str:
+        return (
+            f"t{self.threads}-k{self.keyspace}-r{self.read_percent}-v{self.value_bytes}-"
+            f"{self.faults}-p{self.procs}-{self.placement}"
+        )
+
+    def workload(self, seconds: float) -> Workload:
+        write_ratio = (100 - self.read_percent) / 100
+        return Workload(self.threads, seconds, self.keyspace, write_ratio, self.value_bytes)
+
+
+BASELINE = Scenario(
+    threads=4, keyspace=1000, read_percent=50, value_bytes=10, faults="none", procs=1
+)
+DIMENSIONS = ("threads", "keyspace", "read_percent", "value_bytes", "faults", "procs", "placement")
+# free: no CPU pinning. split: both nodes pinned to CPU 0 (kv-node --cpu 0), the client to the
+# other CPUs: no cross-core GIL hand-offs inside a process, and the client does not compete
+# with the nodes for a core.
+PLACEMENTS = ("free", "split")
+
+
+@dataclass(frozen=True)
+class Matrix:
+    """The values to try in each dimension."""
+
+    threads: tuple[int, ...] = (1, 4, 16)
+    keyspace: tuple[int, ...] = (100, 1000, 100_000)
+    read_percent: tuple[int, ...] = (50, 95, 100)
+    value_bytes: tuple[int, ...] = (10, 1024)
+    faults: tuple[str, ...] = FAULT_KINDS
+    procs: tuple[int, ...] = (1,)
+    placement: tuple[str, ...] = ("free",)
+
+    def scenarios(self, full: bool = False) -> list[Scenario]:
+        """The cross product if ``full``; else the baseline, then one dimension varied at a time.
+
+        The baseline takes BASELINE's value in each dimension that offers it, else the
+        dimension's first value.
+        """
+        values = [getattr(self, dimension) for dimension in DIMENSIONS]
+        if full:
+            return [Scenario(*combination) for combination in itertools.product(*values)]
+        base = Scenario(
+            *(
+                getattr(BASELINE, dimension)
+                if getattr(BASELINE, dimension) in options
+                else options[0]
+                for dimension, options in zip(DIMENSIONS, values, strict=True)
+            )
+        )
+        chosen = [base]
+        for dimension, options in zip(DIMENSIONS, values, strict=True):
+            for option in options:
+                scenario = dataclasses.replace(base, **{dimension: option})
+                if scenario not in chosen:
+                    chosen.append(scenario)
+        return chosen
+
+
+def parse_mix(text: str) -> int:
+    """'50/50', '95/5', '100/0' (read/write percent), or a YCSB workload letter a, b, c."""
+    text = text.strip().lower()
+    if text in YCSB_MIXES:
+        return YCSB_MIXES[text]
+    match = re.fullmatch(r"(\d+)/(\d+)", text)
+    if not match or int(match.group(1)) + int(match.group(2)) != 100:
+        raise ValueError(f"not a read/write mix like 95/5, or a, b, c: {text!r}")
+    return int(match.group(1))
+
+
+# --------------------------------------------------------------------------- one configuration
+
+
+def check_events(events: Sequence[Event]) -> checker.CheckResult:
+    """The linearizability verdict on a run's events (as kv-check would give on its log)."""
+    ordered = sorted(events, key=itemgetter(0))
+    return checker.check(parse_log(format_event(*event) for event in ordered))
+
+
+def run_scenario(
+    zk_connect: str, zk_pid: int | None, scenario: Scenario, seconds: float, workdir: Path
+) -> dict[str, Any]:
+    """Run one configuration on a fresh cluster; its table row (a dict)."""
+    node_args = ["--cpu", "0"] if scenario.placement == "split" else []
+    cluster = LocalCluster(
+        zk_connect,
+        f"/kv-bench-{uuid.uuid4().hex[:8]}",
+        workdir / scenario.name,
+        node_args=node_args,
+    )
+    workload = scenario.workload(seconds)
+    kills: list[tuple[float, str]] = []
+    own_cpus = os.sched_getaffinity(0)
+    try:
+        cluster.start()
+        if scenario.placement == "split" and len(own_cpus) > 1:
+            os.sched_setaffinity(0, own_cpus - {0})  # client processes spawned now inherit it
+        primary, backup = cluster.find("primary"), cluster.find("backup")
+        meter = CpuMeter(
+            {
+                "primary": primary.pid if primary else None,
+                "backup": backup.pid if backup else None,
+                "zookeeper": zk_pid,
+            }
+        )
+        if scenario.faults == "kill-primary":
+            result, kills = faults.run_with_kills(
+                cluster,
+                workload,
+                "primary",
+                (KILL_INTERVAL_S, KILL_INTERVAL_S),
+                procs=scenario.procs,
+                on_start=meter.start,
+            )
+        elif scenario.faults == "none":
+            config = ClientConfig(cluster.zk_connect, cluster.zk_path)
+            result = load.run(workload, config, procs=scenario.procs, on_start=meter.start)
+        else:
+            raise ValueError(
+                f"unknown fault kind {scenario.faults!r} (expected one of {FAULT_KINDS})"
+            )
+        cores = meter.stop()
+    finally:
+        os.sched_setaffinity(0, own_cpus)
+        cluster.stop()
+    if kills:  # killed nodes were reaped into this process's children rusage; nodes restarted
+        cores.update(client=None, primary=None, backup=None, other=None)  # irq, machine: valid
+    verdict = check_events(result.events)
+    log_path = None
+    if not verdict.is_ok:
+        log_path = workdir / f"{scenario.name}.execution.log"
+        write_events(log_path, result.events)
+    return _row(scenario, result, verdict, kills, cores, log_path)
+
+
+def _row(
+    scenario: Scenario,
+    result: BenchResult,
+    verdict: checker.CheckResult,
+    kills: list[tuple[float, str]],
+    cores: dict[str, float | None],
+    log_path: Path | None,
+) -> dict[str, Any]:
+    return {
+        "name": scenario.name,
+        **dataclasses.asdict(scenario),
+        "mix": scenario.mix,
+        "seconds": result.elapsed_s,
+        "throughput": result.throughput,
+        "successes": result.successes,
+        "p50_ms": result.latency_ms(50),
+        "p99_ms": result.latency_ms(99),
+        "p999_ms": result.latency_ms(99.9),
+        "max_ms": result.max_latency_ms,
+        "mean_ms": result.mean_latency_ms,
+        "longest_gap_ms": result.longest_gap_s * 1000,
+        "failures": sum(result.failures.values()),
+        "failures_by_kind": dict(result.failures),
+        "indefinite_writes": result.indefinite_writes,
+        "kills": len(kills),
+        "kill_times_s": [round(at_s, 3) for at_s, _ in kills],
+        "check": "OK" if verdict.is_ok else f"VIOLATIONS ({len(verdict.violations)})",
+        "checked_ops": verdict.op_count,
+        "cores": cores,
+        "log": str(log_path) if log_path else None,
+    }
+
+
+# --------------------------------------------------------------------------- the table
+
+
+COLUMNS = (
+    ("threads", "thr", 4, "{}"),
+    ("keyspace", "keys", 7, "{}"),
+    ("mix", "mix", 6, "{}"),
+    ("value_bytes", "value", 5, "{}"),
+    ("faults", "faults", 12, "{}"),
+    ("procs", "procs", 5, "{}"),
+    ("placement", "place", 5, "{}"),
+    ("throughput", "ops/s", 7, "{:.0f}"),
+    ("p50_ms", "p50ms", 6, "{:.3f}"),
+    ("p99_ms", "p99ms", 6, "{:.3f}"),
+    ("p999_ms", "p99.9ms", 7, "{:.2f}"),
+    ("longest_gap_ms", "gap_ms", 7, "{:.1f}"),
+    ("failures", "fail", 5, "{}"),
+    ("indefinite_writes", "unkn", 4, "{}"),
+    ("kills", "kills", 5, "{}"),
+    ("check", "check", 6, "{}"),
+)
+
+
+def header() -> str:
+    cells = [title.rjust(width) for _, title, width, _ in COLUMNS]
+    return " ".join(cells) + "  cores: client/primary/backup/irq/other/machine"
+
+
+def cores_text(cores: dict[str, float | None]) -> str:
+    """client/primary/backup/irq/other/machine, "-" for what is not known."""
+    return "/".join(
+        "-" if cores.get(name) is None else f"{cores[name]:.2f}"
+        for name in ("client", "primary", "backup", "interrupts", "other", "machine")
+    )
+
+
+def format_row(row: dict[str, Any]) -> str:
+    cells = [form.format(row.get(key, "-")).rjust(width) for key, _, width, form in COLUMNS]
+    return " ".join(cells) + f"  {cores_text(row.get('cores') or {})}"
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[str]:
+    """Per configuration run more than once: median (min-max) throughput, median p99, worst
+    gap. Per fault configuration: its median throughput as a share of the same
+    configuration's without faults."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(row["name"], []).append(row)
+    medians = {
+        name: statistics.median(r["throughput"] for r in group) for name, group in groups.items()
+    }
+    lines = []
+    if any(len(group) > 1 for group in groups.values()):
+        lines.append("== over the rounds: median (min-max) ops/s, median p99, worst gap, checks")
+        for name, group in groups.items():
+            throughputs = [r["throughput"] for r in group]
+            checks = ",".join(sorted({r["check"] for r in group}))
+            lines.append(
+                f"{name}: {medians[name]:.0f} ({min(throughputs):.0f}-{max(throughputs):.0f}) "
+                "ops/s, "
+                f"p99 {statistics.median(r['p99_ms'] for r in group):.3f} ms, worst gap "
+                f"{max(r['longest_gap_ms'] for r in group):.1f} ms, {len(group)} runs {checks}"
+            )
+    for name, group in groups.items():
+        first = group[0]
+        if first["faults"] == "none":
+            continue
+        twin = next(
+            (
+                other
+                for other, candidates in groups.items()
+                if candidates[0]["faults"] == "none"
+                and all(candidates[0].get(d) == first.get(d) for d in DIMENSIONS if d != "faults")
+            ),
+            None,
+        )
+        if twin is not None and medians[twin] > 0:
+            lines.append(
+                f"{name}: {medians[name] / medians[twin]:.0%} of the no-fault throughput; longest "
+                f"gap {max(r['longest_gap_ms'] for r in group):.0f} ms; "
+                f"{sum(r['kills'] for r in group)} kills; checks "
+                f"{','.join(sorted({r['check'] for r in group}))}"
+            )
+    return lines

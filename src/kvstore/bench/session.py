@@ -1,0 +1,149 @@
+"""A kv-bench session: the matrix, the Apache-client runs and the capacity probes, in order.
+
+One managed ZooKeeper serves the whole session (the caller starts it). A row is printed
+as soon as its configuration finishes and the JSON report is rewritten after every step,
+so an interrupted session keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kvstore.bench import apacheclient, capacity
+from kvstore.bench.checkout import source_version
+from kvstore.bench.matrix import (
+    BASELINE,
+    Matrix,
+    cores_text,
+    format_row,
+    header,
+    run_scenario,
+    summarize,
+)
+
+
+@dataclass
+class Session:
+    """Everything kv-bench was asked to do, and where the results go."""
+
+    matrix: Matrix | None
+    full: bool
+    seconds: float
+    json_path: Path
+    workdir: Path
+    memory_keys: int = 0
+    memory_value_bytes: int = 10
+    transfer_keys: int = 0
+    apache_procs: tuple[int, ...] = ()
+    apache_accelerated: bool = False
+    repeat: int = 1
+    out: Callable[[str], None] = print
+    report: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def run(self, zk_connect: str, zk_pid: int | None) -> dict[str, Any]:
+        self.report = {
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+            "source": source_version(),
+            "seconds": self.seconds,
+            "rows": [],
+        }
+        self.out(f"== source {self.report['source']}, {os.cpu_count()} CPUs")
+        if self.matrix is not None:
+            self._run_matrix(zk_connect, zk_pid)
+        if self.apache_procs:
+            self._run_apache(zk_connect, zk_pid)
+        if self.memory_keys:
+            self.out(
+                f"== memory: {self.memory_keys} keys of {self.memory_value_bytes}-byte values, "
+                "lone primary"
+            )
+            memory = capacity.measure_memory(
+                zk_connect, self.workdir / "memory", self.memory_keys, self.memory_value_bytes
+            )
+            self.report["memory"] = memory.as_dict()
+            self.out(
+                f"   RSS {memory.rss_before_kib} -> {memory.rss_after_kib} KiB: "
+                f"{memory.rss_per_key_bytes:.1f} B/key, of which key+value "
+                f"{memory.raw_bytes_per_key:.1f} B, overhead {memory.overhead_per_key_bytes:.1f} "
+                f"B/key (loaded in {memory.load_s:.1f} s)"
+            )
+            self._save()
+        if self.transfer_keys:
+            self.out(
+                f"== state transfer: {self.transfer_keys} keys of 100-byte values, writer running"
+            )
+            transfer = capacity.measure_transfer(
+                zk_connect, self.workdir / "transfer", self.transfer_keys
+            )
+            self.report["transfer"] = transfer.as_dict()
+            self.out(
+                f"   backup process start -> role backup: {transfer.until_backup_role_s:.2f} s; "
+                f"backup log: {transfer.in_sync_keys} keys in {transfer.in_sync_s} s; writer acked "
+                f"{transfer.writer_puts} puts meanwhile ({transfer.writer_failures} failed); keys "
+                f"after: primary {transfer.primary_keys_after}, backup {transfer.backup_keys_after}"
+            )
+            self._save()
+        return self.report
+
+    def _run_matrix(self, zk_connect: str, zk_pid: int | None) -> None:
+        assert self.matrix is not None
+        scenarios = self.matrix.scenarios(self.full)
+        rounds = f", {self.repeat} rounds" if self.repeat > 1 else ""
+        self.out(f"== {len(scenarios)} configurations, {self.seconds:g} s each{rounds}")
+        self.out(header())
+        for round_number in range(self.repeat):  # rounds, so slow spells hit every configuration
+            for scenario in scenarios:
+                row = run_scenario(zk_connect, zk_pid, scenario, self.seconds, self.workdir)
+                row["round"] = round_number
+                self.report["rows"].append(row)
+                self.out(format_row(row))
+                self._save()
+        for line in summarize(self.report["rows"]):
+            self.out(line)
+
+    def _run_apache(self, zk_connect: str, zk_pid: int | None) -> None:
+        script = apacheclient.find_script()
+        if script is None:
+            self.out(
+                "== Apache client: scripts/bench-apache-client not found (run from the checkout)"
+            )
+            return
+        base = BASELINE if self.matrix is None else self.matrix.scenarios()[0]
+        self.report["apache_client"] = []
+        for procs in self.apache_procs:
+            figures = apacheclient.run(
+                zk_connect,
+                script,
+                procs,
+                max(1, base.threads // procs),
+                self.seconds,
+                base.keyspace,
+                self.apache_accelerated,
+                self.workdir,
+                zk_pid,
+            )
+            self.report["apache_client"].append(figures)
+            cores = figures["cores"]
+            self.out(
+                f"== Apache Thrift client ({procs} x {figures['threads']} threads, "
+                f"{'accelerated' if self.apache_accelerated else 'pure-Python'} binary protocol): "
+                f"{figures['throughput']} ops/s, p50 {figures['p50_ms']} ms, "
+                f"p99 {figures['p99_ms']} ms, failures {figures['failures']}; "
+                f"cores (client with its start-up): {cores_text(cores)}"
+            )
+            self._save()
+
+    def _save(self) -> None:
+        self.json_path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.json_path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(self.report, indent=2, default=str) + "\n")
+        temporary.replace(self.json_path)

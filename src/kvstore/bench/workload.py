@@ -1,0 +1,343 @@
+"""The seed's benchmark workload: threads doing random gets and puts for a fixed time.
+
+Each thread loops until the deadline: with probability ``write_ratio`` a put of
+``key-N`` (N uniform in [0, keyspace)) to a fresh unique value, else a get of
+such a key. Every operation is logged (WatCA format, see history.py):
+- a success gets its INV and RES;
+- a definite failure (certainly not applied) is dropped from the log;
+- an indefinite put keeps its INV without RES (its outcome is unknown); an
+  indefinite get is dropped (it changed nothing).
+The next iteration is always a new operation with a new value: nothing is retried.
+Latencies go into HDR histograms (microseconds); the longest gap is the longest
+time between two successful responses, over all threads.
+
+The threads may be spread over several processes (see :mod:`kvstore.bench.procs`):
+every process logs against the same time origin (``start_ns``), runs until the same
+deadline and uses its own range of thread ids;
+their results merge (:func:`merge`) into one :class:`BenchResult`, as a single
+process's threads do. Every wait is bounded, so a run ends by itself even if the
+cluster is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import random
+import sys
+import threading
+import time
+from array import array
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from hdrh.histogram import HdrHistogram
+
+from kvstore import errors
+from kvstore.check.history import READ, WRITE, Event
+from kvstore.client.locator import KVClient, PrimaryLocator
+from kvstore.config import ClientConfig
+
+MAX_LATENCY_US = 120_000_000
+WAIT_AFTER_FAILURE_S = 0.02
+KEY_NAMES_CACHED_UP_TO = 250_000  # larger keyspaces format key names on the fly
+# How long past the deadline a thread may still be finishing its last operation:
+# beyond this its connection is closed under it (its operation then ends at once).
+STOP_GRACE_S = 1.0
+
+
+def new_histogram() -> HdrHistogram:
+    return HdrHistogram(1, MAX_LATENCY_US, 3)
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    threads: int
+    seconds: float
+    keyspace: int
+    write_ratio: float = 0.5
+    value_bytes: int = 0  # 0: the seed's "value-<random 63-bit int>"
+    seed: int | None = None
+    thread_id_base: int = 0
+
+
+@dataclass
+class ThreadResult:
+    """What one thread measured (or, combined, a whole process: see :func:`combine`).
+
+    Latencies are appended to ``latency_us`` on the hot path and folded into
+    ``histogram`` afterwards (:meth:`fold_latencies`).
+    """
+
+    events: list[Event] = field(default_factory=list)
+    success_ns: array = field(default_factory=lambda: array("q"))
+    histogram: HdrHistogram = field(default_factory=new_histogram)
+    failures: Counter = field(default_factory=Counter)
+    indefinite_writes: int = 0
+    latency_us: array = field(default_factory=lambda: array("q"))
+
+    def fold_latencies(self) -> None:
+        """Move the latencies of ``latency_us`` into ``histogram``."""
+        record = self.histogram.record_value
+        for latency_us, count in Counter(self.latency_us).items():
+            record(latency_us, count)
+        self.latency_us = array("q")
+
+    def to_wire(self) -> dict[str, Any]:
+        """A picklable form (the histogram encoded), for sending to another process."""
+        self.fold_latencies()
+        return {
+            "events": self.events,
+            "success_ns": self.success_ns,
+            "histogram": self.histogram.encode(),
+            "failures": dict(self.failures),
+            "indefinite_writes": self.indefinite_writes,
+        }
+
+    @classmethod
+    def from_wire(cls, wire: dict[str, Any]) -> ThreadResult:
+        return cls(
+            events=wire["events"],
+            success_ns=wire["success_ns"],
+            histogram=HdrHistogram.decode(wire["histogram"]),
+            failures=Counter(wire["failures"]),
+            indefinite_writes=wire["indefinite_writes"],
+        )
+
+
+@dataclass
+class BenchResult:
+    workload: Workload
+    elapsed_s: float
+    successes: int
+    failures: Counter
+    indefinite_writes: int
+    histogram: HdrHistogram
+    longest_gap_s: float
+    events: list[Event]
+
+    @property
+    def throughput(self) -> float:
+        return self.successes / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def latency_ms(self, percentile: float) -> float:
+        return float(self.histogram.get_value_at_percentile(percentile)) / 1000.0
+
+    @property
+    def mean_latency_ms(self) -> float:
+        return float(self.histogram.get_mean_value()) / 1000.0
+
+    @property
+    def max_latency_ms(self) -> float:
+        return float(self.histogram.get_max_value()) / 1000.0
+
+
+class _KeyNames:
+    """``key_names[i] == f"key-{i}"``, computed on access (for keyspaces too big to cache)."""
+
+    def __getitem__(self, index: int) -> str:
+        return f"key-{index}"
+
+
+@functools.lru_cache(maxsize=2)
+def key_names(keyspace: int) -> Sequence[str]:
+    """The key names ``key-0 .. key-(keyspace-1)``, shared read-only by all threads."""
+    if keyspace > KEY_NAMES_CACHED_UP_TO:
+        return _KeyNames()  # type: ignore[return-value]
+    return [f"key-{i}" for i in range(keyspace)]
+
+
+# --------------------------------------------------------------------------- one thread
+
+
+def _worker(
+    tid: int,
+    workload: Workload,
+    client: KVClient,
+    locator: PrimaryLocator,
+    start_ns: int,
+    deadline_ns: int,
+    result: ThreadResult,
+) -> None:
+    """The load generator's hot path: everything it needs is bound to locals up front."""
+    rng = random.Random(None if workload.seed is None else workload.seed * 1_000_003 + tid)
+    uniform, random_bits = rng.random, rng.getrandbits
+    keys, keyspace = key_names(workload.keyspace), workload.keyspace
+    write_ratio, value_bytes = workload.write_ratio, workload.value_bytes
+    padding = "x" * value_bytes
+    events = result.events
+    log, succeeded, record = events.append, result.success_ns.append, result.latency_us.append
+    get, put = client.get, client.put
+    clock = time.monotonic_ns
+    while (began := clock()) < deadline_ns:
+        key = keys[int(uniform() * keyspace)]
+        is_write = uniform() < write_ratio
+        generation = locator.generation
+        try:
+            if is_write:
+                value = f"value-{random_bits(63)}"
+                if len(value) < value_bytes:
+                    value += padding[len(value) :]
+                log((began - start_ns, False, tid, WRITE, key, value))
+                put(key, value)
+            else:
+                log((began - start_ns, False, tid, READ, key, None))
+                value = get(key)
+        except errors.KVError as exc:
+            result.failures[type(exc).__name__] += 1
+            if is_write and not exc.is_definite:
+                result.indefinite_writes += 1
+            else:
+                events.pop()
+            locator.wait_for_change(generation, WAIT_AFTER_FAILURE_S)
+            continue
+        done = clock()
+        log((done - start_ns, True, tid, WRITE if is_write else READ, key, value))
+        succeeded(done)
+        record((done - began) // 1000 or 1)
+
+
+# --------------------------------------------------------------------------- one process
+
+
+class LoadClients:
+    """One process's share of the load: a locator and one client per thread, ready to run."""
+
+    def __init__(self, workload: Workload, config: ClientConfig) -> None:
+        self.workload = workload
+        self.config = config
+        key_names(workload.keyspace)  # built now, not on the clock
+        self.locator = PrimaryLocator(config)
+        self.clients = [KVClient(self.locator, config) for _ in range(workload.threads)]
+        with contextlib.suppress(errors.KVError):
+            self.locator.primary_address()  # look the primary up now, not on the clock
+
+    def run(self, start_ns: int, deadline_ns: int) -> list[ThreadResult]:
+        """Run every thread until ``deadline_ns``; returns in bounded time after it."""
+        results = [ThreadResult() for _ in self.clients]
+        threads = [
+            threading.Thread(
+                target=_worker,
+                args=(
+                    self.workload.thread_id_base + i,
+                    self.workload,
+                    client,
+                    self.locator,
+                    start_ns,
+                    deadline_ns,
+                    results[i],
+                ),
+                name=f"bench-{i}",
+                daemon=True,
+            )
+            for i, client in enumerate(self.clients)
+        ]
+        for thread in threads:
+            thread.start()
+        # An operation in progress at the deadline may take up to the RPC timeout (and a
+        # reconnect); past that, closing its connection ends it (as an unknown outcome).
+        finishing_s = (self.config.rpc_timeout_ms + self.config.connect_timeout_ms) / 1000
+        _join_all(threads, deadline_ns + int((finishing_s + STOP_GRACE_S) * 1e9))
+        if any(thread.is_alive() for thread in threads):
+            for client in self.clients:
+                client.close()
+            _join_all(threads, time.monotonic_ns() + int(STOP_GRACE_S * 1e9))
+        stuck = sum(thread.is_alive() for thread in threads)
+        if stuck:
+            print(
+                f"kv-client: {stuck} thread(s) did not stop; using what they logged so far",
+                file=sys.stderr,
+            )
+            return [_snapshot(result) for result in results]
+        return results
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+        self.locator.close()
+
+
+def _join_all(threads: Iterable[threading.Thread], until_ns: int) -> None:
+    for thread in threads:
+        thread.join(timeout=max(0.0, (until_ns - time.monotonic_ns()) / 1e9))
+
+
+def _snapshot(result: ThreadResult) -> ThreadResult:
+    """A copy of a result a (stuck) thread may still be appending to."""
+    return ThreadResult(
+        events=list(result.events),
+        success_ns=array("q", result.success_ns),
+        histogram=result.histogram,
+        failures=Counter(result.failures),
+        indefinite_writes=result.indefinite_writes,
+        latency_us=array("q", result.latency_us),
+    )
+
+
+# --------------------------------------------------------------------------- merging
+
+
+def combine(results: Iterable[ThreadResult]) -> ThreadResult:
+    """One ThreadResult holding everything of ``results`` (latencies folded in)."""
+    total = ThreadResult()
+    for result in results:
+        total.events.extend(result.events)
+        total.success_ns.extend(result.success_ns)
+        total.latency_us.extend(result.latency_us)
+        total.histogram.add(result.histogram)
+        total.failures.update(result.failures)
+        total.indefinite_writes += result.indefinite_writes
+    total.fold_latencies()
+    return total
+
+
+def merge(
+    workload: Workload,
+    elapsed_s: float,
+    results: list[ThreadResult],
+    began_ns: int,
+    deadline_ns: int,
+) -> BenchResult:
+    total = combine(results)
+    return BenchResult(
+        workload=workload,
+        elapsed_s=elapsed_s,
+        successes=len(total.success_ns),
+        failures=total.failures,
+        indefinite_writes=total.indefinite_writes,
+        histogram=total.histogram,
+        longest_gap_s=longest_gap_s(sorted(total.success_ns), began_ns, deadline_ns),
+        events=total.events,
+    )
+
+
+def longest_gap_s(
+    sorted_success_ns: Sequence[int], began_ns: int, deadline_ns: int, now_ns: int | None = None
+) -> float:
+    """Longest time without a successful response, from the start to the deadline (or to
+    ``now_ns``, default now, if that is earlier)."""
+    previous = began_ns
+    longest = 0
+    for t in sorted_success_ns:
+        longest = max(longest, t - previous)
+        previous = t
+    end_ns = min(deadline_ns, time.monotonic_ns() if now_ns is None else now_ns)
+    longest = max(longest, end_ns - previous)
+    return max(longest, 0) / 1e9
+
+
+def summary_lines(result: BenchResult) -> list[str]:
+    failures = ", ".join(f"{name}={count}" for name, count in sorted(result.failures.items()))
+    return [
+        f"Aggregate throughput: {result.throughput:.0f} RPCs/s",
+        f"Average latency: {result.mean_latency_ms:.3f} ms",
+        f"Latency p50: {result.latency_ms(50):.3f} ms  p99: {result.latency_ms(99):.3f} ms  "
+        f"p99.9: {result.latency_ms(99.9):.3f} ms  max: {result.max_latency_ms:.3f} ms",
+        f"Successful operations: {result.successes} in {result.elapsed_s:.1f} s; "
+        f"failed: {sum(result.failures.values())}"
+        + (f" ({failures})" if failures else "")
+        + f"; writes with unknown outcome: {result.indefinite_writes}",
+        f"Longest gap between successful responses: {result.longest_gap_s * 1000:.1f} ms",
+    ]

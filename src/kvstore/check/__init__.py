@@ -1,0 +1,1 @@
+"""Histories and their linearizability checker: pure data and computation, no network."""

@@ -1,0 +1,74 @@
+"""What every program shares: argument types, the ZooKeeper arguments, logging, error lines."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), format=LOG_FORMAT)
+    logging.getLogger("kazoo").setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    """A comma-separated list of positive integers, e.g. ``1,4,16``."""
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        message = f"expected comma-separated integers, got {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def choice_list(text: str, choices: tuple[str, ...], what: str) -> tuple[str, ...]:
+    """A comma-separated, non-empty list of words from ``choices``."""
+    values = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not values or any(value not in choices for value in values):
+        raise argparse.ArgumentTypeError(f"{what} are {', '.join(choices)}; got {text!r}")
+    return values
+
+
+def cpu_list(text: str) -> set[int]:
+    try:
+        cpus = {int(part) for part in text.split(",") if part.strip()}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of CPU numbers: {text}") from None
+    # Not the inherited affinity: a node started by a pinned parent may still be pinned elsewhere.
+    online = set(range(os.cpu_count() or 1))
+    if not cpus or not cpus <= online:
+        raise argparse.ArgumentTypeError(f"CPUs {text} not among this machine's {sorted(online)}")
+    return cpus
+
+
+def add_cluster_arguments(parser: argparse.ArgumentParser, path_help: str) -> None:
+    """The positional ZK_CONNECT PATH pair (in the seed's order) that names a cluster."""
+    parser.add_argument(
+        "zk_connect", metavar="ZK_CONNECT", help="ZooKeeper connect string, e.g. 127.0.0.1:2181"
+    )
+    parser.add_argument("zk_path", metavar="PATH", help=path_help)
+
+
+def report_error(prog: str, exc: BaseException) -> None:
+    """The one line a program prints on stderr when it gives up."""
+    print(f"{prog}: {exc}", file=sys.stderr)

@@ -1,0 +1,257 @@
+"""kv-bench: the benchmark matrix and probes on fresh local clusters (see bench/session.py)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from kvstore import errors
+from kvstore.bench.matrix import FAULT_KINDS, PLACEMENTS, Matrix, parse_mix
+from kvstore.bench.session import Session
+from kvstore.cli.args import (
+    choice_list,
+    int_list,
+    positive_float,
+    positive_int,
+    report_error,
+    setup_logging,
+)
+from kvstore.local.zkserver import ZooKeeperServer
+
+
+def _mix_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(parse_mix(part) for part in text.split(",") if part.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _fault_list(text: str) -> tuple[str, ...]:
+    return choice_list(text, FAULT_KINDS, "fault kinds")
+
+
+def _placement_list(text: str) -> tuple[str, ...]:
+    return choice_list(text, PLACEMENTS, "placements")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kv-bench",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""\
+Benchmark kvstore on this machine. Starts its own ZooKeeper (loopback, free port) and, for
+every configuration, a fresh 2-node cluster under a new parent path; runs the kv-client
+workload against it, checks the merged history for linearizability and prints one table row:
+throughput, latency p50/p99/p99.9 (HDR histogram), the longest gap between successful
+responses, failures, writes with unknown outcome, kills, the checker's verdict, and the CPU
+used (in cores) by the client, the primary, the backup and the whole machine.
+
+By default it runs the baseline (4 threads, 1000 keys, 50/50, 10-byte values, no faults,
+1 client process), then varies one dimension at a time over the lists below (9 runs); --full
+runs their whole cross product instead. A list may hold a single value. The baseline takes
+the default value of each dimension whose list contains it, else the list's first value.""",
+        epilog="examples:\n"
+        "  kv-bench                      # the default one-at-a-time matrix, 15 s each\n"
+        "  kv-bench --threads 4 --keyspace 1000 --mix 50/50 --value-bytes 10 --faults none "
+        "--procs 1,2,4\n"
+        "  kv-bench --no-matrix --memory-keys 1000000 --transfer-keys 100000\n"
+        "  kv-bench --no-matrix --apache-client --apache-procs 1,2",
+    )
+    _add_matrix_arguments(parser)
+    _add_session_arguments(parser)
+    _add_probe_arguments(parser)
+    return parser
+
+
+def _add_matrix_arguments(parser: argparse.ArgumentParser) -> None:
+    """The dimensions of the matrix: one list each."""
+    parser.add_argument(
+        "--threads",
+        type=int_list,
+        default=(1, 4, 16),
+        metavar="LIST",
+        help="client threads, e.g. 1,4,16 (default 1,4,16)",
+    )
+    parser.add_argument(
+        "--keyspace",
+        type=int_list,
+        default=(100, 1000, 100_000),
+        metavar="LIST",
+        help="numbers of keys, e.g. 100,1000,100000 (default 100,1000,100000)",
+    )
+    parser.add_argument(
+        "--mix",
+        type=_mix_list,
+        default=(50, 95, 100),
+        metavar="LIST",
+        help="read/write mixes: 50/50,95/5,100/0 or the YCSB letters a,b,c "
+        "(default 50/50,95/5,100/0)",
+    )
+    parser.add_argument(
+        "--value-bytes",
+        type=int_list,
+        default=(10, 1024),
+        metavar="LIST",
+        help="value sizes in bytes (default 10,1024). Values are padded up to this "
+        "size; a value is never shorter than its unique tag value-<63-bit int> "
+        "(about 25 bytes), so 10 means the seed's unpadded values",
+    )
+    parser.add_argument(
+        "--faults",
+        type=_fault_list,
+        default=FAULT_KINDS,
+        metavar="LIST",
+        help="none and/or kill-primary: kill -9 the primary every 4 s and restart "
+        "it at once (default none,kill-primary)",
+    )
+    parser.add_argument(
+        "--procs",
+        type=int_list,
+        default=(1,),
+        metavar="LIST",
+        help="client processes the threads are spread over, like kv-client --procs (default 1)",
+    )
+    parser.add_argument(
+        "--placement",
+        type=_placement_list,
+        default=("free",),
+        metavar="LIST",
+        help="free (no CPU pinning) and/or split: both nodes pinned to CPU 0 with kv-node --cpu 0, "
+        "the client to the other CPUs (default free)",
+    )
+
+
+def _add_session_arguments(parser: argparse.ArgumentParser) -> None:
+    """Length, repeats, and where results go."""
+    parser.add_argument(
+        "--seconds",
+        type=positive_float,
+        default=15.0,
+        metavar="S",
+        help="length of each run (default 15)",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="run the configurations N times, round by round (so a slow spell of "
+        "the machine hits them all alike), and print medians (default 1)",
+    )
+    parser.add_argument(
+        "--full",
+        action="store_true",
+        help="run the full cross product of the lists instead of varying one dimension at a time",
+    )
+    parser.add_argument(
+        "--no-matrix",
+        action="store_true",
+        help="skip the throughput matrix (to run only the probes below)",
+    )
+    parser.add_argument(
+        "--json",
+        default="run/bench/results.json",
+        metavar="PATH",
+        help="where to write every row and probe result as JSON, rewritten after "
+        "each step (default run/bench/results.json)",
+    )
+    parser.add_argument(
+        "--workdir",
+        default="run/bench",
+        metavar="DIR",
+        help="ZooKeeper data and node logs go to DIR/<time>/; the execution log "
+        "of a run the checker rejects is kept there too (default run/bench)",
+    )
+
+
+def _add_probe_arguments(parser: argparse.ArgumentParser) -> None:
+    """The probes beside the matrix: memory, state transfer, the Apache client."""
+    parser.add_argument(
+        "--memory-keys",
+        type=positive_int,
+        default=0,
+        metavar="N",
+        help="also load N keys into a lone primary and report its RSS growth "
+        "per key (VmRSS) minus the raw key+value bytes (e.g. 1000000)",
+    )
+    parser.add_argument(
+        "--memory-value-bytes",
+        type=positive_int,
+        default=10,
+        metavar="B",
+        help="value size for --memory-keys (default 10)",
+    )
+    parser.add_argument(
+        "--transfer-keys",
+        type=positive_int,
+        default=0,
+        metavar="N",
+        help="also load N keys of 100-byte values into a lone primary, start a "
+        "backup while a writer keeps putting, and report the state-transfer time "
+        "(e.g. 100000)",
+    )
+    parser.add_argument(
+        "--apache-client",
+        action="store_true",
+        help="also run scripts/bench-apache-client (a client generated by Apache "
+        "Thrift's compiler from the seed IDL) against the primary of a fresh "
+        "cluster, with the baseline's threads and keys, 50/50, for --seconds",
+    )
+    parser.add_argument(
+        "--apache-procs",
+        type=int_list,
+        default=(1, 2),
+        metavar="LIST",
+        help="process counts for --apache-client; the baseline's threads are split "
+        "over them (default 1,2)",
+    )
+    parser.add_argument(
+        "--apache-accelerated",
+        action="store_true",
+        help="with --apache-client: use TBinaryProtocolAccelerated (Apache's C codec)",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    setup_logging("WARNING")
+    logging.getLogger("kazoo").setLevel(logging.ERROR)  # connection chatter between table rows
+    matrix = (
+        None
+        if args.no_matrix
+        else Matrix(
+            args.threads,
+            args.keyspace,
+            args.mix,
+            args.value_bytes,
+            args.faults,
+            args.procs,
+            args.placement,
+        )
+    )
+    workdir = Path(args.workdir).resolve() / time.strftime("%Y%m%d-%H%M%S")
+    session = Session(
+        matrix=matrix,
+        full=args.full,
+        seconds=args.seconds,
+        json_path=Path(args.json),
+        workdir=workdir,
+        memory_keys=args.memory_keys,
+        memory_value_bytes=args.memory_value_bytes,
+        transfer_keys=args.transfer_keys,
+        apache_procs=args.apache_procs if args.apache_client else (),
+        apache_accelerated=args.apache_accelerated,
+        repeat=args.repeat,
+        out=lambda line: print(line, flush=True),
+    )
+    print(f"== work directory: {workdir}; results: {args.json}", flush=True)
+    try:
+        with ZooKeeperServer(workdir / "zookeeper") as zk:
+            session.run(zk.connect_string, zk.pid)
+    except (errors.KVError, TimeoutError) as exc:
+        report_error("kv-bench", exc)
+        return 1
+    return 0

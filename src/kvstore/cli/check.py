@@ -1,0 +1,26 @@
+"""kv-check: check an execution log for linearizability."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from kvstore import errors
+from kvstore.check.checker import run_check
+from kvstore.cli.args import report_error
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="kv-check",
+        description="Check an execution log (WatCA format, as written by kv-client) for "
+        "linearizability: every key is a register starting empty, written with unique values. "
+        "Prints OK (exit 0) or each violation with the operations involved (exit 1).",
+    )
+    parser.add_argument("log", metavar="LOG", help="execution log file")
+    args = parser.parse_args(argv)
+    try:
+        return run_check(args.log)
+    except (OSError, errors.KVError) as exc:
+        report_error("kv-check", exc)
+        return 2

@@ -1,0 +1,34 @@
+"""kv-createznode: create (or, with --reset, clear) the parent znode nodes register under."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from kvstore import errors
+from kvstore.cli.args import add_cluster_arguments, report_error, setup_logging
+from kvstore.coordination import create_parent
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="kv-createznode",
+        description="Create the parent znode PATH (and its parents) that nodes register under. "
+        "Succeeds if it exists already.",
+    )
+    add_cluster_arguments(parser, "parent znode, e.g. /kvstore")
+    parser.add_argument(
+        "--reset",
+        action="store_true",
+        help="also clear the cluster metadata: the next node starts a NEW, EMPTY store. "
+        "Only for when the data is lost anyway (every node holding it died)",
+    )
+    args = parser.parse_args(argv)
+    setup_logging("WARNING")
+    try:
+        outcome = create_parent(args.zk_connect, args.zk_path, reset=args.reset)
+    except errors.KVError as exc:
+        report_error("kv-createznode", exc)
+        return 1
+    print(f"{args.zk_path}: {outcome}")
+    return 0

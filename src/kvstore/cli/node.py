@@ -1,0 +1,119 @@
+"""kv-node: run one storage node (``kv-node HOST PORT ZK_CONNECT PATH``, the seed's order).
+
+A node that must start over (deposed, or its session expired) exits the node object with
+EXIT_RESTART; this program then re-executes itself with the same arguments, so the new
+node starts from a clean process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+from kvstore import errors
+from kvstore.cli.args import (
+    add_cluster_arguments,
+    cpu_list,
+    positive_float,
+    positive_int,
+    setup_logging,
+)
+from kvstore.config import Limits, NodeConfig
+from kvstore.server.node import StorageNode
+from kvstore.server.roles import EXIT_RESTART
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    node_args = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        prog="kv-node",
+        description="Run a storage node: serve the KeyValueService on HOST:PORT and register "
+        "under PATH in ZooKeeper. The lowest registered node is the primary, the next the backup.",
+    )
+    parser.add_argument("host", metavar="HOST", help="address to serve on, e.g. 127.0.0.1")
+    parser.add_argument("port", metavar="PORT", type=int, help="TCP port to serve on")
+    add_cluster_arguments(parser, "parent znode, e.g. /kvstore")
+    parser.add_argument(
+        "--session-timeout",
+        type=positive_float,
+        default=10.0,
+        metavar="S",
+        help="ZooKeeper session timeout in seconds (default 10; failover does not wait for it)",
+    )
+    parser.add_argument(
+        "--lease",
+        type=positive_float,
+        default=1.0,
+        metavar="S",
+        help="read lease the backup grants the primary, seconds (default 1.0): how long a "
+        "backup waits before taking over from a primary it cannot prove dead",
+    )
+    parser.add_argument(
+        "--max-key-bytes",
+        type=positive_int,
+        default=1024,
+        metavar="N",
+        help="largest key accepted (default 1024)",
+    )
+    parser.add_argument(
+        "--max-value-bytes",
+        type=positive_int,
+        default=1024 * 1024,
+        metavar="N",
+        help="largest value accepted (default 1 MiB)",
+    )
+    parser.add_argument(
+        "--stripes",
+        type=positive_int,
+        default=256,
+        metavar="N",
+        help="number of lock stripes (default 256)",
+    )
+    parser.add_argument(
+        "--log-level", default="INFO", help="DEBUG, INFO, WARNING, ... (default INFO)"
+    )
+    parser.add_argument(
+        "--cpu",
+        type=cpu_list,
+        default=None,
+        metavar="LIST",
+        help="pin the node to these CPUs, e.g. 0 or 0,1 (default: not pinned). A "
+        "Python node runs on about one core anyway; pinning it saves the cross-core "
+        "GIL hand-offs between its threads",
+    )
+    args = parser.parse_args(node_args)
+    setup_logging(args.log_level)
+    if args.cpu:
+        os.sched_setaffinity(0, args.cpu)  # before any thread starts: all of them inherit it
+    limits = Limits.for_sizes(args.max_key_bytes, args.max_value_bytes)
+    config = NodeConfig(
+        host=args.host,
+        port=args.port,
+        zk_connect=args.zk_connect,
+        zk_path=args.zk_path,
+        limits=limits,
+        stripe_count=args.stripes,
+        zk_session_timeout_s=args.session_timeout,
+        lease_s=args.lease,
+    )
+    node = StorageNode(config)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda s, _f: node.stop(f"signal {signal.Signals(s).name}"))
+    try:
+        code = node.run()
+    except OSError as exc:
+        logging.getLogger("kv-node").error("cannot serve on %s: %s", config.address, exc)
+        return 1
+    except errors.KVError as exc:
+        logging.getLogger("kv-node").error("%s", exc)
+        return 1
+    if code == EXIT_RESTART:
+        logging.getLogger("kv-node").warning("restarting with an empty store")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, [sys.executable, "-m", "kvstore", "node", *node_args])
+    return code

@@ -1,0 +1,1 @@
+"""Running things on this machine: a managed ZooKeeper, node processes, local clusters."""

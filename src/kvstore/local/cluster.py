@@ -1,0 +1,176 @@
+"""A local cluster of real node processes (used by the tests, the demo and the benchmarks).
+
+Nodes run as ``python -m kvstore node ...`` child processes, each with its own log
+file. Readiness is polled through the node's ``status`` RPC, never slept for.
+Processes are stopped and killed only through the PIDs this module started.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from kvstore import errors
+from kvstore.local.processes import free_port, terminate, wait_until
+from kvstore.rpc import probe
+
+
+class NodeProcess:
+    """One ``kv-node`` child process on a fixed loopback port (kept across restarts)."""
+
+    def __init__(
+        self,
+        zk_connect: str,
+        zk_path: str,
+        log_dir: Path,
+        port: int | None = None,
+        extra_args: Sequence[str] = (),
+        host: str = "127.0.0.1",
+    ) -> None:
+        self.host = host
+        self.port = port or free_port(host)
+        self.zk_connect = zk_connect
+        self.zk_path = zk_path
+        self.log_path = Path(log_dir) / f"node-{self.port}.log"
+        self.extra_args = list(extra_args)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    def start(self) -> None:
+        assert self.process is None or self.process.poll() is not None, "already running"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        command = [
+            sys.executable,
+            "-m",
+            "kvstore",
+            "node",
+            self.host,
+            str(self.port),
+            self.zk_connect,
+            self.zk_path,
+            *self.extra_args,
+        ]
+        with open(self.log_path, "ab") as log:
+            log.write(f"--- starting: {' '.join(command)}\n".encode())
+            log.flush()
+            self.process = subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+
+    def is_running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def kill(self) -> None:
+        """kill -9 the process this object started."""
+        if self.is_running():
+            assert self.process is not None
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL if it does not exit in time."""
+        if self.process is not None:
+            terminate(self.process, timeout_s)
+
+    def status(self, timeout_ms: int = 500) -> Any | None:
+        """The node's NodeStatus, or None if it does not answer."""
+        try:
+            return probe(self.address, timeout_ms)
+        except errors.KVError:
+            return None
+
+    def wait_for_role(self, roles: Sequence[str], timeout_s: float = 30.0) -> Any:
+        """Poll until the node reports one of ``roles``; raise with the log tail otherwise."""
+        last = None
+
+        def in_role() -> Any | None:
+            nonlocal last
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(
+                    f"node {self.address} exited with {self.process.returncode}\n{self.log_tail()}"
+                )
+            last = self.status()
+            return last if last is not None and last.role in roles else None
+
+        return wait_until(
+            in_role,
+            timeout_s,
+            lambda: (
+                f"node {self.address} not {'/'.join(roles)} after {timeout_s} s "
+                f"(last status: {last})\n{self.log_tail()}"
+            ),
+        )
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no log)"
+        return "\n".join(text[-lines:])
+
+
+class LocalCluster:
+    """A parent znode plus ``size`` node processes; the first started is the primary."""
+
+    def __init__(
+        self,
+        zk_connect: str,
+        zk_path: str,
+        log_dir: Path,
+        size: int = 2,
+        node_args: Sequence[str] = (),
+    ) -> None:
+        self.zk_connect = zk_connect
+        self.zk_path = zk_path
+        self.log_dir = Path(log_dir)
+        self.nodes = [
+            NodeProcess(zk_connect, zk_path, self.log_dir, extra_args=node_args)
+            for _ in range(size)
+        ]
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        """Start the primary, then the others; the first node creates the parent path."""
+        first, *rest = self.nodes
+        first.start()
+        first.wait_for_role(["primary"], timeout_s)
+        for node in rest:
+            node.start()
+        for node in rest[:1]:
+            node.wait_for_role(["backup"], timeout_s)
+
+    def find(self, role: str) -> NodeProcess | None:
+        for node in self.nodes:
+            status = node.status() if node.is_running() else None
+            if status is not None and status.role == role:
+                return node
+        return None
+
+    def wait_for(self, role: str, timeout_s: float = 30.0) -> NodeProcess:
+        return wait_until(
+            lambda: self.find(role),
+            timeout_s,
+            lambda: f"no {role} after {timeout_s} s\n{self.logs()}",
+        )
+
+    def logs(self, lines: int = 30) -> str:
+        return "\n".join(f"=== {node.log_path}\n{node.log_tail(lines)}" for node in self.nodes)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()

@@ -1,0 +1,174 @@
+"""The backup and standby roles of a storage node: a collaborator the node delegates to.
+
+- A backup applies the primary's batches under its fence (epoch + join id) and grants
+  a read lease with each; it takes over only from the in-sync set, by a CAS that bumps
+  the epoch, after fencing the old primary and proving it dead or outliving the lease.
+- The designated backup (lowest member after the primary) joins: it empties its store,
+  has the primary forward puts to it, copies the primary's stripes (copies never
+  overwrite forwarded entries) and confirms; the primary then adds it to the in-sync set.
+- With no live in-sync copy left, a node exits (DATA LOST) instead of serving.
+
+The follower owns what only a follower needs (the fence and the per-connection flag
+that marks the primary's connections); the node's shared state it reaches through
+:class:`~kvstore.server.roles.NodeCore`, never the node class.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+
+from kvstore import errors
+from kvstore.coordination import ClusterMeta, Member, designated_backup
+from kvstore.rpc import Connection
+from kvstore.server.replication import BackupFence
+from kvstore.server.roles import EXIT_DATA_LOST, NodeCore, NodeExit, Role, is_dead
+
+log = logging.getLogger(__name__)
+
+
+class Follower:
+    """Backup and standby behaviour of one node."""
+
+    def __init__(self, node: NodeCore) -> None:
+        self._node = node
+        self.fence = BackupFence(node.config.lease_s)
+        self._local = threading.local()
+
+    def apply_replicated(
+        self, epoch: int | None, keys: list[str], values: list[str], join_id: str | None
+    ) -> None:
+        fence = self.fence
+        with fence.lock:
+            fence.check(epoch, join_id)
+            self._node.store.put_many(keys, values)
+            fence.granted()
+        self._local.is_from_primary = True
+
+    def on_disconnect(self) -> None:
+        if getattr(self._local, "is_from_primary", False):
+            self.fence.connection_closed_at = time.monotonic()
+            self._node.wake()
+
+    def evaluate_backup(self, meta: ClusterMeta, version: int, members: list[Member]) -> None:
+        if meta.epoch != self._node.epoch or self._node.name not in meta.in_sync:
+            coordinator = self._node.require_coordinator()
+            coordinator.sync()  # the primary added us just before join_done returned
+            meta, version = coordinator.meta()
+        if meta.epoch != self._node.epoch or self._node.name not in meta.in_sync:
+            log.warning("no longer in sync with the primary (epoch %d); rejoining", meta.epoch)
+            self.fence.close()
+            self._node.role = Role.STANDBY
+            return
+        names = {m.name for m in members}
+        if meta.primary in names and not self.fence.is_suspect(self._node.config.suspect_after_s):
+            return
+        is_primary_dead = self._is_primary_dead(meta)
+        if not self.fence.fence_if(is_primary_dead):
+            return  # the old primary may still serve reads on its lease: wait it out
+        self._take_over(
+            meta, version, names, "primary is dead" if is_primary_dead else "primary lease expired"
+        )
+
+    def _take_over(self, meta: ClusterMeta, version: int, names: set[str], why: str) -> None:
+        coordinator = self._node.require_coordinator()
+        new_meta = ClusterMeta(
+            epoch=meta.epoch + 1,
+            primary=self._node.name,
+            primary_address=self._node.config.address,
+            in_sync=(self._node.name,),
+        )
+        if not self._node.cas_confirmed(new_meta, version):
+            log.info("takeover lost a race; re-reading the cluster state")
+            return
+        self._node.become_primary(new_meta.epoch, f"took over: {why}")
+        if meta.primary in names:
+            coordinator.remove_member(meta.primary)
+
+    # ----------------------------------------------------------------- standby role
+
+    def evaluate_standby(self, meta: ClusterMeta, version: int, members: list[Member]) -> None:
+        if not meta.is_initialized:
+            if members and members[0].name == self._node.name:
+                self._start_new_cluster(version)
+            return
+        names = {m.name for m in members}
+        if not any(name in names for name in meta.in_sync) and self._is_primary_dead(meta):
+            config = self._node.config
+            raise NodeExit(
+                EXIT_DATA_LOST,
+                f"DATA LOST: no node holding a complete copy is alive (in-sync set was "
+                f"{', '.join(meta.in_sync)}; primary {meta.primary} at {meta.primary_address}). "
+                f"Refusing to serve an incomplete store. To start over with an EMPTY store run: "
+                f"kv-createznode --reset {config.zk_connect} {config.zk_path}",
+            )
+        backup = designated_backup(members, meta.primary)
+        if backup is not None and backup.name == self._node.name:
+            self._join(meta, names)
+
+    def _is_primary_dead(self, meta: ClusterMeta) -> bool:
+        return is_dead(meta.primary, meta.primary_address, self._node.config.probe_timeout_ms)
+
+    def _start_new_cluster(self, version: int) -> None:
+        meta = ClusterMeta(1, self._node.name, self._node.config.address, (self._node.name,))
+        if self._node.cas_confirmed(meta, version):
+            self._node.become_primary(1, "started a new, empty store")
+
+    def _join(self, meta: ClusterMeta, names: set[str]) -> None:
+        self._node.role = Role.SYNCING
+        self._node.epoch = meta.epoch
+        self.fence.close()
+        self._node.store.clear()
+        join_id = uuid.uuid4().hex
+        self.fence.open(meta.epoch, join_id)
+        started = time.monotonic()
+        is_copied = False
+        conn = Connection(meta.primary_address, timeout_ms=self._node.config.join_rpc_timeout_ms)
+        try:
+            conn.call("join", meta.epoch, self._node.name, join_id, int(self.fence.lease_s * 1000))
+            stripe = 0
+            while stripe != -1:
+                if self._node.is_stopping:
+                    return
+                chunk = conn.call(
+                    "sync_fetch", meta.epoch, join_id, stripe, self._node.config.sync_chunk_entries
+                )
+                self._node.store.put_if_absent_many(chunk.keys, chunk.values)
+                stripe = chunk.next_stripe
+            is_copied = True
+            conn.call("join_done", meta.epoch, join_id)
+        except errors.KVError as exc:
+            if not (is_copied and self._is_listed_in_sync(meta.epoch)):
+                self.fence.close()
+                self._node.role = Role.STANDBY
+                log.warning("joining %s failed: %s", meta.primary_address, exc)
+                self._forget_dead_primary(meta, names)
+                return
+        finally:
+            conn.close()
+        self._node.role = Role.BACKUP
+        log.info(
+            "in sync with primary %s: %d keys in %.3f s",
+            meta.primary_address,
+            len(self._node.store),
+            time.monotonic() - started,
+        )
+
+    def _is_listed_in_sync(self, epoch: int) -> bool:
+        """After join_done failed: did the primary add us anyway (and only its reply got lost)?"""
+        coordinator = self._node.require_coordinator()
+        try:
+            coordinator.sync()
+            meta, _ = coordinator.meta()
+        except errors.CoordinationError:
+            return False
+        return meta.epoch == epoch and self._node.name in meta.in_sync
+
+    def _forget_dead_primary(self, meta: ClusterMeta, names: set[str]) -> None:
+        if meta.primary not in names:
+            return
+        if self._is_primary_dead(meta):
+            log.warning("primary %s is dead; removing its znode", meta.primary)
+            self._node.require_coordinator().remove_member(meta.primary)

@@ -1,0 +1,387 @@
+"""A storage node: its lifecycle, its control loop and the primary role.
+
+The backup and standby roles live in follower.py, the Thrift handler in handler.py.
+
+Roles: starting -> standby -> syncing -> backup -> primary, or stopped.
+
+Invariants (see coordination.py for the ZooKeeper side):
+- Only the primary answers get/put/dump; everyone else refuses with NOT_PRIMARY.
+- The primary acknowledges a put only after its in-sync backup applied it, or after
+  it removed that backup from the in-sync set by CAS. It applies the put locally
+  only then, still under the key's stripe write lock: nobody reads a value that
+  could still be lost.
+- The primary answers reads only while it holds a lease from its in-sync backup.
+- A backup takes over only if it is in the in-sync set, by a CAS that bumps the
+  epoch, and only after it stopped accepting the old primary (fence) and either
+  proved the old primary dead (connection refused, or another process answers at
+  its address) or let the lease it granted run out.
+- A joining backup empties its store, has the primary forward puts to it, and only
+  then copies the primary's stripes; copied entries never overwrite forwarded ones.
+- A node that learns it was deposed, or whose ZooKeeper session expired, stops
+  serving at once and restarts empty. A node that finds no live in-sync copy of
+  the data says so and exits instead of serving an incomplete store.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from kvstore import errors
+from kvstore.config import NodeConfig
+from kvstore.coordination import ClusterMeta, Coordinator, Member, connect, designated_backup
+from kvstore.idl import NodeStatus, SyncChunk
+from kvstore.rpc import RpcServer
+from kvstore.server.follower import Follower
+from kvstore.server.handler import NodeHandler
+from kvstore.server.replication import BackupFailedError, Replicator
+from kvstore.server.roles import EXIT_OK, EXIT_RESTART, NodeExit, Role, is_dead
+from kvstore.server.storage import StripedStore
+
+log = logging.getLogger(__name__)
+
+
+class StorageNode:
+    """One storage node; implements NodeCore for its follower and NodeService for its handler."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.store = StripedStore(config.stripe_count)
+        self.role = Role.STARTING
+        self.epoch = 0
+        self.name = ""
+        self.primary_address = ""
+        self._replicator: Replicator | None = None
+        self._backup_lock = threading.Lock()
+        self._wakeup = threading.Event()
+        self._stop_reason: NodeExit | None = None
+        self._dead_backups: list[Member] = []
+        self._coordinator: Coordinator | None = None
+        self._session_lost_at: float | None = None
+        self._follower = Follower(self)
+        self.server = RpcServer(
+            config.host,
+            config.port,
+            NodeHandler(self, config.limits),
+            config.limits.max_frame_bytes,
+            on_disconnect=self._follower.on_disconnect,
+        )
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def run(self) -> int:
+        """Serve until stopped; returns an exit code (EXIT_RESTART: start again, empty)."""
+        self.server.bind()
+        self.server.start()
+        config = self.config
+        zk = connect(config.zk_connect, config.zk_session_timeout_s, config.zk_connect_timeout_s)
+        self._coordinator = Coordinator(
+            zk, config.zk_path, self._wakeup.set, config.zk_request_timeout_s
+        )
+        self.name = self._coordinator.register(config.address)
+        self.role = Role.STANDBY
+        log.info("node %s serving on %s under %s", self.name, config.address, config.zk_path)
+        try:
+            self._control_loop()
+        except NodeExit as exc:
+            self._stop_reason = exc
+        finally:
+            self._shutdown()
+        assert self._stop_reason is not None
+        return self._stop_reason.code
+
+    def stop(self, reason: str = "asked to stop", code: int = EXIT_OK) -> None:
+        """Stop serving at once; the control loop winds the node down. Safe from any thread."""
+        self.role = Role.STOPPED
+        if self._stop_reason is None:
+            self._stop_reason = NodeExit(code, reason)
+        self._wakeup.set()
+
+    @property
+    def is_stopping(self) -> bool:
+        return self._stop_reason is not None
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    def _shutdown(self) -> None:
+        self.role = Role.STOPPED
+        reason = self._stop_reason
+        log.log(
+            logging.INFO if reason is None or reason.code == EXIT_OK else logging.WARNING,
+            "node %s stopping: %s",
+            self.name,
+            reason,
+        )
+        self.server.close()
+        with self._backup_lock:
+            if self._replicator is not None:
+                self._replicator.close()
+                self._replicator = None
+        if self._coordinator is not None:
+            self._coordinator.close()
+
+    def _control_loop(self) -> None:
+        while True:
+            self._wakeup.wait(self.config.control_tick_s)
+            self._wakeup.clear()
+            if self._stop_reason is not None:
+                raise self._stop_reason
+            try:
+                if self.role == Role.PRIMARY:
+                    self._heartbeat_if_due()  # first: it must not wait for ZooKeeper
+                self._evaluate()
+            except NodeExit:
+                raise
+            except Exception as exc:  # ZooKeeper hiccup, peer down: try again next tick
+                log.warning("control step failed: %r", exc)
+                log.debug("control step failure", exc_info=True)
+                time.sleep(self.config.control_tick_s)
+
+    def _evaluate(self) -> None:
+        coordinator = self.require_coordinator()
+        if coordinator.is_session_lost:
+            self._recover_session(coordinator)
+        meta, version = coordinator.meta()
+        members = coordinator.members()
+        self.primary_address = meta.primary_address
+        if self.role != Role.PRIMARY and meta.primary == self.name:
+            # Only this node writes its own name as primary: a CAS whose reply was lost.
+            self.become_primary(meta.epoch, "the metadata names this node primary")
+        if self.role == Role.PRIMARY:
+            self._evaluate_primary(meta)
+        elif self.role == Role.BACKUP:
+            self._follower.evaluate_backup(meta, version, members)
+        else:
+            self._follower.evaluate_standby(meta, version, members)
+
+    def _recover_session(self, coordinator: Coordinator) -> None:
+        """A new ZooKeeper session: a primary re-registers and keeps its data; others restart."""
+        if self.role != Role.PRIMARY:
+            raise NodeExit(EXIT_RESTART, "ZooKeeper session expired; restarting empty")
+        if self._session_lost_at is None:
+            self._session_lost_at = time.monotonic()
+            log.warning("ZooKeeper session expired; waiting for a new one to re-register")
+        if not coordinator.is_usable():
+            if time.monotonic() - self._session_lost_at > self.config.zk_connect_timeout_s:
+                raise NodeExit(EXIT_RESTART, "ZooKeeper session expired and no new one came")
+            raise errors.CoordinationError("no ZooKeeper session yet")  # retried next tick
+        old_name = self.name
+        try:
+            new_name = coordinator.register(self.config.address)
+            coordinator.is_session_lost = False
+            coordinator.sync()
+            meta, version = coordinator.meta()
+            if meta.epoch != self.epoch or meta.primary != old_name:
+                raise NodeExit(EXIT_RESTART, "session expired and another node took over")
+            renamed = ClusterMeta(
+                meta.epoch,
+                new_name,
+                meta.primary_address,
+                tuple(new_name if n == old_name else n for n in meta.in_sync),
+            )
+            if not self.cas_confirmed(renamed, version):
+                raise NodeExit(EXIT_RESTART, "session expired and the metadata changed")
+        except errors.CoordinationError as exc:
+            raise NodeExit(EXIT_RESTART, f"session expired; could not re-register: {exc}") from None
+        self.name = new_name
+        self._session_lost_at = None
+        log.warning("new ZooKeeper session: still primary, now registered as %s", new_name)
+
+    def cas_confirmed(self, wanted: ClusterMeta, version: int) -> bool:
+        """compare_and_set; if its outcome is unknown (connection lost), read back what won."""
+        coordinator = self.require_coordinator()
+        try:
+            return coordinator.compare_and_set(wanted, version)
+        except errors.CoordinationError:
+            coordinator.sync()
+            if coordinator.meta()[0] == wanted:
+                return True
+            raise
+
+    def become_primary(self, epoch: int, why: str) -> None:
+        self.epoch = epoch
+        self.primary_address = self.config.address
+        self.role = Role.PRIMARY
+        log.warning("primary now (epoch %d, %d keys): %s", epoch, len(self.store), why)
+
+    def require_coordinator(self) -> Coordinator:
+        if self._coordinator is None:
+            raise errors.UnavailableError("node is starting")
+        return self._coordinator
+
+    # ----------------------------------------------------------------- primary role
+
+    def _evaluate_primary(self, meta: ClusterMeta) -> None:
+        if meta.epoch != self.epoch or meta.primary != self.name:
+            raise NodeExit(EXIT_RESTART, f"deposed: epoch {meta.epoch} primary is {meta.primary}")
+        self._remove_dead_backups()
+
+    def _heartbeat_if_due(self) -> None:
+        replicator = self._replicator
+        if replicator is not None and (
+            time.monotonic() - replicator.last_send_at >= self.config.heartbeat_interval_s
+        ):
+            self._heartbeat(replicator)
+
+    def _heartbeat(self, replicator: Replicator) -> None:
+        """Renew the lease (and check the backup); a failed heartbeat drops the backup."""
+        try:
+            replicator.heartbeat()
+        except BackupFailedError as exc:
+            self._drop_backup(replicator, f"heartbeat failed: {exc}")
+
+    def _remove_dead_backups(self) -> None:
+        while self._dead_backups:
+            member = self._dead_backups.pop()
+            if is_dead(member.name, member.address, self.config.probe_timeout_ms):
+                log.info("backup %s (%s) is dead; removing its znode", member.name, member.address)
+                self.require_coordinator().remove_member(member.name)
+
+    def replicate_put(self, key: str, value: str) -> None:
+        """The primary's put: replicate, then apply, under the key's stripe write lock."""
+        lock, shard = self.store.stripe_for_write(key)
+        with lock:
+            replicator = self._replicator
+            if replicator is not None:
+                try:
+                    replicator.replicate(key, value)
+                except BackupFailedError as exc:
+                    self._drop_backup(replicator, str(exc))
+            if self.role != Role.PRIMARY:  # the backup may hold the value already
+                raise errors.ReplicationFailedError(
+                    "node stopped while replicating; outcome unknown"
+                )
+            shard[key] = value
+
+    def read(self, key: str) -> str:
+        value = self.store.get(key)
+        self.confirm_read()
+        return "" if value is None else value
+
+    def confirm_read(self) -> None:
+        """Vouch for what this node read a moment ago, or raise.
+
+        Checked *after* reading: the read may have waited on a stripe lock past the end
+        of the lease. A lease still valid now was valid then; otherwise a heartbeat the
+        backup accepts now proves it had not taken over (and accepted writes) by then.
+        """
+        replicator = self._replicator
+        if replicator is not None and replicator.is_in_sync and not replicator.has_lease:
+            self._heartbeat(replicator)
+        self.check_primary()
+
+    def _drop_backup(self, replicator: Replicator, reason: str) -> None:
+        """Stop replicating to a failed backup; first remove it from the in-sync set."""
+        with self._backup_lock:
+            if replicator is not self._replicator:
+                return  # already dropped (or replaced) by another thread
+            self._retire_backup(replicator)
+        log.warning(
+            "dropped backup %s (%s): %s", replicator.backup.name, replicator.backup.address, reason
+        )
+        self._dead_backups.append(replicator.backup)
+        self._wakeup.set()
+
+    def _retire_backup(self, replicator: Replicator) -> None:
+        """Replicate to this backup no more; first remove it from the in-sync set if it is
+        in it. Call with ``_backup_lock`` held, for the current replicator."""
+        if replicator.is_in_sync:
+            name = replicator.backup.name
+            self._update_meta(lambda m: m.without_in_sync(name))
+        self._replicator = None
+        replicator.close()
+
+    def _update_meta(self, change: Callable[[ClusterMeta], ClusterMeta]) -> None:
+        """CAS a change into the metadata, as primary of this epoch (else: deposed)."""
+        coordinator = self.require_coordinator()
+        for _ in range(self.config.meta_cas_attempts):
+            coordinator.refresh()
+            meta, version = coordinator.meta()
+            if meta.epoch != self.epoch or meta.primary != self.name:
+                self.stop(f"deposed: epoch {meta.epoch} primary is {meta.primary}", EXIT_RESTART)
+                raise errors.DeposedError("this node is no longer the primary")
+            wanted = change(meta)
+            if wanted == meta or coordinator.compare_and_set(wanted, version):
+                return
+        raise errors.CoordinationError("metadata kept changing; giving up this update")
+
+    def accept_join(self, epoch: int, backup_name: str, join_id: str, lease_ms: int) -> int:
+        self.check_primary(epoch)
+        coordinator = self.require_coordinator()
+        coordinator.refresh()
+        backup = designated_backup(coordinator.members(), self.name)
+        if backup is None or backup.name != backup_name:
+            raise errors.UnavailableError(f"{backup_name} is not the designated backup")
+        with self._backup_lock:
+            if self._replicator is not None:
+                self._retire_backup(self._replicator)
+            lease_s = min(self.config.lease_s, lease_ms / 1000)  # the shorter lease rules
+            self._replicator = Replicator(
+                backup, epoch, join_id, lease_s, self.config.rpc_timeout_ms
+            )
+        log.info("backup %s (%s) joining", backup_name, backup.address)
+        return self.store.stripe_count
+
+    def sync_chunk(self, epoch: int, join_id: str, first_stripe: int, max_entries: int) -> object:
+        self.check_primary(epoch)
+        self._require_joining(join_id)
+        if not 0 <= first_stripe < self.store.stripe_count:
+            raise errors.BadRequestError(f"no stripe {first_stripe}")
+        keys, values, next_stripe = self.store.snapshot_stripes(
+            first_stripe, max(1, max_entries), self.config.sync_chunk_bytes
+        )
+        return SyncChunk(keys=keys, values=values, next_stripe=next_stripe)
+
+    def finish_join(self, epoch: int, join_id: str) -> None:
+        self.check_primary(epoch)
+        with self._backup_lock:
+            replicator = self._require_joining(join_id)
+            # From here on reads need the new backup's lease: it may take over once in
+            # sync. Never reset: if the CAS below fails its outcome may still be a success.
+            replicator.is_in_sync = True
+            backup_name = replicator.backup.name
+            self._update_meta(lambda m: m.with_in_sync((self.name, backup_name)))
+        log.info("backup %s is in sync (%d keys)", backup_name, len(self.store))
+
+    def _require_joining(self, join_id: str) -> Replicator:
+        replicator = self._replicator
+        if replicator is None or replicator.join_id != join_id or replicator.is_broken:
+            raise errors.UnavailableError(f"join {join_id} is not in progress (it was reset)")
+        return replicator
+
+    def check_primary(self, epoch: int | None = None) -> None:
+        if self.role != Role.PRIMARY:
+            if self.role == Role.STOPPED:
+                raise errors.UnavailableError(f"node {self.name} is stopping")
+            hint = (
+                f" {errors.NOT_PRIMARY_HINT}{self.primary_address}" if self.primary_address else ""
+            )
+            raise errors.NotPrimaryError(
+                f"node {self.name} is {self.role.value}, not the primary.{hint}"
+            )
+        if epoch is not None and epoch != self.epoch:
+            raise errors.StaleEpochError(f"epoch {epoch} is not the current epoch {self.epoch}")
+
+    # ----------------------------------------------------------------- follower role
+
+    def apply_replicated(
+        self, epoch: int | None, keys: list[str], values: list[str], join_id: str | None
+    ) -> None:
+        self._follower.apply_replicated(epoch, keys, values, join_id)
+
+    # ----------------------------------------------------------------- introspection
+
+    def snapshot(self) -> dict[str, str]:
+        return self.store.snapshot()
+
+    def status(self) -> object:
+        return NodeStatus(
+            node_id=self.name,
+            role=self.role.value,
+            epoch=self.epoch,
+            key_count=len(self.store),
+            primary_address=self.primary_address,
+        )

@@ -1,0 +1,72 @@
+"""What every node role shares: the role names, how a node exits, the death proof, and the
+slice of the node (:class:`NodeCore`) that a role collaborator may use."""
+
+from __future__ import annotations
+
+import enum
+from typing import TYPE_CHECKING, Protocol
+
+from kvstore import errors
+from kvstore.rpc import probe
+
+if TYPE_CHECKING:
+    from kvstore.config import NodeConfig
+    from kvstore.coordination import ClusterMeta, Coordinator
+    from kvstore.server.storage import StripedStore
+
+EXIT_OK = 0
+EXIT_DATA_LOST = 2
+EXIT_RESTART = 75  # the CLI re-executes the node with the same arguments
+
+
+class Role(enum.StrEnum):
+    STARTING = "starting"
+    STANDBY = "standby"
+    SYNCING = "syncing"
+    BACKUP = "backup"
+    PRIMARY = "primary"
+    STOPPED = "stopped"
+
+
+class NodeExit(Exception):
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+
+
+def is_dead(name: str, address: str, timeout_ms: int) -> bool:
+    """True only if no process serves ``name`` at ``address`` any more.
+
+    Connection refused means no listener; another node id answering means another
+    process owns the port (nodes never share a port: no SO_REUSEPORT). A timeout
+    proves nothing: the node may be paused.
+    """
+    if not address:
+        return False
+    try:
+        status = probe(address, timeout_ms)
+    except errors.KVError:
+        return False
+    return status is None or status.node_id != name or status.role == Role.STOPPED.value
+
+
+class NodeCore(Protocol):
+    """The node's state and helpers that the follower roles use (StorageNode implements it)."""
+
+    config: NodeConfig
+    store: StripedStore
+    role: Role
+    epoch: int
+    name: str
+
+    @property
+    def is_stopping(self) -> bool: ...
+
+    def wake(self) -> None:
+        """Run the control loop's next step now."""
+
+    def require_coordinator(self) -> Coordinator: ...
+
+    def cas_confirmed(self, wanted: ClusterMeta, version: int) -> bool: ...
+
+    def become_primary(self, epoch: int, why: str) -> None: ...

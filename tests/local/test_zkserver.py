@@ -1,0 +1,156 @@
+"""The managed ZooKeeper is a real one: ephemeral znodes, session expiry, restarts, clear errors."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from kazoo.client import KazooClient, KazooState
+
+from kvstore.local.processes import free_port, wait_until
+from kvstore.local.zkserver import (
+    CLASSPATH_ENV,
+    ZooKeeperServer,
+    ZooKeeperServerError,
+    find_zookeeper_classpath,
+    is_ok,
+)
+
+WAIT_S = 10.0
+
+# Run in a child process: open a 1 s session, own an ephemeral znode, then idle until killed.
+EPHEMERAL_OWNER = """
+import sys, threading
+from kazoo.client import KazooClient
+zk = KazooClient(hosts=sys.argv[1], timeout=1.0)
+zk.start(timeout=10)
+zk.create(sys.argv[2], b"owner", ephemeral=True, makepath=True)
+threading.Event().wait()
+"""
+
+
+def waited_s(condition: Callable[[], bool], timeout_s: float = WAIT_S) -> float:
+    """Poll ``condition`` until true; return the seconds it took (TimeoutError past timeout_s)."""
+    started = time.monotonic()
+    wait_until(lambda: condition() or None, timeout_s, lambda: f"not met within {timeout_s} s")
+    return time.monotonic() - started
+
+
+@pytest.fixture
+def connect(zk_server: ZooKeeperServer) -> Iterator[Callable[..., KazooClient]]:
+    """Start kazoo clients on the shared server; all are closed after the test."""
+    clients: list[KazooClient] = []
+
+    def _connect(server: ZooKeeperServer = zk_server, timeout_s: float = 10.0) -> KazooClient:
+        client = KazooClient(hosts=server.connect_string, timeout=timeout_s)
+        client.start(timeout=WAIT_S)
+        clients.append(client)
+        return client
+
+    yield _connect
+    for client in clients:
+        client.stop()
+        client.close()
+
+
+@pytest.fixture
+def own_zk_server(tmp_path: Path) -> Iterator[ZooKeeperServer]:
+    """A ZooKeeper for this test alone (for restarts that must not disturb other tests)."""
+    with ZooKeeperServer(tmp_path / "zookeeper") as server:
+        yield server
+
+
+def test_server_answers_imok_on_loopback(zk_server: ZooKeeperServer) -> None:
+    assert zk_server.connect_string == f"127.0.0.1:{zk_server.port}"
+    assert zk_server.pid is not None
+    assert is_ok("127.0.0.1", zk_server.port)
+
+
+def test_ephemeral_sequential_znode_lives_with_its_session(
+    connect: Callable[..., KazooClient], zk_path: str
+) -> None:
+    owner, observer = connect(), connect()
+    created = owner.create(
+        f"{zk_path}/node-", b"payload", ephemeral=True, sequence=True, makepath=True
+    )
+    assert created.startswith(f"{zk_path}/node-")
+    data, stat = observer.get(created)
+    assert data == b"payload"
+    assert stat.ephemeralOwner == owner.client_id[0]
+
+    owner.stop()
+    assert observer.exists(created) is None  # a clean close ends the session at once
+    assert observer.get_children(zk_path) == []
+
+
+def test_killed_client_loses_its_ephemeral_znode_after_its_session_times_out(
+    zk_server: ZooKeeperServer, connect: Callable[..., KazooClient], zk_path: str
+) -> None:
+    observer = connect()
+    path = f"{zk_path}/owner"
+    child = subprocess.Popen(
+        [sys.executable, "-c", EPHEMERAL_OWNER, zk_server.connect_string, path],
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        waited_s(lambda: observer.exists(path) is not None)
+    finally:
+        child.send_signal(signal.SIGKILL)  # no close: the server must expire the session
+        child.wait()
+    seconds_to_expiry = waited_s(lambda: observer.exists(path) is None)
+    assert seconds_to_expiry < 5.0  # a 1 s session, checked every 200 ms tick
+
+
+def test_restart_keeps_persistent_data_and_the_client_reconnects(
+    own_zk_server: ZooKeeperServer, connect: Callable[..., KazooClient], zk_path: str
+) -> None:
+    client = connect(own_zk_server)
+    states: list[str] = []
+    client.add_listener(states.append)
+    client.create(zk_path, b"durable")
+    port, pid = own_zk_server.port, own_zk_server.pid
+
+    own_zk_server.restart()
+
+    assert own_zk_server.port == port
+    assert own_zk_server.pid != pid
+    waited_s(lambda: KazooState.SUSPENDED in states and client.connected)
+    assert client.get(zk_path)[0] == b"durable"
+
+
+def test_start_fails_with_the_log_tail_when_the_port_is_taken(tmp_path: Path) -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        server = ZooKeeperServer(tmp_path / "zookeeper", port=squatter.getsockname()[1])
+        with pytest.raises(ZooKeeperServerError, match="exited with status") as raised:
+            server.start(timeout_s=WAIT_S)
+    assert "Address already in use" in str(raised.value)
+    assert server.pid is None
+
+
+def test_missing_jars_are_named_with_the_setup_hint(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv(CLASSPATH_ENV, raising=False)
+    monkeypatch.setattr("kvstore.zkserver.JAR_DIR", tmp_path)
+    with pytest.raises(ZooKeeperServerError, match=r"zookeeper\.jar.*scripts/setup"):
+        find_zookeeper_classpath()
+
+
+def test_classpath_override_is_used_verbatim(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(CLASSPATH_ENV, "/opt/zk/lib/*")
+    assert find_zookeeper_classpath() == "/opt/zk/lib/*"
+
+
+def test_free_port_can_be_bound() -> None:
+    port = free_port()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", port))
+    assert 0 < port < 65536

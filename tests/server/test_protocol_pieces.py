@@ -1,0 +1,147 @@
+"""Wire-level pieces without a network: frame guard, error codes, metadata, fence and lease."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from kvstore import errors
+from kvstore.coordination import ClusterMeta
+from kvstore.rpc import MalformedFrameError, _GuardedSocket, parse_address
+from kvstore.server.replication import BackupFence
+
+
+class FakeSocket:
+    """Hands out the given chunks one recv at a time, then EOF."""
+
+    def __init__(self, *chunks: bytes) -> None:
+        self.chunks = list(chunks)
+
+    def recv(self, size: int) -> bytes:
+        return self.chunks.pop(0)[:size] if self.chunks else b""
+
+    def close(self) -> None:
+        pass
+
+
+def frame(body: bytes) -> bytes:
+    return len(body).to_bytes(4, "big") + body
+
+
+def test_guard_hands_out_one_frame_per_message() -> None:
+    guard = _GuardedSocket(FakeSocket(frame(b"abc") + frame(b"de")), max_frame_bytes=100)  # type: ignore[arg-type]
+    guard.next_message()
+    assert guard.read(100) == frame(b"abc")  # never a byte of the next frame
+    with pytest.raises(MalformedFrameError, match="past the end"):
+        guard.read(100)  # the message wants more than its frame holds
+    guard.next_message()
+    assert guard.read(2) == b"\x00\x00"  # a header split across reads is fine
+    assert guard.read(100) == b"\x00\x02de"
+
+
+@pytest.mark.parametrize("size", [0, -1, 101, 2**31 - 1])
+def test_guard_refuses_frames_out_of_bounds(size: int) -> None:
+    header = size.to_bytes(4, "big", signed=True)
+    guard = _GuardedSocket(FakeSocket(header + b"xx"), max_frame_bytes=100)  # type: ignore[arg-type]
+    with pytest.raises(MalformedFrameError, match="refused"):
+        guard.read(100)
+
+
+def test_guard_reports_eof() -> None:
+    from thriftpy2.transport import TTransportException
+
+    guard = _GuardedSocket(FakeSocket(b"\x00\x00"), max_frame_bytes=100)  # type: ignore[arg-type]
+    with pytest.raises(TTransportException):
+        guard.read(4)
+
+
+def test_error_codes_round_trip() -> None:
+    for cls in (
+        errors.NotPrimaryError,
+        errors.UnavailableError,
+        errors.TooLargeError,
+        errors.BadRequestError,
+        errors.StaleEpochError,
+        errors.ReplicationFailedError,
+        errors.DataLostError,
+    ):
+        rebuilt = errors.from_code(cls.code, "message")
+        assert type(rebuilt) is cls
+        assert rebuilt.is_definite == cls.is_definite
+    assert not errors.ReplicationFailedError.is_definite
+    assert isinstance(errors.from_code(999, "?"), errors.ProtocolError)
+
+
+def test_not_primary_carries_the_hint() -> None:
+    err = errors.from_code(errors.NotPrimaryError.code, "node x is backup. primary=127.0.0.1:9090")
+    assert isinstance(err, errors.NotPrimaryError)
+    assert err.primary_address == "127.0.0.1:9090"
+
+
+def test_cluster_meta_round_trip_and_empty() -> None:
+    meta = ClusterMeta(
+        3, "node-0000000004", "127.0.0.1:9090", ("node-0000000004", "node-0000000005")
+    )
+    assert ClusterMeta.from_bytes(meta.to_bytes()) == meta
+    assert not ClusterMeta.from_bytes(b"").is_initialized
+    with pytest.raises(errors.CoordinationError):
+        ClusterMeta.from_bytes(b"not json")
+
+
+def test_parse_address() -> None:
+    assert parse_address("127.0.0.1:9090") == ("127.0.0.1", 9090)
+    for bad in ("127.0.0.1", ":9090", "host:port"):
+        with pytest.raises(ValueError):
+            parse_address(bad)
+
+
+def test_fence_accepts_only_the_open_join_of_the_current_epoch() -> None:
+    fence = BackupFence(lease_s=10.0)
+    with fence.lock, pytest.raises(errors.StaleEpochError):
+        fence.check(1, "join-a")  # nothing accepted before a join
+    fence.open(1, "join-a")
+    with fence.lock:
+        fence.check(1, "join-a")
+        for epoch, join_id in ((2, "join-a"), (None, "join-a"), (1, "join-b"), (1, None)):
+            with pytest.raises(errors.StaleEpochError):
+                fence.check(epoch, join_id)
+    fence.open(1, "join-b")  # a new join: batches sent for the old one are refused
+    with fence.lock, pytest.raises(errors.StaleEpochError):
+        fence.check(1, "join-a")
+    fence.close()
+    with fence.lock, pytest.raises(errors.StaleEpochError):
+        fence.check(1, "join-b")
+
+
+def test_fence_waits_out_a_granted_lease_unless_the_primary_is_dead() -> None:
+    fence = BackupFence(lease_s=10.0)
+    fence.open(1, "j")
+    with fence.lock:
+        fence.granted()
+    assert not fence.fence_if(is_primary_dead=False), "took over inside the lease"
+    assert fence.fence_if(is_primary_dead=True)
+    with fence.lock, pytest.raises(errors.StaleEpochError):
+        fence.check(1, "j")  # once fenced, the old primary's batches are refused
+
+
+def test_fence_takes_over_after_the_lease_ran_out() -> None:
+    fence = BackupFence(lease_s=0.05)
+    fence.open(1, "j")
+    with fence.lock:
+        fence.granted()
+    deadline = time.monotonic() + 5
+    while not fence.fence_if(is_primary_dead=False):
+        assert time.monotonic() < deadline, "lease never ran out"
+        time.sleep(0.01)
+
+
+def test_suspicion_after_silence_or_closed_connection() -> None:
+    fence = BackupFence(lease_s=1.0)
+    fence.open(1, "j")
+    assert not fence.is_suspect(suspect_after_s=60)
+    fence.connection_closed_at = time.monotonic() + 1
+    assert fence.is_suspect(suspect_after_s=60)
+    fence.connection_closed_at = 0.0
+    fence.last_heard_at -= 120
+    assert fence.is_suspect(suspect_after_s=60)

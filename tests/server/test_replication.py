@@ -1,0 +1,243 @@
+"""Replication, state transfer, failover and restart: real ZooKeeper, real node processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from kvstore import errors
+from kvstore.client.locator import KVClient, PrimaryLocator
+from kvstore.config import ClientConfig
+from kvstore.coordination import create_parent
+from kvstore.local.cluster import LocalCluster, NodeProcess
+from kvstore.local.processes import wait_until
+from kvstore.rpc import Connection
+from kvstore.server.roles import EXIT_DATA_LOST
+
+RETRY_S = 15.0
+
+
+@pytest.fixture
+def client(cluster: LocalCluster) -> Iterator[KVClient]:
+    config = ClientConfig(cluster.zk_connect, cluster.zk_path)
+    locator = PrimaryLocator(config)
+    kv = KVClient(locator, config)
+    yield kv
+    kv.close()
+    locator.close()
+
+
+def poll(
+    condition: Callable[[], object], timeout_s: float = 20.0, what: str = "condition"
+) -> object:
+    return wait_until(
+        lambda: condition() or None, timeout_s, lambda: f"{what} not reached within {timeout_s} s"
+    )
+
+
+def dump_of(node: NodeProcess) -> dict[str, str]:
+    conn = Connection(node.address, timeout_ms=10_000)
+    try:
+        result: dict[str, str] = conn.call("dump")
+        return result
+    finally:
+        conn.close()
+
+
+def put_all(kv: KVClient, items: dict[str, str]) -> None:
+    for key, value in items.items():
+        kv.put(key, value, retry_s=RETRY_S)
+
+
+def test_backup_applies_every_acknowledged_put(cluster: LocalCluster, client: KVClient) -> None:
+    items = {f"k{i}": f"v{i}-é" for i in range(300)}
+    put_all(client, items)
+    backup = cluster.find("backup")
+    assert backup is not None
+    status = backup.status()
+    assert status is not None and status.key_count == len(items)
+    assert client.get("k7") == "v7-é"
+    assert client.get("never-written") == ""
+
+
+def test_primary_failover_keeps_every_write_and_restarted_node_resyncs(
+    cluster: LocalCluster, client: KVClient
+) -> None:
+    items = {f"k{i}": f"v{i}" for i in range(500)}
+    put_all(client, items)
+    old_primary = cluster.find("primary")
+    assert old_primary is not None
+    old_primary.kill()
+    new_primary = cluster.wait_for("primary", timeout_s=20)
+    assert new_primary is not old_primary
+    assert dump_of(new_primary) == items
+    items["after"] = "failover"
+    client.put("after", "failover", retry_s=RETRY_S)
+
+    old_primary.start()
+    old_primary.wait_for_role(["backup"], timeout_s=30)
+    status = old_primary.status()
+    assert status is not None and status.key_count == len(items)
+    # The restarted node now holds everything: it can take over in turn.
+    new_primary.kill()
+    assert cluster.wait_for("primary", timeout_s=20) is old_primary
+    assert dump_of(old_primary) == items
+
+
+def test_backup_restart_rejoins_and_syncs(cluster: LocalCluster, client: KVClient) -> None:
+    put_all(client, {f"k{i}": "before" for i in range(200)})
+    backup = cluster.find("backup")
+    primary = cluster.find("primary")
+    assert backup is not None and primary is not None
+    backup.kill()
+    client.put("while-backup-down", "x", retry_s=RETRY_S)
+    backup.start()
+    backup.wait_for_role(["backup"], timeout_s=30)
+    primary.kill()
+    assert cluster.wait_for("primary", timeout_s=20) is backup
+    data = dump_of(backup)
+    assert len(data) == 201 and data["while-backup-down"] == "x"
+
+
+def test_state_transfer_under_concurrent_puts(idle_cluster: LocalCluster) -> None:
+    cluster = idle_cluster
+    primary, backup = cluster.nodes
+    primary.start()
+    primary.wait_for_role(["primary"])
+    config = ClientConfig(cluster.zk_connect, cluster.zk_path)
+    locator = PrimaryLocator(config)
+    expected: dict[str, str] = {}
+    preload = KVClient(locator, config)
+    for i in range(20_000):
+        preload.put(f"key-{i}", f"old-{i}", retry_s=RETRY_S)
+        expected[f"key-{i}"] = f"old-{i}"
+    preload.close()
+
+    stop = threading.Event()
+    acked: list[dict[str, str]] = [{} for _ in range(3)]
+
+    def writer(slot: int) -> None:
+        kv = KVClient(locator, config)
+        deadline = time.monotonic() + 60
+        n = 0
+        while not stop.is_set() and time.monotonic() < deadline:
+            key = f"key-{(n % 6_000) * 3 + slot}"  # disjoint keys per writer
+            value = f"new-{slot}-{n}"
+            kv.put(key, value, retry_s=RETRY_S)
+            acked[slot][key] = value
+            n += 1
+        kv.close()
+
+    writers = [threading.Thread(target=writer, args=(slot,)) for slot in range(3)]
+    for thread in writers:
+        thread.start()
+    poll(lambda: sum(map(len, acked)) > 500, what="writers running")
+    backup.start()  # joins while the writers keep going
+    backup.wait_for_role(["backup"], timeout_s=30)
+    poll(lambda: sum(map(len, acked)) > 5000, what="writes after the join")
+    stop.set()
+    for thread in writers:
+        thread.join(timeout=30)
+    for slot_acked in acked:
+        expected.update(slot_acked)
+    locator.close()
+
+    primary.kill()  # the backup's copy is now the only one: it must be exact
+    cluster.wait_for("primary", timeout_s=20)
+    assert dump_of(backup) == expected
+
+
+def test_graceful_stop_hands_over(cluster: LocalCluster, client: KVClient) -> None:
+    put_all(client, {"a": "1", "b": "2"})
+    primary = cluster.find("primary")
+    assert primary is not None
+    primary.stop()
+    assert primary.process is not None and primary.process.returncode == 0
+    new_primary = cluster.wait_for("primary", timeout_s=20)
+    assert dump_of(new_primary) == {"a": "1", "b": "2"}
+
+
+def test_paused_primary_is_replaced_after_its_lease_and_steps_down(
+    cluster: LocalCluster, client: KVClient
+) -> None:
+    put_all(client, {"a": "1"})
+    primary = cluster.find("primary")
+    backup = cluster.find("backup")
+    assert primary is not None and backup is not None and primary.pid is not None
+    os.kill(primary.pid, signal.SIGSTOP)
+    try:
+        assert cluster.wait_for("primary", timeout_s=20) is backup
+        client.put("a", "2", retry_s=RETRY_S)
+    finally:
+        os.kill(primary.pid, signal.SIGCONT)
+    # The old primary learns it was deposed, restarts empty and rejoins as backup.
+    primary.wait_for_role(["backup"], timeout_s=30)
+    assert client.get("a", retry_s=RETRY_S) == "2"
+
+
+def test_no_complete_copy_left_is_reported_not_served(idle_cluster: LocalCluster) -> None:
+    cluster = idle_cluster
+    only, newcomer = cluster.nodes
+    only.start()
+    only.wait_for_role(["primary"])
+    Connection(only.address).call("put", "precious", "data")
+    only.kill()  # the only copy is gone before anyone synced it
+    newcomer.start()
+    assert newcomer.process is not None
+    assert newcomer.process.wait(timeout=30) == EXIT_DATA_LOST
+    assert "DATA LOST" in newcomer.log_path.read_text()
+
+    assert create_parent(cluster.zk_connect, cluster.zk_path, reset=True) == "reset"
+    newcomer.start()
+    newcomer.wait_for_role(["primary"])
+    with pytest.raises(errors.KVError):
+        Connection(only.address, connect_timeout_ms=200).call("get", "precious")
+    assert Connection(newcomer.address).call("get", "precious") == ""
+
+
+def test_primary_whose_session_expired_keeps_its_data(zk_server, zk_path, tmp_path) -> None:
+    """The only copy must survive a ZooKeeper session expiry: the primary re-registers."""
+    node = NodeProcess(
+        zk_server.connect_string, zk_path, tmp_path, extra_args=["--session-timeout", "1"]
+    )
+    try:
+        node.start()
+        before = node.wait_for_role(["primary"])
+        Connection(node.address).call("put", "precious", "data")
+        assert node.pid is not None
+        os.kill(node.pid, signal.SIGSTOP)  # stops heart-beating: the session expires
+        try:
+            poll(
+                lambda: not _has_member(zk_server.connect_string, zk_path, before.node_id),
+                what="the session to expire",
+            )
+        finally:
+            os.kill(node.pid, signal.SIGCONT)
+        after = poll(lambda: _renamed_primary(node, before.node_id), what="re-registration")
+        assert after.epoch == before.epoch
+        assert Connection(node.address).call("get", "precious") == "data"
+    finally:
+        node.stop()
+
+
+def _has_member(zk_connect: str, zk_path: str, name: str) -> bool:
+    from kvstore.coordination import connect
+
+    zk = connect(zk_connect, session_timeout_s=10, connect_timeout_s=10)
+    try:
+        return name in zk.get_children(zk_path)
+    finally:
+        zk.stop()
+        zk.close()
+
+
+def _renamed_primary(node: NodeProcess, old_name: str) -> object:
+    status = node.status()
+    if status is not None and status.role == "primary" and status.node_id != old_name:
+        return status
+    return None
