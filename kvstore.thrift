@@ -22,10 +22,37 @@ struct NodeStatus {
   5: string primary_address // host:port of the primary as this node knows it ("" if unknown)
 }
 
+// Exactly-once: a write that carries a RequestId is applied at most once per
+// (client_id, seq); a retry gets the outcome recorded the first time. acked_below is
+// the client's lowest seq still awaiting an answer: records below it may be forgotten.
+struct RequestId {
+  1: string client_id,
+  2: i64 seq,
+  3: i64 acked_below
+}
+
+// One replicated change, applied in order under the key's stripe lock. value unset is a
+// delete (a tombstone); client_id set means "also remember this outcome" (exactly-once).
+// In a SyncChunk, a record with key "" carries only the exactly-once record.
+struct Change {
+  1: string key,
+  2: optional string value,
+  3: optional string client_id,
+  4: i64 seq,
+  5: bool outcome,
+  6: i64 acked_below
+}
+
+struct Lookup {
+  1: bool found,
+  2: optional string value
+}
+
 struct SyncChunk {
   1: list<string> keys,
   2: list<string> values,
-  3: i32 next_stripe        // -1 when the snapshot is complete
+  3: i32 next_stripe,       // -1 when the snapshot is complete
+  4: list<Change> records   // the exactly-once records of the same stripes
 }
 
 service KeyValueService {
@@ -40,7 +67,9 @@ service KeyValueService {
   // Primary -> backup: apply entries in order. An empty batch is a heartbeat. Accepted
   // only from the current primary (epoch) for the backup's current join (join_id);
   // every accepted batch renews the primary's read lease.
-  void replicate_batch(1: i64 epoch, 2: list<string> keys, 3: list<string> values, 4: string join_id);
+  // changes (deletes, exactly-once writes) are applied after keys/values.
+  void replicate_batch(1: i64 epoch, 2: list<string> keys, 3: list<string> values, 4: string join_id,
+                       5: list<Change> changes);
   NodeStatus status();
   // Backup -> primary: start forwarding puts to backup_id (tagged with join_id), then
   // fetch the snapshot stripe by stripe with sync_fetch and confirm with join_done.
@@ -48,4 +77,17 @@ service KeyValueService {
   i32 join(1: i64 epoch, 2: string backup_id, 3: string join_id, 4: i32 lease_ms);
   SyncChunk sync_fetch(1: i64 epoch, 2: string join_id, 3: i32 first_stripe, 4: i32 max_entries);
   void join_done(1: i64 epoch, 2: string join_id);
+
+  // --- the store API (kvstore.Client) ---
+  // get that tells a missing key from an empty value.
+  Lookup lookup(1: string key);
+  // Each key's value is linearizable on its own; the map is not a snapshot across keys.
+  // Missing keys are left out.
+  map<string, string> get_many(1: list<string> keys);
+  // Writes with an optional RequestId (exactly-once). remove returns whether the key
+  // existed; compare_and_set swaps in value iff the current value equals expected
+  // (expected unset: iff the key is absent) and returns whether it did.
+  void put_once(1: string key, 2: string value, 3: RequestId id);
+  bool remove(1: string key, 2: RequestId id);
+  bool compare_and_set(1: string key, 2: optional string expected, 3: string value, 4: RequestId id);
 }

@@ -1,9 +1,65 @@
-"""kvstore: a fault-tolerant primary-backup key-value store.
+"""kvstore: a fault-tolerant, replicated key-value store.
 
-Nodes serve the seed's Thrift service (framed transport, binary protocol) and
-coordinate through ZooKeeper. The primary acknowledges a put only after the
-in-sync backup has applied it; histories are checked for linearizability by
-:mod:`kvstore.check.checker`.
+    import kvstore
+
+    with kvstore.Client("127.0.0.1:2181", "/kvstore") as kv:
+        kv.put("k", "v")
+        kv.get("k")                  # "v"; None when the key does not exist
+        kv.delete("k")               # True if it existed
+        kv.cas("k", None, "w")       # compare-and-set; expected None: only if absent
+        kv.get_many(["a", "b"])      # {"a": ..., "b": None}
+
+Every error is a :class:`KVError`; ``err.is_definite`` says the operation was certainly
+not applied. Nodes serve the seed's Thrift service and coordinate through ZooKeeper.
 """
 
-__version__ = "0.1.0"
+from typing import TYPE_CHECKING, Any
+
+from kvstore.errors import (
+    BadRequestError,
+    ConnectError,
+    ConnectionLostError,
+    CoordinationError,
+    DataLostError,
+    DeadlineExceededError,
+    KVError,
+    NotPrimaryError,
+    ProtocolError,
+    ReplicationFailedError,
+    TooLargeError,
+    UnavailableError,
+    UnsupportedError,
+)
+
+__version__ = "0.2.0"
+
+if TYPE_CHECKING:
+    from kvstore.client.client import Client
+
+
+def __getattr__(name: str) -> Any:
+    """``kvstore.Client`` is imported on first use: ``import kvstore.check`` stays light."""
+    if name == "Client":
+        from kvstore.client.client import Client
+
+        return Client
+    raise AttributeError(f"module 'kvstore' has no attribute {name!r}")
+
+
+__all__ = [
+    "BadRequestError",
+    "Client",
+    "ConnectError",
+    "ConnectionLostError",
+    "CoordinationError",
+    "DataLostError",
+    "DeadlineExceededError",
+    "KVError",
+    "NotPrimaryError",
+    "ProtocolError",
+    "ReplicationFailedError",
+    "TooLargeError",
+    "UnavailableError",
+    "UnsupportedError",
+    "__version__",
+]

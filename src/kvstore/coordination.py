@@ -159,6 +159,8 @@ class ClusterView:
         self._lock = threading.Lock()
         self._members_dirty = True
         self._members: list[Member] = []
+        self._lowest_child_dirty = True
+        self._lowest_child_address = ""
         self._addresses: dict[str, str] = {}
         self._meta_state: tuple[ClusterMeta, int] = (ClusterMeta(), -1)
         # The cached metadata is fresh while _meta_seen == _meta_wanted; a watch or a
@@ -176,11 +178,13 @@ class ClusterView:
             self.is_session_lost = True
         self.is_connected = state == KazooState.CONNECTED
         self._members_dirty = True
+        self._lowest_child_dirty = True
         self._meta_wanted += 1
         self._on_change()
 
     def _on_members_event(self, _event: Any) -> None:
         self._members_dirty = True
+        self._lowest_child_dirty = True
         self._on_change()
 
     def _on_meta_event(self, _event: Any) -> None:
@@ -202,7 +206,9 @@ class ClusterView:
 
     def _read_members(self) -> list[Member]:
         names = self._wait(self.zk.get_children_async(self.path, watch=self._on_members_event))
-        names = sorted((n for n in names if n.startswith(MEMBER_PREFIX)), key=_sequence)
+        names = sorted(
+            (n for n in names if n.startswith(MEMBER_PREFIX) and _sequence(n) >= 0), key=_sequence
+        )
         addresses: dict[str, str] = {}
         for name in names:
             address = self._addresses.get(name)
@@ -215,6 +221,36 @@ class ClusterView:
             addresses[name] = address
         self._addresses = addresses
         return [Member(n, addresses[n]) for n in names if n in addresses]
+
+    def lowest_child_address(self) -> str:
+        """The seed's rule, for a parent without kvstore metadata: the child znode with the
+        lowest sequence number (whatever its prefix) is the primary, and its data is its
+        host:port. "" if there is no such child."""
+        with self._lock:
+            if self._lowest_child_dirty:
+                self._lowest_child_dirty = False
+                try:
+                    with zookeeper_errors("reading the lowest child"):
+                        self._lowest_child_address = self._read_lowest_child()
+                except Exception:
+                    self._lowest_child_dirty = True
+                    raise
+            return self._lowest_child_address
+
+    def _read_lowest_child(self) -> str:
+        names = self._wait(self.zk.get_children_async(self.path, watch=self._on_members_event))
+        for name in sorted((n for n in names if _sequence(n) >= 0), key=_sequence):
+            try:
+                data, _ = self._wait(self.zk.get_async(f"{self.path}/{name}"))
+            except NoNodeError:
+                continue
+            return str(data.decode("utf-8", "replace"))
+        return ""
+
+    def exists(self) -> bool:
+        """Whether the parent path exists."""
+        with zookeeper_errors("checking the parent path"):
+            return self._wait(self.zk.exists_async(self.path)) is not None
 
     def meta(self) -> tuple[ClusterMeta, int]:
         """The metadata and the parent znode's version (for compare-and-set)."""
@@ -236,6 +272,7 @@ class ClusterView:
     def refresh(self) -> None:
         """Forget the cache: the next read goes to ZooKeeper."""
         self._members_dirty = True
+        self._lowest_child_dirty = True
         self._meta_wanted += 1
 
     def sync(self) -> None:
@@ -324,7 +361,7 @@ class Coordinator(ClusterView):
 
 
 def _sequence(name: str) -> int:
-    try:
-        return int(name.rsplit("-", 1)[-1])
-    except ValueError:
-        return -1
+    """The sequence number ZooKeeper appended to a sequential znode's name (its last 10
+    digits), or -1 if the name has none."""
+    digits = name[-10:]
+    return int(digits) if len(digits) == 10 and digits.isdigit() else -1

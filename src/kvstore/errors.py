@@ -99,6 +99,20 @@ class DeposedError(KVError):
     is_definite = False
 
 
+class UnsupportedError(KVError):
+    """The cluster cannot do this (e.g. delete or compare-and-set on the seed's nodes)."""
+
+
+class DeadlineExceededError(KVError):
+    """The call's timeout ran out while retrying. ``is_definite`` is True only if no
+    attempt could have been applied; ``last_error`` is the last attempt's error."""
+
+    def __init__(self, message: str, is_definite: bool, last_error: KVError | None) -> None:
+        super().__init__(message)
+        self.is_definite = is_definite
+        self.last_error = last_error
+
+
 _BY_CODE: dict[int, type[KVError]] = {
     cls.code: cls
     for cls in (

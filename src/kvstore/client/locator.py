@@ -31,7 +31,7 @@ class PrimaryLocator:
         self._view = ClusterView(
             self._zk, config.zk_path, self._on_change, config.zk_request_timeout_s
         )
-        if not self._zk.exists(self._view.path):
+        if not self._view.exists():
             self.close()
             raise errors.CoordinationError(
                 f"{config.zk_path} does not exist: create it with "
@@ -48,11 +48,21 @@ class PrimaryLocator:
         return self._generation
 
     def primary_address(self) -> str:
-        """The primary's host:port, or "" if there is none right now."""
+        """The primary's host:port, or "" if there is none right now.
+
+        A parent znode without kvstore metadata is taken for a cluster of the seed's
+        nodes: its lowest child is the primary (the seed's rule).
+        """
         meta, _ = self._view.meta()
         if meta.is_initialized:
             return meta.primary_address
-        return ""
+        return self._view.lowest_child_address()
+
+    @property
+    def is_seed_cluster(self) -> bool:
+        """True while the parent znode carries no kvstore metadata (seed nodes, or a new
+        cluster whose first node has not taken the primary role yet)."""
+        return not self._view.meta()[0].is_initialized
 
     def refresh(self) -> None:
         self._view.refresh()

@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 import uuid
+from typing import Any
 
 from kvstore import errors
 from kvstore.coordination import ClusterMeta, Member, designated_backup
@@ -38,12 +39,25 @@ class Follower:
         self._local = threading.local()
 
     def apply_replicated(
-        self, epoch: int | None, keys: list[str], values: list[str], join_id: str | None
+        self,
+        epoch: int | None,
+        keys: list[str],
+        values: list[str],
+        join_id: str | None,
+        changes: list[Any],
     ) -> None:
         fence = self.fence
+        store = self._node.store
         with fence.lock:
             fence.check(epoch, join_id)
-            self._node.store.put_many(keys, values)
+            store.put_many(keys, values)
+            for change in changes:
+                record = (
+                    None
+                    if change.client_id is None
+                    else (change.client_id, change.seq, change.outcome, change.acked_below)
+                )
+                store.apply_change(change.key, change.value, record)
             fence.granted()
         self._local.is_from_primary = True
 
@@ -136,8 +150,12 @@ class Follower:
                     "sync_fetch", meta.epoch, join_id, stripe, self._node.config.sync_chunk_entries
                 )
                 self._node.store.put_if_absent_many(chunk.keys, chunk.values)
+                self._node.store.add_records(
+                    [(r.key, r.client_id, r.seq, r.outcome) for r in chunk.records or ()]
+                )
                 stripe = chunk.next_stripe
             is_copied = True
+            self._node.store.forget_tombstones()
             conn.call("join_done", meta.epoch, join_id)
         except errors.KVError as exc:
             if not (is_copied and self._is_listed_in_sync(meta.epoch)):

@@ -7,10 +7,15 @@ Every refusal is a KVError (sent as a TApplicationException with its code, see r
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from kvstore import errors
 from kvstore.config import Limits
+from kvstore.idl import Lookup
+
+# (client_id, seq, acked_below) of an exactly-once write; the same alias as the node's.
+RequestRecord = tuple[str, int, int]
+MAX_CLIENT_ID_BYTES = 128
 
 
 class NodeService(Protocol):
@@ -18,11 +23,26 @@ class NodeService(Protocol):
 
     def check_primary(self, epoch: int | None = None) -> None: ...
     def read(self, key: str) -> str: ...
+    def lookup(self, key: str) -> str | None: ...
+    def read_many(self, keys: list[str]) -> dict[str, str]: ...
+    def write(
+        self,
+        key: str,
+        value: str | None,
+        request: RequestRecord | None,
+        is_conditional: bool = False,
+        expected: str | None = None,
+    ) -> bool: ...
     def replicate_put(self, key: str, value: str) -> None: ...
     def confirm_read(self) -> None: ...
     def snapshot(self) -> dict[str, str]: ...
     def apply_replicated(
-        self, epoch: int | None, keys: list[str], values: list[str], join_id: str | None
+        self,
+        epoch: int | None,
+        keys: list[str],
+        values: list[str],
+        join_id: str | None,
+        changes: list[Any],
     ) -> None: ...
     def status(self) -> object: ...
     def accept_join(self, epoch: int, backup_name: str, join_id: str, lease_ms: int) -> int: ...
@@ -58,6 +78,65 @@ class NodeHandler:
                 f"put not confirmed, outcome unknown: {exc}"
             ) from None
 
+    # --------------------------------------------------------------- the store API
+
+    def lookup(self, key: object) -> object:
+        self._node.check_primary()
+        value = self._unavailable_on_failure(self._node.lookup, self._key(key))
+        return Lookup(found=value is not None, value=value)
+
+    def get_many(self, keys: object) -> dict[str, str]:
+        self._node.check_primary()
+        if not isinstance(keys, list):
+            raise errors.BadRequestError("keys must be a list of strings")
+        checked = [self._key(key) for key in keys]
+        found: dict[str, str] = self._unavailable_on_failure(self._node.read_many, checked)
+        return found
+
+    def put_once(self, key: object, value: object, request_id: object) -> None:
+        self._write(key, self._text(value, "value", self._max_value_bytes), request_id)
+
+    def remove(self, key: object, request_id: object) -> bool:
+        return self._write(key, None, request_id)
+
+    def compare_and_set(
+        self, key: object, expected: object, value: object, request_id: object
+    ) -> bool:
+        if expected is not None:
+            expected = self._text(expected, "expected", self._max_value_bytes)
+        value = self._text(value, "value", self._max_value_bytes)
+        return self._write(key, value, request_id, True, expected)
+
+    def _write(
+        self,
+        key: object,
+        value: str | None,
+        request_id: object,
+        is_conditional: bool = False,
+        expected: str | None = None,
+    ) -> bool:
+        self._node.check_primary()
+        checked_key = self._key(key)
+        request = _request_record(request_id)
+        try:
+            return self._node.write(checked_key, value, request, is_conditional, expected)
+        except (errors.DeposedError, errors.CoordinationError) as exc:
+            raise errors.ReplicationFailedError(
+                f"write not confirmed, outcome unknown: {exc}"
+            ) from None
+
+    def _key(self, key: object) -> str:
+        return self._text(key, "key", self._max_key_bytes)
+
+    @staticmethod
+    def _unavailable_on_failure(read: Any, argument: Any) -> Any:
+        try:
+            return read(argument)
+        except (errors.DeposedError, errors.CoordinationError) as exc:
+            raise errors.UnavailableError(f"cannot serve the read: {exc}") from None
+
+    # --------------------------------------------------------------- replication
+
     def replicate(self, key: object, value: object) -> None:
         raise errors.StaleEpochError(
             "a bare replicate is refused: replicates come only from the current primary, "
@@ -70,11 +149,14 @@ class NodeHandler:
         keys: list[str] | None,
         values: list[str] | None,
         join_id: str | None,
+        changes: list[Any] | None = None,
     ) -> None:
         keys, values = keys or [], values or []
         if len(keys) != len(values):
             raise errors.BadRequestError("replicate_batch: keys and values differ in length")
-        self._node.apply_replicated(epoch, keys, values, join_id)
+        if changes and any(not isinstance(c.key, str) for c in changes):
+            raise errors.BadRequestError("replicate_batch: every change needs a key")
+        self._node.apply_replicated(epoch, keys, values, join_id, changes or [])
 
     def dump(self) -> dict[str, str]:
         node = self._node
@@ -119,6 +201,19 @@ class NodeHandler:
         if len(value) * 4 > max_bytes and len(value.encode()) > max_bytes:
             raise errors.TooLargeError(f"{what} is larger than {max_bytes} bytes")
         return value
+
+
+def _request_record(request_id: Any) -> RequestRecord | None:
+    """(client_id, seq, acked_below) of a RequestId, or None when the write has none."""
+    if request_id is None or not request_id.client_id:
+        return None
+    client_id = request_id.client_id
+    if not isinstance(client_id, str) or len(client_id) > MAX_CLIENT_ID_BYTES:
+        raise errors.BadRequestError(f"client_id must be a string of at most {MAX_CLIENT_ID_BYTES}")
+    seq, acked_below = request_id.seq, request_id.acked_below
+    if not isinstance(seq, int) or not isinstance(acked_below, int):
+        raise errors.BadRequestError("a RequestId needs seq and acked_below")
+    return client_id, seq, acked_below
 
 
 def _required_int(value: int | None) -> int:

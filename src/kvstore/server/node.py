@@ -28,11 +28,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from kvstore import errors
 from kvstore.config import NodeConfig
 from kvstore.coordination import ClusterMeta, Coordinator, Member, connect, designated_backup
-from kvstore.idl import NodeStatus, SyncChunk
+from kvstore.idl import Change, NodeStatus, SyncChunk
 from kvstore.rpc import RpcServer
 from kvstore.server.follower import Follower
 from kvstore.server.handler import NodeHandler
@@ -41,6 +42,9 @@ from kvstore.server.roles import EXIT_OK, EXIT_RESTART, NodeExit, Role, is_dead
 from kvstore.server.storage import StripedStore
 
 log = logging.getLogger(__name__)
+
+# A request's exactly-once identity: (client_id, seq, acked_below).
+RequestRecord = tuple[str, int, int]
 
 
 class StorageNode:
@@ -256,10 +260,68 @@ class StorageNode:
                 )
             shard[key] = value
 
+    def write(
+        self,
+        key: str,
+        value: str | None,
+        request: RequestRecord | None,
+        is_conditional: bool = False,
+        expected: str | None = None,
+    ) -> bool:
+        """The primary's delete (value None), put, or compare-and-set (``is_conditional``:
+        only if the current value is ``expected``, None meaning absent), optionally
+        exactly-once: decide, replicate, apply and record, under the key's stripe lock.
+
+        A request already applied gets its recorded outcome. A write that changes nothing
+        (a failed compare-and-set, a delete of a missing key) is answered like a read and
+        recorded nowhere: retrying it is harmless.
+        """
+        lock, shard = self.store.stripe_for_write(key)
+        with lock:
+            sessions = self.store.sessions_for(key)
+            if request is not None:
+                prior = sessions.outcome(request[0], request[1])
+                if prior is not None:
+                    return prior
+            current = shard.get(key)
+            if (value is None and current is None) or (is_conditional and current != expected):
+                self.confirm_read()
+                return False
+            client_id, seq, acked_below = request if request is not None else (None, 0, 0)
+            self._replicate(Change(key, value, client_id, seq, True, acked_below))
+            if value is None:
+                del shard[key]
+            else:
+                shard[key] = value
+            if client_id is not None:
+                sessions.record(key, client_id, seq, True, acked_below)
+            return True
+
+    def _replicate(self, change: object) -> None:
+        """Forward one change to the backup (call with the key's stripe write lock held)."""
+        replicator = self._replicator
+        if replicator is not None:
+            try:
+                replicator.replicate_change(change)
+            except BackupFailedError as exc:
+                self._drop_backup(replicator, str(exc))
+        if self.role != Role.PRIMARY:  # the backup may hold the change already
+            raise errors.ReplicationFailedError("node stopped while replicating; outcome unknown")
+
     def read(self, key: str) -> str:
+        """The seed's get: "" for a missing key."""
+        value = self.lookup(key)
+        return "" if value is None else value
+
+    def lookup(self, key: str) -> str | None:
         value = self.store.get(key)
         self.confirm_read()
-        return "" if value is None else value
+        return value
+
+    def read_many(self, keys: list[str]) -> dict[str, str]:
+        found = self.store.get_many(keys)
+        self.confirm_read()
+        return found
 
     def confirm_read(self) -> None:
         """Vouch for what this node read a moment ago, or raise.
@@ -330,10 +392,13 @@ class StorageNode:
         self._require_joining(join_id)
         if not 0 <= first_stripe < self.store.stripe_count:
             raise errors.BadRequestError(f"no stripe {first_stripe}")
-        keys, values, next_stripe = self.store.snapshot_stripes(
+        keys, values, records, next_stripe = self.store.snapshot_stripes(
             first_stripe, max(1, max_entries), self.config.sync_chunk_bytes
         )
-        return SyncChunk(keys=keys, values=values, next_stripe=next_stripe)
+        changes = [
+            Change(k, None, client_id, seq, outcome, 0) for k, client_id, seq, outcome in records
+        ]
+        return SyncChunk(keys=keys, values=values, next_stripe=next_stripe, records=changes)
 
     def finish_join(self, epoch: int, join_id: str) -> None:
         self.check_primary(epoch)
@@ -368,9 +433,14 @@ class StorageNode:
     # ----------------------------------------------------------------- follower role
 
     def apply_replicated(
-        self, epoch: int | None, keys: list[str], values: list[str], join_id: str | None
+        self,
+        epoch: int | None,
+        keys: list[str],
+        values: list[str],
+        join_id: str | None,
+        changes: list[Any],
     ) -> None:
-        self._follower.apply_replicated(epoch, keys, values, join_id)
+        self._follower.apply_replicated(epoch, keys, values, join_id, changes)
 
     # ----------------------------------------------------------------- introspection
 

@@ -63,15 +63,21 @@ class Replicator:
         """Return once the backup applied ``key = value``; raise BackupFailedError otherwise."""
         self._send([key], [value])
 
+    def replicate_change(self, change: object) -> None:
+        """Like ``replicate`` for one Change (a delete, or a write with its exactly-once record)."""
+        self._send([], [], [change])
+
     def heartbeat(self) -> None:
         """Send an empty batch: renews the lease, detects a dead backup."""
         self._send([], [])
 
-    def _send(self, keys: list[str], values: list[str]) -> None:
+    def _send(
+        self, keys: list[str], values: list[str], changes: list[object] | None = None
+    ) -> None:
         conn = self._checkout()
         started = time.monotonic()
         try:
-            conn.call("replicate_batch", self.epoch, keys, values, self.join_id)
+            conn.call("replicate_batch", self.epoch, keys, values, self.join_id, changes)
         except Exception as exc:  # every failure, expected (KVError) or not, breaks the line
             self.close()
             raise BackupFailedError(f"replication to {self.backup.address}: {exc}") from exc

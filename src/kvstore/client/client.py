@@ -1,0 +1,194 @@
+"""The public client library: ``kvstore.Client``.
+
+One Client is shared safely by any number of threads: they share one ZooKeeper session
+(the primary's address, kept fresh by watches) and each thread gets its own connection
+to the primary (a Thrift connection is not thread-safe; per-thread connections need no
+lock on the hot path).
+
+Retries: every call is retried until its timeout, transparently.
+- Reads (get, get_many) are safe to repeat.
+- Writes carry this client's id and a per-write sequence number; the primary records the
+  outcome of each applied write with the data, on every in-sync replica, so a write
+  retried after a lost reply or a failover gets its original outcome instead of being
+  applied twice (exactly-once). A ``cas`` that was applied never reports False on retry,
+  and a retried ``put`` never overwrites a newer write.
+- Errors that retrying cannot fix (a key or value too large, a malformed request) are
+  raised at once. When the timeout runs out, :class:`~kvstore.errors.DeadlineExceededError`
+  says whether the write may have been applied (``is_definite``).
+
+On a cluster of the seed's nodes (no kvstore metadata in ZooKeeper) only get and put
+work, without exactly-once; get cannot tell a missing key from "" there.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+from kvstore import errors
+from kvstore.client.locator import PrimaryLocator
+from kvstore.config import ClientConfig
+from kvstore.idl import RequestId
+from kvstore.rpc import Connection
+
+DEFAULT_ZK = "127.0.0.1:2181"
+DEFAULT_PATH = "/kvstore"
+RETRY_PAUSE_S = 0.05  # at most this long between attempts (sooner when ZooKeeper reports a change)
+_PERMANENT = (errors.TooLargeError, errors.BadRequestError, errors.UnsupportedError)
+
+
+class Client:
+    """A thread-safe client of one kvstore cluster.
+
+    ``timeout`` (seconds) bounds each call, retries included. Use as a context manager, or
+    call :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        zk: str = DEFAULT_ZK,
+        path: str = DEFAULT_PATH,
+        *,
+        timeout: float = 10.0,
+        rpc_timeout_ms: int = 2000,
+        connect_timeout_ms: int = 500,
+    ) -> None:
+        self.timeout = timeout
+        self._config = ClientConfig(
+            zk,
+            path,
+            rpc_timeout_ms=rpc_timeout_ms,
+            connect_timeout_ms=connect_timeout_ms,
+            zk_connect_timeout_s=min(10.0, timeout),
+        )
+        self._locator = PrimaryLocator(self._config)
+        self._local = threading.local()
+        self._connections: list[Connection] = []
+        self._lock = threading.Lock()
+        self.client_id = uuid.uuid4().hex
+        self._next_seq = itertools.count(1).__next__
+        self._in_flight: set[int] = set()
+        self._is_closed = False
+
+    # ------------------------------------------------------------------ the API
+
+    def get(self, key: str) -> str | None:
+        """The key's value, or None if it does not exist."""
+        if self._locator.is_seed_cluster:
+            value: str = self._call("get", (key,))
+            return value or None
+        found = self._call("lookup", (key,))
+        return found.value if found.found else None
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, str | None]:
+        """Every key's value (None for a missing key). Each value is current on its own;
+        the result is not a snapshot across keys."""
+        wanted = list(keys)
+        if self._locator.is_seed_cluster:
+            return {key: self.get(key) for key in wanted}
+        found: dict[str, str] = self._call("get_many", (wanted,))
+        return {key: found.get(key) for key in wanted}
+
+    def put(self, key: str, value: str) -> None:
+        """Set the key's value (exactly once, even when retried across a failover)."""
+        if self._locator.is_seed_cluster:
+            self._call("put", (key, value), is_idempotent=False)
+            return
+        self._write("put_once", key, value)
+
+    def delete(self, key: str) -> bool:
+        """Delete the key; True if it existed."""
+        result: bool = self._write("remove", key)
+        return result
+
+    def cas(self, key: str, expected: str | None, value: str) -> bool:
+        """Set the key to ``value`` only if its value is ``expected`` (None: only if absent).
+        True if it did."""
+        result: bool = self._write("compare_and_set", key, expected, value)
+        return result
+
+    def close(self) -> None:
+        with self._lock:
+            self._is_closed = True
+            connections, self._connections = self._connections, []
+        for conn in connections:
+            conn.close()
+        self._locator.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ retries
+
+    def _write(self, method: str, *args: Any) -> Any:
+        if self._locator.is_seed_cluster:
+            raise errors.UnsupportedError(f"{method} needs kvstore nodes (the seed's have get/put)")
+        seq = self._next_seq()
+        with self._lock:
+            self._in_flight.add(seq)
+            acked_below = min(self._in_flight)
+        try:
+            request = RequestId(client_id=self.client_id, seq=seq, acked_below=acked_below)
+            return self._call(method, (*args, request))
+        finally:
+            with self._lock:
+                self._in_flight.discard(seq)
+
+    def _call(self, method: str, args: tuple[Any, ...], is_idempotent: bool = True) -> Any:
+        """Call ``method`` on the primary, retrying until the timeout. ``is_idempotent``:
+        the call may be repeated (reads, and writes that carry a request id)."""
+        deadline = time.monotonic() + self.timeout
+        may_be_applied = False
+        while True:
+            generation = self._locator.generation
+            try:
+                return self._call_once(method, args)
+            except _PERMANENT:
+                raise
+            except errors.KVError as exc:
+                may_be_applied = may_be_applied or not exc.is_definite
+                if may_be_applied and not is_idempotent:
+                    raise
+                remaining_s = deadline - time.monotonic()
+                if remaining_s <= 0:
+                    raise errors.DeadlineExceededError(
+                        f"{method} did not succeed within {self.timeout:g} s: {exc}",
+                        is_definite=not may_be_applied,
+                        last_error=exc,
+                    ) from None
+                self._locator.wait_for_change(generation, min(RETRY_PAUSE_S, remaining_s))
+
+    def _call_once(self, method: str, args: tuple[Any, ...]) -> Any:
+        address = self._locator.primary_address()
+        if not address:
+            raise errors.UnavailableError("no primary registered in ZooKeeper")
+        conn = self._connection(address)
+        try:
+            return conn.call(method, *args)
+        except (errors.NotPrimaryError, errors.ConnectError, errors.UnavailableError):
+            self._locator.refresh()
+            raise
+
+    def _connection(self, address: str) -> Connection:
+        """This thread's connection to ``address`` (a new one when the primary moved)."""
+        old: Connection | None = getattr(self._local, "conn", None)
+        if old is not None and old.address == address:
+            return old
+        conn = Connection(address, self._config.rpc_timeout_ms, self._config.connect_timeout_ms)
+        with self._lock:
+            if self._is_closed:
+                raise errors.UnavailableError("the client is closed")
+            if old is not None:
+                self._connections.remove(old)
+            self._connections.append(conn)
+        if old is not None:
+            old.close()
+        self._local.conn = conn
+        return conn

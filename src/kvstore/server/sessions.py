@@ -1,0 +1,86 @@
+"""Exactly-once records: the outcome of each client's recent writes, kept per lock stripe.
+
+A write that carries (client_id, seq) is applied at most once. Its outcome is recorded in
+the table of the key's stripe, under that stripe's write lock, in the same step as the
+write itself, and travels with it to the backup (replication) and to a joining backup
+(state transfer). A retry of the same request always names the same key, so it meets the
+record under the same lock: on this node, or on the backup that took over.
+
+Bounded memory: a client reports the lowest seq it still awaits (``acked_below``); records
+below it are dropped when the client next writes to the stripe. Records of a client that
+stopped writing expire ``ttl_s`` after its last write there. A client retries a request
+for at most its timeout, far below the TTL.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+DEFAULT_TTL_S = 300.0
+
+
+class _ClientRecords:
+    __slots__ = ("last_seen", "outcomes")
+
+    def __init__(self) -> None:
+        self.outcomes: dict[int, tuple[bool, str]] = {}  # seq -> (outcome, key)
+        self.last_seen = 0.0
+
+
+class SessionTable:
+    """One stripe's records. Not locked itself: call with the stripe's lock held."""
+
+    __slots__ = ("_clients", "_next_sweep", "_ttl_s")
+
+    def __init__(self, ttl_s: float = DEFAULT_TTL_S) -> None:
+        self._clients: dict[str, _ClientRecords] = {}
+        self._ttl_s = ttl_s
+        self._next_sweep = time.monotonic() + ttl_s
+
+    def outcome(self, client_id: str, seq: int) -> bool | None:
+        """The recorded outcome of this request, or None if it was never applied here."""
+        records = self._clients.get(client_id)
+        if records is None:
+            return None
+        entry = records.outcomes.get(seq)
+        return None if entry is None else entry[0]
+
+    def record(self, key: str, client_id: str, seq: int, outcome: bool, acked_below: int) -> None:
+        now = time.monotonic()
+        records = self._clients.get(client_id)
+        if records is None:
+            records = self._clients[client_id] = _ClientRecords()
+        outcomes = records.outcomes
+        if outcomes and min(outcomes) < acked_below:
+            for old in [s for s in outcomes if s < acked_below]:
+                del outcomes[old]
+        outcomes[seq] = (outcome, key)
+        records.last_seen = now
+        if now >= self._next_sweep:
+            self._sweep(now)
+
+    def _sweep(self, now: float) -> None:
+        expired = [c for c, r in self._clients.items() if now - r.last_seen > self._ttl_s]
+        for client_id in expired:
+            del self._clients[client_id]
+        self._next_sweep = now + self._ttl_s
+
+    def items(self) -> Iterator[tuple[str, str, int, bool]]:
+        """Every record as (key, client_id, seq, outcome), for state transfer."""
+        for client_id, records in self._clients.items():
+            for seq, (outcome, key) in records.outcomes.items():
+                yield key, client_id, seq, outcome
+
+    def add_if_absent(self, key: str, client_id: str, seq: int, outcome: bool) -> None:
+        records = self._clients.get(client_id)
+        if records is None:
+            records = self._clients[client_id] = _ClientRecords()
+            records.last_seen = time.monotonic()
+        records.outcomes.setdefault(seq, (outcome, key))
+
+    def clear(self) -> None:
+        self._clients.clear()
+
+    def __len__(self) -> int:
+        return sum(len(r.outcomes) for r in self._clients.values())

@@ -1,0 +1,184 @@
+"""kvstore.Client against real node processes and a real ZooKeeper: the store API, its
+replication (deletes, compare-and-set, exactly-once records), retries through kill -9."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+import kvstore
+from kvstore.bench.faults import Killer
+from kvstore.coordination import connect
+from kvstore.idl import RequestId
+from kvstore.local.cluster import LocalCluster
+from kvstore.local.processes import wait_until
+from kvstore.local.zkserver import ZooKeeperServer
+from kvstore.rpc import Connection
+
+CAS_THREADS = 3
+CAS_SECONDS = 12.0
+
+
+def fail_over(cluster: LocalCluster) -> str:
+    """kill -9 the primary, restart it, and return the new primary's address."""
+    old = cluster.wait_for("primary")
+    old.kill()
+    new = cluster.wait_for("primary")
+    old.start()
+    assert new.address != old.address
+    return new.address
+
+
+def test_round_trip_tells_missing_from_empty(cluster: LocalCluster) -> None:
+    with kvstore.Client(cluster.zk_connect, cluster.zk_path, timeout=5) as kv:
+        assert kv.get("nothing") is None
+        kv.put("empty", "")
+        assert kv.get("empty") == ""
+        kv.put("k", "v")
+        assert kv.get("k") == "v"
+        assert kv.get_many(["k", "empty", "nothing"]) == {"k": "v", "empty": "", "nothing": None}
+        assert kv.delete("k") is True
+        assert kv.delete("k") is False
+        assert kv.get("k") is None
+        assert kv.cas("c", None, "1") is True
+        assert kv.cas("c", None, "2") is False
+        assert kv.cas("c", "9", "2") is False
+        assert kv.cas("c", "1", "2") is True
+        assert kv.get("c") == "2"
+
+
+def test_permanent_errors_are_raised_at_once(cluster: LocalCluster) -> None:
+    with kvstore.Client(cluster.zk_connect, cluster.zk_path, timeout=5) as kv:
+        began = time.monotonic()
+        with pytest.raises(kvstore.TooLargeError):
+            kv.put("x" * 5000, "v")
+        assert time.monotonic() - began < 4  # not retried until the timeout
+
+
+def test_deletes_and_cas_survive_failover(cluster: LocalCluster) -> None:
+    with kvstore.Client(cluster.zk_connect, cluster.zk_path, timeout=10) as kv:
+        for i in range(50):
+            kv.put(f"k{i}", f"v{i}")
+        for i in range(0, 50, 2):
+            assert kv.delete(f"k{i}")
+        assert kv.cas("k1", "v1", "swapped")
+        fail_over(cluster)
+        values = kv.get_many([f"k{i}" for i in range(50)])
+    expected = {f"k{i}": (None if i % 2 == 0 else f"v{i}") for i in range(50)}
+    expected["k1"] = "swapped"
+    assert values == expected
+
+
+def test_a_retried_write_gets_its_original_outcome_after_failover(cluster: LocalCluster) -> None:
+    """The exactly-once records travel with the writes: the new primary answers a retry
+    of an applied request from its record instead of applying it again."""
+    primary = cluster.wait_for("primary").address
+    conn = Connection(primary)
+    first = RequestId(client_id="c1", seq=1, acked_below=1)
+    newer = RequestId(client_id="c1", seq=2, acked_below=1)
+    swap = RequestId(client_id="c1", seq=3, acked_below=1)
+    conn.call("put_once", "k", "first", first)
+    conn.call("put_once", "k", "newer", newer)
+    assert conn.call("compare_and_set", "c", None, "a", swap) is True
+    conn.close()
+
+    conn = Connection(fail_over(cluster))
+    try:
+        conn.call("put_once", "k", "first", first)  # a retry whose reply was lost
+        assert conn.call("compare_and_set", "c", None, "a", swap) is True
+        assert conn.call("lookup", "k").value == "newer"  # not overwritten by the retry
+        fresh = RequestId(client_id="c1", seq=4, acked_below=1)
+        assert conn.call("compare_and_set", "c", None, "a", fresh) is False
+    finally:
+        conn.close()
+
+
+def test_shared_client_cas_counter_under_primary_kills(cluster: LocalCluster) -> None:
+    """Threads increment one counter with cas while the primary is killed -9 and restarted:
+    no error reaches a caller, and the counter equals the number of cas calls that
+    returned True (a cas applied twice, or applied but reported False, breaks it)."""
+    successes = [0] * CAS_THREADS
+    failures: list[BaseException] = []
+    deadline = time.monotonic() + CAS_SECONDS
+    killer = Killer(cluster, "primary", (3.0, 3.5), CAS_SECONDS, seed=7)
+    with kvstore.Client(cluster.zk_connect, cluster.zk_path, timeout=15) as kv:
+
+        def increment(slot: int) -> None:
+            try:
+                while time.monotonic() < deadline:
+                    current = kv.get("counter")
+                    following = str(int(current or "0") + 1)
+                    if kv.cas("counter", current, following):
+                        successes[slot] += 1
+            except BaseException as exc:
+                failures.append(exc)
+
+        threads = [threading.Thread(target=increment, args=(i,)) for i in range(CAS_THREADS)]
+        killer.start()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(CAS_SECONDS + 30)
+        killer.join()
+        assert not failures, failures
+        assert not any(thread.is_alive() for thread in threads)
+        assert len(killer.kills) >= 2, killer.kills
+        assert sum(successes) > 0
+        assert kv.get("counter") == str(sum(successes))
+
+
+def test_backup_joining_while_deletes_run_ends_identical(
+    idle_cluster: LocalCluster,
+) -> None:
+    first, second = idle_cluster.nodes
+    first.start()
+    first.wait_for_role(["primary"])
+    stop = threading.Event()
+    with kvstore.Client(idle_cluster.zk_connect, idle_cluster.zk_path, timeout=10) as kv:
+        for i in range(3000):
+            kv.put(f"k{i}", "x" * 50)
+
+        def churn() -> None:
+            i = 0
+            while not stop.is_set() and i < 200_000:
+                kv.delete(f"k{i % 3000}")
+                kv.put(f"k{(i * 7) % 3000}", f"v{i}")
+                i += 1
+
+        writer = threading.Thread(target=churn)
+        writer.start()
+        try:
+            second.start()
+            second.wait_for_role(["backup"])
+        finally:
+            stop.set()
+            writer.join(30)
+        expected = kv.get_many([f"k{i}" for i in range(3000)])
+        first.kill()
+        second.wait_for_role(["primary"])
+        assert kv.get_many([f"k{i}" for i in range(3000)]) == expected
+
+
+def test_seed_rule_when_the_parent_has_no_metadata(
+    cluster: LocalCluster, zk_server: ZooKeeperServer
+) -> None:
+    """A parent znode without kvstore metadata (a cluster of the seed's nodes) is read
+    with the seed's rule: the lowest child is the primary. Get and put only."""
+    primary = cluster.wait_for("primary").address
+    seed_path = cluster.zk_path + "-seed"
+    zk = connect(zk_server.connect_string, 10.0, 10.0)
+    try:
+        zk.create(f"{seed_path}/node", primary.encode(), makepath=True, sequence=True)
+        zk.create(f"{seed_path}/node", b"127.0.0.1:1", sequence=True)
+        with kvstore.Client(zk_server.connect_string, seed_path, timeout=5) as kv:
+            kv.put("seed-key", "seed-value")
+            assert kv.get("seed-key") == "seed-value"
+            with pytest.raises(kvstore.UnsupportedError):
+                kv.delete("seed-key")
+    finally:
+        zk.stop()
+        zk.close()
+    with kvstore.Client(cluster.zk_connect, cluster.zk_path, timeout=5) as kv:
+        wait_until(lambda: kv.get("seed-key"), 5, lambda: "the seed-rule put is not there")
