@@ -1,8 +1,8 @@
 """The command-line programs, one module each; the only package that parses argv.
 
-``kv-node``, ``kv-client``, ``kv-createznode``, ``kv-check``, ``kv-demo`` and ``kv-bench``
-are the ``main`` functions of the modules of the same name; ``python -m kvstore NAME ...``
-runs them too (:func:`main`).
+``kv``, ``kv-node``, ``kv-client``, ``kv-createznode``, ``kv-check``, ``kv-demo`` and
+``kv-bench`` are the ``main`` functions of the modules of the same name;
+``python -m kvstore NAME ...`` runs them too (:func:`main`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-COMMANDS = ("node", "client", "createznode", "check", "demo", "bench")
+COMMANDS = ("kv", "node", "client", "createznode", "check", "demo", "bench")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,8 +6,20 @@ import argparse
 import logging
 import os
 import sys
+from typing import Any
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def new_parser(
+    parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser, **kwargs: Any
+) -> argparse.ArgumentParser:
+    """An ArgumentParser with the --version every program has."""
+    from kvstore import __version__
+
+    parser = parser_class(**kwargs)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
 
 
 def setup_logging(level: str) -> None:

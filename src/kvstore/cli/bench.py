@@ -14,6 +14,7 @@ from kvstore.bench.session import Session
 from kvstore.cli.args import (
     choice_list,
     int_list,
+    new_parser,
     positive_float,
     positive_int,
     report_error,
@@ -38,7 +39,7 @@ def _placement_list(text: str) -> tuple[str, ...]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = new_parser(
         prog="kv-bench",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="""\

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 
 from kvstore import errors
 from kvstore.check.checker import run_check
-from kvstore.cli.args import report_error
+from kvstore.cli.args import new_parser, report_error
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = new_parser(
         prog="kv-check",
         description="Check an execution log (WatCA format, as written by kv-client) for "
         "linearizability: every key is a register starting empty, written with unique values. "

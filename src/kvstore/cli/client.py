@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 
 from kvstore import errors
@@ -11,6 +10,7 @@ from kvstore.bench.workload import Workload, summary_lines
 from kvstore.check.history import write_events
 from kvstore.cli.args import (
     add_cluster_arguments,
+    new_parser,
     positive_float,
     positive_int,
     report_error,
@@ -20,7 +20,7 @@ from kvstore.config import ClientConfig
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = new_parser(
         prog="kv-client",
         description="The seed's benchmark: THREADS threads do random gets and puts (50/50 by "
         "default) on keys key-0..key-(KEYSPACE-1) for SECONDS, against the primary found through "

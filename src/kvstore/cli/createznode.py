@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 
 from kvstore import errors
-from kvstore.cli.args import add_cluster_arguments, report_error, setup_logging
+from kvstore.cli.args import add_cluster_arguments, new_parser, report_error, setup_logging
 from kvstore.coordination import create_parent
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = new_parser(
         prog="kv-createznode",
         description="Create the parent znode PATH (and its parents) that nodes register under. "
         "Succeeds if it exists already.",

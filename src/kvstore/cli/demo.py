@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 
 from kvstore.bench.demo import run_demo
-from kvstore.cli.args import positive_float, positive_int, setup_logging
+from kvstore.cli.args import new_parser, positive_float, positive_int, setup_logging
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = new_parser(
         prog="kv-demo",
         description="Start a local ZooKeeper and two nodes, run kv-client, kill -9 the primary "
         "midway and restart it, then print throughput, latency and the kv-check verdict.",

@@ -7,7 +7,6 @@ node starts from a clean process.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import signal
@@ -18,6 +17,7 @@ from kvstore import errors
 from kvstore.cli.args import (
     add_cluster_arguments,
     cpu_list,
+    new_parser,
     positive_float,
     positive_int,
     setup_logging,
@@ -29,7 +29,7 @@ from kvstore.server.roles import EXIT_RESTART
 
 def main(argv: Sequence[str] | None = None) -> int:
     node_args = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(
+    parser = new_parser(
         prog="kv-node",
         description="Run a storage node: serve the KeyValueService on HOST:PORT and register "
         "under PATH in ZooKeeper. The lowest registered node is the primary, the next the backup.",

@@ -1,0 +1,146 @@
+"""kv: use a cluster from the shell (``kv get KEY``, ``kv put KEY VALUE``, ...).
+
+The cluster is named by --zk/--path, else $KV_ZK/$KV_PATH, else 127.0.0.1:2181 and /kvstore.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from kvstore import errors
+from kvstore.cli.args import new_parser, positive_float, report_error
+from kvstore.client.client import DEFAULT_PATH, DEFAULT_ZK, Client
+from kvstore.client.status import cluster_status
+from kvstore.config import ClientConfig
+
+EXIT_OK = 0
+EXIT_NO = 1  # get/del of a missing key, cas that did not swap
+EXIT_UNAVAILABLE = 2  # ZooKeeper unreachable, no primary, timeout
+EXIT_USAGE = 64  # bad arguments (EX_USAGE)
+
+EPILOG = f"""\
+exit status: {EXIT_OK} done; {EXIT_NO} key missing (get, del) or cas did not swap;
+{EXIT_UNAVAILABLE} cluster unreachable, no primary, or timed out; {EXIT_USAGE} bad arguments.
+
+examples:
+  kv put greeting hello
+  kv get greeting                 # prints hello; nothing and exit 1 if missing
+  kv cas counter 2 --expect 1     # set to 2 only if it is 1 (--absent: only if missing)
+  kv -o json mget a b c
+  kv status"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = new_parser(
+        prog="kv",
+        description="Read and write a kvstore cluster found through ZooKeeper.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parser_class=_Parser,
+    )
+    parser.add_argument(
+        "--zk",
+        default=os.environ.get("KV_ZK", DEFAULT_ZK),
+        metavar="HOSTS",
+        help=f"ZooKeeper connect string (default $KV_ZK or {DEFAULT_ZK})",
+    )
+    parser.add_argument(
+        "--path",
+        default=os.environ.get("KV_PATH", DEFAULT_PATH),
+        help=f"the cluster's parent znode (default $KV_PATH or {DEFAULT_PATH})",
+    )
+    parser.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    parser.add_argument(
+        "--timeout", type=positive_float, default=5.0, metavar="S", help="per command (default 5)"
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser("get", help="print a key's value").add_argument("key")
+    put = commands.add_parser("put", help="set a key")
+    put.add_argument("key")
+    put.add_argument("value")
+    commands.add_parser("del", help="delete a key").add_argument("key")
+    cas = commands.add_parser("cas", help="compare-and-set: set only if the value is as expected")
+    cas.add_argument("key")
+    cas.add_argument("value", help="the new value")
+    condition = cas.add_mutually_exclusive_group(required=True)
+    condition.add_argument("--expect", metavar="OLD", help="swap only if the value is OLD")
+    condition.add_argument("--absent", action="store_true", help="swap only if the key is missing")
+    commands.add_parser("mget", help="print several keys").add_argument("keys", nargs="+")
+    commands.add_parser("status", help="list the nodes: address, role, epoch, in-sync, keys")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.getLogger("kazoo").setLevel(logging.CRITICAL)  # our one line says it all
+    try:
+        if args.command == "status":
+            return _status(args)
+        with Client(args.zk, args.path, timeout=args.timeout) as kv:
+            return _run(kv, args)
+    except errors.KVError as exc:
+        report_error("kv", exc)
+        return EXIT_UNAVAILABLE
+
+
+def _run(kv: Client, args: argparse.Namespace) -> int:
+    is_json = args.output == "json"
+    if args.command == "get":
+        value = kv.get(args.key)
+        if value is not None or is_json:
+            _emit(is_json, {"key": args.key, "value": value}, value or "")
+        return EXIT_OK if value is not None else EXIT_NO
+    if args.command == "put":
+        kv.put(args.key, args.value)
+        _emit(is_json, {"key": args.key, "ok": True}, "OK")
+        return EXIT_OK
+    if args.command == "del":
+        existed = kv.delete(args.key)
+        _emit(is_json, {"key": args.key, "deleted": existed}, "1" if existed else "0")
+        return EXIT_OK if existed else EXIT_NO
+    if args.command == "cas":
+        swapped = kv.cas(args.key, None if args.absent else args.expect, args.value)
+        _emit(is_json, {"key": args.key, "swapped": swapped}, "1" if swapped else "0")
+        return EXIT_OK if swapped else EXIT_NO
+    values = kv.get_many(args.keys)
+    text = "\n".join(f"{k}\t{'' if v is None else v}" for k, v in values.items())
+    _emit(is_json, values, text)
+    return EXIT_OK
+
+
+def _status(args: argparse.Namespace) -> int:
+    config = ClientConfig(args.zk, args.path, zk_connect_timeout_s=args.timeout)
+    reports = cluster_status(config)
+    if args.output == "json":
+        print(json.dumps([r.as_dict() for r in reports], indent=2))
+        return EXIT_OK
+    rows = [("NODE", "ADDRESS", "ROLE", "EPOCH", "IN-SYNC", "KEYS")]
+    for r in reports:
+        keys = "-" if r.keys is None else str(r.keys)
+        in_sync = "yes" if r.is_in_sync else "no"
+        rows.append((r.name, r.address, r.role, str(r.epoch), in_sync, keys))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+    if not reports:
+        print(f"(no node registered under {args.path})")
+    return EXIT_OK
+
+
+def _emit(is_json: bool, data: object, text: str) -> None:
+    print(json.dumps(data) if is_json else text)

@@ -1,0 +1,50 @@
+"""What every node of a cluster says about itself, with ZooKeeper's view (for ``kv status``)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from kvstore import errors
+from kvstore.config import ClientConfig
+from kvstore.coordination import ClusterView, connect
+from kvstore.rpc import probe
+
+
+@dataclass(frozen=True, slots=True)
+class NodeReport:
+    name: str
+    address: str
+    role: str  # what the node says, or "unreachable"
+    epoch: int
+    is_in_sync: bool
+    keys: int | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def cluster_status(config: ClientConfig, probe_timeout_ms: int = 1000) -> list[NodeReport]:
+    """One report per registered node, lowest first. Raises CoordinationError if ZooKeeper
+    cannot be read or the parent path does not exist."""
+    zk = connect(config.zk_connect, config.zk_session_timeout_s, config.zk_connect_timeout_s)
+    try:
+        view = ClusterView(zk, config.zk_path, lambda: None, config.zk_request_timeout_s)
+        if not view.exists():
+            raise errors.CoordinationError(f"{config.zk_path} does not exist")
+        meta, _ = view.meta()
+        members = view.members()
+    finally:
+        zk.stop()
+        zk.close()
+    return [_report(m.name, m.address, meta.in_sync, probe_timeout_ms) for m in members]
+
+
+def _report(name: str, address: str, in_sync: tuple[str, ...], timeout_ms: int) -> NodeReport:
+    try:
+        status = probe(address, timeout_ms)
+    except errors.KVError:
+        status = None
+    if status is None:
+        return NodeReport(name, address, "unreachable", 0, name in in_sync, None)
+    return NodeReport(name, address, status.role, status.epoch, name in in_sync, status.key_count)

@@ -1,0 +1,86 @@
+"""The kv command against a live cluster: round trips, exit codes, JSON, status, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kvstore.local.cluster import LocalCluster
+
+TIMEOUT_S = 60
+
+
+def kv(cluster: LocalCluster | None, *args: str, zk: str = "") -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    if cluster is not None:
+        env.update(KV_ZK=cluster.zk_connect, KV_PATH=cluster.zk_path)
+    command = [sys.executable, "-m", "kvstore", "kv", *(["--zk", zk] if zk else []), *args]
+    return subprocess.run(
+        command, capture_output=True, text=True, env=env, timeout=TIMEOUT_S, check=False
+    )
+
+
+def test_round_trip_and_exit_codes(cluster: LocalCluster) -> None:
+    assert kv(cluster, "put", "greeting", "hello").returncode == 0
+    got = kv(cluster, "get", "greeting")
+    assert (got.returncode, got.stdout) == (0, "hello\n")
+    missing = kv(cluster, "get", "nothing")
+    assert (missing.returncode, missing.stdout, missing.stderr) == (1, "", "")
+    assert kv(cluster, "del", "greeting").returncode == 0
+    assert kv(cluster, "get", "greeting").returncode == 1
+    assert kv(cluster, "del", "greeting").returncode == 1
+    assert kv(cluster, "cas", "n", "1", "--absent").returncode == 0
+    assert kv(cluster, "cas", "n", "2", "--expect", "9").returncode == 1
+    assert kv(cluster, "cas", "n", "2", "--expect", "1").returncode == 0
+    assert kv(cluster, "get", "n").stdout == "2\n"
+
+
+def test_json_output_parses(cluster: LocalCluster) -> None:
+    kv(cluster, "put", "a", "1")
+    values = json.loads(kv(cluster, "-o", "json", "mget", "a", "b").stdout)
+    assert values == {"a": "1", "b": None}
+    missing = kv(cluster, "-o", "json", "get", "b")
+    assert missing.returncode == 1
+    assert json.loads(missing.stdout) == {"key": "b", "value": None}
+
+
+def test_status_lists_both_nodes(cluster: LocalCluster) -> None:
+    kv(cluster, "put", "a", "1")
+    nodes = json.loads(kv(cluster, "-o", "json", "status").stdout)
+    assert sorted(n["role"] for n in nodes) == ["backup", "primary"]
+    assert all(n["is_in_sync"] and n["keys"] == 1 for n in nodes)
+    table = kv(cluster, "status").stdout.splitlines()
+    assert table[0].split() == ["NODE", "ADDRESS", "ROLE", "EPOCH", "IN-SYNC", "KEYS"]
+    assert len(table) == 3
+
+
+def test_unreachable_zookeeper_is_one_line_and_exit_2() -> None:
+    result = kv(None, "--timeout", "1", "get", "k", zk="127.0.0.1:1")
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("kv: ") and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args", [(), ("get",), ("cas", "k", "v"), ("frob",)])
+def test_usage_errors_exit_64(args: tuple[str, ...]) -> None:
+    assert kv(None, *args).returncode == 64
+
+
+@pytest.mark.parametrize(
+    "program", ["kv", "node", "client", "createznode", "check", "demo", "bench"]
+)
+def test_every_program_has_version(program: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "kvstore", program, "--version"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        check=False,
+    )
+    assert result.returncode == 0
+    assert result.stdout.split()[-1].count(".") == 2
