@@ -30,7 +30,7 @@ ALLOWED: dict[str, set[str]] = {
     "rpc": {"errors", "idl"},
     "coordination": {"errors", "config"},
     "server": {"errors", "config", "idl", "rpc", "coordination"},
-    "client": {"errors", "config", "rpc", "coordination"},
+    "client": {"errors", "config", "idl", "rpc", "coordination"},
     "check": {"errors"},
     "local": {"errors", "config", "rpc", "coordination"},
     "bench": {"errors", "config", "rpc", "coordination", "client", "check", "local"},
