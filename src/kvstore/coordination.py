@@ -195,19 +195,37 @@ class ClusterView:
         """Live members in sequence order (lowest first)."""
         with self._lock:
             if self._members_dirty:
-                self._members_dirty = False
-                try:
-                    with zookeeper_errors("reading members"):
-                        self._members = self._read_members()
-                except Exception:
-                    self._members_dirty = True
-                    raise
+                self._members = self._reread("_members_dirty", self._read_members, "members")
             return list(self._members)
 
-    def _read_members(self) -> list[Member]:
+    def lowest_child_address(self) -> str:
+        """The seed's rule, for a parent without kvstore metadata: the child znode with the
+        lowest sequence number (whatever its prefix) is the primary, and its data is its
+        host:port. "" if there is no such child."""
+        with self._lock:
+            if self._lowest_child_dirty:
+                children = self._reread(
+                    "_lowest_child_dirty", lambda: self._read_members(prefix=""), "children"
+                )
+                self._lowest_child_address = children[0].address if children else ""
+            return self._lowest_child_address
+
+    def _reread(self, dirty_flag: str, read: Callable[[], list[Member]], what: str) -> list[Member]:
+        """Read again what a watch marked dirty. The flag is cleared first, so a watch that
+        fires during the read is not lost; a failed read leaves it set."""
+        setattr(self, dirty_flag, False)
+        try:
+            with zookeeper_errors(f"reading {what}"):
+                return read()
+        except Exception:
+            setattr(self, dirty_flag, True)
+            raise
+
+    def _read_members(self, prefix: str = MEMBER_PREFIX) -> list[Member]:
+        """Children named ``prefix`` + sequence number, lowest first, with their data."""
         names = self._wait(self.zk.get_children_async(self.path, watch=self._on_members_event))
         names = sorted(
-            (n for n in names if n.startswith(MEMBER_PREFIX) and _sequence(n) >= 0), key=_sequence
+            (n for n in names if n.startswith(prefix) and _sequence(n) >= 0), key=_sequence
         )
         addresses: dict[str, str] = {}
         for name in names:
@@ -221,31 +239,6 @@ class ClusterView:
             addresses[name] = address
         self._addresses = addresses
         return [Member(n, addresses[n]) for n in names if n in addresses]
-
-    def lowest_child_address(self) -> str:
-        """The seed's rule, for a parent without kvstore metadata: the child znode with the
-        lowest sequence number (whatever its prefix) is the primary, and its data is its
-        host:port. "" if there is no such child."""
-        with self._lock:
-            if self._lowest_child_dirty:
-                self._lowest_child_dirty = False
-                try:
-                    with zookeeper_errors("reading the lowest child"):
-                        self._lowest_child_address = self._read_lowest_child()
-                except Exception:
-                    self._lowest_child_dirty = True
-                    raise
-            return self._lowest_child_address
-
-    def _read_lowest_child(self) -> str:
-        names = self._wait(self.zk.get_children_async(self.path, watch=self._on_members_event))
-        for name in sorted((n for n in names if _sequence(n) >= 0), key=_sequence):
-            try:
-                data, _ = self._wait(self.zk.get_async(f"{self.path}/{name}"))
-            except NoNodeError:
-                continue
-            return str(data.decode("utf-8", "replace"))
-        return ""
 
     def exists(self) -> bool:
         """Whether the parent path exists."""
