@@ -52,6 +52,7 @@ class Scenario:
     faults: str
     procs: int
     placement: str = "free"
+    client: str = "per-thread"  # one of CLIENT_KINDS (kvstore.bench.clients)
 
     @property
     def mix(self) -> str:
@@ -61,18 +62,34 @@ class Scenario:
     def name(self) -> str:
         return (
             f"t{self.threads}-k{self.keyspace}-r{self.read_percent}-v{self.value_bytes}-"
-            f"{self.faults}-p{self.procs}-{self.placement}"
+            f"{self.faults}-p{self.procs}-{self.placement}-{self.client}"
         )
 
     def workload(self, seconds: float) -> Workload:
         write_ratio = (100 - self.read_percent) / 100
-        return Workload(self.threads, seconds, self.keyspace, write_ratio, self.value_bytes)
+        return Workload(
+            self.threads,
+            seconds,
+            self.keyspace,
+            write_ratio,
+            self.value_bytes,
+            client=self.client,
+        )
 
 
 BASELINE = Scenario(
     threads=4, keyspace=1000, read_percent=50, value_bytes=10, faults="none", procs=1
 )
-DIMENSIONS = ("threads", "keyspace", "read_percent", "value_bytes", "faults", "procs", "placement")
+DIMENSIONS = (
+    "threads",
+    "keyspace",
+    "read_percent",
+    "value_bytes",
+    "faults",
+    "procs",
+    "placement",
+    "client",
+)
 # free: no CPU pinning. split: both nodes pinned to CPU 0 (kv-node --cpu 0), the client to the
 # other CPUs: no cross-core GIL hand-offs inside a process, and the client does not compete
 # with the nodes for a core.
@@ -90,6 +107,7 @@ class Matrix:
     faults: tuple[str, ...] = FAULT_KINDS
     procs: tuple[int, ...] = (1,)
     placement: tuple[str, ...] = ("free",)
+    client: tuple[str, ...] = ("per-thread",)
 
     def scenarios(self, full: bool = False) -> list[Scenario]:
         """The cross product if ``full``; else the baseline, then one dimension varied at a time.
@@ -237,6 +255,7 @@ COLUMNS = (
     ("faults", "faults", 12, "{}"),
     ("procs", "procs", 5, "{}"),
     ("placement", "place", 5, "{}"),
+    ("client", "client", 11, "{}"),
     ("throughput", "ops/s", 7, "{:.0f}"),
     ("p50_ms", "p50ms", 6, "{:.3f}"),
     ("p99_ms", "p99ms", 6, "{:.3f}"),

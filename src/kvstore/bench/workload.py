@@ -6,8 +6,12 @@ such a key. Every operation is logged (WatCA format, see history.py):
 - a success gets its INV and RES;
 - a definite failure (certainly not applied) is dropped from the log;
 - an indefinite put keeps its INV without RES (its outcome is unknown); an
-  indefinite get is dropped (it changed nothing).
-The next iteration is always a new operation with a new value: nothing is retried.
+  indefinite get is dropped (it changed nothing);
+- a read of a missing key (None from the shared Client) is logged as "", the
+  register's initial value.
+The next iteration is always a new operation with a new value: the worker retries
+nothing (the shared ``kvstore.Client`` retries inside a call; see
+:mod:`kvstore.bench.clients` for the client kinds).
 Latencies go into HDR histograms (microseconds); the longest gap is the longest
 time between two successful responses, over all threads.
 
@@ -21,7 +25,6 @@ cluster is gone.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import random
 import sys
@@ -36,8 +39,8 @@ from typing import Any
 from hdrh.histogram import HdrHistogram
 
 from kvstore import errors
+from kvstore.bench.clients import LoadClient, Pacer, open_clients
 from kvstore.check.history import READ, WRITE, Event
-from kvstore.client.locator import KVClient, PrimaryLocator
 from kvstore.config import ClientConfig
 
 MAX_LATENCY_US = 120_000_000
@@ -61,6 +64,7 @@ class Workload:
     value_bytes: int = 0  # 0: the seed's "value-<random 63-bit int>"
     seed: int | None = None
     thread_id_base: int = 0
+    client: str = "per-thread"  # one of kvstore.bench.clients.CLIENT_KINDS
 
 
 @dataclass
@@ -155,8 +159,8 @@ def key_names(keyspace: int) -> Sequence[str]:
 def _worker(
     tid: int,
     workload: Workload,
-    client: KVClient,
-    locator: PrimaryLocator,
+    client: LoadClient,
+    locator: Pacer,
     start_ns: int,
     deadline_ns: int,
     result: ThreadResult,
@@ -184,7 +188,7 @@ def _worker(
                 put(key, value)
             else:
                 log((began - start_ns, False, tid, READ, key, None))
-                value = get(key)
+                value = get(key) or ""  # None: missing, the register's initial value
         except errors.KVError as exc:
             result.failures[type(exc).__name__] += 1
             if is_write and not exc.is_definite:
@@ -203,20 +207,18 @@ def _worker(
 
 
 class LoadClients:
-    """One process's share of the load: a locator and one client per thread, ready to run."""
+    """One process's share of the load: its clients (of ``workload.client``'s kind), ready."""
 
     def __init__(self, workload: Workload, config: ClientConfig) -> None:
         self.workload = workload
         self.config = config
         key_names(workload.keyspace)  # built now, not on the clock
-        self.locator = PrimaryLocator(config)
-        self.clients = [KVClient(self.locator, config) for _ in range(workload.threads)]
-        with contextlib.suppress(errors.KVError):
-            self.locator.primary_address()  # look the primary up now, not on the clock
+        self.clients = open_clients(workload.client, workload.threads, config)
 
     def run(self, start_ns: int, deadline_ns: int) -> list[ThreadResult]:
         """Run every thread until ``deadline_ns``; returns in bounded time after it."""
-        results = [ThreadResult() for _ in self.clients]
+        per_thread, pacer = self.clients.per_thread, self.clients.pacer
+        results = [ThreadResult() for _ in per_thread]
         threads = [
             threading.Thread(
                 target=_worker,
@@ -224,7 +226,7 @@ class LoadClients:
                     self.workload.thread_id_base + i,
                     self.workload,
                     client,
-                    self.locator,
+                    pacer,
                     start_ns,
                     deadline_ns,
                     results[i],
@@ -232,17 +234,15 @@ class LoadClients:
                 name=f"bench-{i}",
                 daemon=True,
             )
-            for i, client in enumerate(self.clients)
+            for i, client in enumerate(per_thread)
         ]
         for thread in threads:
             thread.start()
         # An operation in progress at the deadline may take up to the RPC timeout (and a
-        # reconnect); past that, closing its connection ends it (as an unknown outcome).
-        finishing_s = (self.config.rpc_timeout_ms + self.config.connect_timeout_ms) / 1000
-        _join_all(threads, deadline_ns + int((finishing_s + STOP_GRACE_S) * 1e9))
+        # reconnect; the shared Client: its retries); past that, abort() ends it.
+        _join_all(threads, deadline_ns + int((self.clients.finishing_s + STOP_GRACE_S) * 1e9))
         if any(thread.is_alive() for thread in threads):
-            for client in self.clients:
-                client.close()
+            self.clients.abort()
             _join_all(threads, time.monotonic_ns() + int(STOP_GRACE_S * 1e9))
         stuck = sum(thread.is_alive() for thread in threads)
         if stuck:
@@ -254,9 +254,7 @@ class LoadClients:
         return results
 
     def close(self) -> None:
-        for client in self.clients:
-            client.close()
-        self.locator.close()
+        self.clients.close()
 
 
 def _join_all(threads: Iterable[threading.Thread], until_ns: int) -> None:

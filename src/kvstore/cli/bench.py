@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kvstore import errors
+from kvstore.bench.clients import CLIENT_KINDS
 from kvstore.bench.matrix import FAULT_KINDS, PLACEMENTS, Matrix, parse_mix
 from kvstore.bench.session import Session
 from kvstore.cli.args import (
@@ -38,6 +39,10 @@ def _placement_list(text: str) -> tuple[str, ...]:
     return choice_list(text, PLACEMENTS, "placements")
 
 
+def _client_list(text: str) -> tuple[str, ...]:
+    return choice_list(text, CLIENT_KINDS, "client kinds")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = new_parser(
         prog="kv-bench",
@@ -58,6 +63,8 @@ the default value of each dimension whose list contains it, else the list's firs
         "  kv-bench                      # the default one-at-a-time matrix, 15 s each\n"
         "  kv-bench --threads 4 --keyspace 1000 --mix 50/50 --value-bytes 10 --faults none "
         "--procs 1,2,4\n"
+        "  kv-bench --threads 4,16 --keyspace 1000 --mix 50/50 --value-bytes 10 --faults none "
+        "--client per-thread,shared,shared-noeo --full\n"
         "  kv-bench --no-matrix --memory-keys 1000000 --transfer-keys 100000\n"
         "  kv-bench --no-matrix --apache-client --apache-procs 1,2",
     )
@@ -122,6 +129,16 @@ def _add_matrix_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="LIST",
         help="free (no CPU pinning) and/or split: both nodes pinned to CPU 0 with kv-node --cpu 0, "
         "the client to the other CPUs (default free)",
+    )
+    parser.add_argument(
+        "--client",
+        type=_client_list,
+        default=("per-thread",),
+        metavar="LIST",
+        help="how the threads of a client process talk to the cluster: per-thread (a seed-style "
+        "client per thread: get/put, nothing retried), shared (one kvstore.Client for all "
+        "threads: reads retried, exactly-once puts) and/or shared-noeo (the shared Client with "
+        "plain puts, no exactly-once: what exactly-once costs) (default per-thread)",
     )
 
 
@@ -231,6 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.faults,
             args.procs,
             args.placement,
+            args.client,
         )
     )
     workdir = Path(args.workdir).resolve() / time.strftime("%Y%m%d-%H%M%S")

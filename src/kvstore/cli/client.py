@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from kvstore import errors
 from kvstore.bench import load
+from kvstore.bench.clients import CLIENT_KINDS, SHARED_CALL_TIMEOUT_S
 from kvstore.bench.workload import Workload, summary_lines
 from kvstore.check.history import write_events
 from kvstore.cli.args import (
@@ -67,12 +68,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="spread the THREADS over N client processes (default 1), each with its "
         "own ZooKeeper session; process i logs thread ids from i*1000 on",
     )
+    parser.add_argument(
+        "--client",
+        choices=CLIENT_KINDS,
+        default="per-thread",
+        help="per-thread: a seed-style client per thread (get/put, nothing retried; the "
+        "default); shared: one kvstore.Client for all threads of a process (reads retried, "
+        "exactly-once puts, each call retried for up to "
+        f"{SHARED_CALL_TIMEOUT_S:g} s); shared-noeo: the shared Client with plain puts "
+        "(no exactly-once)",
+    )
     args = parser.parse_args(argv)
     if not 0.0 <= args.write_ratio <= 1.0:
         parser.error("--write-ratio must be within [0, 1]")
     setup_logging("WARNING")
     workload = Workload(
-        args.threads, args.seconds, args.keyspace, args.write_ratio, args.value_bytes, args.seed
+        args.threads,
+        args.seconds,
+        args.keyspace,
+        args.write_ratio,
+        args.value_bytes,
+        args.seed,
+        client=args.client,
     )
     config = ClientConfig(
         args.zk_connect,
