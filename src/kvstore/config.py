@@ -11,6 +11,7 @@ MIB = 1024 * 1024
 # Defaults shared by several records.
 ZK_SESSION_TIMEOUT_S = 10.0
 ZK_REQUEST_TIMEOUT_S = 5.0  # kazoo would otherwise queue a request until it reconnects
+ZK_RECONNECT_MAX_DELAY_S = 1.0  # longest pause between two attempts to reach ZooKeeper
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,7 +35,7 @@ from kazoo.exceptions import BadVersionError, KazooException, NodeExistsError, N
 from kazoo.handlers.threading import KazooTimeoutError
 
 from kvstore import errors
-from kvstore.config import ZK_REQUEST_TIMEOUT_S, ZK_SESSION_TIMEOUT_S
+from kvstore.config import ZK_RECONNECT_MAX_DELAY_S, ZK_REQUEST_TIMEOUT_S, ZK_SESSION_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,10 @@ def zookeeper_errors(what: str) -> Iterator[None]:
 
 
 def connect(zk_connect: str, session_timeout_s: float, connect_timeout_s: float) -> KazooClient:
-    zk = KazooClient(hosts=zk_connect, timeout=session_timeout_s)
+    # Reconnect at least once a second: kazoo's default backoff doubles up to 60 s, which
+    # would keep a node or client away for long after a short ZooKeeper outage.
+    retry = {"max_tries": -1, "delay": 0.1, "max_delay": ZK_RECONNECT_MAX_DELAY_S}
+    zk = KazooClient(hosts=zk_connect, timeout=session_timeout_s, connection_retry=retry)
     try:
         zk.start(timeout=connect_timeout_s)
     except KazooTimeoutError:

@@ -23,6 +23,9 @@ from kvstore.local.zkserver import (
 )
 
 WAIT_S = 10.0
+# Reconnect attempts at most this far apart (kazoo's default backoff grows to 60 s, so a
+# restart that takes a few seconds on a loaded machine could outlast WAIT_S).
+RECONNECT_MAX_DELAY_S = 1.0
 
 # Run in a child process: open a 1 s session, own an ephemeral znode, then idle until killed.
 EPHEMERAL_OWNER = """
@@ -48,7 +51,11 @@ def connect(zk_server: ZooKeeperServer) -> Iterator[Callable[..., KazooClient]]:
     clients: list[KazooClient] = []
 
     def _connect(server: ZooKeeperServer = zk_server, timeout_s: float = 10.0) -> KazooClient:
-        client = KazooClient(hosts=server.connect_string, timeout=timeout_s)
+        client = KazooClient(
+            hosts=server.connect_string,
+            timeout=timeout_s,
+            connection_retry={"max_tries": -1, "max_delay": RECONNECT_MAX_DELAY_S},
+        )
         client.start(timeout=WAIT_S)
         clients.append(client)
         return client
@@ -139,7 +146,7 @@ def test_missing_jars_are_named_with_the_setup_hint(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.delenv(CLASSPATH_ENV, raising=False)
-    monkeypatch.setattr("kvstore.zkserver.JAR_DIR", tmp_path)
+    monkeypatch.setattr("kvstore.local.zkserver.JAR_DIR", tmp_path)
     with pytest.raises(ZooKeeperServerError, match=r"zookeeper\.jar.*scripts/setup"):
         find_zookeeper_classpath()
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
+from kvstore.server.sessions import SessionTable
 from kvstore.server.storage import StripedStore
 
 
@@ -43,7 +45,7 @@ def test_snapshot_stripes_covers_every_key_exactly_once(max_entries: int) -> Non
     copied: dict[str, str] = {}
     stripe, chunks = 0, 0
     while stripe != -1:
-        keys, values, stripe = store.snapshot_stripes(stripe, max_entries)
+        keys, values, _, stripe = store.snapshot_stripes(stripe, max_entries)
         assert not set(keys) & set(copied), "a key was copied twice"
         copied.update(zip(keys, values, strict=True))
         chunks += 1
@@ -53,8 +55,7 @@ def test_snapshot_stripes_covers_every_key_exactly_once(max_entries: int) -> Non
 
 
 def test_snapshot_of_empty_store_ends() -> None:
-    keys, values, next_stripe = StripedStore(4).snapshot_stripes(0, 10)
-    assert (keys, values, next_stripe) == ([], [], -1)
+    assert StripedStore(4).snapshot_stripes(0, 10) == ([], [], [], -1)
 
 
 def test_clear_empties_every_stripe() -> None:
@@ -98,3 +99,45 @@ def test_concurrent_writers_lose_nothing() -> None:
 def test_stripe_count_must_be_positive() -> None:
     with pytest.raises(ValueError):
         StripedStore(0)
+
+
+def test_exactly_once_records_travel_with_the_stripe_snapshot() -> None:
+    primary = StripedStore(8)
+    primary.apply_change("k", "v", ("client", 5, True, 1))
+    _, _, records, _ = primary.snapshot_stripes(0, 1000)
+    assert records == [("k", "client", 5, True)]
+    backup = StripedStore(3)  # another stripe count (and hash seed) than the primary's
+    backup.add_records(records)
+    assert backup.sessions_for("k").outcome("client", 5) is True
+    assert backup.sessions_for("k").outcome("client", 6) is None
+
+
+def test_a_deleted_key_is_not_brought_back_by_an_older_copy_during_a_join() -> None:
+    store = StripedStore(4)
+    store.clear()  # a join begins
+    store.apply_change("gone", None)  # a forwarded delete
+    store.apply_change("kept", "new")  # a forwarded put
+    assert store.put_if_absent_many(["gone", "kept", "other"], ["old", "old", "x"]) == 1
+    assert store.snapshot() == {"kept": "new", "other": "x"}
+    store.forget_tombstones()  # the copy is complete
+    assert store.put_if_absent_many(["gone"], ["later"]) == 1
+
+
+def test_records_below_what_the_client_still_awaits_are_dropped() -> None:
+    table = SessionTable()
+    table.record("k1", "c", 1, True, acked_below=1)
+    table.record("k2", "c", 2, False, acked_below=1)
+    assert len(table) == 2
+    table.record("k3", "c", 3, True, acked_below=3)  # 1 and 2 were answered
+    assert table.outcome("c", 1) is None and table.outcome("c", 2) is None
+    assert table.outcome("c", 3) is True
+    assert list(table.items()) == [("k3", "c", 3, True)]
+
+
+def test_records_of_an_idle_client_expire() -> None:
+    table = SessionTable(ttl_s=0.0)
+    table.record("k", "idle", 1, True, acked_below=1)
+    time.sleep(0.01)  # lets the monotonic clock move past the idle client's last write
+    table.record("k", "busy", 1, True, acked_below=1)
+    assert table.outcome("idle", 1) is None
+    assert table.outcome("busy", 1) is True
