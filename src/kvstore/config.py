@@ -22,6 +22,12 @@ class Limits:
     max_value_bytes: int = MIB
     # Largest frame a node reads; anything larger closes the connection unread.
     max_frame_bytes: int = 16 * MIB
+    # Connections served at once; one more gets UNAVAILABLE "too many connections" and is closed.
+    max_connections: int = 1024
+    # A client connection with no request for this long is closed (the primary's replication
+    # connections are exempt). A frame must arrive whole within frame_deadline_s of its first byte.
+    idle_timeout_s: float = 300.0
+    frame_deadline_s: float = 10.0
 
     @classmethod
     def for_sizes(cls, max_key_bytes: int, max_value_bytes: int) -> Limits:
@@ -59,6 +65,11 @@ class NodeConfig:
     control_tick_s: float = 0.05
     # Compare-and-set attempts of one metadata change before giving up (others keep changing it).
     meta_cas_attempts: int = 20
+    # Durability (server/wal.py): without a data directory the store lives in memory only.
+    data_dir: str | None = None
+    fsync: str = "batch"  # always | batch | never
+    snapshot_every_bytes: int = 64 * MIB  # snapshot (and trim the log) after this much log
+    snapshot_check_s: float = 1.0
 
     @property
     def address(self) -> str:

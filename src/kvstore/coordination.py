@@ -100,6 +100,15 @@ class ClusterMeta:
         return replace(self, in_sync=tuple(n for n in self.in_sync if n != name))
 
 
+def durable_id(name: str) -> str | None:
+    """The stable id in a member name ``node-<id>-<sequence>`` (a node with a data
+    directory keeps it across restarts), or None for a plain ``node-<sequence>``."""
+    if not name.startswith(MEMBER_PREFIX) or _sequence(name) < 0:
+        return None
+    middle = name[len(MEMBER_PREFIX) : -10]
+    return middle[:-1] if len(middle) > 1 and middle.endswith("-") else None
+
+
 def designated_backup(members: list[Member], primary: str) -> Member | None:
     """The node that should be the backup: the lowest member other than the primary."""
     return next((m for m in members if m.name != primary), None)
@@ -287,9 +296,11 @@ class Coordinator(ClusterView):
         path: str,
         on_change: Callable[[], None],
         request_timeout_s: float = ZK_REQUEST_TIMEOUT_S,
+        durable_id: str | None = None,
     ) -> None:
         super().__init__(zk, path, on_change, request_timeout_s)
         self.name = ""
+        self.member_prefix = MEMBER_PREFIX + (f"{durable_id}-" if durable_id else "")
 
     def register(self, address: str) -> str:
         """Create this node's ephemeral sequential znode; safe to retry after an unclear failure."""
@@ -298,7 +309,7 @@ class Coordinator(ClusterView):
                 self._wait(self.zk.ensure_path_async(self.path))
                 created = self._wait(
                     self.zk.create_async(
-                        f"{self.path}/{MEMBER_PREFIX}",
+                        f"{self.path}/{self.member_prefix}",
                         address.encode(),
                         ephemeral=True,
                         sequence=True,

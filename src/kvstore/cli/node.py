@@ -25,6 +25,7 @@ from kvstore.cli.args import (
 from kvstore.config import Limits, NodeConfig
 from kvstore.server.node import StorageNode
 from kvstore.server.roles import EXIT_RESTART
+from kvstore.server.wal import FSYNC_MODES
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -74,6 +75,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="number of lock stripes (default 256)",
     )
     parser.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="keep the store on disk in DIR (write-ahead log + snapshots): the node recovers "
+        "it after a restart, and the cluster survives losing every node at once. Without "
+        "it the store lives in memory only (as the seed's)",
+    )
+    parser.add_argument(
+        "--fsync",
+        choices=FSYNC_MODES,
+        default="batch",
+        help="with --data-dir, when a write reaches the disk before it is acknowledged: "
+        "always (one fsync per write), batch (default: concurrent writes share one fsync; "
+        "no acknowledged write is lost), never (the OS decides: a machine crash may lose "
+        "acknowledged writes)",
+    )
+    parser.add_argument(
+        "--snapshot-every-mb",
+        type=positive_int,
+        default=64,
+        metavar="MB",
+        help="with --data-dir, snapshot and trim the log after this much log (default 64)",
+    )
+    parser.add_argument(
         "--log-level", default="INFO", help="DEBUG, INFO, WARNING, ... (default INFO)"
     )
     parser.add_argument(
@@ -99,6 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         stripe_count=args.stripes,
         zk_session_timeout_s=args.session_timeout,
         lease_s=args.lease,
+        data_dir=args.data_dir,
+        fsync=args.fsync,
+        snapshot_every_bytes=args.snapshot_every_mb * 1024 * 1024,
     )
     node = StorageNode(config)
     for signum in (signal.SIGTERM, signal.SIGINT):

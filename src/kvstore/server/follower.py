@@ -22,8 +22,8 @@ import uuid
 from typing import Any
 
 from kvstore import errors
-from kvstore.coordination import ClusterMeta, Member, designated_backup
-from kvstore.rpc import Connection
+from kvstore.coordination import ClusterMeta, Member, designated_backup, durable_id
+from kvstore.rpc import Connection, probe
 from kvstore.server.replication import BackupFence
 from kvstore.server.roles import EXIT_DATA_LOST, NodeCore, NodeExit, Role, is_dead
 
@@ -37,6 +37,7 @@ class Follower:
         self._node = node
         self.fence = BackupFence(node.config.lease_s)
         self._local = threading.local()
+        self._is_waiting_logged = False
 
     def apply_replicated(
         self,
@@ -50,15 +51,16 @@ class Follower:
         store = self._node.store
         with fence.lock:
             fence.check(epoch, join_id)
-            store.put_many(keys, values)
+            position = store.put_many(keys, values)
             for change in changes:
                 record = (
                     None
                     if change.client_id is None
                     else (change.client_id, change.seq, change.outcome, change.acked_below)
                 )
-                store.apply_change(change.key, change.value, record)
+                position = store.apply_change(change.key, change.value, record) or position
             fence.granted()
+        store.wait_durable(position)  # outside the fence lock: concurrent batches share a sync
         self._local.is_from_primary = True
 
     def on_disconnect(self) -> None:
@@ -110,17 +112,59 @@ class Follower:
             return
         names = {m.name for m in members}
         if not any(name in names for name in meta.in_sync) and self._is_primary_dead(meta):
-            config = self._node.config
-            raise NodeExit(
-                EXIT_DATA_LOST,
-                f"DATA LOST: no node holding a complete copy is alive (in-sync set was "
-                f"{', '.join(meta.in_sync)}; primary {meta.primary} at {meta.primary_address}). "
-                f"Refusing to serve an incomplete store. To start over with an EMPTY store run: "
-                f"kv-createznode --reset {config.zk_connect} {config.zk_path}",
-            )
+            self._recover_or_give_up(meta, version, names)
+            return
         backup = designated_backup(members, meta.primary)
         if backup is not None and backup.name == self._node.name:
             self._join(meta, names)
+
+    def _recover_or_give_up(self, meta: ClusterMeta, version: int, names: set[str]) -> None:
+        """No member of the in-sync set is alive. Every acknowledged write is on the disk of
+        each of them that has a data directory: one of those (this node, if it is one)
+        takes over with what it recovered; else wait for one; else the data is lost."""
+        durable = {durable_id(name): name for name in meta.in_sync if durable_id(name)}
+        node = self._node
+        store_log = node.store.log
+        is_complete = store_log is not None and store_log.is_complete_copy
+        if is_complete and node.node_id in durable:
+            new_meta = ClusterMeta(meta.epoch + 1, node.name, node.config.address, (node.name,))
+            if node.cas_confirmed(new_meta, version):
+                node.become_primary(
+                    new_meta.epoch,
+                    f"recovered from disk as {durable[node.node_id]} of the last in-sync set",
+                )
+                if meta.primary in names:
+                    node.require_coordinator().remove_member(meta.primary)
+            return
+        if durable:
+            if not self._is_waiting_logged:
+                self._is_waiting_logged = True
+                log.warning(
+                    "no in-sync node is alive; waiting for one with a data directory to come "
+                    "back: %s",
+                    ", ".join(sorted(durable.values())),
+                )
+            return
+        config = node.config
+        raise NodeExit(
+            EXIT_DATA_LOST,
+            f"DATA LOST: no node holding a complete copy is alive and none of them kept its data "
+            f"on disk (in-sync set was {', '.join(meta.in_sync)}; primary {meta.primary} at "
+            f"{meta.primary_address}). Refusing to serve an incomplete store. To start over with "
+            f"an EMPTY store run: kv-createznode --reset {config.zk_connect} {config.zk_path}",
+        )
+
+    def _is_primary_serving(self, meta: ClusterMeta) -> bool:
+        """The node named primary answers at its address, as primary."""
+        try:
+            status = probe(meta.primary_address, self._node.config.probe_timeout_ms)
+        except errors.KVError:
+            return False
+        return (
+            status is not None
+            and status.node_id == meta.primary
+            and status.role == Role.PRIMARY.value
+        )
 
     def _is_primary_dead(self, meta: ClusterMeta) -> bool:
         return is_dead(meta.primary, meta.primary_address, self._node.config.probe_timeout_ms)
@@ -131,6 +175,11 @@ class Follower:
             self._node.become_primary(1, "started a new, empty store")
 
     def _join(self, meta: ClusterMeta, names: set[str]) -> None:
+        if not self._is_primary_serving(meta):
+            # Its znode may outlive it by a session timeout. Clearing the store now would
+            # throw away a copy on disk that may be the last one (see _recover_or_give_up).
+            self._forget_dead_primary(meta, names)
+            return
         self._node.role = Role.SYNCING
         self._node.epoch = meta.epoch
         self.fence.close()
@@ -156,6 +205,8 @@ class Follower:
                 stripe = chunk.next_stripe
             is_copied = True
             self._node.store.forget_tombstones()
+            if self._node.store.log is not None:
+                self._node.store.write_snapshot()  # durable before the primary lists us
             conn.call("join_done", meta.epoch, join_id)
         except errors.KVError as exc:
             if not (is_copied and self._is_listed_in_sync(meta.epoch)):
@@ -167,6 +218,8 @@ class Follower:
         finally:
             conn.close()
         self._node.role = Role.BACKUP
+        if self._node.store.log is not None:
+            self._node.store.log.is_complete_copy = True
         log.info(
             "in sync with primary %s: %d keys in %.3f s",
             meta.primary_address,

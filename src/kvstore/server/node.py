@@ -28,6 +28,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from kvstore import errors
@@ -40,6 +41,7 @@ from kvstore.server.handler import NodeHandler
 from kvstore.server.replication import BackupFailedError, Replicator
 from kvstore.server.roles import EXIT_OK, EXIT_RESTART, NodeExit, Role, is_dead
 from kvstore.server.storage import StripedStore
+from kvstore.server.wal import WriteAheadLog
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,9 @@ class StorageNode:
         self._dead_backups: list[Member] = []
         self._coordinator: Coordinator | None = None
         self._session_lost_at: float | None = None
+        self.node_id: str | None = None  # stable across restarts, with a data directory
+        if config.data_dir is not None:
+            self._open_data_dir(Path(config.data_dir))
         self._follower = Follower(self)
         self.server = RpcServer(
             config.host,
@@ -75,6 +80,22 @@ class StorageNode:
 
     # ----------------------------------------------------------------- lifecycle
 
+    def _open_data_dir(self, directory: Path) -> None:
+        """Load the store from its snapshot and log; from here on every mutation is logged."""
+        log_ = WriteAheadLog(directory, self.config.fsync)
+        self.store.log = log_
+        started = time.monotonic()
+        records = self.store.recover()
+        self.node_id = log_.node_id
+        log.info(
+            "node id %s: recovered %d keys from %s (%d records) in %.2f s",
+            log_.node_id,
+            len(self.store),
+            directory,
+            records,
+            time.monotonic() - started,
+        )
+
     def run(self) -> int:
         """Serve until stopped; returns an exit code (EXIT_RESTART: start again, empty)."""
         self.server.bind()
@@ -82,8 +103,10 @@ class StorageNode:
         config = self.config
         zk = connect(config.zk_connect, config.zk_session_timeout_s, config.zk_connect_timeout_s)
         self._coordinator = Coordinator(
-            zk, config.zk_path, self._wakeup.set, config.zk_request_timeout_s
+            zk, config.zk_path, self._wakeup.set, config.zk_request_timeout_s, self.node_id
         )
+        if self.store.log is not None:
+            threading.Thread(target=self._snapshot_loop, name="snapshots", daemon=True).start()
         self.name = self._coordinator.register(config.address)
         self.role = Role.STANDBY
         log.info("node %s serving on %s under %s", self.name, config.address, config.zk_path)
@@ -126,6 +149,31 @@ class StorageNode:
                 self._replicator = None
         if self._coordinator is not None:
             self._coordinator.close()
+        if self.store.log is not None:
+            self.store.log.close()
+
+    def _snapshot_loop(self) -> None:
+        """Snapshot when the log has grown enough (off the request path; writes go on)."""
+        log_ = self.store.log
+        assert log_ is not None
+        while not self._wakeup_stopped(self.config.snapshot_check_s):
+            if log_.bytes_since_snapshot >= self.config.snapshot_every_bytes:
+                started = time.monotonic()
+                try:
+                    self.store.write_snapshot()
+                except OSError as exc:
+                    log.error("snapshot failed (the log keeps growing): %s", exc)
+                    continue
+                log.info(
+                    "snapshot of %d keys in %.2f s", len(self.store), time.monotonic() - started
+                )
+
+    def _wakeup_stopped(self, wait_s: float) -> bool:
+        """Wait up to ``wait_s``; True once the node is stopping."""
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline and self._stop_reason is None:
+            time.sleep(min(0.1, wait_s))
+        return self._stop_reason is not None
 
     def _control_loop(self) -> None:
         while True:
@@ -259,6 +307,7 @@ class StorageNode:
                     "node stopped while replicating; outcome unknown"
                 )
             shard[key] = value
+            self.store.wait_durable(self.store.log_write(key, value))
 
     def write(
         self,
@@ -293,8 +342,11 @@ class StorageNode:
                 del shard[key]
             else:
                 shard[key] = value
+            record = None if client_id is None else (client_id, seq, acked_below)
+            position = self.store.log_write(key, value, record)
             if client_id is not None:
                 sessions.record(key, client_id, seq, True, acked_below)
+            self.store.wait_durable(position)
             return True
 
     def _replicate(self, change: object) -> None:

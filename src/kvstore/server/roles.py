@@ -58,6 +58,7 @@ class NodeCore(Protocol):
     role: Role
     epoch: int
     name: str
+    node_id: str | None  # stable across restarts: the node has a data directory
 
     @property
     def is_stopping(self) -> bool: ...

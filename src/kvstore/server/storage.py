@@ -24,6 +24,7 @@ from typing import Any
 
 from readerwriterlock import rwlock
 
+from kvstore.server import wal
 from kvstore.server.sessions import SessionTable
 
 
@@ -35,6 +36,7 @@ class StripedStore:
         self._shards: list[dict[str, str]] = [{} for _ in range(stripe_count)]
         self.sessions = [SessionTable() for _ in range(stripe_count)]
         self._tombstones: list[set[str]] | None = None
+        self.log: wal.WriteAheadLog | None = None  # set by a node with a data directory
         locks = [rwlock.RWLockFair() for _ in range(stripe_count)]
         self._read_locks = [lock.gen_rlock() for lock in locks]
         self._write_locks = [lock.gen_wlock() for lock in locks]
@@ -44,26 +46,45 @@ class StripedStore:
         with self._read_locks[i]:
             return self._shards[i].get(key)
 
-    def put(self, key: str, value: str) -> None:
+    def put(self, key: str, value: str) -> int:
+        """Set ``key``; returns the log position to wait for (0 without a log)."""
         i = hash(key) % self.stripe_count
         with self._write_locks[i]:
             self._shards[i][key] = value
+            return self.log_write(key, value)
 
-    def put_many(self, keys: list[str], values: list[str]) -> None:
-        """Apply writes in list order (one stripe lock at a time)."""
+    def put_many(self, keys: list[str], values: list[str]) -> int:
+        """Apply writes in list order (one stripe lock at a time); returns the last log
+        position to wait for."""
+        position = 0
         for key, value in zip(keys, values, strict=True):
-            self.put(key, value)
+            position = self.put(key, value)
+        return position
+
+    def log_write(self, key: str, value: str | None, record: wal.ExactlyOnce | None = None) -> int:
+        """Append a mutation to the log (call with the key's stripe write lock held, in the
+        same hold that applies it); returns its position, 0 without a log."""
+        log = self.log
+        return 0 if log is None else log.append(wal.encode(key, value, record))
+
+    def wait_durable(self, position: int) -> None:
+        if position and self.log is not None:
+            self.log.wait_durable(position)
 
     def apply_change(
         self,
         key: str,
         value: str | None,
         record: tuple[str, int, bool, int] | None = None,
-    ) -> None:
+    ) -> int:
         """Set ``key`` (delete it if ``value`` is None) and remember ``record``
-        (client_id, seq, outcome, acked_below), atomically under the stripe's lock."""
+        (client_id, seq, outcome, acked_below), atomically under the stripe's lock.
+        Returns the log position to wait for."""
         i = hash(key) % self.stripe_count
         with self._write_locks[i]:
+            position = self.log_write(
+                key, value, None if record is None else (record[0], record[1], record[3])
+            )
             if value is not None:
                 self._shards[i][key] = value
             else:
@@ -72,6 +93,7 @@ class StripedStore:
                     self._tombstones[i].add(key)
             if record is not None:
                 self.sessions[i].record(key, *record)
+            return position
 
     def put_if_absent_many(self, keys: list[str], values: list[str]) -> int:
         """Insert entries whose key is neither present nor deleted since ``clear``;
@@ -170,6 +192,43 @@ class StripedStore:
                 shard.clear()
                 sessions.clear()
             self._tombstones = [set() for _ in range(self.stripe_count)]
+            if self.log is not None:
+                self.log.reset()
+
+    # ------------------------------------------------------------------ durability
+
+    def recover(self) -> int:
+        """Load the log's snapshot and segments into this (empty) store; returns the number
+        of records read. Call before serving, from one thread."""
+        assert self.log is not None
+        count = 0
+        for mutation in self.log.recover():
+            count += 1
+            i = hash(mutation.key) % self.stripe_count
+            if mutation.kind == wal.PUT:
+                self._shards[i][mutation.key] = mutation.value  # type: ignore[assignment]
+            elif mutation.kind == wal.DELETE:
+                self._shards[i].pop(mutation.key, None)
+            record = mutation.record
+            if record is not None:
+                self.sessions[i].add_if_absent(mutation.key, record[0], record[1], mutation.outcome)
+        return count
+
+    def write_snapshot(self) -> None:
+        """Snapshot to disk without stopping writes for long, then trim the log."""
+        assert self.log is not None
+        first_segment = self.log.start_snapshot()
+        self.log.finish_snapshot(first_segment, self._snapshot_records())
+
+    def _snapshot_records(self) -> Iterator[bytes]:
+        for i in range(self.stripe_count):
+            with self._read_locks[i]:
+                items = list(self._shards[i].items())
+                records = list(self.sessions[i].items())
+            for key, value in items:
+                yield wal.encode(key, value)
+            for key, client_id, seq, outcome in records:
+                yield wal.encode_record(key, client_id, seq, outcome)
 
     def __len__(self) -> int:
         return sum(len(shard) for shard in self._shards)

@@ -1,0 +1,371 @@
+"""Durability of one node's store: a write-ahead log and snapshots (``kv-node --data-dir``).
+
+Files in the data directory:
+- ``node-id``: this node's stable id (it survives restarts; ZooKeeper names change);
+- ``wal-<segment>.log``: log segments, numbered upwards; every mutation is one record;
+- ``snapshot``: the newest snapshot; its header names the first segment to replay after it.
+
+A record is ``<u32 length><u32 crc32 of payload><u32 crc32 of the first 8 bytes><payload>``
+(the header has its own checksum, so a damaged length is not mistaken for a torn write).
+A payload is a kind byte and length-prefixed UTF-8 fields: ``P key value`` (put) or
+``D key`` (delete), each optionally followed by an exactly-once record ``client_id seq
+acked_below``; ``R key client_id seq outcome`` (a record alone, in snapshots);
+``S first_segment`` (a snapshot's header).
+
+Invariants:
+- A mutation is appended and applied to memory under its key's stripe write lock, so a
+  snapshot (taken stripe by stripe under read locks, after switching to a new segment)
+  holds every mutation of the older segments; replaying the newer ones over it gives the
+  latest value of every key (per key, the log is in apply order).
+- A write is acknowledged only after ``wait_durable`` for its position returned: with
+  ``fsync=batch`` concurrent writers share one fsync (group commit); ``always`` syncs each
+  append on its own; ``never`` leaves flushing to the OS (a crash of the machine can lose
+  acknowledged writes; a crash of the process cannot).
+- Recovery: a torn last record (a crash mid-append) is cut off with a warning; a bad
+  checksum before the end of a segment refuses to start, naming the file and offset.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import struct
+import threading
+import uuid
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvstore import errors
+
+log = logging.getLogger(__name__)
+
+FSYNC_MODES = ("always", "batch", "never")
+_HEADER = struct.Struct(">III")
+_HEADER_CHECKED = struct.Struct(">II")
+_LEN = struct.Struct(">I")
+_I64 = struct.Struct(">q")
+PUT, DELETE, RECORD, SNAPSHOT_HEADER = b"P", b"D", b"R", b"S"
+SNAPSHOT_FILE = "snapshot"
+NODE_ID_FILE = "node-id"
+
+# (client_id, seq, acked_below) of an exactly-once write
+ExactlyOnce = tuple[str, int, int]
+
+
+class CorruptLogError(errors.KVError):
+    """A log or snapshot file is damaged before its end: refusing to start."""
+
+
+@dataclass(frozen=True, slots=True)
+class Mutation:
+    """One decoded record."""
+
+    kind: bytes
+    key: str
+    value: str | None = None
+    record: ExactlyOnce | None = None
+    outcome: bool = True
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def _text(value: str) -> bytes:
+    data = value.encode()
+    return _LEN.pack(len(data)) + data
+
+
+def encode(key: str, value: str | None, record: ExactlyOnce | None = None) -> bytes:
+    """A put (or a delete, ``value`` None) as one framed record."""
+    parts = [PUT if value is not None else DELETE, _text(key)]
+    if value is not None:
+        parts.append(_text(value))
+    if record is not None:
+        parts += [_text(record[0]), _I64.pack(record[1]), _I64.pack(record[2])]
+    return frame(b"".join(parts))
+
+
+def encode_record(key: str, client_id: str, seq: int, outcome: bool) -> bytes:
+    payload = (
+        RECORD + _text(key) + _text(client_id) + _I64.pack(seq) + (b"\1" if outcome else b"\0")
+    )
+    return frame(payload)
+
+
+def frame(payload: bytes) -> bytes:
+    checked = _HEADER_CHECKED.pack(len(payload), zlib.crc32(payload))
+    return checked + _LEN.pack(zlib.crc32(checked)) + payload
+
+
+class _Reader:
+    __slots__ = ("data", "offset")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.offset = 0
+
+    def text(self) -> str:
+        (size,) = _LEN.unpack_from(self.data, self.offset)
+        start = self.offset + _LEN.size
+        self.offset = start + size
+        if self.offset > len(self.data):
+            raise ValueError("field runs past its record")
+        return self.data[start : self.offset].decode()
+
+    def i64(self) -> int:
+        (value,) = _I64.unpack_from(self.data, self.offset)
+        self.offset += _I64.size
+        return int(value)
+
+    @property
+    def has_more(self) -> bool:
+        return self.offset < len(self.data)
+
+
+def decode(payload: bytes) -> Mutation:
+    kind, reader = payload[:1], _Reader(payload[1:])
+    if kind == SNAPSHOT_HEADER:
+        return Mutation(kind, "", record=("", reader.i64(), 0))
+    key = reader.text()
+    if kind == RECORD:
+        client_id, seq = reader.text(), reader.i64()
+        return Mutation(kind, key, record=(client_id, seq, 0), outcome=reader.data[-1:] == b"\1")
+    if kind not in (PUT, DELETE):
+        raise ValueError(f"unknown record kind {kind!r}")
+    value = reader.text() if kind == PUT else None
+    record = (reader.text(), reader.i64(), reader.i64()) if reader.has_more else None
+    return Mutation(kind, key, value, record)
+
+
+def read_records(path: Path, is_torn_tail_allowed: bool) -> Iterator[Mutation]:
+    """Every record of a file. A damaged record at the very end is a torn write: the file
+    is cut there (if allowed); anywhere else it is corruption (CorruptLogError)."""
+    data = path.read_bytes()
+    offset = 0
+    while offset < len(data):
+        problem = _check_record(data, offset)
+        if problem is not None:
+            if is_torn_tail_allowed and _is_tail(data, offset):
+                log.warning(
+                    "%s: cutting a torn last record at offset %d (%s)", path, offset, problem
+                )
+                with open(path, "r+b") as file:
+                    file.truncate(offset)
+                    os.fsync(file.fileno())
+                return
+            raise CorruptLogError(
+                f"{path} is damaged at offset {offset} ({problem}); refusing to start. Move the "
+                f"data directory aside to start this node empty (it then copies from the primary)"
+            )
+        size, _, _ = _HEADER.unpack_from(data, offset)
+        payload = data[offset + _HEADER.size : offset + _HEADER.size + size]
+        offset += _HEADER.size + size
+        try:
+            yield decode(payload)
+        except (ValueError, struct.error, UnicodeDecodeError) as exc:
+            raise CorruptLogError(
+                f"{path}: undecodable record before offset {offset}: {exc}"
+            ) from None
+
+
+def _check_record(data: bytes, offset: int) -> str | None:
+    if offset + _HEADER.size > len(data):
+        return "truncated header"
+    size, crc, header_crc = _HEADER.unpack_from(data, offset)
+    if zlib.crc32(data[offset : offset + _HEADER_CHECKED.size]) != header_crc:
+        return "header checksum mismatch"
+    end = offset + _HEADER.size + size
+    if end > len(data):
+        return "truncated record"
+    if zlib.crc32(data[offset + _HEADER.size : end]) != crc:
+        return "checksum mismatch"
+    return None
+
+
+def _is_tail(data: bytes, offset: int) -> bool:
+    """A bad record is the torn tail if a crash in the middle of one append explains it: its
+    header is incomplete, or intact but its payload runs to the end of the file."""
+    if offset + _HEADER.size > len(data):
+        return True
+    size, _, header_crc = _HEADER.unpack_from(data, offset)
+    if zlib.crc32(data[offset : offset + _HEADER_CHECKED.size]) != header_crc:
+        return False
+    return offset + _HEADER.size + size >= len(data)
+
+
+# --------------------------------------------------------------------------- the log
+
+
+class WriteAheadLog:
+    """Appends records to the current segment; group commit of fsyncs."""
+
+    def __init__(self, directory: Path, fsync: str = "batch") -> None:
+        if fsync not in FSYNC_MODES:
+            raise ValueError(f"fsync must be one of {FSYNC_MODES}")
+        self.directory = directory
+        self.fsync_mode = fsync
+        directory.mkdir(parents=True, exist_ok=True)
+        self.node_id = self._node_id()
+        self._append_lock = threading.Lock()
+        self._durable = threading.Condition()
+        self._appended = 0  # bytes appended since open (a position, not a file offset)
+        self._synced = 0
+        self._is_syncing = False
+        self.bytes_since_snapshot = 0
+        self.segment = max(self.segments(), default=0)
+        self._fd = -1
+        # True while the files hold a complete copy of the store as it was when this node
+        # was last in sync: after recovery, and after a join completed. A reset (the store
+        # was cleared to copy from a primary) makes it False until then.
+        self.is_complete_copy = False
+
+    def _node_id(self) -> str:
+        path = self.directory / NODE_ID_FILE
+        if path.exists():
+            return path.read_text().strip()
+        node_id = uuid.uuid4().hex[:12]
+        _write_durably(path, node_id.encode() + b"\n")
+        return node_id
+
+    def segments(self) -> list[int]:
+        return sorted(
+            int(p.stem.split("-", 1)[1])
+            for p in self.directory.glob("wal-*.log")
+            if p.stem.split("-", 1)[1].isdigit()
+        )
+
+    def segment_path(self, segment: int) -> Path:
+        return self.directory / f"wal-{segment:08d}.log"
+
+    # ------------------------------------------------------------------ recovery
+
+    def recover(self) -> Iterator[Mutation]:
+        """The snapshot's records, then every later segment's, in order. Then the log is
+        open for appends in a new segment."""
+        first = 0
+        snapshot = self.directory / SNAPSHOT_FILE
+        if snapshot.exists():
+            records = read_records(snapshot, is_torn_tail_allowed=False)
+            header = next(records, None)
+            if header is None or header.kind != SNAPSHOT_HEADER or header.record is None:
+                raise CorruptLogError(f"{snapshot} has no header; refusing to start")
+            first = header.record[1]
+            yield from records
+        segments = [s for s in self.segments() if s >= first]
+        for i, segment in enumerate(segments):
+            yield from read_records(self.segment_path(segment), i == len(segments) - 1)
+        self._open_segment(max([*segments, first - 1, 0]) + 1)
+        self.is_complete_copy = True
+
+    def _open_segment(self, segment: int) -> None:
+        fd = os.open(self.segment_path(segment), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        _fsync_directory(self.directory)
+        old, self._fd, self.segment = self._fd, fd, segment
+        if old >= 0:
+            os.fsync(old)
+            os.close(old)
+
+    # ------------------------------------------------------------------ appending
+
+    def append(self, data: bytes) -> int:
+        """Write ``data`` (whole records); returns the position to pass to wait_durable."""
+        with self._append_lock:
+            os.write(self._fd, data)
+            self._appended += len(data)
+            self.bytes_since_snapshot += len(data)
+            position = self._appended
+        if self.fsync_mode == "always":
+            self._sync_to(position)
+        return position
+
+    def wait_durable(self, position: int) -> None:
+        """Return once everything up to ``position`` is on disk (group commit: one thread
+        syncs for everyone who appended before it started)."""
+        if self.fsync_mode == "never" or self._synced >= position:
+            return
+        self._sync_to(position)
+
+    def _sync_to(self, position: int) -> None:
+        with self._durable:
+            while self._synced < position:
+                if self._is_syncing:
+                    self._durable.wait()
+                    continue
+                self._is_syncing = True
+                target = self._appended
+                fd = self._fd
+                self._durable.release()
+                try:
+                    os.fsync(fd)
+                finally:
+                    self._durable.acquire()
+                    self._is_syncing = False
+                self._synced = max(self._synced, target)
+                self._durable.notify_all()
+
+    # ------------------------------------------------------------------ snapshots
+
+    def start_snapshot(self) -> int:
+        """Switch appends to a new segment; returns it (the snapshot's first segment)."""
+        with self._append_lock:
+            self._open_segment(self.segment + 1)
+            self.bytes_since_snapshot = 0
+            return self.segment
+
+    def finish_snapshot(self, first_segment: int, records: Iterator[bytes]) -> None:
+        """Write the snapshot durably, then drop the segments it covers."""
+        temporary = self.directory / (SNAPSHOT_FILE + ".tmp")
+        with open(temporary, "wb") as file:
+            file.write(frame(SNAPSHOT_HEADER + _I64.pack(first_segment)))
+            for record in records:
+                file.write(record)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, self.directory / SNAPSHOT_FILE)
+        _fsync_directory(self.directory)
+        for segment in self.segments():
+            if segment < first_segment:
+                self.segment_path(segment).unlink()
+
+    def reset(self) -> None:
+        """Forget everything on disk (the store was cleared to copy from a primary)."""
+        with self._append_lock:
+            segment = self.segment + 1
+            self._open_segment(segment)
+            with contextlib.suppress(FileNotFoundError):
+                (self.directory / SNAPSHOT_FILE).unlink()
+            for old in self.segments():
+                if old < segment:
+                    self.segment_path(old).unlink()
+            _fsync_directory(self.directory)
+            self.bytes_since_snapshot = 0
+            self.is_complete_copy = False
+
+    def close(self) -> None:
+        with self._append_lock:
+            if self._fd >= 0:
+                if self.fsync_mode != "never":
+                    os.fsync(self._fd)
+                os.close(self._fd)
+                self._fd = -1
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    temporary = path.with_suffix(".tmp")
+    with open(temporary, "wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

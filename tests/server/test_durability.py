@@ -1,0 +1,72 @@
+"""Nodes with --data-dir: the cluster survives losing every node at once (kill -9 of both),
+and recovers from any one member of the last in-sync set that kept its disk."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import kvstore
+from kvstore.local.cluster import LocalCluster
+from kvstore.local.zkserver import ZooKeeperServer
+
+KEYS = 300
+
+
+@pytest.fixture
+def durable_cluster(
+    zk_server: ZooKeeperServer, zk_path: str, tmp_path: Path
+) -> Iterator[LocalCluster]:
+    cluster = LocalCluster(zk_server.connect_string, zk_path, tmp_path / "logs", size=2)
+    for i, node in enumerate(cluster.nodes):
+        node.extra_args += ["--data-dir", str(tmp_path / f"data-{i}"), "--snapshot-every-mb", "1"]
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def write_keys(cluster: LocalCluster) -> dict[str, str | None]:
+    with kvstore.Client(cluster.zk_connect, cluster.zk_path, timeout=10) as kv:
+        for i in range(KEYS):
+            kv.put(f"k{i}", f"v{i}-" + "x" * 4000)  # ~1.2 MB: at least one snapshot
+        for i in range(0, KEYS, 3):
+            assert kv.delete(f"k{i}")
+        assert kv.cas("k1", f"v1-{'x' * 4000}", "swapped")
+        return kv.get_many([f"k{i}" for i in range(KEYS)])
+
+
+def read_keys(cluster: LocalCluster) -> dict[str, str | None]:
+    with kvstore.Client(cluster.zk_connect, cluster.zk_path, timeout=30) as kv:
+        return kv.get_many([f"k{i}" for i in range(KEYS)])
+
+
+def kill_all_then_start(cluster: LocalCluster, wipe: Path | None = None) -> None:
+    for node in cluster.nodes:
+        node.kill()
+    if wipe is not None:
+        shutil.rmtree(wipe)
+    for node in cluster.nodes:
+        node.start()
+    cluster.wait_for("primary")
+
+
+def test_every_acknowledged_write_survives_kill_9_of_every_node(
+    durable_cluster: LocalCluster,
+) -> None:
+    expected = write_keys(durable_cluster)
+    kill_all_then_start(durable_cluster)
+    assert read_keys(durable_cluster) == expected
+    durable_cluster.wait_for("backup")  # and the other node catches up
+
+
+def test_one_surviving_disk_of_the_in_sync_set_is_enough(
+    durable_cluster: LocalCluster, tmp_path: Path
+) -> None:
+    expected = write_keys(durable_cluster)
+    kill_all_then_start(durable_cluster, wipe=tmp_path / "data-0")
+    assert read_keys(durable_cluster) == expected

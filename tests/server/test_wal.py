@@ -1,0 +1,125 @@
+"""The write-ahead log and snapshots on real files: recovery, trimming, torn and corrupt
+records, group commit."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from kvstore.server import wal
+from kvstore.server.storage import StripedStore
+from kvstore.server.wal import CorruptLogError, WriteAheadLog
+
+
+def durable_store(directory: Path, fsync: str = "batch") -> StripedStore:
+    store = StripedStore(8)
+    store.log = WriteAheadLog(directory, fsync)
+    store.recover()
+    return store
+
+
+def fill(store: StripedStore) -> None:
+    store.wait_durable(store.put_many([f"k{i}" for i in range(100)], ["v"] * 100))
+    for i in range(0, 100, 3):
+        store.wait_durable(store.apply_change(f"k{i}", None))
+    store.wait_durable(store.apply_change("k1", "changed", ("client", 7, True, 1)))
+
+
+def reopened(directory: Path) -> StripedStore:
+    store = durable_store(directory)
+    assert store.log is not None
+    return store
+
+
+def test_the_store_comes_back_after_a_restart(tmp_path: Path) -> None:
+    store = durable_store(tmp_path)
+    fill(store)
+    expected = store.snapshot()
+    store.log.close()  # type: ignore[union-attr]
+    again = reopened(tmp_path)
+    assert again.snapshot() == expected
+    assert again.sessions_for("k1").outcome("client", 7) is True
+    assert again.log.node_id == store.log.node_id  # type: ignore[union-attr]
+
+
+def test_a_snapshot_trims_the_log_and_recovery_replays_what_came_after(tmp_path: Path) -> None:
+    store = durable_store(tmp_path)
+    fill(store)
+    old_segments = store.log.segments()  # type: ignore[union-attr]
+    store.write_snapshot()
+    store.wait_durable(store.put("after", "snapshot"))
+    store.wait_durable(store.apply_change("k2", None))
+    expected = store.snapshot()
+    assert not set(old_segments) & set(store.log.segments())  # type: ignore[union-attr]
+    store.log.close()  # type: ignore[union-attr]
+    assert reopened(tmp_path).snapshot() == expected
+
+
+def test_a_torn_last_record_is_cut_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = durable_store(tmp_path)
+    fill(store)
+    expected = store.snapshot()
+    log = store.log
+    assert log is not None
+    segment = log.segment_path(log.segment)
+    log.close()
+    with open(segment, "ab") as file:
+        file.write(wal.encode("torn", "x" * 100)[:30])  # a crash in the middle of an append
+    with caplog.at_level(logging.WARNING):
+        assert reopened(tmp_path).snapshot() == expected
+    assert "torn last record" in caplog.text
+
+
+def test_a_damaged_record_before_the_end_refuses_to_start(tmp_path: Path) -> None:
+    store = durable_store(tmp_path)
+    fill(store)
+    log = store.log
+    assert log is not None
+    segment = log.segment_path(log.segment)
+    log.close()
+    data = bytearray(segment.read_bytes())
+    data[20] ^= 0xFF  # inside the first record; many follow it
+    segment.write_bytes(bytes(data))
+    with pytest.raises(CorruptLogError, match=rf"{segment.name} is damaged at offset 0"):
+        durable_store(tmp_path)
+
+
+def test_concurrent_writers_share_one_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = durable_store(tmp_path)
+    writers = 8
+    appended = threading.Barrier(writers)
+    fsyncs: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (fsyncs.append(fd), real_fsync(fd)))
+
+    def write(i: int) -> None:
+        position = store.put(f"k{i}", "v")
+        appended.wait(timeout=10)  # every writer appended before anyone syncs
+        store.wait_durable(position)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(writers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert len(fsyncs) == 1
+
+
+def test_clearing_the_store_forgets_the_disk_copy(tmp_path: Path) -> None:
+    store = durable_store(tmp_path)
+    fill(store)
+    store.write_snapshot()
+    assert store.log is not None and store.log.is_complete_copy
+    store.clear()  # a join begins: the copy on disk is void
+    assert not store.log.is_complete_copy
+    store.wait_durable(store.put("forwarded", "v"))
+    store.log.close()
+    assert reopened(tmp_path).snapshot() == {"forwarded": "v"}
