@@ -172,7 +172,11 @@ class Client:
         conn = self._connection(address)
         try:
             return conn.call(method, *args)
-        except (errors.NotPrimaryError, errors.ConnectError, errors.UnavailableError):
+        except errors.NotPrimaryError as exc:
+            self._locator.refresh()
+            self._locator.use_hint(exc.primary_address)
+            raise
+        except (errors.ConnectError, errors.UnavailableError):
             self._locator.refresh()
             raise
 

@@ -9,6 +9,7 @@ caller, never silently sent again.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from typing import Any
@@ -18,9 +19,18 @@ from kvstore.config import ClientConfig
 from kvstore.coordination import ClusterView, connect
 from kvstore.rpc import Connection
 
+REFRESH_RETRY_S = 0.2  # between attempts to re-read the primary while ZooKeeper is away
+
 
 class PrimaryLocator:
-    """Shared by all threads of a client: the primary's address, kept fresh by watches."""
+    """Shared by all threads of a client: the primary's address, kept off the request path.
+
+    Once the primary is known, requests never wait for ZooKeeper: ``primary_address``
+    returns the cached address. Watches, session changes and ``refresh`` (after a node
+    refused a request) only wake a background thread that re-reads the metadata; while
+    ZooKeeper is unreachable the last known primary keeps serving. A node's NotPrimary
+    answer names the primary it knows (``use_hint``), which is used at once.
+    """
 
     def __init__(self, config: ClientConfig) -> None:
         self._zk = connect(
@@ -37,35 +47,75 @@ class PrimaryLocator:
                 f"{config.zk_path} does not exist: create it with "
                 f"kv-createznode {config.zk_connect} {config.zk_path}"
             )
+        self._address = ""
+        self._is_seed = False
+        self._is_closed = False
+        self._stale = threading.Event()
+        with contextlib.suppress(errors.KVError):
+            self._read()  # the first look-up, before anyone asks
+        threading.Thread(target=self._refresh_loop, name="kv-locator", daemon=True).start()
 
     def _on_change(self) -> None:
+        """From kazoo's threads: never block."""
+        self._stale.set()
+        self._bump()
+
+    def _bump(self) -> None:
         with self._changed:
             self._generation += 1
             self._changed.notify_all()
+
+    def _refresh_loop(self) -> None:
+        while not self._is_closed:
+            self._stale.wait()
+            self._stale.clear()
+            if self._is_closed:
+                return
+            try:
+                self._read()
+            except errors.KVError:
+                self._stale.set()  # ZooKeeper unreachable: keep the cached primary, try again
+                time.sleep(REFRESH_RETRY_S)
+
+    def _read(self) -> None:
+        meta, _ = self._view.meta()
+        if meta.is_initialized:
+            address, is_seed = meta.primary_address, False
+        else:  # no kvstore metadata: the seed's rule
+            address, is_seed = self._view.lowest_child_address(), True
+        is_changed = address != self._address
+        self._address, self._is_seed = address, is_seed
+        if is_changed:
+            self._bump()
 
     @property
     def generation(self) -> int:
         return self._generation
 
     def primary_address(self) -> str:
-        """The primary's host:port, or "" if there is none right now.
+        """The primary's host:port as last known, or "" if none is known yet.
 
         A parent znode without kvstore metadata is taken for a cluster of the seed's
         nodes: its lowest child is the primary (the seed's rule).
         """
-        meta, _ = self._view.meta()
-        if meta.is_initialized:
-            return meta.primary_address
-        return self._view.lowest_child_address()
+        return self._address
 
     @property
     def is_seed_cluster(self) -> bool:
         """True while the parent znode carries no kvstore metadata (seed nodes, or a new
         cluster whose first node has not taken the primary role yet)."""
-        return not self._view.meta()[0].is_initialized
+        return self._is_seed
 
     def refresh(self) -> None:
+        """Re-read the primary from ZooKeeper, in the background."""
         self._view.refresh()
+        self._stale.set()
+
+    def use_hint(self, address: str) -> None:
+        """A node said the primary is at ``address``: use it until ZooKeeper says more."""
+        if address and address != self._address:
+            self._address = address
+            self._bump()
 
     def wait_for_change(self, generation: int, timeout_s: float) -> None:
         """Wait (at most timeout_s) until ZooKeeper reports a change after ``generation``."""
@@ -73,6 +123,8 @@ class PrimaryLocator:
             self._changed.wait_for(lambda: self._generation != generation, timeout_s)
 
     def close(self) -> None:
+        self._is_closed = True
+        self._stale.set()
         self._zk.stop()
         self._zk.close()
 
@@ -116,7 +168,11 @@ class KVClient:
             )
         try:
             return conn.call(method, *args)
-        except (errors.NotPrimaryError, errors.ConnectError, errors.UnavailableError):
+        except errors.NotPrimaryError as exc:
+            self._locator.refresh()
+            self._locator.use_hint(exc.primary_address)
+            raise
+        except (errors.ConnectError, errors.UnavailableError):
             self._locator.refresh()
             raise
 

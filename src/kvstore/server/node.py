@@ -62,6 +62,7 @@ class StorageNode:
         self._replicator: Replicator | None = None
         self._backup_lock = threading.Lock()
         self._wakeup = threading.Event()
+        self._stopping = threading.Event()  # set once, when the node starts to stop
         self._stop_reason: NodeExit | None = None
         self._dead_backups: list[Member] = []
         self._coordinator: Coordinator | None = None
@@ -105,6 +106,7 @@ class StorageNode:
         self._coordinator = Coordinator(
             zk, config.zk_path, self._wakeup.set, config.zk_request_timeout_s, self.node_id
         )
+        threading.Thread(target=self._heartbeat_loop, name="heartbeats", daemon=True).start()
         if self.store.log is not None:
             threading.Thread(target=self._snapshot_loop, name="snapshots", daemon=True).start()
         self.name = self._coordinator.register(config.address)
@@ -124,6 +126,7 @@ class StorageNode:
         self.role = Role.STOPPED
         if self._stop_reason is None:
             self._stop_reason = NodeExit(code, reason)
+        self._stopping.set()
         self._wakeup.set()
 
     @property
@@ -135,6 +138,7 @@ class StorageNode:
 
     def _shutdown(self) -> None:
         self.role = Role.STOPPED
+        self._stopping.set()
         reason = self._stop_reason
         log.log(
             logging.INFO if reason is None or reason.code == EXIT_OK else logging.WARNING,
@@ -156,7 +160,7 @@ class StorageNode:
         """Snapshot when the log has grown enough (off the request path; writes go on)."""
         log_ = self.store.log
         assert log_ is not None
-        while not self._wakeup_stopped(self.config.snapshot_check_s):
+        while not self._stopping.wait(self.config.snapshot_check_s):
             if log_.bytes_since_snapshot >= self.config.snapshot_every_bytes:
                 started = time.monotonic()
                 try:
@@ -168,12 +172,16 @@ class StorageNode:
                     "snapshot of %d keys in %.2f s", len(self.store), time.monotonic() - started
                 )
 
-    def _wakeup_stopped(self, wait_s: float) -> bool:
-        """Wait up to ``wait_s``; True once the node is stopping."""
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline and self._stop_reason is None:
-            time.sleep(min(0.1, wait_s))
-        return self._stop_reason is not None
+    def _heartbeat_loop(self) -> None:
+        """Renew the primary's lease on a thread of its own: the control loop may wait
+        seconds for ZooKeeper, and a lease that lapses then would cause a needless failover."""
+        interval_s = self.config.heartbeat_interval_s
+        while not self._stopping.wait(interval_s / 4):
+            if self.role == Role.PRIMARY:
+                try:
+                    self._heartbeat_if_due()
+                except Exception as exc:  # dropping the backup needs ZooKeeper; try again
+                    log.warning("heartbeat step failed: %r", exc)
 
     def _control_loop(self) -> None:
         while True:
@@ -182,8 +190,6 @@ class StorageNode:
             if self._stop_reason is not None:
                 raise self._stop_reason
             try:
-                if self.role == Role.PRIMARY:
-                    self._heartbeat_if_due()  # first: it must not wait for ZooKeeper
                 self._evaluate()
             except NodeExit:
                 raise
