@@ -5,7 +5,7 @@ Units are in the names: *_s seconds, *_ms milliseconds, *_bytes bytes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 MIB = 1024 * 1024
 # Defaults shared by several records.
@@ -65,11 +65,16 @@ class NodeConfig:
     control_tick_s: float = 0.05
     # Compare-and-set attempts of one metadata change before giving up (others keep changing it).
     meta_cas_attempts: int = 20
+    # Prometheus metrics and /healthz on this port (None: off; 0: any free port).
+    metrics_port: int | None = None
     # Durability (server/wal.py): without a data directory the store lives in memory only.
     data_dir: str | None = None
     fsync: str = "batch"  # always | batch | never
     snapshot_every_bytes: int = 64 * MIB  # snapshot (and trim the log) after this much log
     snapshot_check_s: float = 1.0
+    # ZooKeeper digest credentials "user:password": the node authenticates with them and
+    # every znode it creates is writable only by them (readable by anyone). None: world-open.
+    zk_auth: str | None = field(default=None, repr=False)
 
     @property
     def address(self) -> str:

@@ -12,6 +12,13 @@ Layout under the parent path P (created by ``kv-createznode``):
   that bumps the epoch, and only if it is in the in-sync set; a primary drops a
   failed backup from the set (by CAS) before it acknowledges writes without it.
 
+Access control: given digest credentials (``user:password``), every znode kvstore
+creates (the parent, member znodes) gets :func:`secure_acl` — ALL for that digest
+identity, READ for anyone — so clients still find the primary anonymously but only
+holders of the credentials can register, delete members or change the metadata.
+Without credentials znodes are world-open, as in the seed. A member whose name
+has no 10-digit sequence, or whose data is not ``host:port``, is never a member.
+
 Every request is bounded by ``request_timeout_s`` (a timeout is a CoordinationError;
 for a compare-and-set its outcome is unknown until read back). Reads are cached
 and re-read only after a ZooKeeper watch fired, so polling
@@ -31,8 +38,15 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kazoo.client import KazooClient, KazooState
-from kazoo.exceptions import BadVersionError, KazooException, NodeExistsError, NoNodeError
+from kazoo.exceptions import (
+    BadVersionError,
+    KazooException,
+    NoAuthError,
+    NodeExistsError,
+    NoNodeError,
+)
 from kazoo.handlers.threading import KazooTimeoutError
+from kazoo.security import ACL, READ_ACL_UNSAFE, Permissions, make_digest_acl
 
 from kvstore import errors
 from kvstore.config import ZK_RECONNECT_MAX_DELAY_S, ZK_REQUEST_TIMEOUT_S, ZK_SESSION_TIMEOUT_S
@@ -49,7 +63,7 @@ class Member:
 
     @property
     def sequence(self) -> int:
-        return int(self.name.rsplit("-", 1)[-1])
+        return _sequence(self.name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,20 +128,62 @@ def designated_backup(members: list[Member], primary: str) -> Member | None:
     return next((m for m in members if m.name != primary), None)
 
 
+def split_auth(auth: str) -> tuple[str, str]:
+    """``user:password`` -> (user, password); the password may contain ':'."""
+    user, sep, password = auth.partition(":")
+    if not sep or not user or not password:
+        raise errors.CoordinationError("ZooKeeper credentials must be USER:PASSWORD")
+    return user, password
+
+
+def secure_acl(auth: str) -> list[ACL]:
+    """ALL for the digest identity of ``auth``, READ for anyone."""
+    user, password = split_auth(auth)
+    return [make_digest_acl(user, password, all=True), *READ_ACL_UNSAFE]
+
+
+def _is_world_writable(acls: list[ACL]) -> bool:
+    """Whether anyone at all may do more than read (world:anyone beyond READ)."""
+    return any(acl.id.scheme == "world" and acl.perms & ~Permissions.READ for acl in acls)
+
+
+def is_address(text: str) -> bool:
+    """Whether a member's data looks like ``host:port`` (port 1..65535, no spaces)."""
+    host, sep, port = text.rpartition(":")
+    return (
+        bool(sep and host and port.isdigit())
+        and 0 < int(port) < 65536
+        and not any(c.isspace() for c in text)
+    )
+
+
 @contextmanager
 def zookeeper_errors(what: str) -> Iterator[None]:
     """Map kazoo's exceptions to CoordinationError: kazoo types stay inside this module."""
     try:
         yield
+    except NoAuthError:
+        raise errors.CoordinationError(
+            f"ZooKeeper {what} refused: not authorized (NoAuth). These znodes are writable "
+            "only with the cluster's credentials (--zk-auth USER:PASSWORD or $KV_ZK_AUTH); "
+            "none or wrong ones were given"
+        ) from None
     except (KazooException, KazooTimeoutError) as exc:
         raise errors.CoordinationError(f"ZooKeeper {what} failed: {exc!r}") from None
 
 
-def connect(zk_connect: str, session_timeout_s: float, connect_timeout_s: float) -> KazooClient:
+def connect(
+    zk_connect: str, session_timeout_s: float, connect_timeout_s: float, auth: str | None = None
+) -> KazooClient:
+    """A started session. With ``auth`` (``user:password``) it authenticates by digest and
+    every znode it creates gets :func:`secure_acl`."""
     # Reconnect at least once a second: kazoo's default backoff doubles up to 60 s, which
     # would keep a node or client away for long after a short ZooKeeper outage.
     retry = {"max_tries": -1, "delay": 0.1, "max_delay": ZK_RECONNECT_MAX_DELAY_S}
-    zk = KazooClient(hosts=zk_connect, timeout=session_timeout_s, connection_retry=retry)
+    secure: dict[str, Any] = {}
+    if auth is not None:
+        secure = {"auth_data": [("digest", auth)], "default_acl": secure_acl(auth)}
+    zk = KazooClient(hosts=zk_connect, timeout=session_timeout_s, connection_retry=retry, **secure)
     try:
         zk.start(timeout=connect_timeout_s)
     except KazooTimeoutError:
@@ -138,21 +194,72 @@ def connect(zk_connect: str, session_timeout_s: float, connect_timeout_s: float)
     return zk
 
 
-def create_parent(zk_connect: str, path: str, reset: bool = False, timeout_s: float = 10.0) -> str:
-    """Create ``path`` (and its parents). With ``reset``, clear its cluster metadata."""
-    zk = connect(zk_connect, session_timeout_s=ZK_SESSION_TIMEOUT_S, connect_timeout_s=timeout_s)
+def create_parent(
+    zk_connect: str,
+    path: str,
+    reset: bool = False,
+    timeout_s: float = 10.0,
+    auth: str | None = None,
+    secure_existing: bool = False,
+) -> str:
+    """Create ``path`` (and its parents; with ``auth``, with :func:`secure_acl`). With
+    ``reset``, clear its cluster metadata. With ``secure_existing`` (needs ``auth``), give
+    an existing parent and its members the secure ACL. Returns what was done."""
+    if secure_existing and auth is None:
+        raise errors.CoordinationError("securing an existing parent needs credentials")
+    zk = connect(zk_connect, ZK_SESSION_TIMEOUT_S, timeout_s, auth)
     try:
-        try:
-            zk.create(path, b"", makepath=True)
-            return "created"
-        except NodeExistsError:
-            if not reset:
-                return "exists"
-            zk.set(path, b"")
-            return "reset"
+        with zookeeper_errors(f"creating {path}"):
+            try:
+                zk.create(path, b"", makepath=True)
+                return "created" + (" (secure ACL)" if auth else "")
+            except NodeExistsError:
+                done = ["exists"]
+            if secure_existing:
+                assert auth is not None
+                done.append(_secure_existing(zk, path, auth))
+            elif auth is not None and _is_world_writable(zk.get_acls(path)[0]):
+                done.append("but writable by anyone (--secure-existing tightens it)")
+            if reset:
+                zk.set(path, b"")
+                done.append("reset")
+            return ", ".join(done)
     finally:
         zk.stop()
         zk.close()
+
+
+def _secure_existing(zk: KazooClient, path: str, auth: str) -> str:
+    """Set the secure ACL on ``path`` and on each of its children."""
+    acl = secure_acl(auth)
+    zk.set_acls(path, acl)
+    secured = 0
+    for name in zk.get_children(path):
+        with contextlib.suppress(NoNodeError):
+            zk.set_acls(f"{path}/{name}", acl)
+            secured += 1
+    return f"secured (ACL: {describe_acl(acl)}; and {secured} member znodes)"
+
+
+def describe_acl(acls: list[ACL]) -> str:
+    """A short human form, e.g. ``digest:kv:...=ALL, world:anyone=READ``."""
+    names = {
+        Permissions.READ: "READ",
+        Permissions.WRITE: "WRITE",
+        Permissions.CREATE: "CREATE",
+        Permissions.DELETE: "DELETE",
+        Permissions.ADMIN: "ADMIN",
+    }
+    parts = []
+    for acl in acls:
+        perms = (
+            "ALL"
+            if acl.perms == Permissions.ALL
+            else "|".join(name for bit, name in names.items() if acl.perms & bit)
+        )
+        ident = acl.id.id.split(":", 1)[0] + ":..." if acl.id.scheme == "digest" else acl.id.id
+        parts.append(f"{acl.id.scheme}:{ident}={perms or 'NONE'}")
+    return ", ".join(parts)
 
 
 class ClusterView:
@@ -174,6 +281,7 @@ class ClusterView:
         self._lowest_child_dirty = True
         self._lowest_child_address = ""
         self._addresses: dict[str, str] = {}
+        self._ignored: set[str] = set()  # children whose data is not host:port (logged once)
         self._meta_state: tuple[ClusterMeta, int] = (ClusterMeta(), -1)
         # The cached metadata is fresh while _meta_seen == _meta_wanted; a watch or a
         # refresh bumps _meta_wanted, a completed read sets _meta_seen to what it served.
@@ -234,28 +342,47 @@ class ClusterView:
             raise
 
     def _read_members(self, prefix: str = MEMBER_PREFIX) -> list[Member]:
-        """Children named ``prefix`` + sequence number, lowest first, with their data."""
-        names = self._wait(self.zk.get_children_async(self.path, watch=self._on_members_event))
+        """Children named ``prefix`` + sequence number, lowest first, with their data;
+        a child whose data is not ``host:port`` is ignored (and logged once)."""
+        children = self._wait(self.zk.get_children_async(self.path, watch=self._on_members_event))
+        self._ignored &= set(children)
         names = sorted(
-            (n for n in names if n.startswith(prefix) and _sequence(n) >= 0), key=_sequence
+            (n for n in children if n.startswith(prefix) and _sequence(n) >= 0), key=_sequence
         )
         addresses: dict[str, str] = {}
         for name in names:
             address = self._addresses.get(name)
-            if address is None:
-                try:
-                    data, _ = self._wait(self.zk.get_async(f"{self.path}/{name}"))
-                except NoNodeError:
-                    continue
-                address = data.decode("utf-8", "replace")
-            addresses[name] = address
+            if address is None and name not in self._ignored:
+                address = self._read_address(name)
+            if address is not None:
+                addresses[name] = address
         self._addresses = addresses
         return [Member(n, addresses[n]) for n in names if n in addresses]
+
+    def _read_address(self, name: str) -> str | None:
+        """A child's ``host:port``; None if it is gone or its data is something else."""
+        try:
+            data, _ = self._wait(self.zk.get_async(f"{self.path}/{name}"))
+        except NoNodeError:
+            return None
+        address = str(data.decode("utf-8", "replace"))
+        if is_address(address):
+            return address
+        self._ignored.add(name)
+        log.warning("ignoring %s/%s: its data %r is not host:port", self.path, name, address[:80])
+        return None
 
     def exists(self) -> bool:
         """Whether the parent path exists."""
         with zookeeper_errors("checking the parent path"):
             return self._wait(self.zk.exists_async(self.path)) is not None
+
+    def parent_acl(self) -> tuple[bool, str]:
+        """Whether anyone may change the parent znode (more than READ for world:anyone),
+        and its ACL in a short human form."""
+        with zookeeper_errors("reading the parent's ACL"):
+            acls, _ = self._wait(self.zk.get_acls_async(self.path))
+        return _is_world_writable(acls), describe_acl(acls)
 
     def meta(self) -> tuple[ClusterMeta, int]:
         """The metadata and the parent znode's version (for compare-and-set)."""
@@ -305,7 +432,7 @@ class Coordinator(ClusterView):
     def register(self, address: str) -> str:
         """Create this node's ephemeral sequential znode; safe to retry after an unclear failure."""
         try:
-            with zookeeper_errors("registration"):
+            with zookeeper_errors(f"registration under {self.path}"):
                 self._wait(self.zk.ensure_path_async(self.path))
                 created = self._wait(
                     self.zk.create_async(
@@ -337,6 +464,30 @@ class Coordinator(ClusterView):
                 if data == address.encode() and stat.ephemeralOwner == session_id:
                     return str(name)
         return None
+
+    def warn_if_world_writable(self, has_auth: bool) -> None:
+        """Log one warning if anyone may change this cluster's ZooKeeper state."""
+        if not has_auth:
+            log.warning(
+                "no ZooKeeper credentials (--zk-auth): the cluster's state under %s is "
+                "writable by anyone who can reach ZooKeeper (they can depose the primary)",
+                self.path,
+            )
+            return
+        try:
+            is_open, acl = self.parent_acl()
+        except errors.CoordinationError as exc:
+            log.warning("cannot read the ACL of %s: %s", self.path, exc)
+            return
+        if is_open:
+            log.warning(
+                "%s is writable by anyone (ACL: %s) although this node has credentials: "
+                "secure it with kv-createznode --zk-auth USER:PASSWORD --secure-existing "
+                "ZK_CONNECT %s",
+                self.path,
+                acl,
+                self.path,
+            )
 
     def is_usable(self) -> bool:
         """Connected, with a session: requests can go through now."""

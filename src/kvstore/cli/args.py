@@ -81,6 +81,44 @@ def add_cluster_arguments(parser: argparse.ArgumentParser, path_help: str) -> No
     parser.add_argument("zk_path", metavar="PATH", help=path_help)
 
 
+ZK_AUTH_ENV = "KV_ZK_AUTH"
+
+
+def add_zk_auth_arguments(parser: argparse.ArgumentParser) -> None:
+    """--zk-auth / --zk-auth-file: the ZooKeeper digest credentials (else $KV_ZK_AUTH)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--zk-auth",
+        metavar="USER:PASSWORD",
+        help="authenticate to ZooKeeper by digest; znodes created are then writable only "
+        f"with these credentials and readable by anyone. Also read from ${ZK_AUTH_ENV} "
+        "(which, unlike this option, does not show in ps). Default: none, world-open znodes",
+    )
+    group.add_argument(
+        "--zk-auth-file",
+        metavar="FILE",
+        help="read USER:PASSWORD for --zk-auth from the first line of FILE",
+    )
+
+
+def zk_auth_from(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
+    """The credentials from --zk-auth, --zk-auth-file or $KV_ZK_AUTH (in that order)."""
+    auth = args.zk_auth
+    if args.zk_auth_file:
+        try:
+            with open(args.zk_auth_file, encoding="utf-8") as file:
+                auth = file.readline().strip()
+        except OSError as exc:
+            parser.error(f"--zk-auth-file: {exc.strerror}: {args.zk_auth_file}")
+    if auth is None:
+        auth = os.environ.get(ZK_AUTH_ENV) or None
+    if auth is not None:
+        user, sep, password = auth.partition(":")
+        if not (user and sep and password):
+            parser.error("ZooKeeper credentials must be USER:PASSWORD (both non-empty)")
+    return auth
+
+
 def report_error(prog: str, exc: BaseException) -> None:
     """The one line a program prints on stderr when it gives up."""
     print(f"{prog}: {exc}", file=sys.stderr)

@@ -5,7 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from kvstore import errors
-from kvstore.cli.args import add_cluster_arguments, new_parser, report_error, setup_logging
+from kvstore.cli.args import (
+    add_cluster_arguments,
+    add_zk_auth_arguments,
+    new_parser,
+    report_error,
+    setup_logging,
+    zk_auth_from,
+)
 from kvstore.coordination import create_parent
 
 
@@ -13,7 +20,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = new_parser(
         prog="kv-createznode",
         description="Create the parent znode PATH (and its parents) that nodes register under. "
-        "Succeeds if it exists already.",
+        "Succeeds if it exists already. With credentials (--zk-auth, --zk-auth-file or "
+        "$KV_ZK_AUTH) it gets an ACL that lets only them change the cluster (anyone may read).",
     )
     add_cluster_arguments(parser, "parent znode, e.g. /kvstore")
     parser.add_argument(
@@ -22,10 +30,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also clear the cluster metadata: the next node starts a NEW, EMPTY store. "
         "Only for when the data is lost anyway (every node holding it died)",
     )
+    add_zk_auth_arguments(parser)
+    parser.add_argument(
+        "--secure-existing",
+        action="store_true",
+        help="if PATH exists, give it (and its member znodes) the ACL of the credentials: "
+        "writable only with them, readable by anyone. Needs credentials",
+    )
     args = parser.parse_args(argv)
+    auth = zk_auth_from(parser, args)
+    if args.secure_existing and auth is None:
+        parser.error(
+            "--secure-existing needs credentials (--zk-auth, --zk-auth-file or $KV_ZK_AUTH)"
+        )
     setup_logging("WARNING")
     try:
-        outcome = create_parent(args.zk_connect, args.zk_path, reset=args.reset)
+        outcome = create_parent(
+            args.zk_connect,
+            args.zk_path,
+            reset=args.reset,
+            auth=auth,
+            secure_existing=args.secure_existing,
+        )
     except errors.KVError as exc:
         report_error("kv-createznode", exc)
         return 1

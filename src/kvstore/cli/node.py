@@ -16,11 +16,13 @@ from collections.abc import Sequence
 from kvstore import errors
 from kvstore.cli.args import (
     add_cluster_arguments,
+    add_zk_auth_arguments,
     cpu_list,
     new_parser,
     positive_float,
     positive_int,
     setup_logging,
+    zk_auth_from,
 )
 from kvstore.config import Limits, NodeConfig
 from kvstore.server.node import StorageNode
@@ -97,6 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="MB",
         help="with --data-dir, snapshot and trim the log after this much log (default 64)",
     )
+    add_zk_auth_arguments(parser)
     parser.add_argument(
         "--log-level", default="INFO", help="DEBUG, INFO, WARNING, ... (default INFO)"
     )
@@ -110,6 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "GIL hand-offs between its threads",
     )
     args = parser.parse_args(node_args)
+    zk_auth = zk_auth_from(parser, args)
     setup_logging(args.log_level)
     if args.cpu:
         os.sched_setaffinity(0, args.cpu)  # before any thread starts: all of them inherit it
@@ -126,6 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         data_dir=args.data_dir,
         fsync=args.fsync,
         snapshot_every_bytes=args.snapshot_every_mb * 1024 * 1024,
+        zk_auth=zk_auth,
     )
     node = StorageNode(config)
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -20,6 +20,17 @@ from kvstore.local.processes import free_port, terminate, wait_until
 from kvstore.rpc import probe
 
 
+def redacted(command: Sequence[str]) -> list[str]:
+    """``command`` with the value of --zk-auth masked, for logs."""
+    shown = list(command)
+    for i, arg in enumerate(shown):
+        if arg.startswith("--zk-auth="):
+            shown[i] = "--zk-auth=***"
+        elif i > 0 and shown[i - 1] == "--zk-auth":
+            shown[i] = "***"
+    return shown
+
+
 class NodeProcess:
     """One ``kv-node`` child process on a fixed loopback port (kept across restarts)."""
 
@@ -63,7 +74,7 @@ class NodeProcess:
             *self.extra_args,
         ]
         with open(self.log_path, "ab") as log:
-            log.write(f"--- starting: {' '.join(command)}\n".encode())
+            log.write(f"--- starting: {' '.join(redacted(command))}\n".encode())
             log.flush()
             self.process = subprocess.Popen(
                 command,

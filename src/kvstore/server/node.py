@@ -102,14 +102,24 @@ class StorageNode:
         self.server.bind()
         self.server.start()
         config = self.config
-        zk = connect(config.zk_connect, config.zk_session_timeout_s, config.zk_connect_timeout_s)
+        zk = connect(
+            config.zk_connect,
+            config.zk_session_timeout_s,
+            config.zk_connect_timeout_s,
+            config.zk_auth,
+        )
         self._coordinator = Coordinator(
             zk, config.zk_path, self._wakeup.set, config.zk_request_timeout_s, self.node_id
         )
         threading.Thread(target=self._heartbeat_loop, name="heartbeats", daemon=True).start()
         if self.store.log is not None:
             threading.Thread(target=self._snapshot_loop, name="snapshots", daemon=True).start()
-        self.name = self._coordinator.register(config.address)
+        try:
+            self.name = self._coordinator.register(config.address)
+        except errors.CoordinationError:
+            self._coordinator.close()  # e.g. NoAuth: wrong credentials; kv-node says so, exit 1
+            raise
+        self._coordinator.warn_if_world_writable(has_auth=config.zk_auth is not None)
         self.role = Role.STANDBY
         log.info("node %s serving on %s under %s", self.name, config.address, config.zk_path)
         try:

@@ -1,0 +1,291 @@
+"""ZooKeeper access control against a real ZooKeeper: with digest credentials the parent and
+member znodes are writable only with them (readable by anyone), so an anonymous session can
+neither register, delete a member nor change the metadata, and the hijack of the "Security"
+issue (a fake child plus a compare-and-set naming it primary) fails while the cluster keeps
+serving. Garbage children never count as members. Without credentials nothing changes."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from kazoo.client import KazooClient
+from kazoo.exceptions import NoAuthError
+from kazoo.security import ACL, OPEN_ACL_UNSAFE, Permissions
+
+import kvstore
+from kvstore import errors
+from kvstore.cli import createznode
+from kvstore.cli.args import add_zk_auth_arguments, zk_auth_from
+from kvstore.coordination import (
+    ClusterMeta,
+    ClusterView,
+    Coordinator,
+    Member,
+    connect,
+    create_parent,
+    durable_id,
+    is_address,
+)
+from kvstore.local.cluster import LocalCluster, NodeProcess
+from kvstore.local.processes import free_port, wait_until
+from kvstore.local.zkserver import ZooKeeperServer
+
+AUTH = "kvstore:s3cret"
+NODE_EXIT_TIMEOUT_S = 60.0
+SERVE_FOR_S = 1.5  # the issue's hijack took the cluster down "within a second"
+SECURE = {("digest", "kvstore"): Permissions.ALL, ("world", "anyone"): Permissions.READ}
+
+
+def perms(acls: list[ACL]) -> dict[tuple[str, str], int]:
+    """Permissions by identity; ZooKeeper hides digest hashes from those without ADMIN."""
+    return {(acl.id.scheme, acl.id.id.split(":", 1)[0]): acl.perms for acl in acls}
+
+
+@pytest.fixture
+def anonymous(zk_server: ZooKeeperServer) -> Iterator[KazooClient]:
+    """A ZooKeeper session without credentials, as anyone on the network could open."""
+    zk = connect(zk_server.connect_string, 10.0, 10.0)
+    try:
+        yield zk
+    finally:
+        zk.stop()
+        zk.close()
+
+
+def register(zk_server: ZooKeeperServer, path: str, address: str, auth: str | None) -> Coordinator:
+    coordinator = Coordinator(
+        connect(zk_server.connect_string, 10.0, 10.0, auth), path, lambda: None
+    )
+    coordinator.register(address)
+    return coordinator
+
+
+# ----------------------------------------------------------------- credentials and ACLs
+
+
+def test_anonymous_session_cannot_change_a_secured_cluster(
+    zk_server: ZooKeeperServer, zk_path: str, anonymous: KazooClient
+) -> None:
+    assert create_parent(zk_server.connect_string, zk_path, auth=AUTH) == "created (secure ACL)"
+    node = register(zk_server, zk_path, "127.0.0.1:9", AUTH)
+    try:
+        member = f"{zk_path}/{node.name}"
+        assert perms(anonymous.get_acls(zk_path)[0]) == SECURE
+        assert perms(anonymous.get_acls(member)[0]) == SECURE
+        with pytest.raises(NoAuthError):
+            anonymous.create(f"{zk_path}/node-", b"127.0.0.1:1", ephemeral=True, sequence=True)
+        with pytest.raises(NoAuthError):
+            anonymous.set(zk_path, ClusterMeta(7, "node-x", "127.0.0.1:1").to_bytes())
+        with pytest.raises(NoAuthError):
+            anonymous.delete(member)
+        with pytest.raises(NoAuthError):
+            anonymous.set_acls(zk_path, OPEN_ACL_UNSAFE)
+        # Reading stays open: clients find the primary without credentials.
+        assert anonymous.get_children(zk_path) == [node.name]
+        assert anonymous.get(member)[0] == b"127.0.0.1:9"
+        # The credentials can change the metadata.
+        _, version = node.meta()
+        assert node.compare_and_set(ClusterMeta(1, node.name, "127.0.0.1:9"), version)
+    finally:
+        node.close()
+
+
+def test_registration_without_the_credentials_is_refused_clearly(
+    zk_server: ZooKeeperServer, zk_path: str
+) -> None:
+    create_parent(zk_server.connect_string, zk_path, auth=AUTH)
+    for auth in (None, "kvstore:wrong"):
+        coordinator = Coordinator(
+            connect(zk_server.connect_string, 10.0, 10.0, auth), zk_path, lambda: None
+        )
+        try:
+            with pytest.raises(errors.CoordinationError, match="not authorized"):
+                coordinator.register("127.0.0.1:9")
+            assert coordinator.members() == []
+        finally:
+            coordinator.close()
+
+
+def test_node_with_wrong_password_exits_with_a_clear_error(
+    zk_server: ZooKeeperServer, zk_path: str, tmp_path: Path
+) -> None:
+    create_parent(zk_server.connect_string, zk_path, auth=AUTH)
+    auth_file = tmp_path / "zk-auth"
+    auth_file.write_text("kvstore:wrong\n")
+    command = [sys.executable, "-m", "kvstore", "node", "127.0.0.1", str(free_port())]
+    command += [zk_server.connect_string, zk_path, "--zk-auth-file", str(auth_file)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=NODE_EXIT_TIMEOUT_S)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "not authorized (NoAuth)" in output
+    assert "--zk-auth" in output
+    assert "Traceback" not in output
+
+
+def test_secure_existing_tightens_a_world_writable_parent(
+    zk_server: ZooKeeperServer,
+    zk_path: str,
+    anonymous: KazooClient,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert createznode.main([zk_server.connect_string, zk_path]) == 0
+    open_node = register(zk_server, zk_path, "127.0.0.1:9", None)
+    try:
+        anonymous.set(zk_path, b"")  # world-open, as the seed's
+        assert createznode.main(["--zk-auth", AUTH, zk_server.connect_string, zk_path]) == 0
+        assert "writable by anyone (--secure-existing" in capsys.readouterr().out
+        argv = ["--zk-auth", AUTH, "--secure-existing", zk_server.connect_string, zk_path]
+        assert createznode.main(argv) == 0
+        assert "secured" in capsys.readouterr().out
+        assert perms(anonymous.get_acls(zk_path)[0]) == SECURE
+        assert perms(anonymous.get_acls(f"{zk_path}/{open_node.name}")[0]) == SECURE
+        with pytest.raises(NoAuthError):
+            anonymous.set(zk_path, b"")
+        with pytest.raises(NoAuthError):
+            anonymous.create(f"{zk_path}/node-x", b"127.0.0.1:1")
+    finally:
+        open_node.close()
+
+
+def test_secure_existing_needs_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KV_ZK_AUTH", raising=False)
+    with pytest.raises(SystemExit) as exited:
+        createznode.main(["--secure-existing", "127.0.0.1:1", "/kvstore"])
+    assert exited.value.code == 2
+
+
+def test_credentials_come_from_option_file_or_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    parser = argparse.ArgumentParser()
+    add_zk_auth_arguments(parser)
+    monkeypatch.delenv("KV_ZK_AUTH", raising=False)
+    assert zk_auth_from(parser, parser.parse_args([])) is None
+    assert zk_auth_from(parser, parser.parse_args(["--zk-auth", "u:p:q"])) == "u:p:q"
+    (tmp_path / "auth").write_text("file:pw\n")
+    assert zk_auth_from(parser, parser.parse_args(["--zk-auth-file", str(tmp_path / "auth")]))
+    monkeypatch.setenv("KV_ZK_AUTH", "env:pw")
+    assert zk_auth_from(parser, parser.parse_args([])) == "env:pw"
+    assert zk_auth_from(parser, parser.parse_args(["--zk-auth", "u:p"])) == "u:p"
+    for bad in (["--zk-auth", "nopassword"], ["--zk-auth", ":pw"], ["--zk-auth-file", "/none"]):
+        with pytest.raises(SystemExit):
+            zk_auth_from(parser, parser.parse_args(bad))
+
+
+# ----------------------------------------------------------------- garbage members
+
+
+def test_garbage_children_are_never_members(
+    zk_server: ZooKeeperServer,
+    zk_path: str,
+    anonymous: KazooClient,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Without credentials anyone may add children: none that is not node-<...><10 digits>
+    with host:port data may sort lowest (the seed's rule included) or count as a member."""
+    create_parent(zk_server.connect_string, zk_path)
+    bad_data = anonymous.create(f"{zk_path}/node-", b"not an address", sequence=True)
+    for name in ("node-x", "node-", "node-12345", "aaa", "node-x-000000001"):
+        anonymous.create(f"{zk_path}/{name}", b"127.0.0.1:1")
+    good = anonymous.create(f"{zk_path}/node-", b"127.0.0.1:9999", sequence=True)
+    view = ClusterView(anonymous, zk_path, lambda: None)
+    with caplog.at_level(logging.WARNING, logger="kvstore.coordination"):
+        assert view.members() == [Member(good.rsplit("/", 1)[-1], "127.0.0.1:9999")]
+        assert view.lowest_child_address() == "127.0.0.1:9999"
+        view.refresh()
+        view.members()
+    ignored = [r for r in caplog.records if "is not host:port" in r.getMessage()]
+    assert len(ignored) == 1 and bad_data.rsplit("/", 1)[-1] in ignored[0].getMessage()
+    assert Member("node-x", "127.0.0.1:1").sequence == -1
+    assert durable_id("node-x") is None
+
+
+def test_member_data_must_be_host_and_port() -> None:
+    for good in ("127.0.0.1:9090", "localhost:1", "::1:65535", "db-1.example:80"):
+        assert is_address(good), good
+    for bad in ("", "127.0.0.1", ":9090", "h:0", "h:65536", "h:p", "h :1", "h:1\n", "x" * 5):
+        assert not is_address(bad), bad
+
+
+# ----------------------------------------------------------------- real clusters
+
+
+def test_hijack_fails_and_the_secured_cluster_keeps_serving(
+    zk_server: ZooKeeperServer,
+    zk_path: str,
+    anonymous: KazooClient,
+    tmp_path: Path,
+) -> None:
+    cluster = LocalCluster(
+        zk_server.connect_string, zk_path, tmp_path, size=2, node_args=["--zk-auth", AUTH]
+    )
+    try:
+        cluster.start()  # the first node creates the parent itself, with the secure ACL
+        assert perms(anonymous.get_acls(zk_path)[0]) == SECURE
+        primary = cluster.wait_for("primary").status()
+        with kvstore.Client(zk_server.connect_string, zk_path, timeout=10) as kv:
+            kv.put("before", "1")
+            # The issue's hijack: a child node-x, then a CAS naming it primary (epoch + 1).
+            with pytest.raises(NoAuthError):
+                anonymous.create(f"{zk_path}/node-x", b"127.0.0.1:1", ephemeral=True)
+            data, stat = anonymous.get(zk_path)
+            meta = ClusterMeta.from_bytes(data)
+            forged = ClusterMeta(meta.epoch + 1, "node-x", "127.0.0.1:1", ("node-x",))
+            with pytest.raises(NoAuthError):
+                anonymous.set(zk_path, forged.to_bytes(), version=stat.version)
+            keep_serving(kv, SERVE_FOR_S)
+        after = cluster.wait_for("primary").status()
+        assert (after.node_id, after.epoch) == (primary.node_id, primary.epoch)
+        cluster.wait_for("backup")
+        logs = cluster.logs(200)
+        assert "deposed" not in logs and "restarting" not in logs, logs
+        assert "writable by anyone" not in logs, logs
+        assert AUTH.split(":")[1] not in logs  # the password is masked in the logs
+    finally:
+        cluster.stop()
+
+
+def keep_serving(kv: kvstore.Client, seconds: float) -> None:
+    """Write and read back for ``seconds``: every operation must succeed."""
+    deadline = time.monotonic() + seconds
+    count = 0
+    while time.monotonic() < deadline:
+        kv.put(f"k{count % 10}", str(count))
+        assert kv.get(f"k{count % 10}") == str(count)
+        count += 1
+    assert kv.get("before") == "1"
+
+
+def test_nodes_warn_when_anyone_can_write(
+    zk_server: ZooKeeperServer, zk_path: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node without credentials says the cluster is writable by anyone; one with
+    credentials (here from $KV_ZK_AUTH) on a world-open parent says how to secure it."""
+    create_parent(zk_server.connect_string, zk_path)  # world-open, as today
+    plain = NodeProcess(zk_server.connect_string, zk_path, tmp_path)
+    secured = NodeProcess(zk_server.connect_string, zk_path, tmp_path)
+    try:
+        monkeypatch.delenv("KV_ZK_AUTH", raising=False)
+        plain.start()
+        plain.wait_for_role(["primary"])
+        monkeypatch.setenv("KV_ZK_AUTH", AUTH)  # inherited by the next node process only
+        secured.start()
+        secured.wait_for_role(["backup"])
+        wait_for_log(plain, "no ZooKeeper credentials")
+        wait_for_log(secured, "--secure-existing")
+        assert "writable by anyone (ACL: world:anyone=ALL)" in secured.log_tail(200)
+        assert "no ZooKeeper credentials" not in secured.log_tail(200)
+    finally:
+        plain.stop()
+        secured.stop()
+
+
+def wait_for_log(node: NodeProcess, text: str, timeout_s: float = 10.0) -> None:
+    wait_until(lambda: text in node.log_tail(200) or None, timeout_s, node.log_tail)
