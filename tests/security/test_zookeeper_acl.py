@@ -39,6 +39,10 @@ from kvstore.local.zkserver import ZooKeeperServer
 
 AUTH = "kvstore:s3cret"
 NODE_EXIT_TIMEOUT_S = 60.0
+SESSION_S = 10.0
+# A first connection attempt that reaches a server still starting can hang for a whole
+# session timeout before kazoo retries: allow several attempts on a loaded machine.
+CONNECT_S = 30.0
 SERVE_FOR_S = 1.5  # the issue's hijack took the cluster down "within a second"
 SECURE = {("digest", "kvstore"): Permissions.ALL, ("world", "anyone"): Permissions.READ}
 
@@ -51,7 +55,7 @@ def perms(acls: list[ACL]) -> dict[tuple[str, str], int]:
 @pytest.fixture
 def anonymous(zk_server: ZooKeeperServer) -> Iterator[KazooClient]:
     """A ZooKeeper session without credentials, as anyone on the network could open."""
-    zk = connect(zk_server.connect_string, 10.0, 10.0)
+    zk = connect(zk_server.connect_string, SESSION_S, CONNECT_S)
     try:
         yield zk
     finally:
@@ -61,7 +65,7 @@ def anonymous(zk_server: ZooKeeperServer) -> Iterator[KazooClient]:
 
 def register(zk_server: ZooKeeperServer, path: str, address: str, auth: str | None) -> Coordinator:
     coordinator = Coordinator(
-        connect(zk_server.connect_string, 10.0, 10.0, auth), path, lambda: None
+        connect(zk_server.connect_string, SESSION_S, CONNECT_S, auth), path, lambda: None
     )
     coordinator.register(address)
     return coordinator
@@ -73,7 +77,10 @@ def register(zk_server: ZooKeeperServer, path: str, address: str, auth: str | No
 def test_anonymous_session_cannot_change_a_secured_cluster(
     zk_server: ZooKeeperServer, zk_path: str, anonymous: KazooClient
 ) -> None:
-    assert create_parent(zk_server.connect_string, zk_path, auth=AUTH) == "created (secure ACL)"
+    assert (
+        create_parent(zk_server.connect_string, zk_path, timeout_s=CONNECT_S, auth=AUTH)
+        == "created (secure ACL)"
+    )
     node = register(zk_server, zk_path, "127.0.0.1:9", AUTH)
     try:
         member = f"{zk_path}/{node.name}"
@@ -100,10 +107,10 @@ def test_anonymous_session_cannot_change_a_secured_cluster(
 def test_registration_without_the_credentials_is_refused_clearly(
     zk_server: ZooKeeperServer, zk_path: str
 ) -> None:
-    create_parent(zk_server.connect_string, zk_path, auth=AUTH)
+    create_parent(zk_server.connect_string, zk_path, timeout_s=CONNECT_S, auth=AUTH)
     for auth in (None, "kvstore:wrong"):
         coordinator = Coordinator(
-            connect(zk_server.connect_string, 10.0, 10.0, auth), zk_path, lambda: None
+            connect(zk_server.connect_string, SESSION_S, CONNECT_S, auth), zk_path, lambda: None
         )
         try:
             with pytest.raises(errors.CoordinationError, match="not authorized"):
@@ -116,7 +123,7 @@ def test_registration_without_the_credentials_is_refused_clearly(
 def test_node_with_wrong_password_exits_with_a_clear_error(
     zk_server: ZooKeeperServer, zk_path: str, tmp_path: Path
 ) -> None:
-    create_parent(zk_server.connect_string, zk_path, auth=AUTH)
+    create_parent(zk_server.connect_string, zk_path, timeout_s=CONNECT_S, auth=AUTH)
     auth_file = tmp_path / "zk-auth"
     auth_file.write_text("kvstore:wrong\n")
     command = [sys.executable, "-m", "kvstore", "node", "127.0.0.1", str(free_port())]
@@ -190,7 +197,7 @@ def test_garbage_children_are_never_members(
 ) -> None:
     """Without credentials anyone may add children: none that is not node-<...><10 digits>
     with host:port data may sort lowest (the seed's rule included) or count as a member."""
-    create_parent(zk_server.connect_string, zk_path)
+    create_parent(zk_server.connect_string, zk_path, timeout_s=CONNECT_S)
     bad_data = anonymous.create(f"{zk_path}/node-", b"not an address", sequence=True)
     for name in ("node-x", "node-", "node-12345", "aaa", "node-x-000000001"):
         anonymous.create(f"{zk_path}/{name}", b"127.0.0.1:1")
@@ -268,7 +275,7 @@ def test_nodes_warn_when_anyone_can_write(
 ) -> None:
     """A node without credentials says the cluster is writable by anyone; one with
     credentials (here from $KV_ZK_AUTH) on a world-open parent says how to secure it."""
-    create_parent(zk_server.connect_string, zk_path)  # world-open, as today
+    create_parent(zk_server.connect_string, zk_path, timeout_s=CONNECT_S)  # world-open, as today
     plain = NodeProcess(zk_server.connect_string, zk_path, tmp_path)
     secured = NodeProcess(zk_server.connect_string, zk_path, tmp_path)
     try:

@@ -61,11 +61,16 @@ class Follower:
                 position = store.apply_change(change.key, change.value, record) or position
             fence.granted()
         store.wait_durable(position)  # outside the fence lock: concurrent batches share a sync
-        self._local.is_from_primary = True
+        self._local.join_id = join_id
 
-    def on_disconnect(self) -> None:
-        if getattr(self._local, "is_from_primary", False):
+    def on_disconnect(self, is_orderly: bool = False) -> None:
+        """A connection ended (in its own thread): if the primary replicated on it, suspect
+        the primary at once; an orderly close (EOF) of the current join's line proves it left."""
+        join_id = getattr(self._local, "join_id", None)
+        if join_id is not None:
             self.fence.connection_closed_at = time.monotonic()
+            if is_orderly:
+                self.fence.closed_in_order(join_id)
             self._node.wake()
 
     def evaluate_backup(self, meta: ClusterMeta, version: int, members: list[Member]) -> None:
@@ -81,7 +86,7 @@ class Follower:
         names = {m.name for m in members}
         if meta.primary in names and not self.fence.is_suspect(self._node.config.suspect_after_s):
             return
-        is_primary_dead = self._is_primary_dead(meta)
+        is_primary_dead = self.fence.has_primary_left or self._is_primary_dead(meta)
         if not self.fence.fence_if(is_primary_dead):
             return  # the old primary may still serve reads on its lease: wait it out
         self._take_over(
@@ -111,7 +116,8 @@ class Follower:
                 self._start_new_cluster(version)
             return
         names = {m.name for m in members}
-        if not any(name in names for name in meta.in_sync) and self._is_primary_dead(meta):
+        is_primary_gone = meta.primary not in names or self._is_primary_dead(meta)
+        if not any(name in names for name in meta.in_sync) and is_primary_gone:
             self._recover_or_give_up(meta, version, names)
             return
         backup = designated_backup(members, meta.primary)
@@ -132,6 +138,7 @@ class Follower:
                 node.become_primary(
                     new_meta.epoch,
                     f"recovered from disk as {durable[node.node_id]} of the last in-sync set",
+                    "recovery",
                 )
                 if meta.primary in names:
                     node.require_coordinator().remove_member(meta.primary)
@@ -172,7 +179,7 @@ class Follower:
     def _start_new_cluster(self, version: int) -> None:
         meta = ClusterMeta(1, self._node.name, self._node.config.address, (self._node.name,))
         if self._node.cas_confirmed(meta, version):
-            self._node.become_primary(1, "started a new, empty store")
+            self._node.become_primary(1, "started a new, empty store", "new")
 
     def _join(self, meta: ClusterMeta, names: set[str]) -> None:
         if not self._is_primary_serving(meta):
@@ -218,6 +225,8 @@ class Follower:
         finally:
             conn.close()
         self._node.role = Role.BACKUP
+        self._node.metrics.transfer_keys.inc(len(self._node.store))
+        self._node.metrics.transfer_seconds.observe(time.monotonic() - started)
         if self._node.store.log is not None:
             self._node.store.log.is_complete_copy = True
         log.info(

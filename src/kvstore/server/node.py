@@ -34,10 +34,11 @@ from typing import Any
 from kvstore import errors
 from kvstore.config import NodeConfig
 from kvstore.coordination import ClusterMeta, Coordinator, Member, connect, designated_backup
-from kvstore.idl import Change, NodeStatus, SyncChunk
+from kvstore.idl import Change, KeyValueService, NodeStatus, SyncChunk
 from kvstore.rpc import RpcServer
 from kvstore.server.follower import Follower
 from kvstore.server.handler import NodeHandler
+from kvstore.server.metrics import MetricsServer, NodeMetrics, NodeState, instrument
 from kvstore.server.replication import BackupFailedError, Replicator
 from kvstore.server.roles import EXIT_OK, EXIT_RESTART, NodeExit, Role, is_dead
 from kvstore.server.storage import StripedStore
@@ -68,13 +69,19 @@ class StorageNode:
         self._coordinator: Coordinator | None = None
         self._session_lost_at: float | None = None
         self.node_id: str | None = None  # stable across restarts, with a data directory
+        self.metrics = NodeMetrics(self._metrics_state)
+        self._metrics_server: MetricsServer | None = None
+        self._in_sync_size = 0
         if config.data_dir is not None:
             self._open_data_dir(Path(config.data_dir))
         self._follower = Follower(self)
+        handler = NodeHandler(self, config.limits)
+        if config.metrics_port is not None:
+            instrument(handler, list(KeyValueService.thrift_services), self.metrics)
         self.server = RpcServer(
             config.host,
             config.port,
-            NodeHandler(self, config.limits),
+            handler,
             config.limits.max_frame_bytes,
             on_disconnect=self._follower.on_disconnect,
         )
@@ -83,7 +90,7 @@ class StorageNode:
 
     def _open_data_dir(self, directory: Path) -> None:
         """Load the store from its snapshot and log; from here on every mutation is logged."""
-        log_ = WriteAheadLog(directory, self.config.fsync)
+        log_ = WriteAheadLog(directory, self.config.fsync, self.metrics.fsync_seconds.observe)
         self.store.log = log_
         started = time.monotonic()
         records = self.store.recover()
@@ -102,6 +109,10 @@ class StorageNode:
         self.server.bind()
         self.server.start()
         config = self.config
+        if config.metrics_port is not None:
+            self._metrics_server = MetricsServer(config.host, config.metrics_port, self.metrics)
+            self._metrics_server.start()
+            log.info("metrics on http://%s:%d/metrics", config.host, self._metrics_server.port)
         zk = connect(
             config.zk_connect,
             config.zk_session_timeout_s,
@@ -165,6 +176,14 @@ class StorageNode:
             self._coordinator.close()
         if self.store.log is not None:
             self.store.log.close()
+        if self._metrics_server is not None:
+            self._metrics_server.close()
+
+    def _metrics_state(self) -> NodeState:
+        connections = getattr(self.server, "connection_count", 0)
+        return NodeState(
+            self.role.value, self.epoch, self._in_sync_size, len(self.store), connections
+        )
 
     def _snapshot_loop(self) -> None:
         """Snapshot when the log has grown enough (off the request path; writes go on)."""
@@ -215,9 +234,10 @@ class StorageNode:
         meta, version = coordinator.meta()
         members = coordinator.members()
         self.primary_address = meta.primary_address
+        self._in_sync_size = len(meta.in_sync)
         if self.role != Role.PRIMARY and meta.primary == self.name:
             # Only this node writes its own name as primary: a CAS whose reply was lost.
-            self.become_primary(meta.epoch, "the metadata names this node primary")
+            self.become_primary(meta.epoch, "the metadata names this node primary", "confirmed")
         if self.role == Role.PRIMARY:
             self._evaluate_primary(meta)
         elif self.role == Role.BACKUP:
@@ -269,10 +289,13 @@ class StorageNode:
                 return True
             raise
 
-    def become_primary(self, epoch: int, why: str) -> None:
+    def become_primary(self, epoch: int, why: str, kind: str = "takeover") -> None:
+        """Serve as primary of ``epoch``; ``kind`` (takeover, recovery, new, confirmed)
+        labels the failover metric."""
         self.epoch = epoch
         self.primary_address = self.config.address
         self.role = Role.PRIMARY
+        self.metrics.failovers.labels(kind).inc()
         log.warning("primary now (epoch %d, %d keys): %s", epoch, len(self.store), why)
 
     def require_coordinator(self) -> Coordinator:
@@ -304,7 +327,8 @@ class StorageNode:
     def _remove_dead_backups(self) -> None:
         while self._dead_backups:
             member = self._dead_backups.pop()
-            if is_dead(member.name, member.address, self.config.probe_timeout_ms):
+            timeout_ms = self.config.probe_timeout_ms
+            if is_dead(member.name, member.address, timeout_ms, is_refusal_proof=True):
                 log.info("backup %s (%s) is dead; removing its znode", member.name, member.address)
                 self.require_coordinator().remove_member(member.name)
 
@@ -403,6 +427,11 @@ class StorageNode:
             self._heartbeat(replicator)
         self.check_primary()
 
+    def _observe_batch(self, seconds: float, entries: int) -> None:
+        self.metrics.replication_seconds.observe(seconds)
+        if entries:
+            self.metrics.replication_entries.inc(entries)
+
     def _drop_backup(self, replicator: Replicator, reason: str) -> None:
         """Stop replicating to a failed backup; first remove it from the in-sync set."""
         with self._backup_lock:
@@ -450,7 +479,7 @@ class StorageNode:
                 self._retire_backup(self._replicator)
             lease_s = min(self.config.lease_s, lease_ms / 1000)  # the shorter lease rules
             self._replicator = Replicator(
-                backup, epoch, join_id, lease_s, self.config.rpc_timeout_ms
+                backup, epoch, join_id, lease_s, self.config.rpc_timeout_ms, self._observe_batch
             )
         log.info("backup %s (%s) joining", backup_name, backup.address)
         return self.store.stripe_count

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 from kvstore import errors
 from kvstore.coordination import Member
@@ -40,8 +41,15 @@ class Replicator:
     """
 
     def __init__(
-        self, backup: Member, epoch: int, join_id: str, lease_s: float, rpc_timeout_ms: int
+        self,
+        backup: Member,
+        epoch: int,
+        join_id: str,
+        lease_s: float,
+        rpc_timeout_ms: int,
+        observe: Callable[[float, int], None] | None = None,
     ) -> None:
+        self._observe = observe  # (seconds, entries) of each batch that went through
         self.backup = backup
         self.epoch = epoch
         self.join_id = join_id
@@ -84,6 +92,8 @@ class Replicator:
         if started + self._lease_s > self.lease_until:
             self.lease_until = started + self._lease_s
         self.last_send_at = started
+        if self._observe is not None:
+            self._observe(time.monotonic() - started, len(keys) + len(changes or ()))
         self._idle.append(conn)
 
     def _checkout(self) -> Connection:
@@ -127,6 +137,11 @@ class BackupFence:
         self.lease_granted_until = 0.0
         self.last_heard_at = time.monotonic()
         self.connection_closed_at = 0.0
+        # When the current join's primary closed a replication connection in order (EOF):
+        # its process exited, or it dropped this backup (after removing it from the
+        # in-sync set by CAS). Unlike a refused or reset connection, a firewall cannot
+        # produce it, so it proves no old primary serves on its lease any more.
+        self.orderly_close_at = 0.0
 
     def open(self, epoch: int, join_id: str) -> None:
         with self.lock:
@@ -151,6 +166,17 @@ class BackupFence:
         now = time.monotonic()
         self.last_heard_at = now
         self.lease_granted_until = now + self.lease_s
+
+    def closed_in_order(self, join_id: str) -> None:
+        """A connection of join ``join_id`` ended with EOF from the primary."""
+        with self.lock:
+            if self.accepting is not None and self.accepting[1] == join_id:
+                self.orderly_close_at = time.monotonic()
+
+    @property
+    def has_primary_left(self) -> bool:
+        """The current primary closed its replication line in order and sent nothing since."""
+        return self.orderly_close_at > self.last_heard_at
 
     def is_suspect(self, suspect_after_s: float) -> bool:
         now = time.monotonic()

@@ -12,6 +12,7 @@ from kvstore.rpc import probe
 if TYPE_CHECKING:
     from kvstore.config import NodeConfig
     from kvstore.coordination import ClusterMeta, Coordinator
+    from kvstore.server.metrics import NodeMetrics
     from kvstore.server.storage import StripedStore
 
 EXIT_OK = 0
@@ -34,12 +35,15 @@ class NodeExit(Exception):
         self.code = code
 
 
-def is_dead(name: str, address: str, timeout_ms: int) -> bool:
+def is_dead(name: str, address: str, timeout_ms: int, is_refusal_proof: bool = True) -> bool:
     """True only if no process serves ``name`` at ``address`` any more.
 
-    Connection refused means no listener; another node id answering means another
-    process owns the port (nodes never share a port: no SO_REUSEPORT). A timeout
-    proves nothing: the node may be paused.
+    Proof is another node id answering there (nodes never share a port: no SO_REUSEPORT),
+    or the node itself saying it stopped. A refused connection is *not* proof by default:
+    a firewall rejecting the prober produces it too while the node goes on serving (on a
+    lease). ``is_refusal_proof`` accepts it where a wrong verdict costs no safety (removing
+    the znode of a backup already dropped from the in-sync set). A timeout proves nothing:
+    the node may be paused.
     """
     if not address:
         return False
@@ -47,7 +51,9 @@ def is_dead(name: str, address: str, timeout_ms: int) -> bool:
         status = probe(address, timeout_ms)
     except errors.KVError:
         return False
-    return status is None or status.node_id != name or status.role == Role.STOPPED.value
+    if status is None:
+        return is_refusal_proof
+    return status.node_id != name or status.role == Role.STOPPED.value
 
 
 class NodeCore(Protocol):
@@ -59,6 +65,7 @@ class NodeCore(Protocol):
     epoch: int
     name: str
     node_id: str | None  # stable across restarts: the node has a data directory
+    metrics: NodeMetrics
 
     @property
     def is_stopping(self) -> bool: ...
@@ -70,4 +77,4 @@ class NodeCore(Protocol):
 
     def cas_confirmed(self, wanted: ClusterMeta, version: int) -> bool: ...
 
-    def become_primary(self, epoch: int, why: str) -> None: ...
+    def become_primary(self, epoch: int, why: str, kind: str = "takeover") -> None: ...

@@ -32,9 +32,10 @@ import logging
 import os
 import struct
 import threading
+import time
 import uuid
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -202,7 +203,13 @@ def _is_tail(data: bytes, offset: int) -> bool:
 class WriteAheadLog:
     """Appends records to the current segment; group commit of fsyncs."""
 
-    def __init__(self, directory: Path, fsync: str = "batch") -> None:
+    def __init__(
+        self,
+        directory: Path,
+        fsync: str = "batch",
+        observe_fsync: Callable[[float], None] | None = None,
+    ) -> None:
+        self._observe_fsync = observe_fsync
         if fsync not in FSYNC_MODES:
             raise ValueError(f"fsync must be one of {FSYNC_MODES}")
         self.directory = directory
@@ -298,8 +305,11 @@ class WriteAheadLog:
                 target = self._appended
                 fd = self._fd
                 self._durable.release()
+                began = time.monotonic()
                 try:
                     os.fsync(fd)
+                    if self._observe_fsync is not None:
+                        self._observe_fsync(time.monotonic() - began)
                 finally:
                     self._durable.acquire()
                     self._is_syncing = False
