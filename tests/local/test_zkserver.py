@@ -26,6 +26,9 @@ WAIT_S = 10.0
 # Reconnect attempts at most this far apart (kazoo's default backoff grows to 60 s, so a
 # restart that takes a few seconds on a loaded machine could outlast WAIT_S).
 RECONNECT_MAX_DELAY_S = 1.0
+# A first connect to a server that is still starting can hang for a whole session timeout
+# before kazoo tries again (seen on a loaded machine): allow for a few attempts.
+CONNECT_WAIT_S = 30.0
 
 # Run in a child process: open a 1 s session, own an ephemeral znode, then idle until killed.
 EPHEMERAL_OWNER = """
@@ -56,7 +59,7 @@ def connect(zk_server: ZooKeeperServer) -> Iterator[Callable[..., KazooClient]]:
             timeout=timeout_s,
             connection_retry={"max_tries": -1, "max_delay": RECONNECT_MAX_DELAY_S},
         )
-        client.start(timeout=WAIT_S)
+        client.start(timeout=CONNECT_WAIT_S)
         clients.append(client)
         return client
 
