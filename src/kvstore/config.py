@@ -76,6 +76,21 @@ class NodeConfig:
     # every znode it creates is writable only by them (readable by anyone). None: world-open.
     zk_auth: str | None = field(default=None, repr=False)
 
+    def __post_init__(self) -> None:
+        """The failure detector's timings must nest: a heartbeat renews the lease several
+        times before a backup suspects the primary, and suspicion comes before the lease
+        ends (else a healthy primary would lose its lease between two heartbeats)."""
+        if not 0 < self.heartbeat_interval_s < self.suspect_after_s:
+            raise ValueError(
+                f"heartbeat interval ({self.heartbeat_interval_s:g} s) must be shorter than "
+                f"the suspicion time ({self.suspect_after_s:g} s)"
+            )
+        if self.lease_s < 2 * self.heartbeat_interval_s:
+            raise ValueError(
+                f"the lease ({self.lease_s:g} s) must last at least two heartbeat intervals "
+                f"({self.heartbeat_interval_s:g} s each)"
+            )
+
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"

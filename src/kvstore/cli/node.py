@@ -7,6 +7,7 @@ node starts from a clean process.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import signal
@@ -127,21 +128,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cpu:
         os.sched_setaffinity(0, args.cpu)  # before any thread starts: all of them inherit it
     limits = Limits.for_sizes(args.max_key_bytes, args.max_value_bytes)
-    config = NodeConfig(
-        host=args.host,
-        port=args.port,
-        zk_connect=args.zk_connect,
-        zk_path=args.zk_path,
-        limits=limits,
-        stripe_count=args.stripes,
-        zk_session_timeout_s=args.session_timeout,
-        lease_s=args.lease,
-        metrics_port=args.metrics_port,
-        data_dir=args.data_dir,
-        fsync=args.fsync,
-        snapshot_every_bytes=args.snapshot_every_mb * 1024 * 1024,
-        zk_auth=zk_auth,
-    )
+    try:
+        config = _config(args, limits, zk_auth)
+    except ValueError as exc:
+        parser.error(str(exc))
     node = StorageNode(config)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda s, _f: node.stop(f"signal {signal.Signals(s).name}"))
@@ -159,3 +149,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.flush()
         os.execv(sys.executable, [sys.executable, "-m", "kvstore", "node", *node_args])
     return code
+
+
+def _config(args: argparse.Namespace, limits: Limits, zk_auth: str | None) -> NodeConfig:
+    """The node's configuration from its arguments (ValueError if they do not fit together)."""
+    return NodeConfig(
+        host=args.host,
+        port=args.port,
+        zk_connect=args.zk_connect,
+        zk_path=args.zk_path,
+        limits=limits,
+        stripe_count=args.stripes,
+        zk_session_timeout_s=args.session_timeout,
+        lease_s=args.lease,
+        metrics_port=args.metrics_port,
+        data_dir=args.data_dir,
+        fsync=args.fsync,
+        snapshot_every_bytes=args.snapshot_every_mb * 1024 * 1024,
+        zk_auth=zk_auth,
+    )
