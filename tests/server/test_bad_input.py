@@ -12,6 +12,7 @@ import random
 import socket
 import struct
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +29,7 @@ from thriftpy2.transport import TFramedTransportFactory
 from kvstore import errors
 from kvstore.config import Limits
 from kvstore.local.cluster import LocalCluster, NodeProcess
+from kvstore.local.zkserver import ZooKeeperServer
 from kvstore.rpc import Connection
 
 SOCKET_TIMEOUT_S = 5.0
@@ -403,3 +405,63 @@ def test_idle_and_stalled_clients_do_not_block_others(seeded: Seeded) -> None:
         idle.close()
         stalled.close()
     seeded.assert_intact()
+
+
+# --------------------------------------------------------------------------- idle timeout
+
+
+def test_idle_timeout_spares_replication_and_pooled_clients(
+    zk_server: ZooKeeperServer, zk_path: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """With a short idle timeout, idle client connections close but replication keeps going.
+
+    A burst of concurrent puts makes the primary pool several replication connections; the
+    heartbeats then keep only one busy. After the idle timeout has provably passed (a fresh
+    connection to each node was closed for idleness), a second burst still replicates through
+    the pooled connections, the backup was never dropped, and pooled client connections that
+    the primary closed are reused without an error.
+    """
+    local = LocalCluster(
+        zk_server.connect_string,
+        zk_path,
+        tmp_path_factory.mktemp("idle-nodes"),
+        size=2,
+        node_args=["--idle-timeout", "0.5"],
+    )
+    try:
+        local.start()
+        state = Seeded(local)
+        for key, value in ENTRIES.items():
+            state.put(key, value)
+        clients = [
+            Connection(state.primary.address, timeout_ms=CLIENT_TIMEOUT_MS) for _ in range(8)
+        ]
+
+        def burst(round_: int) -> None:
+            def put_all(index: int) -> None:
+                for i in range(10):
+                    clients[index].call("put", f"burst-{round_}-{index}-{i}", str(i))
+                    state.expected[f"burst-{round_}-{index}-{i}"] = str(i)
+
+            threads = [threading.Thread(target=put_all, args=(i,)) for i in range(len(clients))]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=30)
+
+        try:
+            burst(1)
+            for node in (state.backup, state.primary):
+                with raw_connect(node) as control:
+                    started = time.monotonic()
+                    assert wait_closed_by_peer(control) == b""
+                    assert time.monotonic() - started >= 0.4
+            burst(2)
+        finally:
+            for conn in clients:
+                conn.close()
+        state.assert_intact()
+        assert state.backup.status(timeout_ms=CLIENT_TIMEOUT_MS).role == "backup"
+        assert "dropped backup" not in state.primary.log_tail(400), local.logs()
+    finally:
+        local.stop()

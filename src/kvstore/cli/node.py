@@ -8,6 +8,7 @@ node starts from a clean process.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
@@ -70,6 +71,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="N",
         help="largest value accepted (default 1 MiB)",
     )
+    bounds = Limits()
+    parser.add_argument(
+        "--max-connections",
+        type=positive_int,
+        default=bounds.max_connections,
+        metavar="N",
+        help=f"connections served at once (default {bounds.max_connections}); one more is "
+        "refused with UNAVAILABLE 'too many connections'",
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=positive_float,
+        default=bounds.idle_timeout_s,
+        metavar="S",
+        help=f"close a client connection idle this long, seconds (default {bounds.idle_timeout_s:g}"
+        "; the primary's replication connections are exempt)",
+    )
+    parser.add_argument(
+        "--frame-deadline",
+        type=positive_float,
+        default=bounds.frame_deadline_s,
+        metavar="S",
+        help="a request must arrive whole within this many seconds of its first byte, and "
+        f"every reply must make progress as often (default {bounds.frame_deadline_s:g})",
+    )
     parser.add_argument(
         "--stripes",
         type=positive_int,
@@ -128,11 +154,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cpu:
         os.sched_setaffinity(0, args.cpu)  # before any thread starts: all of them inherit it
     limits = Limits.for_sizes(args.max_key_bytes, args.max_value_bytes)
+    limits = dataclasses.replace(
+        limits,
+        max_connections=args.max_connections,
+        idle_timeout_s=args.idle_timeout,
+        frame_deadline_s=args.frame_deadline,
+    )
     try:
         config = _config(args, limits, zk_auth)
     except ValueError as exc:
         parser.error(str(exc))
     node = StorageNode(config)
+    # StorageNode builds its RpcServer with the frame bound only; the connection bounds go here.
+    node.server.set_connection_bounds(
+        limits.max_connections, limits.idle_timeout_s, limits.frame_deadline_s
+    )
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda s, _f: node.stop(f"signal {signal.Signals(s).name}"))
     try:

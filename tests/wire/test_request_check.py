@@ -1,0 +1,208 @@
+"""rpc.check_request, without sockets: what it refuses, and that what it passes decodes safely.
+
+The property test is the check's contract with thriftpy2's decoder: a frame that passes is
+read by the compiled decoder (as the server reads it) to exactly its last byte.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+import time
+
+import pytest
+from hostile_frames import FREEZE_REQUEST, SAMPLE_ARGS, encode_call, mutate, valid_frames
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from thriftpy2.protocol.cybin import TCyBinaryProtocol
+from thriftpy2.thrift import TType
+from thriftpy2.transport.memory import TCyMemoryBuffer
+
+from kvstore.idl import KeyValueService
+from kvstore.rpc import (
+    MAX_ELEMENTS,
+    MAX_NESTING,
+    MalformedFrameError,
+    MalformedRequestError,
+    check_request,
+)
+
+T_BOOL, T_BYTE, T_I32, T_STRING, T_STRUCT, T_MAP, T_LIST = 2, 3, 8, 11, 12, 13, 15
+SENTINEL = b"<end of frame>"
+VALID_FRAMES = valid_frames()
+
+
+def call(method: str, args: bytes, message_type: int = 1, seqid: int = 7) -> bytes:
+    """A framed request whose arguments struct is ``args`` (without its STOP byte)."""
+    name = method.encode()
+    body = struct.pack("!Ii", 0x80010000 | message_type, len(name)) + name
+    body += struct.pack("!i", seqid) + args + b"\x00"
+    return struct.pack("!i", len(body)) + body
+
+
+def field(field_type: int, field_id: int) -> bytes:
+    return struct.pack("!Bh", field_type, field_id)
+
+
+def string(data: bytes) -> bytes:
+    return struct.pack("!i", len(data)) + data
+
+
+def list_header(element_type: int, count: int) -> bytes:
+    return struct.pack("!Bi", element_type, count)
+
+
+def refusal(frame: bytes) -> MalformedRequestError:
+    with pytest.raises(MalformedRequestError) as caught:
+        check_request(frame)
+    return caught.value
+
+
+def decode_exactly(frame: bytes) -> None:
+    """Decode as the server does; fail unless the decoder stopped at the frame's last byte."""
+    buffer = TCyMemoryBuffer(frame[4:] + SENTINEL)
+    proto = TCyBinaryProtocol(buffer)
+    method, _, _ = proto.read_message_begin()
+    args_cls = getattr(KeyValueService, f"{method}_args", None)
+    if args_cls is None:
+        proto.skip(TType.STRUCT)
+    else:
+        args_cls().read(proto)
+    assert buffer.read(len(SENTINEL)) == SENTINEL
+
+
+@pytest.mark.parametrize("method", sorted(SAMPLE_ARGS))
+def test_every_request_the_client_writes_passes(method: str) -> None:
+    frame = valid_frames()[method]
+    check_request(frame)
+    decode_exactly(frame)
+
+
+def test_large_values_and_unknown_fields_pass() -> None:
+    check_request(encode_call("put", ("k" * 1024, "v" * 1_000_000)))
+    extra = field(T_LIST, 9) + list_header(T_STRUCT, 3) + b"\x00" * 3  # three empty structs
+    extra += field(T_MAP, 10) + struct.pack("!BBi", T_I32, T_BOOL, 2) + b"\x00" * 10
+    extra += field(T_LIST, 11) + list_header(T_BYTE, 0)
+    frame = call("get", field(T_STRING, 1) + string(b"key") + extra)
+    check_request(frame)
+    decode_exactly(frame)
+
+
+def test_the_28_byte_freeze_is_refused_at_once() -> None:
+    started = time.monotonic()
+    error = refusal(FREEZE_REQUEST)
+    assert time.monotonic() - started < 0.1
+    assert (error.method, error.seqid) == ("get", 1)
+    assert "type id 1, not a Thrift type" in str(error)
+
+
+@pytest.mark.parametrize("element_type", [0, 1, 5, 7, 9, 16, 17, 18, 0x80, 255])
+def test_a_container_of_no_data_type_is_refused(element_type: int) -> None:
+    for count in (0, 1, 2**31 - 1):
+        as_list = field(T_LIST, 2) + list_header(element_type, count)
+        as_map = field(T_MAP, 2) + struct.pack("!BBi", T_STRING, element_type, count)
+        for args in (as_list, as_map):
+            assert "not a Thrift type" in str(refusal(call("get", args)))
+
+
+def test_a_count_that_cannot_fit_in_the_frame_is_refused() -> None:
+    # Three bools and the STOP byte after the list: four bytes left, which a fifth bool would
+    # not fit in (a fourth would leave the arguments without their STOP byte).
+    fits = field(T_LIST, 2) + list_header(T_BOOL, 3) + b"\x01\x00\x01"
+    check_request(call("get", fits))
+    too_many = field(T_LIST, 2) + list_header(T_BOOL, 5) + b"\x01\x00\x01"
+    assert "5 elements at byte 27: 4 bytes left" in str(refusal(call("get", too_many)))
+    for element_type in (T_I32, T_STRING, T_STRUCT, T_MAP, T_LIST):
+        huge = field(T_LIST, 2) + list_header(element_type, 2**31 - 1)
+        assert "2147483647 elements" in str(refusal(call("get", huge)))
+    negative = field(T_LIST, 2) + list_header(T_STRING, -1)
+    assert "-1 elements" in str(refusal(call("get", negative)))
+
+
+def test_container_elements_per_request_are_bounded() -> None:
+    """An element costs one byte, but an object to decode: a request may hold MAX_ELEMENTS."""
+    half = MAX_ELEMENTS // 2
+    two_lists = field(T_LIST, 2) + list_header(T_STRUCT, half) + b"\x00" * half
+    two_lists += field(T_LIST, 3) + list_header(T_BOOL, half) + b"\x01" * half
+    check_request(call("get", two_lists))
+    one_more = two_lists + field(T_LIST, 4) + list_header(T_BYTE, 1) + b"\x07"
+    assert f"more than {MAX_ELEMENTS}" in str(refusal(call("get", one_more)))
+
+
+@pytest.mark.parametrize("length", [-5, 5, 2**20, 2**31 - 1])
+def test_a_string_past_the_frame_end_is_refused(length: int) -> None:
+    args = field(T_STRING, 1) + struct.pack("!i", length) + b"abc"
+    assert f"a string of {length} bytes" in str(refusal(call("put", args)))
+
+
+@pytest.mark.parametrize("field_type", [1, 5, 7, 9, 16, 18, 0x80, 255])
+def test_a_field_of_no_data_type_is_refused(field_type: int) -> None:
+    assert "not a Thrift type" in str(refusal(call("get", field(field_type, 1) + b"abcd")))
+
+
+def test_nesting_is_bounded() -> None:
+    def nested_lists(depth: int) -> bytes:
+        inner = list_header(T_I32, 0)
+        for _ in range(depth - 1):
+            inner = list_header(T_LIST, 1) + inner
+        return field(T_LIST, 2) + inner
+
+    deepest = call("get", nested_lists(MAX_NESTING - 1))  # + the arguments struct
+    check_request(deepest)
+    decode_exactly(deepest)
+    assert "nested deeper" in str(refusal(call("get", nested_lists(MAX_NESTING))))
+    structs = field(T_STRUCT, 2) + field(T_STRUCT, 1) * 40 + b"\x00" * 40
+    assert "nested deeper" in str(refusal(call("get", structs)))
+
+
+def test_bytes_after_the_message_and_truncation_are_refused() -> None:
+    frame = valid_frames()["put"]
+    trailing = frame + b"\x00"
+    trailing = struct.pack("!i", len(trailing) - 4) + trailing[4:]
+    assert "1 bytes after the arguments" in str(refusal(trailing))
+    truncated = struct.pack("!i", len(frame) - 5) + frame[4:-1]  # no STOP byte
+    assert "past the frame end" in str(refusal(truncated))
+
+
+def test_only_calls_are_accepted() -> None:
+    frame = valid_frames()["get"]
+    oneway = frame[:7] + bytes([4]) + frame[8:]
+    check_request(oneway)
+    reply = frame[:7] + bytes([2]) + frame[8:]
+    assert "not a call" in str(refusal(reply))
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        struct.pack("!i", 3) + b"\x80\x01\x00",  # too short for a header
+        struct.pack("!i", 8) + b"GET / HT",  # no version
+        struct.pack("!i", 12) + b"\x00\x00\x00\x03get\x01\x00\x00\x00\x01",  # unversioned
+        call("get", b"")[:8] + struct.pack("!i", 1000) + call("get", b"")[12:],  # long name
+        call("get", b"")[:8] + struct.pack("!i", -3) + call("get", b"")[12:],  # negative name
+    ],
+    ids=["short", "http", "unversioned", "long-name", "negative-name"],
+)
+def test_no_request_header_is_a_malformed_frame(frame: bytes) -> None:
+    with pytest.raises(MalformedFrameError):
+        check_request(frame)
+
+
+@settings(
+    max_examples=500,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(method=st.sampled_from(sorted(SAMPLE_ARGS)), seed=st.integers(0, 2**32 - 1))
+def test_what_passes_decodes_to_its_last_byte(method: str, seed: int) -> None:
+    frame = mutate(random.Random(seed), VALID_FRAMES[method])
+    try:
+        check_request(frame)
+    except (MalformedFrameError, MalformedRequestError):
+        return
+    if struct.unpack_from("!i", frame)[0] != len(frame) - 4:
+        return  # the frame reader refuses a header that does not match; not the check's job
+    started = time.monotonic()
+    decode_exactly(frame)
+    assert time.monotonic() - started < 1.0

@@ -1,0 +1,268 @@
+"""RpcServer under hostile and excessive input, in-process with a trivial handler (no ZooKeeper).
+
+Malformed and mutated frames are refused or answered at once while other connections keep
+being served; connections beyond the limit are refused with UNAVAILABLE; idle client
+connections are closed (a pooled Connection reconnects without an unknown outcome) but the
+primary's replication connections are not; a frame must arrive within its deadline; an error
+setting up one connection does not stop the accept loop. Every wait is a bounded poll.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+from hostile_frames import FREEZE_REQUEST, encode_call, exchange, mutants, serving
+from thriftpy2.protocol.cybin import TCyBinaryProtocol
+from thriftpy2.thrift import TApplicationException, TMessageType
+from thriftpy2.transport.memory import TCyMemoryBuffer
+
+from kvstore import errors, rpc
+
+BOUND_S = 5.0
+GET = encode_call("get", ("k",))
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float = BOUND_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not true within {timeout_s} s: {predicate}")
+        time.sleep(0.005)
+
+
+def connect(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=BOUND_S)
+    sock.settimeout(BOUND_S)
+    return sock
+
+
+def read_until_closed(sock: socket.socket, timeout_s: float = BOUND_S) -> bytes:
+    deadline = time.monotonic() + timeout_s
+    received = b""
+    while True:
+        sock.settimeout(max(0.001, deadline - time.monotonic()))
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return received
+        except TimeoutError:
+            pytest.fail(f"the node kept the connection open for {timeout_s} s ({received!r})")
+        if not chunk:
+            return received
+        received += chunk
+
+
+def application_error(reply: bytes) -> TApplicationException:
+    proto = TCyBinaryProtocol(TCyMemoryBuffer(reply[4:]))
+    _, message_type, _ = proto.read_message_begin()
+    assert message_type == TMessageType.EXCEPTION
+    error = TApplicationException()
+    error.read(proto)
+    return error
+
+
+@pytest.fixture
+def client_for() -> Iterator[Callable[..., rpc.Connection]]:
+    made: list[rpc.Connection] = []
+
+    def make(port: int, **options: object) -> rpc.Connection:
+        conn = rpc.Connection(f"127.0.0.1:{port}", timeout_ms=int(BOUND_S * 1000), **options)  # type: ignore[arg-type]
+        made.append(conn)
+        return conn
+
+    yield make
+    for conn in made:
+        conn.close()
+
+
+# --------------------------------------------------------------------------- malformed input
+
+
+def test_the_28_byte_request_is_refused_at_once(client_for: Callable[..., rpc.Connection]) -> None:
+    with serving() as server:
+        other = client_for(server.port)
+        assert other.call("get", "k") == "v"
+        with connect(server.port) as sock:
+            started = time.monotonic()
+            sock.sendall(FREEZE_REQUEST)
+            assert other.call("get", "k") == "v"
+            reply = read_until_closed(sock)
+            elapsed = time.monotonic() - started
+        error = application_error(reply)
+        assert error.type == errors.BadRequestError.code
+        assert "not a Thrift type" in error.message
+        assert elapsed < 1.0, f"refusing took {elapsed:.3f} s"
+
+
+def test_mutated_frames_are_answered_or_closed_promptly(
+    client_for: Callable[..., rpc.Connection],
+) -> None:
+    """Thousands of mutants of valid requests; after each, another connection is served."""
+    budget_s, done, worst_s = 4.0, 0, 0.0
+    with serving() as server:
+        other = client_for(server.port)
+        started = time.monotonic()
+        for frame in mutants(seed=20261130, count=3000):
+            _, elapsed = exchange(server.port, frame, BOUND_S)
+            assert elapsed < BOUND_S, frame.hex()
+            worst_s = max(worst_s, elapsed)
+            assert other.call("get", "k") == "v", frame.hex()
+            done += 1
+            if time.monotonic() - started > budget_s:
+                break
+        wait_until(lambda: server.connection_count == 1)  # every mutant's connection ended
+    assert done >= 300, f"only {done} frames in {budget_s} s"
+    print(f"{done} mutated frames, worst {worst_s * 1000:.1f} ms to answer or close")
+
+
+# --------------------------------------------------------------------------- connection limit
+
+
+def test_connections_beyond_the_limit_are_refused_unavailable(
+    client_for: Callable[..., rpc.Connection],
+) -> None:
+    with serving(max_connections=3) as server:
+        held = [connect(server.port) for _ in range(3)]
+        try:
+            wait_until(lambda: server.connection_count == 3)
+            with connect(server.port) as extra:
+                error = application_error(read_until_closed(extra))
+            assert error.type == errors.UnavailableError.code
+            assert "too many connections" in error.message
+            with connect(server.port) as eager:  # a request already sent changes nothing
+                eager.sendall(GET)
+                assert application_error(read_until_closed(eager)).type == error.type
+            refused = client_for(server.port)
+            with pytest.raises(errors.UnavailableError) as caught:
+                refused.call("get", "k")
+            assert caught.value.is_definite
+            held.pop().close()
+            wait_until(lambda: server.connection_count == 2)
+            assert refused.call("get", "k") == "v"  # the accept loop kept serving
+        finally:
+            for sock in held:
+                sock.close()
+
+
+def test_a_connection_flood_keeps_the_thread_count_bounded(
+    client_for: Callable[..., rpc.Connection],
+) -> None:
+    limit, flood = 16, 400
+    threads_before = threading.active_count()
+    with serving(max_connections=limit) as server:
+        most_threads = 0
+        sockets: list[socket.socket] = []
+        try:
+            for _ in range(flood):
+                sockets.append(socket.create_connection(("127.0.0.1", server.port), timeout=5))
+                most_threads = max(most_threads, threading.active_count())
+                assert server.connection_count <= limit
+            wait_until(lambda: server.connection_count == limit)
+        finally:
+            for sock in sockets:
+                sock.close()
+        wait_until(lambda: server.connection_count == 0)
+        assert client_for(server.port).call("get", "k") == "v"
+    # The accept thread, at most one thread per served connection, and nothing else.
+    assert most_threads <= threads_before + 1 + limit, (threads_before, most_threads)
+
+
+# --------------------------------------------------------------------------- time bounds
+
+
+def test_an_idle_client_connection_is_closed_and_a_pooled_one_reconnects(
+    client_for: Callable[..., rpc.Connection],
+) -> None:
+    with serving(idle_timeout_s=0.2) as server:
+        pooled = client_for(server.port)
+        assert pooled.call("get", "k") == "v"
+        with connect(server.port) as raw:
+            started = time.monotonic()
+            assert read_until_closed(raw) == b""
+            assert 0.15 < time.monotonic() - started < BOUND_S
+        wait_until(lambda: server.connection_count == 0)
+        assert pooled.call("get", "k") == "v"  # checked before reuse: reconnected, no error
+
+
+def test_replication_connections_never_idle_out(
+    client_for: Callable[..., rpc.Connection],
+) -> None:
+    """The primary's pool may leave a connection unused for long, and reuses it unchecked."""
+    with serving(idle_timeout_s=0.2) as server:
+        lines = [client_for(server.port, is_checked_before_use=False) for _ in range(2)]
+        for line in lines:
+            line.call("replicate_batch", 7, [], [], "join-1", [])
+        sockets = [line._socket for line in lines]
+        with connect(server.port) as control:  # opened last, idle for less long
+            assert read_until_closed(control) == b""
+        assert server.connection_count == 2
+        for line, sock in zip(lines, sockets, strict=True):
+            line.call("replicate_batch", 7, ["a"], ["1"], "join-1", [])
+            assert line._socket is sock, "the replication connection was reopened"
+
+
+@pytest.mark.parametrize("sent", [b"\x00\x00", b"\x00\x00\x00\x64" + b"\x80\x01\x00\x01"])
+def test_a_frame_must_arrive_within_its_deadline(sent: bytes) -> None:
+    """A slow-loris sender trickling bytes is cut off frame_deadline_s after its first byte."""
+    with serving(frame_deadline_s=0.5, idle_timeout_s=60) as server, connect(server.port) as sock:
+        started = time.monotonic()
+        sock.sendall(sent)
+        while time.monotonic() - started < BOUND_S:
+            readable, _, _ = select.select([sock], [], [], 0.1)
+            if readable:
+                try:
+                    if sock.recv(1) == b"":
+                        break
+                except ConnectionResetError:
+                    break
+            try:
+                sock.sendall(b"\x01")  # completes the header (0x00000101) or extends the body
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        else:
+            pytest.fail("the node waited for the frame past its deadline")
+        assert 0.4 < time.monotonic() - started < 3.0
+
+
+def test_a_failed_setsockopt_does_not_stop_the_accept_loop(
+    monkeypatch: pytest.MonkeyPatch, client_for: Callable[..., rpc.Connection]
+) -> None:
+    configure = rpc._configure_connection
+    failures = [OSError(22, "Invalid argument (injected)")]
+
+    def failing(sock: socket.socket, idle_timeout_s: float, deadline_s: float) -> None:
+        if failures:
+            raise failures.pop()
+        configure(sock, idle_timeout_s, deadline_s)
+
+    monkeypatch.setattr(rpc, "_configure_connection", failing)
+    with serving() as server:
+        with connect(server.port) as first:
+            assert read_until_closed(first) == b""
+        assert not failures
+        assert client_for(server.port).call("get", "k") == "v"
+        wait_until(lambda: server.connection_count == 1)
+
+
+def test_a_long_idle_pooled_connection_is_replaced_before_reuse(
+    monkeypatch: pytest.MonkeyPatch, client_for: Callable[..., rpc.Connection]
+) -> None:
+    """Well before the node's idle timeout, so a request never races the node's close."""
+    monkeypatch.setattr(rpc, "REOPEN_AFTER_IDLE_S", 0.05)
+    with serving() as server:
+        pooled = client_for(server.port)
+        assert pooled.call("get", "k") == "v"
+        first = pooled._socket
+        used_at = time.monotonic()
+        assert pooled.call("get", "k") == "v"
+        if time.monotonic() - used_at < 0.05:
+            assert pooled._socket is first  # reused while fresh
+        wait_until(lambda: time.monotonic() - used_at > 0.1)
+        assert pooled.call("get", "k") == "v"
+        assert pooled._socket is not first
+        wait_until(lambda: server.connection_count == 1)
