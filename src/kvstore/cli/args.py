@@ -22,9 +22,12 @@ def new_parser(
     return parser
 
 
-def setup_logging(level: str) -> None:
+def setup_logging(level: str, is_quiet: bool = False) -> None:
+    """One logging configuration for every program. ``is_quiet``: a command-line tool that
+    reports failures in its own line, so kazoo's connection chatter is silenced."""
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), format=LOG_FORMAT)
-    logging.getLogger("kazoo").setLevel(max(logging.WARNING, logging.getLogger().level))
+    kazoo_level = logging.CRITICAL if is_quiet else max(logging.WARNING, logging.getLogger().level)
+    logging.getLogger("kazoo").setLevel(kazoo_level)
 
 
 def positive_int(text: str) -> int:

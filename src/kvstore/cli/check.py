@@ -12,9 +12,11 @@ from kvstore.cli.args import new_parser, report_error
 def main(argv: Sequence[str] | None = None) -> int:
     parser = new_parser(
         prog="kv-check",
-        description="Check an execution log (WatCA format, as written by kv-client) for "
-        "linearizability: every key is a register starting empty, written with unique values. "
-        "Prints OK (exit 0) or each violation with the operations involved (exit 1).",
+        description="Check an execution log (as kv-client writes it: one invocation or "
+        "response event per line) for linearizability: every key is a register starting "
+        "empty, written with unique values. Prints OK or each violation with the operations "
+        "involved.",
+        epilog="exit status: 0 linearizable; 1 violations; 2 the log cannot be read or parsed",
     )
     parser.add_argument("log", metavar="LOG", help="execution log file")
     args = parser.parse_args(argv)

@@ -1,8 +1,9 @@
-"""kv-client: the seed's load generator (``kv-client ZK_CONNECT PATH THREADS SECONDS KEYSPACE``)."""
+"""kv-client: the load generator (``kv-client ZK_CONNECT PATH THREADS SECONDS KEYSPACE``)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 from kvstore import errors
 from kvstore.bench import load
@@ -23,20 +24,25 @@ from kvstore.config import ClientConfig
 def main(argv: Sequence[str] | None = None) -> int:
     parser = new_parser(
         prog="kv-client",
-        description="The seed's benchmark: THREADS threads do random gets and puts (50/50 by "
+        description="Load generator: THREADS threads do random gets and puts (50/50 by "
         "default) on keys key-0..key-(KEYSPACE-1) for SECONDS, against the primary found through "
-        "ZooKeeper. "
-        "Prints throughput and latency; writes an execution log for kv-check.",
+        "ZooKeeper. Prints throughput and latency; writes an execution log for kv-check.",
+        epilog="exit status: 0 done; 1 the cluster could not be reached; 2 bad arguments",
     )
     add_cluster_arguments(parser, "parent znode the nodes registered under")
-    parser.add_argument("threads", metavar="THREADS", type=positive_int)
-    parser.add_argument("seconds", metavar="SECONDS", type=positive_float)
-    parser.add_argument("keyspace", metavar="KEYSPACE", type=positive_int)
+    parser.add_argument("threads", metavar="THREADS", type=positive_int, help="client threads")
+    parser.add_argument(
+        "seconds", metavar="SECONDS", type=positive_float, help="how long to run, seconds"
+    )
+    parser.add_argument(
+        "keyspace", metavar="KEYSPACE", type=positive_int, help="number of distinct keys"
+    )
     parser.add_argument(
         "--log",
         default="execution.log",
         metavar="FILE",
-        help="execution log to write (default ./execution.log); '-' for none",
+        help="execution log to write, one operation event per line, for kv-check (default "
+        "./execution.log, replaced if it exists); '-' for none",
     )
     parser.add_argument(
         "--write-ratio",
@@ -50,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=int,
         default=0,
         metavar="N",
-        help="pad values to N bytes (default: the seed's value-<random int>)",
+        help="pad values to N bytes (default: unpadded, value-<random 63-bit int>)",
     )
     parser.add_argument(
         "--rpc-timeout-ms",
@@ -66,13 +72,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=1,
         metavar="N",
         help="spread the THREADS over N client processes (default 1), each with its "
-        "own ZooKeeper session; process i logs thread ids from i*1000 on",
+        "own ZooKeeper session; their operations go to one execution log",
     )
     parser.add_argument(
         "--client",
         choices=CLIENT_KINDS,
         default="per-thread",
-        help="per-thread: a seed-style client per thread (get/put, nothing retried; the "
+        help="per-thread: one plain client per thread (get/put, nothing retried; the "
         "default); shared: one kvstore.Client for all threads of a process (reads retried, "
         "exactly-once puts, each call retried for up to "
         f"{SHARED_CALL_TIMEOUT_S:g} s); shared-noeo: the shared Client with plain puts "
@@ -81,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0.0 <= args.write_ratio <= 1.0:
         parser.error("--write-ratio must be within [0, 1]")
-    setup_logging("WARNING")
+    setup_logging("WARNING", is_quiet=True)
     workload = Workload(
         args.threads,
         args.seconds,
@@ -105,6 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for line in summary_lines(result):
         print(line)
     if args.log != "-":
+        is_replaced = Path(args.log).exists()
         write_events(args.log, result.events)
-        print(f"Execution log: {args.log} ({len(result.events)} events)")
+        replaced = ", replacing the previous one" if is_replaced else ""
+        print(f"Execution log: {args.log} ({len(result.events)} events{replaced})")
     return 0

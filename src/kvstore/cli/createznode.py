@@ -43,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(
             "--secure-existing needs credentials (--zk-auth, --zk-auth-file or $KV_ZK_AUTH)"
         )
-    setup_logging("WARNING")
+    setup_logging("WARNING", is_quiet=True)
     try:
         outcome = create_parent(
             args.zk_connect,

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from kvstore import errors
 from kvstore.bench.demo import run_demo
-from kvstore.cli.args import new_parser, positive_float, positive_int, setup_logging
+from kvstore.cli.args import new_parser, positive_float, positive_int, report_error, setup_logging
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -26,4 +27,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workdir", default="run/demo", help="where logs go (default run/demo)")
     args = parser.parse_args(argv)
     setup_logging("INFO")
-    return run_demo(args.seconds, args.threads, args.keyspace, args.workdir)
+    try:
+        return run_demo(args.seconds, args.threads, args.keyspace, args.workdir)
+    except (errors.KVError, OSError) as exc:  # no Java or ZooKeeper, a port taken, ...
+        report_error("kv-demo", exc)
+        return 1
