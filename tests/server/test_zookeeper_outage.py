@@ -1,5 +1,6 @@
 """ZooKeeper is off the request path: restarting it under load causes no failover, no
-failed operation, and requests keep succeeding while it is down."""
+failed operation, and requests keep succeeding while it is down; an outage far longer
+than the nodes' sessions loses no acknowledged write and the cluster heals by itself."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import threading
 import time
 from pathlib import Path
 
+import kvstore
 from kvstore.bench import load
 from kvstore.bench.workload import Workload
 from kvstore.check import checker
@@ -17,6 +19,7 @@ from kvstore.local.zkserver import ZooKeeperServer
 
 SECONDS = 8.0
 RESTART_AT_S = 3.0
+LONG_OUTAGE_S = 12.0  # twelve times the nodes' session timeout below
 
 
 def test_zookeeper_restart_under_load(tmp_path: Path, zk_path: str) -> None:
@@ -57,3 +60,29 @@ def test_zookeeper_restart_under_load(tmp_path: Path, zk_path: str) -> None:
         f"ZooKeeper down {(came_back - went_down) / 1e9:.2f} s; longest gap between successes "
         f"{result.longest_gap_s * 1000:.1f} ms; {len(served_meanwhile)} events meanwhile"
     )
+
+
+def test_an_outage_longer_than_every_session_loses_nothing(tmp_path: Path, zk_path: str) -> None:
+    keys = {f"k{i}": f"v{i}" for i in range(100)}
+    with ZooKeeperServer(tmp_path / "zookeeper") as zk:
+        cluster = LocalCluster(
+            zk.connect_string,
+            zk_path,
+            tmp_path / "nodes",
+            size=2,
+            node_args=["--session-timeout", "1"],
+        )
+        try:
+            cluster.start()
+            with kvstore.Client(zk.connect_string, zk_path, timeout=60) as kv:
+                for key, value in keys.items():
+                    kv.put(key, value)
+                zk.stop()
+                stopped = threading.Event()
+                stopped.wait(LONG_OUTAGE_S)  # the outage itself: nothing to poll for
+                zk.start()
+                cluster.wait_for("primary", 60)
+                assert kv.get_many(list(keys)) == keys
+                cluster.wait_for("backup", 60)  # and it heals without a person
+        finally:
+            cluster.stop()
