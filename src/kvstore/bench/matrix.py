@@ -12,6 +12,10 @@ interval: the client (its worker processes included), the primary, the backup, i
 "other" (everything else that ran meanwhile but ZooKeeper, which is in the JSON) and the
 whole machine. A run with a large "other" figure shared the CPUs with someone else.
 
+Storage (``--storage``, see :mod:`kvstore.bench.storage`): nodes on disk keep their data
+directories under the run's work directory, ``<workdir>/<name>/data-<run id>/node-<i>``; they
+are removed after a run whose check passed and kept (like the execution log) otherwise.
+
 Invariants: loopback only; everything started is stopped (by PID, through the objects
 that started it) when its step ends; every wait is bounded.
 """
@@ -22,6 +26,7 @@ import dataclasses
 import itertools
 import os
 import re
+import shutil
 import statistics
 import uuid
 from collections.abc import Sequence
@@ -30,7 +35,7 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
-from kvstore.bench import faults, load
+from kvstore.bench import faults, load, storage
 from kvstore.bench.procstat import CpuMeter
 from kvstore.bench.workload import BenchResult, Event, Workload
 from kvstore.check import checker
@@ -53,6 +58,7 @@ class Scenario:
     procs: int
     placement: str = "free"
     client: str = "per-thread"  # one of CLIENT_KINDS (kvstore.bench.clients)
+    storage: str = "memory"  # one of STORAGE_KINDS (kvstore.bench.storage)
 
     @property
     def mix(self) -> str:
@@ -62,7 +68,7 @@ class Scenario:
     def name(self) -> str:
         return (
             f"t{self.threads}-k{self.keyspace}-r{self.read_percent}-v{self.value_bytes}-"
-            f"{self.faults}-p{self.procs}-{self.placement}-{self.client}"
+            f"{self.faults}-p{self.procs}-{self.placement}-{self.storage}-{self.client}"
         )
 
     def workload(self, seconds: float) -> Workload:
@@ -89,6 +95,7 @@ DIMENSIONS = (
     "procs",
     "placement",
     "client",
+    "storage",
 )
 # free: no CPU pinning. split: both nodes pinned to CPU 0 (kv-node --cpu 0), the client to the
 # other CPUs: no cross-core GIL hand-offs inside a process, and the client does not compete
@@ -108,6 +115,7 @@ class Matrix:
     procs: tuple[int, ...] = (1,)
     placement: tuple[str, ...] = ("free",)
     client: tuple[str, ...] = ("per-thread",)
+    storage: tuple[str, ...] = ("memory",)
 
     def scenarios(self, full: bool = False) -> list[Scenario]:
         """The cross product if ``full``; else the baseline, then one dimension varied at a time.
@@ -160,11 +168,12 @@ def run_scenario(
 ) -> dict[str, Any]:
     """Run one configuration on a fresh cluster; its table row (a dict)."""
     node_args = ["--cpu", "0"] if scenario.placement == "split" else []
+    run_id = uuid.uuid4().hex[:8]
     cluster = LocalCluster(
-        zk_connect,
-        f"/kv-bench-{uuid.uuid4().hex[:8]}",
-        workdir / scenario.name,
-        node_args=node_args,
+        zk_connect, f"/kv-bench-{run_id}", workdir / scenario.name, node_args=node_args
+    )
+    data_dir = storage.use_storage(
+        cluster, scenario.storage, workdir / scenario.name / f"data-{run_id}"
     )
     workload = scenario.workload(seconds)
     kills: list[tuple[float, str]] = []
@@ -208,7 +217,12 @@ def run_scenario(
     if not verdict.is_ok:
         log_path = workdir / f"{scenario.name}.execution.log"
         write_events(log_path, result.events)
-    return _row(scenario, result, verdict, kills, cores, log_path)
+    elif data_dir is not None:
+        shutil.rmtree(data_dir, ignore_errors=True)
+        data_dir = None
+    row = _row(scenario, result, verdict, kills, cores, log_path)
+    row["data_dir"] = str(data_dir) if data_dir else None
+    return row
 
 
 def _row(
@@ -256,6 +270,7 @@ COLUMNS = (
     ("procs", "procs", 5, "{}"),
     ("placement", "place", 5, "{}"),
     ("client", "client", 11, "{}"),
+    ("storage", "storage", 11, "{}"),
     ("throughput", "ops/s", 7, "{:.0f}"),
     ("p50_ms", "p50ms", 6, "{:.3f}"),
     ("p99_ms", "p99ms", 6, "{:.3f}"),
@@ -289,7 +304,9 @@ def format_row(row: dict[str, Any]) -> str:
 def summarize(rows: list[dict[str, Any]]) -> list[str]:
     """Per configuration run more than once: median (min-max) throughput, median p99, worst
     gap. Per fault configuration: its median throughput as a share of the same
-    configuration's without faults."""
+    configuration's without faults. Per configuration on disk: its median throughput and
+    latencies as ratios to the same configuration's in memory (same session: same machine
+    state, as far as the rounds can make it)."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault(row["name"], []).append(row)
@@ -312,15 +329,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[str]:
         first = group[0]
         if first["faults"] == "none":
             continue
-        twin = next(
-            (
-                other
-                for other, candidates in groups.items()
-                if candidates[0]["faults"] == "none"
-                and all(candidates[0].get(d) == first.get(d) for d in DIMENSIONS if d != "faults")
-            ),
-            None,
-        )
+        twin = _twin(groups, first, "faults", "none")
         if twin is not None and medians[twin] > 0:
             lines.append(
                 f"{name}: {medians[name] / medians[twin]:.0%} of the no-fault throughput; longest "
@@ -328,4 +337,33 @@ def summarize(rows: list[dict[str, Any]]) -> list[str]:
                 f"{sum(r['kills'] for r in group)} kills; checks "
                 f"{','.join(sorted({r['check'] for r in group}))}"
             )
+    for name, group in groups.items():
+        if group[0].get("storage", "memory") == "memory":
+            continue
+        twin = _twin(groups, group[0], "storage", "memory")
+        if twin is None or medians[twin] <= 0:
+            continue
+        ratios = [f"ops/s {medians[name] / medians[twin]:.2f}"]
+        for key, title in (("p50_ms", "p50"), ("p99_ms", "p99")):
+            mine = statistics.median(r[key] for r in group)
+            theirs = statistics.median(r[key] for r in groups[twin])
+            if theirs > 0:
+                ratios.append(f"{title} {mine / theirs:.2f}")
+        lines.append(f"{name}: {group[0]['storage']}/memory {', '.join(ratios)}")
     return lines
+
+
+def _twin(
+    groups: dict[str, list[dict[str, Any]]], row: dict[str, Any], dimension: str, value: Any
+) -> str | None:
+    """The name of the group that differs from ``row`` only in ``dimension``, set to ``value``
+    (rows from before a dimension existed lack it: missing equals missing)."""
+    return next(
+        (
+            name
+            for name, candidates in groups.items()
+            if candidates[0].get(dimension) == value
+            and all(candidates[0].get(d) == row.get(d) for d in DIMENSIONS if d != dimension)
+        ),
+        None,
+    )

@@ -12,6 +12,7 @@ from kvstore import errors
 from kvstore.bench.clients import CLIENT_KINDS
 from kvstore.bench.matrix import FAULT_KINDS, PLACEMENTS, Matrix, parse_mix
 from kvstore.bench.session import Session
+from kvstore.bench.storage import STORAGE_KINDS
 from kvstore.cli.args import (
     choice_list,
     int_list,
@@ -43,6 +44,10 @@ def _client_list(text: str) -> tuple[str, ...]:
     return choice_list(text, CLIENT_KINDS, "client kinds")
 
 
+def _storage_list(text: str) -> tuple[str, ...]:
+    return choice_list(text, STORAGE_KINDS, "storage kinds")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = new_parser(
         prog="kv-bench",
@@ -65,6 +70,8 @@ the default value of each dimension whose list contains it, else the list's firs
         "--procs 1,2,4\n"
         "  kv-bench --threads 4,16 --keyspace 1000 --mix 50/50 --value-bytes 10 --faults none "
         "--client per-thread,shared,shared-noeo --full\n"
+        "  kv-bench --threads 4,16 --keyspace 1000 --mix 50/50 --value-bytes 10 "
+        "--faults none,kill-primary --storage memory,disk --full --repeat 2\n"
         "  kv-bench --no-matrix --memory-keys 1000000 --transfer-keys 100000\n"
         "  kv-bench --no-matrix --apache-client --apache-procs 1,2",
     )
@@ -140,6 +147,16 @@ def _add_matrix_arguments(parser: argparse.ArgumentParser) -> None:
         "threads: reads retried, exactly-once puts) and/or shared-noeo (the shared Client with "
         "plain puts, no exactly-once: what exactly-once costs) (default per-thread)",
     )
+    parser.add_argument(
+        "--storage",
+        type=_storage_list,
+        default=("memory",),
+        metavar="LIST",
+        help="where the nodes keep their store: memory (no data directory), disk (kv-node "
+        "--data-dir under the run's work directory, --fsync batch: concurrent writes share one "
+        "fsync) and/or disk-always (--fsync always: one fsync per write). Data directories are "
+        "removed after a run whose check passed (default memory)",
+    )
 
 
 def _add_session_arguments(parser: argparse.ArgumentParser) -> None:
@@ -181,7 +198,8 @@ def _add_session_arguments(parser: argparse.ArgumentParser) -> None:
         default="run/bench",
         metavar="DIR",
         help="ZooKeeper data and node logs go to DIR/<time>/; the execution log "
-        "of a run the checker rejects is kept there too (default run/bench)",
+        "of a run the checker rejects, and its nodes' data directories, are kept there too "
+        "(default run/bench)",
     )
 
 
@@ -249,6 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.procs,
             args.placement,
             args.client,
+            args.storage,
         )
     )
     workdir = Path(args.workdir).resolve() / time.strftime("%Y%m%d-%H%M%S")
