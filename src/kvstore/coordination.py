@@ -222,7 +222,7 @@ def create_parent(
                 done.append("but writable by anyone (--secure-existing tightens it)")
             if reset:
                 zk.set(path, b"")
-                done.append("reset")
+                done[0] = "reset"  # as kv-createznode --reset always said
             return ", ".join(done)
     finally:
         zk.stop()

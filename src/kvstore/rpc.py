@@ -472,7 +472,7 @@ class _Dispatcher:
         oprot.trans.flush()
 
 
-ConnectionHook = Callable[[], None]
+ConnectionHook = Callable[[bool], None]  # called with is_orderly: the peer closed with EOF
 
 DEFAULT_MAX_CONNECTIONS = 1024
 DEFAULT_IDLE_TIMEOUT_S = 300.0
@@ -494,8 +494,9 @@ class RpcServer:
     the primary's replication connections are exempt. A frame must arrive whole within
     ``frame_deadline_s`` of its first byte, and every send must progress within as long.
 
-    ``on_disconnect`` (optional) is called in the connection's thread when it ends,
-    so a handler can keep per-connection state in a threading.local.
+    ``on_disconnect(is_orderly)`` (optional) is called in the connection's thread when it
+    ends, so a handler can keep per-connection state in a threading.local; ``is_orderly``
+    is True when the peer closed it in order (EOF), not by a reset or an error.
     """
 
     def __init__(
@@ -632,13 +633,16 @@ class RpcServer:
         proto = TCyBinaryProtocol(TCyFramedTransport(reader))
         process = self._dispatcher.process
         is_replication_line = False
+        is_orderly = False
         try:
             while True:
                 check_request(reader.next_frame())
                 if process(proto, proto) == REPLICATION_METHOD and not is_replication_line:
                     is_replication_line = True
                     reader.never_idle_out()
-        except (TTransportException, ConnectionError):
+        except TTransportException as exc:
+            is_orderly = exc.type == TTransportException.END_OF_FILE
+        except ConnectionError:
             pass
         except _IdleTimeoutError as exc:
             log.debug("closing the connection from %s: %s", peer, exc)
@@ -660,7 +664,7 @@ class RpcServer:
                 self._connections.discard(sock)
             reader.close()
             if self._on_disconnect is not None:
-                self._on_disconnect()
+                self._on_disconnect(is_orderly)
 
     def close(self) -> None:
         """Stop accepting, then cut every open connection."""

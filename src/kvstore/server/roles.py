@@ -35,7 +35,7 @@ class NodeExit(Exception):
         self.code = code
 
 
-def is_dead(name: str, address: str, timeout_ms: int, is_refusal_proof: bool = True) -> bool:
+def is_dead(name: str, address: str, timeout_ms: int, is_refusal_proof: bool = False) -> bool:
     """True only if no process serves ``name`` at ``address`` any more.
 
     Proof is another node id answering there (nodes never share a port: no SO_REUSEPORT),
