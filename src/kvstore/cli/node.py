@@ -1,4 +1,4 @@
-"""kv-node: run one storage node (``kv-node HOST PORT ZK_CONNECT PATH``, the seed's order).
+"""kv-node: run one storage node (``kv-node HOST PORT ZK_CONNECT PATH``, the original order).
 
 A node that must start over (deposed, or its session expired) exits the node object with
 EXIT_RESTART; this program then re-executes itself with the same arguments, so the new
@@ -36,8 +36,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     node_args = list(sys.argv[1:] if argv is None else argv)
     parser = new_parser(
         prog="kv-node",
-        description="Run a storage node: serve the KeyValueService on HOST:PORT and register "
+        description="Run a storage node: serve the key-value service on HOST:PORT and register "
         "under PATH in ZooKeeper. The lowest registered node is the primary, the next the backup.",
+        epilog="exit status: 0 stopped (SIGTERM/SIGINT); 1 cannot serve (port taken, ZooKeeper "
+        "unreachable or refusing the credentials, damaged data directory); 2 bad arguments; "
+        "3 DATA LOST (no node holding a complete copy is alive; the message says how to start "
+        "over)",
     )
     parser.add_argument("host", metavar="HOST", help="address to serve on, e.g. 127.0.0.1")
     parser.add_argument("port", metavar="PORT", type=int, help="TCP port to serve on")
@@ -117,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="DIR",
         help="keep the store on disk in DIR (write-ahead log + snapshots): the node recovers "
         "it after a restart, and the cluster survives losing every node at once. Without "
-        "it the store lives in memory only (as the seed's)",
+        "it the store lives in memory only",
     )
     parser.add_argument(
         "--fsync",
@@ -137,7 +141,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     add_zk_auth_arguments(parser)
     parser.add_argument(
-        "--log-level", default="INFO", help="DEBUG, INFO, WARNING, ... (default INFO)"
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="log verbosity (default INFO)",
     )
     parser.add_argument(
         "--cpu",
@@ -164,7 +172,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = _config(args, limits, zk_auth)
     except ValueError as exc:
         parser.error(str(exc))
-    node = StorageNode(config)
+    try:
+        node = StorageNode(config)  # loads the data directory, if any
+    except (OSError, errors.KVError) as exc:
+        logging.getLogger("kv-node").error("cannot start: %s", exc)
+        return 1
     # StorageNode builds its RpcServer with the frame bound only; the connection bounds go here.
     node.server.set_connection_bounds(
         limits.max_connections, limits.idle_timeout_s, limits.frame_deadline_s
@@ -180,7 +192,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("kv-node").error("%s", exc)
         return 1
     if code == EXIT_RESTART:
-        logging.getLogger("kv-node").warning("restarting with an empty store")
+        logging.getLogger("kv-node").warning(
+            "restarting (from its data directory, or empty without one)"
+        )
         sys.stdout.flush()
         sys.stderr.flush()
         os.execv(sys.executable, [sys.executable, "-m", "kvstore", "node", *node_args])

@@ -1,0 +1,69 @@
+"""Every program's surface: help without internal names, one-line failures, exit codes."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvstore.cli import COMMANDS
+
+TIMEOUT_S = 60
+INTERNAL_NAMES = re.compile(r"the seed\b|seed's|seed-style|WatCA|KeyValueService|i\*1000", re.I)
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kvstore", *args],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("program", sorted(COMMANDS))
+def test_help_speaks_to_users(program: str) -> None:
+    result = run(program, "--help")
+    assert result.returncode == 0
+    flat = " ".join(result.stdout.split())  # argparse wraps lines
+    assert not INTERNAL_NAMES.findall(flat)
+
+
+def test_the_package_lists_its_programs() -> None:
+    result = run("--help")
+    assert result.returncode == 0
+    assert all(name in result.stdout for name in COMMANDS)
+    assert run().returncode == 2
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("client", "127.0.0.1:1", "/x", "1", "1", "10", "--log", "-"),
+        ("createznode", "127.0.0.1:1", "/x"),
+    ],
+)
+def test_unreachable_zookeeper_is_one_line(args: tuple[str, ...]) -> None:
+    result = run(*args)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "WARNING" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_damaged_data_directory_is_one_error_line(tmp_path: Path) -> None:
+    (tmp_path / "wal-00000001.log").write_bytes(b"not a record at all, and more after it " * 4)
+    (tmp_path / "wal-00000002.log").write_bytes(b"")
+    result = run("node", "127.0.0.1", "0", "127.0.0.1:1", "/x", "--data-dir", str(tmp_path))
+    assert result.returncode == 1
+    assert "wal-00000001.log is damaged at offset 0" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_timings_that_do_not_nest_are_a_usage_error() -> None:
+    result = run("node", "127.0.0.1", "0", "127.0.0.1:1", "/x", "--lease", "0.1")
+    assert result.returncode == 2
+    assert "lease" in result.stderr
