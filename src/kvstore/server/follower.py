@@ -116,13 +116,23 @@ class Follower:
                 self._start_new_cluster(version)
             return
         names = {m.name for m in members}
-        is_primary_gone = meta.primary not in names or self._is_primary_dead(meta)
-        if not any(name in names for name in meta.in_sync) and is_primary_gone:
+        if not self._has_live_in_sync_member(meta, members):
             self._recover_or_give_up(meta, version, names)
             return
         backup = designated_backup(members, meta.primary)
         if backup is not None and backup.name == self._node.name:
             self._join(meta, names)
+
+    def _has_live_in_sync_member(self, meta: ClusterMeta, members: list[Member]) -> bool:
+        """Some member of the in-sync set may still be alive: its znode exists and nothing
+        proves it dead (after a full restart on the same ports, the new processes answering
+        at the old addresses prove the old ones dead before their sessions expire)."""
+        addresses = {m.name: m.address for m in members}
+        timeout_ms = self._node.config.probe_timeout_ms
+        return any(
+            name in addresses and not is_dead(name, addresses[name], timeout_ms)
+            for name in meta.in_sync
+        )
 
     def _recover_or_give_up(self, meta: ClusterMeta, version: int, names: set[str]) -> None:
         """No member of the in-sync set is alive. Every acknowledged write is on the disk of
@@ -164,7 +174,9 @@ class Follower:
     def _is_primary_serving(self, meta: ClusterMeta) -> bool:
         """The node named primary answers at its address, as primary."""
         try:
-            status = probe(meta.primary_address, self._node.config.probe_timeout_ms)
+            status = probe(
+                meta.primary_address, self._node.config.probe_timeout_ms, self._node.peer_tls
+            )
         except errors.KVError:
             return False
         return (
@@ -174,7 +186,12 @@ class Follower:
         )
 
     def _is_primary_dead(self, meta: ClusterMeta) -> bool:
-        return is_dead(meta.primary, meta.primary_address, self._node.config.probe_timeout_ms)
+        return is_dead(
+            meta.primary,
+            meta.primary_address,
+            self._node.config.probe_timeout_ms,
+            tls=self._node.peer_tls,
+        )
 
     def _start_new_cluster(self, version: int) -> None:
         meta = ClusterMeta(1, self._node.name, self._node.config.address, (self._node.name,))
@@ -195,7 +212,11 @@ class Follower:
         self.fence.open(meta.epoch, join_id)
         started = time.monotonic()
         is_copied = False
-        conn = Connection(meta.primary_address, timeout_ms=self._node.config.join_rpc_timeout_ms)
+        conn = Connection(
+            meta.primary_address,
+            timeout_ms=self._node.config.join_rpc_timeout_ms,
+            tls=self._node.peer_tls,
+        )
         try:
             conn.call("join", meta.epoch, self._node.name, join_id, int(self.fence.lease_s * 1000))
             stripe = 0
