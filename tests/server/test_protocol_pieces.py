@@ -2,58 +2,54 @@
 
 from __future__ import annotations
 
+import socket
 import time
 
 import pytest
 
 from kvstore import errors
 from kvstore.coordination import ClusterMeta
-from kvstore.rpc import MalformedFrameError, _GuardedSocket, parse_address
+from kvstore.rpc import MalformedFrameError, _FrameReader, parse_address
 from kvstore.server.replication import BackupFence
-
-
-class FakeSocket:
-    """Hands out the given chunks one recv at a time, then EOF."""
-
-    def __init__(self, *chunks: bytes) -> None:
-        self.chunks = list(chunks)
-
-    def recv(self, size: int) -> bytes:
-        return self.chunks.pop(0)[:size] if self.chunks else b""
-
-    def close(self) -> None:
-        pass
 
 
 def frame(body: bytes) -> bytes:
     return len(body).to_bytes(4, "big") + body
 
 
-def test_guard_hands_out_one_frame_per_message() -> None:
-    guard = _GuardedSocket(FakeSocket(frame(b"abc") + frame(b"de")), max_frame_bytes=100)  # type: ignore[arg-type]
-    guard.next_message()
-    assert guard.read(100) == frame(b"abc")  # never a byte of the next frame
+def frame_reader(data: bytes, max_frame_bytes: int = 100) -> _FrameReader:
+    """A reader over a real socket pair whose other end sent ``data`` and closed."""
+    ours, theirs = socket.socketpair()
+    theirs.sendall(data)
+    theirs.close()
+    return _FrameReader(ours, max_frame_bytes, idle_timeout_s=5.0, deadline_s=5.0)
+
+
+def test_reader_hands_out_one_frame_per_message() -> None:
+    reader = frame_reader(frame(b"abc") + frame(b"de"))
+    assert reader.next_frame() == frame(b"abc")
+    assert reader.read(100) == frame(b"abc")  # never a byte of the next frame
     with pytest.raises(MalformedFrameError, match="past the end"):
-        guard.read(100)  # the message wants more than its frame holds
-    guard.next_message()
-    assert guard.read(2) == b"\x00\x00"  # a header split across reads is fine
-    assert guard.read(100) == b"\x00\x02de"
+        reader.read(100)  # the message wants more than its frame holds
+    assert reader.next_frame() == frame(b"de")
+    assert reader.read(2) == b"\x00\x00"
+    assert reader.read(100) == b"\x00\x02de"
 
 
 @pytest.mark.parametrize("size", [0, -1, 101, 2**31 - 1])
-def test_guard_refuses_frames_out_of_bounds(size: int) -> None:
-    header = size.to_bytes(4, "big", signed=True)
-    guard = _GuardedSocket(FakeSocket(header + b"xx"), max_frame_bytes=100)  # type: ignore[arg-type]
+def test_reader_refuses_frames_out_of_bounds(size: int) -> None:
+    reader = frame_reader(size.to_bytes(4, "big", signed=True) + b"xx")
     with pytest.raises(MalformedFrameError, match="refused"):
-        guard.read(100)
+        reader.next_frame()
 
 
-def test_guard_reports_eof() -> None:
+def test_reader_reports_eof_in_order() -> None:
     from thriftpy2.transport import TTransportException
 
-    guard = _GuardedSocket(FakeSocket(b"\x00\x00"), max_frame_bytes=100)  # type: ignore[arg-type]
-    with pytest.raises(TTransportException):
-        guard.read(4)
+    reader = frame_reader(b"\x00\x00")  # half a header, then the peer closed
+    with pytest.raises(TTransportException) as caught:
+        reader.next_frame()
+    assert caught.value.type == TTransportException.END_OF_FILE
 
 
 def test_error_codes_round_trip() -> None:
