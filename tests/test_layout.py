@@ -141,3 +141,9 @@ def test_the_rules_catch_a_lazy_import_across_parts() -> None:
     found = violations("kvstore.client.locator", imports_in(source, "kvstore.client"))
     assert len(found) == 2, found
     assert "client may not depend on server" in found[0]
+
+
+def test_test_files_have_unique_names() -> None:
+    """Test directories have no __init__.py: two test files of one name would not both import."""
+    names = [p.name for p in (PACKAGE_ROOT.parents[1] / "tests").rglob("test_*.py")]
+    assert sorted(names) == sorted(set(names)), "rename the duplicate test file"
