@@ -14,16 +14,21 @@ import pytest
 
 from kvstore.check.checker import (
     DUPLICATE_WRITE,
+    EXIT_OK,
+    EXIT_UNKNOWN,
+    EXIT_VIOLATIONS,
     NEVER_WRITTEN,
+    NO_LINEARIZATION,
     READ_FROM_FUTURE,
     STALE_READ,
     TWO_VALUES_CURRENT,
     CheckResult,
+    UnknownKey,
     check,
     check_file,
     run_check,
 )
-from kvstore.check.history import READ, WRITE, Event, Op, op_events, write_events
+from kvstore.check.history import CAS, DELETE, READ, WRITE, Event, Op, op_events, write_events
 
 
 def w(value: str, invoke_ns: int, complete_ns: int | None, key: str = "k", tid: int = 0) -> Op:
@@ -195,6 +200,142 @@ def test_run_check_reports_a_malformed_log(tmp_path: Path) -> None:
 def _write_ops(path: Path, ops: Sequence[Op]) -> Path:
     write_events(path, [event for op in ops for event in op_events(op)])
     return path
+
+
+# --- delete and compare-and-set (the search) --------------------------------------------------
+
+
+def d(existed: bool | None, invoke_ns: int, complete_ns: int | None, tid: int = 2) -> Op:
+    return Op(tid, DELETE, "k", None, invoke_ns, complete_ns, returned_flag=existed)
+
+
+def cas(expected: str, new: str, swapped: bool | None, invoke_ns: int, complete_ns: int | None,
+        tid: int = 3) -> Op:  # fmt: skip
+    return Op(tid, CAS, "k", new, invoke_ns, complete_ns, expected=expected, returned_flag=swapped)
+
+
+def test_cas_reported_success_although_the_value_differed() -> None:
+    result = check([w("a", 0, 1), cas("b", "x", True, 2, 3)])
+    assert reasons(result) == [NO_LINEARIZATION]
+    assert result.violations[0].key == "k"
+    assert cas("b", "x", True, 2, 3) in result.violations[0].ops
+
+
+def test_cas_reported_failure_although_the_value_matched() -> None:
+    assert reasons(check([w("a", 0, 1), cas("a", "x", False, 2, 3)])) == [NO_LINEARIZATION]
+    assert check([w("a", 0, 1), cas("b", "x", False, 2, 3), r("a", 4, 5)]).is_ok
+
+
+def test_two_concurrent_cas_from_the_same_value_cannot_both_succeed() -> None:
+    both = [w("a", 0, 1), cas("a", "x", True, 2, 10, tid=3), cas("a", "y", True, 3, 9, tid=4)]
+    result = check(both)
+    assert reasons(result) == [NO_LINEARIZATION]
+    assert set(both[1:]) <= set(result.violations[0].ops)
+    one = [w("a", 0, 1), cas("a", "x", True, 2, 10, tid=3), cas("a", "y", False, 3, 9, tid=4)]
+    assert check([*one, r("x", 11, 12)]).is_ok
+    assert not check([*one, r("y", 11, 12)]).is_ok
+
+
+def test_cas_chain_from_absent() -> None:
+    ops = [cas("", "a", True, 0, 1), cas("a", "b", True, 2, 3), cas("", "c", False, 4, 5)]
+    assert check([*ops, r("b", 6, 7)]).is_ok
+    assert not check([w("z", 0, 1), cas("", "a", True, 2, 3)]).is_ok  # not absent any more
+
+
+def test_delete_returning_0_after_a_completed_write() -> None:
+    result = check([w("a", 0, 1), d(False, 2, 3)])
+    assert reasons(result) == [NO_LINEARIZATION]
+    assert result.violations[0].ops == (w("a", 0, 1), d(False, 2, 3))
+
+
+def test_delete_results() -> None:
+    assert check([d(False, 0, 1), w("a", 2, 3), d(True, 4, 5), d(False, 6, 7)]).is_ok
+    assert not check([d(True, 0, 1)]).is_ok  # nothing to delete
+    assert not check([w("a", 0, 1), d(True, 2, 3, tid=2), d(True, 4, 5, tid=4)]).is_ok
+    assert check([w("a", 0, 10), d(False, 1, 2), r("a", 11, 12)]).is_ok  # delete came first
+
+
+def test_a_read_of_empty_after_a_delete_is_ok() -> None:
+    assert check([w("a", 0, 1), d(True, 2, 3), r("", 4, 5)]).is_ok
+    assert not check([w("a", 0, 1), d(True, 2, 3), r("a", 4, 5)]).is_ok
+
+
+def test_a_pending_cas_whose_effect_a_later_read_saw() -> None:
+    assert check([w("a", 0, 1), cas("a", "x", None, 2, None), r("x", 5, 6)]).is_ok
+    assert check([w("a", 0, 1), cas("a", "x", None, 2, None), r("a", 5, 6)]).is_ok  # never
+    assert not check([w("a", 0, 1), cas("b", "x", None, 2, None), r("x", 5, 6)]).is_ok
+    assert not check([w("a", 0, 1), r("x", 2, 3), cas("a", "x", None, 5, None)]).is_ok
+
+
+def test_pending_deletes_and_writes_may_take_effect_later_or_never() -> None:
+    assert check([w("a", 0, 1), d(None, 2, None), r("a", 3, 4), r("", 5, 6)]).is_ok
+    assert check([w("a", 0, 1), d(None, 2, None), r("a", 3, 4), r("a", 5, 6)]).is_ok
+    assert not check([w("a", 0, 1), d(None, 2, None), r("", 3, 4), r("a", 5, 6)]).is_ok
+    assert check([d(False, 0, 1), w("a", 2, None), r("", 3, 4), r("a", 5, 6)]).is_ok
+    assert check([d(False, 0, 1), w("a", 2, None), r("", 3, 4)]).is_ok
+
+
+def test_keys_with_delete_or_cas_may_repeat_write_values() -> None:
+    ops = [w("a", 0, 1), d(True, 2, 3), w("a", 4, 5), cas("a", "a", True, 6, 7), r("a", 8, 9)]
+    assert check(ops).is_ok
+    assert reasons(check([w("a", 0, 1), w("a", 2, 3)])) == [DUPLICATE_WRITE]  # reads/writes only
+
+
+def test_each_key_goes_to_its_own_algorithm() -> None:
+    ops = [
+        w("a", 0, 1, key="rw"), w("b", 2, 3, key="rw"), r("a", 4, 5, key="rw"),  # stale
+        w("a", 0, 1), d(False, 2, 3),  # key "k": delete of an existing key returned 0
+        w("a", 0, 1, key="fine"), r("a", 2, 3, key="fine"),
+    ]  # fmt: skip
+    result = check(ops)
+    assert [(v.key, v.reason) for v in result.violations] == [
+        ("rw", STALE_READ),
+        ("k", NO_LINEARIZATION),
+    ]
+
+
+def hard_history(write_count: int) -> list[Op]:
+    """Many concurrent writes, a delete, and a read of a value nobody wrote: the search has to
+    try every subset of the writes before it can say no (the memo only saves the order)."""
+    writes = [w(f"v{i}", 0, 100, tid=10 + i) for i in range(write_count)]
+    return [*writes, d(None, 0, None), r("never", 200, 201)]
+
+
+def test_the_step_budget_makes_a_key_unknown_not_a_violation() -> None:
+    result = check(hard_history(16), max_search_steps=10_000)
+    assert not result.is_ok
+    assert result.violations == []
+    assert result.unknown_keys == [UnknownKey("k", 18, 10_000)]
+    assert (result.verdict, result.exit_code) == ("UNKNOWN", EXIT_UNKNOWN)
+    decided = check(hard_history(6), max_search_steps=10_000)
+    assert (decided.verdict, decided.exit_code) == ("NOT LINEARIZABLE", EXIT_VIOLATIONS)
+    assert check([]).exit_code == EXIT_OK
+
+
+def test_run_check_prints_unknown_keys_and_exits_3(tmp_path: Path) -> None:
+    path = _write_ops(tmp_path / "hard.log", hard_history(16))
+    out = io.StringIO()
+    assert run_check(path, out=out, max_search_steps=1_000) == 3
+    assert out.getvalue().splitlines() == [
+        "UNKNOWN key='k': undecided after 1000 search steps (18 operations)",
+        "UNKNOWN: no violations, 1 keys undecided of 1 keys (18 operations)",
+    ]
+    violating = [*hard_history(16), w("a", 0, 1, key="x"), r("", 2, 3, key="x")]
+    path = _write_ops(tmp_path / "hard_and_bad.log", violating)
+    assert run_check(path, out=io.StringIO(), max_search_steps=1_000) == 1
+
+
+def test_run_check_prints_a_search_violation_with_its_operations(tmp_path: Path) -> None:
+    ops = [w("a", 0, 1, tid=1), cas("a", "x", True, 2, 10), cas("a", "y", True, 3, 9, tid=4)]
+    path = _write_ops(tmp_path / "cas.log", ops)
+    out = io.StringIO()
+    assert run_check(path, out=out) == 1
+    lines = [line.strip() for line in out.getvalue().splitlines()]
+    assert lines[0].startswith("VIOLATION key='k': no linearization: the longest legal order")
+    assert "covers 2 of 3 operations" in lines[0]
+    assert "tid 4 cas 'k' 'a' => 'y' -> 1 [3 ns, 9 ns]" in lines
+    assert "tid 3 cas 'k' 'a' => 'x' -> 1 [2 ns, 10 ns]" in lines
+    assert lines[-1].startswith("NOT LINEARIZABLE: 1 violations on 1 of 1 keys")
 
 
 # --- cross-check against brute force --------------------------------------------------------

@@ -1,16 +1,25 @@
-"""Linearizability checker for histories of independent read/write registers (pure; no I/O
-besides reading a log file).
+"""Linearizability checker for histories of independent registers with read, write, delete and
+compare-and-set (pure; no I/O besides reading a log file).
 
 Model and invariants:
 
-- every key is an independent register whose initial value is "" (empty);
-- write values are unique per key (a repeated value, or a write of "", is an input error: the
-  key is reported as "duplicate write value" and not checked further);
+- every key is an independent register whose initial value is "" (absent: "" and absent are the
+  same value); the register's sequential specification is :mod:`kvstore.check.register`;
 - op A precedes op B in real time iff ``A.complete_ns < B.invoke_ns``: equal times are concurrent;
-- a pending read is dropped; a pending write that some read returned may take effect at any time
-  after its invocation (its completion counts as +infinity); a pending write nobody read is dropped.
+- a pending read is dropped; a pending write, delete or CAS may take effect at any time after its
+  invocation (its completion counts as +infinity), or never;
+- a verdict is per key: OK, a violation, or UNKNOWN (the search ran out of steps) -- never a guess.
 
-Algorithm (Gibbons & Korach 1997; Golab, Li & Shah, PODC 2011), O(n log n) per key: a write and
+Two algorithms, chosen per key:
+
+- a key with only reads and writes goes to the zone algorithm below, which needs unique write
+  values per key (a repeated value, or a write of "", is an input error: the key is reported as
+  "duplicate write value" and not checked further);
+- a key with any delete or CAS goes to the general search (:mod:`kvstore.check.search`: Wing &
+  Gong with Lowe's memoization, as Porcupine does), bounded by ``max_search_steps`` per key; it
+  reports "no linearization" with the ops at its deepest dead end.
+
+Zone algorithm (Gibbons & Korach 1997; Golab, Li & Shah, PODC 2011), O(n log n) per key: a write and
 the reads that returned its value form a *cluster* (the initial value is a virtual write at
 -infinity). Let f be the earliest completion and s the latest invocation in a cluster. In every
 linearization a cluster is one contiguous block, so cluster A must come before cluster B whenever
@@ -31,20 +40,39 @@ import sys
 from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 from operator import attrgetter
 from typing import TextIO
 
-from kvstore.check.history import READ, WRITE, LogFormatError, Op, StrPath, gc_paused, read_log
+from kvstore.check import register, search
+from kvstore.check.history import (
+    CAS,
+    DELETE,
+    READ,
+    WRITE,
+    LogFormatError,
+    Op,
+    StrPath,
+    describe,
+    gc_paused,
+    read_log,
+)
 
 DEFAULT_MAX_VIOLATIONS_PER_KEY = 3
+DEFAULT_MAX_SEARCH_STEPS = search.DEFAULT_MAX_STEPS
+
+EXIT_OK = 0
+EXIT_VIOLATIONS = 1
+EXIT_UNREADABLE = 2
+EXIT_UNKNOWN = 3
 
 STALE_READ = "stale read"
 TWO_VALUES_CURRENT = "two values current at once"
 NEVER_WRITTEN = "read of a never-written value"
 READ_FROM_FUTURE = "read from the future"
 DUPLICATE_WRITE = "duplicate write value"
+NO_LINEARIZATION = "no linearization"
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,17 +86,44 @@ class Violation:
 
 
 @dataclass(frozen=True, slots=True)
+class UnknownKey:
+    """A key the search could not decide within its step budget: neither OK nor a violation."""
+
+    key: str
+    op_count: int
+    steps: int
+
+
+@dataclass(frozen=True, slots=True)
 class CheckResult:
-    """The verdict on a whole history. ``op_count`` counts every record, pending ones included."""
+    """The verdict on a whole history. ``op_count`` counts every record, pending ones included.
+
+    ``is_ok`` only if every key was decided linearizable: no violations and no unknown keys.
+    """
 
     is_ok: bool
     op_count: int
     key_count: int
     violations: list[Violation]
+    unknown_keys: list[UnknownKey] = field(default_factory=list)
 
     @property
     def violating_key_count(self) -> int:
         return len({violation.key for violation in self.violations})
+
+    @property
+    def verdict(self) -> str:
+        """One of "OK", "NOT LINEARIZABLE" (violations win) or "UNKNOWN" (some key undecided)."""
+        if self.violations:
+            return "NOT LINEARIZABLE"
+        return "UNKNOWN" if self.unknown_keys else "OK"
+
+    @property
+    def exit_code(self) -> int:
+        """What kv-check exits with for this result (see :func:`run_check`)."""
+        if self.violations:
+            return EXIT_VIOLATIONS
+        return EXIT_UNKNOWN if self.unknown_keys else EXIT_OK
 
 
 class _Cluster:
@@ -122,57 +177,104 @@ class _Cluster:
 
 
 def check(
-    ops: Iterable[Op], max_violations_per_key: int = DEFAULT_MAX_VIOLATIONS_PER_KEY
+    ops: Iterable[Op],
+    max_violations_per_key: int = DEFAULT_MAX_VIOLATIONS_PER_KEY,
+    max_search_steps: int = DEFAULT_MAX_SEARCH_STEPS,
 ) -> CheckResult:
-    """Check a history; reports every violating key, at most ``max_violations_per_key`` each."""
+    """Check a history; reports every violating key, at most ``max_violations_per_key`` each.
+
+    A key with a delete or CAS is searched for at most ``max_search_steps`` steps, after which
+    it is reported in ``unknown_keys``.
+    """
     ops_by_key: dict[str, list[Op]] = defaultdict(list)
     violations: list[Violation] = []
+    unknown: list[UnknownKey] = []
     with gc_paused():
         for op in ops:
             ops_by_key[op.key].append(op)
         for key, key_ops in ops_by_key.items():
-            violations.extend(islice(_key_violations(key, key_ops), max_violations_per_key))
+            if any(op.kind in (DELETE, CAS) for op in key_ops):
+                found = _searched_key(key, key_ops, max_search_steps)
+                if isinstance(found, UnknownKey):
+                    unknown.append(found)
+                elif found is not None:
+                    violations.append(found)
+            else:
+                violations.extend(islice(_key_violations(key, key_ops), max_violations_per_key))
     op_count = sum(len(key_ops) for key_ops in ops_by_key.values())
-    return CheckResult(not violations, op_count, len(ops_by_key), violations)
+    is_ok = not violations and not unknown
+    return CheckResult(is_ok, op_count, len(ops_by_key), violations, unknown)
 
 
-def check_file(path: StrPath) -> CheckResult:
+def check_file(path: StrPath, max_search_steps: int = DEFAULT_MAX_SEARCH_STEPS) -> CheckResult:
     """Check the log file at ``path``."""
-    return check(read_log(path))
+    return check(read_log(path), max_search_steps=max_search_steps)
 
 
-def run_check(path: StrPath, out: TextIO | None = None) -> int:
-    """Check a log and print the verdict to ``out`` (default stdout).
+def run_check(
+    path: StrPath, out: TextIO | None = None, max_search_steps: int = DEFAULT_MAX_SEARCH_STEPS
+) -> int:
+    """Check a log and print the verdict to ``out`` (default stdout); returns the exit code.
 
-    Returns 0 if linearizable, 1 on violations, 2 if the log cannot be read or parsed.
+    Exit codes: 0 (EXIT_OK) linearizable; 1 (EXIT_VIOLATIONS) violations found (whether or not
+    some keys are also undecided); 2 (EXIT_UNREADABLE) the log cannot be read or parsed;
+    3 (EXIT_UNKNOWN) no violations, but some keys undecided within ``max_search_steps``.
     """
     out = sys.stdout if out is None else out
     try:
-        result = check_file(path)
+        result = check_file(path, max_search_steps)
     except (OSError, LogFormatError) as error:
         print(f"ERROR: {error}", file=out)
-        return 2
+        return EXIT_UNREADABLE
     if result.is_ok:
         print(f"OK ({result.op_count} operations, {result.key_count} keys)", file=out)
-        return 0
+        return EXIT_OK
     for violation in result.violations:
         print(f"VIOLATION key={violation.key!r}: {violation.reason}: {violation.detail}", file=out)
         for op in violation.ops:
             print(f"    {describe(op)}", file=out)
-    print(
-        f"NOT LINEARIZABLE: {len(result.violations)} violations on {result.violating_key_count} "
-        f"of {result.key_count} keys ({result.op_count} operations)",
-        file=out,
+    for unknown in result.unknown_keys:
+        print(
+            f"UNKNOWN key={unknown.key!r}: undecided after {unknown.steps} search steps "
+            f"({unknown.op_count} operations)",
+            file=out,
+        )
+    print(_summary(result), file=out)
+    return result.exit_code
+
+
+def _summary(result: CheckResult) -> str:
+    counts = f"of {result.key_count} keys ({result.op_count} operations)"
+    undecided = f"{len(result.unknown_keys)} keys undecided {counts}"
+    if not result.violations:
+        return f"UNKNOWN: no violations, {undecided}"
+    violated = f"{len(result.violations)} violations on {result.violating_key_count} {counts}"
+    return f"NOT LINEARIZABLE: {violated}" + (f"; {undecided}" if result.unknown_keys else "")
+
+
+def _searched_key(key: str, ops: list[Op], max_steps: int) -> Violation | UnknownKey | None:
+    """Check one key by search: None if linearizable."""
+    constraining = [op for op in ops if register.is_constraining(op)]
+    found = search.linearize(constraining, register.step, register.INITIAL_STATE, max_steps)
+    if found.outcome == search.OK:
+        return None
+    if found.outcome == search.UNKNOWN:
+        return UnknownKey(key, len(ops), found.steps)
+    return Violation(key, NO_LINEARIZATION, *_dead_end(found, constraining))
+
+
+def _dead_end(found: search.SearchResult[str], ops: list[Op]) -> tuple[tuple[Op, ...], str]:
+    """The ops to show for a key with no linearization, and what they show."""
+    stuck = [ops[index] for index in found.stuck]
+    state = found.stuck_state
+    if not found.prefix_tail:
+        return tuple(stuck), f"none of the operations below can come first (value {state!r})"
+    detail = (
+        f"the longest legal order found covers {found.prefix_length} of {len(ops)} operations "
+        f"and ends with the first one below; the value is then {state!r} and none of the others "
+        "(the earliest to complete first) can come next"
     )
-    return 1
-
-
-def describe(op: Op) -> str:
-    """One operation for humans: thread, kind, key, value and its real-time interval."""
-    done = "pending" if op.complete_ns is None else f"{op.complete_ns} ns"
-    action = "write" if op.kind == WRITE else "read"
-    arrow = "=" if op.kind == WRITE else "->"
-    return f"tid {op.tid} {action} {op.key!r} {arrow} {op.value!r} [{op.invoke_ns} ns, {done}]"
+    return (ops[found.prefix_tail[-1]], *stuck), detail
 
 
 def _key_violations(key: str, ops: list[Op]) -> Iterator[Violation]:
