@@ -174,9 +174,7 @@ class Follower:
     def _is_primary_serving(self, meta: ClusterMeta) -> bool:
         """The node named primary answers at its address, as primary."""
         try:
-            status = probe(
-                meta.primary_address, self._node.config.probe_timeout_ms, self._node.peer_tls
-            )
+            status = probe(meta.primary_address, self._node.config.probe_timeout_ms)
         except errors.KVError:
             return False
         return (
@@ -186,12 +184,7 @@ class Follower:
         )
 
     def _is_primary_dead(self, meta: ClusterMeta) -> bool:
-        return is_dead(
-            meta.primary,
-            meta.primary_address,
-            self._node.config.probe_timeout_ms,
-            tls=self._node.peer_tls,
-        )
+        return is_dead(meta.primary, meta.primary_address, self._node.config.probe_timeout_ms)
 
     def _start_new_cluster(self, version: int) -> None:
         meta = ClusterMeta(1, self._node.name, self._node.config.address, (self._node.name,))
@@ -212,11 +205,7 @@ class Follower:
         self.fence.open(meta.epoch, join_id)
         started = time.monotonic()
         is_copied = False
-        conn = Connection(
-            meta.primary_address,
-            timeout_ms=self._node.config.join_rpc_timeout_ms,
-            tls=self._node.peer_tls,
-        )
+        conn = Connection(meta.primary_address, timeout_ms=self._node.config.join_rpc_timeout_ms)
         try:
             conn.call("join", meta.epoch, self._node.name, join_id, int(self.fence.lease_s * 1000))
             stripe = 0
