@@ -251,7 +251,13 @@ def _row(
         "indefinite_writes": result.indefinite_writes,
         "kills": len(kills),
         "kill_times_s": [round(at_s, 3) for at_s, _ in kills],
-        "check": "OK" if verdict.is_ok else f"VIOLATIONS ({len(verdict.violations)})",
+        "check": (
+            "OK"
+            if verdict.is_ok
+            else f"UNKNOWN ({len(verdict.unknown_keys)} keys)"
+            if verdict.unknown_keys and not verdict.violations
+            else f"VIOLATIONS ({len(verdict.violations)})"
+        ),
         "checked_ops": verdict.op_count,
         "cores": cores,
         "log": str(log_path) if log_path else None,

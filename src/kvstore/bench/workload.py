@@ -40,7 +40,7 @@ from hdrh.histogram import HdrHistogram
 
 from kvstore import errors
 from kvstore.bench.clients import LoadClient, Pacer, open_clients
-from kvstore.check.history import READ, WRITE, Event
+from kvstore.check.history import CAS, DELETE, READ, WRITE, Event, cas_value, flag_value
 from kvstore.config import ClientConfig
 
 MAX_LATENCY_US = 120_000_000
@@ -65,6 +65,23 @@ class Workload:
     seed: int | None = None
     thread_id_base: int = 0
     client: str = "per-thread"  # one of kvstore.bench.clients.CLIENT_KINDS
+    # Shares of deletes and compare-and-sets (the rest of the non-puts are gets); they need
+    # a client that has them (``shared``).
+    delete_ratio: float = 0.0
+    cas_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.write_ratio + self.delete_ratio + self.cas_ratio <= 1:
+            raise ValueError("put, delete and cas ratios must add up to at most 1")
+        if self.is_mixed and self.client != "shared":
+            raise ValueError(
+                "deletes and compare-and-sets need the shared client (--client shared)"
+            )
+
+    @property
+    def is_mixed(self) -> bool:
+        """Deletes or compare-and-sets in the mix (run by :func:`_mixed_worker`)."""
+        return self.delete_ratio > 0 or self.cas_ratio > 0
 
 
 @dataclass
@@ -203,6 +220,67 @@ def _worker(
         record((done - began) // 1000 or 1)
 
 
+def _mixed_worker(
+    tid: int,
+    workload: Workload,
+    client: Any,
+    locator: Pacer,
+    start_ns: int,
+    deadline_ns: int,
+    result: ThreadResult,
+) -> None:
+    """Gets, puts, deletes and compare-and-sets through a client that has them (the shared
+    kvstore.Client). A compare-and-set swaps the value this thread last read for the key
+    ("" if it read none: only if absent) for a fresh unique value. Logged like _worker: a
+    write-kind operation (put, delete, cas) whose outcome is unknown keeps its invocation."""
+    rng = random.Random(None if workload.seed is None else workload.seed * 1_000_003 + tid)
+    uniform, random_bits = rng.random, rng.getrandbits
+    keys, keyspace = key_names(workload.keyspace), workload.keyspace
+    put_below = workload.write_ratio
+    delete_below = put_below + workload.delete_ratio
+    cas_below = delete_below + workload.cas_ratio
+    last_read: dict[str, str] = {}
+    events, clock = result.events, time.monotonic_ns
+    while (began := clock()) < deadline_ns:
+        key = keys[int(uniform() * keyspace)]
+        draw = uniform()
+        kind = (
+            WRITE if draw < put_below
+            else DELETE if draw < delete_below
+            else CAS if draw < cas_below
+            else READ
+        )  # fmt: skip
+        generation = locator.generation
+        try:
+            if kind == WRITE:
+                value = f"value-{random_bits(63)}"
+                events.append((began - start_ns, False, tid, WRITE, key, value))
+                client.put(key, value)
+                returned = None
+            elif kind == DELETE:
+                events.append((began - start_ns, False, tid, DELETE, key, None))
+                returned = flag_value(client.delete(key))
+            elif kind == CAS:
+                expected, new = last_read.get(key, ""), f"value-{random_bits(63)}"
+                events.append((began - start_ns, False, tid, CAS, key, cas_value(expected, new)))
+                returned = flag_value(client.cas(key, expected or None, new))
+            else:
+                events.append((began - start_ns, False, tid, READ, key, None))
+                returned = last_read[key] = client.get(key) or ""
+        except errors.KVError as exc:
+            result.failures[type(exc).__name__] += 1
+            if kind != READ and not exc.is_definite:
+                result.indefinite_writes += 1
+            else:
+                events.pop()
+            locator.wait_for_change(generation, WAIT_AFTER_FAILURE_S)
+            continue
+        done = clock()
+        events.append((done - start_ns, True, tid, kind, key, returned))
+        result.success_ns.append(done)
+        result.latency_us.append((done - began) // 1000 or 1)
+
+
 # --------------------------------------------------------------------------- one process
 
 
@@ -221,7 +299,7 @@ class LoadClients:
         results = [ThreadResult() for _ in per_thread]
         threads = [
             threading.Thread(
-                target=_worker,
+                target=_mixed_worker if self.workload.is_mixed else _worker,
                 args=(
                     self.workload.thread_id_base + i,
                     self.workload,

@@ -14,9 +14,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="kv-check",
         description="Check an execution log (as kv-client writes it: one invocation or "
         "response event per line) for linearizability: every key is a register starting "
-        "empty, written with unique values. Prints OK or each violation with the operations "
-        "involved.",
-        epilog="exit status: 0 linearizable; 1 violations; 2 the log cannot be read or parsed",
+        "empty (a missing key reads as empty), written with unique values, and changed by "
+        "gets, puts, deletes and compare-and-sets. Prints OK or each violation with the "
+        "operations involved.",
+        epilog="exit status: 0 linearizable; 1 violations; 2 the log cannot be read or "
+        "parsed; 3 no violation found, but some keys stayed undecided (a key with very many "
+        "concurrent operations of unknown outcome exhausts the search budget)",
     )
     parser.add_argument("log", metavar="LOG", help="execution log file")
     args = parser.parse_args(argv)

@@ -52,6 +52,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="probability that an operation is a put (default 0.5)",
     )
     parser.add_argument(
+        "--delete-ratio",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="probability that an operation is a delete (default 0; needs --client shared)",
+    )
+    parser.add_argument(
+        "--cas-ratio",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="probability that an operation is a compare-and-set of the value this thread "
+        "last read for the key (default 0; needs --client shared)",
+    )
+    parser.add_argument(
         "--value-bytes",
         type=int,
         default=0,
@@ -88,15 +103,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not 0.0 <= args.write_ratio <= 1.0:
         parser.error("--write-ratio must be within [0, 1]")
     setup_logging("WARNING", is_quiet=True)
-    workload = Workload(
-        args.threads,
-        args.seconds,
-        args.keyspace,
-        args.write_ratio,
-        args.value_bytes,
-        args.seed,
-        client=args.client,
-    )
+    try:
+        workload = Workload(
+            args.threads,
+            args.seconds,
+            args.keyspace,
+            args.write_ratio,
+            args.value_bytes,
+            args.seed,
+            client=args.client,
+            delete_ratio=args.delete_ratio,
+            cas_ratio=args.cas_ratio,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
     config = ClientConfig(
         args.zk_connect,
         args.zk_path,
