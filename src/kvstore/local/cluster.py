@@ -32,7 +32,12 @@ def redacted(command: Sequence[str]) -> list[str]:
 
 
 class NodeProcess:
-    """One ``kv-node`` child process on a fixed loopback port (kept across restarts)."""
+    """One ``kv-node`` child process on a fixed port (kept across restarts), loopback by default.
+
+    ``command_prefix`` runs it through another program, e.g. ``ip netns exec NS`` to start it
+    inside a network namespace (bound to ``host``, an address there: give ``port`` then, as no
+    free port can be looked up from here). The prefix must exec the node, keeping the PID.
+    """
 
     def __init__(
         self,
@@ -42,8 +47,10 @@ class NodeProcess:
         port: int | None = None,
         extra_args: Sequence[str] = (),
         host: str = "127.0.0.1",
+        command_prefix: Sequence[str] = (),
     ) -> None:
         self.host = host
+        self.command_prefix = list(command_prefix)
         self.port = port or free_port(host)
         self.zk_connect = zk_connect
         self.zk_path = zk_path
@@ -63,6 +70,7 @@ class NodeProcess:
         assert self.process is None or self.process.poll() is not None, "already running"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         command = [
+            *self.command_prefix,
             sys.executable,
             "-m",
             "kvstore",
@@ -146,14 +154,20 @@ class LocalCluster:
         log_dir: Path,
         size: int = 2,
         node_args: Sequence[str] = (),
+        nodes: Sequence[NodeProcess] | None = None,
     ) -> None:
+        """``nodes``: these (e.g. each in a network namespace) instead of ``size`` new ones."""
         self.zk_connect = zk_connect
         self.zk_path = zk_path
         self.log_dir = Path(log_dir)
-        self.nodes = [
-            NodeProcess(zk_connect, zk_path, self.log_dir, extra_args=node_args)
-            for _ in range(size)
-        ]
+        self.nodes = (
+            list(nodes)
+            if nodes is not None
+            else [
+                NodeProcess(zk_connect, zk_path, self.log_dir, extra_args=node_args)
+                for _ in range(size)
+            ]
+        )
 
     def start(self, timeout_s: float = 30.0) -> None:
         """Start the primary, then the others; the first node creates the parent path."""

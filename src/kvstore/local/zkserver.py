@@ -20,6 +20,11 @@ The server is tuned for tests: a short ``tickTime`` and a session range of
 ``2 * tickTime`` .. 30 s, so a client can ask for a 1 s session and lose it
 quickly once it stops heart-beating.
 
+By default it listens on loopback; ``host`` and ``command_prefix`` (e.g. ``ip netns exec NS``,
+which must exec the server, keeping the PID) run it on an address inside a network namespace:
+give ``port`` then, and call ``start()`` from a thread inside that namespace (its readiness
+poll connects to ``host``).
+
 This module uses the standard library only (no kazoo).
 """
 
@@ -30,6 +35,7 @@ import shutil
 import socket
 import subprocess
 import weakref
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -123,7 +129,16 @@ class ZooKeeperServer:
 
     HOST = "127.0.0.1"
 
-    def __init__(self, base_dir: Path, port: int | None = None, tick_time_ms: int = 200) -> None:
+    def __init__(
+        self,
+        base_dir: Path,
+        port: int | None = None,
+        tick_time_ms: int = 200,
+        host: str = HOST,
+        command_prefix: Sequence[str] = (),
+    ) -> None:
+        self.host = host
+        self.command_prefix = list(command_prefix)
         self.base_dir = Path(base_dir)
         self.tick_time_ms = tick_time_ms
         self._port = port
@@ -138,7 +153,7 @@ class ZooKeeperServer:
 
     @property
     def connect_string(self) -> str:
-        return f"{self.HOST}:{self.port}"
+        return f"{self.host}:{self.port}"
 
     @property
     def log_path(self) -> Path:
@@ -164,9 +179,10 @@ class ZooKeeperServer:
         """Launch the server and return once it answers ``imok``; raise with the log tail if not."""
         if self._process is not None:
             raise ZooKeeperServerError(f"already started (pid {self._process.pid})")
-        command = [find_java(), *JVM_OPTIONS, "-cp", find_zookeeper_classpath(), MAIN_CLASS]
+        classpath = find_zookeeper_classpath()
+        command = [*self.command_prefix, find_java(), *JVM_OPTIONS, "-cp", classpath, MAIN_CLASS]
         if self._port is None:
-            self._port = free_port(self.HOST)
+            self._port = free_port(self.host)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(self._config_text())
         command.append(str(self.config_path))
@@ -231,7 +247,7 @@ class ZooKeeperServer:
             "tickTime": self.tick_time_ms,
             "dataDir": self.data_dir,
             "clientPort": self.port,
-            "clientPortAddress": self.HOST,
+            "clientPortAddress": self.host,
             "maxClientCnxns": 0,
             "minSessionTimeout": 2 * self.tick_time_ms,
             "maxSessionTimeout": MAX_SESSION_TIMEOUT_MS,
@@ -245,7 +261,7 @@ class ZooKeeperServer:
         assert process is not None
 
         def answered() -> bool | None:
-            if is_ok(self.HOST, self.port):
+            if is_ok(self.host, self.port):
                 return True
             exit_code = process.poll()
             if exit_code is not None:
