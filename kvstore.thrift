@@ -10,6 +10,7 @@
 // The exception's `type` carries a kvstore error code (see errors.py):
 //   100 NOT_PRIMARY   101 UNAVAILABLE   102 TOO_LARGE   103 BAD_REQUEST
 //   104 STALE_EPOCH   105 REPLICATION_FAILED (outcome unknown)   106 DATA_LOST
+//   107 FORBIDDEN (under mutual TLS: a client certificate called a node-only method)
 
 namespace py kvstore
 namespace java kvstore

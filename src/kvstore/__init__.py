@@ -22,6 +22,7 @@ from kvstore.errors import (
     CoordinationError,
     DataLostError,
     DeadlineExceededError,
+    ForbiddenError,
     KVError,
     NotPrimaryError,
     ProtocolError,
@@ -34,7 +35,7 @@ from kvstore.errors import (
 __version__ = "0.2.0"
 
 if TYPE_CHECKING:
-    from kvstore.client.client import Client
+    from kvstore.client.client import Client, TlsConfig
 
 
 def __getattr__(name: str) -> Any:
@@ -43,6 +44,10 @@ def __getattr__(name: str) -> Any:
         from kvstore.client.client import Client
 
         return Client
+    if name == "TlsConfig":  # Client(..., tls=TlsConfig(cert_path, key_path, ca_path))
+        from kvstore.client.client import TlsConfig
+
+        return TlsConfig
     raise AttributeError(f"module 'kvstore' has no attribute {name!r}")
 
 
@@ -54,10 +59,12 @@ __all__ = [
     "CoordinationError",
     "DataLostError",
     "DeadlineExceededError",
+    "ForbiddenError",
     "KVError",
     "NotPrimaryError",
     "ProtocolError",
     "ReplicationFailedError",
+    "TlsConfig",
     "TooLargeError",
     "UnavailableError",
     "UnsupportedError",

@@ -15,6 +15,18 @@ ZK_RECONNECT_MAX_DELAY_S = 1.0  # longest pause between two attempts to reach Zo
 
 
 @dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """Mutual TLS (1.3 only): this side's certificate and key, and the CA that signs every
+    peer's certificate (PEM files). A certificate whose subject has OU=node is a *node* (it may
+    call the replication and state-transfer methods); any other one from the CA is a *client*.
+    """
+
+    cert_path: str
+    key_path: str
+    ca_path: str
+
+
+@dataclass(frozen=True, slots=True)
 class Limits:
     """What a node accepts from clients. Requests beyond these get TOO_LARGE."""
 
@@ -75,6 +87,8 @@ class NodeConfig:
     # ZooKeeper digest credentials "user:password": the node authenticates with them and
     # every znode it creates is writable only by them (readable by anyone). None: world-open.
     zk_auth: str | None = field(default=None, repr=False)
+    # Mutual TLS for the node's port and its own calls to other nodes (None: plaintext).
+    tls: TlsConfig | None = None
 
     def __post_init__(self) -> None:
         """The failure detector's timings must nest: a heartbeat renews the lease several
@@ -105,3 +119,4 @@ class ClientConfig:
     zk_connect_timeout_s: float = 10.0
     zk_session_timeout_s: float = ZK_SESSION_TIMEOUT_S
     zk_request_timeout_s: float = ZK_REQUEST_TIMEOUT_S
+    tls: TlsConfig | None = None  # mutual TLS to the nodes (None: plaintext)

@@ -69,6 +69,12 @@ class DataLostError(KVError):
     code = 106
 
 
+class ForbiddenError(KVError):
+    """The peer's certificate does not allow this method (a client calling a node-only one)."""
+
+    code = 107
+
+
 class ConnectError(KVError):
     """Could not connect: the request was certainly not sent."""
 
@@ -123,6 +129,7 @@ _BY_CODE: dict[int, type[KVError]] = {
         StaleEpochError,
         ReplicationFailedError,
         DataLostError,
+        ForbiddenError,
     )
 }
 

@@ -15,6 +15,18 @@ bounds what a peer can make it do:
   a closing connection; the primary's replication connections never idle out;
 - a frame must arrive whole within ``frame_deadline_s`` of its first byte.
 
+Mutual TLS (optional; plaintext is the default): TLS 1.3 only, a certificate from the
+cluster's CA required on both sides. The server runs each handshake in the connection's own
+thread, bounded by the frame deadline, so a silent peer never stalls the accept loop; a
+plaintext or unauthenticated peer is cut before any request is decoded. The peer's *role*
+comes from its certificate: OU=node in the subject is a node, anything else a client, and
+a client calling one of the server's ``node_only_methods`` is refused (FORBIDDEN) before the
+handler runs. Host names are not checked: nodes are addressed by IP:port and register their
+own addresses; trust rests on the CA alone (keep it private to the cluster). Under TLS,
+timeouts are Python ones (``settimeout``): kernel ones (SO_RCVTIMEO) do not bound a TLS read.
+Servers send no session tickets, which would make an idle client socket poll as readable
+and fool the client's dead-connection check.
+
 Errors are mapped here, in one place:
 - a handler's :class:`~kvstore.errors.KVError` goes out as a TApplicationException
   whose ``type`` is the error code (so a seed-only client sees an error);
@@ -30,10 +42,11 @@ import errno
 import logging
 import select
 import socket
+import ssl
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from thriftpy2.protocol.cybin import TCyBinaryProtocol  # type: ignore[attr-defined]
@@ -52,6 +65,63 @@ def parse_address(address: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit():
         raise ValueError(f"not a host:port address: {address!r}")
     return host, int(port)
+
+
+# --------------------------------------------------------------------------- TLS
+
+NODE_UNIT = "node"  # a certificate whose subject has OU=node is a node's; any other a client's
+
+
+def server_tls_context(cert_path: str, key_path: str, ca_path: str) -> ssl.SSLContext:
+    """A node's listening context: TLS 1.3, a client certificate from ``ca_path`` required."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.num_tickets = 0  # a ticket arriving after the handshake would look like an EOF
+    _require_mutual_tls(context, cert_path, key_path, ca_path)
+    return context
+
+
+def client_tls_context(cert_path: str, key_path: str, ca_path: str) -> ssl.SSLContext:
+    """A caller's context (clients, and nodes calling nodes): TLS 1.3, the peer's certificate
+    must come from ``ca_path``. No host name check: peers are addressed by IP:port."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    _require_mutual_tls(context, cert_path, key_path, ca_path)
+    return context
+
+
+def _require_mutual_tls(context: ssl.SSLContext, cert: str, key: str, ca: str) -> None:
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_cert_chain(cert, key)
+    context.load_verify_locations(ca)
+
+
+def is_node_certificate(cert: Any) -> bool:
+    """True if a verified peer certificate (``getpeercert()``) has OU=node in its subject."""
+    return any(
+        name == "organizationalUnitName" and value == NODE_UNIT
+        for rdn in (cert or {}).get("subject", ())
+        for name, value in rdn
+    )
+
+
+def _handshake(tls: ssl.SSLSocket, deadline_s: float) -> None:
+    """Complete a server-side handshake within ``deadline_s`` in all (not per receive)."""
+    deadline = time.monotonic() + deadline_s
+    tls.setblocking(False)
+    while True:
+        try:
+            tls.do_handshake()
+            return
+        except ssl.SSLWantReadError:
+            events = select.POLLIN
+        except ssl.SSLWantWriteError:
+            events = select.POLLOUT
+        left_s = deadline - time.monotonic()
+        poller = select.poll()
+        poller.register(tls, events)
+        if left_s <= 0 or not poller.poll(left_s * 1000):
+            raise TimeoutError(f"no TLS handshake within {deadline_s:g} s")
 
 
 # --------------------------------------------------------------------------- server
@@ -304,14 +374,15 @@ class _FrameReader:
     frame's first byte is bounded by the idle timeout (none after ``never_idle_out``), and
     the rest of the frame must arrive within ``frame_deadline_s`` of it. ``read`` then hands
     out only that frame, so a message can never run on into the next frame. Timeouts are
-    kernel ones (SO_RCVTIMEO); the receive timeout changes only while a frame arrives in
-    pieces.
+    kernel ones (SO_RCVTIMEO), except on a TLS socket (``settimeout``: the kernel's do not
+    bound a TLS read); the receive timeout changes only while a frame arrives in pieces.
     """
 
     __slots__ = (
         "_frame",
         "_frame_deadline_s",
         "_idle_timeout_s",
+        "_is_tls",
         "_max_frame_bytes",
         "_pending",
         "sock",
@@ -326,10 +397,20 @@ class _FrameReader:
         self._frame_deadline_s = deadline_s
         self._pending = b""
         self._frame = b""
+        self._is_tls = isinstance(sock, ssl.SSLSocket)
+        if self._is_tls:
+            self._wait_at_most(idle_timeout_s)
+
+    def _wait_at_most(self, seconds: float) -> None:
+        """Bound each receive to ``seconds`` (0: wait forever)."""
+        if self._is_tls:
+            self.sock.settimeout(max(0.001, seconds) if seconds > 0 else None)
+        else:
+            _set_receive_timeout(self.sock, seconds)
 
     def never_idle_out(self) -> None:
         self._idle_timeout_s = 0.0
-        _set_receive_timeout(self.sock, 0.0)
+        self._wait_at_most(0.0)
 
     def next_frame(self) -> bytes:
         pending = self._pending
@@ -368,7 +449,7 @@ class _FrameReader:
                 left_s = deadline - time.monotonic()
                 if left_s <= 0:
                     raise MalformedFrameError(self._slow(received, size))
-                _set_receive_timeout(sock, left_s)
+                self._wait_at_most(left_s)
                 try:
                     chunk = sock.recv(min(size - received, 1 << 18))
                 except (BlockingIOError, TimeoutError):
@@ -378,7 +459,7 @@ class _FrameReader:
                 chunks.append(chunk)
                 received += len(chunk)
         finally:
-            _set_receive_timeout(sock, self._idle_timeout_s)
+            self._wait_at_most(self._idle_timeout_s)
         return b"".join(chunks)
 
     def _slow(self, received: int, size: int) -> str:
@@ -422,10 +503,16 @@ class _Dispatcher:
     """Calls the handler; maps KVError to a typed TApplicationException, bugs to INTERNAL_ERROR.
 
     Does what thriftpy2's TProcessor does, with the per-method lookups done once.
-    ``process`` returns the method's name if it answered normally, else "".
+    ``process`` returns the method's name if it answered normally, else "". A peer that is
+    not a node (``is_node`` False) calling one of ``node_only`` gets FORBIDDEN; the handler
+    never sees the call.
     """
 
-    def __init__(self, service: Any, handler: object) -> None:
+    def __init__(self, service: Any, handler: object, node_only: Collection[str] = ()) -> None:
+        unknown = set(node_only) - set(service.thrift_services)
+        if unknown:
+            raise ValueError(f"node-only methods not in the service: {sorted(unknown)}")
+        self._node_only = frozenset(node_only)
         self._methods: dict[str, tuple[Any, Any, Any, tuple[str, ...]]] = {}
         for name in service.thrift_services:
             args_cls = getattr(service, f"{name}_args")
@@ -433,9 +520,19 @@ class _Dispatcher:
             result_cls = getattr(service, f"{name}_result")
             self._methods[name] = (args_cls, result_cls, getattr(handler, name), names)
 
-    def process(self, iprot: Any, oprot: Any) -> str:
+    def process(self, iprot: Any, oprot: Any, is_node: bool = True) -> str:
         api, _, seqid = iprot.read_message_begin()
         entry = self._methods.get(api)
+        if not is_node and api in self._node_only:
+            iprot.skip(TType.STRUCT)
+            iprot.read_message_end()
+            refusal = TApplicationException(
+                errors.ForbiddenError.code,
+                f"{api} is for nodes only: this peer's certificate is a client's "
+                f"(a node's has OU={NODE_UNIT})",
+            )
+            self._send(oprot, api, TMessageType.EXCEPTION, refusal, seqid)
+            return ""
         if entry is None:
             iprot.skip(TType.STRUCT)
             iprot.read_message_end()
@@ -497,6 +594,10 @@ class RpcServer:
     ``on_disconnect(is_orderly)`` (optional) is called in the connection's thread when it
     ends, so a handler can keep per-connection state in a threading.local; ``is_orderly``
     is True when the peer closed it in order (EOF), not by a reset or an error.
+
+    ``tls`` (a :func:`server_tls_context`): every connection must complete a mutual TLS
+    handshake, in its own thread, within ``frame_deadline_s``; a peer whose certificate is
+    not a node's may not call ``node_only_methods``. Without it every peer may call anything.
     """
 
     def __init__(
@@ -510,10 +611,13 @@ class RpcServer:
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
         frame_deadline_s: float = DEFAULT_FRAME_DEADLINE_S,
+        tls: ssl.SSLContext | None = None,
+        node_only_methods: Collection[str] = (),
     ) -> None:
         self.host = host
         self.port = port
-        self._dispatcher = _Dispatcher(KeyValueService, handler)
+        self._tls = tls
+        self._dispatcher = _Dispatcher(KeyValueService, handler, node_only_methods)
         self._max_frame_bytes = max_frame_bytes
         self._on_disconnect = on_disconnect
         self._listener: socket.socket | None = None
@@ -597,7 +701,10 @@ class RpcServer:
         if not is_admitted:
             self._refuse(sock, peer)
             return
-        _configure_connection(sock, self._idle_timeout_s, self._frame_deadline_s)
+        # Under TLS the reader bounds receives itself (settimeout); a kernel receive timeout
+        # would still fire on the blocking socket of a replication line that never idles out.
+        idle_timeout_s = 0.0 if self._tls is not None else self._idle_timeout_s
+        _configure_connection(sock, idle_timeout_s, self._frame_deadline_s)
         thread = threading.Thread(target=self._serve, args=(sock, peer), name="rpc-conn")
         thread.daemon = True
         thread.start()
@@ -626,7 +733,36 @@ class RpcServer:
             )
             self._refused_count = 0
 
+    def _secure(self, sock: socket.socket, peer: str) -> tuple[socket.socket, bool]:
+        """The TLS socket over ``sock`` once the handshake is done, and whether the peer
+        is a node. Raises OSError (ssl.SSLError, TimeoutError) if there is no handshake."""
+        assert self._tls is not None
+        tls = self._tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        with self._lock:  # wrapping detached ``sock``: close() must cut the TLS socket
+            self._connections.discard(sock)
+            self._connections.add(tls)
+        try:
+            _handshake(tls, self._frame_deadline_s)
+        except BaseException:
+            with self._lock:
+                self._connections.discard(tls)
+            tls.close()
+            raise
+        is_node = is_node_certificate(tls.getpeercert())
+        log.debug("TLS connection from %s (%s)", peer, "node" if is_node else "client")
+        return tls, is_node
+
     def _serve(self, sock: socket.socket, peer: str) -> None:
+        is_node = True  # plaintext: every peer may call every method
+        if self._tls is not None:
+            try:
+                sock, is_node = self._secure(sock, peer)
+            except (OSError, ValueError) as exc:
+                log.warning("refused a connection from %s: no TLS handshake: %s", peer, exc)
+                with self._lock:
+                    self._connections.discard(sock)
+                sock.close()
+                return
         reader = _FrameReader(
             sock, self._max_frame_bytes, self._idle_timeout_s, self._frame_deadline_s
         )
@@ -637,7 +773,7 @@ class RpcServer:
         try:
             while True:
                 check_request(reader.next_frame())
-                if process(proto, proto) == REPLICATION_METHOD and not is_replication_line:
+                if process(proto, proto, is_node) == REPLICATION_METHOD and not is_replication_line:
                     is_replication_line = True
                     reader.never_idle_out()
         except TTransportException as exc:
@@ -704,6 +840,11 @@ class Connection:
     close idle client connections only after DEFAULT_IDLE_TIMEOUT_S), and a reused one is
     first checked for EOF; one made with ``is_checked_before_use=False`` is checked only
     after CHECK_AFTER_IDLE_S of rest.
+
+    ``tls`` (a :func:`client_tls_context`): connect with mutual TLS; the handshake is part
+    of connecting (a failed one is a ConnectError), bounded by ``timeout_ms``. A node that
+    refuses this side's certificate says so only after the handshake (TLS 1.3), so the first
+    call then fails with ConnectionLostError.
     """
 
     def __init__(
@@ -712,8 +853,10 @@ class Connection:
         timeout_ms: int = 2000,
         connect_timeout_ms: int = 500,
         is_checked_before_use: bool = True,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.address = address
+        self._tls = tls
         self._is_checked_before_use = is_checked_before_use
         self._is_shut = False
         self._host, self._port = parse_address(address)
@@ -738,11 +881,24 @@ class Connection:
                 f"cannot connect to {self.address}: {exc}", is_refused=refused
             ) from None
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        _set_kernel_timeout(raw, self._timeout_ms)
+        if self._tls is None:
+            _set_kernel_timeout(raw, self._timeout_ms)
+        else:
+            raw = self._secure(raw)
         self._socket = TSocket(sock=raw)
         self._poller = select.poll()
         self._poller.register(raw, select.POLLIN | select.POLLPRI)
         self._client = TCyBinaryProtocol(TCyFramedTransport(self._socket))
+
+    def _secure(self, raw: socket.socket) -> socket.socket:
+        """The TLS socket over ``raw`` (handshake done), or ConnectError: nothing was sent."""
+        assert self._tls is not None
+        raw.settimeout(self._timeout_ms / 1000)  # Python timeouts: the kernel's miss TLS reads
+        try:
+            return self._tls.wrap_socket(raw)
+        except OSError as exc:
+            raw.close()
+            raise errors.ConnectError(f"no TLS connection to {self.address}: {exc}") from None
 
     def _is_dead(self) -> bool:
         """True if an idle connection has something to read: the peer closed it (or broke it).
@@ -866,12 +1022,12 @@ def _from_application_error(exc: TApplicationException) -> errors.KVError:
     return errors.from_code(exc.type, message)
 
 
-def probe(address: str, timeout_ms: int) -> Any | None:
+def probe(address: str, timeout_ms: int, tls: ssl.SSLContext | None = None) -> Any | None:
     """Ask a node for its status. None if nothing listens there (connection refused).
 
     Raises ConnectionLostError / ConnectError on a timeout: the node may be alive but stuck.
     """
-    conn = Connection(address, timeout_ms=timeout_ms, connect_timeout_ms=timeout_ms)
+    conn = Connection(address, timeout_ms=timeout_ms, connect_timeout_ms=timeout_ms, tls=tls)
     try:
         return conn.call("status")
     except errors.ConnectError as exc:

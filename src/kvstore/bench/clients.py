@@ -105,6 +105,7 @@ class SharedClient:
             timeout=SHARED_CALL_TIMEOUT_S,
             rpc_timeout_ms=config.rpc_timeout_ms,
             connect_timeout_ms=config.connect_timeout_ms,
+            tls=config.tls,
         )
         client: LoadClient = (
             self._client if is_exactly_once else PutsWithoutExactlyOnce(self._client)

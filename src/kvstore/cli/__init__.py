@@ -1,7 +1,7 @@
 """The command-line programs, one module each; the only package that parses argv.
 
-``kv``, ``kv-node``, ``kv-client``, ``kv-createznode``, ``kv-check``, ``kv-demo`` and
-``kv-bench`` are the ``main`` functions of the modules of the same name;
+``kv``, ``kv-node``, ``kv-client``, ``kv-createznode``, ``kv-check``, ``kv-demo``,
+``kv-bench`` and ``kv-certs`` are the ``main`` functions of the modules of the same name;
 ``python -m kvstore NAME ...`` runs them too (:func:`main`).
 """
 
@@ -19,6 +19,7 @@ COMMANDS = {
     "check": "check an execution log for linearizability",
     "demo": "local ZooKeeper + two nodes, load, a kill -9, the verdict",
     "bench": "benchmark matrix on fresh local clusters",
+    "certs": "write a throwaway CA and node/client certificates for mutual TLS",
 }
 
 

@@ -8,6 +8,9 @@ import os
 import sys
 from typing import Any
 
+from kvstore.config import TlsConfig
+from kvstore.rpc import client_tls_context
+
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -120,6 +123,35 @@ def zk_auth_from(parser: argparse.ArgumentParser, args: argparse.Namespace) -> s
         if not (user and sep and password):
             parser.error("ZooKeeper credentials must be USER:PASSWORD (both non-empty)")
     return auth
+
+
+def add_tls_arguments(parser: argparse.ArgumentParser, whose: str) -> None:
+    """--tls-cert / --tls-key / --tls-ca: mutual TLS (all three, or none: plaintext)."""
+    group = parser.add_argument_group(
+        "mutual TLS (all three or none; TLS 1.3, PEM files, e.g. from kv-certs DIR)"
+    )
+    group.add_argument("--tls-cert", metavar="FILE", help=f"{whose} certificate")
+    group.add_argument("--tls-key", metavar="FILE", help="its private key")
+    group.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        help="the CA certificate every peer's certificate must be signed by",
+    )
+
+
+def tls_from(parser: argparse.ArgumentParser, args: argparse.Namespace) -> TlsConfig | None:
+    """The TlsConfig from --tls-*, None without them; a usage error if only some are given
+    or the files do not load."""
+    files = (args.tls_cert, args.tls_key, args.tls_ca)
+    if not any(files):
+        return None
+    if not all(files):
+        parser.error("--tls-cert, --tls-key and --tls-ca go together")
+    try:
+        client_tls_context(*files)
+    except (OSError, ValueError) as exc:
+        parser.error(f"cannot load the TLS files: {exc}")
+    return TlsConfig(*files)
 
 
 def report_error(prog: str, exc: BaseException) -> None:

@@ -12,11 +12,13 @@ from kvstore.bench.workload import Workload, summary_lines
 from kvstore.check.history import write_events
 from kvstore.cli.args import (
     add_cluster_arguments,
+    add_tls_arguments,
     new_parser,
     positive_float,
     positive_int,
     report_error,
     setup_logging,
+    tls_from,
 )
 from kvstore.config import ClientConfig
 
@@ -99,7 +101,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{SHARED_CALL_TIMEOUT_S:g} s); shared-noeo: the shared Client with plain puts "
         "(no exactly-once)",
     )
+    add_tls_arguments(parser, "the client's")
     args = parser.parse_args(argv)
+    tls = tls_from(parser, args)
     if not 0.0 <= args.write_ratio <= 1.0:
         parser.error("--write-ratio must be within [0, 1]")
     setup_logging("WARNING", is_quiet=True)
@@ -122,6 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.zk_path,
         rpc_timeout_ms=args.rpc_timeout_ms,
         zk_connect_timeout_s=min(10.0, args.seconds),
+        tls=tls,
     )
     try:
         result = load.run(workload, config, procs=args.procs)

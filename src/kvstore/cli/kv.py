@@ -14,7 +14,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from kvstore import errors
-from kvstore.cli.args import new_parser, positive_float, report_error
+from kvstore.cli.args import (
+    add_tls_arguments,
+    new_parser,
+    positive_float,
+    report_error,
+    tls_from,
+)
 from kvstore.client.client import DEFAULT_PATH, DEFAULT_ZK, Client
 from kvstore.client.status import cluster_status
 from kvstore.config import ClientConfig
@@ -66,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--timeout", type=positive_float, default=5.0, metavar="S", help="per command (default 5)"
     )
+    add_tls_arguments(parser, "the client's")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("get", help="print a key's value").add_argument("key")
     put = commands.add_parser("put", help="set a key")
@@ -84,12 +91,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    args.tls = tls_from(parser, args)
     logging.getLogger("kazoo").setLevel(logging.CRITICAL)  # our one line says it all
     try:
         if args.command == "status":
             return _status(args)
-        with Client(args.zk, args.path, timeout=args.timeout) as kv:
+        with Client(args.zk, args.path, timeout=args.timeout, tls=args.tls) as kv:
             return _run(kv, args)
     except errors.KVError as exc:
         report_error("kv", exc)
@@ -122,7 +131,7 @@ def _run(kv: Client, args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    config = ClientConfig(args.zk, args.path, zk_connect_timeout_s=args.timeout)
+    config = ClientConfig(args.zk, args.path, zk_connect_timeout_s=args.timeout, tls=args.tls)
     reports = cluster_status(config)
     if args.output == "json":
         print(json.dumps([r.as_dict() for r in reports], indent=2))

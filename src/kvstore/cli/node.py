@@ -18,15 +18,17 @@ from collections.abc import Sequence
 from kvstore import errors
 from kvstore.cli.args import (
     add_cluster_arguments,
+    add_tls_arguments,
     add_zk_auth_arguments,
     cpu_list,
     new_parser,
     positive_float,
     positive_int,
     setup_logging,
+    tls_from,
     zk_auth_from,
 )
-from kvstore.config import Limits, NodeConfig
+from kvstore.config import Limits, NodeConfig, TlsConfig
 from kvstore.server.node import StorageNode
 from kvstore.server.roles import EXIT_RESTART
 from kvstore.server.wal import FSYNC_MODES
@@ -140,6 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="with --data-dir, snapshot and trim the log after this much log (default 64)",
     )
     add_zk_auth_arguments(parser)
+    add_tls_arguments(parser, "this node's (with OU=node: it may replicate to other nodes)")
     parser.add_argument(
         "--log-level",
         default="INFO",
@@ -169,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         frame_deadline_s=args.frame_deadline,
     )
     try:
-        config = _config(args, limits, zk_auth)
+        config = _config(args, limits, zk_auth, tls_from(parser, args))
     except ValueError as exc:
         parser.error(str(exc))
     try:
@@ -201,7 +204,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
-def _config(args: argparse.Namespace, limits: Limits, zk_auth: str | None) -> NodeConfig:
+def _config(
+    args: argparse.Namespace, limits: Limits, zk_auth: str | None, tls: TlsConfig | None
+) -> NodeConfig:
     """The node's configuration from its arguments (ValueError if they do not fit together)."""
     return NodeConfig(
         host=args.host,
@@ -217,4 +222,5 @@ def _config(args: argparse.Namespace, limits: Limits, zk_auth: str | None) -> No
         fsync=args.fsync,
         snapshot_every_bytes=args.snapshot_every_mb * 1024 * 1024,
         zk_auth=zk_auth,
+        tls=tls,
     )

@@ -30,22 +30,28 @@ from collections.abc import Iterable
 from typing import Any
 
 from kvstore import errors
-from kvstore.client.locator import PrimaryLocator
-from kvstore.config import ClientConfig
+from kvstore.client.locator import PrimaryLocator, tls_context
+from kvstore.config import ClientConfig, TlsConfig
 from kvstore.idl import RequestId
 from kvstore.rpc import Connection
 
 DEFAULT_ZK = "127.0.0.1:2181"
 DEFAULT_PATH = "/kvstore"
 RETRY_PAUSE_S = 0.05  # at most this long between attempts (sooner when ZooKeeper reports a change)
-_PERMANENT = (errors.TooLargeError, errors.BadRequestError, errors.UnsupportedError)
+_PERMANENT = (
+    errors.TooLargeError,
+    errors.BadRequestError,
+    errors.UnsupportedError,
+    errors.ForbiddenError,
+)
 
 
 class Client:
     """A thread-safe client of one kvstore cluster.
 
-    ``timeout`` (seconds) bounds each call, retries included. Use as a context manager, or
-    call :meth:`close`.
+    ``timeout`` (seconds) bounds each call, retries included. ``tls`` connects to the
+    nodes with mutual TLS (a client certificate from the cluster's CA: it may read and
+    write, not replicate). Use as a context manager, or call :meth:`close`.
     """
 
     def __init__(
@@ -56,6 +62,7 @@ class Client:
         timeout: float = 10.0,
         rpc_timeout_ms: int = 2000,
         connect_timeout_ms: int = 500,
+        tls: TlsConfig | None = None,
     ) -> None:
         self.timeout = timeout
         self._config = ClientConfig(
@@ -64,7 +71,9 @@ class Client:
             rpc_timeout_ms=rpc_timeout_ms,
             connect_timeout_ms=connect_timeout_ms,
             zk_connect_timeout_s=min(10.0, timeout),
+            tls=tls,
         )
+        self._tls = tls_context(tls)  # before ZooKeeper: a bad file fails at once
         self._locator = PrimaryLocator(self._config)
         self._local = threading.local()
         self._connections: list[Connection] = []
@@ -185,7 +194,9 @@ class Client:
         old: Connection | None = getattr(self._local, "conn", None)
         if old is not None and old.address == address:
             return old
-        conn = Connection(address, self._config.rpc_timeout_ms, self._config.connect_timeout_ms)
+        conn = Connection(
+            address, self._config.rpc_timeout_ms, self._config.connect_timeout_ms, tls=self._tls
+        )
         with self._lock:
             if self._is_closed:
                 raise errors.UnavailableError("the client is closed")

@@ -10,16 +10,27 @@ caller, never silently sent again.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import time
 from typing import Any
 
 from kvstore import errors
-from kvstore.config import ClientConfig
+from kvstore.config import ClientConfig, TlsConfig
 from kvstore.coordination import ClusterView, connect
-from kvstore.rpc import Connection
+from kvstore.rpc import Connection, client_tls_context
 
 REFRESH_RETRY_S = 0.2  # between attempts to re-read the primary while ZooKeeper is away
+
+
+@functools.lru_cache(maxsize=16)
+def tls_context(tls: TlsConfig | None) -> Any:
+    """The client TLS context for ``tls`` (None for plaintext), loaded once per process.
+
+    Raises OSError (ssl.SSLError) if a file cannot be read or does not fit the others."""
+    if tls is None:
+        return None
+    return client_tls_context(tls.cert_path, tls.key_path, tls.ca_path)
 
 
 class PrimaryLocator:
@@ -164,7 +175,10 @@ class KVClient:
             if conn is not None:
                 conn.close()
             conn = self._conn = Connection(
-                address, self._config.rpc_timeout_ms, self._config.connect_timeout_ms
+                address,
+                self._config.rpc_timeout_ms,
+                self._config.connect_timeout_ms,
+                tls=tls_context(self._config.tls),
             )
         try:
             return conn.call(method, *args)

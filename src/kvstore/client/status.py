@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from kvstore import errors
+from kvstore.client.locator import tls_context
 from kvstore.config import ClientConfig
 from kvstore.coordination import ClusterView, connect
 from kvstore.rpc import probe
@@ -37,12 +38,15 @@ def cluster_status(config: ClientConfig, probe_timeout_ms: int = 1000) -> list[N
     finally:
         zk.stop()
         zk.close()
-    return [_report(m.name, m.address, meta.in_sync, probe_timeout_ms) for m in members]
+    tls = tls_context(config.tls)
+    return [_report(m.name, m.address, meta.in_sync, probe_timeout_ms, tls) for m in members]
 
 
-def _report(name: str, address: str, in_sync: tuple[str, ...], timeout_ms: int) -> NodeReport:
+def _report(
+    name: str, address: str, in_sync: tuple[str, ...], timeout_ms: int, tls: Any
+) -> NodeReport:
     try:
-        status = probe(address, timeout_ms)
+        status = probe(address, timeout_ms, tls)
     except errors.KVError:
         status = None
     if status is None:

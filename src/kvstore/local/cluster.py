@@ -7,6 +7,7 @@ Processes are stopped and killed only through the PIDs this module started.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -17,7 +18,7 @@ from typing import Any
 
 from kvstore import errors
 from kvstore.local.processes import free_port, terminate, wait_until
-from kvstore.rpc import probe
+from kvstore.rpc import client_tls_context, probe
 
 
 def redacted(command: Sequence[str]) -> list[str]:
@@ -108,9 +109,10 @@ class NodeProcess:
             terminate(self.process, timeout_s)
 
     def status(self, timeout_ms: int = 500) -> Any | None:
-        """The node's NodeStatus, or None if it does not answer."""
+        """The node's NodeStatus, or None if it does not answer (over TLS, with the node's
+        own certificate, if its arguments have --tls-cert/--tls-key/--tls-ca)."""
         try:
-            return probe(self.address, timeout_ms)
+            return probe(self.address, timeout_ms, _tls_context(tuple(self.extra_args)))
         except errors.KVError:
             return None
 
@@ -199,3 +201,17 @@ class LocalCluster:
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
+
+
+TLS_OPTIONS = ("--tls-cert", "--tls-key", "--tls-ca")
+
+
+@functools.lru_cache(maxsize=16)
+def _tls_context(node_args: tuple[str, ...]) -> Any:
+    """A client TLS context from a node's --tls-* arguments (None without them)."""
+    files = []
+    for option in TLS_OPTIONS:
+        if option not in node_args or node_args.index(option) + 1 >= len(node_args):
+            return None
+        files.append(node_args[node_args.index(option) + 1])
+    return client_tls_context(*files)

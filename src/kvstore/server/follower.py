@@ -174,7 +174,9 @@ class Follower:
     def _is_primary_serving(self, meta: ClusterMeta) -> bool:
         """The node named primary answers at its address, as primary."""
         try:
-            status = probe(meta.primary_address, self._node.config.probe_timeout_ms)
+            status = probe(
+                meta.primary_address, self._node.config.probe_timeout_ms, self._node.peer_tls
+            )
         except errors.KVError:
             return False
         return (
@@ -184,7 +186,12 @@ class Follower:
         )
 
     def _is_primary_dead(self, meta: ClusterMeta) -> bool:
-        return is_dead(meta.primary, meta.primary_address, self._node.config.probe_timeout_ms)
+        return is_dead(
+            meta.primary,
+            meta.primary_address,
+            self._node.config.probe_timeout_ms,
+            tls=self._node.peer_tls,
+        )
 
     def _start_new_cluster(self, version: int) -> None:
         meta = ClusterMeta(1, self._node.name, self._node.config.address, (self._node.name,))
@@ -205,7 +212,11 @@ class Follower:
         self.fence.open(meta.epoch, join_id)
         started = time.monotonic()
         is_copied = False
-        conn = Connection(meta.primary_address, timeout_ms=self._node.config.join_rpc_timeout_ms)
+        conn = Connection(
+            meta.primary_address,
+            timeout_ms=self._node.config.join_rpc_timeout_ms,
+            tls=self._node.peer_tls,
+        )
         try:
             conn.call("join", meta.epoch, self._node.name, join_id, int(self.fence.lease_s * 1000))
             stripe = 0

@@ -13,6 +13,10 @@ from kvstore import errors
 from kvstore.config import Limits
 from kvstore.idl import Lookup
 
+# Under mutual TLS only a node's certificate may call these (rpc refuses a client's with
+# FORBIDDEN before the handler runs): replication and state transfer.
+NODE_ONLY_METHODS = frozenset({"replicate", "replicate_batch", "join", "sync_fetch", "join_done"})
+
 # (client_id, seq, acked_below) of an exactly-once write; the same alias as the node's.
 RequestRecord = tuple[str, int, int]
 MAX_CLIENT_ID_BYTES = 128

@@ -32,12 +32,12 @@ from pathlib import Path
 from typing import Any
 
 from kvstore import errors
-from kvstore.config import NodeConfig
+from kvstore.config import NodeConfig, TlsConfig
 from kvstore.coordination import ClusterMeta, Coordinator, Member, connect, designated_backup
 from kvstore.idl import Change, KeyValueService, NodeStatus, SyncChunk
-from kvstore.rpc import RpcServer
+from kvstore.rpc import RpcServer, client_tls_context, server_tls_context
 from kvstore.server.follower import Follower
-from kvstore.server.handler import NodeHandler
+from kvstore.server.handler import NODE_ONLY_METHODS, NodeHandler
 from kvstore.server.metrics import MetricsServer, NodeMetrics, NodeState, instrument
 from kvstore.server.replication import BackupFailedError, Replicator
 from kvstore.server.roles import EXIT_OK, EXIT_RESTART, NodeExit, Role, is_dead
@@ -72,6 +72,9 @@ class StorageNode:
         self.metrics = NodeMetrics(self._metrics_state)
         self._metrics_server: MetricsServer | None = None
         self._in_sync_size = 0
+        tls = config.tls
+        # Its own calls to other nodes (replication, join, probes) present the node certificate.
+        self.peer_tls = None if tls is None else client_tls_context(*_tls_files(tls))
         if config.data_dir is not None:
             self._open_data_dir(Path(config.data_dir))
         self._follower = Follower(self)
@@ -84,6 +87,8 @@ class StorageNode:
             handler,
             config.limits.max_frame_bytes,
             on_disconnect=self._follower.on_disconnect,
+            tls=None if tls is None else server_tls_context(*_tls_files(tls)),
+            node_only_methods=NODE_ONLY_METHODS,
         )
 
     # ----------------------------------------------------------------- lifecycle
@@ -328,7 +333,7 @@ class StorageNode:
         while self._dead_backups:
             member = self._dead_backups.pop()
             timeout_ms = self.config.probe_timeout_ms
-            if is_dead(member.name, member.address, timeout_ms, is_refusal_proof=True):
+            if is_dead(member.name, member.address, timeout_ms, True, self.peer_tls):
                 log.info("backup %s (%s) is dead; removing its znode", member.name, member.address)
                 self.require_coordinator().remove_member(member.name)
 
@@ -479,7 +484,13 @@ class StorageNode:
                 self._retire_backup(self._replicator)
             lease_s = min(self.config.lease_s, lease_ms / 1000)  # the shorter lease rules
             self._replicator = Replicator(
-                backup, epoch, join_id, lease_s, self.config.rpc_timeout_ms, self._observe_batch
+                backup,
+                epoch,
+                join_id,
+                lease_s,
+                self.config.rpc_timeout_ms,
+                self._observe_batch,
+                self.peer_tls,
             )
         log.info("backup %s (%s) joining", backup_name, backup.address)
         return self.store.stripe_count
@@ -552,3 +563,7 @@ class StorageNode:
             key_count=len(self.store),
             primary_address=self.primary_address,
         )
+
+
+def _tls_files(tls: TlsConfig) -> tuple[str, str, str]:
+    return tls.cert_path, tls.key_path, tls.ca_path

@@ -19,6 +19,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from kvstore import errors
 from kvstore.coordination import Member
@@ -48,7 +49,9 @@ class Replicator:
         lease_s: float,
         rpc_timeout_ms: int,
         observe: Callable[[float, int], None] | None = None,
+        tls: Any = None,  # the node's client TLS context (rpc.client_tls_context), if any
     ) -> None:
+        self._tls = tls
         self._observe = observe  # (seconds, entries) of each batch that went through
         self.backup = backup
         self.epoch = epoch
@@ -106,7 +109,10 @@ class Replicator:
         # Not checked before each use: the backup never closes a live primary's
         # connection, and any failure breaks the whole line anyway.
         conn = Connection(
-            self.backup.address, timeout_ms=self._rpc_timeout_ms, is_checked_before_use=False
+            self.backup.address,
+            timeout_ms=self._rpc_timeout_ms,
+            is_checked_before_use=False,
+            tls=self._tls,
         )
         with self._lock:
             if self.is_broken:

@@ -4,7 +4,7 @@ slice of the node (:class:`NodeCore`) that a role collaborator may use."""
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from kvstore import errors
 from kvstore.rpc import probe
@@ -35,7 +35,9 @@ class NodeExit(Exception):
         self.code = code
 
 
-def is_dead(name: str, address: str, timeout_ms: int, is_refusal_proof: bool = False) -> bool:
+def is_dead(
+    name: str, address: str, timeout_ms: int, is_refusal_proof: bool = False, tls: Any = None
+) -> bool:
     """True only if no process serves ``name`` at ``address`` any more.
 
     Proof is another node id answering there (nodes never share a port: no SO_REUSEPORT),
@@ -48,7 +50,7 @@ def is_dead(name: str, address: str, timeout_ms: int, is_refusal_proof: bool = F
     if not address:
         return False
     try:
-        status = probe(address, timeout_ms)
+        status = probe(address, timeout_ms, tls)
     except errors.KVError:
         return False
     if status is None:
@@ -65,6 +67,7 @@ class NodeCore(Protocol):
     epoch: int
     name: str
     node_id: str | None  # stable across restarts: the node has a data directory
+    peer_tls: Any  # the TLS context of the node's calls to other nodes (None: plaintext)
     metrics: NodeMetrics
 
     @property

@@ -1,0 +1,150 @@
+"""Throwaway certificates for mutual TLS: a CA, a node certificate and a client certificate.
+
+For tests, demos and trying TLS out (``kv-certs DIR``), not for production: the CA's key is
+written next to the certificates and nothing is ever revoked. Every certificate is signed
+by the CA; the node's subject has OU=node (what makes a peer a *node*: it may replicate),
+the client's has none. Private keys are written 0600. Host names are not in the
+certificates: kvstore checks the CA and the role, not names (nodes are addressed by IP:port).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from kvstore.config import TlsConfig
+from kvstore.rpc import NODE_UNIT
+
+VALID_DAYS = 365
+
+
+@dataclass(frozen=True, slots=True)
+class CertificateFiles:
+    """Where write_certificates put everything (all PEM)."""
+
+    directory: Path
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.directory / "ca.crt"
+
+    @property
+    def node(self) -> TlsConfig:
+        return self.tls("node")
+
+    @property
+    def client(self) -> TlsConfig:
+        return self.tls("client")
+
+    def tls(self, name: str) -> TlsConfig:
+        """The TlsConfig of the certificate ``name`` (node, client, or one made by issue)."""
+        d = self.directory
+        return TlsConfig(str(d / f"{name}.crt"), str(d / f"{name}.key"), str(self.ca_cert))
+
+    def node_args(self) -> list[str]:
+        """kv-node's (or kv's, with ``client``) TLS options for the node certificate."""
+        return tls_args(self.node)
+
+
+def tls_args(tls: TlsConfig) -> list[str]:
+    return ["--tls-cert", tls.cert_path, "--tls-key", tls.key_path, "--tls-ca", tls.ca_path]
+
+
+def write_certificates(directory: Path | str, ca_name: str = "kvstore test CA") -> CertificateFiles:
+    """Write ca.crt/ca.key, node.crt/node.key (OU=node) and client.crt/client.key."""
+    files = CertificateFiles(Path(directory))
+    files.directory.mkdir(parents=True, exist_ok=True)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ca_name)])
+    ca_cert = (
+        _builder(ca_subject, ca_subject, ca_key.public_key())
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_key_usage(is_ca=True), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    _write_key(files.directory / "ca.key", ca_key)
+    files.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    issue(files, "node", ca_cert, ca_key, unit=NODE_UNIT)
+    issue(files, "client", ca_cert, ca_key)
+    return files
+
+
+def issue(
+    files: CertificateFiles,
+    name: str,
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    unit: str | None = None,
+) -> TlsConfig:
+    """Write ``name``.crt/.key signed by the CA, with OU=``unit`` if given."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    attributes = [x509.NameAttribute(NameOID.COMMON_NAME, f"kvstore {name}")]
+    if unit is not None:
+        attributes.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, unit))
+    usage = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+    cert = (
+        _builder(x509.Name(attributes), ca_cert.subject, key.public_key())
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_key_usage(is_ca=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage(usage), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    _write_key(files.directory / f"{name}.key", key)
+    (files.directory / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return files.tls(name)
+
+
+def load_ca(files: CertificateFiles) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """The CA written by write_certificates (to issue more certificates with it)."""
+    cert = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
+    key = serialization.load_pem_private_key((files.directory / "ca.key").read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    return cert, key
+
+
+def _builder(subject: x509.Name, issuer: x509.Name, public_key: object) -> x509.CertificateBuilder:
+    now = datetime.datetime.now(datetime.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)  # type: ignore[arg-type]
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
+    )
+
+
+def _key_usage(is_ca: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=not is_ca,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=is_ca,
+        crl_sign=is_ca,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    """Write a private key (PEM, unencrypted) readable by its owner only, from its creation."""
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as file:
+        file.write(pem)
+    os.chmod(path, 0o600)  # whatever the umask

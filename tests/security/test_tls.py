@@ -1,0 +1,221 @@
+"""Mutual TLS against real node processes: who gets in, what a client certificate may call,
+failover, and that a silent peer stalls nobody. Certificates come from kvstore.local.certs."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import ssl
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import kvstore
+from kvstore import errors
+from kvstore.config import TlsConfig
+from kvstore.local.certs import CertificateFiles, issue, load_ca, tls_args, write_certificates
+from kvstore.local.cluster import LocalCluster
+from kvstore.local.zkserver import ZooKeeperServer
+from kvstore.rpc import Connection, client_tls_context
+
+CLIENT_TIMEOUT_S = 10.0
+REFUSAL_TIMEOUT_MS = 2000
+
+
+def context(tls: TlsConfig) -> ssl.SSLContext:
+    return client_tls_context(tls.cert_path, tls.key_path, tls.ca_path)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> CertificateFiles:
+    return write_certificates(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture
+def tls_cluster(
+    zk_server: ZooKeeperServer, zk_path: str, tmp_path: Path, certs: CertificateFiles
+) -> Iterator[LocalCluster]:
+    """A primary and a synced backup serving mutual TLS with the node certificate."""
+    local = LocalCluster(
+        zk_server.connect_string, zk_path, tmp_path / "nodes", node_args=certs.node_args()
+    )
+    try:
+        local.start()
+        yield local
+    finally:
+        local.stop()
+
+
+def client(cluster: LocalCluster, tls: TlsConfig, timeout: float = CLIENT_TIMEOUT_S) -> Any:
+    return kvstore.Client(cluster.zk_connect, cluster.zk_path, timeout=timeout, tls=tls)
+
+
+def primary_address(cluster: LocalCluster) -> str:
+    primary = cluster.find("primary")
+    assert primary is not None, cluster.logs()
+    return primary.address
+
+
+def kv(cluster: LocalCluster, tls: TlsConfig, *args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "kvstore", "kv", "--zk", cluster.zk_connect]
+    command += ["--path", cluster.zk_path, *tls_args(tls), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_kv_certs_writes_pem_files_with_private_keys_0600(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "kvstore", "certs", str(tmp_path / "c")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert "--tls-cert" in done.stdout
+    for name in ("ca", "node", "client"):
+        assert (tmp_path / "c" / f"{name}.crt").read_text().startswith("-----BEGIN CERTIFICATE")
+        mode = stat.S_IMODE(os.stat(tmp_path / "c" / f"{name}.key").st_mode)
+        assert mode == 0o600, oct(mode)
+
+
+def test_a_tls_cluster_serves_the_client_and_kv(
+    tls_cluster: LocalCluster, certs: CertificateFiles
+) -> None:
+    with client(tls_cluster, certs.client) as kv_client:
+        kv_client.put("k", "v1")
+        assert kv_client.get("k") == "v1"
+        assert kv_client.cas("k", "v1", "v2")
+        assert not kv_client.cas("k", "v1", "v3")
+        assert kv_client.get_many(["k", "none"]) == {"k": "v2", "none": None}
+        assert kv_client.delete("k")
+        assert kv_client.get("k") is None
+    assert kv(tls_cluster, certs.client, "put", "greeting", "hello").returncode == 0
+    got = kv(tls_cluster, certs.client, "get", "greeting")
+    assert (got.returncode, got.stdout) == (0, "hello\n"), got.stderr
+    nodes = json.loads(kv(tls_cluster, certs.client, "-o", "json", "status").stdout)
+    assert sorted(n["role"] for n in nodes) == ["backup", "primary"]
+    assert all(n["is_in_sync"] and n["keys"] == 1 for n in nodes)
+
+
+def test_plaintext_to_a_tls_port_is_refused(
+    tls_cluster: LocalCluster, certs: CertificateFiles
+) -> None:
+    address = primary_address(tls_cluster)
+    with pytest.raises(errors.KVError):
+        Connection(address, timeout_ms=REFUSAL_TIMEOUT_MS).call("status")
+    # The cluster without TLS options at all: kv cannot read it.
+    command = [sys.executable, "-m", "kvstore", "kv", "--zk", tls_cluster.zk_connect]
+    command += ["--path", tls_cluster.zk_path, "--timeout", "2", "get", "k"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2, done
+    with client(tls_cluster, certs.client) as kv_client:
+        kv_client.put("still", "serving")
+
+
+def test_no_client_certificate_is_refused(
+    tls_cluster: LocalCluster, certs: CertificateFiles
+) -> None:
+    anonymous = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    anonymous.check_hostname = False
+    anonymous.load_verify_locations(str(certs.ca_cert))  # trusts the node, shows no certificate
+    conn = Connection(primary_address(tls_cluster), timeout_ms=REFUSAL_TIMEOUT_MS, tls=anonymous)
+    with pytest.raises(errors.KVError):
+        conn.call("put", "sneaky", "value")
+    conn.close()
+    with client(tls_cluster, certs.client) as kv_client:
+        assert kv_client.get("sneaky") is None
+
+
+def test_a_certificate_from_another_ca_is_refused(
+    tls_cluster: LocalCluster, certs: CertificateFiles, tmp_path: Path
+) -> None:
+    other = write_certificates(tmp_path / "other", ca_name="another CA")
+    # Its own CA on the client side: the node's certificate fails the client's check.
+    conn = Connection(
+        primary_address(tls_cluster), timeout_ms=REFUSAL_TIMEOUT_MS, tls=context(other.node)
+    )
+    with pytest.raises(errors.ConnectError):
+        conn.call("status")
+    # Trusting the cluster's CA, but showing another CA's (node!) certificate: the node refuses.
+    forged = TlsConfig(other.node.cert_path, other.node.key_path, str(certs.ca_cert))
+    conn = Connection(
+        primary_address(tls_cluster), timeout_ms=REFUSAL_TIMEOUT_MS, tls=context(forged)
+    )
+    with pytest.raises(errors.KVError):
+        conn.call("put", "forged", "value")
+    conn.close()
+    with pytest.raises(errors.DeadlineExceededError), client(tls_cluster, forged, timeout=1.0) as c:
+        c.get("forged")
+    with client(tls_cluster, certs.client) as kv_client:
+        assert kv_client.get("forged") is None
+
+
+def test_a_client_certificate_may_not_replicate_or_join(
+    tls_cluster: LocalCluster, certs: CertificateFiles
+) -> None:
+    with client(tls_cluster, certs.client) as kv_client:
+        kv_client.put("k", "before")
+        address = primary_address(tls_cluster)
+        epoch = tls_cluster.nodes[0].status().epoch
+        conn = Connection(address, timeout_ms=REFUSAL_TIMEOUT_MS, tls=context(certs.client))
+        with pytest.raises(errors.ForbiddenError, match="nodes only"):
+            conn.call("join", epoch, "node-9999999999", "join-x", 1000)
+        with pytest.raises(errors.ForbiddenError):
+            conn.call("replicate_batch", epoch, ["k"], ["forged"], "join-x", None)
+        with pytest.raises(errors.ForbiddenError):
+            conn.call("sync_fetch", epoch, "join-x", 0, 100)
+        assert conn.call("status").role == "primary"  # the same connection stays usable
+        conn.close()
+        # Another certificate with OU=node from the same CA would be a node: the role rule.
+        ca_cert, ca_key = load_ca(certs)
+        issue(certs, "second-client", ca_cert, ca_key, unit="clients")
+        other = Connection(
+            address, timeout_ms=REFUSAL_TIMEOUT_MS, tls=context(certs.tls("second-client"))
+        )
+        with pytest.raises(errors.ForbiddenError):
+            other.call("join_done", epoch, "join-x")
+        other.close()
+        kv_client.put("k", "after")
+        assert kv_client.get("k") == "after"
+    backup = tls_cluster.find("backup")
+    assert backup is not None and backup.status().key_count == 1, tls_cluster.logs()
+
+
+def test_failover_under_tls(tls_cluster: LocalCluster, certs: CertificateFiles) -> None:
+    primary, backup = tls_cluster.nodes
+    with client(tls_cluster, certs.client, timeout=30.0) as kv_client:
+        for i in range(50):
+            kv_client.put(f"k{i}", f"v{i}")
+        primary.kill()
+        backup.wait_for_role(["primary"], timeout_s=30)
+        assert kv_client.get("k49") == "v49"
+        kv_client.put("after", "failover")
+        assert kv_client.get_many(["k0", "after"]) == {"k0": "v0", "after": "failover"}
+        primary.start()  # rejoins as backup, over TLS, with the node certificate
+        primary.wait_for_role(["backup"], timeout_s=30)
+        kv_client.put("rejoined", "yes")
+        assert kv_client.get("rejoined") == "yes"
+
+
+def test_a_silent_connection_does_not_stall_others(
+    tls_cluster: LocalCluster, certs: CertificateFiles
+) -> None:
+    primary = tls_cluster.find("primary")
+    assert primary is not None
+    silent = [socket.create_connection((primary.host, primary.port)) for _ in range(4)]
+    try:
+        started = time.monotonic()
+        conn = Connection(primary.address, timeout_ms=REFUSAL_TIMEOUT_MS, tls=context(certs.client))
+        assert conn.call("status").role == "primary"
+        conn.call("put", "quick", "answer")
+        conn.close()
+        assert time.monotonic() - started < 1.5  # the handshake deadline is 10 s
+    finally:
+        for sock in silent:
+            sock.close()
