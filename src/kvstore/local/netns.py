@@ -201,19 +201,27 @@ class NamespaceNetwork:
         self.destroy()
 
     def cut(self, member: str, peer: str, mode: str = "drop") -> None:
-        """Cut every packet between ``member`` and ``peer`` (both directions), by rules in
-        ``member``'s namespace: ``drop`` silently, or ``reject`` (TCP: a reset; else ICMP)."""
+        """Cut every packet between ``member`` and ``peer``, both directions.
+
+        ``drop``: rules in ``member``'s namespace drop what comes from or goes to ``peer``
+        (silence: the other side times out). ``reject``: each side's own attempts to send to
+        the other are refused where they start (TCP: a reset, as if the peer had sent one;
+        else ICMP unreachable), by OUTPUT rules in both namespaces: a rejecting rule in one
+        namespace alone would have its own reset stopped by the rule for the other direction.
+        """
         if mode not in CUT_MODES:
             raise ValueError(f"mode must be one of {CUT_MODES}, not {mode!r}")
-        peer_address = self.address(peer)
-        for chain, direction in (("INPUT", "-s"), ("OUTPUT", "-d")):
-            rule = [IPTABLES, "-A", chain, direction, peer_address]
-            if mode == "drop":
-                self.run(member, [*rule, "-j", "DROP"])
-            else:
-                self.run(member, [*rule, "-p", "tcp", "-j", "REJECT", "--reject-with", "tcp-reset"])
-                self.run(member, [*rule, "-j", "REJECT"])
-        self._cut_namespaces.add(member)
+        if mode == "drop":
+            peer_address = self.address(peer)
+            for chain, direction in (("INPUT", "-s"), ("OUTPUT", "-d")):
+                self.run(member, [IPTABLES, "-A", chain, direction, peer_address, "-j", "DROP"])
+            self._cut_namespaces.add(member)
+            return
+        for sender, receiver in ((member, peer), (peer, member)):
+            rule = [IPTABLES, "-A", "OUTPUT", "-d", self.address(receiver)]
+            self.run(sender, [*rule, "-p", "tcp", "-j", "REJECT", "--reject-with", "tcp-reset"])
+            self.run(sender, [*rule, "-j", "REJECT"])
+            self._cut_namespaces.add(sender)
 
     def heal(self) -> None:
         """Remove every rule :meth:`cut` added (flush the filter table where there were any)."""
