@@ -260,20 +260,11 @@ def scenario(
     return run
 
 
-# Found by this test (server unchanged): on a reset the primary drops the backup from the in-sync
-# set (safe), then probes it, takes the refusal as proof of death (roles.is_dead with
-# is_refusal_proof=True) and deletes the live backup's znode. The backup's session lives on, so
-# it never re-registers: as a standby absent from the members it is never designated again, and
-# after the heal the cluster stays without a backup until someone restarts that node.
-BACKUP_ZNODE_REMOVED = pytest.mark.xfail(
-    reason="primary deletes the znode of a backup it cannot reach (refusal taken as death); "
-    "the backup never re-registers, so the cluster does not heal",
-    raises=TimeoutError,
-    strict=False,
-)
-
-
-@pytest.mark.parametrize("mode", ["drop", pytest.param("reject", marks=BACKUP_ZNODE_REMOVED)])
+# The reject case found a bug (now fixed): on a reset the primary dropped the backup, took the
+# refused probe as proof of death and deleted the live backup's znode; the backup, a standby
+# absent from the members, was never designated again. Now a refusal proves nothing there
+# either, and a standby whose znode vanished registers again.
+@pytest.mark.parametrize("mode", ["drop", "reject"])
 def test_primary_backup_cut(
     network: netns.NamespaceNetwork, ns_cluster: LocalCluster, tmp_path: Path, mode: str
 ) -> None:

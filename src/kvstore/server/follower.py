@@ -128,9 +128,9 @@ class Follower:
         proves it dead (after a full restart on the same ports, the new processes answering
         at the old addresses prove the old ones dead before their sessions expire)."""
         addresses = {m.name: m.address for m in members}
-        timeout_ms = self._node.config.probe_timeout_ms
+        timeout_ms, tls = self._node.config.probe_timeout_ms, self._node.peer_tls
         return any(
-            name in addresses and not is_dead(name, addresses[name], timeout_ms)
+            name in addresses and not is_dead(name, addresses[name], timeout_ms, tls)
             for name in meta.in_sync
         )
 

@@ -238,6 +238,8 @@ class StorageNode:
             self._recover_session(coordinator)
         meta, version = coordinator.meta()
         members = coordinator.members()
+        if self.role == Role.STANDBY and all(m.name != self.name for m in members):
+            members = self._register_again(coordinator)
         self.primary_address = meta.primary_address
         self._in_sync_size = len(meta.in_sync)
         if self.role != Role.PRIMARY and meta.primary == self.name:
@@ -249,6 +251,14 @@ class StorageNode:
             self._follower.evaluate_backup(meta, version, members)
         else:
             self._follower.evaluate_standby(meta, version, members)
+
+    def _register_again(self, coordinator: Coordinator) -> list[Member]:
+        """Our znode is gone although our session lives (another node removed it, taking us
+        for dead): without one this node is never designated backup. Register anew."""
+        old_name = self.name
+        self.name = coordinator.register(self.config.address)
+        log.warning("member znode %s was removed; registered again as %s", old_name, self.name)
+        return coordinator.members()
 
     def _recover_session(self, coordinator: Coordinator) -> None:
         """A new ZooKeeper session: a primary re-registers and keeps its data; others restart."""
@@ -332,8 +342,7 @@ class StorageNode:
     def _remove_dead_backups(self) -> None:
         while self._dead_backups:
             member = self._dead_backups.pop()
-            timeout_ms = self.config.probe_timeout_ms
-            if is_dead(member.name, member.address, timeout_ms, True, self.peer_tls):
+            if is_dead(member.name, member.address, self.config.probe_timeout_ms, self.peer_tls):
                 log.info("backup %s (%s) is dead; removing its znode", member.name, member.address)
                 self.require_coordinator().remove_member(member.name)
 

@@ -35,17 +35,14 @@ class NodeExit(Exception):
         self.code = code
 
 
-def is_dead(
-    name: str, address: str, timeout_ms: int, is_refusal_proof: bool = False, tls: Any = None
-) -> bool:
+def is_dead(name: str, address: str, timeout_ms: int, tls: Any = None) -> bool:
     """True only if no process serves ``name`` at ``address`` any more.
 
     Proof is another node id answering there (nodes never share a port: no SO_REUSEPORT),
-    or the node itself saying it stopped. A refused connection is *not* proof by default:
-    a firewall rejecting the prober produces it too while the node goes on serving (on a
-    lease). ``is_refusal_proof`` accepts it where a wrong verdict costs no safety (removing
-    the znode of a backup already dropped from the in-sync set). A timeout proves nothing:
-    the node may be paused.
+    or the node itself saying it stopped. A refused connection is *not* proof: a firewall
+    rejecting the prober produces it too while the node goes on serving (on a lease) — and
+    even where believing it costs no safety, deleting a live node's znode strands it (the
+    partition tests found that). A timeout proves nothing: the node may be paused.
     """
     if not address:
         return False
@@ -54,7 +51,7 @@ def is_dead(
     except errors.KVError:
         return False
     if status is None:
-        return is_refusal_proof
+        return False
     return status.node_id != name or status.role == Role.STOPPED.value
 
 
