@@ -374,8 +374,10 @@ class _FrameReader:
     frame's first byte is bounded by the idle timeout (none after ``never_idle_out``), and
     the rest of the frame must arrive within ``frame_deadline_s`` of it. ``read`` then hands
     out only that frame, so a message can never run on into the next frame. Timeouts are
-    kernel ones (SO_RCVTIMEO), except on a TLS socket (``settimeout``: the kernel's do not
-    bound a TLS read); the receive timeout changes only while a frame arrives in pieces.
+    kernel ones (SO_RCVTIMEO); the receive timeout changes only while a frame arrives in
+    pieces. A TLS socket (the kernel's timeouts do not bound a TLS read) has a Python one
+    instead (``settimeout``): the frame deadline bounds each of its receives and sends, and
+    the idle wait is a poll for the first byte of a request.
     """
 
     __slots__ = (
@@ -385,6 +387,7 @@ class _FrameReader:
         "_is_tls",
         "_max_frame_bytes",
         "_pending",
+        "_tls_poller",
         "sock",
     )
 
@@ -398,19 +401,28 @@ class _FrameReader:
         self._pending = b""
         self._frame = b""
         self._is_tls = isinstance(sock, ssl.SSLSocket)
+        self._tls_poller: select.poll | None = None
         if self._is_tls:
-            self._wait_at_most(idle_timeout_s)
+            sock.settimeout(deadline_s)
+            self._tls_poller = select.poll()
+            self._tls_poller.register(sock, select.POLLIN)
 
     def _wait_at_most(self, seconds: float) -> None:
-        """Bound each receive to ``seconds`` (0: wait forever)."""
+        """Bound each receive to ``seconds`` (> 0) while a frame arrives in pieces."""
         if self._is_tls:
-            self.sock.settimeout(max(0.001, seconds) if seconds > 0 else None)
+            self.sock.settimeout(max(0.001, seconds))
         else:
             _set_receive_timeout(self.sock, seconds)
 
+    def _wait_as_usual(self) -> None:
+        if self._is_tls:
+            self.sock.settimeout(self._frame_deadline_s)
+        else:
+            _set_receive_timeout(self.sock, self._idle_timeout_s)
+
     def never_idle_out(self) -> None:
         self._idle_timeout_s = 0.0
-        self._wait_at_most(0.0)
+        self._wait_as_usual()
 
     def next_frame(self) -> bytes:
         pending = self._pending
@@ -434,8 +446,13 @@ class _FrameReader:
         return self._frame
 
     def _receive_first(self) -> bytes:
+        sock = self.sock
+        if self._tls_poller is not None and not sock.pending():  # type: ignore[attr-defined]
+            idle_s = self._idle_timeout_s
+            if not self._tls_poller.poll(idle_s * 1000 if idle_s > 0 else None):
+                raise _IdleTimeoutError(f"no request for {idle_s:g} s")
         try:
-            data = self.sock.recv(65536)
+            data = sock.recv(65536)
         except (BlockingIOError, TimeoutError):
             raise _IdleTimeoutError(f"no request for {self._idle_timeout_s:g} s") from None
         if not data:
@@ -459,7 +476,7 @@ class _FrameReader:
                 chunks.append(chunk)
                 received += len(chunk)
         finally:
-            self._wait_at_most(self._idle_timeout_s)
+            self._wait_as_usual()
         return b"".join(chunks)
 
     def _slow(self, received: int, size: int) -> str:
