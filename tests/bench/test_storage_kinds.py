@@ -85,7 +85,7 @@ def test_kv_bench_hands_the_storage_list_to_the_matrix(
 
     @contextlib.contextmanager
     def fake_zookeeper(_data_dir: Path) -> Iterator[Any]:
-        yield type("Zk", (), {"connect_string": "127.0.0.1:1", "pid": None})()
+        yield type("Zk", (), {"connect_string": "127.0.0.1:1", "pid": None, "restart": None})()
 
     monkeypatch.setattr(bench_cli, "Session", _FakeSession)
     monkeypatch.setattr(bench_cli, "ZooKeeperServer", fake_zookeeper)
@@ -224,3 +224,12 @@ def test_a_run_in_memory_has_no_data_dir(monkeypatch: pytest.MonkeyPatch, tmp_pa
     row, cluster = _run(monkeypatch, tmp_path, "memory", is_ok=True)
     assert row["data_dir"] is None
     assert all(node.extra_args == [] for node in cluster.nodes)
+
+
+def test_recovery_is_the_longest_gap_until_the_next_fault() -> None:
+    from kvstore.bench.faults import recovery_s
+
+    faults_at = [(1.0, "kill-primary", "a"), (5.0, "hostile", "a"), (9.0, "pause-primary", "a")]
+    responses_ns = [int(t * 1e9) for t in (0.5, 1.2, 3.0, 3.1, 5.01, 5.02, 8.0)]
+    gaps = recovery_s(faults_at, responses_ns)
+    assert [round(g, 2) for g in gaps] == [1.9, 2.98, -1.0]

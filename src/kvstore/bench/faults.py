@@ -1,4 +1,5 @@
-"""Fault injection for a LocalCluster: kill -9 the node holding a role, restart it at once.
+"""Fault injection for a LocalCluster: kill -9 the node holding a role, restart it at once;
+or a nemesis that mixes kills, pauses, ZooKeeper restarts and hostile requests.
 
 Every loop here is bounded by a deadline and stops by itself; only processes the
 cluster started are killed, by PID.
@@ -6,9 +7,12 @@ cluster started are killed, by PID.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import os
 import random
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -104,3 +108,141 @@ def run_with_kills(
     finally:
         killer.join()
     return result, killer.kills
+
+
+# --------------------------------------------------------------------------- the nemesis
+
+# get() with an unknown field holding a list of 2**31 - 1 VOIDs: it froze a node for seconds
+# before requests were checked before decoding (see RELIABILITY.md).
+HOSTILE_REQUEST = bytes.fromhex("000000188001000100000003676574000000010f0002017fffffff00")
+NEMESIS_FAULTS = ("kill-primary", "kill-backup", "pause-primary", "zookeeper-restart", "hostile")
+PAUSE_S = 1.5  # past the 1 s lease: the backup must wait it out, the primary must not serve
+PROBE_TIMEOUT_S = 2.0
+
+
+@dataclass
+class Nemesis:
+    """Every ``interval_s`` ([low, high]) until ``seconds``, one fault drawn at random from
+    ``kinds``: kill -9 of the primary or the backup (restarted at once), SIGSTOP of the
+    primary for PAUSE_S, a ZooKeeper restart (when ``restart_zookeeper`` is given), a
+    hostile request to the primary. ``faults`` lists (seconds since ``origin_ns``, kind,
+    address); only processes the cluster started are signalled, by PID."""
+
+    cluster: LocalCluster
+    interval_s: tuple[float, float]
+    seconds: float
+    kinds: tuple[str, ...] = NEMESIS_FAULTS
+    restart_zookeeper: Callable[[], None] | None = None
+    seed: int | None = None
+    origin_ns: int | None = None
+    faults: list[tuple[float, str, str]] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="nemesis", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        rng = random.Random(self.seed)
+        kinds = [k for k in self.kinds if k != "zookeeper-restart" or self.restart_zookeeper]
+        began = time.monotonic()
+        deadline = began + self.seconds
+        origin = began if self.origin_ns is None else self.origin_ns / 1e9
+        while len(self.faults) < 1000:
+            pause = rng.uniform(*self.interval_s)
+            if time.monotonic() + pause >= deadline or self._stop.wait(pause):
+                return
+            kind = rng.choice(kinds)
+            at_s = time.monotonic() - origin
+            address = self._inject(kind)
+            if address is not None:
+                self.faults.append((at_s, kind, address))
+
+    def _inject(self, kind: str) -> str | None:
+        """Inject one fault; the address it hit ("" for ZooKeeper), None if nobody held
+        the role it needs right now."""
+        if kind == "zookeeper-restart":
+            assert self.restart_zookeeper is not None
+            self.restart_zookeeper()
+            return ""
+        node = self.cluster.find("backup" if kind == "kill-backup" else "primary")
+        if node is None or node.pid is None:
+            return None
+        if kind in ("kill-primary", "kill-backup"):
+            node.kill()
+            node.start()
+        elif kind == "pause-primary":
+            os.kill(node.pid, signal.SIGSTOP)
+            try:
+                self._stop.wait(PAUSE_S)
+            finally:
+                os.kill(node.pid, signal.SIGCONT)
+        elif kind == "hostile":
+            _send_hostile_request(node.address)
+        else:
+            raise ValueError(f"unknown fault {kind!r} (expected one of {NEMESIS_FAULTS})")
+        return node.address
+
+    def join(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+
+
+def _send_hostile_request(address: str) -> None:
+    """Send HOSTILE_REQUEST to a node and read whatever it answers (bounded)."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=PROBE_TIMEOUT_S) as sock:
+            sock.sendall(HOSTILE_REQUEST)
+            sock.recv(4096)
+    except OSError:
+        pass  # refused, reset or timed out: the node's business; the load shows the cost
+
+
+def recovery_s(faults: list[tuple[float, str, str]], success_ns: list[int]) -> list[float]:
+    """What each fault cost: the longest time without a successful response from the fault
+    until the next fault (or the last response), in seconds; -1 if no response came after
+    it at all. Faults and responses on the execution log's clock."""
+    ordered = sorted(success_ns)
+    starts = [int(at_s * 1e9) for at_s, _, _ in faults]
+    ends = [*starts[1:], ordered[-1] if ordered else 0]
+    gaps = []
+    for start, end in zip(starts, ends, strict=True):
+        first = bisect.bisect_right(ordered, start)
+        if first >= len(ordered):
+            gaps.append(-1.0)
+            continue
+        times = [start, *ordered[first : bisect.bisect_right(ordered, end)], end]
+        gaps.append(max(b - a for a, b in itertools.pairwise(times)) / 1e9)
+    return gaps
+
+
+def run_with_nemesis(
+    cluster: LocalCluster,
+    workload: Workload,
+    interval_s: tuple[float, float],
+    restart_zookeeper: Callable[[], None] | None = None,
+    seed: int | None = None,
+    procs: int = 1,
+    on_start: Callable[[], None] | None = None,
+) -> tuple[BenchResult, list[tuple[float, str, str]]]:
+    """Run the benchmark while a Nemesis injects faults; fault times on the log's clock."""
+    config = ClientConfig(cluster.zk_connect, cluster.zk_path)
+    start_ns = time.monotonic_ns()
+    nemesis = Nemesis(
+        cluster, interval_s, workload.seconds, restart_zookeeper=restart_zookeeper,
+        seed=seed, origin_ns=start_ns,
+    )  # fmt: skip
+
+    def start() -> None:
+        nemesis.start()
+        if on_start is not None:
+            on_start()
+
+    try:
+        result = load.run(workload, config, start_ns, procs=procs, on_start=start)
+    finally:
+        nemesis.join()
+    return result, nemesis.faults

@@ -29,7 +29,7 @@ import re
 import shutil
 import statistics
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
 from pathlib import Path
@@ -43,7 +43,8 @@ from kvstore.check.history import format_event, parse_log, write_events
 from kvstore.config import ClientConfig
 from kvstore.local.cluster import LocalCluster
 
-FAULT_KINDS = ("none", "kill-primary")
+FAULT_KINDS = ("none", "kill-primary", "nemesis")
+NEMESIS_INTERVAL_S = (3.0, 5.0)
 KILL_INTERVAL_S = 4.0
 YCSB_MIXES = {"a": 50, "b": 95, "c": 100}  # read share, percent
 
@@ -111,7 +112,7 @@ class Matrix:
     keyspace: tuple[int, ...] = (100, 1000, 100_000)
     read_percent: tuple[int, ...] = (50, 95, 100)
     value_bytes: tuple[int, ...] = (10, 1024)
-    faults: tuple[str, ...] = FAULT_KINDS
+    faults: tuple[str, ...] = ("none", "kill-primary")
     procs: tuple[int, ...] = (1,)
     placement: tuple[str, ...] = ("free",)
     client: tuple[str, ...] = ("per-thread",)
@@ -164,9 +165,15 @@ def check_events(events: Sequence[Event]) -> checker.CheckResult:
 
 
 def run_scenario(
-    zk_connect: str, zk_pid: int | None, scenario: Scenario, seconds: float, workdir: Path
+    zk_connect: str,
+    zk_pid: int | None,
+    scenario: Scenario,
+    seconds: float,
+    workdir: Path,
+    restart_zookeeper: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
-    """Run one configuration on a fresh cluster; its table row (a dict)."""
+    """Run one configuration on a fresh cluster; its table row (a dict). The nemesis
+    restarts ZooKeeper among its faults when ``restart_zookeeper`` is given."""
     node_args = ["--cpu", "0"] if scenario.placement == "split" else []
     run_id = uuid.uuid4().hex[:8]
     cluster = LocalCluster(
@@ -177,6 +184,7 @@ def run_scenario(
     )
     workload = scenario.workload(seconds)
     kills: list[tuple[float, str]] = []
+    injected: list[tuple[float, str, str]] = []
     own_cpus = os.sched_getaffinity(0)
     try:
         cluster.start()
@@ -199,6 +207,16 @@ def run_scenario(
                 procs=scenario.procs,
                 on_start=meter.start,
             )
+        elif scenario.faults == "nemesis":
+            result, injected = faults.run_with_nemesis(
+                cluster,
+                workload,
+                NEMESIS_INTERVAL_S,
+                restart_zookeeper,
+                procs=scenario.procs,
+                on_start=meter.start,
+            )
+            kills = [(at_s, address) for at_s, kind, address in injected if "kill" in kind]
         elif scenario.faults == "none":
             config = ClientConfig(cluster.zk_connect, cluster.zk_path)
             result = load.run(workload, config, procs=scenario.procs, on_start=meter.start)
@@ -222,6 +240,14 @@ def run_scenario(
         data_dir = None
     row = _row(scenario, result, verdict, kills, cores, log_path)
     row["data_dir"] = str(data_dir) if data_dir else None
+    if injected:
+        responses = [t for t, is_response, *_ in result.events if is_response]
+        row["injected"] = [
+            {"at_s": round(at_s, 3), "kind": kind, "node": node, "longest_gap_s": round(gap, 4)}
+            for (at_s, kind, node), gap in zip(
+                injected, faults.recovery_s(injected, responses), strict=True
+            )
+        ]
     return row
 
 

@@ -46,6 +46,7 @@ class Session:
     apache_accelerated: bool = False
     repeat: int = 1
     out: Callable[[str], None] = print
+    restart_zookeeper: Callable[[], None] | None = None  # for the nemesis
     report: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def run(self, zk_connect: str, zk_pid: int | None) -> dict[str, Any]:
@@ -102,10 +103,19 @@ class Session:
         self.out(header())
         for round_number in range(self.repeat):  # rounds, so slow spells hit every configuration
             for scenario in scenarios:
-                row = run_scenario(zk_connect, zk_pid, scenario, self.seconds, self.workdir)
+                row = run_scenario(
+                    zk_connect,
+                    zk_pid,
+                    scenario,
+                    self.seconds,
+                    self.workdir,
+                    self.restart_zookeeper,
+                )
                 row["round"] = round_number
                 self.report["rows"].append(row)
                 self.out(format_row(row))
+                for fault in row.get("injected", ()):
+                    self.out(_fault_line(fault))
                 self._save()
         for line in summarize(self.report["rows"]):
             self.out(line)
@@ -147,3 +157,13 @@ class Session:
         temporary = self.json_path.with_suffix(".tmp")
         temporary.write_text(json.dumps(self.report, indent=2, default=str) + "\n")
         temporary.replace(self.json_path)
+
+
+def _fault_line(fault: dict[str, Any]) -> str:
+    node = fault["node"] or "-"
+    gap_s = fault["longest_gap_s"]
+    cost = f"{gap_s * 1000:.1f} ms" if gap_s >= 0 else "no success after it"
+    return (
+        f"     {fault['at_s']:8.2f} s  {fault['kind']:<17} {node:<21} "
+        f"longest gap until the next fault: {cost}"
+    )

@@ -117,10 +117,12 @@ def _add_matrix_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--faults",
         type=_fault_list,
-        default=FAULT_KINDS,
+        default=("none", "kill-primary"),
         metavar="LIST",
-        help="none and/or kill-primary: kill -9 the primary every 4 s and restart "
-        "it at once (default none,kill-primary)",
+        help="none, kill-primary (kill -9 the primary every 4 s and restart it at once) "
+        "and/or nemesis (every 3-5 s one of: kill -9 of the primary or the backup, SIGSTOP "
+        "of the primary past its lease, a ZooKeeper restart, a hostile request; each fault "
+        "is listed with the longest gap until the next fault) (default none,kill-primary)",
     )
     parser.add_argument(
         "--procs",
@@ -288,6 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"== work directory: {workdir}; results: {args.json}", flush=True)
     try:
         with ZooKeeperServer(workdir / "zookeeper") as zk:
+            session.restart_zookeeper = zk.restart
             session.run(zk.connect_string, zk.pid)
     except (errors.KVError, TimeoutError) as exc:
         report_error("kv-bench", exc)
