@@ -77,6 +77,8 @@ class NodeConfig:
     control_tick_s: float = 0.05
     # Compare-and-set attempts of one metadata change before giving up (others keep changing it).
     meta_cas_attempts: int = 20
+    # host:port registered in ZooKeeper when it differs from the bound one (e.g. 0.0.0.0).
+    advertise: str | None = None
     # Prometheus metrics and /healthz on this port (None: off; 0: any free port).
     metrics_port: int | None = None
     # Durability (server/wal.py): without a data directory the store lives in memory only.
@@ -107,7 +109,9 @@ class NodeConfig:
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        """What the node registers and other nodes and clients dial: ``advertise`` if
+        given, else the address it binds."""
+        return self.advertise or f"{self.host}:{self.port}"
 
 
 @dataclass(frozen=True, slots=True)

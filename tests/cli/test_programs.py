@@ -67,3 +67,11 @@ def test_timings_that_do_not_nest_are_a_usage_error() -> None:
     result = run("node", "127.0.0.1", "0", "127.0.0.1:1", "/x", "--lease", "0.1")
     assert result.returncode == 2
     assert "lease" in result.stderr
+
+
+def test_binding_every_interface_needs_an_advertised_address() -> None:
+    result = run("node", "0.0.0.0", "0", "127.0.0.1:1", "/x")
+    assert result.returncode == 2
+    assert "--advertise" in result.stderr
+    refused = run("node", "0.0.0.0", "0", "127.0.0.1:1", "/x", "--advertise", "0.0.0.0:1")
+    assert refused.returncode == 2

@@ -7,16 +7,20 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
+import kvstore
 from kvstore import errors
 from kvstore.client.locator import KVClient, PrimaryLocator
 from kvstore.config import ClientConfig
 from kvstore.coordination import create_parent
 from kvstore.local.cluster import LocalCluster, NodeProcess
 from kvstore.local.processes import wait_until
-from kvstore.rpc import Connection
+from kvstore.local.zkserver import ZooKeeperServer
+from kvstore.rpc import Connection, probe
 from kvstore.server.roles import EXIT_DATA_LOST
 
 RETRY_S = 15.0
@@ -241,3 +245,26 @@ def _renamed_primary(node: NodeProcess, old_name: str) -> object:
     if status is not None and status.role == "primary" and status.node_id != old_name:
         return status
     return None
+
+
+def test_a_node_bound_to_every_interface_registers_its_advertised_address(
+    zk_server: ZooKeeperServer, zk_path: str, tmp_path: Path
+) -> None:
+    cluster = LocalCluster(zk_server.connect_string, zk_path, tmp_path, size=1)
+    node = cluster.nodes[0]
+    node.host = "0.0.0.0"
+    node.extra_args += ["--advertise", f"127.0.0.1:{node.port}"]
+    try:
+        node.start()
+
+        def primary_status() -> Any | None:
+            status = probe(f"127.0.0.1:{node.port}", 500)
+            return status if status is not None and status.role == "primary" else None
+
+        status = wait_until(primary_status, 30, node.log_tail)
+        assert status.primary_address == f"127.0.0.1:{node.port}"
+        with kvstore.Client(zk_server.connect_string, zk_path, timeout=10) as kv:
+            kv.put("k", "v")
+            assert kv.get("k") == "v"
+    finally:
+        cluster.stop()

@@ -29,6 +29,7 @@ from kvstore.cli.args import (
     zk_auth_from,
 )
 from kvstore.config import Limits, NodeConfig, TlsConfig
+from kvstore.rpc import parse_address
 from kvstore.server.node import StorageNode
 from kvstore.server.roles import EXIT_RESTART
 from kvstore.server.wal import FSYNC_MODES
@@ -110,6 +111,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="number of lock stripes (default 256)",
     )
     parser.add_argument(
+        "--advertise",
+        type=_address,
+        default=None,
+        metavar="HOST:PORT",
+        help="the address other nodes and clients use to reach this node, registered in "
+        "ZooKeeper (default HOST:PORT; set it when binding 0.0.0.0 or behind NAT)",
+    )
+    parser.add_argument(
         "--metrics-port",
         type=int,
         default=None,
@@ -171,6 +180,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         idle_timeout_s=args.idle_timeout,
         frame_deadline_s=args.frame_deadline,
     )
+    if args.host in ("0.0.0.0", "::") and args.advertise is None:
+        parser.error(
+            f"bound to every interface ({args.host}): --advertise HOST:PORT names the "
+            "address other nodes and clients reach this node at"
+        )
     try:
         config = _config(args, limits, zk_auth, tls_from(parser, args))
     except ValueError as exc:
@@ -218,9 +232,20 @@ def _config(
         zk_session_timeout_s=args.session_timeout,
         lease_s=args.lease,
         metrics_port=args.metrics_port,
+        advertise=args.advertise,
         data_dir=args.data_dir,
         fsync=args.fsync,
         snapshot_every_bytes=args.snapshot_every_mb * 1024 * 1024,
         zk_auth=zk_auth,
         tls=tls,
     )
+
+
+def _address(text: str) -> str:
+    try:
+        host, port = parse_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if host in ("0.0.0.0", "::"):
+        raise argparse.ArgumentTypeError("advertise an address others can reach, not 0.0.0.0")
+    return f"{host}:{port}"
