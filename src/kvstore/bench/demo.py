@@ -7,11 +7,13 @@ is stopped at the end, by PID.
 
 from __future__ import annotations
 
+import sys
 import time
 import uuid
 from pathlib import Path
 
 from kvstore.bench import faults
+from kvstore.bench.progress import maybe_progress
 from kvstore.bench.workload import Workload, summary_lines
 from kvstore.check import checker
 from kvstore.check.history import write_events
@@ -39,9 +41,14 @@ def run_demo(seconds: float, threads: int, keyspace: int, workdir: str) -> int:
             )
             workload = Workload(threads, seconds, keyspace)
             half = seconds / 2
-            result, kills = faults.run_with_kills(
-                cluster, workload, "primary", (half, half), max_kills=1
-            )
+            progress = maybe_progress(sys.stdout, seconds)
+            try:
+                result, kills = faults.run_with_kills(
+                    cluster, workload, "primary", (half, half), max_kills=1, progress=progress
+                )
+            finally:
+                if progress is not None:
+                    progress.done()
         finally:
             cluster.stop()
     for at_s, address in kills:

@@ -90,6 +90,7 @@ def run_with_kills(
     seed: int | None = None,
     procs: int = 1,
     on_start: Callable[[], None] | None = None,
+    progress: Callable[[int, int, float], None] | None = None,
 ) -> tuple[BenchResult, list[tuple[float, str]]]:
     """Run the benchmark (over ``procs`` client processes) while killing and restarting the
     node with ``role`` on a schedule that starts with the benchmark's clock (when ``on_start``
@@ -104,7 +105,9 @@ def run_with_kills(
             on_start()
 
     try:
-        result = load.run(workload, config, start_ns, procs=procs, on_start=start)
+        result = load.run(
+            workload, config, start_ns, procs=procs, on_start=start, progress=progress
+        )
     finally:
         killer.join()
     return result, killer.kills

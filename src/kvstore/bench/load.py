@@ -20,12 +20,14 @@ def run(
     start_ns: int | None = None,
     procs: int = 1,
     on_start: Callable[[], None] | None = None,
+    progress: Callable[[int, int, float], None] | None = None,
 ) -> BenchResult:
     """Run the workload against the cluster ``config`` points at; blocks ~workload.seconds.
 
     ``start_ns`` is the time origin of the logged events (default: now). With
     ``procs`` > 1 the threads are spread over that many worker processes. ``on_start``
-    is called once the clients are connected, when the clock starts.
+    is called once the clients are connected, when the clock starts; ``progress`` about
+    once a second while it runs (in one process only).
     """
     if min(procs, workload.threads) > 1:
         return run_processes(workload, config, procs, start_ns, on_start)
@@ -36,7 +38,7 @@ def run(
         deadline_ns = began_ns + int(workload.seconds * 1e9)
         if on_start is not None:
             on_start()
-        results = clients.run(start_ns, deadline_ns)
+        results = clients.run(start_ns, deadline_ns, progress)
         elapsed_s = (time.monotonic_ns() - began_ns) / 1e9
     finally:
         clients.close()

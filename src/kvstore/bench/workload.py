@@ -32,7 +32,7 @@ import threading
 import time
 from array import array
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -293,8 +293,14 @@ class LoadClients:
         key_names(workload.keyspace)  # built now, not on the clock
         self.clients = open_clients(workload.client, workload.threads, config)
 
-    def run(self, start_ns: int, deadline_ns: int) -> list[ThreadResult]:
-        """Run every thread until ``deadline_ns``; returns in bounded time after it."""
+    def run(
+        self,
+        start_ns: int,
+        deadline_ns: int,
+        progress: Callable[[int, int, float], None] | None = None,
+    ) -> list[ThreadResult]:
+        """Run every thread until ``deadline_ns``; returns in bounded time after it.
+        ``progress(successes, failures, elapsed_s)`` is called about once a second."""
         per_thread, pacer = self.clients.per_thread, self.clients.pacer
         results = [ThreadResult() for _ in per_thread]
         threads = [
@@ -316,6 +322,8 @@ class LoadClients:
         ]
         for thread in threads:
             thread.start()
+        if progress is not None:
+            _report_until(threads, results, deadline_ns, progress)
         # An operation in progress at the deadline may take up to the RPC timeout (and a
         # reconnect; the shared Client: its retries); past that, abort() ends it.
         _join_all(threads, deadline_ns + int((self.clients.finishing_s + STOP_GRACE_S) * 1e9))
@@ -333,6 +341,26 @@ class LoadClients:
 
     def close(self) -> None:
         self.clients.close()
+
+
+def _report_until(
+    threads: list[threading.Thread],
+    results: list[ThreadResult],
+    deadline_ns: int,
+    progress: Callable[[int, int, float], None],
+) -> None:
+    """Call ``progress`` about once a second until the deadline (or every thread ended)."""
+    began_ns = time.monotonic_ns()
+    while (left_ns := deadline_ns - time.monotonic_ns()) > 0:
+        threads[0].join(timeout=min(1.0, left_ns / 1e9))
+        if not any(thread.is_alive() for thread in threads):
+            return
+        successes = sum(len(result.success_ns) for result in results)
+        try:
+            failures = sum(sum(result.failures.values()) for result in results)
+        except RuntimeError:  # a thread added a new failure kind meanwhile
+            failures = -1
+        progress(successes, failures, (time.monotonic_ns() - began_ns) / 1e9)
 
 
 def _join_all(threads: Iterable[threading.Thread], until_ns: int) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from kvstore import errors
 from kvstore.bench import load
 from kvstore.bench.clients import CLIENT_KINDS, SHARED_CALL_TIMEOUT_S
+from kvstore.bench.progress import maybe_progress
 from kvstore.bench.workload import Workload, summary_lines
 from kvstore.check.history import write_events
 from kvstore.cli.args import (
@@ -129,7 +131,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         tls=tls,
     )
     try:
-        result = load.run(workload, config, procs=args.procs)
+        progress = maybe_progress(sys.stdout, args.seconds) if args.procs == 1 else None
+        try:
+            result = load.run(workload, config, procs=args.procs, progress=progress)
+        finally:
+            if progress is not None:
+                progress.done()
     except errors.KVError as exc:
         report_error("kv-client", exc)
         return 1
