@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -75,3 +76,22 @@ def test_binding_every_interface_needs_an_advertised_address() -> None:
     assert "--advertise" in result.stderr
     refused = run("node", "0.0.0.0", "0", "127.0.0.1:1", "/x", "--advertise", "0.0.0.0:1")
     assert refused.returncode == 2
+
+
+def test_node_logs_can_be_json_lines() -> None:
+    result = run(
+        "node",
+        "127.0.0.1",
+        "0",
+        "127.0.0.1:1",
+        "/x",
+        "--log-format",
+        "json",
+        "--session-timeout",
+        "1",
+    )
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1 and lines
+    entries = [json.loads(line) for line in lines]  # every line is one JSON object
+    assert {"time", "level", "logger", "message"} <= set(entries[-1])
+    assert entries[-1]["level"] == "ERROR"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -25,10 +26,28 @@ def new_parser(
     return parser
 
 
-def setup_logging(level: str, is_quiet: bool = False) -> None:
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message (and the exception, if any)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(level: str, is_quiet: bool = False, log_format: str = "text") -> None:
     """One logging configuration for every program. ``is_quiet``: a command-line tool that
-    reports failures in its own line, so kazoo's connection chatter is silenced."""
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), format=LOG_FORMAT)
+    reports failures in its own line, so kazoo's connection chatter is silenced;
+    ``log_format`` "json" writes one JSON object per line (for log collectors)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(LOG_FORMAT))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
     kazoo_level = logging.CRITICAL if is_quiet else max(logging.WARNING, logging.getLogger().level)
     logging.getLogger("kazoo").setLevel(kazoo_level)
 

@@ -160,6 +160,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="log verbosity (default INFO)",
     )
     parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="text lines (default) or one JSON object per line, for log collectors",
+    )
+    parser.add_argument(
         "--cpu",
         type=cpu_list,
         default=None,
@@ -170,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(node_args)
     zk_auth = zk_auth_from(parser, args)
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, log_format=args.log_format)
     if args.cpu:
         os.sched_setaffinity(0, args.cpu)  # before any thread starts: all of them inherit it
     limits = Limits.for_sizes(args.max_key_bytes, args.max_value_bytes)
