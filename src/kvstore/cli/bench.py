@@ -190,10 +190,11 @@ def _add_session_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--json",
-        default="run/bench/results.json",
+        default=None,
         metavar="PATH",
         help="where to write every row and probe result as JSON, rewritten after "
-        "each step (default run/bench/results.json)",
+        "each step (default: results.json in this session's own DIR/<time>/, so no run "
+        "overwrites another's)",
     )
     parser.add_argument(
         "--workdir",
@@ -273,11 +274,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     )
     workdir = Path(args.workdir).resolve() / time.strftime("%Y%m%d-%H%M%S")
+    json_path = Path(args.json) if args.json else workdir / "results.json"
     session = Session(
         matrix=matrix,
         full=args.full,
         seconds=args.seconds,
-        json_path=Path(args.json),
+        json_path=json_path,
         workdir=workdir,
         memory_keys=args.memory_keys,
         memory_value_bytes=args.memory_value_bytes,
@@ -287,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         repeat=args.repeat,
         out=lambda line: print(line, flush=True),
     )
-    print(f"== work directory: {workdir}; results: {args.json}", flush=True)
+    print(f"== work directory: {workdir}; results: {json_path}", flush=True)
     try:
         with ZooKeeperServer(workdir / "zookeeper") as zk:
             session.restart_zookeeper = zk.restart
