@@ -162,7 +162,9 @@ def test_kv_client_passes_its_client_kind_to_the_workload(
 ) -> None:
     seen: list[Workload] = []
 
-    def fake_run(workload: Workload, config: ClientConfig, procs: int = 1) -> Any:
+    def fake_run(
+        workload: Workload, config: ClientConfig, procs: int = 1, progress: Any = None
+    ) -> Any:
         seen.append(workload)
         return merge(workload, 1.0, [], 0, 0)
 
