@@ -82,6 +82,7 @@ class Client:
         self._next_seq = itertools.count(1).__next__
         self._in_flight: set[int] = set()
         self._is_closed = False
+        self._locator.on_primary_moved(self._leave_old_primary)
 
     # ------------------------------------------------------------------ the API
 
@@ -188,6 +189,14 @@ class Client:
         except (errors.ConnectError, errors.UnavailableError):
             self._locator.refresh()
             raise
+
+    def _leave_old_primary(self, address: str) -> None:
+        """ZooKeeper names a new primary: calls still waiting on the old one end now (and
+        are retried there, exactly-once) instead of at their timeout."""
+        with self._lock:
+            stale = [conn for conn in self._connections if conn.address != address]
+        for conn in stale:
+            conn.close()
 
     def _connection(self, address: str) -> Connection:
         """This thread's connection to ``address`` (a new one when the primary moved)."""

@@ -13,6 +13,8 @@ import contextlib
 import functools
 import threading
 import time
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 from kvstore import errors
@@ -61,6 +63,7 @@ class PrimaryLocator:
         self._address = ""
         self._is_seed = False
         self._is_closed = False
+        self._moved_callbacks: list[weakref.WeakMethod[Callable[[str], None]]] = []
         self._stale = threading.Event()
         with contextlib.suppress(errors.KVError):
             self._read()  # the first look-up, before anyone asks
@@ -94,10 +97,27 @@ class PrimaryLocator:
             address, is_seed = meta.primary_address, False
         else:  # no kvstore metadata: the seed's rule
             address, is_seed = self._view.lowest_child_address(), True
-        is_changed = address != self._address
+        previous = self._address
         self._address, self._is_seed = address, is_seed
-        if is_changed:
+        if address != previous:
             self._bump()
+            if previous:
+                self._tell_moved(address)
+
+    def on_primary_moved(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(new_address)`` (a bound method, held weakly) when ZooKeeper names
+        another primary: a call still waiting on the old one (paused, cut off) can end now
+        instead of at its timeout."""
+        self._moved_callbacks.append(weakref.WeakMethod(callback))  # type: ignore[arg-type]
+
+    def _tell_moved(self, address: str) -> None:
+        alive = []
+        for reference in list(self._moved_callbacks):
+            callback = reference()
+            if callback is not None:
+                alive.append(reference)
+                callback(address)
+        self._moved_callbacks = alive
 
     @property
     def generation(self) -> int:
@@ -147,6 +167,14 @@ class KVClient:
         self._locator = locator
         self._config = config
         self._conn: Connection | None = None
+        locator.on_primary_moved(self._leave_old_primary)
+
+    def _leave_old_primary(self, address: str) -> None:
+        """ZooKeeper names a new primary: end a call still waiting on the old one (its
+        outcome becomes unknown) rather than let it run to its timeout."""
+        conn = self._conn
+        if conn is not None and conn.address != address:
+            conn.close()
 
     def get(self, key: str, retry_s: float = 0.0) -> str:
         result: str = self._call("get", (key,), retry_s)
