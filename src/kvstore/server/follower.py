@@ -129,10 +129,14 @@ class Follower:
         at the old addresses prove the old ones dead before their sessions expire)."""
         addresses = {m.name: m.address for m in members}
         timeout_ms, tls = self._node.config.probe_timeout_ms, self._node.peer_tls
-        return any(
+        if any(
             name in addresses and not is_dead(name, addresses[name], timeout_ms, tls)
             for name in meta.in_sync
-        )
+        ):
+            return True
+        # A primary whose session expired loses its znode until it re-registers under a new
+        # session (keeping its data): it still answers at its address as the named primary.
+        return self._is_primary_serving(meta)
 
     def _recover_or_give_up(self, meta: ClusterMeta, version: int, names: set[str]) -> None:
         """No member of the in-sync set is alive. Every acknowledged write is on the disk of
