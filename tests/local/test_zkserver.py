@@ -130,7 +130,7 @@ def test_restart_keeps_persistent_data_and_the_client_reconnects(
 
     assert own_zk_server.port == port
     assert own_zk_server.pid != pid
-    waited_s(lambda: KazooState.SUSPENDED in states and client.connected)
+    waited_s(lambda: KazooState.SUSPENDED in states and client.connected, CONNECT_WAIT_S)
     assert client.get(zk_path)[0] == b"durable"
 
 

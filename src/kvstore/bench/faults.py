@@ -23,6 +23,8 @@ from kvstore.bench.workload import BenchResult, Workload
 from kvstore.config import ClientConfig
 from kvstore.local.cluster import LocalCluster
 
+QUIET_END_S = 2.0
+
 
 @dataclass
 class Killer:
@@ -39,6 +41,8 @@ class Killer:
     max_kills: int = 1000
     seed: int | None = None
     origin_ns: int | None = None
+    # No kill in the last seconds of the run: the cluster gets time to recover before the end.
+    quiet_end_s: float = QUIET_END_S
     kills: list[tuple[float, str]] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -54,7 +58,7 @@ class Killer:
         origin = began if self.origin_ns is None else self.origin_ns / 1e9
         while len(self.kills) < self.max_kills:
             pause = rng.uniform(*self.interval_s)
-            if time.monotonic() + pause >= deadline or self._stop.wait(pause):
+            if time.monotonic() + pause >= deadline - self.quiet_end_s or self._stop.wait(pause):
                 return
             node = self.cluster.find(self.role)
             if node is None:
@@ -155,7 +159,7 @@ class Nemesis:
         origin = began if self.origin_ns is None else self.origin_ns / 1e9
         while len(self.faults) < 1000:
             pause = rng.uniform(*self.interval_s)
-            if time.monotonic() + pause >= deadline or self._stop.wait(pause):
+            if time.monotonic() + pause >= deadline - QUIET_END_S or self._stop.wait(pause):
                 return
             kind = rng.choice(kinds)
             at_s = time.monotonic() - origin
