@@ -132,9 +132,9 @@ class Nemesis:
     """Every ``interval_s`` ([low, high]) until ``seconds``, one fault drawn at random from
     ``kinds``: kill -9 of the primary or the backup (restarted at once), SIGSTOP of the
     primary for PAUSE_S, a ZooKeeper restart (when ``restart_zookeeper`` is given), a
-    hostile request to the primary. The primary is killed or paused only while a backup is in
-    sync. ``faults`` lists (seconds since ``origin_ns``, kind, address); only processes the
-    cluster started are signalled, by PID."""
+    hostile request to the primary. A node is killed or paused only while a primary serves
+    with an in-sync backup. ``faults`` lists (seconds since ``origin_ns``, kind, address);
+    only processes the cluster started are signalled, by PID."""
 
     cluster: LocalCluster
     interval_s: tuple[float, float]
@@ -174,10 +174,12 @@ class Nemesis:
             assert self.restart_zookeeper is not None
             self.restart_zookeeper()
             return ""
-        if kind in ("kill-primary", "pause-primary") and self.cluster.find("backup") is None:
-            # Within the failure model of two in-memory copies: the primary is hit only while
-            # a backup holds everything (killing it during a re-sync would lose the last copy:
-            # the nodes then rightly stop with DATA LOST and the run measures nothing more).
+        is_node_fault = kind in ("kill-primary", "kill-backup", "pause-primary")
+        if is_node_fault and not (self.cluster.find("primary") and self.cluster.find("backup")):
+            # Within the failure model of two in-memory copies: a node is hit only while a
+            # primary serves with an in-sync backup. Hitting the second copy while the first
+            # is down or re-syncing loses the last one: the nodes then rightly stop with
+            # DATA LOST, and the rest of the run measures nothing.
             return None
         node = self.cluster.find("backup" if kind == "kill-backup" else "primary")
         if node is None or node.pid is None:
