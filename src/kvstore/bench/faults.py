@@ -22,6 +22,7 @@ from kvstore.bench import load
 from kvstore.bench.workload import BenchResult, Workload
 from kvstore.config import ClientConfig
 from kvstore.local.cluster import LocalCluster
+from kvstore.local.zkserver import is_ok
 
 QUIET_END_S = 2.0
 
@@ -132,9 +133,10 @@ class Nemesis:
     """Every ``interval_s`` ([low, high]) until ``seconds``, one fault drawn at random from
     ``kinds``: kill -9 of the primary or the backup (restarted at once), SIGSTOP of the
     primary for PAUSE_S, a ZooKeeper restart (when ``restart_zookeeper`` is given), a
-    hostile request to the primary. A node is killed or paused only while a primary serves
-    with an in-sync backup. ``faults`` lists (seconds since ``origin_ns``, kind, address);
-    only processes the cluster started are signalled, by PID."""
+    hostile request to the primary. One fault at a time: each is injected only while
+    ZooKeeper answers and a primary serves with an in-sync backup. ``faults`` lists
+    (seconds since ``origin_ns``, kind, address); only processes the cluster started are
+    signalled, by PID."""
 
     cluster: LocalCluster
     interval_s: tuple[float, float]
@@ -174,12 +176,11 @@ class Nemesis:
             assert self.restart_zookeeper is not None
             self.restart_zookeeper()
             return ""
-        is_node_fault = kind in ("kill-primary", "kill-backup", "pause-primary")
-        if is_node_fault and not (self.cluster.find("primary") and self.cluster.find("backup")):
-            # Within the failure model of two in-memory copies: a node is hit only while a
-            # primary serves with an in-sync backup. Hitting the second copy while the first
-            # is down or re-syncing loses the last one: the nodes then rightly stop with
-            # DATA LOST, and the rest of the run measures nothing.
+        if not self._is_healthy():
+            # One fault at a time, within the failure model of two in-memory copies: hitting
+            # the second copy while the first is down or re-syncing, or a node while
+            # ZooKeeper is away (no failover possible, sessions expiring), can lose the last
+            # copy; the nodes then rightly stop with DATA LOST and the run measures nothing.
             return None
         node = self.cluster.find("backup" if kind == "kill-backup" else "primary")
         if node is None or node.pid is None:
@@ -198,6 +199,13 @@ class Nemesis:
         else:
             raise ValueError(f"unknown fault {kind!r} (expected one of {NEMESIS_FAULTS})")
         return node.address
+
+    def _is_healthy(self) -> bool:
+        """ZooKeeper answers, and a primary serves with an in-sync backup."""
+        host, _, port = self.cluster.zk_connect.split(",")[0].rpartition(":")
+        if not is_ok(host, int(port)):
+            return False
+        return bool(self.cluster.find("primary") and self.cluster.find("backup"))
 
     def join(self) -> None:
         self._stop.set()
