@@ -180,15 +180,7 @@ class Client:
         if not address:
             raise errors.UnavailableError("no primary registered in ZooKeeper")
         conn = self._connection(address)
-        try:
-            return conn.call(method, *args)
-        except errors.NotPrimaryError as exc:
-            self._locator.refresh()
-            self._locator.use_hint(exc.primary_address)
-            raise
-        except (errors.ConnectError, errors.UnavailableError):
-            self._locator.refresh()
-            raise
+        return self._locator.call_primary(conn, method, args)
 
     def _leave_old_primary(self, address: str) -> None:
         """ZooKeeper names a new primary: calls still waiting on the old one end now (and

@@ -148,6 +148,20 @@ class PrimaryLocator:
             self._address = address
             self._bump()
 
+    def call_primary(self, conn: Connection, method: str, args: tuple[Any, ...]) -> Any:
+        """Call ``method`` over ``conn`` (to the primary as last known). After a refusal or a
+        failed connect, re-read the primary in the background; a NotPrimary hint is used at
+        once. The error is raised as it came."""
+        try:
+            return conn.call(method, *args)
+        except errors.NotPrimaryError as exc:
+            self.refresh()
+            self.use_hint(exc.primary_address)
+            raise
+        except (errors.ConnectError, errors.UnavailableError):
+            self.refresh()
+            raise
+
     def wait_for_change(self, generation: int, timeout_s: float) -> None:
         """Wait (at most timeout_s) until ZooKeeper reports a change after ``generation``."""
         with self._changed:
@@ -208,15 +222,7 @@ class KVClient:
                 self._config.connect_timeout_ms,
                 tls=tls_context(self._config.tls),
             )
-        try:
-            return conn.call(method, *args)
-        except errors.NotPrimaryError as exc:
-            self._locator.refresh()
-            self._locator.use_hint(exc.primary_address)
-            raise
-        except (errors.ConnectError, errors.UnavailableError):
-            self._locator.refresh()
-            raise
+        return self._locator.call_primary(conn, method, args)
 
     def close(self) -> None:
         if self._conn is not None:
