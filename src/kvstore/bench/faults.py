@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 from kvstore.bench import load
 from kvstore.bench.workload import BenchResult, Workload
 from kvstore.config import ClientConfig
-from kvstore.local.cluster import LocalCluster
+from kvstore.local.cluster import LocalCluster, NodeProcess
 from kvstore.local.zkserver import is_ok
 
 QUIET_END_S = 2.0
+ROLE_POLL_S = 0.1
 
 
 @dataclass
@@ -61,12 +62,23 @@ class Killer:
             pause = rng.uniform(*self.interval_s)
             if time.monotonic() + pause >= deadline - self.quiet_end_s or self._stop.wait(pause):
                 return
-            node = self.cluster.find(self.role)
+            node = self._holder(deadline - self.quiet_end_s)
             if node is None:
-                continue  # nobody holds the role right now (failover in progress)
+                return
             node.kill()
             self.kills.append((time.monotonic() - origin, node.address))
             node.start()
+
+    def _holder(self, until: float) -> NodeProcess | None:
+        """The node holding the role, polled until ``until`` (a failover or re-sync may be
+        in progress); None if nobody holds it by then or the killer was stopped."""
+        while time.monotonic() < until:
+            node = self.cluster.find(self.role)
+            if node is not None:
+                return node
+            if self._stop.wait(ROLE_POLL_S):
+                return None
+        return None
 
     def join(self) -> None:
         self._stop.set()

@@ -246,7 +246,7 @@ class StorageNode:
             # Only this node writes its own name as primary: a CAS whose reply was lost.
             self.become_primary(meta.epoch, "the metadata names this node primary", "confirmed")
         if self.role == Role.PRIMARY:
-            self._evaluate_primary(meta)
+            self._evaluate_primary(meta, members)
         elif self.role == Role.BACKUP:
             self._follower.evaluate_backup(meta, version, members)
         else:
@@ -320,10 +320,10 @@ class StorageNode:
 
     # ----------------------------------------------------------------- primary role
 
-    def _evaluate_primary(self, meta: ClusterMeta) -> None:
+    def _evaluate_primary(self, meta: ClusterMeta, members: list[Member]) -> None:
         if meta.epoch != self.epoch or meta.primary != self.name:
             raise NodeExit(EXIT_RESTART, f"deposed: epoch {meta.epoch} primary is {meta.primary}")
-        self._remove_dead_backups()
+        self._remove_dead_backups(members)
 
     def _heartbeat_if_due(self) -> None:
         replicator = self._replicator
@@ -339,12 +339,22 @@ class StorageNode:
         except BackupFailedError as exc:
             self._drop_backup(replicator, f"heartbeat failed: {exc}")
 
-    def _remove_dead_backups(self) -> None:
-        while self._dead_backups:
-            member = self._dead_backups.pop()
+    def _remove_dead_backups(self, members: list[Member]) -> None:
+        """Remove the znodes of dropped backups once they are proven dead (a restarted node
+        answering at the address). Until then, and while their znodes last, ask again every
+        tick: a lingering znode keeps a replacement from being designated backup."""
+        names = {m.name for m in members}
+        pending, self._dead_backups = self._dead_backups, []  # drops may append meanwhile
+        waiting = []
+        for member in pending:
+            if member.name not in names:
+                continue  # its session ended: the znode is gone
             if is_dead(member.name, member.address, self.config.probe_timeout_ms, self.peer_tls):
                 log.info("backup %s (%s) is dead; removing its znode", member.name, member.address)
                 self.require_coordinator().remove_member(member.name)
+            else:
+                waiting.append(member)
+        self._dead_backups.extend(waiting)
 
     def replicate_put(self, key: str, value: str) -> None:
         """The primary's put: replicate, then apply, under the key's stripe write lock."""
