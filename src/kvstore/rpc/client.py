@@ -1,0 +1,243 @@
+"""Connections to a node: one request at a time, errors mapped to the kvstore tree."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import select
+import socket
+import ssl
+import struct
+import time
+from typing import Any
+
+from thriftpy2.protocol.cybin import TCyBinaryProtocol  # type: ignore[attr-defined]
+from thriftpy2.thrift import TApplicationException, TMessageType
+from thriftpy2.transport import TSocket, TTransportException
+from thriftpy2.transport.framed import TCyFramedTransport
+
+from kvstore import errors
+from kvstore.idl import KeyValueService
+
+log = logging.getLogger(__name__)
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"not a host:port address: {address!r}")
+    return host, int(port)
+
+
+# --------------------------------------------------------------------------- client
+
+
+class Connection:
+    """One connection to one node. Not thread-safe: one per thread, or per pool slot.
+
+    ``call`` raises :class:`errors.ConnectError` when nothing was sent, the node's
+    own KVError when it refused, and :class:`errors.ConnectionLostError` when the
+    outcome is unknown; after the last two kinds of transport failure the
+    connection is closed and the next call reconnects.
+
+    Reuse never writes into a connection the node closed while it was idle (which would
+    make the outcome unknown): a connection idle for REOPEN_AFTER_IDLE_S is replaced (nodes
+    close idle client connections only after DEFAULT_IDLE_TIMEOUT_S), and a reused one is
+    first checked for EOF; one made with ``is_checked_before_use=False`` is checked only
+    after CHECK_AFTER_IDLE_S of rest.
+
+    ``tls`` (a :func:`client_tls_context`): connect with mutual TLS; the handshake is part
+    of connecting (a failed one is a ConnectError), bounded by ``timeout_ms``. A node that
+    refuses this side's certificate says so only after the handshake (TLS 1.3), so the first
+    call then fails with ConnectionLostError.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        timeout_ms: int = 2000,
+        connect_timeout_ms: int = 500,
+        is_checked_before_use: bool = True,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        self.address = address
+        self._tls = tls
+        self._is_checked_before_use = is_checked_before_use
+        self._is_shut = False
+        self._host, self._port = parse_address(address)
+        self._timeout_ms = timeout_ms
+        self._connect_timeout_ms = connect_timeout_ms
+        self._socket: TSocket | None = None
+        self._poller: select.poll | None = None
+        self._client: Any = None  # the protocol object while connected
+        self._seqid = 0
+        self._used_at = 0.0
+
+    def open(self) -> None:
+        if self._is_shut:
+            raise errors.ConnectError(f"connection to {self.address} was shut")
+        try:
+            raw = socket.create_connection(
+                (self._host, self._port), timeout=self._connect_timeout_ms / 1000
+            )
+        except OSError as exc:
+            refused = isinstance(exc, ConnectionRefusedError)
+            raise errors.ConnectError(
+                f"cannot connect to {self.address}: {exc}", is_refused=refused
+            ) from None
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._tls is None:
+            _set_kernel_timeout(raw, self._timeout_ms)
+        else:
+            raw = self._secure(raw)
+        self._socket = TSocket(sock=raw)
+        self._poller = select.poll()
+        self._poller.register(raw, select.POLLIN | select.POLLPRI)
+        self._client = TCyBinaryProtocol(TCyFramedTransport(self._socket))
+
+    def _secure(self, raw: socket.socket) -> socket.socket:
+        """The TLS socket over ``raw`` (handshake done), or ConnectError: nothing was sent."""
+        assert self._tls is not None
+        raw.settimeout(self._timeout_ms / 1000)  # Python timeouts: the kernel's miss TLS reads
+        try:
+            return self._tls.wrap_socket(raw)
+        except OSError as exc:
+            raw.close()
+            raise errors.ConnectError(f"no TLS connection to {self.address}: {exc}") from None
+
+    def _is_dead(self) -> bool:
+        """True if an idle connection has something to read: the peer closed it (or broke it).
+
+        Checked before each reuse, so a request is never written into a connection the
+        server already closed (which would make its outcome needlessly unknown).
+        """
+        poller = self._poller
+        if poller is None:
+            return True
+        try:
+            return bool(poller.poll(0))
+        except OSError:
+            return True
+
+    def call(self, method: str, *args: Any) -> Any:
+        now = time.monotonic()
+        if self._client is not None and self._is_stale(now - self._used_at):
+            self.close()
+        if self._client is None:
+            self.open()
+        self._used_at = now
+        try:
+            return self._invoke(self._client, method, args)
+        except TApplicationException as exc:
+            raise _from_application_error(exc) from None
+        except errors.ProtocolError:
+            self.close()
+            raise
+        except (TTransportException, OSError, EOFError) as exc:
+            self.close()
+            raise errors.ConnectionLostError(f"{method} to {self.address}: {exc!r}") from None
+        except Exception as exc:  # undecodable reply
+            self.close()
+            raise errors.ProtocolError(f"{method} to {self.address}: {exc!r}") from None
+
+    def _is_stale(self, idle_s: float) -> bool:
+        if self._is_checked_before_use:
+            return idle_s >= REOPEN_AFTER_IDLE_S or self._is_dead()
+        return idle_s >= CHECK_AFTER_IDLE_S and self._is_dead()
+
+    def _invoke(self, proto: Any, method: str, args: tuple[Any, ...]) -> Any:
+        """One request/response exchange (what thriftpy2's TClient does, minus its lookups)."""
+        args_cls, result_cls, has_result = _CLIENT_METHODS[method]
+        self._seqid = seqid = (self._seqid + 1) & 0x7FFFFFFF
+        proto.write_message_begin(method, TMessageType.CALL, seqid)
+        args_cls(*args).write(proto)
+        proto.write_message_end()
+        proto.trans.flush()
+        _, message_type, reply_seqid = proto.read_message_begin()
+        if message_type == TMessageType.EXCEPTION:
+            exc = TApplicationException()
+            exc.read(proto)
+            proto.read_message_end()
+            if reply_seqid != seqid:  # sent before reading the request: the node is closing
+                self.close()
+            raise exc
+        result = result_cls()
+        result.read(proto)
+        proto.read_message_end()
+        if reply_seqid != seqid:
+            raise errors.ProtocolError(
+                f"{method}: reply {reply_seqid} does not match request {seqid}"
+            )
+        value = getattr(result, "success", None)
+        if has_result and value is None:
+            raise errors.ProtocolError(f"{method}: reply without a result")
+        return value
+
+    def shut(self) -> None:
+        """Close for good: later calls fail with ConnectError instead of reconnecting."""
+        self._is_shut = True
+        self.close()
+
+    def close(self) -> None:
+        """Close the socket. May be called from another thread to abort a call in progress."""
+        sock, self._socket, self._client, self._poller = self._socket, None, None, None
+        raw = sock.sock if sock is not None else None
+        if raw is not None:
+            with contextlib.suppress(OSError):
+                raw.shutdown(socket.SHUT_RDWR)
+            raw.close()
+
+
+# A node closes a client connection after DEFAULT_IDLE_TIMEOUT_S without a request.
+REOPEN_AFTER_IDLE_S = 120.0
+CHECK_AFTER_IDLE_S = 1.0
+
+
+def _set_kernel_timeout(sock: socket.socket, timeout_ms: int) -> None:
+    """Bound every send and receive in the kernel (SO_SNDTIMEO/SO_RCVTIMEO) on a blocking socket.
+
+    A Python-level timeout (settimeout) makes every send and receive poll() first: two more
+    system calls per request. A kernel timeout fails the call with EAGAIN instead, which
+    surfaces as an OSError like any other broken connection.
+    """
+    sock.settimeout(None)
+    seconds, remainder_ms = divmod(timeout_ms, 1000)
+    timeval = struct.pack("ll", seconds, remainder_ms * 1000)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+
+
+_CLIENT_METHODS: dict[str, tuple[Any, Any, bool]] = {
+    name: (
+        getattr(KeyValueService, f"{name}_args"),
+        getattr(KeyValueService, f"{name}_result"),
+        0 in getattr(KeyValueService, f"{name}_result").thrift_spec,
+    )
+    for name in KeyValueService.thrift_services
+}
+
+
+def _from_application_error(exc: TApplicationException) -> errors.KVError:
+    message = exc.message or ""
+    if exc.type == TApplicationException.UNKNOWN_METHOD:
+        return errors.ProtocolError(f"unknown method: {message}")
+    if exc.type == TApplicationException.INTERNAL_ERROR:
+        # The handler crashed before or after applying: the outcome is unknown.
+        return errors.ProtocolError(f"node internal error: {message}")
+    return errors.from_code(exc.type, message)
+
+
+def probe(address: str, timeout_ms: int, tls: ssl.SSLContext | None = None) -> Any | None:
+    """Ask a node for its status. None if nothing listens there (connection refused).
+
+    Raises ConnectionLostError / ConnectError on a timeout: the node may be alive but stuck.
+    """
+    conn = Connection(address, timeout_ms=timeout_ms, connect_timeout_ms=timeout_ms, tls=tls)
+    try:
+        return conn.call("status")
+    except errors.ConnectError as exc:
+        if exc.is_refused:
+            return None
+        raise
+    finally:
+        conn.close()

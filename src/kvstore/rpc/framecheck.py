@@ -1,0 +1,242 @@
+"""The request check: every frame is walked before thriftpy2 decodes it (see the package
+docstring); a malformed request is answered BAD_REQUEST or its connection closed."""
+
+from __future__ import annotations
+
+import logging
+import struct
+
+from thriftpy2.thrift import TMessageType, TType
+
+log = logging.getLogger(__name__)
+
+
+class MalformedFrameError(Exception):
+    """No request in the frame, or a frame out of bounds: the connection is closed unanswered."""
+
+
+class MalformedRequestError(Exception):
+    """A request whose header reads well but whose arguments are malformed.
+
+    The whole frame was read, so the node can answer it (BAD_REQUEST, with ``method`` and
+    ``seqid``) before it closes the connection.
+    """
+
+    def __init__(self, reason: str, method: str, seqid: int) -> None:
+        super().__init__(reason)
+        self.method = method
+        self.seqid = seqid
+
+
+class _ArgumentsError(Exception):
+    """Why the arguments of a request are malformed (becomes a MalformedRequestError)."""
+
+
+# --------------------------------------------------------------------------- request check
+
+MAX_NESTING = 32  # structs and containers within a request, its arguments struct included
+# Container elements in one request, all containers together. Decoding creates an object per
+# element (1.4 s of CPU, holding the GIL, for a 1 MB list of a million empty structs), so the
+# frame bound alone would let one 16 MiB request stall a node for over 20 s.
+MAX_ELEMENTS = 1 << 20
+
+_VERSION_1 = 0x80010000
+_HEADER = struct.Struct("!Ii")  # version | message type, method name length
+_I32 = struct.Struct("!i")
+_unpack_header = _HEADER.unpack_from
+_unpack_i32 = _I32.unpack_from
+_CALL_V1 = _VERSION_1 | TMessageType.CALL
+_T_STOP, _T_STRING, _T_STRUCT, _T_MAP, _T_SET, _T_LIST = 0, 11, 12, 13, 14, 15
+# Binary-protocol type ids: the width of the fixed-size types (bool, byte, double, i16, i32,
+# i64), and the fewest bytes any value of a type takes (string: its length; struct: its STOP;
+# map: key type, value type, count; set and list: element type, count). Every other id (0 STOP,
+# 1 VOID, 5, 7, 9, 16-255) is no data type: thriftpy2 "skips" a value of such a type without
+# consuming a byte, so a container of 2**31 of them held the GIL for seconds.
+_FIXED_WIDTHS = {2: 1, 3: 1, 4: 8, 6: 2, 8: 4, 10: 8}
+_WIDTH = tuple(_FIXED_WIDTHS.get(t, 0) for t in range(256))
+_LEAST_BYTES = tuple(
+    {**_FIXED_WIDTHS, _T_STRING: 4, _T_STRUCT: 1, _T_MAP: 6, _T_SET: 5, _T_LIST: 5}.get(t, 0)
+    for t in range(256)
+)
+
+
+def check_request(frame: bytes) -> None:
+    """Walk one framed binary-protocol request (length prefix included) without decoding it.
+
+    Raises MalformedFrameError if the frame holds no strict binary-protocol call, and
+    MalformedRequestError if its arguments are malformed: a type id that is no Thrift data
+    type, a negative length or count, a string or container that runs past the frame end
+    (every element of every type takes at least one byte, so a count larger than the bytes
+    left is refused before any walking), more than MAX_ELEMENTS container elements, nesting
+    deeper than MAX_NESTING, bytes after the message, or a message type other than CALL and
+    ONEWAY. A request that passes is exactly
+    what thriftpy2's decoder reads and skips, so decoding it ends at the frame end and every
+    loop of the decoder consumes input.
+
+    Tight, as it runs for every request: the arguments struct is walked inline.
+    """
+    try:
+        version, name_length = _unpack_header(frame, 4)
+    except struct.error:
+        raise MalformedFrameError("frame too short for a message header") from None
+    end = len(frame)
+    pos = 16 + name_length
+    if version != _CALL_V1 or name_length < 0 or pos > end:
+        _check_header(frame, version, name_length)
+    width = _WIDTH
+    budget: list[int] | None = None  # container elements still allowed (made when needed)
+    try:
+        while True:
+            field_type = frame[pos]
+            if field_type == _T_STRING:
+                length = _unpack_i32(frame, pos + 3)[0]
+                pos += 7 + length
+                if length < 0 or pos > end:
+                    raise _ArgumentsError(f"a string of {length} bytes at byte {pos - length - 7}")
+            elif width[field_type]:
+                pos += 3 + width[field_type]
+            elif field_type == _T_STOP:
+                break
+            elif field_type == _T_STRUCT:
+                budget = budget or [MAX_ELEMENTS]
+                pos = _skip_struct(frame, pos + 3, end, 2, budget)
+            else:
+                budget = budget or [MAX_ELEMENTS]
+                pos = _skip_value(frame, pos + 3, end, field_type, 1, budget)
+    except _ArgumentsError as exc:
+        raise _request_error(frame, name_length, str(exc)) from None
+    except (IndexError, struct.error):
+        raise _request_error(frame, name_length, "the arguments run past the frame end") from None
+    if pos + 1 != end:
+        raise _request_error(frame, name_length, f"{end - pos - 1} bytes after the arguments")
+
+
+def _check_header(frame: bytes, version: int, name_length: int) -> None:
+    """Raise unless the header is a well-formed ONEWAY one (the slow path of check_request)."""
+    if version & 0xFFFF0000 != _VERSION_1:
+        raise MalformedFrameError(f"no binary-protocol message (header {version:#010x})")
+    if name_length < 0 or 16 + name_length > len(frame):
+        raise MalformedFrameError(f"a method name of {name_length} bytes does not fit its frame")
+    if version & 0xFF != TMessageType.ONEWAY:
+        raise _request_error(frame, name_length, f"message type {version & 0xFF} is not a call")
+
+
+def _request_error(frame: bytes, name_length: int, reason: str) -> MalformedRequestError:
+    method = frame[12 : 12 + name_length].decode("utf-8", "replace")
+    return MalformedRequestError(reason, method, _unpack_i32(frame, 12 + name_length)[0])
+
+
+def _skip_struct(buf: bytes, pos: int, end: int, depth: int, budget: list[int]) -> int:
+    """The position after the struct at ``pos`` (check_request's loop, for nested structs)."""
+    if depth > MAX_NESTING:
+        raise _ArgumentsError(f"structs and containers nested deeper than {MAX_NESTING}")
+    width = _WIDTH
+    while True:
+        field_type = buf[pos]
+        if field_type == _T_STRING:
+            length = _unpack_i32(buf, pos + 3)[0]
+            pos += 7 + length
+            if length < 0 or pos > end:
+                raise _ArgumentsError(f"a string of {length} bytes at byte {pos - length - 7}")
+        elif width[field_type]:
+            pos += 3 + width[field_type]
+        elif field_type == _T_STOP:
+            return pos + 1
+        elif field_type == _T_STRUCT:
+            pos = _skip_struct(buf, pos + 3, end, depth + 1, budget)
+        else:
+            pos = _skip_value(buf, pos + 3, end, field_type, depth, budget)
+
+
+def _skip_value(
+    buf: bytes, pos: int, end: int, value_type: int, depth: int, budget: list[int]
+) -> int:
+    if value_type == _T_STRING:
+        length = _unpack_i32(buf, pos)[0]
+        if length < 0 or pos + 4 + length > end:
+            raise _ArgumentsError(f"a string of {length} bytes at byte {pos}")
+        return pos + 4 + length
+    if _WIDTH[value_type]:
+        return pos + _WIDTH[value_type]
+    if value_type == _T_STRUCT:
+        return _skip_struct(buf, pos, end, depth + 1, budget)
+    if value_type in (_T_LIST, _T_SET):
+        count = _unpack_i32(buf, pos + 1)[0]
+        return _skip_list(buf, pos + 5, end, buf[pos], count, depth + 1, budget)
+    if value_type == _T_MAP:
+        return _skip_map(buf, pos, end, depth + 1, budget)
+    raise _ArgumentsError(f"type id {value_type} at byte {pos - 3} is not a Thrift type")
+
+
+def _check_count(count: int, least: int, pos: int, end: int, depth: int, budget: list[int]) -> None:
+    if depth > MAX_NESTING:
+        raise _ArgumentsError(f"structs and containers nested deeper than {MAX_NESTING}")
+    if count < 0 or count * least > end - pos:
+        raise _ArgumentsError(
+            f"a container of {count} elements at byte {pos}: {end - pos} bytes left in the frame"
+        )
+    budget[0] -= count
+    if budget[0] < 0:
+        raise _ArgumentsError(f"more than {MAX_ELEMENTS} container elements in one request")
+
+
+def _skip_list(
+    buf: bytes, pos: int, end: int, element_type: int, count: int, depth: int, budget: list[int]
+) -> int:
+    """Skip a list's or set's ``count`` elements of ``element_type`` starting at ``pos``."""
+    least = _LEAST_BYTES[element_type]
+    if not least:
+        raise _ArgumentsError(f"a container of type id {element_type}, not a Thrift type")
+    _check_count(count, least, pos, end, depth, budget)
+    if element_type == _T_STRING:
+        for _ in range(count):
+            length = _unpack_i32(buf, pos)[0]
+            if length < 0:
+                raise _ArgumentsError(f"a string of {length} bytes at byte {pos}")
+            pos += 4 + length
+        if pos > end:
+            raise _ArgumentsError("a list of strings runs past the frame end")
+        return pos
+    if _WIDTH[element_type]:
+        return pos + count * least
+    if element_type == _T_STRUCT:
+        for _ in range(count):
+            pos = _skip_struct(buf, pos, end, depth + 1, budget)
+        return pos
+    for _ in range(count):
+        pos = _skip_value(buf, pos, end, element_type, depth, budget)
+    return pos
+
+
+def _skip_map(buf: bytes, pos: int, end: int, depth: int, budget: list[int]) -> int:
+    """Skip the map whose header (key type, value type, count) starts at ``pos``."""
+    key_type, value_type = buf[pos], buf[pos + 1]
+    count = _unpack_i32(buf, pos + 2)[0]
+    pos += 6
+    for element_type in (key_type, value_type):
+        if not _LEAST_BYTES[element_type]:
+            raise _ArgumentsError(f"a map of type id {element_type}, not a Thrift type")
+    least = _LEAST_BYTES[key_type] + _LEAST_BYTES[value_type]
+    _check_count(count, least, pos, end, depth, budget)
+    if _WIDTH[key_type] and _WIDTH[value_type]:
+        return pos + count * (_WIDTH[key_type] + _WIDTH[value_type])
+    for _ in range(count):
+        pos = _skip_value(buf, pos, end, key_type, depth, budget)
+        pos = _skip_value(buf, pos, end, value_type, depth, budget)
+    return pos
+
+
+def _exception_frame(method: str, seqid: int, code: int, message: str) -> bytes:
+    """A framed EXCEPTION message carrying a TApplicationException(type=code, message)."""
+    name = method.encode("utf-8", "replace")
+    text = message.encode("utf-8", "replace")
+    body = b"".join(
+        (
+            _HEADER.pack(_VERSION_1 | TMessageType.EXCEPTION, len(name)),
+            name,
+            struct.pack("!ibhi", seqid, TType.STRING, 1, len(text)),
+            text,
+            struct.pack("!bhib", TType.I32, 2, code, _T_STOP),
+        )
+    )
+    return _I32.pack(len(body)) + body

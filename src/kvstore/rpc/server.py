@@ -1,0 +1,516 @@
+"""The threaded Thrift server of a node: bounded frame reading, dispatch, connections."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import select
+import socket
+import ssl
+import struct
+import threading
+import time
+from collections.abc import Callable, Collection
+from typing import Any
+
+from thriftpy2.protocol.cybin import TCyBinaryProtocol  # type: ignore[attr-defined]
+from thriftpy2.thrift import TApplicationException, TMessageType, TType
+from thriftpy2.transport import TTransportException
+from thriftpy2.transport.framed import TCyFramedTransport
+
+from kvstore import errors
+from kvstore.idl import KeyValueService
+from kvstore.rpc.framecheck import (
+    _I32,
+    MalformedFrameError,
+    MalformedRequestError,
+    _exception_frame,
+    check_request,
+)
+from kvstore.rpc.tls import NODE_UNIT, _handshake, is_node_certificate
+
+log = logging.getLogger(__name__)
+
+
+class _IdleTimeoutError(Exception):
+    """No request arrived on a connection for its idle timeout."""
+
+
+# --------------------------------------------------------------------------- server
+
+
+class _FrameReader:
+    """Socket facade for TCyFramedTransport that receives whole frames, within bounds.
+
+    ``next_frame`` receives one complete frame (its length header included) before anything
+    decodes it: a header outside (0, max_frame_bytes] is refused before the body is read,
+    memory grows with the bytes received (never with what a header claims), the wait for a
+    frame's first byte is bounded by the idle timeout (none after ``never_idle_out``), and
+    the rest of the frame must arrive within ``frame_deadline_s`` of it. ``read`` then hands
+    out only that frame, so a message can never run on into the next frame. Timeouts are
+    kernel ones (SO_RCVTIMEO); the receive timeout changes only while a frame arrives in
+    pieces. A TLS socket (the kernel's timeouts do not bound a TLS read) has a Python one
+    instead (``settimeout``): the frame deadline bounds each of its receives and sends, and
+    the idle wait is a poll for the first byte of a request.
+    """
+
+    __slots__ = (
+        "_frame",
+        "_frame_deadline_s",
+        "_idle_timeout_s",
+        "_is_tls",
+        "_max_frame_bytes",
+        "_pending",
+        "_tls_poller",
+        "sock",
+    )
+
+    def __init__(
+        self, sock: socket.socket, max_frame_bytes: int, idle_timeout_s: float, deadline_s: float
+    ) -> None:
+        self.sock = sock
+        self._max_frame_bytes = max_frame_bytes
+        self._idle_timeout_s = idle_timeout_s
+        self._frame_deadline_s = deadline_s
+        self._pending = b""
+        self._frame = b""
+        self._is_tls = isinstance(sock, ssl.SSLSocket)
+        self._tls_poller: select.poll | None = None
+        if self._is_tls:
+            sock.settimeout(deadline_s)
+            self._tls_poller = select.poll()
+            self._tls_poller.register(sock, select.POLLIN)
+
+    def _wait_at_most(self, seconds: float) -> None:
+        """Bound each receive to ``seconds`` (> 0) while a frame arrives in pieces."""
+        if self._is_tls:
+            self.sock.settimeout(max(0.001, seconds))
+        else:
+            _set_receive_timeout(self.sock, seconds)
+
+    def _wait_as_usual(self) -> None:
+        if self._is_tls:
+            self.sock.settimeout(self._frame_deadline_s)
+        else:
+            _set_receive_timeout(self.sock, self._idle_timeout_s)
+
+    def never_idle_out(self) -> None:
+        self._idle_timeout_s = 0.0
+        self._wait_as_usual()
+
+    def next_frame(self) -> bytes:
+        pending = self._pending
+        deadline = 0.0
+        if not pending:
+            pending = self._receive_first()
+        if len(pending) < 4:
+            deadline = time.monotonic() + self._frame_deadline_s
+            pending = self._receive_until(pending, 4, deadline)
+        frame_size = _I32.unpack_from(pending)[0]
+        if not 0 < frame_size <= self._max_frame_bytes:
+            raise MalformedFrameError(f"frame of {frame_size} bytes refused")
+        total = 4 + frame_size
+        if len(pending) < total:
+            deadline = deadline or time.monotonic() + self._frame_deadline_s
+            pending = self._receive_until(pending, total, deadline)
+        if len(pending) == total:
+            self._frame, self._pending = pending, b""
+        else:
+            self._frame, self._pending = pending[:total], pending[total:]
+        return self._frame
+
+    def _receive_first(self) -> bytes:
+        sock = self.sock
+        if self._tls_poller is not None and not sock.pending():  # type: ignore[attr-defined]
+            idle_s = self._idle_timeout_s
+            if not self._tls_poller.poll(idle_s * 1000 if idle_s > 0 else None):
+                raise _IdleTimeoutError(f"no request for {idle_s:g} s")
+        try:
+            data = sock.recv(65536)
+        except (BlockingIOError, TimeoutError):
+            raise _IdleTimeoutError(f"no request for {self._idle_timeout_s:g} s") from None
+        if not data:
+            raise TTransportException(TTransportException.END_OF_FILE, "peer closed")
+        return data
+
+    def _receive_until(self, pending: bytes, size: int, deadline: float) -> bytes:
+        chunks, received, sock = [pending], len(pending), self.sock
+        try:
+            while received < size:
+                left_s = deadline - time.monotonic()
+                if left_s <= 0:
+                    raise MalformedFrameError(self._slow(received, size))
+                self._wait_at_most(left_s)
+                try:
+                    chunk = sock.recv(min(size - received, 1 << 18))
+                except (BlockingIOError, TimeoutError):
+                    raise MalformedFrameError(self._slow(received, size)) from None
+                if not chunk:
+                    raise TTransportException(TTransportException.END_OF_FILE, "peer closed")
+                chunks.append(chunk)
+                received += len(chunk)
+        finally:
+            self._wait_as_usual()
+        return b"".join(chunks)
+
+    def _slow(self, received: int, size: int) -> str:
+        return f"{received} of {size} frame bytes in {self._frame_deadline_s:g} s: too slow"
+
+    def read(self, size: int) -> bytes:
+        frame = self._frame
+        if len(frame) <= size:
+            if not frame:
+                raise MalformedFrameError("message runs past the end of its frame")
+            self._frame = b""
+            return frame
+        self._frame = frame[size:]
+        return frame[:size]
+
+    def write(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def flush(self) -> None:
+        pass
+
+    def is_open(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+def _set_receive_timeout(sock: socket.socket, seconds: float) -> None:
+    """SO_RCVTIMEO: 0 waits forever; anything else at least a millisecond."""
+    _set_timeval(sock, socket.SO_RCVTIMEO, seconds)
+
+
+def _set_timeval(sock: socket.socket, option: int, seconds: float) -> None:
+    micros = 0 if seconds <= 0 else max(1000, int(seconds * 1_000_000))
+    sock.setsockopt(socket.SOL_SOCKET, option, struct.pack("ll", *divmod(micros, 1_000_000)))
+
+
+class _Dispatcher:
+    """Calls the handler; maps KVError to a typed TApplicationException, bugs to INTERNAL_ERROR.
+
+    Does what thriftpy2's TProcessor does, with the per-method lookups done once.
+    ``process`` returns the method's name if it answered normally, else "". A peer that is
+    not a node (``is_node`` False) calling one of ``node_only`` gets FORBIDDEN; the handler
+    never sees the call.
+    """
+
+    def __init__(self, service: Any, handler: object, node_only: Collection[str] = ()) -> None:
+        unknown = set(node_only) - set(service.thrift_services)
+        if unknown:
+            raise ValueError(f"node-only methods not in the service: {sorted(unknown)}")
+        self._node_only = frozenset(node_only)
+        self._methods: dict[str, tuple[Any, Any, Any, tuple[str, ...]]] = {}
+        for name in service.thrift_services:
+            args_cls = getattr(service, f"{name}_args")
+            names = tuple(spec[1] for spec in args_cls.thrift_spec.values())
+            result_cls = getattr(service, f"{name}_result")
+            self._methods[name] = (args_cls, result_cls, getattr(handler, name), names)
+
+    def process(self, iprot: Any, oprot: Any, is_node: bool = True) -> str:
+        api, _, seqid = iprot.read_message_begin()
+        entry = self._methods.get(api)
+        if not is_node and api in self._node_only:
+            iprot.skip(TType.STRUCT)
+            iprot.read_message_end()
+            refusal = TApplicationException(
+                errors.ForbiddenError.code,
+                f"{api} is for nodes only: this peer's certificate is a client's "
+                f"(a node's has OU={NODE_UNIT})",
+            )
+            self._send(oprot, api, TMessageType.EXCEPTION, refusal, seqid)
+            return ""
+        if entry is None:
+            iprot.skip(TType.STRUCT)
+            iprot.read_message_end()
+            unknown = TApplicationException(
+                TApplicationException.UNKNOWN_METHOD, f"unknown method {api}"
+            )
+            self._send(oprot, api, TMessageType.EXCEPTION, unknown, seqid)
+            return ""
+        args_cls, result_cls, method, names = entry
+        args = args_cls()
+        args.read(iprot)
+        iprot.read_message_end()
+        try:
+            value = method(*[getattr(args, n) for n in names])
+        except errors.KVError as exc:
+            failure = TApplicationException(exc.code, str(exc))
+            self._send(oprot, api, TMessageType.EXCEPTION, failure, seqid)
+            return ""
+        except Exception as exc:
+            log.exception("handler %s failed", api)
+            failure = TApplicationException(TApplicationException.INTERNAL_ERROR, f"{api}: {exc}")
+            self._send(oprot, api, TMessageType.EXCEPTION, failure, seqid)
+            return ""
+        result = result_cls()
+        result.success = value
+        self._send(oprot, api, TMessageType.REPLY, result, seqid)
+        return str(api)
+
+    @staticmethod
+    def _send(oprot: Any, api: str, message_type: int, payload: Any, seqid: int) -> None:
+        oprot.write_message_begin(api, message_type, seqid)
+        payload.write(oprot)
+        oprot.write_message_end()
+        oprot.trans.flush()
+
+
+ConnectionHook = Callable[[bool], None]  # called with is_orderly: the peer closed with EOF
+
+DEFAULT_MAX_CONNECTIONS = 1024
+DEFAULT_IDLE_TIMEOUT_S = 300.0
+DEFAULT_FRAME_DEADLINE_S = 10.0
+# A connection on which this method succeeded is the primary's replication line: it is never
+# closed for being idle (a pooled one may rest while another carries the heartbeats, and the
+# primary reuses it unchecked: closing it would make the primary drop its backup).
+REPLICATION_METHOD = "replicate_batch"
+
+
+class RpcServer:
+    """Threaded framed/binary Thrift server for the KeyValueService.
+
+    Every request frame is received whole and checked by :func:`check_request` before it
+    is decoded. At most ``max_connections`` connections are served at once (so at most as
+    many threads); a connection beyond that gets an UNAVAILABLE "too many connections"
+    exception and is closed, and the accept loop carries on. A client connection idle for
+    ``idle_timeout_s`` is closed (a pooled client notices the close before reusing it);
+    the primary's replication connections are exempt. A frame must arrive whole within
+    ``frame_deadline_s`` of its first byte, and every send must progress within as long.
+
+    ``on_disconnect(is_orderly)`` (optional) is called in the connection's thread when it
+    ends, so a handler can keep per-connection state in a threading.local; ``is_orderly``
+    is True when the peer closed it in order (EOF), not by a reset or an error.
+
+    ``tls`` (a :func:`server_tls_context`): every connection must complete a mutual TLS
+    handshake, in its own thread, within ``frame_deadline_s``; a peer whose certificate is
+    not a node's may not call ``node_only_methods``. Without it every peer may call anything.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        handler: object,
+        max_frame_bytes: int,
+        on_disconnect: ConnectionHook | None = None,
+        *,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
+        frame_deadline_s: float = DEFAULT_FRAME_DEADLINE_S,
+        tls: ssl.SSLContext | None = None,
+        node_only_methods: Collection[str] = (),
+    ) -> None:
+        self.host = host
+        self.port = port
+        self._tls = tls
+        self._dispatcher = _Dispatcher(KeyValueService, handler, node_only_methods)
+        self._max_frame_bytes = max_frame_bytes
+        self._on_disconnect = on_disconnect
+        self._listener: socket.socket | None = None
+        self._connections: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._is_closed = False
+        self._refused_count = 0
+        self._refusal_logged_at = 0.0
+        self.set_connection_bounds(max_connections, idle_timeout_s, frame_deadline_s)
+
+    def set_connection_bounds(
+        self, max_connections: int, idle_timeout_s: float, frame_deadline_s: float
+    ) -> None:
+        """Bound connections, idle time and frame time (for connections accepted from now)."""
+        if max_connections < 1 or idle_timeout_s <= 0 or frame_deadline_s <= 0:
+            raise ValueError("connection bounds must be positive")
+        self._max_connections = max_connections
+        self._idle_timeout_s = idle_timeout_s
+        self._frame_deadline_s = frame_deadline_s
+        self._refusal = _exception_frame(
+            "",
+            0,
+            errors.UnavailableError.code,
+            f"too many connections: this node serves at most {max_connections}",
+        )
+
+    @property
+    def connection_count(self) -> int:
+        with self._lock:
+            return len(self._connections)
+
+    def bind(self) -> None:
+        """Bind and listen; raises OSError (EADDRINUSE) if another process holds the port."""
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            listener.bind((self.host, self.port))
+            listener.listen(256)
+        except OSError:
+            listener.close()
+            raise
+        self.port = listener.getsockname()[1]
+        self._listener = listener
+
+    def start(self) -> None:
+        if self._listener is None:
+            self.bind()
+        thread = threading.Thread(target=self._accept_loop, name="rpc-accept", daemon=True)
+        thread.start()
+
+    def _accept_loop(self) -> None:
+        listener = self._listener
+        assert listener is not None
+        while not self._is_closed:
+            try:
+                sock, peer = listener.accept()
+            except OSError as exc:
+                if self._is_closed:
+                    return
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.error("accept failed (%s); still serving existing connections", exc)
+                    threading.Event().wait(0.05)
+                continue
+            try:
+                self._admit(sock, f"{peer[0]}:{peer[1]}")
+            except Exception:  # one connection's failure must never end the accept loop
+                log.exception("could not serve a connection from %s:%s", *peer[:2])
+                with self._lock:
+                    self._connections.discard(sock)
+                with contextlib.suppress(OSError):
+                    sock.close()
+
+    def _admit(self, sock: socket.socket, peer: str) -> None:
+        with self._lock:
+            if self._is_closed:
+                sock.close()
+                return
+            is_admitted = len(self._connections) < self._max_connections
+            if is_admitted:
+                self._connections.add(sock)
+        if not is_admitted:
+            self._refuse(sock, peer)
+            return
+        # Under TLS the reader bounds receives itself (settimeout); a kernel receive timeout
+        # would still fire on the blocking socket of a replication line that never idles out.
+        idle_timeout_s = 0.0 if self._tls is not None else self._idle_timeout_s
+        _configure_connection(sock, idle_timeout_s, self._frame_deadline_s)
+        thread = threading.Thread(target=self._serve, args=(sock, peer), name="rpc-conn")
+        thread.daemon = True
+        thread.start()
+
+    def _refuse(self, sock: socket.socket, peer: str) -> None:
+        """Answer UNAVAILABLE without waiting on the peer, then close."""
+        try:
+            sock.setblocking(False)
+            sock.send(self._refusal)
+            # Closing over unread bytes would reset the line, which may discard the refusal.
+            with contextlib.suppress(OSError):
+                sock.recv(65536)
+        except OSError:
+            pass
+        finally:
+            sock.close()
+        self._refused_count += 1
+        now = time.monotonic()
+        if now - self._refusal_logged_at >= 1.0:
+            self._refusal_logged_at = now
+            log.warning(
+                "refused %d connection(s) (latest from %s): %d open, the limit",
+                self._refused_count,
+                peer,
+                self._max_connections,
+            )
+            self._refused_count = 0
+
+    def _secure(self, sock: socket.socket, peer: str) -> tuple[socket.socket, bool]:
+        """The TLS socket over ``sock`` once the handshake is done, and whether the peer
+        is a node. Raises OSError (ssl.SSLError, TimeoutError) if there is no handshake."""
+        assert self._tls is not None
+        tls = self._tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        with self._lock:  # wrapping detached ``sock``: close() must cut the TLS socket
+            self._connections.discard(sock)
+            self._connections.add(tls)
+        try:
+            _handshake(tls, self._frame_deadline_s)
+        except BaseException:
+            with self._lock:
+                self._connections.discard(tls)
+            tls.close()
+            raise
+        is_node = is_node_certificate(tls.getpeercert())
+        log.debug("TLS connection from %s (%s)", peer, "node" if is_node else "client")
+        return tls, is_node
+
+    def _serve(self, sock: socket.socket, peer: str) -> None:
+        is_node = True  # plaintext: every peer may call every method
+        if self._tls is not None:
+            try:
+                sock, is_node = self._secure(sock, peer)
+            except (OSError, ValueError) as exc:
+                log.warning("refused a connection from %s: no TLS handshake: %s", peer, exc)
+                with self._lock:
+                    self._connections.discard(sock)
+                sock.close()
+                return
+        reader = _FrameReader(
+            sock, self._max_frame_bytes, self._idle_timeout_s, self._frame_deadline_s
+        )
+        proto = TCyBinaryProtocol(TCyFramedTransport(reader))
+        process = self._dispatcher.process
+        is_replication_line = False
+        is_orderly = False
+        try:
+            while True:
+                check_request(reader.next_frame())
+                if process(proto, proto, is_node) == REPLICATION_METHOD and not is_replication_line:
+                    is_replication_line = True
+                    reader.never_idle_out()
+        except TTransportException as exc:
+            is_orderly = exc.type == TTransportException.END_OF_FILE
+        except ConnectionError:
+            pass
+        except _IdleTimeoutError as exc:
+            log.debug("closing the connection from %s: %s", peer, exc)
+        except MalformedRequestError as exc:
+            log.warning("refused a malformed %r request from %s: %s", exc.method, peer, exc)
+            reply = _exception_frame(
+                exc.method, exc.seqid, errors.BadRequestError.code, f"malformed request: {exc}"
+            )
+            with contextlib.suppress(OSError):
+                sock.sendall(reply)
+        except MalformedFrameError as exc:
+            log.warning("closing the connection from %s: %s", peer, exc)
+        except OSError:
+            pass
+        except Exception as exc:  # a request the decoder refused despite the check
+            log.warning("closing the connection from %s after a bad request: %r", peer, exc)
+        finally:
+            with self._lock:
+                self._connections.discard(sock)
+            reader.close()
+            if self._on_disconnect is not None:
+                self._on_disconnect(is_orderly)
+
+    def close(self) -> None:
+        """Stop accepting, then cut every open connection."""
+        with self._lock:
+            self._is_closed = True
+            connections = list(self._connections)
+        if self._listener is not None:
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)
+            self._listener.close()
+        for sock in connections:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+def _configure_connection(sock: socket.socket, idle_timeout_s: float, deadline_s: float) -> None:
+    """No Nagle delay, keepalive, and kernel timeouts: idle wait on receives, progress on sends."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    _set_receive_timeout(sock, idle_timeout_s)
+    _set_timeval(sock, socket.SO_SNDTIMEO, deadline_s)

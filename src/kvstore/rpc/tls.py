@@ -1,0 +1,68 @@
+"""Mutual TLS for the node service: contexts, the handshake, the role a certificate carries."""
+
+from __future__ import annotations
+
+import logging
+import select
+import ssl
+import time
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- TLS
+
+NODE_UNIT = "node"  # a certificate whose subject has OU=node is a node's; any other a client's
+
+
+def server_tls_context(cert_path: str, key_path: str, ca_path: str) -> ssl.SSLContext:
+    """A node's listening context: TLS 1.3, a client certificate from ``ca_path`` required."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.num_tickets = 0  # a ticket arriving after the handshake would look like an EOF
+    _require_mutual_tls(context, cert_path, key_path, ca_path)
+    return context
+
+
+def client_tls_context(cert_path: str, key_path: str, ca_path: str) -> ssl.SSLContext:
+    """A caller's context (clients, and nodes calling nodes): TLS 1.3, the peer's certificate
+    must come from ``ca_path``. No host name check: peers are addressed by IP:port."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    _require_mutual_tls(context, cert_path, key_path, ca_path)
+    return context
+
+
+def _require_mutual_tls(context: ssl.SSLContext, cert: str, key: str, ca: str) -> None:
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_cert_chain(cert, key)
+    context.load_verify_locations(ca)
+
+
+def is_node_certificate(cert: Any) -> bool:
+    """True if a verified peer certificate (``getpeercert()``) has OU=node in its subject."""
+    return any(
+        name == "organizationalUnitName" and value == NODE_UNIT
+        for rdn in (cert or {}).get("subject", ())
+        for name, value in rdn
+    )
+
+
+def _handshake(tls: ssl.SSLSocket, deadline_s: float) -> None:
+    """Complete a server-side handshake within ``deadline_s`` in all (not per receive)."""
+    deadline = time.monotonic() + deadline_s
+    tls.setblocking(False)
+    while True:
+        try:
+            tls.do_handshake()
+            return
+        except ssl.SSLWantReadError:
+            events = select.POLLIN
+        except ssl.SSLWantWriteError:
+            events = select.POLLOUT
+        left_s = deadline - time.monotonic()
+        poller = select.poll()
+        poller.register(tls, events)
+        if left_s <= 0 or not poller.poll(left_s * 1000):
+            raise TimeoutError(f"no TLS handshake within {deadline_s:g} s")
