@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +27,54 @@ from kvstore.config import ClientConfig
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    tls = tls_from(parser, args)
+    if not 0.0 <= args.write_ratio <= 1.0:
+        parser.error("--write-ratio must be within [0, 1]")
+    setup_logging("WARNING", is_quiet=True)
+    try:
+        workload = Workload(
+            args.threads,
+            args.seconds,
+            args.keyspace,
+            args.write_ratio,
+            args.value_bytes,
+            args.seed,
+            client=args.client,
+            delete_ratio=args.delete_ratio,
+            cas_ratio=args.cas_ratio,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+    config = ClientConfig(
+        args.zk_connect,
+        args.zk_path,
+        rpc_timeout_ms=args.rpc_timeout_ms,
+        zk_connect_timeout_s=min(10.0, args.seconds),
+        tls=tls,
+    )
+    try:
+        progress = maybe_progress(sys.stdout, args.seconds) if args.procs == 1 else None
+        try:
+            result = load.run(workload, config, procs=args.procs, progress=progress)
+        finally:
+            if progress is not None:
+                progress.done()
+    except errors.KVError as exc:
+        report_error("kv-client", exc)
+        return 1
+    for line in summary_lines(result):
+        print(line)
+    if args.log != "-":
+        is_replaced = Path(args.log).exists()
+        write_events(args.log, result.events)
+        replaced = ", replacing the previous one" if is_replaced else ""
+        print(f"Execution log: {args.log} ({len(result.events)} events{replaced})")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = new_parser(
         prog="kv-client",
         description="Load generator: THREADS threads do random gets and puts (50/50 by "
@@ -104,47 +153,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(no exactly-once)",
     )
     add_tls_arguments(parser, "the client's")
-    args = parser.parse_args(argv)
-    tls = tls_from(parser, args)
-    if not 0.0 <= args.write_ratio <= 1.0:
-        parser.error("--write-ratio must be within [0, 1]")
-    setup_logging("WARNING", is_quiet=True)
-    try:
-        workload = Workload(
-            args.threads,
-            args.seconds,
-            args.keyspace,
-            args.write_ratio,
-            args.value_bytes,
-            args.seed,
-            client=args.client,
-            delete_ratio=args.delete_ratio,
-            cas_ratio=args.cas_ratio,
-        )
-    except ValueError as exc:
-        parser.error(str(exc))
-    config = ClientConfig(
-        args.zk_connect,
-        args.zk_path,
-        rpc_timeout_ms=args.rpc_timeout_ms,
-        zk_connect_timeout_s=min(10.0, args.seconds),
-        tls=tls,
-    )
-    try:
-        progress = maybe_progress(sys.stdout, args.seconds) if args.procs == 1 else None
-        try:
-            result = load.run(workload, config, procs=args.procs, progress=progress)
-        finally:
-            if progress is not None:
-                progress.done()
-    except errors.KVError as exc:
-        report_error("kv-client", exc)
-        return 1
-    for line in summary_lines(result):
-        print(line)
-    if args.log != "-":
-        is_replaced = Path(args.log).exists()
-        write_events(args.log, result.events)
-        replaced = ", replacing the previous one" if is_replaced else ""
-        print(f"Execution log: {args.log} ({len(result.events)} events{replaced})")
-    return 0
+    return parser

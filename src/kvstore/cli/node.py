@@ -37,143 +37,7 @@ from kvstore.server.wal import FSYNC_MODES
 
 def main(argv: Sequence[str] | None = None) -> int:
     node_args = list(sys.argv[1:] if argv is None else argv)
-    parser = new_parser(
-        prog="kv-node",
-        description="Run a storage node: serve the key-value service on HOST:PORT and register "
-        "under PATH in ZooKeeper. The lowest registered node is the primary, the next the backup.",
-        epilog="exit status: 0 stopped (SIGTERM/SIGINT); 1 cannot serve (port taken, ZooKeeper "
-        "unreachable or refusing the credentials, damaged data directory); 2 bad arguments; "
-        "3 DATA LOST (no node holding a complete copy is alive; the message says how to start "
-        "over)",
-    )
-    parser.add_argument("host", metavar="HOST", help="address to serve on, e.g. 127.0.0.1")
-    parser.add_argument("port", metavar="PORT", type=int, help="TCP port to serve on")
-    add_cluster_arguments(parser, "parent znode, e.g. /kvstore")
-    parser.add_argument(
-        "--session-timeout",
-        type=positive_float,
-        default=10.0,
-        metavar="S",
-        help="ZooKeeper session timeout in seconds (default 10; failover does not wait for it)",
-    )
-    parser.add_argument(
-        "--lease",
-        type=positive_float,
-        default=1.0,
-        metavar="S",
-        help="read lease the backup grants the primary, seconds (default 1.0): how long a "
-        "backup waits before taking over from a primary it cannot prove dead",
-    )
-    parser.add_argument(
-        "--max-key-bytes",
-        type=positive_int,
-        default=1024,
-        metavar="N",
-        help="largest key accepted (default 1024)",
-    )
-    parser.add_argument(
-        "--max-value-bytes",
-        type=positive_int,
-        default=1024 * 1024,
-        metavar="N",
-        help="largest value accepted (default 1 MiB)",
-    )
-    bounds = Limits()
-    parser.add_argument(
-        "--max-connections",
-        type=positive_int,
-        default=bounds.max_connections,
-        metavar="N",
-        help=f"connections served at once (default {bounds.max_connections}); one more is "
-        "refused with UNAVAILABLE 'too many connections'",
-    )
-    parser.add_argument(
-        "--idle-timeout",
-        type=positive_float,
-        default=bounds.idle_timeout_s,
-        metavar="S",
-        help=f"close a client connection idle this long, seconds (default {bounds.idle_timeout_s:g}"
-        "; the primary's replication connections are exempt)",
-    )
-    parser.add_argument(
-        "--frame-deadline",
-        type=positive_float,
-        default=bounds.frame_deadline_s,
-        metavar="S",
-        help="a request must arrive whole within this many seconds of its first byte, and "
-        f"every reply must make progress as often (default {bounds.frame_deadline_s:g})",
-    )
-    parser.add_argument(
-        "--stripes",
-        type=positive_int,
-        default=256,
-        metavar="N",
-        help="number of lock stripes (default 256)",
-    )
-    parser.add_argument(
-        "--advertise",
-        type=_address,
-        default=None,
-        metavar="HOST:PORT",
-        help="the address other nodes and clients use to reach this node, registered in "
-        "ZooKeeper (default HOST:PORT; set it when binding 0.0.0.0 or behind NAT)",
-    )
-    parser.add_argument(
-        "--metrics-port",
-        type=int,
-        default=None,
-        metavar="PORT",
-        help="serve Prometheus metrics at http://HOST:PORT/metrics and a health check at "
-        "/healthz (200 while serving a role, 503 while starting or stopping); 0 picks a "
-        "free port (logged). Default: off (it costs a few µs per request)",
-    )
-    parser.add_argument(
-        "--data-dir",
-        metavar="DIR",
-        help="keep the store on disk in DIR (write-ahead log + snapshots): the node recovers "
-        "it after a restart, and the cluster survives losing every node at once. Without "
-        "it the store lives in memory only",
-    )
-    parser.add_argument(
-        "--fsync",
-        choices=FSYNC_MODES,
-        default="batch",
-        help="with --data-dir, when a write reaches the disk before it is acknowledged: "
-        "always (one fsync per write), batch (default: concurrent writes share one fsync; "
-        "no acknowledged write is lost), never (the OS decides: a machine crash may lose "
-        "acknowledged writes)",
-    )
-    parser.add_argument(
-        "--snapshot-every-mb",
-        type=positive_int,
-        default=64,
-        metavar="MB",
-        help="with --data-dir, snapshot and trim the log after this much log (default 64)",
-    )
-    add_zk_auth_arguments(parser)
-    add_tls_arguments(parser, "this node's (with OU=node: it may replicate to other nodes)")
-    parser.add_argument(
-        "--log-level",
-        default="INFO",
-        type=str.upper,
-        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
-        help="log verbosity (default INFO)",
-    )
-    parser.add_argument(
-        "--log-format",
-        choices=("text", "json"),
-        default="text",
-        help="text lines (default) or one JSON object per line, for log collectors",
-    )
-    parser.add_argument(
-        "--cpu",
-        type=cpu_list,
-        default=None,
-        metavar="LIST",
-        help="pin the node to these CPUs, e.g. 0 or 0,1 (default: not pinned). A "
-        "Python node runs on about one core anyway; pinning it saves the cross-core "
-        "GIL hand-offs between its threads",
-    )
+    parser = _parser()
     args = parser.parse_args(node_args)
     zk_auth = zk_auth_from(parser, args)
     setup_logging(args.log_level, log_format=args.log_format)
@@ -255,3 +119,169 @@ def _address(text: str) -> str:
     if host in ("0.0.0.0", "::"):
         raise argparse.ArgumentTypeError("advertise an address others can reach, not 0.0.0.0")
     return f"{host}:{port}"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = new_parser(
+        prog="kv-node",
+        description="Run a storage node: serve the key-value service on HOST:PORT and register "
+        "under PATH in ZooKeeper. The lowest registered node is the primary, the next the backup.",
+        epilog="exit status: 0 stopped (SIGTERM/SIGINT); 1 cannot serve (port taken, ZooKeeper "
+        "unreachable or refusing the credentials, damaged data directory); 2 bad arguments; "
+        "3 DATA LOST (no node holding a complete copy is alive; the message says how to start "
+        "over)",
+    )
+    parser.add_argument("host", metavar="HOST", help="address to serve on, e.g. 127.0.0.1")
+    parser.add_argument("port", metavar="PORT", type=int, help="TCP port to serve on")
+    add_cluster_arguments(parser, "parent znode, e.g. /kvstore")
+    _add_timing_arguments(parser)
+    _add_limit_arguments(parser)
+    _add_serving_arguments(parser)
+    _add_durability_arguments(parser)
+    add_zk_auth_arguments(parser)
+    add_tls_arguments(parser, "this node's (with OU=node: it may replicate to other nodes)")
+    _add_process_arguments(parser)
+    return parser
+
+
+def _add_timing_arguments(parser: argparse.ArgumentParser) -> None:
+    """ZooKeeper session and the read lease."""
+    parser.add_argument(
+        "--session-timeout",
+        type=positive_float,
+        default=10.0,
+        metavar="S",
+        help="ZooKeeper session timeout in seconds (default 10; failover does not wait for it)",
+    )
+    parser.add_argument(
+        "--lease",
+        type=positive_float,
+        default=1.0,
+        metavar="S",
+        help="read lease the backup grants the primary, seconds (default 1.0): how long a "
+        "backup waits before taking over from a primary it cannot prove dead",
+    )
+
+
+def _add_limit_arguments(parser: argparse.ArgumentParser) -> None:
+    """What a node accepts: sizes, connections, time; lock stripes."""
+    parser.add_argument(
+        "--max-key-bytes",
+        type=positive_int,
+        default=1024,
+        metavar="N",
+        help="largest key accepted (default 1024)",
+    )
+    parser.add_argument(
+        "--max-value-bytes",
+        type=positive_int,
+        default=1024 * 1024,
+        metavar="N",
+        help="largest value accepted (default 1 MiB)",
+    )
+    bounds = Limits()
+    parser.add_argument(
+        "--max-connections",
+        type=positive_int,
+        default=bounds.max_connections,
+        metavar="N",
+        help=f"connections served at once (default {bounds.max_connections}); one more is "
+        "refused with UNAVAILABLE 'too many connections'",
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=positive_float,
+        default=bounds.idle_timeout_s,
+        metavar="S",
+        help=f"close a client connection idle this long, seconds (default {bounds.idle_timeout_s:g}"
+        "; the primary's replication connections are exempt)",
+    )
+    parser.add_argument(
+        "--frame-deadline",
+        type=positive_float,
+        default=bounds.frame_deadline_s,
+        metavar="S",
+        help="a request must arrive whole within this many seconds of its first byte, and "
+        f"every reply must make progress as often (default {bounds.frame_deadline_s:g})",
+    )
+    parser.add_argument(
+        "--stripes",
+        type=positive_int,
+        default=256,
+        metavar="N",
+        help="number of lock stripes (default 256)",
+    )
+
+
+def _add_serving_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where others reach the node, and its metrics."""
+    parser.add_argument(
+        "--advertise",
+        type=_address,
+        default=None,
+        metavar="HOST:PORT",
+        help="the address other nodes and clients use to reach this node, registered in "
+        "ZooKeeper (default HOST:PORT; set it when binding 0.0.0.0 or behind NAT)",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics and a health check at "
+        "/healthz (200 while serving a role, 503 while starting or stopping); 0 picks a "
+        "free port (logged). Default: off (it costs a few µs per request)",
+    )
+
+
+def _add_durability_arguments(parser: argparse.ArgumentParser) -> None:
+    """The data directory."""
+    parser.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="keep the store on disk in DIR (write-ahead log + snapshots): the node recovers "
+        "it after a restart, and the cluster survives losing every node at once. Without "
+        "it the store lives in memory only",
+    )
+    parser.add_argument(
+        "--fsync",
+        choices=FSYNC_MODES,
+        default="batch",
+        help="with --data-dir, when a write reaches the disk before it is acknowledged: "
+        "always (one fsync per write), batch (default: concurrent writes share one fsync; "
+        "no acknowledged write is lost), never (the OS decides: a machine crash may lose "
+        "acknowledged writes)",
+    )
+    parser.add_argument(
+        "--snapshot-every-mb",
+        type=positive_int,
+        default=64,
+        metavar="MB",
+        help="with --data-dir, snapshot and trim the log after this much log (default 64)",
+    )
+
+
+def _add_process_arguments(parser: argparse.ArgumentParser) -> None:
+    """Logging and CPU placement."""
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="log verbosity (default INFO)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="text lines (default) or one JSON object per line, for log collectors",
+    )
+    parser.add_argument(
+        "--cpu",
+        type=cpu_list,
+        default=None,
+        metavar="LIST",
+        help="pin the node to these CPUs, e.g. 0 or 0,1 (default: not pinned). A "
+        "Python node runs on about one core anyway; pinning it saves the cross-core "
+        "GIL hand-offs between its threads",
+    )
