@@ -22,6 +22,8 @@ from thriftpy2.thrift import TApplicationException, TMessageType
 from thriftpy2.transport.memory import TCyMemoryBuffer
 
 from kvstore import errors, rpc
+from kvstore.rpc import client as rpc_client
+from kvstore.rpc import server as rpc_server
 
 BOUND_S = 5.0
 GET = encode_call("get", ("k",))
@@ -240,7 +242,7 @@ def test_a_failed_setsockopt_does_not_stop_the_accept_loop(
             raise failures.pop()
         configure(sock, idle_timeout_s, deadline_s)
 
-    monkeypatch.setattr(rpc, "_configure_connection", failing)
+    monkeypatch.setattr(rpc_server, "_configure_connection", failing)
     with serving() as server:
         with connect(server.port) as first:
             assert read_until_closed(first) == b""
@@ -253,7 +255,7 @@ def test_a_long_idle_pooled_connection_is_replaced_before_reuse(
     monkeypatch: pytest.MonkeyPatch, client_for: Callable[..., rpc.Connection]
 ) -> None:
     """Well before the node's idle timeout, so a request never races the node's close."""
-    monkeypatch.setattr(rpc, "REOPEN_AFTER_IDLE_S", 0.05)
+    monkeypatch.setattr(rpc_client, "REOPEN_AFTER_IDLE_S", 0.05)
     with serving() as server:
         pooled = client_for(server.port)
         assert pooled.call("get", "k") == "v"
