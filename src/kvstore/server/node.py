@@ -70,6 +70,8 @@ class StorageNode:
         self._session_lost_at: float | None = None
         self.node_id: str | None = None  # stable across restarts, with a data directory
         self.metrics = NodeMetrics(self._metrics_state)
+        # Per-request and per-batch observations cost a few µs each: only when scraped.
+        self._is_metered = config.metrics_port is not None
         self._metrics_server: MetricsServer | None = None
         self._in_sync_size = 0
         tls = config.tls
@@ -79,7 +81,7 @@ class StorageNode:
             self._open_data_dir(Path(config.data_dir))
         self._follower = Follower(self)
         handler = NodeHandler(self, config.limits)
-        if config.metrics_port is not None:
+        if self._is_metered:
             instrument(handler, list(KeyValueService.thrift_services), self.metrics)
         self.server = RpcServer(
             config.host,
@@ -95,7 +97,8 @@ class StorageNode:
 
     def _open_data_dir(self, directory: Path) -> None:
         """Load the store from its snapshot and log; from here on every mutation is logged."""
-        log_ = WriteAheadLog(directory, self.config.fsync, self.metrics.fsync_seconds.observe)
+        observe_fsync = self.metrics.fsync_seconds.observe if self._is_metered else None
+        log_ = WriteAheadLog(directory, self.config.fsync, observe_fsync)
         self.store.log = log_
         started = time.monotonic()
         records = self.store.recover()
@@ -508,7 +511,7 @@ class StorageNode:
                 join_id,
                 lease_s,
                 self.config.rpc_timeout_ms,
-                self._observe_batch,
+                self._observe_batch if self._is_metered else None,
                 self.peer_tls,
             )
         log.info("backup %s (%s) joining", backup_name, backup.address)
