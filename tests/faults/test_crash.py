@@ -93,29 +93,40 @@ def test_graceful_stops_under_load_stay_linearizable(cluster: LocalCluster, tmp_
     check_history(result, tmp_path)
 
 
-def test_paused_primary_under_load_stays_linearizable(cluster: LocalCluster, tmp_path) -> None:
-    """SIGSTOP the primary for 3 s: the backup must wait out the lease before taking over."""
+def run_with_paused_primary(cluster: LocalCluster, seed: int) -> BenchResult:
+    """8 s of load; 2 s in, SIGSTOP the primary for 3 s (always resumed, by PID)."""
     primary = cluster.find("primary")
     assert primary is not None and primary.pid is not None
-    config = ClientConfig(cluster.zk_connect, cluster.zk_path)
-    workload = Workload(THREADS, 8.0, 100, seed=7)
+    pid = primary.pid
 
     def pause_primary() -> None:
-        time.sleep(2.0)
-        os.kill(primary.pid, signal.SIGSTOP)
+        time.sleep(2.0)  # the fault's schedule, not a wait for readiness
+        os.kill(pid, signal.SIGSTOP)
         time.sleep(3.0)
-        os.kill(primary.pid, signal.SIGCONT)
+        os.kill(pid, signal.SIGCONT)
 
     pauser = threading.Thread(target=pause_primary, daemon=True)
     pauser.start()
     try:
-        result = load.run(workload, config)
+        return load.run(
+            Workload(THREADS, 8.0, 100, seed=seed),
+            ClientConfig(cluster.zk_connect, cluster.zk_path),
+        )
     finally:
         pauser.join(timeout=20)
-        os.kill(primary.pid, signal.SIGCONT)
+        os.kill(pid, signal.SIGCONT)
+
+
+def assert_ok_and_progress_after_the_pause(result: BenchResult, tmp_path) -> None:
     check_history(result, tmp_path)
     last_completion = max(t for t, is_response, *_ in result.events if is_response)
     assert last_completion > 6e9, "no progress after the pause"
+
+
+def test_paused_primary_under_load_stays_linearizable(cluster: LocalCluster, tmp_path) -> None:
+    """SIGSTOP the primary for 3 s: the backup must wait out the lease before taking over."""
+    result = run_with_paused_primary(cluster, seed=7)
+    assert_ok_and_progress_after_the_pause(result, tmp_path)
 
 
 def test_primary_paused_past_its_session_timeout_stays_linearizable(
@@ -129,27 +140,9 @@ def test_primary_paused_past_its_session_timeout_stays_linearizable(
     )
     try:
         cluster.start()
-        primary = cluster.find("primary")
-        assert primary is not None and primary.pid is not None
-        config = ClientConfig(cluster.zk_connect, cluster.zk_path)
-
-        def pause_primary() -> None:
-            time.sleep(2.0)
-            os.kill(primary.pid, signal.SIGSTOP)
-            time.sleep(3.0)
-            os.kill(primary.pid, signal.SIGCONT)
-
-        pauser = threading.Thread(target=pause_primary, daemon=True)
-        pauser.start()
-        try:
-            result = load.run(Workload(THREADS, 8.0, 100, seed=9), config)
-        finally:
-            pauser.join(timeout=20)
-            os.kill(primary.pid, signal.SIGCONT)
+        result = run_with_paused_primary(cluster, seed=9)
         cluster.wait_for("primary")
     finally:
         cluster.stop()
-    check_history(result, tmp_path)
-    last_completion = max(t for t, is_response, *_ in result.events if is_response)
-    assert last_completion > 6e9, "no progress after the pause"
+    assert_ok_and_progress_after_the_pause(result, tmp_path)
     print(f"paused past the session: longest gap {result.longest_gap_s * 1000:.0f} ms")
