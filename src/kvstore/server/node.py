@@ -513,6 +513,8 @@ class StorageNode:
                 self.config.rpc_timeout_ms,
                 self._observe_batch if self._is_metered else None,
                 self.peer_tls,
+                # the backup reads frames up to its own limit; ours is the same by default
+                self.config.limits.max_frame_bytes // 2,
             )
         log.info("backup %s (%s) joining", backup_name, backup.address)
         return self.store.stripe_count

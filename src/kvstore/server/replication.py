@@ -3,9 +3,11 @@
 Invariants:
 - The primary calls ``Replicator.replicate`` while holding the key's stripe write
   lock, so puts to one key reach the backup one at a time, in the order they are
-  applied on the primary. Puts to different keys replicate in parallel, each
-  calling thread on its own connection.
-- ``replicate`` returns only after the backup applied the entry (ack after apply).
+  applied on the primary. Puts to different keys travel together: writes that arrive
+  while a batch is on the wire are gathered into the next one (group commit), which
+  one of their threads sends when the line is free. At most one batch is in flight.
+- ``replicate`` returns only after the backup applied the entry (ack after apply):
+  the batch holding it came back.
 - Once a send fails the replicator is broken for good; every later caller gets
   :class:`BackupFailedError`. The primary must then drop the backup
   from the in-sync set (by CAS in ZooKeeper) before it acknowledges anything.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -26,19 +29,44 @@ from kvstore.coordination import Member
 from kvstore.rpc import Connection
 
 LEASE_SAFETY = 0.8  # the primary uses only this fraction of the lease it was granted
+MAX_BATCH_ENTRIES = 4096
+DEFAULT_MAX_BATCH_BYTES = 8 << 20
 
 
 class BackupFailedError(Exception):
     """Replication to the backup failed; the backup must be dropped from the in-sync set."""
 
 
+class _Batch:
+    """Writes that travel to the backup in one ``replicate_batch``.
+
+    The thread that opened it sends it: at once if the line is free, else when
+    ``turn`` is set (the batch before it came back). The others wait on ``done``.
+    """
+
+    __slots__ = ("changes", "done", "error", "keys", "size", "turn", "values")
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+        self.values: list[str] = []
+        self.changes: list[object] = []
+        self.size = 0  # an upper bound of its encoded bytes
+        self.error: BackupFailedError | None = None
+        self.turn = threading.Event()
+        self.done = threading.Event()
+
+
 class Replicator:
     """The primary's line to one backup, for one join of that backup.
 
-    Threads replicate in parallel, each on a connection checked out of a small pool
-    (as many connections as puts were ever in flight at once). Every batch carries
-    the epoch and the backup's join id, so the backup refuses anything sent for an
-    earlier join. After ``close`` or any failure nothing more is sent.
+    Writes are batched (group commit): a thread that finds the line free sends its
+    write at once; writes arriving meanwhile gather in the next batch, whose first
+    thread sends it when the line frees up, and the others wait for its reply. So the
+    backup handles one request per round trip, however many threads write. A batch
+    closes at ``max_batch_bytes`` (kept under the backup's frame limit) or
+    MAX_BATCH_ENTRIES. Heartbeats go on a pooled connection of their own. Every batch
+    carries the epoch and the backup's join id, so the backup refuses anything sent
+    for an earlier join. After ``close`` or any failure nothing more is sent.
     """
 
     def __init__(
@@ -50,6 +78,7 @@ class Replicator:
         rpc_timeout_ms: int,
         observe: Callable[[float, int], None] | None = None,
         tls: Any = None,  # the node's client TLS context (rpc.client_tls_context), if any
+        max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
     ) -> None:
         self._tls = tls
         self._observe = observe  # (seconds, entries) of each batch that went through
@@ -65,6 +94,9 @@ class Replicator:
         self._idle: list[Connection] = []
         self._all: list[Connection] = []
         self._lock = threading.Lock()
+        self._max_batch_bytes = max_batch_bytes
+        self._queue: deque[_Batch] = deque()  # waiting to be sent, oldest first
+        self._is_line_busy = False  # a batch is on the wire
 
     @property
     def has_lease(self) -> bool:
@@ -72,19 +104,74 @@ class Replicator:
 
     def replicate(self, key: str, value: str) -> None:
         """Return once the backup applied ``key = value``; raise BackupFailedError otherwise."""
-        self._send([key], [value])
+        self._replicate(key, value, None, len(key) + len(value))
 
-    def replicate_change(self, change: object) -> None:
+    def replicate_change(self, change: Any) -> None:
         """Like ``replicate`` for one Change (a delete, or a write with its exactly-once record)."""
-        self._send([], [], [change])
+        size = len(change.key) + len(change.value or "") + len(change.client_id or "")
+        self._replicate(None, None, change, size)
+
+    def _replicate(
+        self, key: str | None, value: str | None, change: object | None, chars: int
+    ) -> None:
+        size = 4 * chars + 64  # UTF-8 takes at most 4 bytes a character; field headers
+        with self._lock:
+            if self.is_broken:
+                raise BackupFailedError(f"replication to {self.backup.address} already failed")
+            queue = self._queue
+            batch = queue[-1] if queue else None
+            is_opener = (
+                batch is None
+                or batch.size + size > self._max_batch_bytes
+                or len(batch.keys) + len(batch.changes) >= MAX_BATCH_ENTRIES
+            )
+            if is_opener:
+                batch = _Batch()
+                queue.append(batch)
+            assert batch is not None
+            if change is None:
+                batch.keys.append(key)  # type: ignore[arg-type]
+                batch.values.append(value)  # type: ignore[arg-type]
+            else:
+                batch.changes.append(change)
+            batch.size += size
+            is_line_free = is_opener and not self._is_line_busy
+            if is_line_free:  # then the queue held nothing else
+                self._is_line_busy = True
+                queue.popleft()
+        if is_opener:
+            if not is_line_free:
+                batch.turn.wait()  # the sender before dequeued it for us
+            self._send_batch(batch)
+        else:
+            batch.done.wait()
+        if batch.error is not None:
+            raise batch.error
+
+    def _send_batch(self, batch: _Batch) -> None:
+        """Send ``batch`` (the line is ours), wake its threads, pass the line on."""
+        try:
+            self._send(batch.keys, batch.values, batch.changes or None)
+        except BackupFailedError as exc:
+            batch.error = exc
+        except BaseException as exc:  # never leave the batch's threads waiting
+            batch.error = BackupFailedError(f"replication to {self.backup.address}: {exc!r}")
+            self.close()
+            raise
+        finally:
+            batch.done.set()
+            with self._lock:  # invariant: the line is free only while the queue is empty
+                following = self._queue.popleft() if self._queue else None
+                self._is_line_busy = following is not None
+            if following is not None:
+                following.turn.set()
 
     def heartbeat(self) -> None:
-        """Send an empty batch: renews the lease, detects a dead backup."""
+        """Send an empty batch on a connection of its own: renews the lease, detects a dead
+        backup."""
         self._send([], [])
 
-    def _send(
-        self, keys: list[str], values: list[str], changes: list[object] | None = None
-    ) -> None:
+    def _send(self, keys: list[str], values: list[str], changes: list[Any] | None = None) -> None:
         conn = self._checkout()
         started = time.monotonic()
         try:
