@@ -66,19 +66,22 @@ def test_clear_empties_every_stripe() -> None:
     assert store.snapshot() == {}
 
 
-def test_stripe_write_lock_excludes_readers_of_that_stripe() -> None:
+def test_a_write_in_flight_is_invisible_to_readers_who_do_not_wait_but_snapshots_do() -> None:
     store = StripedStore(1)  # one stripe: every key shares the lock
     store.put("k", "old")
     lock, shard = store.stripe_for_write("k")
-    seen: list[str | None] = []
-    with lock:
-        reader = threading.Thread(target=lambda: seen.append(store.get("k")))
-        reader.start()
-        reader.join(timeout=0.2)
-        assert reader.is_alive(), "a reader got past the write lock"
-        shard["k"] = "new"
-    reader.join(timeout=5)
-    assert seen == ["new"]
+    copies: list[dict[str, str]] = []
+    with lock:  # a writer replicating and logging: nothing published yet
+        assert store.get("k") == "old"
+        assert store.get_many(["k", "x"]) == {"k": "old"}
+        copier = threading.Thread(target=lambda: copies.append(store.snapshot()))
+        copier.start()
+        copier.join(timeout=0.2)
+        assert copier.is_alive(), "a snapshot copied a stripe while its writer held it"
+        shard["k"] = "new"  # published
+        assert store.get("k") == "new"
+    copier.join(timeout=5)
+    assert copies == [{"k": "new"}]
 
 
 def test_concurrent_writers_lose_nothing() -> None:

@@ -360,7 +360,8 @@ class StorageNode:
         self._dead_backups.extend(waiting)
 
     def replicate_put(self, key: str, value: str) -> None:
-        """The primary's put: replicate, then apply, under the key's stripe write lock."""
+        """The primary's put: replicate, log, then apply, under the key's stripe lock
+        (readers take none: a value reaches the shard only once it is safe to read)."""
         lock, shard = self.store.stripe_for_write(key)
         with lock:
             replicator = self._replicator
@@ -373,8 +374,10 @@ class StorageNode:
                 raise errors.ReplicationFailedError(
                     "node stopped while replicating; outcome unknown"
                 )
-            shard[key] = value
-            self.store.wait_durable(self.store.log_write(key, value))
+            try:
+                self.store.wait_durable(self.store.log_write(key, value))
+            finally:  # even if the sync failed: the backup holds it
+                shard[key] = value
 
     def write(
         self,
@@ -405,15 +408,16 @@ class StorageNode:
                 return False
             client_id, seq, acked_below = request if request is not None else (None, 0, 0)
             self._replicate(Change(key, value, client_id, seq, True, acked_below))
-            if value is None:
-                del shard[key]
-            else:
-                shard[key] = value
             record = None if client_id is None else (client_id, seq, acked_below)
-            position = self.store.log_write(key, value, record)
-            if client_id is not None:
-                sessions.record(key, client_id, seq, True, acked_below)
-            self.store.wait_durable(position)
+            try:  # published last: readers take no lock (see storage)
+                self.store.wait_durable(self.store.log_write(key, value, record))
+            finally:  # even if the sync failed: the backup holds it
+                if value is None:
+                    del shard[key]
+                else:
+                    shard[key] = value
+                if client_id is not None:
+                    sessions.record(key, client_id, seq, True, acked_below)
             return True
 
     def _replicate(self, change: object) -> None:
@@ -445,9 +449,10 @@ class StorageNode:
     def confirm_read(self) -> None:
         """Vouch for what this node read a moment ago, or raise.
 
-        Checked *after* reading: the read may have waited on a stripe lock past the end
-        of the lease. A lease still valid now was valid then; otherwise a heartbeat the
-        backup accepts now proves it had not taken over (and accepted writes) by then.
+        Checked *after* reading: the thread may have been held up between the lookup and
+        here, past the end of the lease. A lease still valid now was valid then; otherwise
+        a heartbeat the backup accepts now proves it had not taken over (and accepted
+        writes) by then.
         """
         replicator = self._replicator
         if replicator is not None and replicator.is_in_sync and not replicator.has_lease:

@@ -1,13 +1,18 @@
-"""The in-memory map and its striped reader-writer locks. No network, no ZooKeeper.
+"""The in-memory map and its striped locks. No network, no ZooKeeper.
 
-Keys are spread over ``stripe_count`` shards, each a dict guarded by its own
-reader-writer lock (readerwriterlock's fair lock). Readers of one stripe run
-together; a writer has the stripe alone. The primary keeps a stripe's write lock
-while a put is being replicated, so no reader sees a value before the backup has
-applied it.
+Keys are spread over ``stripe_count`` shards, each a dict guarded by its own lock
+for writers. The primary keeps a stripe's lock while a write is being replicated
+and logged, so writes to one key reach the backup and the log in the order they are
+applied.
 
-A snapshot is taken stripe by stripe under each stripe's read lock; it is a
-consistent copy of every stripe at the moment that stripe was copied.
+Readers take no lock. Invariant: the primary puts a value into its shard only once
+the backup has applied it and the log holds it durably (``replicate_put`` and
+``write`` in the node), so whatever a reader finds is already safe to return, and a
+dict lookup is atomic (the GIL). The seed's reader-writer lock made a get wait
+for a put in flight on its stripe; with the value published last it need not.
+
+A snapshot is taken stripe by stripe under each stripe's lock; it is a consistent
+copy of every stripe at the moment that stripe was copied.
 
 Each stripe also holds the exactly-once records of the writes to its keys
 (:class:`~kvstore.server.sessions.SessionTable`), changed under the same lock.
@@ -18,11 +23,10 @@ a key deleted by a forwarded change is not brought back by an older snapshot cop
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
-
-from readerwriterlock import rwlock
 
 from kvstore.server import wal
 from kvstore.server.sessions import SessionTable
@@ -37,14 +41,11 @@ class StripedStore:
         self.sessions = [SessionTable() for _ in range(stripe_count)]
         self._tombstones: list[set[str]] | None = None
         self.log: wal.WriteAheadLog | None = None  # set by a node with a data directory
-        locks = [rwlock.RWLockFair() for _ in range(stripe_count)]
-        self._read_locks = [lock.gen_rlock() for lock in locks]
-        self._write_locks = [lock.gen_wlock() for lock in locks]
+        self._write_locks = [threading.Lock() for _ in range(stripe_count)]
 
     def get(self, key: str) -> str | None:
-        i = hash(key) % self.stripe_count
-        with self._read_locks[i]:
-            return self._shards[i].get(key)
+        """No lock: see the module's invariant."""
+        return self._shards[hash(key) % self.stripe_count].get(key)
 
     def put(self, key: str, value: str) -> int:
         """Set ``key``; returns the log position to wait for (0 without a log)."""
@@ -135,10 +136,11 @@ class StripedStore:
         return self.sessions[hash(key) % self.stripe_count]
 
     def get_many(self, keys: list[str]) -> dict[str, str]:
-        """The present keys among ``keys`` with their values (each read under its stripe lock)."""
+        """The present keys among ``keys`` with their values."""
         found: dict[str, str] = {}
+        shards, stripe_count = self._shards, self.stripe_count
         for key in keys:
-            value = self.get(key)
+            value = shards[hash(key) % stripe_count].get(key)
             if value is not None:
                 found[key] = value
         return found
@@ -169,7 +171,7 @@ class StripedStore:
         size = 0
         i = first
         while i < self.stripe_count and len(keys) < max_entries and size < max_bytes:
-            with self._read_locks[i]:
+            with self._write_locks[i]:
                 shard = self._shards[i]
                 keys.extend(shard.keys())
                 values.extend(shard.values())
@@ -181,7 +183,7 @@ class StripedStore:
     def snapshot(self) -> dict[str, str]:
         result: dict[str, str] = {}
         for i, shard in enumerate(self._shards):
-            with self._read_locks[i]:
+            with self._write_locks[i]:
                 result.update(shard)
         return result
 
@@ -222,7 +224,7 @@ class StripedStore:
 
     def _snapshot_records(self) -> Iterator[bytes]:
         for i in range(self.stripe_count):
-            with self._read_locks[i]:
+            with self._write_locks[i]:
                 items = list(self._shards[i].items())
                 records = list(self.sessions[i].items())
             for key, value in items:
