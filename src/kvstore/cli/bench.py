@@ -61,7 +61,7 @@ workload against it, checks the merged history for linearizability and prints on
 throughput, latency p50/p99/p99.9 (HDR histogram), the longest gap between successful
 responses, failures, writes with unknown outcome, kills, the checker's verdict, and the CPU
 used (in cores) by the client, the primary, the backup and the whole machine. On a terminal a
-progress line (ops/s, failures, elapsed) shows while a configuration runs.
+progress line (ops/s, failures, elapsed) shows while a configuration runs (with --procs 1).
 
 Beside the JSON results (DIR/<time>/results.json, never overwritten) it writes each run's
 HDR latency histogram (histograms/<run>.hdr: HdrHistogram's encoded form; <run>.hgrm: the
