@@ -86,7 +86,7 @@ def latency(path: Path, histograms: Mapping[str, HdrHistogram]) -> None:
     axes.set_ylabel("latency, ms")
     axes.set_title("latency by percentile (HDR histograms)", fontsize=9)
     axes.grid(alpha=0.3, which="both")
-    axes.legend(fontsize=7, loc="upper left")
+    axes.legend(fontsize=7, loc="lower right")
     figure.savefig(path)
 
 
