@@ -11,6 +11,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from kvstore.bench.workload import ThreadResult, Workload, _worker
 from kvstore.local.cluster import LocalCluster
 
@@ -30,13 +32,14 @@ def _client(cluster: LocalCluster, *args: str) -> str:
     return done.stdout
 
 
+@pytest.mark.parametrize("procs", [1, 2])
 def test_rate_keeps_the_achieved_rate_near_the_target(
-    cluster: LocalCluster, tmp_path: Path
+    cluster: LocalCluster, tmp_path: Path, procs: int
 ) -> None:
-    target = 600
+    target = 600  # with 2 processes: 400 ops/s for the one with 2 threads, 200 for the other
     out = _client(
         cluster, "3", str(SECONDS), "100", "--rate", str(target), "--dist", "zipfian",
-        "--log", str(tmp_path / "execution.log"),
+        "--procs", str(procs), "--log", str(tmp_path / "execution.log"),
     )  # fmt: skip
     match = re.search(r"Successful operations: (\d+) in ([\d.]+) s", out)
     assert match, out
