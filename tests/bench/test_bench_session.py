@@ -4,13 +4,10 @@ histograms and the plots beside it, and an open-loop rate that holds."""
 from __future__ import annotations
 
 import json
-import os
-import pty
 import re
-import select
 import subprocess
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,38 +16,11 @@ from hdrh.histogram import HdrHistogram
 SECONDS = 3
 RATE = 400
 TIMEOUT_S = 120
-PROGRESS = re.compile(r"\r +[\d.]+/3 s +[\d,]+ ops +[\d,]+ ops/s +[\d,]+ failed")
+PROGRESS = re.compile(r"\r\[1/1\] +[\d.]+/3 s +[\d,]+ ops +[\d,]+ ops/s +[\d,]+ failed")
 BENCH_ARGS = (
     "--threads", "2", "--keyspace", "100", "--mix", "50/50", "--value-bytes", "10",
     "--faults", "none", "--seconds", str(SECONDS),
 )  # fmt: skip
-
-
-def _on_a_terminal(args: list[str]) -> tuple[int, str]:
-    """Run ``args`` with stdout and stderr on a pseudo-terminal; exit code and output."""
-    master, slave = pty.openpty()
-    process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
-    os.close(slave)
-    chunks = []
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([master], [], [], 1.0)
-            if not ready:
-                continue
-            try:
-                data = os.read(master, 65536)
-            except OSError:  # EIO: every writer of the terminal is gone
-                break
-            if not data:
-                break
-            chunks.append(data)
-        return process.wait(timeout=30), b"".join(chunks).decode(errors="replace")
-    finally:
-        os.close(master)
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=30)
 
 
 def _result_dir(output: str) -> Path:
@@ -59,11 +29,14 @@ def _result_dir(output: str) -> Path:
     return Path(match.group(1)).parent
 
 
-def test_on_a_terminal_progress_histograms_plots_and_the_rate(tmp_path: Path) -> None:
+def test_on_a_terminal_progress_histograms_plots_and_the_rate(
+    tmp_path: Path, on_a_terminal: Callable[[list[str], float], tuple[int, str]]
+) -> None:
     pytest.importorskip("matplotlib")
-    code, output = _on_a_terminal(
+    code, output = on_a_terminal(
         [sys.executable, "-m", "kvstore", "bench", *BENCH_ARGS, "--dist", "zipfian",
-         "--rate", str(RATE), "--workdir", str(tmp_path)]
+         "--rate", str(RATE), "--workdir", str(tmp_path)],
+        TIMEOUT_S,
     )  # fmt: skip
     assert code == 0, output
     assert PROGRESS.search(output), output

@@ -115,8 +115,10 @@ class Session:
             )
         self.out(header())
         for round_number in range(self.repeat):  # rounds, so slow spells hit every configuration
-            for scenario in scenarios:
-                row = self._run_one(zk_connect, zk_pid, scenario)
+            for index, scenario in enumerate(scenarios):
+                step = round_number * len(scenarios) + index + 1
+                label = f"[{step}/{len(scenarios) * self.repeat}]"
+                row = self._run_one(zk_connect, zk_pid, scenario, label)
                 row["round"] = round_number
                 self.report["rows"].append(row)
                 artifacts.add_run(row)
@@ -127,10 +129,12 @@ class Session:
         for line in summarize(self.report["rows"]):
             self.out(line)
 
-    def _run_one(self, zk_connect: str, zk_pid: int | None, scenario: Scenario) -> dict[str, Any]:
+    def _run_one(
+        self, zk_connect: str, zk_pid: int | None, scenario: Scenario, label: str
+    ) -> dict[str, Any]:
         """One configuration's row, with a progress line meanwhile (on a terminal)."""
         progress = (
-            maybe_progress(self.progress_stream, self.seconds)
+            maybe_progress(self.progress_stream, self.seconds, label)
             if self.progress_stream is not None and scenario.procs == 1
             else None
         )
