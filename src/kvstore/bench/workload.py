@@ -528,18 +528,20 @@ def summary_lines(result: BenchResult) -> list[str]:
         + (f" ({failures})" if failures else "")
         + f"; writes with unknown outcome: {result.indefinite_writes}",
         f"Longest gap between successful responses: {result.longest_gap_s * 1000:.1f} ms",
-        *_shape_lines(result.workload),
+        *_shape_lines(result),
     ]
 
 
-def _shape_lines(workload: Workload) -> list[str]:
-    """How the load was shaped, when it was not the default (uniform keys, closed loop)."""
-    lines = []
+def _shape_lines(result: BenchResult) -> list[str]:
+    """How the load was shaped, when it was not the default (uniform keys, closed loop). An
+    open loop that reached well under its target was limited by the cluster or the client."""
+    workload, lines = result.workload, []
     if workload.key_dist == "zipfian":
         lines.append(f"Keys: zipfian, theta {workload.zipfian_theta:g} (key-0 the most popular)")
     if workload.rate > 0:
         lines.append(
-            f"Open loop: target {workload.rate:.0f} ops/s; latencies from each request's "
-            "intended start"
+            f"Open loop: target {workload.rate:.0f} ops/s, achieved "
+            f"{result.throughput / workload.rate:.0%}; latencies from each request's intended "
+            "start"
         )
     return lines
