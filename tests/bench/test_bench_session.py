@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from hdrh.histogram import HdrHistogram
 
+from kvstore.cli.bench import session_directory
+
 SECONDS = 3
 RATE = 400
 TIMEOUT_S = 120
@@ -81,3 +83,9 @@ def test_not_on_a_terminal_no_progress_and_without_matplotlib_no_plots(tmp_path:
         assert [Path(name).suffix for name in row["files"]] == [".hdr", ".hgrm"]
         assert all((directory / name).exists() for name in row["files"])
     assert not (directory / "plots").exists()
+
+
+def test_sessions_started_in_the_same_second_get_directories_of_their_own(tmp_path: Path) -> None:
+    directories = [session_directory(tmp_path) for _ in range(3)]
+    assert len(set(directories)) == 3 and all(d.is_dir() for d in directories)
+    assert all(d.parent == tmp_path for d in directories)

@@ -274,6 +274,21 @@ def _add_probe_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def session_directory(parent: Path) -> Path:
+    """A new directory ``parent/<time>`` for this session, created here; ``<time>-2``,
+    ``-3``, ... if another session started in the same second: none shares another's."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, 1000):
+        candidate = parent / (stamp if attempt == 1 else f"{stamp}-{attempt}")
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(f"no free session directory for {stamp} in {parent}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_logging("WARNING")
@@ -295,7 +310,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.rate,
         )
     )
-    workdir = Path(args.workdir).resolve() / time.strftime("%Y%m%d-%H%M%S")
+    try:
+        workdir = session_directory(Path(args.workdir).resolve())
+    except OSError as exc:
+        report_error("kv-bench", exc)
+        return 1
     json_path = Path(args.json) if args.json else workdir / "results.json"
     session = Session(
         matrix=matrix,
