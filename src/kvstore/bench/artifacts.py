@@ -67,10 +67,12 @@ def _load_plots() -> tuple[Any, str | None]:
     try:
         from kvstore.bench import plots
     except ImportError as exc:
-        return None, (
-            f"matplotlib is not installed ({exc.name or exc}); "
-            "pip install 'kvstore[plots]' to get them"
+        why = (
+            "matplotlib is not installed"
+            if (exc.name or "matplotlib").split(".")[0] == "matplotlib"
+            else f"matplotlib could not be imported ({exc})"
         )
+        return None, f"{why}; pip install 'kvstore[plots]' to get them"
     return plots, None
 
 
