@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from kvstore.bench.workload import ThreadResult, Workload, _worker
+from kvstore.bench import procs
+from kvstore.bench.workload import ThreadResult, Workload, _first_intended_ns, _worker
 from kvstore.local.cluster import LocalCluster
 
 SECONDS = 4
@@ -109,3 +110,16 @@ def test_open_loop_below_capacity_sends_on_schedule() -> None:
     # The two threads interleave: one request about every 10 ms, not two at once every 20 ms.
     gaps_ms = sorted((b - a) / 1e6 for a, b in itertools.pairwise(sent))
     assert 5 < gaps_ms[len(gaps_ms) // 2] < 15
+
+
+def test_processes_share_the_rate_and_interleave_their_slots() -> None:
+    parts = procs.process_workloads(Workload(4, 1.0, 10, rate=800), 2)
+    assert [part.rate for part in parts] == [400, 400]
+    assert {part.interval_ns for part in parts} == {5_000_000}  # 4 threads / 800 per s
+    deadline = 10**9
+    slots = sorted(
+        _first_intended_ns(part.thread_id_base + j, part, deadline)
+        for part in parts
+        for j in range(part.threads)
+    )
+    assert [b - a for a, b in itertools.pairwise(slots)] == [1_250_000] * 3  # evenly spread

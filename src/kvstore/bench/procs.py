@@ -58,6 +58,7 @@ def process_workloads(workload: Workload, procs: int) -> list[Workload]:
             threads=threads,
             thread_id_base=workload.thread_id_base + i * stride,
             rate=workload.rate * threads / workload.threads,
+            slot_phase=i / len(shares),
         )
         for i, threads in enumerate(shares)
     ]

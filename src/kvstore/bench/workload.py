@@ -89,6 +89,9 @@ class Workload:
     key_dist: str = "uniform"  # one of kvstore.bench.keys.KEY_DISTRIBUTIONS
     zipfian_theta: float = ZIPFIAN_THETA
     rate: float = 0.0  # target operations per second of all threads together; 0: closed loop
+    # Open loop over several processes: where this process's slots fall between another's,
+    # as a fraction of the gap between two of its own threads' slots (set by procs).
+    slot_phase: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.write_ratio + self.delete_ratio + self.cas_ratio <= 1:
@@ -223,8 +226,10 @@ def _start_position(tid: int, workload: Workload) -> int:
 
 def _first_intended_ns(tid: int, workload: Workload, deadline_ns: int) -> int:
     """Open loop: the first slot of thread ``tid``. The threads' slots interleave evenly
-    from the start of the run (the deadline minus its length)."""
-    phase_ns = workload.interval_ns * (tid - workload.thread_id_base) // max(workload.threads, 1)
+    from the start of the run (the deadline minus its length), those of several processes
+    too (``slot_phase``)."""
+    own = tid - workload.thread_id_base + workload.slot_phase
+    phase_ns = int(workload.interval_ns * own / max(workload.threads, 1))
     return deadline_ns - int(workload.seconds * 1e9) + phase_ns
 
 
