@@ -152,7 +152,7 @@ def add_load_shape_arguments(parser: argparse.ArgumentParser, is_list: bool = Fa
     if is_list:
         parser.add_argument(
             "--dist", type=dist_list, default=("uniform",), metavar="LIST",
-            help=f"one or more of uniform, zipfian: {DIST_HELP}",
+            help=f"{DIST_HELP}. A comma-separated list: each value is a configuration",
         )  # fmt: skip
     else:
         parser.add_argument("--dist", choices=KEY_DISTRIBUTIONS, default="uniform", help=DIST_HELP)
@@ -168,7 +168,7 @@ def add_load_shape_arguments(parser: argparse.ArgumentParser, is_list: bool = Fa
     if is_list:
         parser.add_argument(
             "--rate", type=rate_list, default=(0.0,), metavar="LIST",
-            help=f"one or more rates, each a configuration: {RATE_HELP}",
+            help=f"{RATE_HELP}. A comma-separated list: each value is a configuration",
         )  # fmt: skip
     else:
         parser.add_argument("--rate", type=rate, default=0.0, metavar="OPS", help=RATE_HELP)
