@@ -6,9 +6,14 @@ to its report (shown by pytest as a "zookeeper log" section).
 
 from __future__ import annotations
 
+import os
+import pty
+import select
 import signal
+import subprocess
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 
@@ -66,6 +71,42 @@ def cluster(idle_cluster: LocalCluster) -> LocalCluster:
     """Two real node processes under a fresh parent path: a primary and a synced backup."""
     idle_cluster.start()
     return idle_cluster
+
+
+def _run_on_a_terminal(args: Sequence[str], timeout_s: float) -> tuple[int, str]:
+    """Run ``args`` with stdout and stderr on a new pseudo-terminal (a real TTY); its exit
+    code and everything it wrote (the terminal turns each newline into CR LF). A process
+    still running after ``timeout_s`` is killed."""
+    master, slave = pty.openpty()
+    process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
+    os.close(slave)
+    chunks = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 1.0)
+            if not ready:
+                continue
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: every writer of the terminal is gone
+                break
+            if not data:
+                break
+            chunks.append(data)
+        return process.wait(timeout=30), b"".join(chunks).decode(errors="replace")
+    finally:
+        os.close(master)
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+
+
+@pytest.fixture
+def on_a_terminal() -> Callable[[Sequence[str], float], tuple[int, str]]:
+    """``on_a_terminal(args, timeout_s)``: run a program with its output on a pseudo-terminal;
+    (exit code, output)."""
+    return _run_on_a_terminal
 
 
 @pytest.hookimpl(wrapper=True)

@@ -47,6 +47,7 @@ EXCLUSIVE: dict[str, set[str]] = {
     "thriftpy2": {"idl", "rpc"},
     "argparse": {"cli"},
     "socket": {"rpc", "local", "bench"},
+    "matplotlib": {"bench"},  # an optional extra: kv-bench's plots only
 }
 
 

@@ -262,6 +262,7 @@ def run_with_nemesis(
     seed: int | None = None,
     procs: int = 1,
     on_start: Callable[[], None] | None = None,
+    progress: Callable[[int, int, float], None] | None = None,
 ) -> tuple[BenchResult, list[tuple[float, str, str]]]:
     """Run the benchmark while a Nemesis injects faults; fault times on the log's clock."""
     config = ClientConfig(cluster.zk_connect, cluster.zk_path)
@@ -277,7 +278,9 @@ def run_with_nemesis(
             on_start()
 
     try:
-        result = load.run(workload, config, start_ns, procs=procs, on_start=start)
+        result = load.run(
+            workload, config, start_ns, procs=procs, on_start=start, progress=progress
+        )
     finally:
         nemesis.join()
     return result, nemesis.faults

@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from kvstore.bench import faults, load, storage
+from kvstore.bench.artifacts import per_window
+from kvstore.bench.keys import ZIPFIAN_THETA
 from kvstore.bench.procstat import CpuMeter
 from kvstore.bench.workload import BenchResult, Event, Workload
 from kvstore.check import checker
@@ -60,6 +62,8 @@ class Scenario:
     placement: str = "free"
     client: str = "per-thread"  # one of CLIENT_KINDS (kvstore.bench.clients)
     storage: str = "memory"  # one of STORAGE_KINDS (kvstore.bench.storage)
+    dist: str = "uniform"  # one of KEY_DISTRIBUTIONS (kvstore.bench.keys)
+    rate: float = 0.0  # target ops/s of the whole load (open loop); 0: closed loop
 
     @property
     def mix(self) -> str:
@@ -67,12 +71,15 @@ class Scenario:
 
     @property
     def name(self) -> str:
+        """Unique per configuration; the key choice and rate appear when not the default."""
         return (
             f"t{self.threads}-k{self.keyspace}-r{self.read_percent}-v{self.value_bytes}-"
             f"{self.faults}-p{self.procs}-{self.placement}-{self.storage}-{self.client}"
+            + ("" if self.dist == "uniform" else f"-{self.dist}")
+            + (f"-rate{self.rate:g}" if self.rate else "")
         )
 
-    def workload(self, seconds: float) -> Workload:
+    def workload(self, seconds: float, zipfian_theta: float = ZIPFIAN_THETA) -> Workload:
         write_ratio = (100 - self.read_percent) / 100
         return Workload(
             self.threads,
@@ -81,6 +88,9 @@ class Scenario:
             write_ratio,
             self.value_bytes,
             client=self.client,
+            key_dist=self.dist,
+            zipfian_theta=zipfian_theta,
+            rate=self.rate,
         )
 
 
@@ -97,6 +107,8 @@ DIMENSIONS = (
     "placement",
     "client",
     "storage",
+    "dist",
+    "rate",
 )
 # free: no CPU pinning. split: both nodes pinned to CPU 0 (kv-node --cpu 0), the client to the
 # other CPUs: no cross-core GIL hand-offs inside a process, and the client does not compete
@@ -117,6 +129,8 @@ class Matrix:
     placement: tuple[str, ...] = ("free",)
     client: tuple[str, ...] = ("per-thread",)
     storage: tuple[str, ...] = ("memory",)
+    dist: tuple[str, ...] = ("uniform",)
+    rate: tuple[float, ...] = (0.0,)
 
     def scenarios(self, full: bool = False) -> list[Scenario]:
         """The cross product if ``full``; else the baseline, then one dimension varied at a time.
@@ -145,7 +159,9 @@ class Matrix:
 
 
 def parse_mix(text: str) -> int:
-    """'50/50', '95/5', '100/0' (read/write percent), or a YCSB workload letter a, b, c."""
+    """'50/50', '95/5', '100/0' (read/write percent), or a YCSB workload letter a, b, c: its
+    read share only (YCSB's workloads also choose keys zipfian: that is the ``dist``
+    dimension)."""
     text = text.strip().lower()
     if text in YCSB_MIXES:
         return YCSB_MIXES[text]
@@ -171,9 +187,12 @@ def run_scenario(
     seconds: float,
     workdir: Path,
     restart_zookeeper: Callable[[], None] | None = None,
+    zipfian_theta: float = ZIPFIAN_THETA,
+    progress: Callable[[int, int, float], None] | None = None,
 ) -> dict[str, Any]:
     """Run one configuration on a fresh cluster; its table row (a dict). The nemesis
-    restarts ZooKeeper among its faults when ``restart_zookeeper`` is given."""
+    restarts ZooKeeper among its faults when ``restart_zookeeper`` is given; ``progress``
+    is called about once a second while the load runs (one client process only)."""
     node_args = ["--cpu", "0"] if scenario.placement == "split" else []
     run_id = uuid.uuid4().hex[:8]
     cluster = LocalCluster(
@@ -182,7 +201,7 @@ def run_scenario(
     data_dir = storage.use_storage(
         cluster, scenario.storage, workdir / scenario.name / f"data-{run_id}"
     )
-    workload = scenario.workload(seconds)
+    workload = scenario.workload(seconds, zipfian_theta)
     kills: list[tuple[float, str]] = []
     injected: list[tuple[float, str, str]] = []
     own_cpus = os.sched_getaffinity(0)
@@ -206,6 +225,7 @@ def run_scenario(
                 (KILL_INTERVAL_S, KILL_INTERVAL_S),
                 procs=scenario.procs,
                 on_start=meter.start,
+                progress=progress,
             )
         elif scenario.faults == "nemesis":
             result, injected = faults.run_with_nemesis(
@@ -215,11 +235,14 @@ def run_scenario(
                 restart_zookeeper,
                 procs=scenario.procs,
                 on_start=meter.start,
+                progress=progress,
             )
             kills = [(at_s, address) for at_s, kind, address in injected if "kill" in kind]
         elif scenario.faults == "none":
             config = ClientConfig(cluster.zk_connect, cluster.zk_path)
-            result = load.run(workload, config, procs=scenario.procs, on_start=meter.start)
+            result = load.run(
+                workload, config, procs=scenario.procs, on_start=meter.start, progress=progress
+            )
         else:
             raise ValueError(
                 f"unknown fault kind {scenario.faults!r} (expected one of {FAULT_KINDS})"
@@ -240,8 +263,13 @@ def run_scenario(
         data_dir = None
     row = _row(scenario, result, verdict, kills, cores, log_path)
     row["data_dir"] = str(data_dir) if data_dir else None
+    if scenario.dist == "zipfian":
+        row["zipfian_theta"] = zipfian_theta
+    responses = [t for t, is_response, *_ in result.events if is_response]
+    row["throughput_per_s"] = per_window(responses, seconds, 1.0)
+    row["throughput_per_100ms"] = per_window(responses, seconds, 0.1)
+    row["histogram_encoded"] = result.histogram.encode().decode()
     if injected:
-        responses = [t for t, is_response, *_ in result.events if is_response]
         row["injected"] = [
             {"at_s": round(at_s, 3), "kind": kind, "node": node, "longest_gap_s": round(gap, 4)}
             for (at_s, kind, node), gap in zip(
@@ -303,6 +331,8 @@ COLUMNS = (
     ("placement", "place", 5, "{}"),
     ("client", "client", 11, "{}"),
     ("storage", "storage", 11, "{}"),
+    ("dist", "dist", 7, "{}"),
+    ("rate", "rate", 6, "{:.0f}"),
     ("throughput", "ops/s", 7, "{:.0f}"),
     ("p50_ms", "p50ms", 6, "{:.3f}"),
     ("p99_ms", "p99ms", 6, "{:.3f}"),
@@ -329,7 +359,10 @@ def cores_text(cores: dict[str, float | None]) -> str:
 
 
 def format_row(row: dict[str, Any]) -> str:
-    cells = [form.format(row.get(key, "-")).rjust(width) for key, _, width, form in COLUMNS]
+    cells = [
+        (form.format(row[key]) if key in row else "-").rjust(width)
+        for key, _, width, form in COLUMNS
+    ]
     return " ".join(cells) + f"  {cores_text(row.get('cores') or {})}"
 
 

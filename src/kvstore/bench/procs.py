@@ -48,12 +48,17 @@ def split_threads(threads: int, procs: int) -> list[int]:
 
 
 def process_workloads(workload: Workload, procs: int) -> list[Workload]:
-    """Each process's share of ``workload``, with disjoint ranges of thread ids."""
+    """Each process's share of ``workload``, with disjoint ranges of thread ids (and of the
+    target rate, in proportion to its threads)."""
     shares = split_threads(workload.threads, procs)
     stride = -(-max(shares) // THREAD_ID_STRIDE) * THREAD_ID_STRIDE
     return [
         dataclasses.replace(
-            workload, threads=threads, thread_id_base=workload.thread_id_base + i * stride
+            workload,
+            threads=threads,
+            thread_id_base=workload.thread_id_base + i * stride,
+            rate=workload.rate * threads / workload.threads,
+            slot_phase=i / len(shares),
         )
         for i, threads in enumerate(shares)
     ]

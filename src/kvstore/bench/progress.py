@@ -11,16 +11,17 @@ from typing import TextIO
 
 
 class TtyProgress:
-    def __init__(self, stream: TextIO, seconds: float) -> None:
+    def __init__(self, stream: TextIO, seconds: float, label: str = "") -> None:
         self._stream = stream
         self._seconds = seconds
+        self._label = label
         self._width = 0
 
     def __call__(self, successes: int, failures: int, elapsed_s: float) -> None:
         rate = successes / elapsed_s if elapsed_s > 0 else 0.0
         line = (
-            f"  {elapsed_s:5.1f}/{self._seconds:g} s  {successes:,} ops  {rate:,.0f} ops/s  "
-            f"{failures:,} failed"
+            f"{self._label}  {elapsed_s:5.1f}/{self._seconds:g} s  {successes:,} ops  "
+            f"{rate:,.0f} ops/s  {failures:,} failed"
         )
         self._width = max(self._width, len(line))
         self._stream.write("\r" + line.ljust(self._width))
@@ -32,7 +33,8 @@ class TtyProgress:
             self._stream.flush()
 
 
-def maybe_progress(stream: TextIO, seconds: float) -> TtyProgress | None:
-    """A progress reporter for ``stream`` if it is a terminal, else None."""
+def maybe_progress(stream: TextIO, seconds: float, label: str = "") -> TtyProgress | None:
+    """A progress reporter for ``stream`` if it is a terminal, else None; ``label`` starts
+    the line (kv-bench: which configuration)."""
     isatty = getattr(stream, "isatty", None)
-    return TtyProgress(stream, seconds) if isatty is not None and isatty() else None
+    return TtyProgress(stream, seconds, label) if isatty is not None and isatty() else None

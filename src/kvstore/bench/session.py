@@ -2,7 +2,9 @@
 
 One managed ZooKeeper serves the whole session (the caller starts it). A row is printed
 as soon as its configuration finishes and the JSON report is rewritten after every step,
-so an interrupted session keeps what it measured.
+so an interrupted session keeps what it measured; beside the JSON go each run's HDR
+histogram and the plots (:mod:`kvstore.bench.artifacts`). While a configuration runs, a
+progress line is shown when ``progress_stream`` is a terminal.
 """
 
 from __future__ import annotations
@@ -15,19 +17,23 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from kvstore.bench import apacheclient, capacity
+from kvstore.bench.artifacts import Artifacts
 from kvstore.bench.checkout import source_version
+from kvstore.bench.keys import ZIPFIAN_THETA
 from kvstore.bench.matrix import (
     BASELINE,
     Matrix,
+    Scenario,
     cores_text,
     format_row,
     header,
     run_scenario,
     summarize,
 )
+from kvstore.bench.progress import maybe_progress
 
 
 @dataclass
@@ -45,7 +51,9 @@ class Session:
     apache_procs: tuple[int, ...] = ()
     apache_accelerated: bool = False
     repeat: int = 1
+    zipfian_theta: float = ZIPFIAN_THETA
     out: Callable[[str], None] = print
+    progress_stream: TextIO | None = None  # a live progress line there, if it is a terminal
     restart_zookeeper: Callable[[], None] | None = None  # for the nemesis
     report: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -100,25 +108,50 @@ class Session:
         scenarios = self.matrix.scenarios(self.full)
         rounds = f", {self.repeat} rounds" if self.repeat > 1 else ""
         self.out(f"== {len(scenarios)} configurations, {self.seconds:g} s each{rounds}")
+        artifacts = Artifacts(self.json_path.parent)
+        if artifacts.skipped_because:
+            self.out(
+                f"== plots skipped: {artifacts.skipped_because}; JSON and histograms are written"
+            )
         self.out(header())
         for round_number in range(self.repeat):  # rounds, so slow spells hit every configuration
-            for scenario in scenarios:
-                row = run_scenario(
-                    zk_connect,
-                    zk_pid,
-                    scenario,
-                    self.seconds,
-                    self.workdir,
-                    self.restart_zookeeper,
-                )
+            for index, scenario in enumerate(scenarios):
+                step = round_number * len(scenarios) + index + 1
+                label = f"[{step}/{len(scenarios) * self.repeat}]"
+                row = self._run_one(zk_connect, zk_pid, scenario, label)
                 row["round"] = round_number
                 self.report["rows"].append(row)
+                artifacts.add_run(row)
                 self.out(format_row(row))
                 for fault in row.get("injected", ()):
                     self.out(_fault_line(fault))
                 self._save()
         for line in summarize(self.report["rows"]):
             self.out(line)
+
+    def _run_one(
+        self, zk_connect: str, zk_pid: int | None, scenario: Scenario, label: str
+    ) -> dict[str, Any]:
+        """One configuration's row, with a progress line meanwhile (on a terminal)."""
+        progress = (
+            maybe_progress(self.progress_stream, self.seconds, label)
+            if self.progress_stream is not None and scenario.procs == 1
+            else None
+        )
+        try:
+            return run_scenario(
+                zk_connect,
+                zk_pid,
+                scenario,
+                self.seconds,
+                self.workdir,
+                self.restart_zookeeper,
+                self.zipfian_theta,
+                progress,
+            )
+        finally:
+            if progress is not None:
+                progress.done()
 
     def _run_apache(self, zk_connect: str, zk_pid: int | None) -> None:
         script = apacheclient.find_script()

@@ -1,8 +1,9 @@
 """The seed's benchmark workload: threads doing random gets and puts for a fixed time.
 
 Each thread loops until the deadline: with probability ``write_ratio`` a put of
-``key-N`` (N uniform in [0, keyspace)) to a fresh unique value, else a get of
-such a key. Every operation is logged (WatCA format, see history.py):
+``key-N`` (N drawn from ``key_dist`` over [0, keyspace), see :mod:`kvstore.bench.keys`) to a
+fresh unique value, else a get of such a key. Every operation is logged (WatCA format, see
+history.py):
 - a success gets its INV and RES;
 - a definite failure (certainly not applied) is dropped from the log;
 - an indefinite put keeps its INV without RES (its outcome is unknown); an
@@ -14,6 +15,15 @@ nothing (the shared ``kvstore.Client`` retries inside a call; see
 :mod:`kvstore.bench.clients` for the client kinds).
 Latencies go into HDR histograms (microseconds); the longest gap is the longest
 time between two successful responses, over all threads.
+
+Closed or open loop: with ``rate`` 0 (the default) each thread sends its next operation as
+soon as the previous one ended, and a latency runs from sending to the response. With a
+``rate`` (operations per second, all threads together) each thread sends on a fixed
+schedule, one operation every ``threads / rate`` seconds, and a latency runs from the
+operation's *intended* start on that schedule: an operation held up behind a slow one counts
+its wait, as it would for a user arriving at that time (no coordinated omission). A thread
+that falls behind sends at once until it has caught up. The log records the actual sending
+time (the checker needs the real invocation).
 
 The threads may be spread over several processes (see :mod:`kvstore.bench.procs`):
 every process logs against the same time origin (``start_ns``), runs until the same
@@ -40,6 +50,13 @@ from hdrh.histogram import HdrHistogram
 
 from kvstore import errors
 from kvstore.bench.clients import LoadClient, Pacer, open_clients
+from kvstore.bench.keys import (
+    KEY_DISTRIBUTIONS,
+    SEQUENCE_LENGTH,
+    ZIPFIAN_THETA,
+    start_position,
+    zipfian_sequence,
+)
 from kvstore.check.history import CAS, DELETE, READ, WRITE, Event, cas_value, flag_value
 from kvstore.config import ClientConfig
 
@@ -69,10 +86,24 @@ class Workload:
     # a client that has them (``shared``).
     delete_ratio: float = 0.0
     cas_ratio: float = 0.0
+    key_dist: str = "uniform"  # one of kvstore.bench.keys.KEY_DISTRIBUTIONS
+    zipfian_theta: float = ZIPFIAN_THETA
+    rate: float = 0.0  # target operations per second of all threads together; 0: closed loop
+    # Open loop over several processes: where this process's slots fall between another's,
+    # as a fraction of the gap between two of its own threads' slots (set by procs).
+    slot_phase: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.write_ratio + self.delete_ratio + self.cas_ratio <= 1:
             raise ValueError("put, delete and cas ratios must add up to at most 1")
+        if self.key_dist not in KEY_DISTRIBUTIONS:
+            raise ValueError(
+                f"unknown key distribution {self.key_dist!r} (expected one of {KEY_DISTRIBUTIONS})"
+            )
+        if not 0 < self.zipfian_theta < 1:
+            raise ValueError(f"the zipfian theta must be within (0, 1), got {self.zipfian_theta}")
+        if self.rate < 0:
+            raise ValueError(f"the target rate must be >= 0, got {self.rate}")
         if self.is_mixed and self.client != "shared":
             raise ValueError(
                 "deletes and compare-and-sets need the shared client (--client shared)"
@@ -82,6 +113,17 @@ class Workload:
     def is_mixed(self) -> bool:
         """Deletes or compare-and-sets in the mix (run by :func:`_mixed_worker`)."""
         return self.delete_ratio > 0 or self.cas_ratio > 0
+
+    @property
+    def interval_ns(self) -> int:
+        """Open loop: the time between two operations of one thread; 0: closed loop."""
+        return int(self.threads * 1e9 / self.rate) if self.rate > 0 else 0
+
+    def key_sequence(self) -> array | None:
+        """The shared sequence of key indices threads walk (zipfian); None: draw uniformly."""
+        if self.key_dist == "uniform":
+            return None
+        return zipfian_sequence(self.keyspace, self.zipfian_theta, self.seed)
 
 
 @dataclass
@@ -172,6 +214,24 @@ def key_names(keyspace: int) -> Sequence[str]:
 
 # --------------------------------------------------------------------------- one thread
 
+SEQUENCE_MASK = SEQUENCE_LENGTH - 1
+
+
+def _start_position(tid: int, workload: Workload) -> int:
+    """Where thread ``tid`` starts in the shared key sequence (zipfian); other processes'
+    threads (another ``thread_id_base``) start elsewhere."""
+    own = start_position(tid - workload.thread_id_base, workload.threads)
+    return (own + workload.thread_id_base * 40_503) & SEQUENCE_MASK
+
+
+def _first_intended_ns(tid: int, workload: Workload, deadline_ns: int) -> int:
+    """Open loop: the first slot of thread ``tid``. The threads' slots interleave evenly
+    from the start of the run (the deadline minus its length), those of several processes
+    too (``slot_phase``)."""
+    own = tid - workload.thread_id_base + workload.slot_phase
+    phase_ns = int(workload.interval_ns * own / max(workload.threads, 1))
+    return deadline_ns - int(workload.seconds * 1e9) + phase_ns
+
 
 def _worker(
     tid: int,
@@ -186,14 +246,28 @@ def _worker(
     rng = random.Random(None if workload.seed is None else workload.seed * 1_000_003 + tid)
     uniform, random_bits = rng.random, rng.getrandbits
     keys, keyspace = key_names(workload.keyspace), workload.keyspace
+    sequence, position = workload.key_sequence(), _start_position(tid, workload)
     write_ratio, value_bytes = workload.write_ratio, workload.value_bytes
     padding = "x" * value_bytes
     events = result.events
     log, succeeded, record = events.append, result.success_ns.append, result.latency_us.append
     get, put = client.get, client.put
-    clock = time.monotonic_ns
+    clock, sleep = time.monotonic_ns, time.sleep
+    interval_ns, intended = workload.interval_ns, _first_intended_ns(tid, workload, deadline_ns)
     while (began := clock()) < deadline_ns:
-        key = keys[int(uniform() * keyspace)]
+        if interval_ns:  # open loop: wait for this operation's slot; latency from the slot
+            if began < intended:
+                if intended >= deadline_ns:
+                    break
+                sleep((intended - began) / 1e9)
+                began = clock()
+            origin, intended = intended, intended + interval_ns
+        else:
+            origin = began
+        if sequence is None:
+            key = keys[int(uniform() * keyspace)]
+        else:
+            key, position = keys[sequence[position]], (position + 1) & SEQUENCE_MASK
         is_write = uniform() < write_ratio
         generation = locator.generation
         try:
@@ -217,7 +291,7 @@ def _worker(
         done = clock()
         log((done - start_ns, True, tid, WRITE if is_write else READ, key, value))
         succeeded(done)
-        record((done - began) // 1000 or 1)
+        record((done - origin) // 1000 or 1)
 
 
 def _mixed_worker(
@@ -236,13 +310,27 @@ def _mixed_worker(
     rng = random.Random(None if workload.seed is None else workload.seed * 1_000_003 + tid)
     uniform, random_bits = rng.random, rng.getrandbits
     keys, keyspace = key_names(workload.keyspace), workload.keyspace
+    sequence, position = workload.key_sequence(), _start_position(tid, workload)
     put_below = workload.write_ratio
     delete_below = put_below + workload.delete_ratio
     cas_below = delete_below + workload.cas_ratio
     last_read: dict[str, str] = {}
     events, clock = result.events, time.monotonic_ns
+    interval_ns, intended = workload.interval_ns, _first_intended_ns(tid, workload, deadline_ns)
     while (began := clock()) < deadline_ns:
-        key = keys[int(uniform() * keyspace)]
+        if interval_ns:
+            if began < intended:
+                if intended >= deadline_ns:
+                    break
+                time.sleep((intended - began) / 1e9)
+                began = clock()
+            origin, intended = intended, intended + interval_ns
+        else:
+            origin = began
+        if sequence is None:
+            key = keys[int(uniform() * keyspace)]
+        else:
+            key, position = keys[sequence[position]], (position + 1) & SEQUENCE_MASK
         draw = uniform()
         kind = (
             WRITE if draw < put_below
@@ -278,7 +366,7 @@ def _mixed_worker(
         done = clock()
         events.append((done - start_ns, True, tid, kind, key, returned))
         result.success_ns.append(done)
-        result.latency_us.append((done - began) // 1000 or 1)
+        result.latency_us.append((done - origin) // 1000 or 1)
 
 
 # --------------------------------------------------------------------------- one process
@@ -291,6 +379,7 @@ class LoadClients:
         self.workload = workload
         self.config = config
         key_names(workload.keyspace)  # built now, not on the clock
+        workload.key_sequence()  # likewise (zipfian)
         self.clients = open_clients(workload.client, workload.threads, config)
 
     def run(
@@ -444,4 +533,20 @@ def summary_lines(result: BenchResult) -> list[str]:
         + (f" ({failures})" if failures else "")
         + f"; writes with unknown outcome: {result.indefinite_writes}",
         f"Longest gap between successful responses: {result.longest_gap_s * 1000:.1f} ms",
+        *_shape_lines(result),
     ]
+
+
+def _shape_lines(result: BenchResult) -> list[str]:
+    """How the load was shaped, when it was not the default (uniform keys, closed loop). An
+    open loop that reached well under its target was limited by the cluster or the client."""
+    workload, lines = result.workload, []
+    if workload.key_dist == "zipfian":
+        lines.append(f"Keys: zipfian, theta {workload.zipfian_theta:g} (key-0 the most popular)")
+    if workload.rate > 0:
+        lines.append(
+            f"Open loop: target {workload.rate:.0f} ops/s, achieved "
+            f"{result.throughput / workload.rate:.0%}; latencies from each request's intended "
+            "start"
+        )
+    return lines

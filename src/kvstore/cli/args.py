@@ -9,6 +9,7 @@ import os
 import sys
 from typing import Any
 
+from kvstore.bench.keys import KEY_DISTRIBUTIONS, ZIPFIAN_THETA
 from kvstore.config import TlsConfig
 from kvstore.rpc import client_tls_context
 
@@ -96,6 +97,81 @@ def cpu_list(text: str) -> set[int]:
     if not cpus or not cpus <= online:
         raise argparse.ArgumentTypeError(f"CPUs {text} not among this machine's {sorted(online)}")
     return cpus
+
+
+def rate(text: str) -> float:
+    """A target rate in operations per second: >= 0 (0: as fast as possible)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a number of operations per second: {text!r}"
+        ) from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def rate_list(text: str) -> tuple[float, ...]:
+    """A comma-separated, non-empty list of rates, e.g. ``0,2000,8000``."""
+    values = tuple(rate(part) for part in text.split(",") if part.strip())
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated rates, got {text!r}")
+    return values
+
+
+def zipfian_theta(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be within (0, 1), got {text}")
+    return value
+
+
+def dist_list(text: str) -> tuple[str, ...]:
+    return choice_list(text, KEY_DISTRIBUTIONS, "key distributions")
+
+
+DIST_HELP = (
+    "key choice: uniform (every key equally likely; the default) or zipfian (YCSB's: key-i "
+    "has probability proportional to 1/(i+1)^THETA, key-0 the most popular; YCSB's "
+    "workloads A, B and C choose keys this way)"
+)
+RATE_HELP = (
+    "target operations per second, all threads together (0: as fast as possible, the "
+    "default). Open loop: each thread sends one request every THREADS/OPS seconds on a fixed "
+    "schedule, and a latency is measured from the request's intended start on that schedule, "
+    "so time spent waiting behind a slow request counts (no coordinated omission); a thread "
+    "that falls behind sends at once until it has caught up. Without it the load is a closed "
+    "loop"
+)
+
+
+def add_load_shape_arguments(parser: argparse.ArgumentParser, is_list: bool = False) -> None:
+    """--dist, --zipfian-theta and --rate: which keys a load touches and how fast it sends
+    (kv-client; kv-bench, ``is_list``, takes lists of distributions and of rates)."""
+    if is_list:
+        parser.add_argument(
+            "--dist", type=dist_list, default=("uniform",), metavar="LIST",
+            help=f"{DIST_HELP}. A comma-separated list: each value is a configuration",
+        )  # fmt: skip
+    else:
+        parser.add_argument("--dist", choices=KEY_DISTRIBUTIONS, default="uniform", help=DIST_HELP)
+    parser.add_argument(
+        "--zipfian-theta",
+        type=zipfian_theta,
+        default=ZIPFIAN_THETA,
+        metavar="THETA",
+        help=f"skew of --dist zipfian, within (0, 1), larger is more skewed (default "
+        f"{ZIPFIAN_THETA:g}, YCSB's: with 1000 keys, key-0 then gets about 13%% of the "
+        "operations and the 100 most popular keys about 69%%)",
+    )
+    if is_list:
+        parser.add_argument(
+            "--rate", type=rate_list, default=(0.0,), metavar="LIST",
+            help=f"{RATE_HELP}. A comma-separated list: each value is a configuration",
+        )  # fmt: skip
+    else:
+        parser.add_argument("--rate", type=rate, default=0.0, metavar="OPS", help=RATE_HELP)
 
 
 def add_cluster_arguments(parser: argparse.ArgumentParser, path_help: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,6 +15,7 @@ from kvstore.bench.matrix import FAULT_KINDS, PLACEMENTS, Matrix, parse_mix
 from kvstore.bench.session import Session
 from kvstore.bench.storage import STORAGE_KINDS
 from kvstore.cli.args import (
+    add_load_shape_arguments,
     choice_list,
     int_list,
     new_parser,
@@ -58,12 +60,26 @@ every configuration, a fresh 2-node cluster under a new parent path; runs the kv
 workload against it, checks the merged history for linearizability and prints one table row:
 throughput, latency p50/p99/p99.9 (HDR histogram), the longest gap between successful
 responses, failures, writes with unknown outcome, kills, the checker's verdict, and the CPU
-used (in cores) by the client, the primary, the backup and the whole machine.
+used (in cores) by the client, the primary, the backup and the whole machine. On a terminal a
+progress line (ops/s, failures, elapsed) shows while a configuration runs (with --procs 1).
+
+Beside the JSON results (DIR/<time>/results.json, never overwritten) it writes each run's
+HDR latency histogram (histograms/<run>.hdr: HdrHistogram's encoded form; <run>.hgrm: the
+percentile table in ms) and plots (plots/<run>.throughput.png: successful ops per second
+with a dashed line at each fault; plots/latency.png: latency by percentile, one curve per
+configuration). Plots need matplotlib: pip install 'kvstore[plots]'; without it kv-bench
+says so once and writes the rest.
 
 By default it runs the baseline (4 threads, 1000 keys, 50/50, 10-byte values, no faults,
 1 client process), then varies one dimension at a time over the lists below (9 runs); --full
 runs their whole cross product instead. A list may hold a single value. The baseline takes
-the default value of each dimension whose list contains it, else the list's first value.""",
+the default value of each dimension whose list contains it, else the list's first value.
+
+Key choice (--dist) and load (--rate) are dimensions too: --dist uniform,zipfian compares
+uniform keys with YCSB's zipfian ones (the --mix letters a, b, c give YCSB's read shares;
+add --dist zipfian for YCSB's key choice as well), and --rate 2000,8000 runs open-loop
+loads at those targets, with latencies measured from each request's intended start (no
+coordinated omission); 0 is the closed loop.""",
         epilog="examples:\n"
         "  kv-bench                      # the default one-at-a-time matrix, 15 s each\n"
         "  kv-bench --threads 4 --keyspace 1000 --mix 50/50 --value-bytes 10 --faults none "
@@ -73,7 +89,9 @@ the default value of each dimension whose list contains it, else the list's firs
         "  kv-bench --threads 4,16 --keyspace 1000 --mix 50/50 --value-bytes 10 "
         "--faults none,kill-primary --storage memory,disk --full --repeat 2\n"
         "  kv-bench --no-matrix --memory-keys 1000000 --transfer-keys 100000\n"
-        "  kv-bench --no-matrix --apache-client --apache-procs 1,2",
+        "  kv-bench --no-matrix --apache-client --apache-procs 1,2\n"
+        "  kv-bench --threads 4 --keyspace 1000 --mix a --value-bytes 10 --faults none "
+        "--dist zipfian --rate 2000,5000,10000",
     )
     _add_matrix_arguments(parser)
     _add_session_arguments(parser)
@@ -102,8 +120,9 @@ def _add_matrix_arguments(parser: argparse.ArgumentParser) -> None:
         type=_mix_list,
         default=(50, 95, 100),
         metavar="LIST",
-        help="read/write mixes: 50/50,95/5,100/0 or the YCSB letters a,b,c "
-        "(default 50/50,95/5,100/0)",
+        help="read/write mixes: 50/50,95/5,100/0 or the YCSB letters a,b,c (the read shares "
+        "of YCSB's workloads A, B, C: 50, 95, 100 %%; for their zipfian key choice add "
+        "--dist zipfian) (default 50/50,95/5,100/0)",
     )
     parser.add_argument(
         "--value-bytes",
@@ -159,6 +178,7 @@ def _add_matrix_arguments(parser: argparse.ArgumentParser) -> None:
         "fsync) and/or disk-always (--fsync always: one fsync per write). Data directories are "
         "removed after a run whose check passed (default memory)",
     )
+    add_load_shape_arguments(parser, is_list=True)
 
 
 def _add_session_arguments(parser: argparse.ArgumentParser) -> None:
@@ -193,8 +213,8 @@ def _add_session_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="PATH",
         help="where to write every row and probe result as JSON, rewritten after "
-        "each step (default: results.json in this session's own DIR/<time>/, so no run "
-        "overwrites another's)",
+        "each step; the histograms/ and plots/ directories go beside it (default: "
+        "results.json in this session's own DIR/<time>/, so no run overwrites another's)",
     )
     parser.add_argument(
         "--workdir",
@@ -254,6 +274,21 @@ def _add_probe_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def session_directory(parent: Path) -> Path:
+    """A new directory ``parent/<time>`` for this session, created here; ``<time>-2``,
+    ``-3``, ... if another session started in the same second: none shares another's."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, 1000):
+        candidate = parent / (stamp if attempt == 1 else f"{stamp}-{attempt}")
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(f"no free session directory for {stamp} in {parent}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_logging("WARNING")
@@ -271,9 +306,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.placement,
             args.client,
             args.storage,
+            args.dist,
+            args.rate,
         )
     )
-    workdir = Path(args.workdir).resolve() / time.strftime("%Y%m%d-%H%M%S")
+    try:
+        workdir = session_directory(Path(args.workdir).resolve())
+    except OSError as exc:
+        report_error("kv-bench", exc)
+        return 1
     json_path = Path(args.json) if args.json else workdir / "results.json"
     session = Session(
         matrix=matrix,
@@ -287,7 +328,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         apache_procs=args.apache_procs if args.apache_client else (),
         apache_accelerated=args.apache_accelerated,
         repeat=args.repeat,
+        zipfian_theta=args.zipfian_theta,
         out=lambda line: print(line, flush=True),
+        progress_stream=sys.stdout,
     )
     print(f"== work directory: {workdir}; results: {json_path}", flush=True)
     try:

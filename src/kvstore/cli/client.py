@@ -15,6 +15,7 @@ from kvstore.bench.workload import Workload, summary_lines
 from kvstore.check.history import write_events
 from kvstore.cli.args import (
     add_cluster_arguments,
+    add_load_shape_arguments,
     add_tls_arguments,
     new_parser,
     positive_float,
@@ -44,6 +45,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             client=args.client,
             delete_ratio=args.delete_ratio,
             cas_ratio=args.cas_ratio,
+            key_dist=args.dist,
+            zipfian_theta=args.zipfian_theta,
+            rate=args.rate,
         )
     except ValueError as exc:
         parser.error(str(exc))
@@ -79,7 +83,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="kv-client",
         description="Load generator: THREADS threads do random gets and puts (50/50 by "
         "default) on keys key-0..key-(KEYSPACE-1) for SECONDS, against the primary found through "
-        "ZooKeeper. Prints throughput and latency; writes an execution log for kv-check.",
+        "ZooKeeper. Prints throughput and latency; writes an execution log for kv-check. "
+        "Closed loop by default (each thread sends its next request when the previous one "
+        "answered); --rate makes it open loop.",
         epilog="exit status: 0 done; 1 the cluster could not be reached; 2 bad arguments",
     )
     add_cluster_arguments(parser, "parent znode the nodes registered under")
@@ -152,5 +158,6 @@ def _parser() -> argparse.ArgumentParser:
         f"{SHARED_CALL_TIMEOUT_S:g} s); shared-noeo: the shared Client with plain puts "
         "(no exactly-once)",
     )
+    add_load_shape_arguments(parser)
     add_tls_arguments(parser, "the client's")
     return parser
