@@ -111,7 +111,7 @@ def test_storage_is_a_matrix_dimension_and_part_of_the_name() -> None:
     assert [s.storage for s in scenarios] == list(STORAGE_KINDS)
     assert scenarios[0] == Scenario(4, 1000, 50, 10, "none", 1)  # memory: the default
     assert [s.name for s in scenarios] == [
-        f"t4-k1000-r50-v10-none-p1-free-{kind}-per-thread" for kind in STORAGE_KINDS
+        f"t4-k1000-r50-v10-none-p1-auto-{kind}-per-thread" for kind in STORAGE_KINDS
     ]
     full = Matrix(threads=(4, 16), faults=("none",), storage=("memory", "disk"))
     assert len(full.scenarios(full=True)) == 2 * 3 * 3 * 2 * 2
@@ -148,7 +148,7 @@ def test_rows_show_the_storage_and_the_summary_the_same_run_ratios() -> None:
     ]
     lines = summarize(rows)
     assert (
-        "t4-k1000-r50-v10-none-p1-free-disk-per-thread: disk/memory ops/s 0.42, p50 3.00, "
+        "t4-k1000-r50-v10-none-p1-auto-disk-per-thread: disk/memory ops/s 0.42, p50 3.00, "
         "p99 4.00" in lines
     )
     assert any(line.endswith("disk-always/memory ops/s 0.20, p50 4.00, p99 8.00") for line in lines)

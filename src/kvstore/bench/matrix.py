@@ -59,7 +59,7 @@ class Scenario:
     value_bytes: int
     faults: str
     procs: int
-    placement: str = "free"
+    placement: str = "auto"
     client: str = "per-thread"  # one of CLIENT_KINDS (kvstore.bench.clients)
     storage: str = "memory"  # one of STORAGE_KINDS (kvstore.bench.storage)
     dist: str = "uniform"  # one of KEY_DISTRIBUTIONS (kvstore.bench.keys)
@@ -110,10 +110,12 @@ DIMENSIONS = (
     "dist",
     "rate",
 )
-# free: no CPU pinning. split: both nodes pinned to CPU 0 (kv-node --cpu 0), the client to the
+# auto: each node pins itself to one CPU chosen by its port (kv-node's default). free: no CPU
+# pinning (--cpu all). split: both nodes pinned to CPU 0 (kv-node --cpu 0), the client to the
 # other CPUs: no cross-core GIL hand-offs inside a process, and the client does not compete
 # with the nodes for a core.
-PLACEMENTS = ("free", "split")
+PLACEMENTS = ("auto", "free", "split")
+_PLACEMENT_ARGS = {"auto": [], "free": ["--cpu", "all"], "split": ["--cpu", "0"]}
 
 
 @dataclass(frozen=True)
@@ -126,7 +128,7 @@ class Matrix:
     value_bytes: tuple[int, ...] = (10, 1024)
     faults: tuple[str, ...] = ("none", "kill-primary")
     procs: tuple[int, ...] = (1,)
-    placement: tuple[str, ...] = ("free",)
+    placement: tuple[str, ...] = ("auto",)
     client: tuple[str, ...] = ("per-thread",)
     storage: tuple[str, ...] = ("memory",)
     dist: tuple[str, ...] = ("uniform",)
@@ -193,7 +195,7 @@ def run_scenario(
     """Run one configuration on a fresh cluster; its table row (a dict). The nemesis
     restarts ZooKeeper among its faults when ``restart_zookeeper`` is given; ``progress``
     is called about once a second while the load runs (one client process only)."""
-    node_args = ["--cpu", "0"] if scenario.placement == "split" else []
+    node_args = list(_PLACEMENT_ARGS[scenario.placement])
     run_id = uuid.uuid4().hex[:8]
     cluster = LocalCluster(
         zk_connect, f"/kv-bench-{run_id}", workdir / scenario.name, node_args=node_args

@@ -87,16 +87,42 @@ def choice_list(text: str, choices: tuple[str, ...], what: str) -> tuple[str, ..
     return values
 
 
-def cpu_list(text: str) -> set[int]:
+def cpu_list(text: str) -> set[int] | str:
+    """``auto``, ``all`` or a list of CPU numbers, e.g. 0 or 0,1."""
+    if text in (CPU_AUTO, CPU_ALL):
+        return text
     try:
         cpus = {int(part) for part in text.split(",") if part.strip()}
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a list of CPU numbers: {text}") from None
+        raise argparse.ArgumentTypeError(
+            f"not auto, all or a list of CPU numbers: {text}"
+        ) from None
     # Not the inherited affinity: a node started by a pinned parent may still be pinned elsewhere.
     online = set(range(os.cpu_count() or 1))
     if not cpus or not cpus <= online:
         raise argparse.ArgumentTypeError(f"CPUs {text} not among this machine's {sorted(online)}")
     return cpus
+
+
+CPU_AUTO = "auto"
+CPU_ALL = "all"
+
+
+def placement(choice: set[int] | str, port: int) -> set[int] | None:
+    """The CPUs a node pins itself to for ``--cpu choice`` (None: leave it as it is).
+
+    ``auto`` pins to one CPU only when the process may run on every CPU of a machine
+    with several (nobody placed it: no taskset, no cpuset), choosing by the port so
+    that the nodes of one machine spread over its CPUs.
+    """
+    if not isinstance(choice, str):
+        return set(choice)
+    if choice == CPU_ALL:
+        return None
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2 or len(allowed) != (os.cpu_count() or 1):
+        return None
+    return {allowed[port % len(allowed)]}
 
 
 def rate(text: str) -> float:

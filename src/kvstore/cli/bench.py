@@ -153,10 +153,11 @@ def _add_matrix_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--placement",
         type=_placement_list,
-        default=("free",),
+        default=("auto",),
         metavar="LIST",
-        help="free (no CPU pinning) and/or split: both nodes pinned to CPU 0 with kv-node --cpu 0, "
-        "the client to the other CPUs (default free)",
+        help="auto (each node picks its CPU: kv-node's default --cpu auto), free (kv-node "
+        "--cpu all: no pinning) and/or split: both nodes pinned to CPU 0 with kv-node --cpu 0, "
+        "the client to the other CPUs (default auto)",
     )
     parser.add_argument(
         "--client",

@@ -17,11 +17,13 @@ from collections.abc import Sequence
 
 from kvstore import errors
 from kvstore.cli.args import (
+    CPU_AUTO,
     add_cluster_arguments,
     add_tls_arguments,
     add_zk_auth_arguments,
     cpu_list,
     new_parser,
+    placement,
     positive_float,
     positive_int,
     setup_logging,
@@ -41,8 +43,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(node_args)
     zk_auth = zk_auth_from(parser, args)
     setup_logging(args.log_level, log_format=args.log_format)
-    if args.cpu:
-        os.sched_setaffinity(0, args.cpu)  # before any thread starts: all of them inherit it
+    cpus = placement(args.cpu, args.port)
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus)  # before any thread starts: all of them inherit it
+        pinned = ",".join(map(str, sorted(cpus)))
+        logging.getLogger("kv-node").info("running on CPU %s (--cpu %s)", pinned, args.cpu)
     limits = Limits.for_sizes(args.max_key_bytes, args.max_value_bytes)
     limits = dataclasses.replace(
         limits,
@@ -279,9 +284,11 @@ def _add_process_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cpu",
         type=cpu_list,
-        default=None,
+        default=CPU_AUTO,
         metavar="LIST",
-        help="pin the node to these CPUs, e.g. 0 or 0,1 (default: not pinned). A "
-        "Python node runs on about one core anyway; pinning it saves the cross-core "
-        "GIL hand-offs between its threads",
+        help="pin the node to these CPUs, e.g. 0 or 0,1; 'all' leaves it free; 'auto' "
+        "(default) pins it to one CPU, chosen by its port, when nothing placed it already "
+        "(taskset, cpuset) and the machine has several. A Python node runs on about one "
+        "core anyway: on one CPU its threads hand the GIL over without cross-core "
+        "wake-ups (about half the CPU per request, see BENCHMARKS.md)",
     )

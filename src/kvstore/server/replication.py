@@ -41,7 +41,10 @@ class _Batch:
     """Writes that travel to the backup in one ``replicate_batch``.
 
     The thread that opened it sends it: at once if the line is free, else when
-    ``turn`` is set (the batch before it came back). The others wait on ``done``.
+    ``turn`` is released (the batch before it came back). The others wait for ``done``
+    to be released. Both are plain locks created held (threading.Event costs a
+    Condition and a lock per wait, in Python): a waiter passes ``done`` by acquiring
+    and releasing it, which lets the next one through.
     """
 
     __slots__ = ("changes", "done", "error", "keys", "size", "turn", "values")
@@ -52,8 +55,14 @@ class _Batch:
         self.changes: list[object] = []
         self.size = 0  # an upper bound of its encoded bytes
         self.error: BackupFailedError | None = None
-        self.turn = threading.Event()
-        self.done = threading.Event()
+        self.turn = _held_lock()
+        self.done = _held_lock()
+
+
+def _held_lock() -> threading.Lock:
+    lock = threading.Lock()
+    lock.acquire()
+    return lock
 
 
 class Replicator:
@@ -141,10 +150,11 @@ class Replicator:
                 queue.popleft()
         if is_opener:
             if not is_line_free:
-                batch.turn.wait()  # the sender before dequeued it for us
+                batch.turn.acquire()  # the sender before dequeued it for us
             self._send_batch(batch)
         else:
-            batch.done.wait()
+            batch.done.acquire()
+            batch.done.release()  # for the next waiter
         if batch.error is not None:
             raise batch.error
 
@@ -159,12 +169,12 @@ class Replicator:
             self.close()
             raise
         finally:
-            batch.done.set()
+            batch.done.release()
             with self._lock:  # invariant: the line is free only while the queue is empty
                 following = self._queue.popleft() if self._queue else None
                 self._is_line_busy = following is not None
             if following is not None:
-                following.turn.set()
+                following.turn.release()
 
     def heartbeat(self) -> None:
         """Send an empty batch on a connection of its own: renews the lease, detects a dead
