@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kvstore import errors
+from kvstore.bench.baseline import run_compare
 from kvstore.bench.clients import CLIENT_KINDS
 from kvstore.bench.matrix import FAULT_KINDS, PLACEMENTS, Matrix, parse_mix
 from kvstore.bench.session import Session
@@ -269,6 +270,22 @@ def _add_probe_arguments(parser: argparse.ArgumentParser) -> None:
         "over them (default 1,2)",
     )
     parser.add_argument(
+        "--java-baseline",
+        metavar="SCRIPT",
+        type=Path,
+        help="also run the seed's Java original against our nodes with this compare script "
+        "(e.g. ../shared/baseline/compare: the Java nodes and ours in turn, A-B-B-A, under "
+        "the seed's Java client) for --java-rounds rounds of --seconds, and print its "
+        "same-run ratio ours/Java after the table",
+    )
+    parser.add_argument(
+        "--java-rounds",
+        type=positive_int,
+        default=3,
+        metavar="N",
+        help="rounds of --java-baseline (default 3; the ratio is of the medians)",
+    )
+    parser.add_argument(
         "--apache-accelerated",
         action="store_true",
         help="with --apache-client: use TBinaryProtocolAccelerated (Apache's C codec)",
@@ -341,4 +358,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (errors.KVError, TimeoutError) as exc:
         report_error("kv-bench", exc)
         return 1
+    if args.java_baseline is not None:
+        return _java_baseline(args.java_baseline, args.seconds, args.java_rounds, workdir)
+    return 0
+
+
+def _java_baseline(script: Path, seconds: float, rounds: int, workdir: Path) -> int:
+    if not script.is_file():
+        report_error("kv-bench", FileNotFoundError(f"--java-baseline: no script at {script}"))
+        return 1
+    print(f"== the seed's Java original, same run ({script}, {rounds} rounds):", flush=True)
+    log_path = workdir / "java-baseline.txt"
+    ratio = run_compare(script, seconds, rounds, lambda line: print(line, flush=True), log_path)
+    if ratio is None:
+        print(f"== no ratio from {script}; its output is in {log_path}", flush=True)
+        return 1
+    print(f"== ours/Java (seed's client, same run): {ratio:.2f}", flush=True)
     return 0
