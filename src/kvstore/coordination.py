@@ -110,8 +110,16 @@ class ClusterMeta:
     def with_in_sync(self, names: tuple[str, ...]) -> ClusterMeta:
         return replace(self, in_sync=names)
 
-    def without_in_sync(self, name: str) -> ClusterMeta:
-        return replace(self, in_sync=tuple(n for n in self.in_sync if n != name))
+    def without_in_sync(self, *names: str) -> ClusterMeta:
+        return replace(self, in_sync=tuple(n for n in self.in_sync if n not in names))
+
+    def renamed(self, old: str, new: str) -> ClusterMeta:
+        """``old`` renamed ``new`` in the in-sync set (and as primary)."""
+        return replace(
+            self,
+            primary=new if self.primary == old else self.primary,
+            in_sync=tuple(new if n == old else n for n in self.in_sync),
+        )
 
 
 def durable_id(name: str) -> str | None:

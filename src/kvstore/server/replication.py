@@ -54,6 +54,9 @@ class Replicator:
         self._tls = tls
         self._observe = observe  # (seconds, entries) of each batch that went through
         self.backup = backup
+        # Names the backup had before ``backup`` in this join (it registers again when its
+        # ZooKeeper session expires): dropping it removes every one from the in-sync set.
+        self.former_names: set[str] = set()
         self.epoch = epoch
         self.join_id = join_id
         self.is_in_sync = False
@@ -65,6 +68,11 @@ class Replicator:
         self._idle: list[Connection] = []
         self._all: list[Connection] = []
         self._lock = threading.Lock()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every name of this join's backup: its current one and any former ones."""
+        return (self.backup.name, *sorted(self.former_names))
 
     @property
     def has_lease(self) -> bool:
