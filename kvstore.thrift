@@ -62,6 +62,7 @@ service KeyValueService {
   // Kept for wire compatibility and always refused (STALE_EPOCH): a kvstore primary
   // replicates with replicate_batch, which names its epoch and the backup's join.
   void replicate(1: string key, 2: string value);
+  // The primary's whole store at one instant (a consistent cut across stripes).
   map<string, string> dump();
 
   // --- kvstore extensions ---

@@ -6,8 +6,13 @@ together; a writer has the stripe alone. The primary keeps a stripe's write lock
 while a put is being replicated, so no reader sees a value before the backup has
 applied it.
 
-A snapshot is taken stripe by stripe under each stripe's read lock; it is a
-consistent copy of every stripe at the moment that stripe was copied.
+``snapshot`` (what ``dump`` returns) is one consistent cut of the whole store: it holds
+every stripe's read lock at once, taken in stripe order like ``all_write_locked`` (so
+the two never deadlock; writers hold one stripe at a time), and writers wait for the
+copy. The copies that need no cut are taken stripe by stripe under each stripe's read
+lock, each consistent at the moment its stripe was copied: a joining backup's (forwarded
+writes are never overwritten by it) and the disk snapshot's (the log segments after its
+switch are replayed over it, see wal.py).
 
 Each stripe also holds the exactly-once records of the writes to its keys
 (:class:`~kvstore.server.sessions.SessionTable`), changed under the same lock.
@@ -178,10 +183,24 @@ class StripedStore:
             i += 1
         return keys, values, records, (i if i < self.stripe_count else -1)
 
+    @contextmanager
+    def all_read_locked(self) -> Iterator[None]:
+        """Hold every stripe's read lock (in stripe order, as ``all_write_locked``)."""
+        taken = 0
+        try:
+            for lock in self._read_locks:
+                lock.acquire()
+                taken += 1
+            yield
+        finally:
+            for lock in reversed(self._read_locks[:taken]):
+                lock.release()
+
     def snapshot(self) -> dict[str, str]:
+        """Every key and value at one instant: no write lands while it is copied."""
         result: dict[str, str] = {}
-        for i, shard in enumerate(self._shards):
-            with self._read_locks[i]:
+        with self.all_read_locked():
+            for shard in self._shards:
                 result.update(shard)
         return result
 
