@@ -178,11 +178,11 @@ class StorageNode:
             self.name,
             reason,
         )
-        self.server.close()
-        with self._backup_lock:
+        with self._backup_lock:  # first: it releases puts waiting for their backup
             if self._replicator is not None:
                 self._replicator.close()
                 self._replicator = None
+        self.server.close()  # and waits (bounded) for its connection threads to end
         if self._coordinator is not None:
             self._coordinator.close()
         if self.store.log is not None:
