@@ -85,6 +85,26 @@ def test_cluster_meta_round_trip_and_empty() -> None:
         ClusterMeta.from_bytes(b"not json")
 
 
+def test_cluster_meta_keeps_the_addresses_of_in_sync_members() -> None:
+    meta = ClusterMeta.alone(2, "node-0000000001", "127.0.0.1:9091").with_in_sync(
+        ("node-0000000001", "node-0000000003"), {"node-0000000003": "127.0.0.1:9090"}
+    )
+    assert ClusterMeta.from_bytes(meta.to_bytes()) == meta
+    assert meta.address_of("node-0000000003") == "127.0.0.1:9090"
+    renamed = meta.renamed("node-0000000003", "node-0000000007")
+    assert renamed.in_sync == ("node-0000000001", "node-0000000007")
+    assert renamed.address_of("node-0000000007") == "127.0.0.1:9090"
+    assert renamed.address_of("node-0000000003") is None
+    alone = renamed.without_in_sync("node-0000000007", "node-0000000003")
+    assert alone.addresses == (("node-0000000001", "127.0.0.1:9091"),)
+    # Written before addresses were recorded: none known, the rest as before.
+    old = b'{"epoch": 2, "in_sync": ["node-0000000001"], "primary": "node-0000000001", '
+    old += b'"primary_address": "127.0.0.1:9091"}'
+    assert ClusterMeta.from_bytes(old).address_of("node-0000000001") is None
+    with pytest.raises(errors.CoordinationError):
+        ClusterMeta.from_bytes(old[:-1] + b', "addresses": [1]}')
+
+
 def test_parse_address() -> None:
     assert parse_address("127.0.0.1:9090") == ("127.0.0.1", 9090)
     for bad in ("127.0.0.1", ":9090", "host:port"):

@@ -61,6 +61,7 @@ class Follower:
         # Names this node registered under earlier in its current join (see the invariant).
         self._former_names: set[str] = set()
         self._rename_asked_at = 0.0
+        self._silent_logged: set[str] = set()  # addresses of in-sync nodes that did not answer
 
     def apply_replicated(
         self,
@@ -169,12 +170,7 @@ class Follower:
 
     def _take_over(self, meta: ClusterMeta, version: int, names: set[str], why: str) -> None:
         coordinator = self._node.require_coordinator()
-        new_meta = ClusterMeta(
-            epoch=meta.epoch + 1,
-            primary=self._node.name,
-            primary_address=self._node.config.address,
-            in_sync=(self._node.name,),
-        )
+        new_meta = ClusterMeta.alone(meta.epoch + 1, self._node.name, self._node.config.address)
         if not self._node.cas_confirmed(new_meta, version):
             log.info("takeover lost a race; re-reading the cluster state")
             return
@@ -199,21 +195,46 @@ class Follower:
             self._join(meta, names)
 
     def _has_live_in_sync_member(self, meta: ClusterMeta, members: list[Member]) -> bool:
-        """Some member of the in-sync set may still be alive: its znode exists and nothing
-        proves it dead (after a full restart on the same ports, the new processes answering
-        at the old addresses prove the old ones dead before their sessions expire)."""
+        """Some member of the in-sync set may still be alive.
+
+        One with a znode, unless something proves it dead (after a full restart on the same
+        ports, the new processes answering at the old addresses prove the old ones dead
+        before their sessions expire). One without (its session expired: a primary or a
+        backup keeps its data and registers again under a new name), unless nothing listens
+        at the address it was listed with or a node answers there that holds no copy of
+        this epoch. One that does not answer in time (paused, or cut off) may be alive.
+        """
         addresses = {m.name: m.address for m in members}
         timeout_ms, tls = self._node.config.probe_timeout_ms, self._node.peer_tls
-        if any(
-            name in addresses and not is_dead(name, addresses[name], timeout_ms, tls)
-            for name in meta.in_sync
-        ):
+        for name in meta.in_sync:
+            if name in addresses:
+                if not is_dead(name, addresses[name], timeout_ms, tls):
+                    return True
+            elif self._may_hold_a_copy(meta.address_of(name), meta.epoch):
+                return True
+        # Metadata written before addresses were recorded: the named primary answering.
+        return self._is_primary_serving(meta)
+
+    def _may_hold_a_copy(self, address: str | None, epoch: int) -> bool:
+        """Whether the node listed at ``address`` may still hold its copy of ``epoch``."""
+        if not address:
+            return False
+        try:
+            status = probe(address, self._node.config.probe_timeout_ms, self._node.peer_tls)
+        except errors.KVError as exc:  # no answer in time: paused or cut off, not gone
+            if address not in self._silent_logged:
+                self._silent_logged.add(address)
+                log.warning(
+                    "in-sync node at %s does not answer (%s): waiting for it, it may hold "
+                    "the only copy",
+                    address,
+                    exc,
+                )
             return True
-        # A primary whose session expired loses its znode until it re-registers under a new
-        # session (keeping its data): it still answers at its address as the named primary.
-        # A backup re-registers under a new name before the primary renames it in the set:
-        # it answers as a backup of the epoch.
-        return self._is_primary_serving(meta) or self._is_backup_of(meta.epoch, members)
+        if status is None:
+            return False  # nothing listens there: the process is gone
+        # A later epoch there: the metadata we read is already stale.
+        return status.epoch >= epoch and status.role in (Role.BACKUP.value, Role.PRIMARY.value)
 
     def _recover_or_give_up(self, meta: ClusterMeta, version: int, names: set[str]) -> None:
         """No member of the in-sync set is alive. Every acknowledged write is on the disk of
@@ -224,7 +245,7 @@ class Follower:
         store_log = node.store.log
         is_complete = store_log is not None and store_log.is_complete_copy
         if is_complete and node.node_id in durable:
-            new_meta = ClusterMeta(meta.epoch + 1, node.name, node.config.address, (node.name,))
+            new_meta = ClusterMeta.alone(meta.epoch + 1, node.name, node.config.address)
             if node.cas_confirmed(new_meta, version):
                 node.become_primary(
                     new_meta.epoch,
@@ -243,6 +264,10 @@ class Follower:
                     ", ".join(sorted(durable.values())),
                 )
             return
+        coordinator = node.require_coordinator()
+        coordinator.sync()
+        if coordinator.meta()[1] != version:
+            return  # the metadata moved on (say, a backup took over): decide again on it
         config = node.config
         raise NodeExit(
             EXIT_DATA_LOST,
@@ -266,20 +291,6 @@ class Follower:
             and status.role == Role.PRIMARY.value
         )
 
-    def _is_backup_of(self, epoch: int, members: list[Member]) -> bool:
-        """Another member answers as a backup of ``epoch`` (it may be listed by a former name)."""
-        timeout_ms, tls = self._node.config.probe_timeout_ms, self._node.peer_tls
-        for member in members:
-            if member.name == self._node.name:
-                continue
-            try:
-                status = probe(member.address, timeout_ms, tls)
-            except errors.KVError:
-                continue
-            if status is not None and status.role == Role.BACKUP.value and status.epoch == epoch:
-                return True
-        return False
-
     def _is_primary_dead(self, meta: ClusterMeta) -> bool:
         return is_dead(
             meta.primary,
@@ -289,7 +300,7 @@ class Follower:
         )
 
     def _start_new_cluster(self, version: int) -> None:
-        meta = ClusterMeta(1, self._node.name, self._node.config.address, (self._node.name,))
+        meta = ClusterMeta.alone(1, self._node.name, self._node.config.address)
         if self._node.cas_confirmed(meta, version):
             self._node.become_primary(1, "started a new, empty store", "new")
 

@@ -539,7 +539,8 @@ class StorageNode:
             # sync. Never reset: if the CAS below fails its outcome may still be a success.
             replicator.is_in_sync = True
             backup_name = replicator.backup.name
-            self._update_meta(lambda m: m.with_in_sync((self.name, backup_name)))
+            addresses = {self.name: self.config.address, backup_name: replicator.backup.address}
+            self._update_meta(lambda m: m.with_in_sync((self.name, backup_name), addresses))
         log.info("backup %s is in sync (%d keys)", backup_name, len(self.store))
 
     def rename_backup(self, epoch: int, join_id: str, new_name: str) -> None:
