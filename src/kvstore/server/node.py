@@ -560,9 +560,9 @@ class StorageNode:
                 return  # renamed already (the reply to an earlier call was lost)
             if addresses.get(new_name) != backup.address:
                 raise errors.UnavailableError(f"{new_name} is not a member at {backup.address}")
-            # First: if the CAS below fails with an unknown outcome, a later drop must remove
-            # the new name as well as the old one.
-            replicator.former_names.add(backup.name)
+            # First: whatever the outcome of the CAS below (it may land and still raise), a
+            # later drop must remove both names.
+            replicator.other_names.update((backup.name, new_name))
             self._update_meta(lambda m: _renamed_in_sync(m, backup.name, new_name))
             replicator.backup = Member(new_name, backup.address)
         log.warning(

@@ -54,9 +54,9 @@ class Replicator:
         self._tls = tls
         self._observe = observe  # (seconds, entries) of each batch that went through
         self.backup = backup
-        # Names the backup had before ``backup`` in this join (it registers again when its
-        # ZooKeeper session expires): dropping it removes every one from the in-sync set.
-        self.former_names: set[str] = set()
+        # Other names the backup may be listed under in this join (it registers again when
+        # its ZooKeeper session expires): dropping it removes every one from the in-sync set.
+        self.other_names: set[str] = set()
         self.epoch = epoch
         self.join_id = join_id
         self.is_in_sync = False
@@ -71,8 +71,8 @@ class Replicator:
 
     @property
     def names(self) -> tuple[str, ...]:
-        """Every name of this join's backup: its current one and any former ones."""
-        return (self.backup.name, *sorted(self.former_names))
+        """Every name this join's backup may be listed under (its current one first)."""
+        return (self.backup.name, *sorted(self.other_names - {self.backup.name}))
 
     @property
     def has_lease(self) -> bool:
