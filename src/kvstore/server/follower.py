@@ -61,7 +61,7 @@ class Follower:
         # Names this node registered under earlier in its current join (see the invariant).
         self._former_names: set[str] = set()
         self._rename_asked_at = 0.0
-        self._silent_logged: set[str] = set()  # addresses of in-sync nodes that did not answer
+        self._silent_logged: set[str] = set()  # addresses of listed nodes that did not answer
 
     def apply_replicated(
         self,
@@ -195,14 +195,13 @@ class Follower:
             self._join(meta, names)
 
     def _has_live_in_sync_member(self, meta: ClusterMeta, members: list[Member]) -> bool:
-        """Some member of the in-sync set may still be alive.
+        """Some member of the in-sync set is, or may be, alive and serving.
 
         One with a znode, unless something proves it dead (after a full restart on the same
         ports, the new processes answering at the old addresses prove the old ones dead
         before their sessions expire). One without (its session expired: a primary or a
-        backup keeps its data and registers again under a new name), unless nothing listens
-        at the address it was listed with or a node answers there that holds no copy of
-        this epoch. One that does not answer in time (paused, or cut off) may be alive.
+        backup keeps its data and registers again under a new name) if a node holding a
+        copy of this epoch answers at the address it was listed with.
         """
         addresses = {m.name: m.address for m in members}
         timeout_ms, tls = self._node.config.probe_timeout_ms, self._node.peer_tls
@@ -210,31 +209,43 @@ class Follower:
             if name in addresses:
                 if not is_dead(name, addresses[name], timeout_ms, tls):
                     return True
-            elif self._may_hold_a_copy(meta.address_of(name), meta.epoch):
+            elif self._listed_status(meta.address_of(name), meta.epoch) == "copy":
                 return True
         # Metadata written before addresses were recorded: the named primary answering.
         return self._is_primary_serving(meta)
 
-    def _may_hold_a_copy(self, address: str | None, epoch: int) -> bool:
-        """Whether the node listed at ``address`` may still hold its copy of ``epoch``."""
+    def _listed_status(self, address: str | None, epoch: int) -> str:
+        """What answers at the address of a listed member that has no znode: "copy" (a node
+        holding a copy of ``epoch``, or of a later one: our metadata is stale), "silent" (no
+        answer in time: paused or cut off, not gone) or "gone" (nothing listens there, or a
+        node without a copy; also when no address was recorded)."""
         if not address:
-            return False
+            return "gone"
         try:
             status = probe(address, self._node.config.probe_timeout_ms, self._node.peer_tls)
-        except errors.KVError as exc:  # no answer in time: paused or cut off, not gone
+        except errors.KVError:
+            return "silent"
+        if status is None:
+            return "gone"
+        is_holder = status.role in (Role.BACKUP.value, Role.PRIMARY.value)
+        return "copy" if is_holder and status.epoch >= epoch else "gone"
+
+    def _is_any_listed_member_silent(self, meta: ClusterMeta, names: set[str]) -> bool:
+        """A listed member without a znode does not answer: it may hold the only copy."""
+        for name in meta.in_sync:
+            address = meta.address_of(name)
+            if name in names or self._listed_status(address, meta.epoch) != "silent":
+                continue
             if address not in self._silent_logged:
-                self._silent_logged.add(address)
+                self._silent_logged.add(address or "")
                 log.warning(
-                    "in-sync node at %s does not answer (%s): waiting for it, it may hold "
-                    "the only copy",
+                    "in-sync node %s at %s does not answer: waiting for it (it may be paused "
+                    "or cut off, and hold the only copy) rather than saying DATA LOST",
+                    name,
                     address,
-                    exc,
                 )
             return True
-        if status is None:
-            return False  # nothing listens there: the process is gone
-        # A later epoch there: the metadata we read is already stale.
-        return status.epoch >= epoch and status.role in (Role.BACKUP.value, Role.PRIMARY.value)
+        return False
 
     def _recover_or_give_up(self, meta: ClusterMeta, version: int, names: set[str]) -> None:
         """No member of the in-sync set is alive. Every acknowledged write is on the disk of
@@ -263,6 +274,8 @@ class Follower:
                     "back: %s",
                     ", ".join(sorted(durable.values())),
                 )
+            return
+        if self._is_any_listed_member_silent(meta, names):
             return
         coordinator = node.require_coordinator()
         coordinator.sync()
