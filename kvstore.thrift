@@ -62,6 +62,7 @@ service KeyValueService {
   // Kept for wire compatibility and always refused (STALE_EPOCH): a kvstore primary
   // replicates with replicate_batch, which names its epoch and the backup's join.
   void replicate(1: string key, 2: string value);
+  // The primary's whole store at one instant (a consistent cut across stripes).
   map<string, string> dump();
 
   // --- kvstore extensions ---
@@ -78,6 +79,10 @@ service KeyValueService {
   i32 join(1: i64 epoch, 2: string backup_id, 3: string join_id, 4: i32 lease_ms);
   SyncChunk sync_fetch(1: i64 epoch, 2: string join_id, 3: i32 first_stripe, 4: i32 max_entries);
   void join_done(1: i64 epoch, 2: string join_id);
+  // Backup -> primary: the in-sync backup of join join_id registered again as backup_id (its
+  // ZooKeeper session expired; it kept its data and this join's fence). The primary renames
+  // it in the in-sync set, or refuses (the backup then joins anew once it is not listed).
+  void backup_renamed(1: i64 epoch, 2: string join_id, 3: string backup_id);
 
   // --- the store API (kvstore.Client) ---
   // get that tells a missing key from an empty value.

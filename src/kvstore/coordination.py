@@ -5,8 +5,10 @@ Layout under the parent path P (created by ``kv-createznode``):
 - ``P/node-0000000042`` — one ephemeral sequential znode per live node, data
   ``host:port`` (UTF-8). In a steady state the lowest sequence is the primary and
   the next one the backup, as in the seed.
-- the data of P itself — :class:`ClusterMeta` as JSON: the epoch, the primary and
-  the *in-sync set* (the nodes holding every acknowledged write). It is only ever
+- the data of P itself — :class:`ClusterMeta` as JSON: the epoch, the primary,
+  the *in-sync set* (the nodes holding every acknowledged write) and the address of
+  each of them (asked before anyone says DATA LOST: a member whose session expired has
+  no znode but may still answer there). It is only ever
   changed by compare-and-set on P's version, so two nodes can never both win a
   change based on the same state. A node takes over as primary only by a CAS
   that bumps the epoch, and only if it is in the in-sync set; a primary drops a
@@ -74,10 +76,25 @@ class ClusterMeta:
     primary: str = ""
     primary_address: str = ""
     in_sync: tuple[str, ...] = field(default=())
+    # (name, host:port) of in-sync members, sorted by name; only names in ``in_sync``.
+    addresses: tuple[tuple[str, str], ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        kept = sorted((n, a) for n, a in self.addresses if n in self.in_sync)
+        object.__setattr__(self, "addresses", tuple(kept))
+
+    @classmethod
+    def alone(cls, epoch: int, name: str, address: str) -> ClusterMeta:
+        """``name`` at ``address`` primary of ``epoch``, the only member of the in-sync set."""
+        return cls(epoch, name, address, (name,), ((name, address),))
 
     @property
     def is_initialized(self) -> bool:
         return self.epoch > 0
+
+    def address_of(self, name: str) -> str | None:
+        """Where the in-sync member ``name`` served when it was listed (None: not recorded)."""
+        return dict(self.addresses).get(name)
 
     def to_bytes(self) -> bytes:
         return json.dumps(
@@ -86,6 +103,7 @@ class ClusterMeta:
                 "primary": self.primary,
                 "primary_address": self.primary_address,
                 "in_sync": list(self.in_sync),
+                "addresses": dict(self.addresses),
             },
             sort_keys=True,
         ).encode()
@@ -101,17 +119,30 @@ class ClusterMeta:
                 primary=str(raw["primary"]),
                 primary_address=str(raw["primary_address"]),
                 in_sync=tuple(raw["in_sync"]),
+                addresses=tuple((str(n), str(a)) for n, a in raw.get("addresses", {}).items()),
             )
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise errors.CoordinationError(
                 f"parent znode holds no kvstore metadata: {exc}"
             ) from None
 
-    def with_in_sync(self, names: tuple[str, ...]) -> ClusterMeta:
-        return replace(self, in_sync=names)
+    def with_in_sync(
+        self, names: tuple[str, ...], addresses: dict[str, str] | None = None
+    ) -> ClusterMeta:
+        known = {**dict(self.addresses), **(addresses or {})}
+        return replace(self, in_sync=names, addresses=tuple(known.items()))
 
-    def without_in_sync(self, name: str) -> ClusterMeta:
-        return replace(self, in_sync=tuple(n for n in self.in_sync if n != name))
+    def without_in_sync(self, *names: str) -> ClusterMeta:
+        return replace(self, in_sync=tuple(n for n in self.in_sync if n not in names))
+
+    def renamed(self, old: str, new: str) -> ClusterMeta:
+        """``old`` renamed ``new`` in the in-sync set (and as primary)."""
+        return replace(
+            self,
+            primary=new if self.primary == old else self.primary,
+            in_sync=tuple(new if n == old else n for n in self.in_sync),
+            addresses=tuple((new if n == old else n, a) for n, a in self.addresses),
+        )
 
 
 def durable_id(name: str) -> str | None:

@@ -30,8 +30,10 @@ from kvstore.bench.workload import BenchResult, Workload, key_names, summary_lin
 from kvstore.check import checker
 from kvstore.check.history import READ, Event, parse_log, write_events
 from kvstore.config import ClientConfig
+from kvstore.coordination import ClusterView, connect
 from kvstore.local import netns
 from kvstore.local.cluster import LocalCluster, NodeProcess
+from kvstore.local.processes import wait_until
 from kvstore.local.zkserver import ZooKeeperServer
 
 pytestmark = pytest.mark.faults
@@ -325,3 +327,50 @@ def test_client_primary_cut(
         seed=3,
     )
     assert sum(run.result.failures.values()) > 0, "the cut caused no client failure"
+
+
+def in_sync_names(zk_connect: str, zk_path: str) -> tuple[str, ...]:
+    """The in-sync set, read fresh from ZooKeeper."""
+    zk = connect(zk_connect, 10.0, 10.0)
+    try:
+        return ClusterView(zk, zk_path, lambda: None).meta()[0].in_sync
+    finally:
+        zk.stop()
+        zk.close()
+
+
+def test_backup_zookeeper_cut_past_its_session_keeps_the_backup(
+    network: netns.NamespaceNetwork, ns_cluster: LocalCluster, tmp_path: Path
+) -> None:
+    """The backup loses ZooKeeper for longer than its session while replication goes on. It
+    registers again keeping its store (no second copy), the primary renames it in the
+    in-sync set, and when the primary then dies it takes over with every write."""
+    primary, backup = ns_cluster.nodes
+    scenario(
+        "backup-zookeeper drop",
+        network,
+        ns_cluster,
+        tmp_path,
+        lambda: network.cut("node1", "zk", "drop"),
+        seed=5,
+    )
+    log_text = backup.log_path.read_text()
+    assert "registered again as" in log_text, "the backup's session did not expire"
+    assert log_text.count("in sync with primary") == 1, "the backup copied the store again"
+    status = network.call_in("client", backup.status, timeout_s=10)
+    assert status is not None and status.role == "backup"
+
+    def renamed() -> bool | None:
+        names = in_sync_names(ns_cluster.zk_connect, ns_cluster.zk_path)
+        return status.node_id in names or None
+
+    network.call_in("client", wait_until, renamed, HEAL_WITHIN_S, lambda: "not renamed")
+
+    def read_all() -> dict[str, str]:
+        with kvstore.Client(ns_cluster.zk_connect, ns_cluster.zk_path, timeout=30) as client:
+            return client.get_many(key_names(KEYSPACE)[:KEYSPACE])
+
+    before = network.call_in("client", read_all)
+    primary.kill()
+    network.call_in("client", backup.wait_for_role, ["primary"], HEAL_WITHIN_S)
+    assert network.call_in("client", read_all) == before, "the backup lost writes"

@@ -8,9 +8,9 @@ import time
 import pytest
 
 from kvstore import errors
-from kvstore.coordination import ClusterMeta
+from kvstore.coordination import ClusterMeta, Member
 from kvstore.rpc import MalformedFrameError, _FrameReader, parse_address
-from kvstore.server.replication import BackupFence
+from kvstore.server.replication import BackupFence, Replicator
 
 
 def frame(body: bytes) -> bytes:
@@ -83,6 +83,35 @@ def test_cluster_meta_round_trip_and_empty() -> None:
     assert not ClusterMeta.from_bytes(b"").is_initialized
     with pytest.raises(errors.CoordinationError):
         ClusterMeta.from_bytes(b"not json")
+
+
+def test_cluster_meta_keeps_the_addresses_of_in_sync_members() -> None:
+    meta = ClusterMeta.alone(2, "node-0000000001", "127.0.0.1:9091").with_in_sync(
+        ("node-0000000001", "node-0000000003"), {"node-0000000003": "127.0.0.1:9090"}
+    )
+    assert ClusterMeta.from_bytes(meta.to_bytes()) == meta
+    assert meta.address_of("node-0000000003") == "127.0.0.1:9090"
+    renamed = meta.renamed("node-0000000003", "node-0000000007")
+    assert renamed.in_sync == ("node-0000000001", "node-0000000007")
+    assert renamed.address_of("node-0000000007") == "127.0.0.1:9090"
+    assert renamed.address_of("node-0000000003") is None
+    alone = renamed.without_in_sync("node-0000000007", "node-0000000003")
+    assert alone.addresses == (("node-0000000001", "127.0.0.1:9091"),)
+    # Written before addresses were recorded: none known, the rest as before.
+    old = b'{"epoch": 2, "in_sync": ["node-0000000001"], "primary": "node-0000000001", '
+    old += b'"primary_address": "127.0.0.1:9091"}'
+    assert ClusterMeta.from_bytes(old).address_of("node-0000000001") is None
+    with pytest.raises(errors.CoordinationError):
+        ClusterMeta.from_bytes(old[:-1] + b', "addresses": [1]}')
+
+
+def test_a_renamed_backup_is_dropped_under_every_name_it_may_be_listed_under() -> None:
+    """A rename's CAS may land and still raise: the replicator knows both names before it."""
+    replicator = Replicator(Member("node-0000000001", "127.0.0.1:9"), 1, "join-1", 1.0, 100)
+    replicator.other_names.update(("node-0000000001", "node-0000000003"))
+    assert replicator.names == ("node-0000000001", "node-0000000003")
+    meta = ClusterMeta(1, "node-0000000000", "127.0.0.1:8", ("node-0000000000", "node-0000000003"))
+    assert meta.without_in_sync(*replicator.names).in_sync == ("node-0000000000",)
 
 
 def test_parse_address() -> None:

@@ -54,6 +54,7 @@ SAMPLE_ARGS: dict[str, tuple[Any, ...]] = {
     "join": (7, "node-2", "join-1", 1000),
     "sync_fetch": (7, "join-1", 0, 100),
     "join_done": (7, "join-1"),
+    "backup_renamed": (7, "join-1", "node-3"),
     "lookup": ("key-1",),
     "get_many": (["a", "b", "c"],),
     "put_once": ("key-1", "value-1", _ID),

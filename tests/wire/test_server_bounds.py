@@ -9,12 +9,14 @@ setting up one connection does not stop the accept loop. Every wait is a bounded
 
 from __future__ import annotations
 
+import contextlib
 import select
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 
+import hostile_frames
 import pytest
 from hostile_frames import FREEZE_REQUEST, encode_call, exchange, mutants, serving
 from thriftpy2.protocol.cybin import TCyBinaryProtocol
@@ -268,3 +270,78 @@ def test_a_long_idle_pooled_connection_is_replaced_before_reuse(
         assert pooled.call("get", "k") == "v"
         assert pooled._socket is not first
         wait_until(lambda: server.connection_count == 1)
+
+
+# --------------------------------------------------------------------------- shutdown
+
+
+def server_threads(before: set[threading.Thread]) -> list[threading.Thread]:
+    """The RpcServer threads alive now that were not alive in ``before``."""
+    return [
+        t
+        for t in threading.enumerate()
+        if t not in before and t.name in ("rpc-accept", "rpc-conn") and t.is_alive()
+    ]
+
+
+def test_close_joins_the_connection_threads(client_for: Callable[..., rpc.Connection]) -> None:
+    """Idle clients, a half-sent frame and a replication line: close() returns only once
+    every thread the server started has ended."""
+    before = set(threading.enumerate())
+    sockets: list[socket.socket] = []
+    server = rpc.RpcServer("127.0.0.1", 0, hostile_frames.TrivialHandler(), 1 << 20)
+    server.start()
+    try:
+        for _ in range(5):
+            assert client_for(server.port).call("get", "k") == "v"
+        client_for(server.port, is_checked_before_use=False).call(
+            "replicate_batch", 7, [], [], "join-1", []
+        )
+        sockets.append(connect(server.port))
+        sockets[-1].sendall(GET[:7])  # a frame begun, never finished
+        # The accept thread and one per connection (admitted before its thread starts).
+        wait_until(lambda: len(server_threads(before)) == 8)
+        assert server.connection_count == 7
+    finally:
+        running = server.close()
+        for sock in sockets:
+            sock.close()
+    assert running == 0
+    assert server_threads(before) == []
+
+
+class BlockingHandler(hostile_frames.TrivialHandler):
+    """``get`` waits until released."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def get(self, key: str) -> str:
+        self.entered.set()
+        self.release.wait(BOUND_S)
+        return "v"
+
+
+def test_close_waits_for_a_running_handler_only_as_long_as_allowed(
+    client_for: Callable[..., rpc.Connection],
+) -> None:
+    before = set(threading.enumerate())
+    handler = BlockingHandler()
+    server = rpc.RpcServer("127.0.0.1", 0, handler, 1 << 20)
+    server.start()
+    conn = client_for(server.port)
+
+    def call() -> None:
+        with contextlib.suppress(errors.KVError):  # close() cuts the line before the answer
+            conn.call("get", "k")
+
+    caller = threading.Thread(target=call)
+    try:
+        caller.start()
+        assert handler.entered.wait(BOUND_S)
+        assert server.close(join_timeout_s=0.05) == 1  # the handler's thread, still running
+    finally:
+        handler.release.set()
+        caller.join(BOUND_S)
+    wait_until(lambda: server_threads(before) == [])

@@ -71,10 +71,13 @@ class Killer:
 
     def _holder(self, until: float) -> NodeProcess | None:
         """The node holding the role, polled until ``until`` (a failover or re-sync may be
-        in progress); None if nobody holds it by then or the killer was stopped."""
+        in progress); None if nobody holds it by then or the killer was stopped. A primary
+        only while a backup is in sync: killing the only in-memory copy loses the store for
+        real (on a loaded machine the node restarted after the last kill may take seconds
+        to start and join)."""
         while time.monotonic() < until:
             node = self.cluster.find(self.role)
-            if node is not None:
+            if node is not None and (self.role != "primary" or self.cluster.find("backup")):
                 return node
             if self._stop.wait(ROLE_POLL_S):
                 return None

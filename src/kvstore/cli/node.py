@@ -1,8 +1,8 @@
 """kv-node: run one storage node (``kv-node HOST PORT ZK_CONNECT PATH``, the original order).
 
-A node that must start over (deposed, or its session expired) exits the node object with
-EXIT_RESTART; this program then re-executes itself with the same arguments, so the new
-node starts from a clean process.
+A node that must start over (deposed, or its session expired while it held no listed copy)
+exits the node object with EXIT_RESTART; this program then re-executes itself with the same
+arguments, so the new node starts from a clean process.
 """
 
 from __future__ import annotations

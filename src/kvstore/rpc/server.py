@@ -266,6 +266,9 @@ ConnectionHook = Callable[[bool], None]  # called with is_orderly: the peer clos
 DEFAULT_MAX_CONNECTIONS = 1024
 DEFAULT_IDLE_TIMEOUT_S = 300.0
 DEFAULT_FRAME_DEADLINE_S = 10.0
+# close() waits at most this long for the accept and connection threads to end (a handler
+# still running, e.g. a put waiting for its backup, ends when its call returns).
+CLOSE_JOIN_S = 2.0
 # A connection on which this method succeeded is the primary's replication line: it is never
 # closed for being idle (a pooled one may rest while another carries the heartbeats, and the
 # primary reuses it unchecked: closing it would make the primary drop its backup).
@@ -314,6 +317,7 @@ class RpcServer:
         self._on_disconnect = on_disconnect
         self._listener: socket.socket | None = None
         self._connections: set[socket.socket] = set()
+        self._threads: set[threading.Thread] = set()  # accept + connection threads, to join
         self._lock = threading.Lock()
         self._is_closed = False
         self._refused_count = 0
@@ -358,6 +362,8 @@ class RpcServer:
         if self._listener is None:
             self.bind()
         thread = threading.Thread(target=self._accept_loop, name="rpc-accept", daemon=True)
+        with self._lock:
+            self._threads.add(thread)
         thread.start()
 
     def _accept_loop(self) -> None:
@@ -399,7 +405,14 @@ class RpcServer:
         _configure_connection(sock, idle_timeout_s, self._frame_deadline_s)
         thread = threading.Thread(target=self._serve, args=(sock, peer), name="rpc-conn")
         thread.daemon = True
-        thread.start()
+        with self._lock:
+            self._threads.add(thread)
+        try:
+            thread.start()
+        except BaseException:
+            with self._lock:
+                self._threads.discard(thread)
+            raise
 
     def _refuse(self, sock: socket.socket, peer: str) -> None:
         """Answer UNAVAILABLE without waiting on the peer, then close."""
@@ -454,6 +467,7 @@ class RpcServer:
                 with self._lock:
                     self._connections.discard(sock)
                 sock.close()
+                self._forget_this_thread()
                 return
         reader = _FrameReader(
             sock, self._max_frame_bytes, self._idle_timeout_s, self._frame_deadline_s
@@ -491,11 +505,19 @@ class RpcServer:
             with self._lock:
                 self._connections.discard(sock)
             reader.close()
-            if self._on_disconnect is not None:
-                self._on_disconnect(is_orderly)
+            try:
+                if self._on_disconnect is not None:
+                    self._on_disconnect(is_orderly)
+            finally:
+                self._forget_this_thread()
 
-    def close(self) -> None:
-        """Stop accepting, then cut every open connection."""
+    def _forget_this_thread(self) -> None:
+        with self._lock:
+            self._threads.discard(threading.current_thread())
+
+    def close(self, join_timeout_s: float = CLOSE_JOIN_S) -> int:
+        """Stop accepting, cut every open connection, then wait (at most ``join_timeout_s``
+        in all) for the accept and connection threads to end. Returns how many still run."""
         with self._lock:
             self._is_closed = True
             connections = list(self._connections)
@@ -506,6 +528,28 @@ class RpcServer:
         for sock in connections:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
+        return self._join_threads(time.monotonic() + join_timeout_s, join_timeout_s)
+
+    def _join_threads(self, deadline: float, join_timeout_s: float) -> int:
+        """Join the server's threads until ``deadline``; a connection admitted just before
+        close may start its thread meanwhile, so look again until none is left."""
+        while True:
+            with self._lock:
+                threads = [t for t in self._threads if t is not threading.current_thread()]
+            left = [t for t in threads if t.ident is None or t.is_alive()]
+            if not left or time.monotonic() >= deadline:
+                break
+            for thread in left:
+                if thread.ident is None:
+                    threading.Event().wait(0.001)  # about to start
+                else:
+                    thread.join(max(0.0, deadline - time.monotonic()))
+        running = len(left)
+        if running:
+            log.warning(
+                "%d server thread(s) still running %g s after close", running, join_timeout_s
+            )
+        return running
 
 
 def _configure_connection(sock: socket.socket, idle_timeout_s: float, deadline_s: float) -> None:

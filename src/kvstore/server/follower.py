@@ -8,6 +8,24 @@
   overwrite forwarded entries) and confirms; the primary then adds it to the in-sync set.
 - With no live in-sync copy left, a node exits (DATA LOST) instead of serving.
 
+Sessions are not data. A backup's claim to the data is its name in the in-sync set, not
+its ZooKeeper session. The invariant this relies on:
+
+    While any name this node registered under during its current join is in the in-sync
+    set of its epoch, its store holds every write the primary acknowledged.
+
+It holds because the primary acknowledges a write only after this join's fence accepted
+it, or after removing *every* name of this backup from the in-sync set by CAS; and while
+the fence stays open the store changes only by this join's copy and batches (it is never
+cleared). Batches travel over TCP, so they keep coming while ZooKeeper is away. Hence a
+backup whose session expired registers again and keeps its store and its fence; it treats
+its former names as its own when it reads the in-sync set (a takeover is still a CAS on
+the version it read, so a concurrent drop makes it fail), and asks the primary
+(``backup_renamed``, naming the join) to put its new name in place of the old one. Once no
+name of it is listed (a fresh read after ZooKeeper sync), it closes the fence and joins
+anew: clearing its store is then harmless. A backup whose ``join_done`` reply was lost
+may be listed, so it stays a backup of that join until a fresh read says it is not.
+
 The follower owns what only a follower needs (the fence and the per-connection flag
 that marks the primary's connections); the node's shared state it reaches through
 :class:`~kvstore.server.roles.NodeCore`, never the node class.
@@ -22,12 +40,14 @@ import uuid
 from typing import Any
 
 from kvstore import errors
-from kvstore.coordination import ClusterMeta, Member, designated_backup, durable_id
+from kvstore.coordination import ClusterMeta, Coordinator, Member, designated_backup, durable_id
 from kvstore.rpc import Connection, probe
 from kvstore.server.replication import BackupFence
 from kvstore.server.roles import EXIT_DATA_LOST, NodeCore, NodeExit, Role, is_dead
 
 log = logging.getLogger(__name__)
+
+RENAME_RETRY_S = 0.5  # a backup asks the primary to rename it at most this often
 
 
 class Follower:
@@ -38,6 +58,10 @@ class Follower:
         self.fence = BackupFence(node.config.lease_s)
         self._local = threading.local()
         self._is_waiting_logged = False
+        # Names this node registered under earlier in its current join (see the invariant).
+        self._former_names: set[str] = set()
+        self._rename_asked_at = 0.0
+        self._silent_logged: set[str] = set()  # addresses of listed nodes that did not answer
 
     def apply_replicated(
         self,
@@ -73,18 +97,50 @@ class Follower:
                 self.fence.closed_in_order(join_id)
             self._node.wake()
 
+    def is_listed(self, meta: ClusterMeta) -> bool:
+        """Whether the in-sync set of our epoch names this node, by any name of this join."""
+        node = self._node
+        return meta.epoch == node.epoch and any(
+            name in meta.in_sync for name in (node.name, *self._former_names)
+        )
+
+    def recover_session(self, coordinator: Coordinator) -> None:
+        """A backup's ZooKeeper session expired: register again, keeping the store and the
+        fence (batches kept coming over TCP); evaluate_backup then checks the listing."""
+        if not coordinator.is_usable():
+            raise errors.CoordinationError("no ZooKeeper session yet")  # retried next tick
+        node = self._node
+        old_name = node.name
+        coordinator.is_session_lost = False  # before: a loss during register sets it again
+        try:
+            new_name = coordinator.register(node.config.address)
+        except errors.CoordinationError:
+            coordinator.is_session_lost = True
+            raise
+        self._former_names.add(old_name)
+        node.name = new_name
+        log.warning(
+            "ZooKeeper session expired: registered again as %s (was %s), keeping %d keys",
+            new_name,
+            old_name,
+            len(node.store),
+        )
+
     def evaluate_backup(self, meta: ClusterMeta, version: int, members: list[Member]) -> None:
-        if meta.epoch != self._node.epoch or self._node.name not in meta.in_sync:
+        if not self.is_listed(meta):
             coordinator = self._node.require_coordinator()
             coordinator.sync()  # the primary added us just before join_done returned
             meta, version = coordinator.meta()
-        if meta.epoch != self._node.epoch or self._node.name not in meta.in_sync:
+        if not self.is_listed(meta):
             log.warning("no longer in sync with the primary (epoch %d); rejoining", meta.epoch)
             self.fence.close()
+            self._former_names.clear()
             self._node.role = Role.STANDBY
             return
         names = {m.name for m in members}
         if meta.primary in names and not self.fence.is_suspect(self._node.config.suspect_after_s):
+            if self._node.name not in meta.in_sync:
+                self._ask_rename(meta)
             return
         is_primary_dead = self.fence.has_primary_left or self._is_primary_dead(meta)
         if not self.fence.fence_if(is_primary_dead):
@@ -93,17 +149,32 @@ class Follower:
             meta, version, names, "primary is dead" if is_primary_dead else "primary lease expired"
         )
 
+    def _ask_rename(self, meta: ClusterMeta) -> None:
+        """Ask the primary to list our current name in place of a former one (at most
+        every RENAME_RETRY_S; the call is short, it runs on the control loop)."""
+        accepting = self.fence.accepting
+        now = time.monotonic()
+        if accepting is None or now - self._rename_asked_at < RENAME_RETRY_S:
+            return
+        self._rename_asked_at = now
+        timeout_ms = int(self._node.config.suspect_after_s * 1000)
+        conn = Connection(meta.primary_address, timeout_ms=timeout_ms, tls=self._node.peer_tls)
+        try:
+            conn.call("backup_renamed", accepting[0], accepting[1], self._node.name)
+        except errors.KVError as exc:
+            log.warning("primary did not rename us to %s yet: %s", self._node.name, exc)
+            return
+        finally:
+            conn.close()
+        self._node.require_coordinator().refresh()
+
     def _take_over(self, meta: ClusterMeta, version: int, names: set[str], why: str) -> None:
         coordinator = self._node.require_coordinator()
-        new_meta = ClusterMeta(
-            epoch=meta.epoch + 1,
-            primary=self._node.name,
-            primary_address=self._node.config.address,
-            in_sync=(self._node.name,),
-        )
+        new_meta = ClusterMeta.alone(meta.epoch + 1, self._node.name, self._node.config.address)
         if not self._node.cas_confirmed(new_meta, version):
             log.info("takeover lost a race; re-reading the cluster state")
             return
+        self._former_names.clear()
         self._node.become_primary(new_meta.epoch, f"took over: {why}")
         if meta.primary in names:
             coordinator.remove_member(meta.primary)
@@ -124,19 +195,57 @@ class Follower:
             self._join(meta, names)
 
     def _has_live_in_sync_member(self, meta: ClusterMeta, members: list[Member]) -> bool:
-        """Some member of the in-sync set may still be alive: its znode exists and nothing
-        proves it dead (after a full restart on the same ports, the new processes answering
-        at the old addresses prove the old ones dead before their sessions expire)."""
+        """Some member of the in-sync set is, or may be, alive and serving.
+
+        One with a znode, unless something proves it dead (after a full restart on the same
+        ports, the new processes answering at the old addresses prove the old ones dead
+        before their sessions expire). One without (its session expired: a primary or a
+        backup keeps its data and registers again under a new name) if a node holding a
+        copy of this epoch answers at the address it was listed with.
+        """
         addresses = {m.name: m.address for m in members}
         timeout_ms, tls = self._node.config.probe_timeout_ms, self._node.peer_tls
-        if any(
-            name in addresses and not is_dead(name, addresses[name], timeout_ms, tls)
-            for name in meta.in_sync
-        ):
-            return True
-        # A primary whose session expired loses its znode until it re-registers under a new
-        # session (keeping its data): it still answers at its address as the named primary.
+        for name in meta.in_sync:
+            if name in addresses:
+                if not is_dead(name, addresses[name], timeout_ms, tls):
+                    return True
+            elif self._listed_status(meta.address_of(name), meta.epoch) == "copy":
+                return True
+        # Metadata written before addresses were recorded: the named primary answering.
         return self._is_primary_serving(meta)
+
+    def _listed_status(self, address: str | None, epoch: int) -> str:
+        """What answers at the address of a listed member that has no znode: "copy" (a node
+        holding a copy of ``epoch``, or of a later one: our metadata is stale), "silent" (no
+        answer in time: paused or cut off, not gone) or "gone" (nothing listens there, or a
+        node without a copy; also when no address was recorded)."""
+        if not address:
+            return "gone"
+        try:
+            status = probe(address, self._node.config.probe_timeout_ms, self._node.peer_tls)
+        except errors.KVError:
+            return "silent"
+        if status is None:
+            return "gone"
+        is_holder = status.role in (Role.BACKUP.value, Role.PRIMARY.value)
+        return "copy" if is_holder and status.epoch >= epoch else "gone"
+
+    def _is_any_listed_member_silent(self, meta: ClusterMeta, names: set[str]) -> bool:
+        """A listed member without a znode does not answer: it may hold the only copy."""
+        for name in meta.in_sync:
+            address = meta.address_of(name)
+            if name in names or self._listed_status(address, meta.epoch) != "silent":
+                continue
+            if address not in self._silent_logged:
+                self._silent_logged.add(address or "")
+                log.warning(
+                    "in-sync node %s at %s does not answer: waiting for it (it may be paused "
+                    "or cut off, and hold the only copy) rather than saying DATA LOST",
+                    name,
+                    address,
+                )
+            return True
+        return False
 
     def _recover_or_give_up(self, meta: ClusterMeta, version: int, names: set[str]) -> None:
         """No member of the in-sync set is alive. Every acknowledged write is on the disk of
@@ -147,7 +256,7 @@ class Follower:
         store_log = node.store.log
         is_complete = store_log is not None and store_log.is_complete_copy
         if is_complete and node.node_id in durable:
-            new_meta = ClusterMeta(meta.epoch + 1, node.name, node.config.address, (node.name,))
+            new_meta = ClusterMeta.alone(meta.epoch + 1, node.name, node.config.address)
             if node.cas_confirmed(new_meta, version):
                 node.become_primary(
                     new_meta.epoch,
@@ -166,6 +275,12 @@ class Follower:
                     ", ".join(sorted(durable.values())),
                 )
             return
+        if self._is_any_listed_member_silent(meta, names):
+            return
+        coordinator = node.require_coordinator()
+        coordinator.sync()
+        if coordinator.meta()[1] != version:
+            return  # the metadata moved on (say, a backup took over): decide again on it
         config = node.config
         raise NodeExit(
             EXIT_DATA_LOST,
@@ -198,7 +313,7 @@ class Follower:
         )
 
     def _start_new_cluster(self, version: int) -> None:
-        meta = ClusterMeta(1, self._node.name, self._node.config.address, (self._node.name,))
+        meta = ClusterMeta.alone(1, self._node.name, self._node.config.address)
         if self._node.cas_confirmed(meta, version):
             self._node.become_primary(1, "started a new, empty store", "new")
 
@@ -241,12 +356,21 @@ class Follower:
                 self._node.store.write_snapshot()  # durable before the primary lists us
             conn.call("join_done", meta.epoch, join_id)
         except errors.KVError as exc:
-            if not (is_copied and self._is_listed_in_sync(meta.epoch)):
+            if not is_copied:
                 self.fence.close()
                 self._node.role = Role.STANDBY
                 log.warning("joining %s failed: %s", meta.primary_address, exc)
                 self._forget_dead_primary(meta, names)
                 return
+            # The primary may have listed us and lost only its reply (and then died): a
+            # listed copy must neither be wiped nor wait for a dead primary. Stay a backup
+            # of this join; evaluate_backup rejoins only once a fresh read shows us unlisted.
+            log.warning(
+                "join_done to %s failed (%s): a backup of this join until ZooKeeper says "
+                "whether the primary listed us",
+                meta.primary_address,
+                exc,
+            )
         finally:
             conn.close()
         self._node.role = Role.BACKUP
@@ -260,16 +384,6 @@ class Follower:
             len(self._node.store),
             time.monotonic() - started,
         )
-
-    def _is_listed_in_sync(self, epoch: int) -> bool:
-        """After join_done failed: did the primary add us anyway (and only its reply got lost)?"""
-        coordinator = self._node.require_coordinator()
-        try:
-            coordinator.sync()
-            meta, _ = coordinator.meta()
-        except errors.CoordinationError:
-            return False
-        return meta.epoch == epoch and self._node.name in meta.in_sync
 
     def _forget_dead_primary(self, meta: ClusterMeta, names: set[str]) -> None:
         if meta.primary not in names:

@@ -15,7 +15,9 @@ from kvstore.idl import Lookup
 
 # Under mutual TLS only a node's certificate may call these (rpc refuses a client's with
 # FORBIDDEN before the handler runs): replication and state transfer.
-NODE_ONLY_METHODS = frozenset({"replicate", "replicate_batch", "join", "sync_fetch", "join_done"})
+NODE_ONLY_METHODS = frozenset(
+    {"replicate", "replicate_batch", "join", "sync_fetch", "join_done", "backup_renamed"}
+)
 
 # (client_id, seq, acked_below) of an exactly-once write; the same alias as the node's.
 RequestRecord = tuple[str, int, int]
@@ -54,6 +56,7 @@ class NodeService(Protocol):
         self, epoch: int, join_id: str, first_stripe: int, max_entries: int
     ) -> object: ...
     def finish_join(self, epoch: int, join_id: str) -> None: ...
+    def rename_backup(self, epoch: int, join_id: str, new_name: str) -> None: ...
 
 
 class NodeHandler:
@@ -197,6 +200,13 @@ class NodeHandler:
 
     def join_done(self, epoch: int | None, join_id: object) -> None:
         self._node.finish_join(_required_int(epoch), self._text(join_id, "join_id", 256))
+
+    def backup_renamed(self, epoch: int | None, join_id: object, backup_id: object) -> None:
+        self._node.rename_backup(
+            _required_int(epoch),
+            self._text(join_id, "join_id", 256),
+            self._text(backup_id, "backup_id", 256),
+        )
 
     @staticmethod
     def _text(value: object, what: str, max_bytes: int) -> str:

@@ -17,8 +17,11 @@ Invariants (see coordination.py for the ZooKeeper side):
   its address) or let the lease it granted run out.
 - A joining backup empties its store, has the primary forward puts to it, and only
   then copies the primary's stripes; copied entries never overwrite forwarded ones.
-- A node that learns it was deposed, or whose ZooKeeper session expired, stops
-  serving at once and restarts empty. A node that finds no live in-sync copy of
+- A node that learns it was deposed stops serving at once and restarts empty. Sessions
+  are not data: a primary or a backup whose ZooKeeper session expired registers again and
+  keeps its store (the primary renames itself in the metadata; the backup asks the
+  primary to rename it, see follower.py for the invariant); only a node holding no
+  listed copy (standby, syncing) restarts. A node that finds no live in-sync copy of
   the data says so and exits instead of serving an incomplete store.
 """
 
@@ -175,11 +178,11 @@ class StorageNode:
             self.name,
             reason,
         )
-        self.server.close()
-        with self._backup_lock:
+        with self._backup_lock:  # first: it releases puts waiting for their backup
             if self._replicator is not None:
                 self._replicator.close()
                 self._replicator = None
+        self.server.close()  # and waits (bounded) for its connection threads to end
         if self._coordinator is not None:
             self._coordinator.close()
         if self.store.log is not None:
@@ -264,7 +267,11 @@ class StorageNode:
         return coordinator.members()
 
     def _recover_session(self, coordinator: Coordinator) -> None:
-        """A new ZooKeeper session: a primary re-registers and keeps its data; others restart."""
+        """A new ZooKeeper session: a primary or a backup re-registers and keeps its data
+        (see follower.py for the backup); others restart."""
+        if self.role == Role.BACKUP:
+            self._follower.recover_session(coordinator)
+            return
         if self.role != Role.PRIMARY:
             raise NodeExit(EXIT_RESTART, "ZooKeeper session expired; restarting empty")
         if self._session_lost_at is None:
@@ -282,13 +289,7 @@ class StorageNode:
             meta, version = coordinator.meta()
             if meta.epoch != self.epoch or meta.primary != old_name:
                 raise NodeExit(EXIT_RESTART, "session expired and another node took over")
-            renamed = ClusterMeta(
-                meta.epoch,
-                new_name,
-                meta.primary_address,
-                tuple(new_name if n == old_name else n for n in meta.in_sync),
-            )
-            if not self.cas_confirmed(renamed, version):
+            if not self.cas_confirmed(meta.renamed(old_name, new_name), version):
                 raise NodeExit(EXIT_RESTART, "session expired and the metadata changed")
         except errors.CoordinationError as exc:
             raise NodeExit(EXIT_RESTART, f"session expired; could not re-register: {exc}") from None
@@ -480,8 +481,8 @@ class StorageNode:
         """Replicate to this backup no more; first remove it from the in-sync set if it is
         in it. Call with ``_backup_lock`` held, for the current replicator."""
         if replicator.is_in_sync:
-            name = replicator.backup.name
-            self._update_meta(lambda m: m.without_in_sync(name))
+            names = replicator.names  # its former names too: a rename's CAS may have landed
+            self._update_meta(lambda m: m.without_in_sync(*names))
         self._replicator = None
         replicator.close()
 
@@ -545,8 +546,35 @@ class StorageNode:
             # sync. Never reset: if the CAS below fails its outcome may still be a success.
             replicator.is_in_sync = True
             backup_name = replicator.backup.name
-            self._update_meta(lambda m: m.with_in_sync((self.name, backup_name)))
+            addresses = {self.name: self.config.address, backup_name: replicator.backup.address}
+            self._update_meta(lambda m: m.with_in_sync((self.name, backup_name), addresses))
         log.info("backup %s is in sync (%d keys)", backup_name, len(self.store))
+
+    def rename_backup(self, epoch: int, join_id: str, new_name: str) -> None:
+        """The in-sync backup of join ``join_id`` registered again as ``new_name`` (its
+        session expired; it kept its store and this join's fence): rename it in the in-sync
+        set, so that the set names a live member and that member may still take over."""
+        self.check_primary(epoch)
+        coordinator = self.require_coordinator()
+        coordinator.refresh()
+        addresses = {m.name: m.address for m in coordinator.members()}
+        with self._backup_lock:
+            replicator = self._require_joining(join_id)
+            backup = replicator.backup
+            if not replicator.is_in_sync:
+                raise errors.UnavailableError(f"join {join_id} is not in sync yet")
+            if backup.name == new_name:
+                return  # renamed already (the reply to an earlier call was lost)
+            if addresses.get(new_name) != backup.address:
+                raise errors.UnavailableError(f"{new_name} is not a member at {backup.address}")
+            # First: whatever the outcome of the CAS below (it may land and still raise), a
+            # later drop must remove both names.
+            replicator.other_names.update((backup.name, new_name))
+            self._update_meta(lambda m: _renamed_in_sync(m, backup.name, new_name))
+            replicator.backup = Member(new_name, backup.address)
+        log.warning(
+            "backup %s registered again as %s; renamed in the in-sync set", backup.name, new_name
+        )
 
     def _require_joining(self, join_id: str) -> Replicator:
         replicator = self._replicator
@@ -592,6 +620,14 @@ class StorageNode:
             key_count=len(self.store),
             primary_address=self.primary_address,
         )
+
+
+def _renamed_in_sync(meta: ClusterMeta, old: str, new: str) -> ClusterMeta:
+    if new in meta.in_sync:
+        return meta  # an earlier rename went through
+    if old not in meta.in_sync:
+        raise errors.UnavailableError(f"{old} is not in the in-sync set")
+    return meta.renamed(old, new)
 
 
 def _tls_files(tls: TlsConfig) -> tuple[str, str, str]:

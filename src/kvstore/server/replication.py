@@ -92,6 +92,9 @@ class Replicator:
         self._tls = tls
         self._observe = observe  # (seconds, entries) of each batch that went through
         self.backup = backup
+        # Other names the backup may be listed under in this join (it registers again when
+        # its ZooKeeper session expires): dropping it removes every one from the in-sync set.
+        self.other_names: set[str] = set()
         self.epoch = epoch
         self.join_id = join_id
         self.is_in_sync = False
@@ -106,6 +109,11 @@ class Replicator:
         self._max_batch_bytes = max_batch_bytes
         self._queue: deque[_Batch] = deque()  # waiting to be sent, oldest first
         self._is_line_busy = False  # a batch is on the wire
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every name this join's backup may be listed under (its current one first)."""
+        return (self.backup.name, *sorted(self.other_names - {self.backup.name}))
 
     @property
     def has_lease(self) -> bool:

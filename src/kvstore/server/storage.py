@@ -11,8 +11,13 @@ the backup has applied it and the log holds it durably (``replicate_put`` and
 dict lookup is atomic (the GIL). The seed's reader-writer lock made a get wait
 for a put in flight on its stripe; with the value published last it need not.
 
-A snapshot is taken stripe by stripe under each stripe's lock; it is a consistent
-copy of every stripe at the moment that stripe was copied.
+``snapshot`` (what ``dump`` returns) is one consistent cut of the whole store: it holds
+every stripe's lock at once, taken in stripe order (``all_write_locked``; writers hold
+one stripe at a time, so nothing deadlocks), and writers wait for the copy. The copies
+that need no cut are taken stripe by stripe under each stripe's lock, each consistent
+at the moment its stripe was copied: a joining backup's (forwarded writes are never
+overwritten by it) and the disk snapshot's (the log segments after its switch are
+replayed over it, see wal.py).
 
 Each stripe also holds the exactly-once records of the writes to its keys
 (:class:`~kvstore.server.sessions.SessionTable`), changed under the same lock.
@@ -181,9 +186,10 @@ class StripedStore:
         return keys, values, records, (i if i < self.stripe_count else -1)
 
     def snapshot(self) -> dict[str, str]:
+        """Every key and value at one instant: no write lands while it is copied."""
         result: dict[str, str] = {}
-        for i, shard in enumerate(self._shards):
-            with self._write_locks[i]:
+        with self.all_write_locked():
+            for shard in self._shards:
                 result.update(shard)
         return result
 
