@@ -273,9 +273,10 @@ def _add_probe_arguments(parser: argparse.ArgumentParser) -> None:
         "--java-baseline",
         metavar="SCRIPT",
         type=Path,
-        help="also run the seed's Java original against our nodes with this compare script "
+        help="also run the original Java implementation against our nodes with this compare "
+        "script "
         "(e.g. ../shared/baseline/compare: the Java nodes and ours in turn, A-B-B-A, under "
-        "the seed's Java client) for --java-rounds rounds of --seconds, and print its "
+        "the original Java client) for --java-rounds rounds of --seconds, and print its "
         "same-run ratio ours/Java after the table",
     )
     parser.add_argument(
@@ -367,11 +368,11 @@ def _java_baseline(script: Path, seconds: float, rounds: int, workdir: Path) -> 
     if not script.is_file():
         report_error("kv-bench", FileNotFoundError(f"--java-baseline: no script at {script}"))
         return 1
-    print(f"== the seed's Java original, same run ({script}, {rounds} rounds):", flush=True)
+    print(f"== the original Java implementation, same run ({script}, {rounds} rounds):", flush=True)
     log_path = workdir / "java-baseline.txt"
     ratio = run_compare(script, seconds, rounds, lambda line: print(line, flush=True), log_path)
     if ratio is None:
         print(f"== no ratio from {script}; its output is in {log_path}", flush=True)
         return 1
-    print(f"== ours/Java (seed's client, same run): {ratio:.2f}", flush=True)
+    print(f"== ours/Java (the original Java client, same run): {ratio:.2f}", flush=True)
     return 0

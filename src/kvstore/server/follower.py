@@ -104,6 +104,10 @@ class Follower:
             name in meta.in_sync for name in (node.name, *self._former_names)
         )
 
+    def is_former_name(self, name: str) -> bool:
+        """Whether this node registered as ``name`` earlier in its current join."""
+        return name in self._former_names
+
     def recover_session(self, coordinator: Coordinator) -> None:
         """A backup's ZooKeeper session expired: register again, keeping the store and the
         fence (batches kept coming over TCP); evaluate_backup then checks the listing."""

@@ -248,6 +248,14 @@ class StorageNode:
             members = self._register_again(coordinator)
         self.primary_address = meta.primary_address
         self._in_sync_size = len(meta.in_sync)
+        # Our takeover's CAS landed but its reply was lost, then the session expired and
+        # we registered again: the metadata names us primary by a former name.
+        if (
+            self.role == Role.BACKUP
+            and self._follower.is_former_name(meta.primary)
+            and self.cas_confirmed(meta.renamed(meta.primary, self.name), version)
+        ):
+            meta, version = coordinator.meta()
         if self.role != Role.PRIMARY and meta.primary == self.name:
             # Only this node writes its own name as primary: a CAS whose reply was lost.
             self.become_primary(meta.epoch, "the metadata names this node primary", "confirmed")
@@ -375,10 +383,11 @@ class StorageNode:
                 raise errors.ReplicationFailedError(
                     "node stopped while replicating; outcome unknown"
                 )
-            try:
-                self.store.wait_durable(self.store.log_write(key, value))
-            finally:  # even if the sync failed: the backup holds it
-                shard[key] = value
+            # Published last, only once logged and synced: readers take no lock (see
+            # storage). If the log fails the client hears so (outcome unknown: the backup
+            # may hold the value) and nothing unsafe is published here.
+            self.store.wait_durable(self.store.log_write(key, value))
+            shard[key] = value
 
     def write(
         self,
@@ -410,15 +419,14 @@ class StorageNode:
             client_id, seq, acked_below = request if request is not None else (None, 0, 0)
             self._replicate(Change(key, value, client_id, seq, True, acked_below))
             record = None if client_id is None else (client_id, seq, acked_below)
-            try:  # published last: readers take no lock (see storage)
-                self.store.wait_durable(self.store.log_write(key, value, record))
-            finally:  # even if the sync failed: the backup holds it
-                if value is None:
-                    del shard[key]
-                else:
-                    shard[key] = value
-                if client_id is not None:
-                    sessions.record(key, client_id, seq, True, acked_below)
+            # Published last, as in replicate_put.
+            self.store.wait_durable(self.store.log_write(key, value, record))
+            if value is None:
+                del shard[key]
+            else:
+                shard[key] = value
+            if client_id is not None:
+                sessions.record(key, client_id, seq, True, acked_below)
             return True
 
     def _replicate(self, change: object) -> None:
