@@ -146,3 +146,24 @@ def test_primary_paused_past_its_session_timeout_stays_linearizable(
         cluster.stop()
     assert_ok_and_progress_after_the_pause(result, tmp_path)
     print(f"paused past the session: longest gap {result.longest_gap_s * 1000:.0f} ms")
+
+
+def test_a_primary_killed_under_load_is_proven_dead_at_once(
+    cluster: LocalCluster, tmp_path
+) -> None:
+    """Under load the replication batches keep one line busy, and kill -9 resets a line with
+    a reply unread (RST, no proof: a firewall makes those too). The primary keeps an idle
+    line beside it, whose FIN proves the primary gone: the backup takes over at once instead
+    of waiting out the lease. Not restarted here, so nothing else can prove it dead."""
+    primary = cluster.wait_for("primary")
+    backup = cluster.wait_for("backup")
+    workload = Workload(THREADS, 4.0, 1_000, seed=7)
+    killer = threading.Timer(2.0, primary.kill)
+    killer.start()
+    try:
+        result = load.run(workload, ClientConfig(cluster.zk_connect, cluster.zk_path))
+    finally:
+        killer.cancel()
+    backup.wait_for_role(["primary"])
+    assert "took over: primary is dead" in backup.log_tail(80), backup.log_tail(80)
+    check_history(result, tmp_path)

@@ -9,7 +9,7 @@ import pytest
 
 from kvstore import errors
 from kvstore.coordination import ClusterMeta, Member
-from kvstore.rpc import MalformedFrameError, _FrameReader, parse_address
+from kvstore.rpc import MalformedFrameError, RpcServer, _FrameReader, parse_address
 from kvstore.server.replication import BackupFence, Replicator
 
 
@@ -170,3 +170,34 @@ def test_suspicion_after_silence_or_closed_connection() -> None:
     fence.connection_closed_at = 0.0
     fence.last_heard_at -= 120
     assert fence.is_suspect(suspect_after_s=60)
+
+
+class _AcceptingBackup:
+    """A peer that accepts every call (only replicate_batch is made here)."""
+
+    def __getattr__(self, name: str) -> object:
+        return lambda *args: None
+
+
+def test_the_primary_keeps_an_idle_replication_line_beside_the_busy_one() -> None:
+    """kill -9 closes an idle line with FIN (proof the primary left) but resets one with a
+    reply unread: heartbeats open a second line while there is only one."""
+    server = RpcServer("127.0.0.1", 0, _AcceptingBackup(), 1 << 20)
+    server.start()
+    replicator = Replicator(
+        Member("node-0000000001", f"127.0.0.1:{server.port}"), 1, "j", 1.0, 2000
+    )
+    try:
+        replicator.replicate("k", "v")  # the batches' line
+        assert replicator.wants_spare_line
+        replicator.heartbeat()  # opens the spare
+        assert not replicator.wants_spare_line
+        replicator.heartbeat()
+        replicator.replicate("k", "w")
+        deadline = time.monotonic() + 5
+        while server.connection_count != 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.connection_count == 2
+    finally:
+        replicator.close()
+        server.close()

@@ -340,7 +340,8 @@ class StorageNode:
     def _heartbeat_if_due(self) -> None:
         replicator = self._replicator
         if replicator is not None and (
-            time.monotonic() - replicator.last_send_at >= self.config.heartbeat_interval_s
+            replicator.wants_spare_line
+            or time.monotonic() - replicator.last_send_at >= self.config.heartbeat_interval_s
         ):
             self._heartbeat(replicator)
 

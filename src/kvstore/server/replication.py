@@ -184,13 +184,27 @@ class Replicator:
             if following is not None:
                 following.turn.release()
 
-    def heartbeat(self) -> None:
-        """Send an empty batch on a connection of its own: renews the lease, detects a dead
-        backup."""
-        self._send([], [])
+    @property
+    def wants_spare_line(self) -> bool:
+        """Fewer than two replication lines are open (see ``heartbeat``)."""
+        return len(self._all) < 2 and not self.is_broken
 
-    def _send(self, keys: list[str], values: list[str], changes: list[Any] | None = None) -> None:
-        conn = self._checkout()
+    def heartbeat(self) -> None:
+        """Send an empty batch: renews the lease, detects a dead backup. While fewer than
+        two lines are open it goes on a new one: under load the batches keep one line busy,
+        and a kill -9 of this process resets a line with a reply still unread (RST) but
+        closes an idle one with FIN, which the backup takes as proof that the primary left
+        (fast failover). So there is always an idle one."""
+        self._send([], [], fresh=self.wants_spare_line)
+
+    def _send(
+        self,
+        keys: list[str],
+        values: list[str],
+        changes: list[Any] | None = None,
+        fresh: bool = False,
+    ) -> None:
+        conn = self._new_connection() if fresh else self._checkout()
         started = time.monotonic()
         try:
             conn.call("replicate_batch", self.epoch, keys, values, self.join_id, changes)
@@ -210,7 +224,11 @@ class Replicator:
         try:
             return self._idle.pop()
         except IndexError:
-            pass
+            return self._new_connection()
+
+    def _new_connection(self) -> Connection:
+        if self.is_broken:
+            raise BackupFailedError(f"replication to {self.backup.address} already failed")
         # Not checked before each use: the backup never closes a live primary's
         # connection, and any failure breaks the whole line anyway.
         conn = Connection(
