@@ -76,7 +76,9 @@ service KeyValueService {
   // Backup -> primary: start forwarding puts to backup_id (tagged with join_id), then
   // fetch the snapshot stripe by stripe with sync_fetch and confirm with join_done.
   // lease_ms is the read lease this backup grants; the primary returns its stripe count.
-  i32 join(1: i64 epoch, 2: string backup_id, 3: string join_id, 4: i32 lease_ms);
+  // durable_id: the backup's stable id if it keeps a data directory (recorded in the metadata).
+  i32 join(1: i64 epoch, 2: string backup_id, 3: string join_id, 4: i32 lease_ms,
+           5: optional string durable_id);
   SyncChunk sync_fetch(1: i64 epoch, 2: string join_id, 3: i32 first_stripe, 4: i32 max_entries);
   void join_done(1: i64 epoch, 2: string join_id);
   // Backup -> primary: the in-sync backup of join join_id registered again as backup_id (its

@@ -78,15 +78,33 @@ class ClusterMeta:
     in_sync: tuple[str, ...] = field(default=())
     # (name, host:port) of in-sync members, sorted by name; only names in ``in_sync``.
     addresses: tuple[tuple[str, str], ...] = field(default=())
+    # (name, durable id) of in-sync members with a data directory (the id survives their
+    # restarts; member names stay plain node-<sequence>, so that names sort as sequences).
+    ids: tuple[tuple[str, str], ...] = field(default=())
 
     def __post_init__(self) -> None:
         kept = sorted((n, a) for n, a in self.addresses if n in self.in_sync)
         object.__setattr__(self, "addresses", tuple(kept))
+        object.__setattr__(
+            self, "ids", tuple(sorted((n, i) for n, i in self.ids if n in self.in_sync))
+        )
 
     @classmethod
-    def alone(cls, epoch: int, name: str, address: str) -> ClusterMeta:
-        """``name`` at ``address`` primary of ``epoch``, the only member of the in-sync set."""
-        return cls(epoch, name, address, (name,), ((name, address),))
+    def alone(cls, epoch: int, name: str, address: str, durable: str | None = None) -> ClusterMeta:
+        """``name`` at ``address`` primary of ``epoch``, the only member of the in-sync set
+        (``durable``: its durable id, if it keeps a data directory)."""
+        ids = ((name, durable),) if durable else ()
+        return cls(epoch, name, address, (name,), ((name, address),), ids)
+
+    def durable_members(self) -> dict[str, str]:
+        """{durable id: name} of the in-sync members that keep a data directory (names of
+        the older form node-<id>-<sequence> included)."""
+        found = {i: n for n, i in self.ids}
+        for name in self.in_sync:
+            old_form = durable_id(name)
+            if old_form is not None:
+                found.setdefault(old_form, name)
+        return found
 
     @property
     def is_initialized(self) -> bool:
@@ -104,6 +122,7 @@ class ClusterMeta:
                 "primary_address": self.primary_address,
                 "in_sync": list(self.in_sync),
                 "addresses": dict(self.addresses),
+                "ids": dict(self.ids),
             },
             sort_keys=True,
         ).encode()
@@ -120,6 +139,7 @@ class ClusterMeta:
                 primary_address=str(raw["primary_address"]),
                 in_sync=tuple(raw["in_sync"]),
                 addresses=tuple((str(n), str(a)) for n, a in raw.get("addresses", {}).items()),
+                ids=tuple((str(n), str(i)) for n, i in raw.get("ids", {}).items()),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise errors.CoordinationError(
@@ -127,10 +147,16 @@ class ClusterMeta:
             ) from None
 
     def with_in_sync(
-        self, names: tuple[str, ...], addresses: dict[str, str] | None = None
+        self,
+        names: tuple[str, ...],
+        addresses: dict[str, str] | None = None,
+        ids: dict[str, str] | None = None,
     ) -> ClusterMeta:
         known = {**dict(self.addresses), **(addresses or {})}
-        return replace(self, in_sync=names, addresses=tuple(known.items()))
+        known_ids = {**dict(self.ids), **(ids or {})}
+        return replace(
+            self, in_sync=names, addresses=tuple(known.items()), ids=tuple(known_ids.items())
+        )
 
     def without_in_sync(self, *names: str) -> ClusterMeta:
         return replace(self, in_sync=tuple(n for n in self.in_sync if n not in names))
@@ -142,12 +168,14 @@ class ClusterMeta:
             primary=new if self.primary == old else self.primary,
             in_sync=tuple(new if n == old else n for n in self.in_sync),
             addresses=tuple((new if n == old else n, a) for n, a in self.addresses),
+            ids=tuple((new if n == old else n, i) for n, i in self.ids),
         )
 
 
 def durable_id(name: str) -> str | None:
-    """The stable id in a member name ``node-<id>-<sequence>`` (a node with a data
-    directory keeps it across restarts), or None for a plain ``node-<sequence>``."""
+    """The stable id in a member name ``node-<id>-<sequence>`` (how nodes with a data
+    directory registered before the id moved into the metadata), or None for a plain
+    ``node-<sequence>``."""
     if not name.startswith(MEMBER_PREFIX) or _sequence(name) < 0:
         return None
     middle = name[len(MEMBER_PREFIX) : -10]
@@ -454,11 +482,12 @@ class Coordinator(ClusterView):
         path: str,
         on_change: Callable[[], None],
         request_timeout_s: float = ZK_REQUEST_TIMEOUT_S,
-        durable_id: str | None = None,
     ) -> None:
         super().__init__(zk, path, on_change, request_timeout_s)
         self.name = ""
-        self.member_prefix = MEMBER_PREFIX + (f"{durable_id}-" if durable_id else "")
+        # Plain node-<sequence> for every node: the seed's clients sort the children by
+        # name. A node's durable id goes into the metadata instead (ClusterMeta.ids).
+        self.member_prefix = MEMBER_PREFIX
 
     def register(self, address: str) -> str:
         """Create this node's ephemeral sequential znode; safe to retry after an unclear failure."""

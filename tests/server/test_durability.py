@@ -8,8 +8,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from kazoo.client import KazooClient
 
 import kvstore
+from kvstore.coordination import ClusterMeta
 from kvstore.local.cluster import LocalCluster
 from kvstore.local.zkserver import ZooKeeperServer
 
@@ -70,3 +72,35 @@ def test_one_surviving_disk_of_the_in_sync_set_is_enough(
     expected = write_keys(durable_cluster)
     kill_all_then_start(durable_cluster, wipe=tmp_path / "data-0")
     assert read_keys(durable_cluster) == expected
+
+
+def seed_rule_primary(cluster: LocalCluster) -> str:
+    """The primary as the seed's Java client finds it: the children sorted by name
+    (Collections.sort), the first one's data."""
+    zk = KazooClient(hosts=cluster.zk_connect)
+    zk.start(timeout=30)
+    try:
+        children = sorted(zk.get_children(cluster.zk_path))
+        return zk.get(f"{cluster.zk_path}/{children[0]}")[0].decode()
+    finally:
+        zk.stop()
+        zk.close()
+
+
+def test_the_seed_clients_rule_finds_the_primary_and_the_metadata_keeps_the_ids(
+    durable_cluster: LocalCluster,
+) -> None:
+    for round_ in range(2):  # as started, and after a full restart (the backup may lead)
+        primary = durable_cluster.wait_for("primary")
+        durable_cluster.wait_for("backup")
+        assert seed_rule_primary(durable_cluster) == primary.address, f"round {round_}"
+        zk = KazooClient(hosts=durable_cluster.zk_connect)
+        zk.start(timeout=30)
+        try:
+            meta = ClusterMeta.from_bytes(zk.get(durable_cluster.zk_path)[0])
+        finally:
+            zk.stop()
+            zk.close()
+        assert len(meta.in_sync) == 2
+        assert len(meta.durable_members()) == 2  # both keep a data directory
+        kill_all_then_start(durable_cluster)

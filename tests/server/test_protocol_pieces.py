@@ -201,3 +201,21 @@ def test_the_primary_keeps_an_idle_replication_line_beside_the_busy_one() -> Non
     finally:
         replicator.close()
         server.close()
+
+
+def test_durable_ids_are_kept_renamed_and_dropped_with_their_names() -> None:
+    meta = ClusterMeta.alone(2, "node-0000000001", "127.0.0.1:9091", "aaaa").with_in_sync(
+        ("node-0000000001", "node-0000000003"),
+        {"node-0000000003": "127.0.0.1:9090"},
+        {"node-0000000003": "bbbb"},
+    )
+    assert ClusterMeta.from_bytes(meta.to_bytes()) == meta
+    assert meta.durable_members() == {"aaaa": "node-0000000001", "bbbb": "node-0000000003"}
+    renamed = meta.renamed("node-0000000003", "node-0000000007")
+    assert renamed.durable_members() == {"aaaa": "node-0000000001", "bbbb": "node-0000000007"}
+    assert renamed.without_in_sync("node-0000000007").durable_members() == {
+        "aaaa": "node-0000000001"
+    }
+    # metadata written before the ids moved out of the member names
+    old = ClusterMeta(3, "node-cccc-0000000004", "h:1", ("node-cccc-0000000004",))
+    assert old.durable_members() == {"cccc": "node-cccc-0000000004"}

@@ -40,7 +40,7 @@ import uuid
 from typing import Any
 
 from kvstore import errors
-from kvstore.coordination import ClusterMeta, Coordinator, Member, designated_backup, durable_id
+from kvstore.coordination import ClusterMeta, Coordinator, Member, designated_backup
 from kvstore.rpc import Connection, probe
 from kvstore.server.replication import BackupFence
 from kvstore.server.roles import EXIT_DATA_LOST, NodeCore, NodeExit, Role, is_dead
@@ -48,6 +48,10 @@ from kvstore.server.roles import EXIT_DATA_LOST, NodeCore, NodeExit, Role, is_de
 log = logging.getLogger(__name__)
 
 RENAME_RETRY_S = 0.5  # a backup asks the primary to rename it at most this often
+# After a full-cluster restart, how long a node that may recover from disk lets a member
+# registered before it (a lower sequence) recover first, so that the primary is the lowest
+# child, where clients using the seed's rule look for it.
+RECOVERY_DEFER_S = 3.0
 
 
 class Follower:
@@ -58,6 +62,7 @@ class Follower:
         self.fence = BackupFence(node.config.lease_s)
         self._local = threading.local()
         self._is_waiting_logged = False
+        self._deferring_since: float | None = None
         # Names this node registered under earlier in its current join (see the invariant).
         self._former_names: set[str] = set()
         self._rename_asked_at = 0.0
@@ -174,7 +179,9 @@ class Follower:
 
     def _take_over(self, meta: ClusterMeta, version: int, names: set[str], why: str) -> None:
         coordinator = self._node.require_coordinator()
-        new_meta = ClusterMeta.alone(meta.epoch + 1, self._node.name, self._node.config.address)
+        new_meta = ClusterMeta.alone(
+            meta.epoch + 1, self._node.name, self._node.config.address, self._node.node_id
+        )
         if not self._node.cas_confirmed(new_meta, version):
             log.info("takeover lost a race; re-reading the cluster state")
             return
@@ -255,12 +262,14 @@ class Follower:
         """No member of the in-sync set is alive. Every acknowledged write is on the disk of
         each of them that has a data directory: one of those (this node, if it is one)
         takes over with what it recovered; else wait for one; else the data is lost."""
-        durable = {durable_id(name): name for name in meta.in_sync if durable_id(name)}
+        durable = meta.durable_members()
         node = self._node
         store_log = node.store.log
         is_complete = store_log is not None and store_log.is_complete_copy
-        if is_complete and node.node_id in durable:
-            new_meta = ClusterMeta.alone(meta.epoch + 1, node.name, node.config.address)
+        if is_complete and node.node_id in durable and not self._defers_to_lower(names):
+            new_meta = ClusterMeta.alone(
+                meta.epoch + 1, node.name, node.config.address, node.node_id
+            )
             if node.cas_confirmed(new_meta, version):
                 node.become_primary(
                     new_meta.epoch,
@@ -294,6 +303,18 @@ class Follower:
             f"an EMPTY store run: kv-createznode --reset {config.zk_connect} {config.zk_path}",
         )
 
+    def _defers_to_lower(self, names: set[str]) -> bool:
+        """Whether to let a live member registered before this node recover first (for
+        RECOVERY_DEFER_S): if it holds a copy it becomes primary as the lowest child."""
+        own = Member(self._node.name, "").sequence
+        if not any(0 <= Member(name, "").sequence < own for name in names):
+            return False
+        now = time.monotonic()
+        if self._deferring_since is None:
+            self._deferring_since = now
+            log.info("letting a node registered before this one recover first")
+        return now - self._deferring_since < RECOVERY_DEFER_S
+
     def _is_primary_serving(self, meta: ClusterMeta) -> bool:
         """The node named primary answers at its address, as primary."""
         try:
@@ -317,7 +338,7 @@ class Follower:
         )
 
     def _start_new_cluster(self, version: int) -> None:
-        meta = ClusterMeta.alone(1, self._node.name, self._node.config.address)
+        meta = ClusterMeta.alone(1, self._node.name, self._node.config.address, self._node.node_id)
         if self._node.cas_confirmed(meta, version):
             self._node.become_primary(1, "started a new, empty store", "new")
 
@@ -341,7 +362,8 @@ class Follower:
             tls=self._node.peer_tls,
         )
         try:
-            conn.call("join", meta.epoch, self._node.name, join_id, int(self.fence.lease_s * 1000))
+            lease_ms = int(self.fence.lease_s * 1000)
+            conn.call("join", meta.epoch, self._node.name, join_id, lease_ms, self._node.node_id)
             stripe = 0
             while stripe != -1:
                 if self._node.is_stopping:

@@ -51,7 +51,9 @@ class NodeService(Protocol):
         changes: list[Any],
     ) -> None: ...
     def status(self) -> object: ...
-    def accept_join(self, epoch: int, backup_name: str, join_id: str, lease_ms: int) -> int: ...
+    def accept_join(
+        self, epoch: int, backup_name: str, join_id: str, lease_ms: int, durable: str | None = None
+    ) -> int: ...
     def sync_chunk(
         self, epoch: int, join_id: str, first_stripe: int, max_entries: int
     ) -> object: ...
@@ -179,13 +181,19 @@ class NodeHandler:
         return self._node.status()
 
     def join(
-        self, epoch: int | None, backup_id: object, join_id: object, lease_ms: int | None
+        self,
+        epoch: int | None,
+        backup_id: object,
+        join_id: object,
+        lease_ms: int | None,
+        durable_id: object = None,
     ) -> int:
         return self._node.accept_join(
             _required_int(epoch),
             self._text(backup_id, "backup_id", 256),
             self._text(join_id, "join_id", 256),
             max(1, _required_int(lease_ms)),
+            None if durable_id is None else self._text(durable_id, "durable_id", 256),
         )
 
     def sync_fetch(

@@ -131,7 +131,7 @@ class StorageNode:
             config.zk_auth,
         )
         self._coordinator = Coordinator(
-            zk, config.zk_path, self._wakeup.set, config.zk_request_timeout_s, self.node_id
+            zk, config.zk_path, self._wakeup.set, config.zk_request_timeout_s
         )
         threading.Thread(target=self._heartbeat_loop, name="heartbeats", daemon=True).start()
         if self.store.log is not None:
@@ -509,7 +509,9 @@ class StorageNode:
                 return
         raise errors.CoordinationError("metadata kept changing; giving up this update")
 
-    def accept_join(self, epoch: int, backup_name: str, join_id: str, lease_ms: int) -> int:
+    def accept_join(
+        self, epoch: int, backup_name: str, join_id: str, lease_ms: int, durable: str | None = None
+    ) -> int:
         self.check_primary(epoch)
         coordinator = self.require_coordinator()
         coordinator.refresh()
@@ -531,6 +533,7 @@ class StorageNode:
                 # the backup reads frames up to its own limit; ours is the same by default
                 self.config.limits.max_frame_bytes // 2,
             )
+            self._replicator.durable_id = durable
         log.info("backup %s (%s) joining", backup_name, backup.address)
         return self.store.stripe_count
 
@@ -556,7 +559,11 @@ class StorageNode:
             replicator.is_in_sync = True
             backup_name = replicator.backup.name
             addresses = {self.name: self.config.address, backup_name: replicator.backup.address}
-            self._update_meta(lambda m: m.with_in_sync((self.name, backup_name), addresses))
+            ids = {self.name: self.node_id, backup_name: replicator.durable_id}
+            known_ids = {name: i for name, i in ids.items() if i}
+            self._update_meta(
+                lambda m: m.with_in_sync((self.name, backup_name), addresses, known_ids)
+            )
         log.info("backup %s is in sync (%d keys)", backup_name, len(self.store))
 
     def rename_backup(self, epoch: int, join_id: str, new_name: str) -> None:

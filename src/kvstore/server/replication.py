@@ -95,6 +95,7 @@ class Replicator:
         # Other names the backup may be listed under in this join (it registers again when
         # its ZooKeeper session expires): dropping it removes every one from the in-sync set.
         self.other_names: set[str] = set()
+        self.durable_id: str | None = None  # the backup's, if it keeps a data directory
         self.epoch = epoch
         self.join_id = join_id
         self.is_in_sync = False
