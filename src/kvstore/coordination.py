@@ -150,10 +150,10 @@ class ClusterMeta:
         self,
         names: tuple[str, ...],
         addresses: dict[str, str] | None = None,
-        ids: dict[str, str] | None = None,
+        ids: dict[str, str | None] | None = None,  # None: no data directory
     ) -> ClusterMeta:
         known = {**dict(self.addresses), **(addresses or {})}
-        known_ids = {**dict(self.ids), **(ids or {})}
+        known_ids = {**dict(self.ids), **{n: i for n, i in (ids or {}).items() if i}}
         return replace(
             self, in_sync=names, addresses=tuple(known.items()), ids=tuple(known_ids.items())
         )

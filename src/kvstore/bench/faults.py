@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from kvstore.bench import load
 from kvstore.bench.workload import BenchResult, Workload
@@ -115,22 +116,38 @@ def run_with_kills(
     """Run the benchmark (over ``procs`` client processes) while killing and restarting the
     node with ``role`` on a schedule that starts with the benchmark's clock (when ``on_start``
     is called too). The kill times are on the execution log's clock."""
-    config = ClientConfig(cluster.zk_connect, cluster.zk_path)
     start_ns = time.monotonic_ns()
     killer = Killer(cluster, role, interval_s, workload.seconds, max_kills, seed, start_ns)
+    result = _run_beside(killer, cluster, workload, start_ns, procs, on_start, progress)
+    return result, killer.kills
+
+
+class _Injector(Protocol):
+    def start(self) -> None: ...
+    def join(self) -> None: ...
+
+
+def _run_beside(
+    injector: _Injector,
+    cluster: LocalCluster,
+    workload: Workload,
+    start_ns: int,
+    procs: int,
+    on_start: Callable[[], None] | None,
+    progress: Callable[[int, int, float], None] | None,
+) -> BenchResult:
+    """Run the load with ``injector`` started on the load's clock, joined after it."""
 
     def start() -> None:
-        killer.start()
+        injector.start()
         if on_start is not None:
             on_start()
 
+    config = ClientConfig(cluster.zk_connect, cluster.zk_path)
     try:
-        result = load.run(
-            workload, config, start_ns, procs=procs, on_start=start, progress=progress
-        )
+        return load.run(workload, config, start_ns, procs=procs, on_start=start, progress=progress)
     finally:
-        killer.join()
-    return result, killer.kills
+        injector.join()
 
 
 # --------------------------------------------------------------------------- the nemesis
@@ -268,22 +285,10 @@ def run_with_nemesis(
     progress: Callable[[int, int, float], None] | None = None,
 ) -> tuple[BenchResult, list[tuple[float, str, str]]]:
     """Run the benchmark while a Nemesis injects faults; fault times on the log's clock."""
-    config = ClientConfig(cluster.zk_connect, cluster.zk_path)
     start_ns = time.monotonic_ns()
     nemesis = Nemesis(
         cluster, interval_s, workload.seconds, restart_zookeeper=restart_zookeeper,
         seed=seed, origin_ns=start_ns,
     )  # fmt: skip
-
-    def start() -> None:
-        nemesis.start()
-        if on_start is not None:
-            on_start()
-
-    try:
-        result = load.run(
-            workload, config, start_ns, procs=procs, on_start=start, progress=progress
-        )
-    finally:
-        nemesis.join()
+    result = _run_beside(nemesis, cluster, workload, start_ns, procs, on_start, progress)
     return result, nemesis.faults

@@ -560,10 +560,7 @@ class StorageNode:
             backup_name = replicator.backup.name
             addresses = {self.name: self.config.address, backup_name: replicator.backup.address}
             ids = {self.name: self.node_id, backup_name: replicator.durable_id}
-            known_ids = {name: i for name, i in ids.items() if i}
-            self._update_meta(
-                lambda m: m.with_in_sync((self.name, backup_name), addresses, known_ids)
-            )
+            self._update_meta(lambda m: m.with_in_sync((self.name, backup_name), addresses, ids))
         log.info("backup %s is in sync (%d keys)", backup_name, len(self.store))
 
     def rename_backup(self, epoch: int, join_id: str, new_name: str) -> None:

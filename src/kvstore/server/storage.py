@@ -12,7 +12,7 @@ dict lookup is atomic (the GIL). The seed's reader-writer lock made a get wait
 for a put in flight on its stripe; with the value published last it need not.
 
 ``snapshot`` (what ``dump`` returns) is one consistent cut of the whole store: it holds
-every stripe's lock at once, taken in stripe order (``all_write_locked``; writers hold
+every stripe's lock at once, taken in stripe order (``all_locked``; writers hold
 one stripe at a time, so nothing deadlocks), and writers wait for the copy. The copies
 that need no cut are taken stripe by stripe under each stripe's lock, each consistent
 at the moment its stripe was copied: a joining backup's (forwarded writes are never
@@ -46,7 +46,7 @@ class StripedStore:
         self.sessions = [SessionTable() for _ in range(stripe_count)]
         self._tombstones: list[set[str]] | None = None
         self.log: wal.WriteAheadLog | None = None  # set by a node with a data directory
-        self._write_locks = [threading.Lock() for _ in range(stripe_count)]
+        self._locks = [threading.Lock() for _ in range(stripe_count)]
 
     def get(self, key: str) -> str | None:
         """No lock: see the module's invariant."""
@@ -55,7 +55,7 @@ class StripedStore:
     def put(self, key: str, value: str) -> int:
         """Set ``key``; returns the log position to wait for (0 without a log)."""
         i = hash(key) % self.stripe_count
-        with self._write_locks[i]:
+        with self._locks[i]:
             self._shards[i][key] = value
             return self.log_write(key, value)
 
@@ -68,7 +68,7 @@ class StripedStore:
         return position
 
     def log_write(self, key: str, value: str | None, record: wal.ExactlyOnce | None = None) -> int:
-        """Append a mutation to the log (call with the key's stripe write lock held, in the
+        """Append a mutation to the log (call with the key's stripe lock held, in the
         same hold that applies it); returns its position, 0 without a log."""
         log = self.log
         return 0 if log is None else log.append(wal.encode(key, value, record))
@@ -87,7 +87,7 @@ class StripedStore:
         (client_id, seq, outcome, acked_below), atomically under the stripe's lock.
         Returns the log position to wait for."""
         i = hash(key) % self.stripe_count
-        with self._write_locks[i]:
+        with self._locks[i]:
             position = self.log_write(
                 key, value, None if record is None else (record[0], record[1], record[3])
             )
@@ -108,7 +108,7 @@ class StripedStore:
         tombstones = self._tombstones
         for key, value in zip(keys, values, strict=True):
             i = hash(key) % self.stripe_count
-            with self._write_locks[i]:
+            with self._locks[i]:
                 shard = self._shards[i]
                 if key not in shard and (tombstones is None or key not in tombstones[i]):
                     shard[key] = value
@@ -120,7 +120,7 @@ class StripedStore:
         a record already present (forwarded meanwhile) wins."""
         for key, client_id, seq, outcome in records:
             i = hash(key) % self.stripe_count
-            with self._write_locks[i]:
+            with self._locks[i]:
                 self.sessions[i].add_if_absent(key, client_id, seq, outcome)
 
     def forget_tombstones(self) -> None:
@@ -128,16 +128,16 @@ class StripedStore:
         self._tombstones = None
 
     def stripe_for_write(self, key: str) -> tuple[Any, dict[str, str]]:
-        """The key's stripe write lock (not taken) and the shard dict that holds the key.
+        """The key's stripe lock (not taken) and the shard dict that holds the key.
 
         For callers that must do more than a put while holding the lock (the primary
         replicates first): ``lock, shard = ...; with lock: ...``.
         """
         i = hash(key) % self.stripe_count
-        return self._write_locks[i], self._shards[i]
+        return self._locks[i], self._shards[i]
 
     def sessions_for(self, key: str) -> SessionTable:
-        """The exactly-once records of the key's stripe (use with its write lock held)."""
+        """The exactly-once records of the key's stripe (use with its lock held)."""
         return self.sessions[hash(key) % self.stripe_count]
 
     def get_many(self, keys: list[str]) -> dict[str, str]:
@@ -151,14 +151,14 @@ class StripedStore:
         return found
 
     @contextmanager
-    def all_write_locked(self) -> Iterator[None]:
-        """Hold every stripe's write lock (in stripe order, so no deadlock with each other)."""
-        for lock in self._write_locks:
+    def all_locked(self) -> Iterator[None]:
+        """Hold every stripe's lock (in stripe order, so no deadlock with each other)."""
+        for lock in self._locks:
             lock.acquire()
         try:
             yield
         finally:
-            for lock in reversed(self._write_locks):
+            for lock in reversed(self._locks):
                 lock.release()
 
     def snapshot_stripes(
@@ -176,7 +176,7 @@ class StripedStore:
         size = 0
         i = first
         while i < self.stripe_count and len(keys) < max_entries and size < max_bytes:
-            with self._write_locks[i]:
+            with self._locks[i]:
                 shard = self._shards[i]
                 keys.extend(shard.keys())
                 values.extend(shard.values())
@@ -188,14 +188,14 @@ class StripedStore:
     def snapshot(self) -> dict[str, str]:
         """Every key and value at one instant: no write lands while it is copied."""
         result: dict[str, str] = {}
-        with self.all_write_locked():
+        with self.all_locked():
             for shard in self._shards:
                 result.update(shard)
         return result
 
     def clear(self) -> None:
         """Empty every stripe (and its records) and start keeping tombstones (a join begins)."""
-        with self.all_write_locked():
+        with self.all_locked():
             for shard, sessions in zip(self._shards, self.sessions, strict=True):
                 shard.clear()
                 sessions.clear()
@@ -230,7 +230,7 @@ class StripedStore:
 
     def _snapshot_records(self) -> Iterator[bytes]:
         for i in range(self.stripe_count):
-            with self._write_locks[i]:
+            with self._locks[i]:
                 items = list(self._shards[i].items())
                 records = list(self.sessions[i].items())
             for key, value in items:
