@@ -17,7 +17,6 @@ import pytest
 from kvstore.bench import faults, load
 from kvstore.bench.workload import BenchResult, Workload, summary_lines
 from kvstore.check import checker
-from kvstore.check.history import parse_log, write_events
 from kvstore.config import ClientConfig
 from kvstore.local.cluster import LocalCluster
 
@@ -28,9 +27,7 @@ THREADS = 4
 
 
 def check_history(result: BenchResult, tmp_path) -> checker.CheckResult:
-    log_path = tmp_path / "execution.log"
-    write_events(log_path, result.events)
-    verdict = checker.check(parse_log(log_path.read_text().splitlines()))
+    verdict = checker.check_events(result.events, tmp_path / "execution.log")
     assert verdict.is_ok, "\n".join(str(v) for v in verdict.violations[:10])
     return verdict
 

@@ -12,7 +12,7 @@ import pytest
 from kvstore.bench import faults
 from kvstore.bench.workload import Workload
 from kvstore.check import checker
-from kvstore.check.history import CAS, DELETE, parse_log, write_events
+from kvstore.check.history import CAS, DELETE
 from kvstore.local.cluster import LocalCluster
 
 pytestmark = pytest.mark.faults
@@ -25,9 +25,7 @@ def test_deletes_and_cas_under_primary_kills_stay_linearizable(
         4, 12.0, 50, write_ratio=0.3, seed=11, client="shared", delete_ratio=0.1, cas_ratio=0.2
     )
     result, kills = faults.run_with_kills(cluster, workload, "primary", (3.5, 4.5), seed=11)
-    log_path = tmp_path / "execution.log"
-    write_events(log_path, result.events)
-    verdict = checker.check(parse_log(log_path.read_text().splitlines()))
+    verdict = checker.check_events(result.events, tmp_path / "execution.log")
 
     assert len(kills) >= 2, kills
     assert verdict.verdict == "OK", "\n".join(str(v) for v in verdict.violations[:10])

@@ -11,7 +11,6 @@ import pytest
 from kvstore.bench import faults
 from kvstore.bench.workload import Workload
 from kvstore.check import checker
-from kvstore.check.history import format_event, parse_log
 from kvstore.local.cluster import LocalCluster
 from kvstore.local.zkserver import ZooKeeperServer
 
@@ -30,7 +29,7 @@ def test_nemesis_under_load_stays_linearizable(tmp_path: Path, zk_path: str) -> 
             )
         finally:
             cluster.stop()
-    verdict = checker.check(parse_log([format_event(*e) for e in sorted(result.events)]))
+    verdict = checker.check_events(result.events)
     assert verdict.verdict == "OK", "\n".join(str(v) for v in verdict.violations[:10])
     assert len({kind for _, kind, _ in injected}) >= 3, injected
     responses = [t for t, is_response, *_ in result.events if is_response]

@@ -24,7 +24,6 @@ import kvstore
 from kvstore.bench import load
 from kvstore.bench.workload import Workload, summary_lines
 from kvstore.check import checker
-from kvstore.check.history import parse_log, write_events
 from kvstore.config import ClientConfig
 from kvstore.coordination import ClusterView, connect
 from kvstore.local.cluster import LocalCluster
@@ -115,9 +114,7 @@ def test_backup_keeps_its_data_when_its_session_expires_and_the_primary_dies(
         if backup.pid is not None and backup.is_running():
             os.kill(backup.pid, signal.SIGCONT)
         cluster.stop()
-    log_path = tmp_path / "execution.log"
-    write_events(log_path, result.events)
-    verdict = checker.check(parse_log(log_path.read_text().splitlines()))
+    verdict = checker.check_events(result.events, tmp_path / "execution.log")
     assert verdict.is_ok, "\n".join(str(v) for v in verdict.violations[:10])
     responses = [t for t, is_response, *_ in result.events if is_response]
     assert any(t > fault["resumed_s"] * 1e9 for t in responses), "no progress after the fault"

@@ -28,7 +28,7 @@ import kvstore
 from kvstore.bench import load
 from kvstore.bench.workload import BenchResult, Workload, key_names, summary_lines
 from kvstore.check import checker
-from kvstore.check.history import READ, Event, parse_log, write_events
+from kvstore.check.history import READ, Event
 from kvstore.config import ClientConfig
 from kvstore.coordination import ClusterView, connect
 from kvstore.local import netns
@@ -219,12 +219,6 @@ def role_changes(run: Run) -> str:
     return "; ".join(changes)
 
 
-def check_events(events: list[Event], tmp_path: Path) -> checker.CheckResult:
-    log_path = tmp_path / "execution.log"
-    write_events(log_path, events)
-    return checker.check(parse_log(log_path.read_text().splitlines()))
-
-
 def describe(verdict: checker.CheckResult) -> str:
     return f"{'OK' if verdict.is_ok else 'VIOLATION'} ({verdict.op_count} ops)"
 
@@ -246,11 +240,13 @@ def scenario(
     try:
         whole = wait_until_whole(network, cluster)
     except TimeoutError:
-        verdict = check_events(run.result.events, tmp_path)
+        verdict = checker.check_events(run.result.events, tmp_path / "execution.log")
         print(f"{head} | verdict: {describe(verdict)} | NOT HEALED\n  roles: {role_changes(run)}")
         assert verdict.is_ok, "\n".join(str(v) for v in verdict.violations[:10])
         raise
-    verdict = check_events(run.result.events + read_back(network, cluster, run.start_ns), tmp_path)
+    verdict = checker.check_events(
+        run.result.events + read_back(network, cluster, run.start_ns), tmp_path / "execution.log"
+    )
     report = (
         f"{head} | verdict: {describe(verdict)} | healed: {whole}\n  roles: {role_changes(run)}"
     )

@@ -29,9 +29,8 @@ import re
 import shutil
 import statistics
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +38,10 @@ from kvstore.bench import faults, load, storage
 from kvstore.bench.artifacts import per_window
 from kvstore.bench.keys import ZIPFIAN_THETA
 from kvstore.bench.procstat import CpuMeter
-from kvstore.bench.workload import BenchResult, Event, Workload
+from kvstore.bench.workload import BenchResult, Workload
 from kvstore.check import checker
-from kvstore.check.history import format_event, parse_log, write_events
+from kvstore.check.checker import check_events
+from kvstore.check.history import write_events
 from kvstore.config import ClientConfig
 from kvstore.local.cluster import LocalCluster
 
@@ -174,12 +174,6 @@ def parse_mix(text: str) -> int:
 
 
 # --------------------------------------------------------------------------- one configuration
-
-
-def check_events(events: Sequence[Event]) -> checker.CheckResult:
-    """The linearizability verdict on a run's events (as kv-check would give on its log)."""
-    ordered = sorted(events, key=itemgetter(0))
-    return checker.check(parse_log(format_event(*event) for event in ordered))
 
 
 def run_scenario(

@@ -42,7 +42,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
-from operator import attrgetter
+from operator import attrgetter, itemgetter
 from typing import TextIO
 
 from kvstore.check import register, search
@@ -51,12 +51,16 @@ from kvstore.check.history import (
     DELETE,
     READ,
     WRITE,
+    Event,
     LogFormatError,
     Op,
     StrPath,
     describe,
+    format_event,
     gc_paused,
+    parse_log,
     read_log,
+    write_events,
 )
 
 DEFAULT_MAX_VIOLATIONS_PER_KEY = 3
@@ -174,6 +178,15 @@ class _Cluster:
         """False for a cluster that constrains nothing: no reads and no completed write."""
         has_completed_write = self.write is not None and self.write.complete_ns is not None
         return self.read_count > 0 or has_completed_write
+
+
+def check_events(events: Iterable[Event], keep_at: StrPath | None = None) -> CheckResult:
+    """The verdict on a run's events (as kv-check would give on their log), also written to
+    ``keep_at`` as an execution log if given (to look at after a failure)."""
+    ordered = sorted(events, key=itemgetter(0))
+    if keep_at is not None:
+        write_events(keep_at, ordered)
+    return check(parse_log(format_event(*event) for event in ordered))
 
 
 def check(
