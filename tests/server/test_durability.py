@@ -11,6 +11,7 @@ import pytest
 from kazoo.client import KazooClient
 
 import kvstore
+from kvstore.bench import faults
 from kvstore.coordination import ClusterMeta
 from kvstore.local.cluster import LocalCluster
 from kvstore.local.zkserver import ZooKeeperServer
@@ -48,8 +49,7 @@ def read_keys(cluster: LocalCluster) -> dict[str, str | None]:
 
 
 def kill_all_then_start(cluster: LocalCluster, wipe: Path | None = None) -> None:
-    for node in cluster.nodes:
-        node.kill()
+    faults.kill_all(cluster)  # at once: one by one, the last one would take over first
     if wipe is not None:
         shutil.rmtree(wipe)
     for node in cluster.nodes:
@@ -74,14 +74,15 @@ def test_one_surviving_disk_of_the_in_sync_set_is_enough(
     assert read_keys(durable_cluster) == expected
 
 
-def seed_rule_primary(cluster: LocalCluster) -> str:
-    """The primary as the seed's Java client finds it: the children sorted by name
-    (Collections.sort), the first one's data."""
+def seed_rule_primary_and_meta(cluster: LocalCluster) -> tuple[str, ClusterMeta]:
+    """The primary as the seed's Java client finds it (the children sorted by name,
+    Collections.sort: the first one's data), and the cluster metadata."""
     zk = KazooClient(hosts=cluster.zk_connect)
     zk.start(timeout=30)
     try:
         children = sorted(zk.get_children(cluster.zk_path))
-        return zk.get(f"{cluster.zk_path}/{children[0]}")[0].decode()
+        address = zk.get(f"{cluster.zk_path}/{children[0]}")[0].decode()
+        return address, ClusterMeta.from_bytes(zk.get(cluster.zk_path)[0])
     finally:
         zk.stop()
         zk.close()
@@ -93,14 +94,8 @@ def test_the_seed_clients_rule_finds_the_primary_and_the_metadata_keeps_the_ids(
     for round_ in range(2):  # as started, and after a full restart (the backup may lead)
         primary = durable_cluster.wait_for("primary")
         durable_cluster.wait_for("backup")
-        assert seed_rule_primary(durable_cluster) == primary.address, f"round {round_}"
-        zk = KazooClient(hosts=durable_cluster.zk_connect)
-        zk.start(timeout=30)
-        try:
-            meta = ClusterMeta.from_bytes(zk.get(durable_cluster.zk_path)[0])
-        finally:
-            zk.stop()
-            zk.close()
+        address, meta = seed_rule_primary_and_meta(durable_cluster)
+        assert address == primary.address, f"round {round_}"
         assert len(meta.in_sync) == 2
         assert len(meta.durable_members()) == 2  # both keep a data directory
         kill_all_then_start(durable_cluster)

@@ -266,7 +266,8 @@ class Follower:
         node = self._node
         store_log = node.store.log
         is_complete = store_log is not None and store_log.is_complete_copy
-        if is_complete and node.node_id in durable and not self._defers_to_lower(names):
+        others = names - set(meta.in_sync)  # the listed ones are dead (their znodes linger)
+        if is_complete and node.node_id in durable and not self._defers_to_lower(others):
             new_meta = ClusterMeta.alone(
                 meta.epoch + 1, node.name, node.config.address, node.node_id
             )
@@ -305,7 +306,8 @@ class Follower:
 
     def _defers_to_lower(self, names: set[str]) -> bool:
         """Whether to let a live member registered before this node recover first (for
-        RECOVERY_DEFER_S): if it holds a copy it becomes primary as the lowest child."""
+        RECOVERY_DEFER_S): if it holds a copy it becomes primary as the lowest child.
+        ``names``: members other than the listed ones (found dead, their znodes linger)."""
         own = Member(self._node.name, "").sequence
         if not any(0 <= Member(name, "").sequence < own for name in names):
             return False
