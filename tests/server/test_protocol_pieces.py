@@ -9,6 +9,7 @@ import pytest
 
 from kvstore import errors
 from kvstore.coordination import ClusterMeta, Member
+from kvstore.local.processes import wait_until
 from kvstore.rpc import MalformedFrameError, RpcServer, _FrameReader, parse_address
 from kvstore.server.replication import BackupFence, Replicator
 
@@ -194,10 +195,11 @@ def test_the_primary_keeps_an_idle_replication_line_beside_the_busy_one() -> Non
         assert not replicator.wants_spare_line
         replicator.heartbeat()
         replicator.replicate("k", "w")
-        deadline = time.monotonic() + 5
-        while server.connection_count != 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert server.connection_count == 2
+        wait_until(
+            lambda: server.connection_count == 2 or None,
+            5.0,
+            lambda: f"{server.connection_count} connections, not 2",
+        )
     finally:
         replicator.close()
         server.close()

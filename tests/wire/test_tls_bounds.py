@@ -16,6 +16,7 @@ from hostile_frames import serving
 from kvstore import errors, rpc
 from kvstore.config import TlsConfig
 from kvstore.local.certs import CertificateFiles, write_certificates
+from kvstore.local.processes import wait_until
 
 BOUND_S = 5.0
 NODE_ONLY = ("replicate_batch", "join")
@@ -85,9 +86,11 @@ def test_an_idle_tls_connection_is_closed_and_a_pooled_one_reconnects(
         raw = socket.create_connection(("127.0.0.1", server.port))
         with context(certs.client).wrap_socket(raw) as idle:
             assert 0.15 < closed_after(idle) < BOUND_S
-        deadline = time.monotonic() + BOUND_S
-        while server.connection_count and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(
+            lambda: server.connection_count == 0 or None,
+            BOUND_S,
+            lambda: f"{server.connection_count} connections still open",
+        )
         assert pooled.call("get", "k") == "v"  # checked before reuse: reconnected, no error
 
 
