@@ -7,11 +7,15 @@ lock on the hot path).
 
 Retries: every call is retried until its timeout, transparently.
 - Reads (get, get_many) are safe to repeat.
-- Writes carry this client's id and a per-write sequence number; the primary records the
+- Writes carry a client id and a per-write sequence number; the primary records the
   outcome of each applied write with the data, on every in-sync replica, so a write
   retried after a lost reply or a failover gets its original outcome instead of being
   applied twice (exactly-once). A ``cas`` that was applied never reports False on retry,
   and a retried ``put`` never overwrites a newer write.
+  Each thread writes under its own id (a *lane*: the Client's id plus a number, handed
+  back for reuse when the thread ends). A thread waits for each of its calls, so every
+  write before its current one was answered: the request itself says so, and the
+  primary may forget older outcomes. No lock is shared between threads per write.
 - Errors that retrying cannot fix (a key or value too large, a malformed request) are
   raised at once. When the timeout runs out, :class:`~kvstore.errors.DeadlineExceededError`
   says whether the write may have been applied (``is_definite``).
@@ -79,8 +83,8 @@ class Client:
         self._connections: list[Connection] = []
         self._lock = threading.Lock()
         self.client_id = uuid.uuid4().hex
-        self._next_seq = itertools.count(1).__next__
-        self._in_flight: set[int] = set()
+        self._free_lanes: list[_Lane] = []
+        self._next_lane = itertools.count(1).__next__
         self._is_closed = False
         self._locator.on_primary_moved(self._leave_old_primary)
 
@@ -140,16 +144,14 @@ class Client:
     def _write(self, method: str, *args: Any) -> Any:
         if self._locator.is_seed_cluster:
             raise errors.UnsupportedError(f"{method} needs kvstore nodes (the seed's have get/put)")
-        seq = self._next_seq()
-        with self._lock:
-            self._in_flight.add(seq)
-            acked_below = min(self._in_flight)
-        try:
-            request = RequestId(client_id=self.client_id, seq=seq, acked_below=acked_below)
-            return self._call(method, (*args, request))
-        finally:
-            with self._lock:
-                self._in_flight.discard(seq)
+        lease: _LaneLease | None = getattr(self._local, "lane", None)
+        if lease is None:
+            lease = self._local.lane = _LaneLease(self)
+        lane = lease.lane
+        lane.seq = seq = lane.seq + 1
+        # Every earlier write of this lane was answered (or given up on): acked_below = seq.
+        request = RequestId(client_id=lane.client_id, seq=seq, acked_below=seq)
+        return self._call(method, (*args, request))
 
     def _call(self, method: str, args: tuple[Any, ...], is_idempotent: bool = True) -> Any:
         """Call ``method`` on the primary, retrying until the timeout. ``is_idempotent``:
@@ -208,3 +210,32 @@ class Client:
             old.close()
         self._local.conn = conn
         return conn
+
+
+class _Lane:
+    """An exactly-once identity used by one thread at a time: a client id and its last seq."""
+
+    __slots__ = ("client_id", "seq")
+
+    def __init__(self, client_id: str) -> None:
+        self.client_id = client_id
+        self.seq = 0
+
+
+class _LaneLease:
+    """A thread's hold on a lane (kept in the Client's thread-local storage). When the
+    thread ends its storage goes, and the lane returns to the Client's free list, its
+    sequence intact, for the next new thread: a process that keeps starting threads
+    reuses a few ids instead of leaving a record under a new id each time."""
+
+    __slots__ = ("free", "lane")
+
+    def __init__(self, client: Client) -> None:
+        self.free = client._free_lanes
+        try:
+            self.lane = self.free.pop()  # list.pop and append are atomic: no lock
+        except IndexError:
+            self.lane = _Lane(f"{client.client_id}-{client._next_lane()}")
+
+    def __del__(self) -> None:
+        self.free.append(self.lane)
