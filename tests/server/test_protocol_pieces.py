@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import socket
 import time
+from typing import cast
 
 import pytest
 
 from kvstore import errors
+from kvstore.config import Limits
 from kvstore.coordination import ClusterMeta, Member
 from kvstore.local.processes import wait_until
 from kvstore.rpc import MalformedFrameError, RpcServer, _FrameReader, parse_address
+from kvstore.server.handler import NodeHandler, NodeService
 from kvstore.server.replication import BackupFence, Replicator
 
 
@@ -178,6 +181,44 @@ class _AcceptingBackup:
 
     def __getattr__(self, name: str) -> object:
         return lambda *args: None
+
+
+class _RecordingBackup(_AcceptingBackup):
+    """A peer that keeps the arguments of every replicate_batch it is sent."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[object, ...]] = []
+
+    def replicate_batch(self, *args: object) -> None:
+        self.batches.append(args)
+
+
+def test_exactly_once_records_travel_flat_beside_the_puts_and_only_when_there_are_any() -> None:
+    backup = _RecordingBackup()
+    server = RpcServer("127.0.0.1", 0, backup, 1 << 20)
+    server.start()
+    replicator = Replicator(
+        Member("node-0000000001", f"127.0.0.1:{server.port}"), 1, "j", 1.0, 2000
+    )
+    try:
+        replicator.replicate("k", "v", ("lane-1", 5, 5))
+        replicator.replicate("k", "w")
+    finally:
+        replicator.close()
+        server.close()
+    assert backup.batches == [
+        (1, ["k"], ["v"], "j", None, ["lane-1"], [5], [5]),
+        (1, ["k"], ["w"], "j", None, None, None, None),
+    ]
+
+
+def test_the_backup_refuses_record_lists_that_do_not_match_the_entries() -> None:
+    handler = NodeHandler(cast(NodeService, _AcceptingBackup()), Limits())
+    with pytest.raises(errors.BadRequestError, match="as long as keys"):
+        handler.replicate_batch(1, ["a", "b"], ["1", "2"], "j", None, ["c"], [1], [1])
+    with pytest.raises(errors.BadRequestError, match="as long as keys"):
+        handler.replicate_batch(1, ["a"], ["1"], "j", None, ["c"], None, [1])
+    handler.replicate_batch(1, ["a"], ["1"], "j", None, ["c"], [1], [1])
 
 
 def test_the_primary_keeps_an_idle_replication_line_beside_the_busy_one() -> None:

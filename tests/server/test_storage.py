@@ -27,6 +27,14 @@ def test_put_many_applies_in_order() -> None:
     assert store.get("j") == "x"
 
 
+def test_put_many_remembers_the_records_that_travel_flat_beside_the_entries() -> None:
+    store = StripedStore(4)
+    store.put_many(["a", "b"], ["1", "2"], (["", "lane-1"], [0, 7], [0, 7]))
+    assert store.snapshot() == {"a": "1", "b": "2"}
+    assert store.sessions_for("b").outcome("lane-1", 7) is True
+    assert sum(len(table) for table in store.sessions) == 1  # "" is a put without one
+
+
 def test_put_if_absent_never_overwrites_forwarded_values() -> None:
     store = StripedStore(4)
     store.put("fresh", "forwarded")
@@ -135,6 +143,15 @@ def test_records_below_what_the_client_still_awaits_are_dropped() -> None:
     assert table.outcome("c", 1) is None and table.outcome("c", 2) is None
     assert table.outcome("c", 3) is True
     assert list(table.items()) == [("k3", "c", 3, True)]
+
+
+def test_records_copied_from_a_snapshot_are_kept_until_the_client_has_its_answer() -> None:
+    table = SessionTable()
+    table.add_if_absent("k1", "c", 10, True)  # state transfer
+    table.record("k2", "c", 11, True, acked_below=5)  # 10 may still be retried
+    assert table.outcome("c", 10) is True
+    table.record("k3", "c", 12, True, acked_below=12)
+    assert list(table.items()) == [("k3", "c", 12, True)]
 
 
 def test_records_of_an_idle_client_expire() -> None:

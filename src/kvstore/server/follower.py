@@ -44,6 +44,7 @@ from kvstore.coordination import ClusterMeta, Coordinator, Member, designated_ba
 from kvstore.rpc import Connection, probe
 from kvstore.server.replication import BackupFence
 from kvstore.server.roles import EXIT_DATA_LOST, NodeCore, NodeExit, Role, is_dead
+from kvstore.server.storage import FlatRecords
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +76,13 @@ class Follower:
         values: list[str],
         join_id: str | None,
         changes: list[Any],
+        records: FlatRecords | None = None,
     ) -> None:
         fence = self.fence
         store = self._node.store
         with fence.lock:
             fence.check(epoch, join_id)
-            position = store.put_many(keys, values)
+            position = store.put_many(keys, values, records)
             for change in changes:
                 record = (
                     None

@@ -12,6 +12,8 @@ from typing import Any, Protocol
 from kvstore import errors
 from kvstore.config import Limits
 from kvstore.idl import Lookup
+from kvstore.server.sessions import RequestRecord
+from kvstore.server.storage import FlatRecords
 
 # Under mutual TLS only a node's certificate may call these (rpc refuses a client's with
 # FORBIDDEN before the handler runs): replication and state transfer.
@@ -19,8 +21,6 @@ NODE_ONLY_METHODS = frozenset(
     {"replicate", "replicate_batch", "join", "sync_fetch", "join_done", "backup_renamed"}
 )
 
-# (client_id, seq, acked_below) of an exactly-once write; the same alias as the node's.
-RequestRecord = tuple[str, int, int]
 MAX_CLIENT_ID_BYTES = 128
 
 
@@ -49,6 +49,7 @@ class NodeService(Protocol):
         values: list[str],
         join_id: str | None,
         changes: list[Any],
+        records: FlatRecords | None = None,
     ) -> None: ...
     def status(self) -> object: ...
     def accept_join(
@@ -159,13 +160,28 @@ class NodeHandler:
         values: list[str] | None,
         join_id: str | None,
         changes: list[Any] | None = None,
+        record_clients: list[str] | None = None,
+        record_seqs: list[int] | None = None,
+        record_acked: list[int] | None = None,
     ) -> None:
         keys, values = keys or [], values or []
         if len(keys) != len(values):
             raise errors.BadRequestError("replicate_batch: keys and values differ in length")
         if changes and any(not isinstance(c.key, str) for c in changes):
             raise errors.BadRequestError("replicate_batch: every change needs a key")
-        self._node.apply_replicated(epoch, keys, values, join_id, changes or [])
+        records: FlatRecords | None = None
+        if record_clients is not None or record_seqs is not None or record_acked is not None:
+            if (
+                record_clients is None
+                or record_seqs is None
+                or record_acked is None
+                or not len(record_clients) == len(record_seqs) == len(record_acked) == len(keys)
+            ):
+                raise errors.BadRequestError(
+                    "replicate_batch: the record lists must all be as long as keys"
+                )
+            records = (record_clients, record_seqs, record_acked)
+        self._node.apply_replicated(epoch, keys, values, join_id, changes or [], records)
 
     def dump(self) -> dict[str, str]:
         node = self._node

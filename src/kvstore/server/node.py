@@ -44,13 +44,11 @@ from kvstore.server.handler import NODE_ONLY_METHODS, NodeHandler
 from kvstore.server.metrics import MetricsServer, NodeMetrics, NodeState, instrument
 from kvstore.server.replication import BackupFailedError, Replicator
 from kvstore.server.roles import EXIT_OK, EXIT_RESTART, NodeExit, Role, is_dead
-from kvstore.server.storage import StripedStore
+from kvstore.server.sessions import RequestRecord
+from kvstore.server.storage import FlatRecords, StripedStore
 from kvstore.server.wal import WriteAheadLog
 
 log = logging.getLogger(__name__)
-
-# A request's exactly-once identity: (client_id, seq, acked_below).
-RequestRecord = tuple[str, int, int]
 
 
 class StorageNode:
@@ -417,25 +415,31 @@ class StorageNode:
             if (value is None and current is None) or (is_conditional and current != expected):
                 self.confirm_read()
                 return False
-            client_id, seq, acked_below = request if request is not None else (None, 0, 0)
-            self._replicate(Change(key, value, client_id, seq, True, acked_below))
-            record = None if client_id is None else (client_id, seq, acked_below)
+            self._replicate(key, value, request)
             # Published last, as in replicate_put.
-            self.store.wait_durable(self.store.log_write(key, value, record))
+            self.store.wait_durable(self.store.log_write(key, value, request))
             if value is None:
                 del shard[key]
             else:
                 shard[key] = value
-            if client_id is not None:
+            if request is not None:
+                client_id, seq, acked_below = request
                 sessions.record(key, client_id, seq, True, acked_below)
             return True
 
-    def _replicate(self, change: object) -> None:
-        """Forward one change to the backup (call with the key's stripe write lock held)."""
+    def _replicate(self, key: str, value: str | None, request: RequestRecord | None) -> None:
+        """Forward one write (a delete if ``value`` is None) and its exactly-once record to
+        the backup (call with the key's stripe write lock held)."""
         replicator = self._replicator
         if replicator is not None:
             try:
-                replicator.replicate_change(change)
+                if value is not None:
+                    replicator.replicate(key, value, request)
+                else:
+                    client_id, seq, acked_below = request or (None, 0, 0)
+                    replicator.replicate_change(
+                        Change(key, None, client_id, seq, True, acked_below)
+                    )
             except BackupFailedError as exc:
                 self._drop_backup(replicator, str(exc))
         if self.role != Role.PRIMARY:  # the backup may hold the change already
@@ -617,8 +621,9 @@ class StorageNode:
         values: list[str],
         join_id: str | None,
         changes: list[Any],
+        records: FlatRecords | None = None,
     ) -> None:
-        self._follower.apply_replicated(epoch, keys, values, join_id, changes)
+        self._follower.apply_replicated(epoch, keys, values, join_id, changes, records)
 
     # ----------------------------------------------------------------- introspection
 

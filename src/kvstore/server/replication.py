@@ -27,6 +27,7 @@ from typing import Any
 from kvstore import errors
 from kvstore.coordination import Member
 from kvstore.rpc import Connection
+from kvstore.server.sessions import RequestRecord
 
 LEASE_SAFETY = 0.8  # the primary uses only this fraction of the lease it was granted
 MAX_BATCH_ENTRIES = 4096
@@ -47,11 +48,26 @@ class _Batch:
     and releasing it, which lets the next one through.
     """
 
-    __slots__ = ("changes", "done", "error", "keys", "size", "turn", "values")
+    __slots__ = (
+        "acked",
+        "changes",
+        "clients",
+        "done",
+        "error",
+        "keys",
+        "seqs",
+        "size",
+        "turn",
+        "values",
+    )
 
     def __init__(self) -> None:
         self.keys: list[str] = []
         self.values: list[str] = []
+        # The entries' exactly-once records, made when the first one comes (see the IDL).
+        self.clients: list[str] | None = None
+        self.seqs: list[int] = []
+        self.acked: list[int] = []
         self.changes: list[object] = []
         self.size = 0  # an upper bound of its encoded bytes
         self.error: BackupFailedError | None = None
@@ -120,17 +136,25 @@ class Replicator:
     def has_lease(self) -> bool:
         return time.monotonic() < self.lease_until
 
-    def replicate(self, key: str, value: str) -> None:
-        """Return once the backup applied ``key = value``; raise BackupFailedError otherwise."""
-        self._replicate(key, value, None, len(key) + len(value))
+    def replicate(self, key: str, value: str, record: RequestRecord | None = None) -> None:
+        """Return once the backup applied ``key = value`` (and remembered ``record``, the
+        exactly-once (client_id, seq, acked_below) of the write, if any); raise
+        BackupFailedError otherwise."""
+        chars = len(key) + len(value) + (0 if record is None else len(record[0]) + 8)
+        self._replicate(key, value, record, None, chars)
 
     def replicate_change(self, change: Any) -> None:
-        """Like ``replicate`` for one Change (a delete, or a write with its exactly-once record)."""
+        """Like ``replicate`` for one Change (a delete)."""
         size = len(change.key) + len(change.value or "") + len(change.client_id or "")
-        self._replicate(None, None, change, size)
+        self._replicate(None, None, None, change, size)
 
     def _replicate(
-        self, key: str | None, value: str | None, change: object | None, chars: int
+        self,
+        key: str | None,
+        value: str | None,
+        record: RequestRecord | None,
+        change: object | None,
+        chars: int,
     ) -> None:
         size = 4 * chars + 64  # UTF-8 takes at most 4 bytes a character; field headers
         with self._lock:
@@ -148,6 +172,16 @@ class Replicator:
                 queue.append(batch)
             assert batch is not None
             if change is None:
+                clients = batch.clients
+                if record is not None and clients is None:
+                    clients = batch.clients = [""] * len(batch.keys)
+                    batch.seqs = [0] * len(clients)
+                    batch.acked = [0] * len(clients)
+                if clients is not None:
+                    client_id, seq, acked_below = record or ("", 0, 0)
+                    clients.append(client_id)
+                    batch.seqs.append(seq)
+                    batch.acked.append(acked_below)
                 batch.keys.append(key)  # type: ignore[arg-type]
                 batch.values.append(value)  # type: ignore[arg-type]
             else:
@@ -170,7 +204,8 @@ class Replicator:
     def _send_batch(self, batch: _Batch) -> None:
         """Send ``batch`` (the line is ours), wake its threads, pass the line on."""
         try:
-            self._send(batch.keys, batch.values, batch.changes or None)
+            records = None if batch.clients is None else (batch.clients, batch.seqs, batch.acked)
+            self._send(batch.keys, batch.values, batch.changes or None, records)
         except BackupFailedError as exc:
             batch.error = exc
         except BaseException as exc:  # never leave the batch's threads waiting
@@ -203,12 +238,15 @@ class Replicator:
         keys: list[str],
         values: list[str],
         changes: list[Any] | None = None,
+        records: tuple[list[str], list[int], list[int]] | None = None,
         fresh: bool = False,
     ) -> None:
         conn = self._new_connection() if fresh else self._checkout()
         started = time.monotonic()
         try:
-            conn.call("replicate_batch", self.epoch, keys, values, self.join_id, changes)
+            conn.call(
+                "replicate_batch", self.epoch, keys, values, self.join_id, changes, *(records or ())
+            )
         except Exception as exc:  # every failure, expected (KVError) or not, breaks the line
             self.close()
             raise BackupFailedError(f"replication to {self.backup.address}: {exc}") from exc

@@ -19,12 +19,16 @@ from collections.abc import Iterator
 
 DEFAULT_TTL_S = 300.0
 
+# A write's exactly-once identity: (client_id, seq, acked_below).
+RequestRecord = tuple[str, int, int]
+
 
 class _ClientRecords:
-    __slots__ = ("last_seen", "outcomes")
+    __slots__ = ("highest", "last_seen", "outcomes")
 
     def __init__(self) -> None:
         self.outcomes: dict[int, tuple[bool, str]] = {}  # seq -> (outcome, key)
+        self.highest = 0  # the highest seq in outcomes (or higher)
         self.last_seen = 0.0
 
 
@@ -52,10 +56,15 @@ class SessionTable:
         if records is None:
             records = self._clients[client_id] = _ClientRecords()
         outcomes = records.outcomes
-        if outcomes and min(outcomes) < acked_below:
-            for old in [s for s in outcomes if s < acked_below]:
-                del outcomes[old]
+        if outcomes:
+            if records.highest < acked_below:  # the usual case: every one was answered
+                outcomes.clear()
+            elif min(outcomes) < acked_below:
+                for old in [s for s in outcomes if s < acked_below]:
+                    del outcomes[old]
         outcomes[seq] = (outcome, key)
+        if seq > records.highest:
+            records.highest = seq
         records.last_seen = now
         if now >= self._next_sweep:
             self._sweep(now)
@@ -78,6 +87,8 @@ class SessionTable:
             records = self._clients[client_id] = _ClientRecords()
             records.last_seen = time.monotonic()
         records.outcomes.setdefault(seq, (outcome, key))
+        if seq > records.highest:
+            records.highest = seq
 
     def clear(self) -> None:
         self._clients.clear()

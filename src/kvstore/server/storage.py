@@ -34,7 +34,11 @@ from contextlib import contextmanager
 from typing import Any
 
 from kvstore.server import wal
-from kvstore.server.sessions import SessionTable
+from kvstore.server.sessions import RequestRecord, SessionTable
+
+# The exactly-once records of a batch's puts, flat: client ids ("" for none), seqs,
+# acked_belows (see replicate_batch in the IDL).
+FlatRecords = tuple[list[str], list[int], list[int]]
 
 
 class StripedStore:
@@ -59,15 +63,30 @@ class StripedStore:
             self._shards[i][key] = value
             return self.log_write(key, value)
 
-    def put_many(self, keys: list[str], values: list[str]) -> int:
-        """Apply writes in list order (one stripe lock at a time); returns the last log
-        position to wait for."""
+    def put_many(
+        self, keys: list[str], values: list[str], records: FlatRecords | None = None
+    ) -> int:
+        """Apply writes in list order (one stripe lock at a time), each with its
+        exactly-once record if ``records`` names one; returns the last log position to
+        wait for."""
         position = 0
-        for key, value in zip(keys, values, strict=True):
-            position = self.put(key, value)
+        if records is None:
+            for key, value in zip(keys, values, strict=True):
+                position = self.put(key, value)
+            return position
+        count = self.stripe_count
+        for key, value, client_id, seq, acked_below in zip(keys, values, *records, strict=True):
+            i = hash(key) % count
+            with self._locks[i]:
+                self._shards[i][key] = value
+                if client_id:
+                    position = self.log_write(key, value, (client_id, seq, acked_below))
+                    self.sessions[i].record(key, client_id, seq, True, acked_below)
+                else:
+                    position = self.log_write(key, value)
         return position
 
-    def log_write(self, key: str, value: str | None, record: wal.ExactlyOnce | None = None) -> int:
+    def log_write(self, key: str, value: str | None, record: RequestRecord | None = None) -> int:
         """Append a mutation to the log (call with the key's stripe lock held, in the
         same hold that applies it); returns its position, 0 without a log."""
         log = self.log

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvstore import errors
+from kvstore.server.sessions import RequestRecord
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +52,6 @@ _I64 = struct.Struct(">q")
 PUT, DELETE, RECORD, SNAPSHOT_HEADER = b"P", b"D", b"R", b"S"
 SNAPSHOT_FILE = "snapshot"
 NODE_ID_FILE = "node-id"
-
-# (client_id, seq, acked_below) of an exactly-once write
-ExactlyOnce = tuple[str, int, int]
 
 
 class CorruptLogError(errors.KVError):
@@ -67,7 +65,7 @@ class Mutation:
     kind: bytes
     key: str
     value: str | None = None
-    record: ExactlyOnce | None = None
+    record: RequestRecord | None = None
     outcome: bool = True
 
 
@@ -79,7 +77,7 @@ def _text(value: str) -> bytes:
     return _LEN.pack(len(data)) + data
 
 
-def encode(key: str, value: str | None, record: ExactlyOnce | None = None) -> bytes:
+def encode(key: str, value: str | None, record: RequestRecord | None = None) -> bytes:
     """A put (or a delete, ``value`` None) as one framed record."""
     parts = [PUT if value is not None else DELETE, _text(key)]
     if value is not None:
