@@ -69,9 +69,15 @@ service KeyValueService {
   // Primary -> backup: apply entries in order. An empty batch is a heartbeat. Accepted
   // only from the current primary (epoch) for the backup's current join (join_id);
   // every accepted batch renews the primary's read lease.
-  // changes (deletes, exactly-once writes) are applied after keys/values.
+  // changes (deletes) are applied after keys/values (a batch never holds a key twice: the
+  // primary holds the key's stripe lock until the backup answered).
+  // Exactly-once records of the keys/values entries, when any entry has one, travel flat
+  // beside them (a struct per entry costs several times as much to encode and decode):
+  // entry i was written by record_clients[i] ("" for none) with seq record_seqs[i] and
+  // acked_below record_acked[i]. The three lists are as long as keys, or all unset.
   void replicate_batch(1: i64 epoch, 2: list<string> keys, 3: list<string> values, 4: string join_id,
-                       5: list<Change> changes);
+                       5: list<Change> changes, 6: list<string> record_clients,
+                       7: list<i64> record_seqs, 8: list<i64> record_acked);
   NodeStatus status();
   // Backup -> primary: start forwarding puts to backup_id (tagged with join_id), then
   // fetch the snapshot stripe by stripe with sync_fetch and confirm with join_done.

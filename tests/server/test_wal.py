@@ -113,6 +113,56 @@ def test_concurrent_writers_share_one_fsync(
     assert len(fsyncs) == 1
 
 
+def test_a_write_is_durable_when_wait_durable_returns_however_the_rounds_fall(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Group commit under contention: every wait_durable returns only after an fsync that
+    began when the file already held the write (the segment is new: position = size)."""
+    store = durable_store(tmp_path)
+    synced_sizes = [0]
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        size = os.fstat(fd).st_size
+        real_fsync(fd)
+        synced_sizes.append(size)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    late: list[tuple[int, int]] = []
+
+    def write(i: int) -> None:
+        for j in range(40):
+            position = store.put(f"k{i}-{j}", "v")
+            store.wait_durable(position)
+            if max(synced_sizes) < position:
+                late.append((position, max(synced_sizes)))
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not any(thread.is_alive() for thread in threads)
+    assert late == []
+    assert 1 < len(synced_sizes) <= 8 * 40
+
+
+def test_a_failed_fsync_fails_every_write_it_was_for_and_the_next_one_syncs_anew(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = durable_store(tmp_path)
+    real_fsync = os.fsync
+
+    def failing(_fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing)
+    with pytest.raises(OSError, match="Input/output"):
+        store.wait_durable(store.put("k", "lost?"))
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    store.wait_durable(store.put("k", "kept"))
+
+
 def test_clearing_the_store_forgets_the_disk_copy(tmp_path: Path) -> None:
     store = durable_store(tmp_path)
     fill(store)

@@ -27,6 +27,7 @@ from typing import Any
 from kvstore import errors
 from kvstore.coordination import Member
 from kvstore.rpc import Connection
+from kvstore.server.handoff import held_lock, pass_through
 from kvstore.server.sessions import RequestRecord
 
 LEASE_SAFETY = 0.8  # the primary uses only this fraction of the lease it was granted
@@ -43,9 +44,7 @@ class _Batch:
 
     The thread that opened it sends it: at once if the line is free, else when
     ``turn`` is released (the batch before it came back). The others wait for ``done``
-    to be released. Both are plain locks created held (threading.Event costs a
-    Condition and a lock per wait, in Python): a waiter passes ``done`` by acquiring
-    and releasing it, which lets the next one through.
+    to be released. Both are plain locks created held (see handoff).
     """
 
     __slots__ = (
@@ -71,14 +70,8 @@ class _Batch:
         self.changes: list[object] = []
         self.size = 0  # an upper bound of its encoded bytes
         self.error: BackupFailedError | None = None
-        self.turn = _held_lock()
-        self.done = _held_lock()
-
-
-def _held_lock() -> threading.Lock:
-    lock = threading.Lock()
-    lock.acquire()
-    return lock
+        self.turn = held_lock()
+        self.done = held_lock()
 
 
 class Replicator:
@@ -196,8 +189,7 @@ class Replicator:
                 batch.turn.acquire()  # the sender before dequeued it for us
             self._send_batch(batch)
         else:
-            batch.done.acquire()
-            batch.done.release()  # for the next waiter
+            pass_through(batch.done)
         if batch.error is not None:
             raise batch.error
 

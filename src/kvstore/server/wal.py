@@ -28,6 +28,7 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import struct
@@ -40,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvstore import errors
+from kvstore.server.handoff import held_lock, pass_through
 from kvstore.server.sessions import RequestRecord
 
 log = logging.getLogger(__name__)
@@ -215,10 +217,11 @@ class WriteAheadLog:
         directory.mkdir(parents=True, exist_ok=True)
         self.node_id = self._node_id()
         self._append_lock = threading.Lock()
-        self._durable = threading.Condition()
         self._appended = 0  # bytes appended since open (a position, not a file offset)
         self._synced = 0
-        self._is_syncing = False
+        self._sync_lock = threading.Lock()
+        self._is_syncing = False  # an fsync is running
+        self._next_sync: _SyncRound | None = None  # waiters for the fsync after it
         self.bytes_since_snapshot = 0
         self.segment = max(self.segments(), default=0)
         self._fd = -1
@@ -294,25 +297,57 @@ class WriteAheadLog:
         self._sync_to(position)
 
     def _sync_to(self, position: int) -> None:
-        with self._durable:
-            while self._synced < position:
-                if self._is_syncing:
-                    self._durable.wait()
-                    continue
-                self._is_syncing = True
-                target = self._appended
-                fd = self._fd
-                self._durable.release()
+        """One fsync runs at a time. A thread that finds one running joins the next round;
+        the first to join it runs that fsync when the running one ends, for everything
+        appended by then (its waiters' records included; none if the one before covered
+        them), and wakes them."""
+        while True:
+            with self._sync_lock:
+                if self._synced >= position:
+                    return
+                round_ = self._next_sync
+                is_runner = round_ is None
+                if round_ is None:
+                    round_ = self._next_sync = _SyncRound()
+                if position > round_.upto:
+                    round_.upto = position
+                is_now = is_runner and not self._is_syncing
+                if is_now:
+                    self._is_syncing = True
+                    self._next_sync = None
+            if not is_runner:
+                pass_through(round_.done)
+            else:
+                if not is_now:
+                    round_.turn.acquire()  # the fsync before it ended and handed over
+                self._run_sync(round_)
+            if round_.error is not None:
+                raise round_.error
+
+    def _run_sync(self, round_: _SyncRound) -> None:
+        target = 0
+        try:
+            if self._synced < round_.upto:  # else the fsync before covered this round
+                with self._append_lock:  # the file that holds everything up to target
+                    fd, target = self._fd, self._appended
                 began = time.monotonic()
-                try:
-                    os.fsync(fd)
-                    if self._observe_fsync is not None:
-                        self._observe_fsync(time.monotonic() - began)
-                finally:
-                    self._durable.acquire()
-                    self._is_syncing = False
-                self._synced = max(self._synced, target)
-                self._durable.notify_all()
+                os.fsync(fd)
+                if self._observe_fsync is not None:
+                    self._observe_fsync(time.monotonic() - began)
+        except OSError as exc:
+            # EBADF after a switch of segments: _open_segment synced the old file and
+            # closed it, so what this fsync was for is on disk.
+            if exc.errno != errno.EBADF or fd == self._fd:
+                round_.error = exc
+        finally:
+            with self._sync_lock:
+                if round_.error is None:
+                    self._synced = max(self._synced, target)
+                following, self._next_sync = self._next_sync, None
+                self._is_syncing = following is not None
+            round_.done.release()
+            if following is not None:
+                following.turn.release()
 
     # ------------------------------------------------------------------ snapshots
 
@@ -359,6 +394,18 @@ class WriteAheadLog:
                     os.fsync(self._fd)
                 os.close(self._fd)
                 self._fd = -1
+
+
+class _SyncRound:
+    """The threads waiting for one fsync (see WriteAheadLog._sync_to)."""
+
+    __slots__ = ("done", "error", "turn", "upto")
+
+    def __init__(self) -> None:
+        self.turn = held_lock()
+        self.done = held_lock()
+        self.upto = 0  # the highest position a waiter of this round needs on disk
+        self.error: OSError | None = None
 
 
 def _write_durably(path: Path, data: bytes) -> None:
