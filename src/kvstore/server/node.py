@@ -368,10 +368,17 @@ class StorageNode:
         self._dead_backups.extend(waiting)
 
     def replicate_put(self, key: str, value: str) -> None:
-        """The primary's put: replicate, log, then apply, under the key's stripe lock
-        (readers take none: a value reaches the shard only once it is safe to read)."""
+        """The primary's put: log, replicate, sync, then apply, under the key's stripe lock
+        (readers take none: a value reaches the shard only once it is safe to read).
+
+        Logged before it is replicated, so that the fsync run for earlier writes while
+        this one is on its way to the backup covers it too (no fsync of its own, most
+        often). A crash between the two leaves a write in this node's log that no one
+        acknowledged, as a backup may hold one: a rejoining node copies from the primary.
+        """
         lock, shard = self.store.stripe_for_write(key)
         with lock:
+            position = self.store.log_write(key, value)
             replicator = self._replicator
             if replicator is not None:
                 try:
@@ -382,10 +389,10 @@ class StorageNode:
                 raise errors.ReplicationFailedError(
                     "node stopped while replicating; outcome unknown"
                 )
-            # Published last, only once logged and synced: readers take no lock (see
+            # Published last, only once replicated and synced: readers take no lock (see
             # storage). If the log fails the client hears so (outcome unknown: the backup
             # may hold the value) and nothing unsafe is published here.
-            self.store.wait_durable(self.store.log_write(key, value))
+            self.store.wait_durable(position)
             shard[key] = value
 
     def write(
@@ -415,9 +422,10 @@ class StorageNode:
             if (value is None and current is None) or (is_conditional and current != expected):
                 self.confirm_read()
                 return False
+            # Logged first and published last, as in replicate_put.
+            position = self.store.log_write(key, value, request)
             self._replicate(key, value, request)
-            # Published last, as in replicate_put.
-            self.store.wait_durable(self.store.log_write(key, value, request))
+            self.store.wait_durable(position)
             if value is None:
                 del shard[key]
             else:
