@@ -74,6 +74,23 @@ def test_one_surviving_disk_of_the_in_sync_set_is_enough(
     assert read_keys(durable_cluster) == expected
 
 
+def test_a_node_recovering_from_disk_first_waits_out_the_lease_it_may_have_granted(
+    durable_cluster: LocalCluster,
+) -> None:
+    """A primary cut off from ZooKeeper may go on serving reads on a lease granted before
+    its backup restarted: the restarted node takes over only after that lease ran out."""
+    expected = write_keys(durable_cluster)
+    faults.kill_all(durable_cluster)
+    for node in durable_cluster.nodes:
+        node.extra_args += ["--lease", "3"]  # longer than a node takes to start
+        node.start()
+    primary = durable_cluster.wait_for("primary")
+    assert read_keys(durable_cluster) == expected
+    restart = primary.log_path.read_text().rsplit("--- starting:", 1)[1]
+    waited = restart.index("waiting out the read lease")
+    assert waited < restart.index("recovered from disk")
+
+
 def seed_rule_primary_and_meta(cluster: LocalCluster) -> tuple[str, ClusterMeta]:
     """The primary as the seed's Java client finds it (the children sorted by name,
     Collections.sort: the first one's data), and the cluster metadata."""

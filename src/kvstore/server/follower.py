@@ -63,11 +63,14 @@ class Follower:
         self.fence = BackupFence(node.config.lease_s)
         self._local = threading.local()
         self._is_waiting_logged = False
+        self._is_lease_wait_logged = False
         self._deferring_since: float | None = None
         # Names this node registered under earlier in its current join (see the invariant).
         self._former_names: set[str] = set()
         self._rename_asked_at = 0.0
         self._silent_logged: set[str] = set()  # addresses of listed nodes that did not answer
+        # A lease this node granted before it restarted runs out at most lease_s after this.
+        self._leases_out_at = time.monotonic() + node.config.lease_s
 
     def apply_replicated(
         self,
@@ -269,7 +272,12 @@ class Follower:
         store_log = node.store.log
         is_complete = store_log is not None and store_log.is_complete_copy
         others = names - set(meta.in_sync)  # the listed ones are dead (their znodes linger)
-        if is_complete and node.node_id in durable and not self._defers_to_lower(others):
+        if (
+            is_complete
+            and node.node_id in durable
+            and not self._defers_to_lower(others)
+            and self._has_no_lease_out()
+        ):
             new_meta = ClusterMeta.alone(
                 meta.epoch + 1, node.name, node.config.address, node.node_id
             )
@@ -305,6 +313,17 @@ class Follower:
             f"{meta.primary_address}). Refusing to serve an incomplete store. To start over with "
             f"an EMPTY store run: kv-createznode --reset {config.zk_connect} {config.zk_path}",
         )
+
+    def _has_no_lease_out(self) -> bool:
+        """Whether any read lease this node may have granted as a backup before it restarted
+        has run out: a primary cut off from ZooKeeper (so not provably dead) may still
+        serve reads on it, and must not while another primary takes writes."""
+        if time.monotonic() >= self._leases_out_at:
+            return True
+        if not self._is_lease_wait_logged:
+            self._is_lease_wait_logged = True
+            log.info("waiting out the read lease this node may have granted before it restarted")
+        return False
 
     def _defers_to_lower(self, names: set[str]) -> bool:
         """Whether to let a live member registered before this node recover first (for
