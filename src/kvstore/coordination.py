@@ -488,9 +488,16 @@ class Coordinator(ClusterView):
         # Plain node-<sequence> for every node: the seed's clients sort the children by
         # name. A node's durable id goes into the metadata instead (ClusterMeta.ids).
         self.member_prefix = MEMBER_PREFIX
+        self._may_have_registered = False  # a create failed without saying whether it landed
 
     def register(self, address: str) -> str:
         """Create this node's ephemeral sequential znode; safe to retry after an unclear failure."""
+        if self._may_have_registered:
+            # The last attempt could not tell (nor find out) whether its create landed:
+            # look first, or a retry would leave a second znode at our address.
+            own = self._own_member(address)
+            if own is not None:
+                return self._registered(own)
         try:
             with zookeeper_errors(f"registration under {self.path}"):
                 self._wait(self.zk.ensure_path_async(self.path))
@@ -502,16 +509,21 @@ class Coordinator(ClusterView):
                         sequence=True,
                     )
                 )
-            self.name = created.rsplit("/", 1)[-1]
         except errors.CoordinationError:
             # The create may have succeeded with its reply lost: adopt such a znode, never
             # leave a second one behind (it would pose as another member at our address).
+            self._may_have_registered = True
             own = self._own_member(address)
             if own is None:
                 raise
-            self.name = own
+            return self._registered(own)
+        return self._registered(created.rsplit("/", 1)[-1])
+
+    def _registered(self, name: str) -> str:
+        self._may_have_registered = False
+        self.name = name
         self.refresh()
-        return self.name
+        return name
 
     def _own_member(self, address: str) -> str | None:
         session_id = self.zk.client_id[0] if self.zk.client_id else None

@@ -1,0 +1,54 @@
+"""Registration in ZooKeeper when a reply is lost: never a second znode at our address."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from kazoo.exceptions import ConnectionLoss
+
+from kvstore import errors
+from kvstore.coordination import Coordinator, connect
+from kvstore.local.zkserver import ZooKeeperServer
+
+ADDRESS = "127.0.0.1:9"
+
+
+def test_a_retried_registration_adopts_the_znode_whose_reply_and_lookup_were_lost(
+    zk_server: ZooKeeperServer, zk_path: str
+) -> None:
+    """The create lands but its reply is lost, and so is the lookup for our own znode: the
+    retry must find that znode rather than create another one (which would pose as a
+    second member at our address, designated backup until our session ends)."""
+    zk = connect(zk_server.connect_string, 10.0, 10.0)
+    coordinator = Coordinator(zk, zk_path, lambda: None)
+    real_create, real_children = zk.create_async, zk.get_children_async
+    lost = {"create": 1, "children": 1}
+
+    def create_reply_lost(path: str, *args: Any, **kwargs: Any) -> Any:
+        result = real_create(path, *args, **kwargs)
+        if lost["create"] and path.startswith(f"{zk_path}/"):  # a member, not the parent
+            lost["create"] -= 1
+            result.get(timeout=10)  # it landed
+            raise ConnectionLoss()
+        return result
+
+    def children_lost(*args: Any, **kwargs: Any) -> Any:
+        if lost["children"]:
+            lost["children"] -= 1
+            raise ConnectionLoss()
+        return real_children(*args, **kwargs)
+
+    zk.ensure_path(zk_path)
+    try:
+        zk.create_async = create_reply_lost  # type: ignore[method-assign]
+        zk.get_children_async = children_lost  # type: ignore[method-assign]
+        with pytest.raises(errors.CoordinationError):
+            coordinator.register(ADDRESS)
+        name = coordinator.register(ADDRESS)
+        children = zk.get_children(zk_path)
+        assert children == [name]
+        assert zk.get(f"{zk_path}/{name}")[0] == ADDRESS.encode()
+    finally:
+        zk.create_async, zk.get_children_async = real_create, real_children  # type: ignore[method-assign]
+        coordinator.close()
