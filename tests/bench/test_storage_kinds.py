@@ -117,8 +117,10 @@ def test_storage_is_a_matrix_dimension_and_part_of_the_name() -> None:
     assert len(full.scenarios(full=True)) == 2 * 3 * 3 * 2 * 2
 
 
-def _row(storage: str, throughput: float, p50_ms: float, p99_ms: float) -> dict[str, Any]:
-    scenario = Scenario(4, 1000, 50, 10, "none", 1, storage=storage)
+def _row(
+    storage: str, throughput: float, p50_ms: float, p99_ms: float, client: str = "per-thread"
+) -> dict[str, Any]:
+    scenario = Scenario(4, 1000, 50, 10, "none", 1, storage=storage, client=client)
     return {
         "name": scenario.name,
         **{field: getattr(scenario, field) for field in Scenario.__slots__},
@@ -152,6 +154,19 @@ def test_rows_show_the_storage_and_the_summary_the_same_run_ratios() -> None:
         "p99 4.00" in lines
     )
     assert any(line.endswith("disk-always/memory ops/s 0.20, p50 4.00, p99 8.00") for line in lines)
+
+
+def test_the_summary_puts_a_figure_on_the_shared_client_and_on_exactly_once() -> None:
+    rows = [
+        _row("memory", 8000, 0.5, 3.0),
+        _row("memory", 7000, 0.6, 3.0, client="shared"),
+        _row("memory", 7500, 0.5, 3.0, client="shared-noeo"),
+    ]
+    lines = summarize(rows)
+    endings = [line.split(": ", 1)[1] for line in lines]
+    assert "shared/per-thread ops/s 0.88, p50 1.20, p99 1.00" in endings
+    assert "shared-noeo/per-thread ops/s 0.94, p50 1.00, p99 1.00" in endings
+    assert "shared/shared-noeo ops/s 0.93, p50 1.20, p99 1.00" in endings
 
 
 # --------------------------------------------------------------------------- data directories

@@ -365,9 +365,9 @@ def format_row(row: dict[str, Any]) -> str:
 def summarize(rows: list[dict[str, Any]]) -> list[str]:
     """Per configuration run more than once: median (min-max) throughput, median p99, worst
     gap. Per fault configuration: its median throughput as a share of the same
-    configuration's without faults. Per configuration on disk: its median throughput and
-    latencies as ratios to the same configuration's in memory (same session: same machine
-    state, as far as the rounds can make it)."""
+    configuration's without faults. Per configuration on disk, or with a shared client: its
+    median throughput and latencies as ratios to the same configuration's in memory, or with
+    per-thread clients (and shared to shared-noeo: what exactly-once costs)."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault(row["name"], []).append(row)
@@ -398,10 +398,33 @@ def summarize(rows: list[dict[str, Any]]) -> list[str]:
                 f"{sum(r['kills'] for r in group)} kills; checks "
                 f"{','.join(sorted({r['check'] for r in group}))}"
             )
+    for dimension, kind, base in (
+        ("storage", "disk", "memory"),
+        ("storage", "disk-always", "memory"),
+        ("client", "shared", "per-thread"),
+        ("client", "shared-noeo", "per-thread"),
+        ("client", "shared", "shared-noeo"),  # what exactly-once costs
+    ):
+        lines.extend(_ratio_lines(groups, medians, dimension, kind, base))
+    return lines
+
+
+def _ratio_lines(
+    groups: dict[str, list[dict[str, Any]]],
+    medians: dict[str, float],
+    dimension: str,
+    kind: str,
+    base: str,
+) -> list[str]:
+    """For each configuration with ``dimension`` = ``kind``: its median throughput and
+    latencies as ratios to the same configuration's with ``base`` (same session: same
+    machine state, as far as the rounds can make it)."""
+    lines = []
+    defaults = {"storage": "memory", "client": "per-thread"}
     for name, group in groups.items():
-        if group[0].get("storage", "memory") == "memory":
+        if group[0].get(dimension, defaults[dimension]) != kind:
             continue
-        twin = _twin(groups, group[0], "storage", "memory")
+        twin = _twin(groups, group[0], dimension, base)
         if twin is None or medians[twin] <= 0:
             continue
         ratios = [f"ops/s {medians[name] / medians[twin]:.2f}"]
@@ -410,7 +433,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[str]:
             theirs = statistics.median(r[key] for r in groups[twin])
             if theirs > 0:
                 ratios.append(f"{title} {mine / theirs:.2f}")
-        lines.append(f"{name}: {group[0]['storage']}/memory {', '.join(ratios)}")
+        lines.append(f"{name}: {kind}/{base} {', '.join(ratios)}")
     return lines
 
 
