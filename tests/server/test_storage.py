@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from kvstore import errors
 from kvstore.server.sessions import SessionTable
 from kvstore.server.storage import StripedStore
 
@@ -140,7 +141,9 @@ def test_records_below_what_the_client_still_awaits_are_dropped() -> None:
     table.record("k2", "c", 2, False, acked_below=1)
     assert len(table) == 2
     table.record("k3", "c", 3, True, acked_below=3)  # 1 and 2 were answered
-    assert table.outcome("c", 1) is None and table.outcome("c", 2) is None
+    for seq in (1, 2):  # gone, and refused should a late attempt of either come
+        with pytest.raises(errors.BadRequestError):
+            table.outcome("c", seq)
     assert table.outcome("c", 3) is True
     assert list(table.items()) == [("k3", "c", 3, True)]
 
@@ -152,6 +155,19 @@ def test_records_copied_from_a_snapshot_are_kept_until_the_client_has_its_answer
     assert table.outcome("c", 10) is True
     table.record("k3", "c", 12, True, acked_below=12)
     assert list(table.items()) == [("k3", "c", 12, True)]
+
+
+def test_a_late_attempt_of_a_request_the_client_moved_past_is_refused_not_applied() -> None:
+    """Attempt 1 of seq 5 was applied (reply lost), attempt 2 was held up until the client
+    timed out, and the client's seq 6 to the same stripe dropped 5's record: attempt 2
+    must not apply 5 a second time."""
+    table = SessionTable()
+    table.record("k", "c", 5, True, acked_below=5)
+    table.record("k", "c", 6, True, acked_below=6)
+    with pytest.raises(errors.BadRequestError, match="moved past it"):
+        table.outcome("c", 5)
+    assert table.outcome("c", 6) is True
+    assert table.outcome("c", 7) is None
 
 
 def test_records_of_an_idle_client_expire() -> None:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
+from kvstore import errors
+
 DEFAULT_TTL_S = 300.0
 
 # A write's exactly-once identity: (client_id, seq, acked_below).
@@ -24,11 +26,12 @@ RequestRecord = tuple[str, int, int]
 
 
 class _ClientRecords:
-    __slots__ = ("highest", "last_seen", "outcomes")
+    __slots__ = ("floor", "highest", "last_seen", "outcomes")
 
     def __init__(self) -> None:
         self.outcomes: dict[int, tuple[bool, str]] = {}  # seq -> (outcome, key)
         self.highest = 0  # the highest seq in outcomes (or higher)
+        self.floor = 0  # the highest acked_below seen: records below it were dropped
         self.last_seen = 0.0
 
 
@@ -43,12 +46,24 @@ class SessionTable:
         self._next_sweep = time.monotonic() + ttl_s
 
     def outcome(self, client_id: str, seq: int) -> bool | None:
-        """The recorded outcome of this request, or None if it was never applied here."""
+        """The recorded outcome of this request, or None if it was never applied here.
+
+        Raises BadRequestError for a request below what its client since said it no longer
+        awaits, with no record: a late attempt of a call the client gave up on (say, held
+        up behind a stalled write until the client timed out). Its record, if it was
+        applied, may be gone, so applying it could apply it twice."""
         records = self._clients.get(client_id)
         if records is None:
             return None
         entry = records.outcomes.get(seq)
-        return None if entry is None else entry[0]
+        if entry is not None:
+            return entry[0]
+        if seq < records.floor:
+            raise errors.BadRequestError(
+                f"request {seq} of client {client_id} comes after the client moved past it "
+                "(a late retry of a call it gave up on): not applied"
+            )
+        return None
 
     def record(self, key: str, client_id: str, seq: int, outcome: bool, acked_below: int) -> None:
         now = time.monotonic()
@@ -65,6 +80,8 @@ class SessionTable:
         outcomes[seq] = (outcome, key)
         if seq > records.highest:
             records.highest = seq
+        if acked_below > records.floor:
+            records.floor = acked_below
         records.last_seen = now
         if now >= self._next_sweep:
             self._sweep(now)
