@@ -3,6 +3,7 @@ replication (deletes, compare-and-set, exactly-once records), retries through ki
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -47,6 +48,59 @@ def test_round_trip_tells_missing_from_empty(cluster: LocalCluster) -> None:
         assert kv.cas("c", "9", "2") is False
         assert kv.cas("c", "1", "2") is True
         assert kv.get("c") == "2"
+
+
+def test_threads_write_under_lanes_of_their_own_and_a_nested_write_too(
+    cluster: LocalCluster,
+) -> None:
+    """Each thread's writes carry its own lane id with acked_below = seq; a write made from
+    inside another (as a signal handler or a finalizer could) gets a lane of its own, so
+    it cannot make the primary forget the outer write's record while that one may retry."""
+    with kvstore.Client(cluster.zk_connect, cluster.zk_path, timeout=5) as kv:
+        sent: list[RequestId] = []
+        real_call = kv._call
+
+        def spying_call(
+            method: str, args: tuple[object, ...], is_idempotent: bool = True
+        ) -> object:
+            if isinstance(args[-1], RequestId):
+                sent.append(args[-1])
+                if args[0] == "outer":
+                    kv.put("inner", "1")  # a write nested in this one, on the same thread
+            return real_call(method, args, is_idempotent)
+
+        kv._call = spying_call  # type: ignore[method-assign]
+        kv.put("outer", "1")
+        kv.put("outer-again", "1")
+        worker = threading.Thread(target=kv.put, args=("other-thread", "1"))
+        worker.start()
+        worker.join(10)
+        assert kv.get_many(["outer", "inner", "outer-again", "other-thread"]) == dict.fromkeys(
+            ["outer", "inner", "outer-again", "other-thread"], "1"
+        )
+    outer, inner, again, other = sent
+    assert inner.client_id != outer.client_id
+    assert (again.client_id, again.seq) == (outer.client_id, outer.seq + 1)
+    assert other.client_id != outer.client_id  # the main thread still holds that lane
+    # The nested write's lane went back to the free list: reused, its sequence going on.
+    assert other.client_id != inner.client_id or other.seq == inner.seq + 1
+    assert len({(r.client_id, r.seq) for r in sent}) == len(sent)
+    assert all(r.acked_below == r.seq for r in sent)
+
+
+def test_a_forked_child_writes_under_another_id(cluster: LocalCluster) -> None:
+    with kvstore.Client(cluster.zk_connect, cluster.zk_path, timeout=5) as kv:
+        kv.put("before-fork", "1")
+        reader, writer = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report its id, touch nothing else
+            os.write(writer, kv.client_id.encode())
+            os._exit(0)
+        os.close(writer)
+        child_id = os.read(reader, 100).decode()
+        os.close(reader)
+        assert os.waitpid(pid, 0)[1] == 0
+        assert child_id and child_id != kv.client_id
 
 
 def test_permanent_errors_are_raised_at_once(cluster: LocalCluster) -> None:

@@ -27,9 +27,11 @@ work, without exactly-once; get cannot tell a missing key from "" there.
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -79,14 +81,21 @@ class Client:
         )
         self._tls = tls_context(tls)  # before ZooKeeper: a bad file fails at once
         self._locator = PrimaryLocator(self._config)
-        self._local = threading.local()
         self._connections: list[Connection] = []
         self._lock = threading.Lock()
+        self._new_identity()
+        _CLIENTS.add(self)
+        self._is_closed = False
+        self._locator.on_primary_moved(self._leave_old_primary)
+
+    def _new_identity(self) -> None:
+        """A fresh client id, no lanes and no per-thread connections (at start, and in a
+        child after fork: parent and child must never write under the same id and
+        sequence numbers, nor share a connection)."""
         self.client_id = uuid.uuid4().hex
         self._free_lanes: list[_Lane] = []
         self._next_lane = itertools.count(1).__next__
-        self._is_closed = False
-        self._locator.on_primary_moved(self._leave_old_primary)
+        self._local = threading.local()
 
     # ------------------------------------------------------------------ the API
 
@@ -147,11 +156,19 @@ class Client:
         lease: _LaneLease | None = getattr(self._local, "lane", None)
         if lease is None:
             lease = self._local.lane = _LaneLease(self)
+        if lease.lane.is_busy:
+            # A write from inside one of this thread's writes (a signal handler, a
+            # finalizer): a lane of its own, back to the free list when this call ends.
+            lease = _LaneLease(self)
         lane = lease.lane
         lane.seq = seq = lane.seq + 1
         # Every earlier write of this lane was answered (or given up on): acked_below = seq.
         request = RequestId(client_id=lane.client_id, seq=seq, acked_below=seq)
-        return self._call(method, (*args, request))
+        lane.is_busy = True
+        try:
+            return self._call(method, (*args, request))
+        finally:
+            lane.is_busy = False
 
     def _call(self, method: str, args: tuple[Any, ...], is_idempotent: bool = True) -> Any:
         """Call ``method`` on the primary, retrying until the timeout. ``is_idempotent``:
@@ -212,14 +229,26 @@ class Client:
         return conn
 
 
+_CLIENTS: weakref.WeakSet[Client] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for client in list(_CLIENTS):
+        client._new_identity()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class _Lane:
     """An exactly-once identity used by one thread at a time: a client id and its last seq."""
 
-    __slots__ = ("client_id", "seq")
+    __slots__ = ("client_id", "is_busy", "seq")
 
     def __init__(self, client_id: str) -> None:
         self.client_id = client_id
         self.seq = 0
+        self.is_busy = False  # a write on it is under way
 
 
 class _LaneLease:
