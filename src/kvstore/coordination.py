@@ -526,6 +526,9 @@ class Coordinator(ClusterView):
         return name
 
     def _own_member(self, address: str) -> str | None:
+        """Our session's znode at ``address``, if any (after catching up with the leader: a
+        server we reconnected to may not have applied our create yet)."""
+        self.sync()
         session_id = self.zk.client_id[0] if self.zk.client_id else None
         with zookeeper_errors("looking for our own znode"):
             for name in self._wait(self.zk.get_children_async(self.path)):
