@@ -137,11 +137,12 @@ class StorageNode:
         if self.store.log is not None:
             threading.Thread(target=self._snapshot_loop, name="snapshots", daemon=True).start()
         try:
+            self._coordinator.check_parent_acl(has_auth=config.zk_auth is not None)
             self.name = self._coordinator.register(config.address)
         except errors.CoordinationError:
-            self._coordinator.close()  # e.g. NoAuth: wrong credentials; kv-node says so, exit 1
+            # NoAuth (wrong credentials) or a world-writable parent: kv-node says so, exit 1
+            self._coordinator.close()
             raise
-        self._coordinator.warn_if_world_writable(has_auth=config.zk_auth is not None)
         self.role = Role.STANDBY
         log.info("node %s serving on %s under %s", self.name, config.address, config.zk_path)
         try:
