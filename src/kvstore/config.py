@@ -91,6 +91,9 @@ class NodeConfig:
     zk_auth: str | None = field(default=None, repr=False)
     # Mutual TLS for the node's port and its own calls to other nodes (None: plaintext).
     tls: TlsConfig | None = None
+    # The shared cluster secret: only connections that proved it may call the node-only
+    # methods, and the node proves it on its own calls to other nodes (None: no secret).
+    cluster_secret: bytes | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         """The failure detector's timings must nest: a heartbeat renews the lease several

@@ -31,7 +31,7 @@ from kvstore.cli.args import (
     zk_auth_from,
 )
 from kvstore.config import Limits, NodeConfig, TlsConfig
-from kvstore.rpc import parse_address
+from kvstore.rpc import load_cluster_secret, parse_address
 from kvstore.server.node import StorageNode
 from kvstore.server.roles import EXIT_RESTART
 from kvstore.server.wal import FSYNC_MODES
@@ -61,7 +61,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "address other nodes and clients reach this node at"
         )
     try:
-        config = _config(args, limits, zk_auth, tls_from(parser, args))
+        secret = (
+            None
+            if args.cluster_secret_file is None
+            else load_cluster_secret(args.cluster_secret_file)
+        )
+        config = _config(args, limits, zk_auth, tls_from(parser, args), secret)
     except ValueError as exc:
         parser.error(str(exc))
     try:
@@ -94,7 +99,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _config(
-    args: argparse.Namespace, limits: Limits, zk_auth: str | None, tls: TlsConfig | None
+    args: argparse.Namespace,
+    limits: Limits,
+    zk_auth: str | None,
+    tls: TlsConfig | None,
+    secret: bytes | None,
 ) -> NodeConfig:
     """The node's configuration from its arguments (ValueError if they do not fit together)."""
     return NodeConfig(
@@ -113,6 +122,7 @@ def _config(
         snapshot_every_bytes=args.snapshot_every_mb * 1024 * 1024,
         zk_auth=zk_auth,
         tls=tls,
+        cluster_secret=secret,
     )
 
 
@@ -145,6 +155,15 @@ def _parser() -> argparse.ArgumentParser:
     _add_durability_arguments(parser)
     add_zk_auth_arguments(parser)
     add_tls_arguments(parser, "this node's (with OU=node: it may replicate to other nodes)")
+    parser.add_argument(
+        "--cluster-secret-file",
+        metavar="FILE",
+        help="a secret shared by the cluster's nodes (at least 16 bytes; the file must not be "
+        "accessible by group or others, chmod 600): only connections that prove it may call "
+        "replication, join and state transfer, and this node proves it on its own calls to "
+        "other nodes. Authenticates nodes without TLS (with TLS, both are required). Every "
+        "node of the cluster needs the same one",
+    )
     _add_process_arguments(parser)
     return parser
 

@@ -1,4 +1,5 @@
-"""Throwaway certificates for mutual TLS: a CA, a node certificate and a client certificate.
+"""Throwaway certificates for mutual TLS (a CA, a node certificate and a client certificate)
+and cluster secrets.
 
 For tests, demos and trying TLS out (``kv-certs DIR``), not for production: the CA's key is
 written next to the certificates and nothing is ever revoked. Every certificate is signed
@@ -9,8 +10,10 @@ certificates: kvstore checks the CA and the role, not names (nodes are addressed
 
 from __future__ import annotations
 
+import base64
 import datetime
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,8 +146,22 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
+    _write_private(path, pem)
+
+
+def write_cluster_secret(path: Path | str) -> Path:
+    """Write a fresh cluster secret (32 random bytes, base64) for ``kv-node
+    --cluster-secret-file``, readable by its owner only."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_private(path, base64.b64encode(secrets.token_bytes(32)) + b"\n")
+    return path
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to a file only its owner may read, from its creation."""
     path.unlink(missing_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as file:
-        file.write(pem)
+        file.write(data)
     os.chmod(path, 0o600)  # whatever the umask

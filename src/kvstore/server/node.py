@@ -38,7 +38,7 @@ from kvstore import errors
 from kvstore.config import NodeConfig, TlsConfig
 from kvstore.coordination import ClusterMeta, Coordinator, Member, connect, designated_backup
 from kvstore.idl import Change, KeyValueService, NodeStatus, SyncChunk
-from kvstore.rpc import RpcServer, client_tls_context, server_tls_context
+from kvstore.rpc import CONNECTION_METHODS, RpcServer, client_tls_context, server_tls_context
 from kvstore.server.follower import Follower
 from kvstore.server.handler import NODE_ONLY_METHODS, NodeHandler
 from kvstore.server.metrics import MetricsServer, NodeMetrics, NodeState, instrument
@@ -80,12 +80,14 @@ class StorageNode:
         tls = config.tls
         # Its own calls to other nodes (replication, join, probes) present the node certificate.
         self.peer_tls = None if tls is None else client_tls_context(*_tls_files(tls))
+        self.peer_secret = config.cluster_secret  # ... and prove the cluster secret
         if config.data_dir is not None:
             self._open_data_dir(Path(config.data_dir))
         self._follower = Follower(self)
         handler = NodeHandler(self, config.limits)
         if self._is_metered:
-            instrument(handler, list(KeyValueService.thrift_services), self.metrics)
+            methods = [m for m in KeyValueService.thrift_services if m not in CONNECTION_METHODS]
+            instrument(handler, methods, self.metrics)
         self.server = RpcServer(
             config.host,
             config.port,
@@ -94,6 +96,7 @@ class StorageNode:
             on_disconnect=self._follower.on_disconnect,
             tls=None if tls is None else server_tls_context(*_tls_files(tls)),
             node_only_methods=NODE_ONLY_METHODS,
+            cluster_secret=config.cluster_secret,
         )
 
     # ----------------------------------------------------------------- lifecycle
@@ -531,6 +534,7 @@ class StorageNode:
                 self.config.rpc_timeout_ms,
                 self._observe_batch if self._is_metered else None,
                 self.peer_tls,
+                self.peer_secret,
                 # the backup reads frames up to its own limit; ours is the same by default
                 self.config.limits.max_frame_bytes // 2,
             )
