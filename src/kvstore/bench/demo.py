@@ -3,33 +3,47 @@
 Everything runs on loopback ports chosen free at start and lives under one work
 directory (ZooKeeper data and log, node logs, execution.log). Everything started
 is stopped at the end, by PID.
+
+``is_secure`` runs the same job the way SECURITY.md describes a protected cluster: throwaway
+certificates (``certs/``: nodes with the node certificate, the load with the client one,
+mutual TLS 1.3 throughout), fresh ZooKeeper digest credentials (``zk-auth``, 0600) with which
+the parent znode is created (writable only with them, readable by anyone) and the nodes run.
 """
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import time
 import uuid
 from pathlib import Path
 
+from kvstore import errors
 from kvstore.bench import faults
 from kvstore.bench.progress import maybe_progress
 from kvstore.bench.workload import Workload, summary_lines
 from kvstore.check import checker
 from kvstore.check.history import write_events
+from kvstore.local.certs import write_certificates, write_zk_credentials
 from kvstore.local.cluster import LocalCluster
 from kvstore.local.zkserver import ZooKeeperServer
 
+CREATE_TIMEOUT_S = 60.0
 
-def run_demo(seconds: float, threads: int, keyspace: int, workdir: str) -> int:
+
+def run_demo(
+    seconds: float, threads: int, keyspace: int, workdir: str, is_secure: bool = False
+) -> int:
     root = Path(workdir).resolve() / time.strftime("%Y%m%d-%H%M%S")
     root.mkdir(parents=True, exist_ok=True)
     print(f"== work directory: {root}")
     with ZooKeeperServer(root / "zookeeper") as zk:
         print(f"== ZooKeeper up at {zk.connect_string}")
-        cluster = LocalCluster(
-            zk.connect_string, f"/kvstore-demo-{uuid.uuid4().hex[:8]}", root / "nodes"
-        )
+        path = f"/kvstore-demo-{uuid.uuid4().hex[:8]}"
+        if is_secure:
+            cluster = secure_cluster(zk.connect_string, path, root)
+        else:
+            cluster = LocalCluster(zk.connect_string, path, root / "nodes")
         try:
             cluster.start()
             for node in cluster.nodes:
@@ -61,3 +75,27 @@ def run_demo(seconds: float, threads: int, keyspace: int, workdir: str) -> int:
     verdict = checker.run_check(log_path)
     print(f"== logs: {root}")
     return verdict
+
+
+def secure_cluster(zk_connect: str, path: str, root: Path) -> LocalCluster:
+    """Certificates and ZooKeeper credentials under ``root``, the parent ``path`` created
+    with them, and a cluster whose nodes and load use them."""
+    certs = write_certificates(root / "certs")
+    auth_file = root / "zk-auth"
+    write_zk_credentials(auth_file)
+    command = [sys.executable, "-m", "kvstore", "createznode", "--zk-auth-file", str(auth_file)]
+    done = subprocess.run(
+        [*command, zk_connect, path], capture_output=True, text=True, timeout=CREATE_TIMEOUT_S
+    )
+    if done.returncode != 0:
+        raise errors.CoordinationError(f"kv-createznode failed: {done.stderr.strip()}")
+    print(f"== kv-createznode --zk-auth-file {auth_file}: {done.stdout.strip()}")
+    print(
+        f"== secure: mutual TLS 1.3 (CA and certificates in {certs.directory}: nodes OU=node, "
+        f"the load a client certificate); {path} writable only with the ZooKeeper "
+        f"credentials in {auth_file}, readable by anyone"
+    )
+    node_args = [*certs.node_args(), "--zk-auth-file", str(auth_file)]
+    return LocalCluster(
+        zk_connect, path, root / "nodes", node_args=node_args, client_tls=certs.client
+    )

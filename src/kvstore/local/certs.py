@@ -1,5 +1,5 @@
-"""Throwaway certificates for mutual TLS (a CA, a node certificate and a client certificate)
-and cluster secrets.
+"""Throwaway certificates for mutual TLS (a CA, a node certificate and a client certificate),
+cluster secrets and ZooKeeper credentials.
 
 For tests, demos and trying TLS out (``kv-certs DIR``), not for production: the CA's key is
 written next to the certificates and nothing is ever revoked. Every certificate is signed
@@ -156,6 +156,16 @@ def write_cluster_secret(path: Path | str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     _write_private(path, base64.b64encode(secrets.token_bytes(32)) + b"\n")
     return path
+
+
+def write_zk_credentials(path: Path | str, user: str = "kvstore") -> str:
+    """Write fresh ZooKeeper digest credentials (one ``user:password`` line, for
+    ``--zk-auth-file``), readable by its owner only; returns them."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    credentials = f"{user}:{secrets.token_urlsafe(24)}"
+    _write_private(path, f"{credentials}\n".encode())
+    return credentials
 
 
 def _write_private(path: Path, data: bytes) -> None:

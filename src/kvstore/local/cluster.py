@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kvstore import errors
+from kvstore.config import ClientConfig, TlsConfig
 from kvstore.local.processes import free_port, terminate, wait_until
 from kvstore.rpc import client_tls_context, probe
 
@@ -157,10 +158,13 @@ class LocalCluster:
         size: int = 2,
         node_args: Sequence[str] = (),
         nodes: Sequence[NodeProcess] | None = None,
+        client_tls: TlsConfig | None = None,
     ) -> None:
-        """``nodes``: these (e.g. each in a network namespace) instead of ``size`` new ones."""
+        """``nodes``: these (e.g. each in a network namespace) instead of ``size`` new ones.
+        ``client_tls``: the client certificate loads against this cluster use."""
         self.zk_connect = zk_connect
         self.zk_path = zk_path
+        self.client_tls = client_tls
         self.log_dir = Path(log_dir)
         self.nodes = (
             list(nodes)
@@ -180,6 +184,10 @@ class LocalCluster:
             node.start()
         for node in rest[:1]:
             node.wait_for_role(["backup"], timeout_s)
+
+    def client_config(self) -> ClientConfig:
+        """How a client (a load, a test) reaches this cluster."""
+        return ClientConfig(self.zk_connect, self.zk_path, tls=self.client_tls)
 
     def find(self, role: str) -> NodeProcess | None:
         for node in self.nodes:
