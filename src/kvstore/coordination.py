@@ -53,7 +53,12 @@ from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.security import ACL, READ_ACL_UNSAFE, Permissions, make_digest_acl
 
 from kvstore import errors
-from kvstore.config import ZK_RECONNECT_MAX_DELAY_S, ZK_REQUEST_TIMEOUT_S, ZK_SESSION_TIMEOUT_S
+from kvstore.config import (
+    ZK_RECONNECT_MAX_DELAY_S,
+    ZK_REQUEST_TIMEOUT_S,
+    ZK_SESSION_TIMEOUT_S,
+    TlsConfig,
+)
 
 log = logging.getLogger(__name__)
 
@@ -234,23 +239,39 @@ def zookeeper_errors(what: str) -> Iterator[None]:
 
 
 def connect(
-    zk_connect: str, session_timeout_s: float, connect_timeout_s: float, auth: str | None = None
+    zk_connect: str,
+    session_timeout_s: float,
+    connect_timeout_s: float,
+    auth: str | None = None,
+    tls: TlsConfig | None = None,
 ) -> KazooClient:
     """A started session. With ``auth`` (``user:password``) it authenticates by digest and
-    every znode it creates gets :func:`secure_acl`."""
+    every znode it creates gets :func:`secure_acl`. With ``tls`` it connects to ZooKeeper's
+    secure port: this side's certificate, the server's checked against the CA and its
+    host name against the connect string."""
     # Reconnect at least once a second: kazoo's default backoff doubles up to 60 s, which
     # would keep a node or client away for long after a short ZooKeeper outage.
     retry = {"max_tries": -1, "delay": 0.1, "max_delay": ZK_RECONNECT_MAX_DELAY_S}
     secure: dict[str, Any] = {}
     if auth is not None:
         secure = {"auth_data": [("digest", auth)], "default_acl": secure_acl(auth)}
+    if tls is not None:
+        secure.update(
+            use_ssl=True,
+            ca=tls.ca_path,
+            certfile=tls.cert_path,
+            keyfile=tls.key_path,
+            verify_certs=True,
+            check_hostname=True,
+        )
     zk = KazooClient(hosts=zk_connect, timeout=session_timeout_s, connection_retry=retry, **secure)
     try:
         zk.start(timeout=connect_timeout_s)
     except KazooTimeoutError:
         zk.close()
+        over = " over TLS" if tls is not None else ""
         raise errors.CoordinationError(
-            f"cannot reach ZooKeeper at {zk_connect} within {connect_timeout_s:g} s"
+            f"cannot reach ZooKeeper at {zk_connect}{over} within {connect_timeout_s:g} s"
         ) from None
     return zk
 
@@ -262,13 +283,14 @@ def create_parent(
     timeout_s: float = 10.0,
     auth: str | None = None,
     secure_existing: bool = False,
+    tls: TlsConfig | None = None,
 ) -> str:
     """Create ``path`` (and its parents; with ``auth``, with :func:`secure_acl`). With
     ``reset``, clear its cluster metadata. With ``secure_existing`` (needs ``auth``), give
     an existing parent and its members the secure ACL. Returns what was done."""
     if secure_existing and auth is None:
         raise errors.CoordinationError("securing an existing parent needs credentials")
-    zk = connect(zk_connect, ZK_SESSION_TIMEOUT_S, timeout_s, auth)
+    zk = connect(zk_connect, ZK_SESSION_TIMEOUT_S, timeout_s, auth, tls)
     try:
         with zookeeper_errors(f"creating {path}"):
             try:

@@ -1,5 +1,6 @@
-"""``kv-demo --secure`` end to end, shortened: certificates, ZooKeeper credentials, a secured
-parent, TLS nodes, a load with the client certificate, kill -9 of the primary, the verdict."""
+"""``kv-demo --secure`` end to end, shortened: certificates, ZooKeeper on a TLS port only with
+credentials and a secured parent, TLS nodes, a load with the client certificate, kill -9 of the
+primary, the verdict."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ def test_secure_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert any(line.startswith("OK (") and "operations" in line for line in lines), output
     assert any(line.startswith("== killed primary") for line in lines), output
     assert "created (secure ACL)" in done.stdout
+    assert "(TLS only, client certificates required)" in done.stdout
     (root,) = tmp_path.iterdir()
     credentials = (root / "zk-auth").read_text().strip()
     assert stat.S_IMODE(os.stat(root / "zk-auth").st_mode) == 0o600
@@ -29,5 +31,5 @@ def test_secure_demo_runs_end_to_end(tmp_path: Path) -> None:
     node_logs = [path.read_text() for path in (root / "nodes").glob("node-*.log")]
     assert len(node_logs) == 2
     for log in node_logs:
-        assert "--tls-cert" in log and "--zk-auth-file" in log
+        assert "--tls-cert" in log and "--zk-tls-cert" in log and "--zk-auth-file" in log
         assert "no ZooKeeper credentials" not in log and "Traceback" not in log

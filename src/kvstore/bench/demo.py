@@ -6,8 +6,10 @@ is stopped at the end, by PID.
 
 ``is_secure`` runs the same job the way SECURITY.md describes a protected cluster: throwaway
 certificates (``certs/``: nodes with the node certificate, the load with the client one,
-mutual TLS 1.3 throughout), fresh ZooKeeper digest credentials (``zk-auth``, 0600) with which
-the parent znode is created (writable only with them, readable by anyone) and the nodes run.
+mutual TLS 1.3 throughout), ZooKeeper on a TLS port only (its own certificate; every session
+shows one from the same CA), and fresh ZooKeeper digest credentials (``zk-auth``, 0600) with
+which the parent znode is created (writable only with them, readable by anyone) and the
+nodes run.
 """
 
 from __future__ import annotations
@@ -24,7 +26,12 @@ from kvstore.bench.progress import maybe_progress
 from kvstore.bench.workload import Workload, summary_lines
 from kvstore.check import checker
 from kvstore.check.history import write_events
-from kvstore.local.certs import write_certificates, write_zk_credentials
+from kvstore.local.certs import (
+    CertificateFiles,
+    tls_args,
+    write_certificates,
+    write_zk_credentials,
+)
 from kvstore.local.cluster import LocalCluster
 from kvstore.local.zkserver import ZooKeeperServer
 
@@ -37,11 +44,14 @@ def run_demo(
     root = Path(workdir).resolve() / time.strftime("%Y%m%d-%H%M%S")
     root.mkdir(parents=True, exist_ok=True)
     print(f"== work directory: {root}")
-    with ZooKeeperServer(root / "zookeeper") as zk:
-        print(f"== ZooKeeper up at {zk.connect_string}")
+    certs = write_certificates(root / "certs") if is_secure else None
+    zk_tls = None if certs is None else certs.zookeeper
+    with ZooKeeperServer(root / "zookeeper", tls=zk_tls) as zk:
+        over = " (TLS only, client certificates required)" if certs else ""
+        print(f"== ZooKeeper up at {zk.connect_string}{over}")
         path = f"/kvstore-demo-{uuid.uuid4().hex[:8]}"
-        if is_secure:
-            cluster = secure_cluster(zk.connect_string, path, root)
+        if certs is not None:
+            cluster = secure_cluster(zk.connect_string, path, root, certs)
         else:
             cluster = LocalCluster(zk.connect_string, path, root / "nodes")
         try:
@@ -77,13 +87,13 @@ def run_demo(
     return verdict
 
 
-def secure_cluster(zk_connect: str, path: str, root: Path) -> LocalCluster:
-    """Certificates and ZooKeeper credentials under ``root``, the parent ``path`` created
-    with them, and a cluster whose nodes and load use them."""
-    certs = write_certificates(root / "certs")
+def secure_cluster(zk_connect: str, path: str, root: Path, certs: CertificateFiles) -> LocalCluster:
+    """ZooKeeper credentials under ``root``, the parent ``path`` created with them (over
+    ZooKeeper's TLS port), and a cluster whose nodes and load use them and ``certs``."""
     auth_file = root / "zk-auth"
     write_zk_credentials(auth_file)
     command = [sys.executable, "-m", "kvstore", "createznode", "--zk-auth-file", str(auth_file)]
+    command += tls_args(certs.node, "--zk-tls")
     done = subprocess.run(
         [*command, zk_connect, path], capture_output=True, text=True, timeout=CREATE_TIMEOUT_S
     )
@@ -91,11 +101,17 @@ def secure_cluster(zk_connect: str, path: str, root: Path) -> LocalCluster:
         raise errors.CoordinationError(f"kv-createznode failed: {done.stderr.strip()}")
     print(f"== kv-createznode --zk-auth-file {auth_file}: {done.stdout.strip()}")
     print(
-        f"== secure: mutual TLS 1.3 (CA and certificates in {certs.directory}: nodes OU=node, "
-        f"the load a client certificate); {path} writable only with the ZooKeeper "
-        f"credentials in {auth_file}, readable by anyone"
+        f"== secure: mutual TLS 1.3 to the nodes and to ZooKeeper (CA and certificates in "
+        f"{certs.directory}: nodes OU=node, the load a client certificate); {path} "
+        f"writable only with the ZooKeeper credentials in {auth_file}, readable by anyone"
     )
-    node_args = [*certs.node_args(), "--zk-auth-file", str(auth_file)]
+    node_args = [*certs.node_args(), *tls_args(certs.node, "--zk-tls")]
+    node_args += ["--zk-auth-file", str(auth_file)]
     return LocalCluster(
-        zk_connect, path, root / "nodes", node_args=node_args, client_tls=certs.client
+        zk_connect,
+        path,
+        root / "nodes",
+        node_args=node_args,
+        client_tls=certs.client,
+        client_zk_tls=certs.client,
     )

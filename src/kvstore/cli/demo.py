@@ -29,8 +29,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--secure",
         action="store_true",
         help="the same, secured: throwaway certificates (mutual TLS between every node and "
-        "client), ZooKeeper digest credentials for the parent znode and the nodes; all "
-        "written under the work directory",
+        "client, and to ZooKeeper, which listens on a TLS port only), ZooKeeper digest "
+        "credentials for the parent znode and the nodes; all written under the work directory",
     )
     args = parser.parse_args(argv)
     setup_logging("INFO")

@@ -21,6 +21,7 @@ from kvstore.cli.args import (
     add_cluster_arguments,
     add_tls_arguments,
     add_zk_auth_arguments,
+    add_zk_tls_arguments,
     cpu_list,
     new_parser,
     placement,
@@ -29,6 +30,7 @@ from kvstore.cli.args import (
     setup_logging,
     tls_from,
     zk_auth_from,
+    zk_tls_from,
 )
 from kvstore.config import Limits, NodeConfig, TlsConfig
 from kvstore.rpc import load_cluster_secret, parse_address
@@ -66,7 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.cluster_secret_file is None
             else load_cluster_secret(args.cluster_secret_file)
         )
-        config = _config(args, limits, zk_auth, tls_from(parser, args), secret)
+        security = _Security(zk_auth, zk_tls_from(parser, args), tls_from(parser, args), secret)
+        config = _config(args, limits, security)
     except ValueError as exc:
         parser.error(str(exc))
     try:
@@ -98,13 +101,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
-def _config(
-    args: argparse.Namespace,
-    limits: Limits,
-    zk_auth: str | None,
-    tls: TlsConfig | None,
-    secret: bytes | None,
-) -> NodeConfig:
+@dataclasses.dataclass(frozen=True)
+class _Security:
+    """The node's credentials, from its options."""
+
+    zk_auth: str | None
+    zk_tls: TlsConfig | None
+    tls: TlsConfig | None
+    cluster_secret: bytes | None = dataclasses.field(repr=False)
+
+
+def _config(args: argparse.Namespace, limits: Limits, security: _Security) -> NodeConfig:
     """The node's configuration from its arguments (ValueError if they do not fit together)."""
     return NodeConfig(
         host=args.host,
@@ -120,9 +127,10 @@ def _config(
         data_dir=args.data_dir,
         fsync=args.fsync,
         snapshot_every_bytes=args.snapshot_every_mb * 1024 * 1024,
-        zk_auth=zk_auth,
-        tls=tls,
-        cluster_secret=secret,
+        zk_auth=security.zk_auth,
+        zk_tls=security.zk_tls,
+        tls=security.tls,
+        cluster_secret=security.cluster_secret,
     )
 
 
@@ -154,6 +162,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_serving_arguments(parser)
     _add_durability_arguments(parser)
     add_zk_auth_arguments(parser)
+    add_zk_tls_arguments(parser)
     add_tls_arguments(parser, "this node's (with OU=node: it may replicate to other nodes)")
     parser.add_argument(
         "--cluster-secret-file",

@@ -159,12 +159,15 @@ class LocalCluster:
         node_args: Sequence[str] = (),
         nodes: Sequence[NodeProcess] | None = None,
         client_tls: TlsConfig | None = None,
+        client_zk_tls: TlsConfig | None = None,
     ) -> None:
         """``nodes``: these (e.g. each in a network namespace) instead of ``size`` new ones.
-        ``client_tls``: the client certificate loads against this cluster use."""
+        ``client_tls``: the client certificate loads against this cluster use (and
+        ``client_zk_tls`` for ZooKeeper's TLS port)."""
         self.zk_connect = zk_connect
         self.zk_path = zk_path
         self.client_tls = client_tls
+        self.client_zk_tls = client_zk_tls
         self.log_dir = Path(log_dir)
         self.nodes = (
             list(nodes)
@@ -187,7 +190,9 @@ class LocalCluster:
 
     def client_config(self) -> ClientConfig:
         """How a client (a load, a test) reaches this cluster."""
-        return ClientConfig(self.zk_connect, self.zk_path, tls=self.client_tls)
+        return ClientConfig(
+            self.zk_connect, self.zk_path, tls=self.client_tls, zk_tls=self.client_zk_tls
+        )
 
     def find(self, role: str) -> NodeProcess | None:
         for node in self.nodes:

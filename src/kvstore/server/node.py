@@ -132,6 +132,7 @@ class StorageNode:
             config.zk_session_timeout_s,
             config.zk_connect_timeout_s,
             config.zk_auth,
+            config.zk_tls,
         )
         self._coordinator = Coordinator(
             zk, config.zk_path, self._wakeup.set, config.zk_request_timeout_s

@@ -1,0 +1,137 @@
+"""TLS to ZooKeeper against a real ZooKeeper that listens on a TLS port only (secureClientPort,
+a client certificate required): sessions without TLS, without a certificate or with another
+CA's are refused; a whole cluster (nodes, kv-createznode, kv, the load) runs over it with mutual
+TLS and digest credentials, fails over after kill -9 and stays linearizable."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from kazoo.client import KazooClient
+from kazoo.handlers.threading import KazooTimeoutError
+
+from kvstore import errors
+from kvstore.bench import faults
+from kvstore.bench.workload import Workload
+from kvstore.check import checker
+from kvstore.config import TlsConfig
+from kvstore.coordination import connect
+from kvstore.local.certs import CertificateFiles, issue, load_ca, tls_args, write_certificates
+from kvstore.local.cluster import LocalCluster
+from kvstore.local.zkserver import ZooKeeperServer
+
+AUTH = "kvstore:tls-s3cret"
+REFUSED_WITHIN_S = 2.0
+CONNECT_S = 30.0
+CLI_TIMEOUT_S = 60
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> CertificateFiles:
+    return write_certificates(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture(scope="module")
+def zk_tls_server(
+    tmp_path_factory: pytest.TempPathFactory, certs: CertificateFiles
+) -> Iterator[ZooKeeperServer]:
+    server = ZooKeeperServer(tmp_path_factory.mktemp("zookeeper-tls"), tls=certs.zookeeper)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def refused(zk: KazooClient) -> None:
+    try:
+        with pytest.raises(KazooTimeoutError):
+            zk.start(timeout=REFUSED_WITHIN_S)
+    finally:
+        zk.stop()
+        zk.close()
+
+
+def test_only_tls_sessions_with_a_certificate_from_the_ca_get_in(
+    zk_tls_server: ZooKeeperServer, certs: CertificateFiles, tmp_path: Path
+) -> None:
+    hosts = zk_tls_server.connect_string
+    with pytest.raises(errors.CoordinationError, match="cannot reach ZooKeeper"):
+        connect(hosts, 10.0, REFUSED_WITHIN_S)  # plaintext
+    refused(KazooClient(hosts=hosts, use_ssl=True, ca=str(certs.ca_cert)))  # no certificate
+    other = write_certificates(tmp_path / "other", ca_name="another CA")
+    stranger = TlsConfig(other.node.cert_path, other.node.key_path, str(certs.ca_cert))
+    with pytest.raises(errors.CoordinationError):
+        connect(hosts, 10.0, REFUSED_WITHIN_S, tls=stranger)
+    zk = connect(hosts, 10.0, CONNECT_S, tls=certs.client)
+    try:
+        assert "zookeeper" in zk.get_children("/")
+    finally:
+        zk.stop()
+        zk.close()
+
+
+def test_the_zookeeper_host_name_is_checked(certs: CertificateFiles, tmp_path: Path) -> None:
+    """A ZooKeeper whose certificate (from the right CA) does not name the address dialled
+    is refused: kazoo checks the host name."""
+    ca_cert, ca_key = load_ca(certs)
+    elsewhere = issue(certs, "zookeeper-elsewhere", ca_cert, ca_key, hosts=("zk.example",))
+    with (
+        ZooKeeperServer(tmp_path / "zookeeper", tls=elsewhere) as server,
+        pytest.raises(errors.CoordinationError),
+    ):
+        connect(server.connect_string, 10.0, REFUSED_WITHIN_S, tls=certs.node)
+
+
+def kv(cluster: LocalCluster, certs: CertificateFiles, *args: str) -> str:
+    command = [sys.executable, "-m", "kvstore", "kv", "--zk", cluster.zk_connect]
+    command += ["--path", cluster.zk_path, *tls_args(certs.client)]
+    command += [*tls_args(certs.client, "--zk-tls"), *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
+    assert done.returncode == 0, done
+    return done.stdout
+
+
+def test_a_cluster_runs_over_zookeeper_tls(
+    zk_tls_server: ZooKeeperServer,
+    zk_path: str,
+    certs: CertificateFiles,
+    tmp_path: Path,
+) -> None:
+    hosts = zk_tls_server.connect_string
+    create = [sys.executable, "-m", "kvstore", "createznode", "--zk-auth", AUTH]
+    create += [*tls_args(certs.node, "--zk-tls"), hosts, zk_path]
+    done = subprocess.run(create, capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
+    assert (done.returncode, done.stdout.strip()) == (0, f"{zk_path}: created (secure ACL)"), done
+    node_args = [*certs.node_args(), *tls_args(certs.node, "--zk-tls"), "--zk-auth", AUTH]
+    cluster = LocalCluster(
+        hosts,
+        zk_path,
+        tmp_path / "nodes",
+        node_args=node_args,
+        client_tls=certs.client,
+        client_zk_tls=certs.client,
+    )
+    try:
+        cluster.start()
+        assert kv(cluster, certs, "put", "greeting", "hello") == "OK\n"
+        assert kv(cluster, certs, "get", "greeting") == "hello\n"
+        workload = Workload(4, 6.0, 100, seed=3)
+        result, kills = faults.run_with_kills(
+            cluster, workload, "primary", (3.0, 3.0), max_kills=1, seed=3
+        )
+        assert len(kills) == 1, kills
+        verdict = checker.check_events(result.events, tmp_path / "execution.log")
+        assert verdict.is_ok, "\n".join(str(v) for v in verdict.violations[:10])
+        kill_ns = int(kills[0][0] * 1e9)
+        assert any(t > kill_ns for t, is_response, *_ in result.events if is_response)
+        cluster.wait_for("primary")
+        cluster.wait_for("backup")
+        assert "took over" in cluster.logs(200)
+        assert "no ZooKeeper credentials" not in cluster.logs(200)
+    finally:
+        cluster.stop()
