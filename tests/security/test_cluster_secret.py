@@ -12,12 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from secure_failover import kill_the_primary_under_load
 
 import kvstore
 from kvstore import errors
-from kvstore.bench import faults
-from kvstore.bench.workload import Workload
-from kvstore.check import checker
 from kvstore.local.certs import write_cluster_secret
 from kvstore.local.cluster import LocalCluster, NodeProcess
 from kvstore.local.processes import free_port, wait_until
@@ -216,16 +214,4 @@ def test_a_node_with_another_secret_cannot_join(
 def test_a_cluster_with_the_secret_fails_over_and_stays_linearizable(
     secret_cluster: LocalCluster, tmp_path: Path
 ) -> None:
-    workload = Workload(4, 6.0, 100, seed=5)
-    result, kills = faults.run_with_kills(
-        secret_cluster, workload, "primary", (3.0, 3.0), max_kills=1, seed=5
-    )
-    assert len(kills) == 1, kills
-    verdict = checker.check_events(result.events, tmp_path / "execution.log")
-    assert verdict.is_ok, "\n".join(str(v) for v in verdict.violations[:10])
-    assert verdict.op_count > 0
-    kill_ns = int(kills[0][0] * 1e9)
-    assert any(t > kill_ns for t, is_response, *_ in result.events if is_response)
-    secret_cluster.wait_for("primary")
-    secret_cluster.wait_for("backup")  # the killed node rejoined, proving the secret
-    assert "took over" in secret_cluster.logs(200)
+    kill_the_primary_under_load(secret_cluster, tmp_path, seed=5)  # rejoins proving the secret

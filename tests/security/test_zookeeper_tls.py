@@ -13,18 +13,15 @@ from pathlib import Path
 import pytest
 from kazoo.client import KazooClient
 from kazoo.handlers.threading import KazooTimeoutError
+from secure_failover import kill_the_primary_under_load
 
 from kvstore import errors
-from kvstore.bench import faults
-from kvstore.bench.workload import Workload
-from kvstore.check import checker
 from kvstore.config import TlsConfig
 from kvstore.coordination import connect
 from kvstore.local.certs import CertificateFiles, issue, load_ca, tls_args, write_certificates
-from kvstore.local.cluster import LocalCluster
+from kvstore.local.cluster import LocalCluster, secure_cluster
 from kvstore.local.zkserver import ZooKeeperServer
 
-AUTH = "kvstore:tls-s3cret"
 REFUSED_WITHIN_S = 2.0
 CONNECT_S = 30.0
 CLI_TIMEOUT_S = 60
@@ -102,36 +99,13 @@ def test_a_cluster_runs_over_zookeeper_tls(
     certs: CertificateFiles,
     tmp_path: Path,
 ) -> None:
-    hosts = zk_tls_server.connect_string
-    create = [sys.executable, "-m", "kvstore", "createznode", "--zk-auth", AUTH]
-    create += [*tls_args(certs.node, "--zk-tls"), hosts, zk_path]
-    done = subprocess.run(create, capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
-    assert (done.returncode, done.stdout.strip()) == (0, f"{zk_path}: created (secure ACL)"), done
-    node_args = [*certs.node_args(), *tls_args(certs.node, "--zk-tls"), "--zk-auth", AUTH]
-    cluster = LocalCluster(
-        hosts,
-        zk_path,
-        tmp_path / "nodes",
-        node_args=node_args,
-        client_tls=certs.client,
-        client_zk_tls=certs.client,
-    )
+    cluster, created = secure_cluster(zk_tls_server.connect_string, zk_path, tmp_path, certs)
+    assert created == f"{zk_path}: created (secure ACL)"
     try:
         cluster.start()
         assert kv(cluster, certs, "put", "greeting", "hello") == "OK\n"
         assert kv(cluster, certs, "get", "greeting") == "hello\n"
-        workload = Workload(4, 6.0, 100, seed=3)
-        result, kills = faults.run_with_kills(
-            cluster, workload, "primary", (3.0, 3.0), max_kills=1, seed=3
-        )
-        assert len(kills) == 1, kills
-        verdict = checker.check_events(result.events, tmp_path / "execution.log")
-        assert verdict.is_ok, "\n".join(str(v) for v in verdict.violations[:10])
-        kill_ns = int(kills[0][0] * 1e9)
-        assert any(t > kill_ns for t, is_response, *_ in result.events if is_response)
-        cluster.wait_for("primary")
-        cluster.wait_for("backup")
-        assert "took over" in cluster.logs(200)
+        kill_the_primary_under_load(cluster, tmp_path, seed=3)
         assert "no ZooKeeper credentials" not in cluster.logs(200)
     finally:
         cluster.stop()

@@ -14,28 +14,19 @@ nodes run.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import time
 import uuid
 from pathlib import Path
 
-from kvstore import errors
 from kvstore.bench import faults
 from kvstore.bench.progress import maybe_progress
 from kvstore.bench.workload import Workload, summary_lines
 from kvstore.check import checker
 from kvstore.check.history import write_events
-from kvstore.local.certs import (
-    CertificateFiles,
-    tls_args,
-    write_certificates,
-    write_zk_credentials,
-)
-from kvstore.local.cluster import LocalCluster
+from kvstore.local.certs import write_certificates
+from kvstore.local.cluster import LocalCluster, secure_cluster
 from kvstore.local.zkserver import ZooKeeperServer
-
-CREATE_TIMEOUT_S = 60.0
 
 
 def run_demo(
@@ -51,7 +42,13 @@ def run_demo(
         print(f"== ZooKeeper up at {zk.connect_string}{over}")
         path = f"/kvstore-demo-{uuid.uuid4().hex[:8]}"
         if certs is not None:
-            cluster = secure_cluster(zk.connect_string, path, root, certs)
+            cluster, created = secure_cluster(zk.connect_string, path, root, certs)
+            print(f"== kv-createznode --zk-auth-file {root / 'zk-auth'}: {created}")
+            print(
+                "== secure: mutual TLS 1.3 to the nodes and to ZooKeeper (CA and certificates "
+                f"in {certs.directory}: nodes OU=node, the load a client certificate); {path} "
+                "writable only with the ZooKeeper credentials, readable by anyone"
+            )
         else:
             cluster = LocalCluster(zk.connect_string, path, root / "nodes")
         try:
@@ -85,33 +82,3 @@ def run_demo(
     verdict = checker.run_check(log_path)
     print(f"== logs: {root}")
     return verdict
-
-
-def secure_cluster(zk_connect: str, path: str, root: Path, certs: CertificateFiles) -> LocalCluster:
-    """ZooKeeper credentials under ``root``, the parent ``path`` created with them (over
-    ZooKeeper's TLS port), and a cluster whose nodes and load use them and ``certs``."""
-    auth_file = root / "zk-auth"
-    write_zk_credentials(auth_file)
-    command = [sys.executable, "-m", "kvstore", "createznode", "--zk-auth-file", str(auth_file)]
-    command += tls_args(certs.node, "--zk-tls")
-    done = subprocess.run(
-        [*command, zk_connect, path], capture_output=True, text=True, timeout=CREATE_TIMEOUT_S
-    )
-    if done.returncode != 0:
-        raise errors.CoordinationError(f"kv-createznode failed: {done.stderr.strip()}")
-    print(f"== kv-createznode --zk-auth-file {auth_file}: {done.stdout.strip()}")
-    print(
-        f"== secure: mutual TLS 1.3 to the nodes and to ZooKeeper (CA and certificates in "
-        f"{certs.directory}: nodes OU=node, the load a client certificate); {path} "
-        f"writable only with the ZooKeeper credentials in {auth_file}, readable by anyone"
-    )
-    node_args = [*certs.node_args(), *tls_args(certs.node, "--zk-tls")]
-    node_args += ["--zk-auth-file", str(auth_file)]
-    return LocalCluster(
-        zk_connect,
-        path,
-        root / "nodes",
-        node_args=node_args,
-        client_tls=certs.client,
-        client_zk_tls=certs.client,
-    )
