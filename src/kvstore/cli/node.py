@@ -150,7 +150,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Run a storage node: serve the key-value service on HOST:PORT and register "
         "under PATH in ZooKeeper. The lowest registered node is the primary, the next the backup.",
         epilog="exit status: 0 stopped (SIGTERM/SIGINT); 1 cannot serve (port taken, ZooKeeper "
-        "unreachable or refusing the credentials, damaged data directory); 2 bad arguments; "
+        "unreachable or refusing the credentials, a parent znode anyone may write although "
+        "this node has credentials, damaged data directory); 2 bad arguments (a cluster "
+        "secret file others may read included); "
         "3 DATA LOST (no node holding a complete copy is alive; the message says how to start "
         "over)",
     )
