@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,6 @@ from kvstore import errors
 from kvstore.local.certs import write_cluster_secret
 from kvstore.local.cluster import LocalCluster, NodeProcess
 from kvstore.local.processes import free_port, wait_until
-from kvstore.local.zkserver import ZooKeeperServer
 from kvstore.rpc import Connection, load_cluster_secret
 from kvstore.rpc.secret import NONCE_BYTES, PeerRole, authenticate_connection, new_nonce, prove
 from kvstore.server.handler import NODE_ONLY_METHODS
@@ -27,29 +25,6 @@ from kvstore.server.handler import NODE_ONLY_METHODS
 TIMEOUT_MS = 2000
 ARG_ERROR_TIMEOUT_S = 60
 SECRET = b"0123456789abcdef0123456789abcdef"
-
-
-@pytest.fixture
-def secret_file(tmp_path: Path) -> Path:
-    return write_cluster_secret(tmp_path / "cluster-secret")
-
-
-@pytest.fixture
-def secret_cluster(
-    zk_server: ZooKeeperServer, zk_path: str, tmp_path: Path, secret_file: Path
-) -> Iterator[LocalCluster]:
-    """A primary and a synced backup, plaintext, sharing the cluster secret."""
-    local = LocalCluster(
-        zk_server.connect_string,
-        zk_path,
-        tmp_path / "nodes",
-        node_args=["--cluster-secret-file", str(secret_file)],
-    )
-    try:
-        local.start()
-        yield local
-    finally:
-        local.stop()
 
 
 # ----------------------------------------------------------------- without sockets

@@ -22,9 +22,7 @@ from typing import Any
 import pytest
 
 from kvstore import errors
-from kvstore.local.certs import write_cluster_secret
 from kvstore.local.cluster import LocalCluster, NodeProcess
-from kvstore.local.zkserver import ZooKeeperServer
 
 THRIFT_BIN = shutil.which("thrift")
 if THRIFT_BIN is None:
@@ -215,27 +213,16 @@ def test_node_keeps_serving_after_refusals(cluster: LocalCluster, connect: Any) 
 
 
 def test_seed_client_on_nodes_with_a_cluster_secret(
-    zk_server: ZooKeeperServer, zk_path: str, tmp_path: Path, connect: Any
+    secret_cluster: LocalCluster, connect: Any
 ) -> None:
     """The cluster secret guards the node-only methods only: a seed client (which knows
     nothing of it) still gets, puts and dumps; its replicate is FORBIDDEN."""
-    secret = write_cluster_secret(tmp_path / "cluster-secret")
-    cluster = LocalCluster(
-        zk_server.connect_string,
-        zk_path,
-        tmp_path / "nodes",
-        node_args=["--cluster-secret-file", str(secret)],
-    )
-    try:
-        cluster.start()
-        primary, backup = _nodes(cluster)
-        client = connect(primary)
-        client.put("k", "v")
-        assert client.get("k") == "v"
-        assert client.dump() == {"k": "v"}
-        code = errors.ForbiddenError.code
-        _assert_refused(lambda: client.replicate("k", "forged"), code, "cluster secret")
-        assert client.get("k") == "v"  # the same connection answers on
-        assert _key_count(backup) == 1
-    finally:
-        cluster.stop()
+    primary, backup = _nodes(secret_cluster)
+    client = connect(primary)
+    client.put("k", "v")
+    assert client.get("k") == "v"
+    assert client.dump() == {"k": "v"}
+    code = errors.ForbiddenError.code
+    _assert_refused(lambda: client.replicate("k", "forged"), code, "cluster secret")
+    assert client.get("k") == "v"  # the same connection answers on
+    assert _key_count(backup) == 1
