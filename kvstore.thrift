@@ -10,7 +10,8 @@
 // The exception's `type` carries a kvstore error code (see errors.py):
 //   100 NOT_PRIMARY   101 UNAVAILABLE   102 TOO_LARGE   103 BAD_REQUEST
 //   104 STALE_EPOCH   105 REPLICATION_FAILED (outcome unknown)   106 DATA_LOST
-//   107 FORBIDDEN (under mutual TLS: a client certificate called a node-only method)
+//   107 FORBIDDEN (a node-only method from a client certificate, or, with a cluster
+//       secret, from a connection that has not authenticated)
 
 namespace py kvstore
 namespace java kvstore
@@ -91,6 +92,15 @@ service KeyValueService {
   // ZooKeeper session expired; it kept its data and this join's fence). The primary renames
   // it in the in-sync set, or refuses (the backup then joins anew once it is not listed).
   void backup_renamed(1: i64 epoch, 2: string join_id, 3: string backup_id);
+
+  // --- node authentication without TLS (kv-node --cluster-secret-file) ---
+  // Once per connection, before a node-only call: auth_challenge returns a fresh 32-byte
+  // nonce; authenticate(client_nonce, proof) with proof = HMAC-SHA256(secret,
+  // "kvstore cluster secret v1\0caller\0" + nonce + client_nonce) makes the connection a
+  // node's and returns the node's own proof (the same with "node" for "caller"). A wrong
+  // proof, a reused nonce or a node without a secret: FORBIDDEN. See rpc/secret.py.
+  binary auth_challenge();
+  binary authenticate(1: binary client_nonce, 2: binary proof);
 
   // --- the store API (kvstore.Client) ---
   // get that tells a missing key from an empty value.

@@ -14,9 +14,11 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import pytest
 
+from kvstore.local.certs import write_cluster_secret
 from kvstore.local.cluster import LocalCluster
 from kvstore.local.zkserver import ZooKeeperServer
 
@@ -61,6 +63,30 @@ def idle_cluster(
         zk_server.connect_string, zk_path, tmp_path_factory.mktemp("nodes"), size=2
     )
     try:
+        yield local
+    finally:
+        local.stop()
+
+
+@pytest.fixture
+def secret_file(tmp_path: Path) -> Path:
+    """A fresh cluster secret file (0600), for kv-node --cluster-secret-file."""
+    return write_cluster_secret(tmp_path / "cluster-secret")
+
+
+@pytest.fixture
+def secret_cluster(
+    zk_server: ZooKeeperServer, zk_path: str, tmp_path: Path, secret_file: Path
+) -> Iterator[LocalCluster]:
+    """A primary and a synced backup, plaintext, sharing the cluster secret ``secret_file``."""
+    local = LocalCluster(
+        zk_server.connect_string,
+        zk_path,
+        tmp_path / "nodes",
+        node_args=["--cluster-secret-file", str(secret_file)],
+    )
+    try:
+        local.start()
         yield local
     finally:
         local.stop()

@@ -91,6 +91,11 @@ class NodeConfig:
     zk_auth: str | None = field(default=None, repr=False)
     # Mutual TLS for the node's port and its own calls to other nodes (None: plaintext).
     tls: TlsConfig | None = None
+    # TLS to ZooKeeper's secure port (None: plaintext).
+    zk_tls: TlsConfig | None = None
+    # The shared cluster secret: only connections that proved it may call the node-only
+    # methods, and the node proves it on its own calls to other nodes (None: no secret).
+    cluster_secret: bytes | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         """The failure detector's timings must nest: a heartbeat renews the lease several
@@ -124,3 +129,4 @@ class ClientConfig:
     zk_session_timeout_s: float = ZK_SESSION_TIMEOUT_S
     zk_request_timeout_s: float = ZK_REQUEST_TIMEOUT_S
     tls: TlsConfig | None = None  # mutual TLS to the nodes (None: plaintext)
+    zk_tls: TlsConfig | None = None  # TLS to ZooKeeper's secure port (None: plaintext)

@@ -18,8 +18,10 @@ Access control: given digest credentials (``user:password``), every znode kvstor
 creates (the parent, member znodes) gets :func:`secure_acl` — ALL for that digest
 identity, READ for anyone — so clients still find the primary anonymously but only
 holders of the credentials can register, delete members or change the metadata.
-Without credentials znodes are world-open, as in the seed. A member whose name
-has no 10-digit sequence, or whose data is not ``host:port``, is never a member.
+Without credentials znodes are world-open, as in the seed; a node with credentials
+refuses to join a parent that anyone may write (:meth:`Coordinator.check_parent_acl`).
+A child whose name has no 10-digit sequence, that is not ephemeral, or whose data is
+not ``host:port``, is never a member.
 
 Every request is bounded by ``request_timeout_s`` (a timeout is a CoordinationError;
 for a compare-and-set its outcome is unknown until read back). Reads are cached
@@ -51,7 +53,12 @@ from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.security import ACL, READ_ACL_UNSAFE, Permissions, make_digest_acl
 
 from kvstore import errors
-from kvstore.config import ZK_RECONNECT_MAX_DELAY_S, ZK_REQUEST_TIMEOUT_S, ZK_SESSION_TIMEOUT_S
+from kvstore.config import (
+    ZK_RECONNECT_MAX_DELAY_S,
+    ZK_REQUEST_TIMEOUT_S,
+    ZK_SESSION_TIMEOUT_S,
+    TlsConfig,
+)
 
 log = logging.getLogger(__name__)
 
@@ -232,23 +239,39 @@ def zookeeper_errors(what: str) -> Iterator[None]:
 
 
 def connect(
-    zk_connect: str, session_timeout_s: float, connect_timeout_s: float, auth: str | None = None
+    zk_connect: str,
+    session_timeout_s: float,
+    connect_timeout_s: float,
+    auth: str | None = None,
+    tls: TlsConfig | None = None,
 ) -> KazooClient:
     """A started session. With ``auth`` (``user:password``) it authenticates by digest and
-    every znode it creates gets :func:`secure_acl`."""
+    every znode it creates gets :func:`secure_acl`. With ``tls`` it connects to ZooKeeper's
+    secure port: this side's certificate, the server's checked against the CA and its
+    host name against the connect string."""
     # Reconnect at least once a second: kazoo's default backoff doubles up to 60 s, which
     # would keep a node or client away for long after a short ZooKeeper outage.
     retry = {"max_tries": -1, "delay": 0.1, "max_delay": ZK_RECONNECT_MAX_DELAY_S}
     secure: dict[str, Any] = {}
     if auth is not None:
         secure = {"auth_data": [("digest", auth)], "default_acl": secure_acl(auth)}
+    if tls is not None:
+        secure.update(
+            use_ssl=True,
+            ca=tls.ca_path,
+            certfile=tls.cert_path,
+            keyfile=tls.key_path,
+            verify_certs=True,
+            check_hostname=True,
+        )
     zk = KazooClient(hosts=zk_connect, timeout=session_timeout_s, connection_retry=retry, **secure)
     try:
         zk.start(timeout=connect_timeout_s)
     except KazooTimeoutError:
         zk.close()
+        over = " over TLS" if tls is not None else ""
         raise errors.CoordinationError(
-            f"cannot reach ZooKeeper at {zk_connect} within {connect_timeout_s:g} s"
+            f"cannot reach ZooKeeper at {zk_connect}{over} within {connect_timeout_s:g} s"
         ) from None
     return zk
 
@@ -260,13 +283,14 @@ def create_parent(
     timeout_s: float = 10.0,
     auth: str | None = None,
     secure_existing: bool = False,
+    tls: TlsConfig | None = None,
 ) -> str:
     """Create ``path`` (and its parents; with ``auth``, with :func:`secure_acl`). With
     ``reset``, clear its cluster metadata. With ``secure_existing`` (needs ``auth``), give
     an existing parent and its members the secure ACL. Returns what was done."""
     if secure_existing and auth is None:
         raise errors.CoordinationError("securing an existing parent needs credentials")
-    zk = connect(zk_connect, ZK_SESSION_TIMEOUT_S, timeout_s, auth)
+    zk = connect(zk_connect, ZK_SESSION_TIMEOUT_S, timeout_s, auth, tls)
     try:
         with zookeeper_errors(f"creating {path}"):
             try:
@@ -419,16 +443,21 @@ class ClusterView:
         return [Member(n, addresses[n]) for n in names if n in addresses]
 
     def _read_address(self, name: str) -> str | None:
-        """A child's ``host:port``; None if it is gone or its data is something else."""
+        """A child's ``host:port``; None if it is gone, is not ephemeral (a member lives
+        only as long as its node's session) or its data is something else."""
         try:
-            data, _ = self._wait(self.zk.get_async(f"{self.path}/{name}"))
+            data, stat = self._wait(self.zk.get_async(f"{self.path}/{name}"))
         except NoNodeError:
             return None
         address = str(data.decode("utf-8", "replace"))
-        if is_address(address):
+        if not stat.ephemeralOwner:
+            why = "it is not ephemeral (no node's session owns it)"
+        elif not is_address(address):
+            why = f"its data {address[:80]!r} is not host:port"
+        else:
             return address
         self._ignored.add(name)
-        log.warning("ignoring %s/%s: its data %r is not host:port", self.path, name, address[:80])
+        log.warning("ignoring %s/%s: %s", self.path, name, why)
         return None
 
     def exists(self) -> bool:
@@ -540,8 +569,10 @@ class Coordinator(ClusterView):
                     return str(name)
         return None
 
-    def warn_if_world_writable(self, has_auth: bool) -> None:
-        """Log one warning if anyone may change this cluster's ZooKeeper state."""
+    def check_parent_acl(self, has_auth: bool) -> None:
+        """Before registering: without credentials, warn that anyone may change this
+        cluster's ZooKeeper state. With credentials, raise CoordinationError if the parent
+        exists and lets anyone write: that voids the protection the credentials give."""
         if not has_auth:
             log.warning(
                 "no ZooKeeper credentials (--zk-auth): the cluster's state under %s is "
@@ -549,20 +580,19 @@ class Coordinator(ClusterView):
                 self.path,
             )
             return
-        try:
-            is_open, acl = self.parent_acl()
-        except errors.CoordinationError as exc:
-            log.warning("cannot read the ACL of %s: %s", self.path, exc)
-            return
+        if not self.exists():
+            return  # register creates it, with the secure ACL
+        is_open, acl = self.parent_acl()
         if is_open:
-            log.warning(
-                "%s is writable by anyone (ACL: %s) although this node has credentials: "
-                "secure it with kv-createznode --zk-auth USER:PASSWORD --secure-existing "
-                "ZK_CONNECT %s",
-                self.path,
-                acl,
-                self.path,
+            raise errors.CoordinationError(
+                f"refusing to start: {self.path} is writable by anyone (ACL: {acl}), which "
+                "voids this node's ZooKeeper credentials; secure it first: kv-createznode "
+                f"--zk-auth USER:PASSWORD --secure-existing {self._connect_string()} {self.path}"
             )
+
+    def _connect_string(self) -> str:
+        hosts = ",".join(f"{host}:{port}" for host, port in self.zk.hosts)
+        return hosts + (self.zk.chroot or "")
 
     def is_usable(self) -> bool:
         """Connected, with a session: requests can go through now."""

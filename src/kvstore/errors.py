@@ -70,7 +70,8 @@ class DataLostError(KVError):
 
 
 class ForbiddenError(KVError):
-    """The peer's certificate does not allow this method (a client calling a node-only one)."""
+    """This connection may not call this method: a node-only one from a client's certificate
+    or, on nodes with a cluster secret, before proving it; or a wrong cluster secret."""
 
     code = 107
 

@@ -224,8 +224,10 @@ def test_seed_rule_when_the_parent_has_no_metadata(
     seed_path = cluster.zk_path + "-seed"
     zk = connect(zk_server.connect_string, 10.0, 10.0)
     try:
-        zk.create(f"{seed_path}/node", primary.encode(), makepath=True, sequence=True)
-        zk.create(f"{seed_path}/node", b"127.0.0.1:1", sequence=True)
+        zk.ensure_path(seed_path)
+        # The seed's nodes register ephemeral sequential znodes, as kvstore's do.
+        zk.create(f"{seed_path}/node", primary.encode(), ephemeral=True, sequence=True)
+        zk.create(f"{seed_path}/node", b"127.0.0.1:1", ephemeral=True, sequence=True)
         with kvstore.Client(zk_server.connect_string, seed_path, timeout=5) as kv:
             kv.put("seed-key", "seed-value")
             assert kv.get("seed-key") == "seed-value"

@@ -195,21 +195,27 @@ def test_garbage_children_are_never_members(
     anonymous: KazooClient,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Without credentials anyone may add children: none that is not node-<...><10 digits>
-    with host:port data may sort lowest (the seed's rule included) or count as a member."""
+    """Without credentials anyone may add children: none that is not an ephemeral
+    node-<...><10 digits> with host:port data may sort lowest (the seed's rule included) or
+    count as a member."""
     create_parent(zk_server.connect_string, zk_path, timeout_s=CONNECT_S)
-    bad_data = anonymous.create(f"{zk_path}/node-", b"not an address", sequence=True)
+    bad_data = anonymous.create(
+        f"{zk_path}/node-", b"not an address", ephemeral=True, sequence=True
+    )
     for name in ("node-x", "node-", "node-12345", "aaa", "node-x-000000001"):
-        anonymous.create(f"{zk_path}/{name}", b"127.0.0.1:1")
-    good = anonymous.create(f"{zk_path}/node-", b"127.0.0.1:9999", sequence=True)
+        anonymous.create(f"{zk_path}/{name}", b"127.0.0.1:1", ephemeral=True)
+    persistent = anonymous.create(f"{zk_path}/node-", b"127.0.0.1:1", sequence=True)
+    good = anonymous.create(f"{zk_path}/node-", b"127.0.0.1:9999", ephemeral=True, sequence=True)
     view = ClusterView(anonymous, zk_path, lambda: None)
     with caplog.at_level(logging.WARNING, logger="kvstore.coordination"):
         assert view.members() == [Member(good.rsplit("/", 1)[-1], "127.0.0.1:9999")]
         assert view.lowest_child_address() == "127.0.0.1:9999"
         view.refresh()
         view.members()
-    ignored = [r for r in caplog.records if "is not host:port" in r.getMessage()]
-    assert len(ignored) == 1 and bad_data.rsplit("/", 1)[-1] in ignored[0].getMessage()
+    ignored = [r.getMessage() for r in caplog.records if "ignoring" in r.getMessage()]
+    assert len(ignored) == 2, ignored  # each logged once
+    assert any(bad_data in m and "is not host:port" in m for m in ignored), ignored
+    assert any(persistent in m and "not ephemeral" in m for m in ignored), ignored
     assert Member("node-x", "127.0.0.1:1").sequence == -1
     assert durable_id("node-x") is None
 
@@ -259,6 +265,37 @@ def test_hijack_fails_and_the_secured_cluster_keeps_serving(
         cluster.stop()
 
 
+def test_children_made_with_the_credentials_but_not_by_nodes_are_ignored(
+    zk_server: ZooKeeperServer, zk_path: str, tmp_path: Path
+) -> None:
+    """A persistent node-<sequence> child made with the credentials (by hand, or by a
+    script) sorts lowest, and a garbage-named one sits beside it: neither becomes primary
+    nor designated backup; the two real nodes form the cluster."""
+    create_parent(zk_server.connect_string, zk_path, timeout_s=CONNECT_S, auth=AUTH)
+    authed = connect(zk_server.connect_string, SESSION_S, CONNECT_S, AUTH)
+    cluster = LocalCluster(
+        zk_server.connect_string, zk_path, tmp_path, size=2, node_args=["--zk-auth", AUTH]
+    )
+    try:
+        stray = authed.create(f"{zk_path}/node-", b"127.0.0.1:1", sequence=True)
+        authed.create(f"{zk_path}/node-x", b"127.0.0.1:2", ephemeral=True)
+        cluster.start()
+        primary = cluster.wait_for("primary").status()
+        backup = cluster.wait_for("backup").status()
+        meta = ClusterMeta.from_bytes(authed.get(zk_path)[0])
+        assert meta.primary == primary.node_id
+        assert set(meta.in_sync) == {primary.node_id, backup.node_id}
+        assert Member(stray.rsplit("/", 1)[-1], "").sequence < Member(primary.node_id, "").sequence
+        with kvstore.Client(zk_server.connect_string, zk_path, timeout=10) as kv:
+            kv.put("k", "v")
+            assert kv.get("k") == "v"
+        assert "not ephemeral" in cluster.logs(200)
+    finally:
+        cluster.stop()
+        authed.stop()
+        authed.close()
+
+
 def keep_serving(kv: kvstore.Client, seconds: float) -> None:
     """Write and read back for ``seconds``: every operation must succeed."""
     deadline = time.monotonic() + seconds
@@ -273,24 +310,53 @@ def keep_serving(kv: kvstore.Client, seconds: float) -> None:
 def test_nodes_warn_when_anyone_can_write(
     zk_server: ZooKeeperServer, zk_path: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A node without credentials says the cluster is writable by anyone; one with
-    credentials (here from $KV_ZK_AUTH) on a world-open parent says how to secure it."""
-    create_parent(zk_server.connect_string, zk_path, timeout_s=CONNECT_S)  # world-open, as today
+    """A node without credentials on a world-open parent (the seed's mode) serves and says
+    the cluster is writable by anyone."""
+    create_parent(zk_server.connect_string, zk_path, timeout_s=CONNECT_S)  # world-open
     plain = NodeProcess(zk_server.connect_string, zk_path, tmp_path)
-    secured = NodeProcess(zk_server.connect_string, zk_path, tmp_path)
     try:
         monkeypatch.delenv("KV_ZK_AUTH", raising=False)
         plain.start()
         plain.wait_for_role(["primary"])
-        monkeypatch.setenv("KV_ZK_AUTH", AUTH)  # inherited by the next node process only
-        secured.start()
-        secured.wait_for_role(["backup"])
         wait_for_log(plain, "no ZooKeeper credentials")
-        wait_for_log(secured, "--secure-existing")
-        assert "writable by anyone (ACL: world:anyone=ALL)" in secured.log_tail(200)
-        assert "no ZooKeeper credentials" not in secured.log_tail(200)
     finally:
         plain.stop()
+
+
+def test_a_node_with_credentials_refuses_a_world_writable_parent(
+    zk_server: ZooKeeperServer, zk_path: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With credentials (here from $KV_ZK_AUTH) a world-writable parent voids them: the
+    node exits 1 with one line naming the fix, registers nothing; once the parent is
+    secured it starts."""
+    create_parent(zk_server.connect_string, zk_path, timeout_s=CONNECT_S)  # world-open
+    monkeypatch.setenv("KV_ZK_AUTH", AUTH)
+    command = [sys.executable, "-m", "kvstore", "node", "127.0.0.1", str(free_port())]
+    command += [zk_server.connect_string, zk_path]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=NODE_EXIT_TIMEOUT_S)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    errors_logged = [line for line in output.splitlines() if " ERROR " in line]
+    assert len(errors_logged) == 1, output
+    assert "writable by anyone (ACL: world:anyone=ALL)" in errors_logged[0]
+    fix = f"--secure-existing {zk_server.connect_string} {zk_path}"
+    assert fix in errors_logged[0]
+    assert "Traceback" not in output and AUTH not in output
+    view = connect(zk_server.connect_string, SESSION_S, CONNECT_S)
+    try:
+        assert view.get_children(zk_path) == []  # it registered nothing
+    finally:
+        view.stop()
+        view.close()
+    argv = ["--zk-auth", AUTH, "--secure-existing", zk_server.connect_string, zk_path]
+    assert createznode.main(argv) == 0
+    secured = NodeProcess(zk_server.connect_string, zk_path, tmp_path)
+    try:
+        secured.start()
+        secured.wait_for_role(["primary"])
+        assert "writable by anyone" not in secured.log_tail(200)
+        assert "no ZooKeeper credentials" not in secured.log_tail(200)
+    finally:
         secured.stop()
 
 

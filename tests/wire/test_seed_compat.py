@@ -210,3 +210,19 @@ def test_node_keeps_serving_after_refusals(cluster: LocalCluster, connect: Any) 
     _assert_refused(lambda: connect(backup).get("k"), errors.NotPrimaryError.code)
     assert _key_count(backup) == 1
     assert primary.is_running() and backup.is_running()
+
+
+def test_seed_client_on_nodes_with_a_cluster_secret(
+    secret_cluster: LocalCluster, connect: Any
+) -> None:
+    """The cluster secret guards the node-only methods only: a seed client (which knows
+    nothing of it) still gets, puts and dumps; its replicate is FORBIDDEN."""
+    primary, backup = _nodes(secret_cluster)
+    client = connect(primary)
+    client.put("k", "v")
+    assert client.get("k") == "v"
+    assert client.dump() == {"k": "v"}
+    code = errors.ForbiddenError.code
+    _assert_refused(lambda: client.replicate("k", "forged"), code, "cluster secret")
+    assert client.get("k") == "v"  # the same connection answers on
+    assert _key_count(backup) == 1

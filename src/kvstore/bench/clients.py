@@ -106,6 +106,7 @@ class SharedClient:
             rpc_timeout_ms=config.rpc_timeout_ms,
             connect_timeout_ms=config.connect_timeout_ms,
             tls=config.tls,
+            zk_tls=config.zk_tls,
         )
         client: LoadClient = (
             self._client if is_exactly_once else PutsWithoutExactlyOnce(self._client)

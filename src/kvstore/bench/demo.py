@@ -3,6 +3,13 @@
 Everything runs on loopback ports chosen free at start and lives under one work
 directory (ZooKeeper data and log, node logs, execution.log). Everything started
 is stopped at the end, by PID.
+
+``is_secure`` runs the same job the way SECURITY.md describes a protected cluster: throwaway
+certificates (``certs/``: nodes with the node certificate, the load with the client one,
+mutual TLS 1.3 throughout), ZooKeeper on a TLS port only (its own certificate; every session
+shows one from the same CA), and fresh ZooKeeper digest credentials (``zk-auth``, 0600) with
+which the parent znode is created (writable only with them, readable by anyone) and the
+nodes run.
 """
 
 from __future__ import annotations
@@ -17,19 +24,33 @@ from kvstore.bench.progress import maybe_progress
 from kvstore.bench.workload import Workload, summary_lines
 from kvstore.check import checker
 from kvstore.check.history import write_events
-from kvstore.local.cluster import LocalCluster
+from kvstore.local.certs import write_certificates
+from kvstore.local.cluster import LocalCluster, secure_cluster
 from kvstore.local.zkserver import ZooKeeperServer
 
 
-def run_demo(seconds: float, threads: int, keyspace: int, workdir: str) -> int:
+def run_demo(
+    seconds: float, threads: int, keyspace: int, workdir: str, is_secure: bool = False
+) -> int:
     root = Path(workdir).resolve() / time.strftime("%Y%m%d-%H%M%S")
     root.mkdir(parents=True, exist_ok=True)
     print(f"== work directory: {root}")
-    with ZooKeeperServer(root / "zookeeper") as zk:
-        print(f"== ZooKeeper up at {zk.connect_string}")
-        cluster = LocalCluster(
-            zk.connect_string, f"/kvstore-demo-{uuid.uuid4().hex[:8]}", root / "nodes"
-        )
+    certs = write_certificates(root / "certs") if is_secure else None
+    zk_tls = None if certs is None else certs.zookeeper
+    with ZooKeeperServer(root / "zookeeper", tls=zk_tls) as zk:
+        over = " (TLS only, client certificates required)" if certs else ""
+        print(f"== ZooKeeper up at {zk.connect_string}{over}")
+        path = f"/kvstore-demo-{uuid.uuid4().hex[:8]}"
+        if certs is not None:
+            cluster, created = secure_cluster(zk.connect_string, path, root, certs)
+            print(f"== kv-createznode --zk-auth-file {root / 'zk-auth'}: {created}")
+            print(
+                "== secure: mutual TLS 1.3 to the nodes and to ZooKeeper (CA and certificates "
+                f"in {certs.directory}: nodes OU=node, the load a client certificate); {path} "
+                "writable only with the ZooKeeper credentials, readable by anyone"
+            )
+        else:
+            cluster = LocalCluster(zk.connect_string, path, root / "nodes")
         try:
             cluster.start()
             for node in cluster.nodes:

@@ -21,7 +21,6 @@ from typing import Protocol
 
 from kvstore.bench import load
 from kvstore.bench.workload import BenchResult, Workload
-from kvstore.config import ClientConfig
 from kvstore.local.cluster import LocalCluster, NodeProcess
 from kvstore.local.zkserver import is_ok
 
@@ -143,7 +142,7 @@ def _run_beside(
         if on_start is not None:
             on_start()
 
-    config = ClientConfig(cluster.zk_connect, cluster.zk_path)
+    config = cluster.client_config()
     try:
         return load.run(workload, config, start_ns, procs=procs, on_start=start, progress=progress)
     finally:

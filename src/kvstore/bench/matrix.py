@@ -42,7 +42,6 @@ from kvstore.bench.workload import BenchResult, Workload
 from kvstore.check import checker
 from kvstore.check.checker import check_events
 from kvstore.check.history import write_events
-from kvstore.config import ClientConfig
 from kvstore.local.cluster import LocalCluster
 
 FAULT_KINDS = ("none", "kill-primary", "nemesis")
@@ -235,7 +234,7 @@ def run_scenario(
             )
             kills = [(at_s, address) for at_s, kind, address in injected if "kill" in kind]
         elif scenario.faults == "none":
-            config = ClientConfig(cluster.zk_connect, cluster.zk_path)
+            config = cluster.client_config()
             result = load.run(
                 workload, config, procs=scenario.procs, on_start=meter.start, progress=progress
             )

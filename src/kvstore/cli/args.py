@@ -260,19 +260,47 @@ def add_tls_arguments(parser: argparse.ArgumentParser, whose: str) -> None:
     )
 
 
+def add_zk_tls_arguments(parser: argparse.ArgumentParser) -> None:
+    """--zk-tls-cert / --zk-tls-key / --zk-tls-ca: TLS to ZooKeeper (all three, or none)."""
+    group = parser.add_argument_group(
+        "TLS to ZooKeeper's secureClientPort (all three or none; PEM files). ZK_CONNECT "
+        "then names the secure port; the server's host name is checked against it"
+    )
+    group.add_argument(
+        "--zk-tls-cert",
+        metavar="FILE",
+        help="the certificate shown to ZooKeeper (e.g. --tls-cert's)",
+    )
+    group.add_argument("--zk-tls-key", metavar="FILE", help="its private key")
+    group.add_argument(
+        "--zk-tls-ca", metavar="FILE", help="the CA ZooKeeper's certificate must be signed by"
+    )
+
+
 def tls_from(parser: argparse.ArgumentParser, args: argparse.Namespace) -> TlsConfig | None:
     """The TlsConfig from --tls-*, None without them; a usage error if only some are given
     or the files do not load."""
-    files = (args.tls_cert, args.tls_key, args.tls_ca)
-    if not any(files):
+    return _tls_files(parser, "--tls", (args.tls_cert, args.tls_key, args.tls_ca))
+
+
+def zk_tls_from(parser: argparse.ArgumentParser, args: argparse.Namespace) -> TlsConfig | None:
+    """The TlsConfig from --zk-tls-*, as :func:`tls_from`."""
+    return _tls_files(parser, "--zk-tls", (args.zk_tls_cert, args.zk_tls_key, args.zk_tls_ca))
+
+
+def _tls_files(
+    parser: argparse.ArgumentParser, prefix: str, files: tuple[str | None, str | None, str | None]
+) -> TlsConfig | None:
+    cert, key, ca = files
+    if cert is None and key is None and ca is None:
         return None
-    if not all(files):
-        parser.error("--tls-cert, --tls-key and --tls-ca go together")
+    if cert is None or key is None or ca is None:
+        parser.error(f"{prefix}-cert, {prefix}-key and {prefix}-ca go together")
     try:
-        client_tls_context(*files)
+        client_tls_context(cert, key, ca)
     except (OSError, ValueError) as exc:
-        parser.error(f"cannot load the TLS files: {exc}")
-    return TlsConfig(*files)
+        parser.error(f"cannot load the {prefix}-* files: {exc}")
+    return TlsConfig(cert, key, ca)
 
 
 def report_error(prog: str, exc: BaseException) -> None:

@@ -1,4 +1,4 @@
-"""kv-certs: write a throwaway CA and a node and a client certificate for mutual TLS."""
+"""kv-certs: write a throwaway CA and node, client and ZooKeeper certificates for mutual TLS."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ from kvstore.local.certs import tls_args, write_certificates
 def main(argv: Sequence[str] | None = None) -> int:
     parser = new_parser(
         prog="kv-certs",
-        description="Write a throwaway CA (ca.crt, ca.key) and two certificates signed by it, "
-        "as PEM files in DIR: node.crt/node.key (OU=node: a node, which may replicate) and "
-        "client.crt/client.key (a client: reads and writes only). Private keys are 0600. "
+        description="Write a throwaway CA (ca.crt, ca.key) and three certificates signed by "
+        "it, as PEM files in DIR: node.crt/node.key (OU=node: a node, which may replicate), "
+        "client.crt/client.key (a client: reads and writes only) and zookeeper.crt/"
+        "zookeeper.key (for a ZooKeeper TLS port on 127.0.0.1/localhost: its clients check "
+        "the host name). Private keys are 0600. "
         "For tests and trials: keep ca.key away from the nodes in earnest use.",
         epilog="exit status: 0 written; 1 DIR cannot be written; 2 bad arguments",
     )
@@ -24,7 +26,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         report_error("kv-certs", exc)
         return 1
-    print(f"wrote {files.directory}/: ca.crt ca.key node.crt node.key client.crt client.key")
+    print(
+        f"wrote {files.directory}/: ca.crt ca.key node.crt node.key client.crt client.key "
+        "zookeeper.crt zookeeper.key"
+    )
     print("  kv-node HOST PORT ZK PATH " + " ".join(tls_args(files.node)))
     print("  kv " + " ".join(tls_args(files.client)) + " get KEY")
     return 0

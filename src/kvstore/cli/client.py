@@ -17,12 +17,14 @@ from kvstore.cli.args import (
     add_cluster_arguments,
     add_load_shape_arguments,
     add_tls_arguments,
+    add_zk_tls_arguments,
     new_parser,
     positive_float,
     positive_int,
     report_error,
     setup_logging,
     tls_from,
+    zk_tls_from,
 )
 from kvstore.config import ClientConfig
 
@@ -31,6 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     tls = tls_from(parser, args)
+    zk_tls = zk_tls_from(parser, args)
     if not 0.0 <= args.write_ratio <= 1.0:
         parser.error("--write-ratio must be within [0, 1]")
     setup_logging("WARNING", is_quiet=True)
@@ -57,6 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rpc_timeout_ms=args.rpc_timeout_ms,
         zk_connect_timeout_s=min(10.0, args.seconds),
         tls=tls,
+        zk_tls=zk_tls,
     )
     try:
         progress = maybe_progress(sys.stdout, args.seconds) if args.procs == 1 else None
@@ -160,4 +164,5 @@ def _parser() -> argparse.ArgumentParser:
     )
     add_load_shape_arguments(parser)
     add_tls_arguments(parser, "the client's")
+    add_zk_tls_arguments(parser)
     return parser

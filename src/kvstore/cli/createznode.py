@@ -8,10 +8,12 @@ from kvstore import errors
 from kvstore.cli.args import (
     add_cluster_arguments,
     add_zk_auth_arguments,
+    add_zk_tls_arguments,
     new_parser,
     report_error,
     setup_logging,
     zk_auth_from,
+    zk_tls_from,
 )
 from kvstore.coordination import create_parent
 
@@ -37,8 +39,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="if PATH exists, give it (and its member znodes) the ACL of the credentials: "
         "writable only with them, readable by anyone. Needs credentials",
     )
+    add_zk_tls_arguments(parser)
     args = parser.parse_args(argv)
     auth = zk_auth_from(parser, args)
+    zk_tls = zk_tls_from(parser, args)
     if args.secure_existing and auth is None:
         parser.error(
             "--secure-existing needs credentials (--zk-auth, --zk-auth-file or $KV_ZK_AUTH)"
@@ -51,6 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             reset=args.reset,
             auth=auth,
             secure_existing=args.secure_existing,
+            tls=zk_tls,
         )
     except errors.KVError as exc:
         report_error("kv-createznode", exc)

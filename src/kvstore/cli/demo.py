@@ -25,10 +25,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--keyspace", type=positive_int, default=1000, help="number of keys (default 1000)"
     )
     parser.add_argument("--workdir", default="run/demo", help="where logs go (default run/demo)")
+    parser.add_argument(
+        "--secure",
+        action="store_true",
+        help="the same, secured: throwaway certificates (mutual TLS between every node and "
+        "client, and to ZooKeeper, which listens on a TLS port only), ZooKeeper digest "
+        "credentials for the parent znode and the nodes; all written under the work directory",
+    )
     args = parser.parse_args(argv)
     setup_logging("INFO")
     try:
-        return run_demo(args.seconds, args.threads, args.keyspace, args.workdir)
+        return run_demo(args.seconds, args.threads, args.keyspace, args.workdir, args.secure)
     except (errors.KVError, OSError) as exc:  # no Java or ZooKeeper, a port taken, ...
         report_error("kv-demo", exc)
         return 1

@@ -16,10 +16,12 @@ from typing import Any
 from kvstore import errors
 from kvstore.cli.args import (
     add_tls_arguments,
+    add_zk_tls_arguments,
     new_parser,
     positive_float,
     report_error,
     tls_from,
+    zk_tls_from,
 )
 from kvstore.client.client import DEFAULT_PATH, DEFAULT_ZK, Client
 from kvstore.client.status import cluster_status
@@ -73,6 +75,7 @@ def _parser() -> argparse.ArgumentParser:
         "--timeout", type=positive_float, default=5.0, metavar="S", help="per command (default 5)"
     )
     add_tls_arguments(parser, "the client's")
+    add_zk_tls_arguments(parser)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("get", help="print a key's value").add_argument("key")
     put = commands.add_parser("put", help="set a key")
@@ -94,11 +97,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     args.tls = tls_from(parser, args)
+    args.zk_tls = zk_tls_from(parser, args)
     logging.getLogger("kazoo").setLevel(logging.CRITICAL)  # our one line says it all
     try:
         if args.command == "status":
             return _status(args)
-        with Client(args.zk, args.path, timeout=args.timeout, tls=args.tls) as kv:
+        with Client(
+            args.zk, args.path, timeout=args.timeout, tls=args.tls, zk_tls=args.zk_tls
+        ) as kv:
             return _run(kv, args)
     except errors.KVError as exc:
         report_error("kv", exc)
@@ -131,7 +137,9 @@ def _run(kv: Client, args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    config = ClientConfig(args.zk, args.path, zk_connect_timeout_s=args.timeout, tls=args.tls)
+    config = ClientConfig(
+        args.zk, args.path, zk_connect_timeout_s=args.timeout, tls=args.tls, zk_tls=args.zk_tls
+    )
     reports = cluster_status(config)
     if args.output == "json":
         print(json.dumps([r.as_dict() for r in reports], indent=2))

@@ -21,6 +21,7 @@ from kvstore.cli.args import (
     add_cluster_arguments,
     add_tls_arguments,
     add_zk_auth_arguments,
+    add_zk_tls_arguments,
     cpu_list,
     new_parser,
     placement,
@@ -29,9 +30,10 @@ from kvstore.cli.args import (
     setup_logging,
     tls_from,
     zk_auth_from,
+    zk_tls_from,
 )
 from kvstore.config import Limits, NodeConfig, TlsConfig
-from kvstore.rpc import parse_address
+from kvstore.rpc import load_cluster_secret, parse_address
 from kvstore.server.node import StorageNode
 from kvstore.server.roles import EXIT_RESTART
 from kvstore.server.wal import FSYNC_MODES
@@ -61,7 +63,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             "address other nodes and clients reach this node at"
         )
     try:
-        config = _config(args, limits, zk_auth, tls_from(parser, args))
+        secret = (
+            None
+            if args.cluster_secret_file is None
+            else load_cluster_secret(args.cluster_secret_file)
+        )
+        security = _Security(zk_auth, zk_tls_from(parser, args), tls_from(parser, args), secret)
+        config = _config(args, limits, security)
     except ValueError as exc:
         parser.error(str(exc))
     try:
@@ -93,9 +101,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
-def _config(
-    args: argparse.Namespace, limits: Limits, zk_auth: str | None, tls: TlsConfig | None
-) -> NodeConfig:
+@dataclasses.dataclass(frozen=True)
+class _Security:
+    """The node's credentials, from its options."""
+
+    zk_auth: str | None
+    zk_tls: TlsConfig | None
+    tls: TlsConfig | None
+    cluster_secret: bytes | None = dataclasses.field(repr=False)
+
+
+def _config(args: argparse.Namespace, limits: Limits, security: _Security) -> NodeConfig:
     """The node's configuration from its arguments (ValueError if they do not fit together)."""
     return NodeConfig(
         host=args.host,
@@ -111,8 +127,10 @@ def _config(
         data_dir=args.data_dir,
         fsync=args.fsync,
         snapshot_every_bytes=args.snapshot_every_mb * 1024 * 1024,
-        zk_auth=zk_auth,
-        tls=tls,
+        zk_auth=security.zk_auth,
+        zk_tls=security.zk_tls,
+        tls=security.tls,
+        cluster_secret=security.cluster_secret,
     )
 
 
@@ -132,7 +150,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Run a storage node: serve the key-value service on HOST:PORT and register "
         "under PATH in ZooKeeper. The lowest registered node is the primary, the next the backup.",
         epilog="exit status: 0 stopped (SIGTERM/SIGINT); 1 cannot serve (port taken, ZooKeeper "
-        "unreachable or refusing the credentials, damaged data directory); 2 bad arguments; "
+        "unreachable or refusing the credentials, a parent znode anyone may write although "
+        "this node has credentials, damaged data directory); 2 bad arguments (a cluster "
+        "secret file others may read included); "
         "3 DATA LOST (no node holding a complete copy is alive; the message says how to start "
         "over)",
     )
@@ -144,7 +164,17 @@ def _parser() -> argparse.ArgumentParser:
     _add_serving_arguments(parser)
     _add_durability_arguments(parser)
     add_zk_auth_arguments(parser)
+    add_zk_tls_arguments(parser)
     add_tls_arguments(parser, "this node's (with OU=node: it may replicate to other nodes)")
+    parser.add_argument(
+        "--cluster-secret-file",
+        metavar="FILE",
+        help="a secret shared by the cluster's nodes (at least 16 bytes; the file must not be "
+        "accessible by group or others, chmod 600): only connections that prove it may call "
+        "replication, join and state transfer, and this node proves it on its own calls to "
+        "other nodes. Authenticates nodes without TLS (with TLS, both are required). Every "
+        "node of the cluster needs the same one",
+    )
     _add_process_arguments(parser)
     return parser
 

@@ -57,7 +57,8 @@ class Client:
 
     ``timeout`` (seconds) bounds each call, retries included. ``tls`` connects to the
     nodes with mutual TLS (a client certificate from the cluster's CA: it may read and
-    write, not replicate). Use as a context manager, or call :meth:`close`.
+    write, not replicate); ``zk_tls`` to ZooKeeper's secure port. Use as a context
+    manager, or call :meth:`close`.
     """
 
     def __init__(
@@ -69,6 +70,7 @@ class Client:
         rpc_timeout_ms: int = 2000,
         connect_timeout_ms: int = 500,
         tls: TlsConfig | None = None,
+        zk_tls: TlsConfig | None = None,
     ) -> None:
         self.timeout = timeout
         self._config = ClientConfig(
@@ -78,6 +80,7 @@ class Client:
             connect_timeout_ms=connect_timeout_ms,
             zk_connect_timeout_s=min(10.0, timeout),
             tls=tls,
+            zk_tls=zk_tls,
         )
         self._tls = tls_context(tls)  # before ZooKeeper: a bad file fails at once
         self._locator = PrimaryLocator(self._config)

@@ -47,7 +47,10 @@ class PrimaryLocator:
 
     def __init__(self, config: ClientConfig) -> None:
         self._zk = connect(
-            config.zk_connect, config.zk_session_timeout_s, config.zk_connect_timeout_s
+            config.zk_connect,
+            config.zk_session_timeout_s,
+            config.zk_connect_timeout_s,
+            tls=config.zk_tls,
         )
         self._changed = threading.Condition()
         self._generation = 0

@@ -28,7 +28,12 @@ class NodeReport:
 def cluster_status(config: ClientConfig, probe_timeout_ms: int = 1000) -> list[NodeReport]:
     """One report per registered node, lowest first. Raises CoordinationError if ZooKeeper
     cannot be read or the parent path does not exist."""
-    zk = connect(config.zk_connect, config.zk_session_timeout_s, config.zk_connect_timeout_s)
+    zk = connect(
+        config.zk_connect,
+        config.zk_session_timeout_s,
+        config.zk_connect_timeout_s,
+        tls=config.zk_tls,
+    )
     try:
         view = ClusterView(zk, config.zk_path, lambda: None, config.zk_request_timeout_s)
         if not view.exists():

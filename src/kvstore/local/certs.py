@@ -1,4 +1,5 @@
-"""Throwaway certificates for mutual TLS: a CA, a node certificate and a client certificate.
+"""Throwaway certificates for mutual TLS (a CA, a node certificate and a client certificate),
+cluster secrets and ZooKeeper credentials.
 
 For tests, demos and trying TLS out (``kv-certs DIR``), not for production: the CA's key is
 written next to the certificates and nothing is ever revoked. Every certificate is signed
@@ -9,8 +10,11 @@ certificates: kvstore checks the CA and the role, not names (nodes are addressed
 
 from __future__ import annotations
 
+import base64
 import datetime
+import ipaddress
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +27,7 @@ from kvstore.config import TlsConfig
 from kvstore.rpc import NODE_UNIT
 
 VALID_DAYS = 365
+ZOOKEEPER_HOSTS = ("127.0.0.1", "localhost")
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +48,10 @@ class CertificateFiles:
     def client(self) -> TlsConfig:
         return self.tls("client")
 
+    @property
+    def zookeeper(self) -> TlsConfig:
+        return self.tls("zookeeper")
+
     def tls(self, name: str) -> TlsConfig:
         """The TlsConfig of the certificate ``name`` (node, client, or one made by issue)."""
         d = self.directory
@@ -53,12 +62,22 @@ class CertificateFiles:
         return tls_args(self.node)
 
 
-def tls_args(tls: TlsConfig) -> list[str]:
-    return ["--tls-cert", tls.cert_path, "--tls-key", tls.key_path, "--tls-ca", tls.ca_path]
+def tls_args(tls: TlsConfig, prefix: str = "--tls") -> list[str]:
+    """The options naming ``tls``'s files (``prefix`` --zk-tls: for ZooKeeper's TLS port)."""
+    return [
+        f"{prefix}-cert",
+        tls.cert_path,
+        f"{prefix}-key",
+        tls.key_path,
+        f"{prefix}-ca",
+        tls.ca_path,
+    ]
 
 
 def write_certificates(directory: Path | str, ca_name: str = "kvstore test CA") -> CertificateFiles:
-    """Write ca.crt/ca.key, node.crt/node.key (OU=node) and client.crt/client.key."""
+    """Write ca.crt/ca.key, node.crt/node.key (OU=node), client.crt/client.key and
+    zookeeper.crt/zookeeper.key (for a local ZooKeeper's TLS port: its clients check the
+    host name, so it names 127.0.0.1 and localhost)."""
     files = CertificateFiles(Path(directory))
     files.directory.mkdir(parents=True, exist_ok=True)
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -73,6 +92,7 @@ def write_certificates(directory: Path | str, ca_name: str = "kvstore test CA") 
     files.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     issue(files, "node", ca_cert, ca_key, unit=NODE_UNIT)
     issue(files, "client", ca_cert, ca_key)
+    issue(files, "zookeeper", ca_cert, ca_key, hosts=ZOOKEEPER_HOSTS)
     return files
 
 
@@ -82,23 +102,36 @@ def issue(
     ca_cert: x509.Certificate,
     ca_key: ec.EllipticCurvePrivateKey,
     unit: str | None = None,
+    hosts: tuple[str, ...] = (),
 ) -> TlsConfig:
-    """Write ``name``.crt/.key signed by the CA, with OU=``unit`` if given."""
+    """Write ``name``.crt/.key signed by the CA, with OU=``unit`` if given, and ``hosts``
+    (IP addresses or DNS names) as subject alternative names, for peers that check them."""
     key = ec.generate_private_key(ec.SECP256R1())
     attributes = [x509.NameAttribute(NameOID.COMMON_NAME, f"kvstore {name}")]
     if unit is not None:
         attributes.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, unit))
     usage = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-    cert = (
+    builder = (
         _builder(x509.Name(attributes), ca_cert.subject, key.public_key())
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_key_usage(is_ca=False), critical=True)
         .add_extension(x509.ExtendedKeyUsage(usage), critical=False)
-        .sign(ca_key, hashes.SHA256())
     )
+    if hosts:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([_general_name(host) for host in hosts]), critical=False
+        )
+    cert = builder.sign(ca_key, hashes.SHA256())
     _write_key(files.directory / f"{name}.key", key)
     (files.directory / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return files.tls(name)
+
+
+def _general_name(host: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
 
 
 def load_ca(files: CertificateFiles) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
@@ -143,8 +176,32 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
+    _write_private(path, pem)
+
+
+def write_cluster_secret(path: Path | str) -> Path:
+    """Write a fresh cluster secret (32 random bytes, base64) for ``kv-node
+    --cluster-secret-file``, readable by its owner only."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_private(path, base64.b64encode(secrets.token_bytes(32)) + b"\n")
+    return path
+
+
+def write_zk_credentials(path: Path | str, user: str = "kvstore") -> str:
+    """Write fresh ZooKeeper digest credentials (one ``user:password`` line, for
+    ``--zk-auth-file``), readable by its owner only; returns them."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    credentials = f"{user}:{secrets.token_urlsafe(24)}"
+    _write_private(path, f"{credentials}\n".encode())
+    return credentials
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to a file only its owner may read, from its creation."""
     path.unlink(missing_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as file:
-        file.write(pem)
+        file.write(data)
     os.chmod(path, 0o600)  # whatever the umask

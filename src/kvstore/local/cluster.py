@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from kvstore import errors
+from kvstore.config import ClientConfig, TlsConfig
+from kvstore.local.certs import CertificateFiles, tls_args, write_zk_credentials
 from kvstore.local.processes import free_port, terminate, wait_until
 from kvstore.rpc import client_tls_context, probe
 
@@ -157,10 +159,16 @@ class LocalCluster:
         size: int = 2,
         node_args: Sequence[str] = (),
         nodes: Sequence[NodeProcess] | None = None,
+        client_tls: TlsConfig | None = None,
+        client_zk_tls: TlsConfig | None = None,
     ) -> None:
-        """``nodes``: these (e.g. each in a network namespace) instead of ``size`` new ones."""
+        """``nodes``: these (e.g. each in a network namespace) instead of ``size`` new ones.
+        ``client_tls``: the client certificate loads against this cluster use (and
+        ``client_zk_tls`` for ZooKeeper's TLS port)."""
         self.zk_connect = zk_connect
         self.zk_path = zk_path
+        self.client_tls = client_tls
+        self.client_zk_tls = client_zk_tls
         self.log_dir = Path(log_dir)
         self.nodes = (
             list(nodes)
@@ -180,6 +188,12 @@ class LocalCluster:
             node.start()
         for node in rest[:1]:
             node.wait_for_role(["backup"], timeout_s)
+
+    def client_config(self) -> ClientConfig:
+        """How a client (a load, a test) reaches this cluster."""
+        return ClientConfig(
+            self.zk_connect, self.zk_path, tls=self.client_tls, zk_tls=self.client_zk_tls
+        )
 
     def find(self, role: str) -> NodeProcess | None:
         for node in self.nodes:
@@ -201,6 +215,35 @@ class LocalCluster:
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
+
+
+CREATE_TIMEOUT_S = 60.0
+
+
+def secure_cluster(
+    zk_connect: str, zk_path: str, directory: Path, certs: CertificateFiles
+) -> tuple[LocalCluster, str]:
+    """A cluster (not started) secured as SECURITY.md describes, over a ZooKeeper with a TLS
+    port: fresh ZooKeeper credentials in ``directory``/zk-auth (0600), the parent created
+    with them by kv-createznode, nodes with the node certificate (to each other and to
+    ZooKeeper) and the credentials; its loads use the client certificate. Also returns
+    kv-createznode's line."""
+    auth_file = directory / "zk-auth"
+    write_zk_credentials(auth_file)
+    zk_options = [*tls_args(certs.node, "--zk-tls"), "--zk-auth-file", str(auth_file)]
+    command = [sys.executable, "-m", "kvstore", "createznode", *zk_options, zk_connect, zk_path]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=CREATE_TIMEOUT_S)
+    if done.returncode != 0:
+        raise errors.CoordinationError(f"kv-createznode failed: {done.stderr.strip()}")
+    cluster = LocalCluster(
+        zk_connect,
+        zk_path,
+        directory / "nodes",
+        node_args=[*certs.node_args(), *zk_options],
+        client_tls=certs.client,
+        client_zk_tls=certs.client,
+    )
+    return cluster, done.stdout.strip()
 
 
 TLS_OPTIONS = ("--tls-cert", "--tls-key", "--tls-ca")

@@ -20,6 +20,11 @@ The server is tuned for tests: a short ``tickTime`` and a session range of
 ``2 * tickTime`` .. 30 s, so a client can ask for a 1 s session and lose it
 quickly once it stops heart-beating.
 
+With ``tls`` (the server's certificate and key, and the CA its clients' certificates must
+come from; PEM) it listens on a TLS port only (``secureClientPort``, Netty, TLS 1.3, a client
+certificate required): ``connect_string`` then names that port, and the readiness poll
+asks ``ruok`` over TLS, showing the server's own certificate.
+
 By default it listens on loopback; ``host`` and ``command_prefix`` (e.g. ``ip netns exec NS``,
 which must exec the server, keeping the PID) run it on an address inside a network namespace:
 give ``port`` then, and call ``start()`` from a thread inside that namespace (its readiness
@@ -33,12 +38,14 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
+from kvstore.config import TlsConfig
 from kvstore.errors import KVError
 from kvstore.local.processes import free_port, terminate, wait_until
 
@@ -71,6 +78,9 @@ REQUIRED_JARS = (
     "snappy-java",
 )
 
+# A cold JVM takes a while over its first TLS handshakes: a shorter wait fails them all.
+RUOK_TLS_TIMEOUT_S = 5.0
+TLS13_CIPHER_SUITES = ("TLS_AES_256_GCM_SHA384", "TLS_AES_128_GCM_SHA256")
 _INSTALL_HINT = "run scripts/setup (or: apt-get install zookeeper)"
 
 
@@ -108,19 +118,27 @@ def find_java() -> str:
     return found
 
 
-def is_ok(host: str, port: int, timeout_s: float = 0.5) -> bool:
-    """True if the ZooKeeper server at host:port answers ``ruok`` with ``imok``."""
+def is_ok(host: str, port: int, timeout_s: float = 0.5, tls: ssl.SSLContext | None = None) -> bool:
+    """True if the ZooKeeper server at host:port answers ``ruok`` with ``imok`` (over TLS
+    with ``tls``)."""
     try:
-        with socket.create_connection((host, port), timeout=timeout_s) as sock:
-            sock.sendall(b"ruok")
-            reply = b""
-            while len(reply) < 4:
-                chunk = sock.recv(16)
-                if not chunk:
-                    break
-                reply += chunk
+        sock = socket.create_connection((host, port), timeout=timeout_s)
     except OSError:
         return False
+    try:
+        if tls is not None:
+            sock = tls.wrap_socket(sock, server_hostname=host)
+        sock.sendall(b"ruok")
+        reply = b""
+        while len(reply) < 4:
+            chunk = sock.recv(16)
+            if not chunk:
+                break
+            reply += chunk
+    except OSError:
+        return False
+    finally:
+        sock.close()
     return reply == b"imok"
 
 
@@ -136,8 +154,10 @@ class ZooKeeperServer:
         tick_time_ms: int = 200,
         host: str = HOST,
         command_prefix: Sequence[str] = (),
+        tls: TlsConfig | None = None,
     ) -> None:
         self.host = host
+        self.tls = tls
         self.command_prefix = list(command_prefix)
         self.base_dir = Path(base_dir)
         self.tick_time_ms = tick_time_ms
@@ -184,6 +204,8 @@ class ZooKeeperServer:
         if self._port is None:
             self._port = free_port(self.host)
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.tls is not None:
+            self._write_key_store(self.tls)
         self.config_path.write_text(self._config_text())
         command.append(str(self.config_path))
         with self.log_path.open("ab") as log:
@@ -242,12 +264,55 @@ class ZooKeeperServer:
     def __repr__(self) -> str:
         return f"ZooKeeperServer(port={self._port}, pid={self.pid}, base_dir={self.base_dir})"
 
+    @property
+    def key_store_path(self) -> Path:
+        return self.base_dir / "tls" / "server.pem"
+
+    def _write_key_store(self, tls: TlsConfig) -> None:
+        """ZooKeeper's PEM key store is one file: the private key, then the certificate."""
+        pem = Path(tls.key_path).read_bytes() + Path(tls.cert_path).read_bytes()
+        path = self.key_store_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as file:
+            file.write(pem)
+
+    def _listen_settings(self) -> dict[str, object]:
+        if self.tls is None:
+            return {"clientPort": self.port, "clientPortAddress": self.host}
+        return {
+            "secureClientPort": self.port,
+            "secureClientPortAddress": self.host,
+            # Unknown keys become zookeeper.* system properties: the Netty factory (the only
+            # one with TLS) and the client port's ssl.* settings.
+            "serverCnxnFactory": "org.apache.zookeeper.server.NettyServerCnxnFactory",
+            "ssl.keyStore.location": self.key_store_path,
+            "ssl.keyStore.type": "PEM",
+            "ssl.trustStore.location": self.tls.ca_path,
+            "ssl.trustStore.type": "PEM",
+            "ssl.clientAuth": "need",
+            "ssl.protocol": "TLSv1.3",
+            "ssl.enabledProtocols": "TLSv1.3",
+            # ZooKeeper 3.8's default list has TLS 1.2 suites only: the handshake would fail.
+            "ssl.ciphersuites": ",".join(TLS13_CIPHER_SUITES),
+        }
+
+    def _ruok_tls(self) -> ssl.SSLContext | None:
+        """The readiness poll's TLS context: the server's own certificate, its CA."""
+        if self.tls is None:
+            return None
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False  # the server this object started, whatever it is named
+        context.load_cert_chain(self.tls.cert_path, self.tls.key_path)
+        context.load_verify_locations(self.tls.ca_path)
+        return context
+
     def _config_text(self) -> str:
         settings = {
             "tickTime": self.tick_time_ms,
             "dataDir": self.data_dir,
-            "clientPort": self.port,
-            "clientPortAddress": self.host,
+            **self._listen_settings(),
             "maxClientCnxns": 0,
             "minSessionTimeout": 2 * self.tick_time_ms,
             "maxSessionTimeout": MAX_SESSION_TIMEOUT_MS,
@@ -259,9 +324,10 @@ class ZooKeeperServer:
     def _wait_until_ok(self, timeout_s: float) -> None:
         process = self._process
         assert process is not None
+        tls = self._ruok_tls()
 
         def answered() -> bool | None:
-            if is_ok(self.host, self.port):
+            if is_ok(self.host, self.port, RUOK_TLS_TIMEOUT_S if tls else 0.5, tls):
                 return True
             exit_code = process.poll()
             if exit_code is not None:

@@ -28,6 +28,11 @@ timeouts are Python ones (``settimeout``): kernel ones (SO_RCVTIMEO) do not boun
 Servers send no session tickets, which would make an idle client socket poll as readable
 and fool the client's dead-connection check.
 
+A shared cluster secret (optional, secret.py) makes a connection a node's without TLS: once
+per connection the caller answers a challenge with an HMAC-SHA256 of the server's nonce
+(``auth_challenge``, ``authenticate``), nothing is added per request; a node given a secret
+refuses the node-only methods (FORBIDDEN) on a connection that has not authenticated.
+
 Errors are mapped here, in one place:
 - a handler's :class:`~kvstore.errors.KVError` goes out as a TApplicationException
   whose ``type`` is the error code (so a seed-only client sees an error);
@@ -50,6 +55,7 @@ from kvstore.rpc.framecheck import (
     MalformedRequestError,
     check_request,
 )
+from kvstore.rpc.secret import CONNECTION_METHODS, load_cluster_secret
 from kvstore.rpc.server import (
     DEFAULT_FRAME_DEADLINE_S,
     DEFAULT_IDLE_TIMEOUT_S,
@@ -68,6 +74,7 @@ from kvstore.rpc.tls import (
 
 __all__ = [
     "CHECK_AFTER_IDLE_S",
+    "CONNECTION_METHODS",
     "DEFAULT_FRAME_DEADLINE_S",
     "DEFAULT_IDLE_TIMEOUT_S",
     "DEFAULT_MAX_CONNECTIONS",
@@ -85,6 +92,7 @@ __all__ = [
     "check_request",
     "client_tls_context",
     "is_node_certificate",
+    "load_cluster_secret",
     "parse_address",
     "probe",
     "server_tls_context",

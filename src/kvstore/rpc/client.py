@@ -18,6 +18,7 @@ from thriftpy2.transport.framed import TCyFramedTransport
 
 from kvstore import errors
 from kvstore.idl import KeyValueService
+from kvstore.rpc.secret import authenticate_connection
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,11 @@ class Connection:
     of connecting (a failed one is a ConnectError), bounded by ``timeout_ms``. A node that
     refuses this side's certificate says so only after the handshake (TLS 1.3), so the first
     call then fails with ConnectionLostError.
+
+    ``secret`` (the cluster secret, bytes): every new connection first proves it
+    (rpc/secret.py), as part of connecting: a node that refuses it, or does not know it
+    itself, is a ForbiddenError; a failure on the way a ConnectError. Either way the call
+    was not sent.
     """
 
     def __init__(
@@ -59,9 +65,11 @@ class Connection:
         connect_timeout_ms: int = 500,
         is_checked_before_use: bool = True,
         tls: ssl.SSLContext | None = None,
+        secret: bytes | None = None,
     ) -> None:
         self.address = address
         self._tls = tls
+        self._secret = secret
         self._is_checked_before_use = is_checked_before_use
         self._is_shut = False
         self._host, self._port = parse_address(address)
@@ -94,6 +102,27 @@ class Connection:
         self._poller = select.poll()
         self._poller.register(raw, select.POLLIN | select.POLLPRI)
         self._client = TCyBinaryProtocol(TCyFramedTransport(self._socket))
+        if self._secret is not None:
+            self._authenticate(self._secret)
+
+    def _authenticate(self, secret: bytes) -> None:
+        """Prove the cluster secret on the new connection (closed if that fails)."""
+        proto = self._client
+
+        def call(method: str, *args: Any) -> Any:
+            try:
+                return self._invoke(proto, method, args)
+            except TApplicationException as exc:
+                raise _from_application_error(exc) from None
+
+        try:
+            authenticate_connection(call, secret, self.address)
+        except errors.ForbiddenError:
+            self.close()
+            raise
+        except (errors.KVError, TTransportException, OSError, EOFError) as exc:
+            self.close()
+            raise errors.ConnectError(f"cannot authenticate to {self.address}: {exc!r}") from None
 
     def _secure(self, raw: socket.socket) -> socket.socket:
         """The TLS socket over ``raw`` (handshake done), or ConnectError: nothing was sent."""

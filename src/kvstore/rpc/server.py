@@ -28,6 +28,7 @@ from kvstore.rpc.framecheck import (
     _exception_frame,
     check_request,
 )
+from kvstore.rpc.secret import CHALLENGE_METHOD, CONNECTION_METHODS, PeerRole
 from kvstore.rpc.tls import NODE_UNIT, _handshake, is_node_certificate
 
 log = logging.getLogger(__name__)
@@ -196,35 +197,51 @@ class _Dispatcher:
 
     Does what thriftpy2's TProcessor does, with the per-method lookups done once.
     ``process`` returns the method's name if it answered normally, else "". A peer that is
-    not a node (``is_node`` False) calling one of ``node_only`` gets FORBIDDEN; the handler
-    never sees the call.
+    not a node (``peer.is_node`` False) calling one of ``node_only`` gets FORBIDDEN; the
+    handler never sees the call. The connection methods (auth_challenge, authenticate with
+    ``secret``) act on the peer's role and never reach the handler either.
     """
 
-    def __init__(self, service: Any, handler: object, node_only: Collection[str] = ()) -> None:
+    def __init__(
+        self,
+        service: Any,
+        handler: object,
+        node_only: Collection[str] = (),
+        secret: bytes | None = None,
+    ) -> None:
         unknown = set(node_only) - set(service.thrift_services)
         if unknown:
             raise ValueError(f"node-only methods not in the service: {sorted(unknown)}")
         self._node_only = frozenset(node_only)
+        self._secret = secret
+        self._refused_count = 0  # authentications refused since the last line logged
+        self._refusal_logged_at = 0.0
+        self._connection_methods = {
+            name: (getattr(service, f"{name}_args"), getattr(service, f"{name}_result"))
+            for name in CONNECTION_METHODS
+        }
         self._methods: dict[str, tuple[Any, Any, Any, tuple[str, ...]]] = {}
         for name in service.thrift_services:
+            if name in CONNECTION_METHODS:
+                continue
             args_cls = getattr(service, f"{name}_args")
             names = tuple(spec[1] for spec in args_cls.thrift_spec.values())
             result_cls = getattr(service, f"{name}_result")
             self._methods[name] = (args_cls, result_cls, getattr(handler, name), names)
 
-    def process(self, iprot: Any, oprot: Any, is_node: bool = True) -> str:
+    def process(self, iprot: Any, oprot: Any, peer: PeerRole) -> str:
         api, _, seqid = iprot.read_message_begin()
         entry = self._methods.get(api)
-        if not is_node and api in self._node_only:
+        if not peer.is_node and api in self._node_only:
             iprot.skip(TType.STRUCT)
             iprot.read_message_end()
             refusal = TApplicationException(
-                errors.ForbiddenError.code,
-                f"{api} is for nodes only: this peer's certificate is a client's "
-                f"(a node's has OU={NODE_UNIT})",
+                errors.ForbiddenError.code, peer.refusal(api, NODE_UNIT)
             )
             self._send(oprot, api, TMessageType.EXCEPTION, refusal, seqid)
             return ""
+        if entry is None and api in self._connection_methods:
+            return self._connection_call(api, iprot, oprot, seqid, peer)
         if entry is None:
             iprot.skip(TType.STRUCT)
             iprot.read_message_end()
@@ -252,6 +269,34 @@ class _Dispatcher:
         result.success = value
         self._send(oprot, api, TMessageType.REPLY, result, seqid)
         return str(api)
+
+    def _connection_call(self, api: str, iprot: Any, oprot: Any, seqid: int, peer: PeerRole) -> str:
+        """auth_challenge / authenticate: they change what this connection may call."""
+        args_cls, result_cls = self._connection_methods[api]
+        args = args_cls()
+        args.read(iprot)
+        iprot.read_message_end()
+        result = result_cls()
+        try:
+            if api == CHALLENGE_METHOD:
+                result.success = peer.challenge()
+            else:
+                result.success = peer.authenticate(self._secret, args.client_nonce, args.proof)
+        except errors.KVError as exc:
+            self._log_refusal(api, exc)
+            failure = TApplicationException(exc.code, str(exc))
+            self._send(oprot, api, TMessageType.EXCEPTION, failure, seqid)
+            return ""
+        self._send(oprot, api, TMessageType.REPLY, result, seqid)
+        return api
+
+    def _log_refusal(self, api: str, exc: errors.KVError) -> None:
+        """At most one line a second: a misconfigured node retries many times a second."""
+        self._refused_count += 1
+        now = time.monotonic()
+        if now - self._refusal_logged_at >= 1.0:
+            log.warning("refused %s: %s (%d refusals)", api, exc, self._refused_count)
+            self._refusal_logged_at, self._refused_count = now, 0
 
     @staticmethod
     def _send(oprot: Any, api: str, message_type: int, payload: Any, seqid: int) -> None:
@@ -292,7 +337,9 @@ class RpcServer:
 
     ``tls`` (a :func:`server_tls_context`): every connection must complete a mutual TLS
     handshake, in its own thread, within ``frame_deadline_s``; a peer whose certificate is
-    not a node's may not call ``node_only_methods``. Without it every peer may call anything.
+    not a node's may not call ``node_only_methods``. ``cluster_secret``: a connection may
+    call them only once it authenticated with the secret (rpc/secret.py; under TLS, and
+    with a node's certificate). With neither, every peer may call anything.
     """
 
     def __init__(
@@ -308,11 +355,13 @@ class RpcServer:
         frame_deadline_s: float = DEFAULT_FRAME_DEADLINE_S,
         tls: ssl.SSLContext | None = None,
         node_only_methods: Collection[str] = (),
+        cluster_secret: bytes | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self._tls = tls
-        self._dispatcher = _Dispatcher(KeyValueService, handler, node_only_methods)
+        self._needs_secret = cluster_secret is not None
+        self._dispatcher = _Dispatcher(KeyValueService, handler, node_only_methods, cluster_secret)
         self._max_frame_bytes = max_frame_bytes
         self._on_disconnect = on_disconnect
         self._listener: socket.socket | None = None
@@ -458,7 +507,7 @@ class RpcServer:
         return tls, is_node
 
     def _serve(self, sock: socket.socket, peer: str) -> None:
-        is_node = True  # plaintext: every peer may call every method
+        is_node = True  # the certificate's role; plaintext: every peer's
         if self._tls is not None:
             try:
                 sock, is_node = self._secure(sock, peer)
@@ -469,6 +518,7 @@ class RpcServer:
                 sock.close()
                 self._forget_this_thread()
                 return
+        role = PeerRole(is_node, self._needs_secret)  # plaintext without a secret: a node
         reader = _FrameReader(
             sock, self._max_frame_bytes, self._idle_timeout_s, self._frame_deadline_s
         )
@@ -479,7 +529,7 @@ class RpcServer:
         try:
             while True:
                 check_request(reader.next_frame())
-                if process(proto, proto, is_node) == REPLICATION_METHOD and not is_replication_line:
+                if process(proto, proto, role) == REPLICATION_METHOD and not is_replication_line:
                     is_replication_line = True
                     reader.never_idle_out()
         except TTransportException as exc:

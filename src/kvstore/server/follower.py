@@ -172,7 +172,12 @@ class Follower:
             return
         self._rename_asked_at = now
         timeout_ms = int(self._node.config.suspect_after_s * 1000)
-        conn = Connection(meta.primary_address, timeout_ms=timeout_ms, tls=self._node.peer_tls)
+        conn = Connection(
+            meta.primary_address,
+            timeout_ms=timeout_ms,
+            tls=self._node.peer_tls,
+            secret=self._node.peer_secret,
+        )
         try:
             conn.call("backup_renamed", accepting[0], accepting[1], self._node.name)
         except errors.KVError as exc:
@@ -383,6 +388,7 @@ class Follower:
             meta.primary_address,
             timeout_ms=self._node.config.join_rpc_timeout_ms,
             tls=self._node.peer_tls,
+            secret=self._node.peer_secret,
         )
         try:
             lease_ms = int(self.fence.lease_s * 1000)

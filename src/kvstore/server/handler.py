@@ -15,8 +15,9 @@ from kvstore.idl import Lookup
 from kvstore.server.sessions import RequestRecord
 from kvstore.server.storage import FlatRecords
 
-# Under mutual TLS only a node's certificate may call these (rpc refuses a client's with
-# FORBIDDEN before the handler runs): replication and state transfer.
+# Under mutual TLS only a node's certificate may call these, and with a cluster secret only a
+# connection that proved it (rpc refuses the others with FORBIDDEN before the handler runs):
+# replication and state transfer.
 NODE_ONLY_METHODS = frozenset(
     {"replicate", "replicate_batch", "join", "sync_fetch", "join_done", "backup_renamed"}
 )

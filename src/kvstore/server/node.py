@@ -38,7 +38,7 @@ from kvstore import errors
 from kvstore.config import NodeConfig, TlsConfig
 from kvstore.coordination import ClusterMeta, Coordinator, Member, connect, designated_backup
 from kvstore.idl import Change, KeyValueService, NodeStatus, SyncChunk
-from kvstore.rpc import RpcServer, client_tls_context, server_tls_context
+from kvstore.rpc import CONNECTION_METHODS, RpcServer, client_tls_context, server_tls_context
 from kvstore.server.follower import Follower
 from kvstore.server.handler import NODE_ONLY_METHODS, NodeHandler
 from kvstore.server.metrics import MetricsServer, NodeMetrics, NodeState, instrument
@@ -78,12 +78,14 @@ class StorageNode:
         tls = config.tls
         # Its own calls to other nodes (replication, join, probes) present the node certificate.
         self.peer_tls = None if tls is None else client_tls_context(*_tls_files(tls))
+        self.peer_secret = config.cluster_secret  # ... and prove the cluster secret
         if config.data_dir is not None:
             self._open_data_dir(Path(config.data_dir))
         self._follower = Follower(self)
         handler = NodeHandler(self, config.limits)
         if self._is_metered:
-            instrument(handler, list(KeyValueService.thrift_services), self.metrics)
+            methods = [m for m in KeyValueService.thrift_services if m not in CONNECTION_METHODS]
+            instrument(handler, methods, self.metrics)
         self.server = RpcServer(
             config.host,
             config.port,
@@ -92,6 +94,7 @@ class StorageNode:
             on_disconnect=self._follower.on_disconnect,
             tls=None if tls is None else server_tls_context(*_tls_files(tls)),
             node_only_methods=NODE_ONLY_METHODS,
+            cluster_secret=config.cluster_secret,
         )
 
     # ----------------------------------------------------------------- lifecycle
@@ -127,6 +130,7 @@ class StorageNode:
             config.zk_session_timeout_s,
             config.zk_connect_timeout_s,
             config.zk_auth,
+            config.zk_tls,
         )
         self._coordinator = Coordinator(
             zk, config.zk_path, self._wakeup.set, config.zk_request_timeout_s
@@ -135,11 +139,12 @@ class StorageNode:
         if self.store.log is not None:
             threading.Thread(target=self._snapshot_loop, name="snapshots", daemon=True).start()
         try:
+            self._coordinator.check_parent_acl(has_auth=config.zk_auth is not None)
             self.name = self._coordinator.register(config.address)
         except errors.CoordinationError:
-            self._coordinator.close()  # e.g. NoAuth: wrong credentials; kv-node says so, exit 1
+            # NoAuth (wrong credentials) or a world-writable parent: kv-node says so, exit 1
+            self._coordinator.close()
             raise
-        self._coordinator.warn_if_world_writable(has_auth=config.zk_auth is not None)
         self.role = Role.STANDBY
         log.info("node %s serving on %s under %s", self.name, config.address, config.zk_path)
         try:
@@ -542,6 +547,7 @@ class StorageNode:
                 self.config.rpc_timeout_ms,
                 self._observe_batch if self._is_metered else None,
                 self.peer_tls,
+                self.peer_secret,
                 # the backup reads frames up to its own limit; ours is the same by default
                 self.config.limits.max_frame_bytes // 2,
             )

@@ -96,9 +96,11 @@ class Replicator:
         rpc_timeout_ms: int,
         observe: Callable[[float, int], None] | None = None,
         tls: Any = None,  # the node's client TLS context (rpc.client_tls_context), if any
+        secret: bytes | None = None,  # the cluster secret, proven on each new line
         max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
     ) -> None:
         self._tls = tls
+        self._secret = secret
         self._observe = observe  # (seconds, entries) of each batch that went through
         self.backup = backup
         # Other names the backup may be listed under in this join (it registers again when
@@ -267,6 +269,7 @@ class Replicator:
             timeout_ms=self._rpc_timeout_ms,
             is_checked_before_use=False,
             tls=self._tls,
+            secret=self._secret,
         )
         with self._lock:
             if self.is_broken:

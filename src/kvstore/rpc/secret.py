@@ -1,0 +1,130 @@
+"""A shared cluster secret that makes a connection a node's, without TLS: a challenge-response
+once per connection, nothing per request.
+
+Exchange (two calls, right after connecting; see kvstore.thrift):
+
+1. ``auth_challenge()``: the node answers a fresh random nonce for this connection.
+2. ``authenticate(client_nonce, proof)`` with ``proof = prove(secret, CALLER, nonce,
+   client_nonce)``: the node checks it (constant-time) and answers its own
+   ``prove(secret, NODE, nonce, client_nonce)``, which the caller checks in turn. From then
+   on the node treats the connection as a node's: it may call the node-only methods.
+
+Invariants: a nonce serves one ``authenticate`` attempt only (right or wrong), so a proof
+seen on the wire is worth nothing on another connection; the two proofs differ by their
+role label, so a node's answer cannot be played back as a caller's proof; the secret never
+travels. What it does not do: protect the connection afterwards. Someone who can alter
+traffic on the wire can take over an authenticated connection; use TLS against that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+import stat
+from typing import Any
+
+from kvstore import errors
+
+CHALLENGE_METHOD = "auth_challenge"
+AUTHENTICATE_METHOD = "authenticate"
+CONNECTION_METHODS = frozenset({CHALLENGE_METHOD, AUTHENTICATE_METHOD})
+NONCE_BYTES = 32
+MIN_SECRET_BYTES = 16
+CALLER = b"caller"
+NODE = b"node"
+_LABEL = b"kvstore cluster secret v1\0"
+
+
+def load_cluster_secret(path: str) -> bytes:
+    """The secret in ``path`` (its bytes, surrounding whitespace stripped). ValueError, with
+    the fix, if group or others may access the file (as ssh refuses such a key) or if it
+    holds fewer than MIN_SECRET_BYTES bytes."""
+    try:
+        mode = os.stat(path).st_mode
+        if stat.S_IMODE(mode) & 0o077:
+            raise ValueError(
+                f"{path} is accessible by group or others (mode {stat.S_IMODE(mode):04o}): "
+                f"the cluster secret must be private to its owner (chmod 600 {path})"
+            )
+        with open(path, "rb") as file:
+            secret = file.read().strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read the cluster secret: {exc.strerror}: {path}") from None
+    if len(secret) < MIN_SECRET_BYTES:
+        raise ValueError(
+            f"{path} holds {len(secret)} bytes; a cluster secret needs at least "
+            f"{MIN_SECRET_BYTES} (e.g. head -c 32 /dev/urandom | base64 > {path})"
+        )
+    return secret
+
+
+def new_nonce() -> bytes:
+    return secrets.token_bytes(NONCE_BYTES)
+
+
+def prove(secret: bytes, role: bytes, nonce: bytes, client_nonce: bytes) -> bytes:
+    """HMAC-SHA256 over the role label and both nonces (fixed lengths: no ambiguity)."""
+    message = _LABEL + role + b"\0" + nonce + client_nonce
+    return hmac.new(secret, message, hashlib.sha256).digest()
+
+
+class PeerRole:
+    """What one server connection may do: ``is_node`` (call the node-only methods).
+
+    Without a secret the role is the certificate's (a plaintext peer counts as a node, as
+    in the seed); with one, the connection is a node's only once it authenticated, and then
+    only if its certificate (under TLS) is a node's too.
+    """
+
+    __slots__ = ("_nonce", "is_node", "is_node_certificate", "needs_secret")
+
+    def __init__(self, is_node_certificate: bool, needs_secret: bool) -> None:
+        self.is_node_certificate = is_node_certificate
+        self.needs_secret = needs_secret
+        self.is_node = is_node_certificate and not needs_secret
+        self._nonce = b""
+
+    def challenge(self) -> bytes:
+        self._nonce = new_nonce()
+        return self._nonce
+
+    def authenticate(self, secret: bytes | None, client_nonce: Any, proof: Any) -> bytes:
+        """Check the caller's proof for this connection's nonce (used up either way); the
+        node's own proof. ForbiddenError if it does not hold."""
+        nonce, self._nonce = self._nonce, b""
+        if secret is None:
+            raise errors.ForbiddenError("this node has no cluster secret (--cluster-secret-file)")
+        if not nonce:
+            raise errors.ForbiddenError(f"{AUTHENTICATE_METHOD} needs a fresh {CHALLENGE_METHOD}")
+        if not (isinstance(client_nonce, bytes) and len(client_nonce) == NONCE_BYTES):
+            raise errors.ForbiddenError(f"the caller's nonce must be {NONCE_BYTES} bytes")
+        expected = prove(secret, CALLER, nonce, client_nonce)
+        if not (isinstance(proof, bytes) and hmac.compare_digest(proof, expected)):
+            raise errors.ForbiddenError("wrong cluster secret")
+        self.is_node = self.is_node_certificate
+        return prove(secret, NODE, nonce, client_nonce)
+
+    def refusal(self, method: str, node_unit: str) -> str:
+        """Why this connection may not call the node-only ``method``."""
+        if not self.is_node_certificate:
+            return (
+                f"{method} is for nodes only: this peer's certificate is a client's "
+                f"(a node's has OU={node_unit})"
+            )
+        return (
+            f"{method} is for nodes only: this connection has not proven it knows the "
+            f"cluster secret ({CHALLENGE_METHOD}, then {AUTHENTICATE_METHOD})"
+        )
+
+
+def authenticate_connection(call: Any, secret: bytes, address: str) -> None:
+    """The caller's side, over ``call(method, *args)`` on a new connection: prove the
+    secret, and check that the node knows it too. ForbiddenError if either fails."""
+    nonce = call(CHALLENGE_METHOD)
+    client_nonce = new_nonce()
+    answer = call(AUTHENTICATE_METHOD, client_nonce, prove(secret, CALLER, nonce, client_nonce))
+    expected = prove(secret, NODE, nonce, client_nonce)
+    if not (isinstance(answer, bytes) and hmac.compare_digest(answer, expected)):
+        raise errors.ForbiddenError(f"{address} does not know the cluster secret")

@@ -1,0 +1,192 @@
+"""The shared cluster secret (``kv-node --cluster-secret-file``) against real node processes:
+without TLS, only a connection that proved the secret may call the node-only methods; nodes
+that share it replicate, fail over and stay linearizable; a wrong secret gets nowhere. The
+per-connection role (rpc/secret.py PeerRole) is checked without sockets too."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from secure_failover import kill_the_primary_under_load
+
+import kvstore
+from kvstore import errors
+from kvstore.local.certs import write_cluster_secret
+from kvstore.local.cluster import LocalCluster, NodeProcess
+from kvstore.local.processes import free_port, wait_until
+from kvstore.rpc import Connection, load_cluster_secret
+from kvstore.rpc.secret import NONCE_BYTES, PeerRole, authenticate_connection, new_nonce, prove
+from kvstore.server.handler import NODE_ONLY_METHODS
+
+TIMEOUT_MS = 2000
+ARG_ERROR_TIMEOUT_S = 60
+SECRET = b"0123456789abcdef0123456789abcdef"
+
+
+# ----------------------------------------------------------------- without sockets
+
+
+def test_a_connection_is_a_node_only_after_a_right_proof_for_a_fresh_nonce() -> None:
+    role = PeerRole(is_node_certificate=True, needs_secret=True)
+    assert not role.is_node
+    client_nonce = new_nonce()
+    with pytest.raises(errors.ForbiddenError, match="fresh"):
+        role.authenticate(SECRET, client_nonce, b"x" * 32)  # no challenge yet
+    nonce = role.challenge()
+    with pytest.raises(errors.ForbiddenError, match="wrong cluster secret"):
+        role.authenticate(
+            SECRET, client_nonce, prove(b"another secret!!", b"caller", nonce, client_nonce)
+        )
+    assert not role.is_node
+    with pytest.raises(errors.ForbiddenError, match="fresh"):  # the nonce is used up
+        role.authenticate(SECRET, client_nonce, prove(SECRET, b"caller", nonce, client_nonce))
+    nonce = role.challenge()
+    # The node's own answer for this nonce is no caller's proof.
+    with pytest.raises(errors.ForbiddenError):
+        role.authenticate(SECRET, client_nonce, prove(SECRET, b"node", nonce, client_nonce))
+    nonce = role.challenge()
+    answer = role.authenticate(SECRET, client_nonce, prove(SECRET, b"caller", nonce, client_nonce))
+    assert role.is_node
+    assert answer == prove(SECRET, b"node", nonce, client_nonce)
+    assert len(nonce) == NONCE_BYTES
+
+
+def test_the_secret_does_not_make_a_client_certificate_a_node() -> None:
+    role = PeerRole(is_node_certificate=False, needs_secret=True)
+    nonce, client_nonce = role.challenge(), new_nonce()
+    role.authenticate(SECRET, client_nonce, prove(SECRET, b"caller", nonce, client_nonce))
+    assert not role.is_node
+    assert "certificate is a client's" in role.refusal("join", "node")
+    assert PeerRole(is_node_certificate=True, needs_secret=False).is_node  # the seed's mode
+
+
+def test_a_caller_refuses_a_node_that_does_not_know_the_secret() -> None:
+    role = PeerRole(is_node_certificate=True, needs_secret=True)
+
+    def impostor(method: str, *args: bytes) -> bytes:
+        return role.challenge() if method == "auth_challenge" else b"\0" * 32
+
+    with pytest.raises(errors.ForbiddenError, match="does not know the cluster secret"):
+        authenticate_connection(impostor, SECRET, "127.0.0.1:1")
+
+
+def test_the_secret_file_must_be_private_and_long_enough(tmp_path: Path) -> None:
+    path = tmp_path / "secret"
+    path.write_bytes(SECRET + b"\n")
+    for mode in (0o644, 0o640, 0o604, 0o660):
+        os.chmod(path, mode)
+        with pytest.raises(ValueError, match="chmod 600"):
+            load_cluster_secret(str(path))
+    os.chmod(path, 0o600)
+    assert load_cluster_secret(str(path)) == SECRET
+    path.write_bytes(b"short\n")
+    with pytest.raises(ValueError, match="at least 16"):
+        load_cluster_secret(str(path))
+    with pytest.raises(ValueError, match="cannot read"):
+        load_cluster_secret(str(tmp_path / "none"))
+
+
+def test_kv_node_refuses_a_secret_file_others_can_read(tmp_path: Path) -> None:
+    path = tmp_path / "secret"
+    path.write_bytes(SECRET)
+    os.chmod(path, 0o644)
+    command = [sys.executable, "-m", "kvstore", "node", "127.0.0.1", str(free_port())]
+    command += ["127.0.0.1:1", "/kvstore", "--cluster-secret-file", str(path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=ARG_ERROR_TIMEOUT_S)
+    assert done.returncode == 2, done
+    assert f"chmod 600 {path}" in done.stderr and "Traceback" not in done.stderr
+    assert SECRET.decode() not in done.stderr + done.stdout
+
+
+# ----------------------------------------------------------------- real clusters
+
+
+def test_without_the_secret_node_only_methods_are_forbidden(
+    secret_cluster: LocalCluster,
+) -> None:
+    primary = secret_cluster.wait_for("primary")
+    backup = secret_cluster.wait_for("backup")
+    epoch = primary.status().epoch
+    forged = {
+        "replicate": ("k", "forged"),
+        "replicate_batch": (epoch, ["k"], ["forged"], "join-x", None),
+        "join": (epoch, "node-9999999999", "join-x", 1000),
+        "sync_fetch": (epoch, "join-x", 0, 100),
+        "join_done": (epoch, "join-x"),
+        "backup_renamed": (epoch, "join-x", "node-9999999999"),
+    }
+    assert set(forged) == NODE_ONLY_METHODS
+    for node in (primary, backup):
+        conn = Connection(node.address, timeout_ms=TIMEOUT_MS)
+        try:
+            for method, args in forged.items():
+                with pytest.raises(errors.ForbiddenError, match="cluster secret"):
+                    conn.call(method, *args)
+            assert conn.call("status").role in ("primary", "backup")  # still usable
+        finally:
+            conn.close()
+    # Clients need no secret: the seed's get/put (a plain connection) and kvstore.Client.
+    conn = Connection(primary.address, timeout_ms=TIMEOUT_MS)
+    try:
+        conn.call("put", "k", "plain")
+        assert conn.call("get", "k") == "plain"
+    finally:
+        conn.close()
+    with kvstore.Client(secret_cluster.zk_connect, secret_cluster.zk_path, timeout=10) as kv:
+        assert kv.get("k") == "plain"
+        assert kv.cas("k", "plain", "client")
+    status = backup.status()
+    assert status is not None and status.role == "backup" and status.key_count == 1
+
+
+def test_a_wrong_secret_is_refused(secret_cluster: LocalCluster, secret_file: Path) -> None:
+    primary = secret_cluster.wait_for("primary")
+    epoch = primary.status().epoch
+    wrong = Connection(primary.address, timeout_ms=TIMEOUT_MS, secret=b"not the cluster secret")
+    with pytest.raises(errors.ForbiddenError, match="wrong cluster secret"):
+        wrong.call("join", epoch, "node-9999999999", "join-x", 1000)
+    right = Connection(
+        primary.address, timeout_ms=TIMEOUT_MS, secret=load_cluster_secret(str(secret_file))
+    )
+    try:  # past the secret: the call reaches the handler, which refuses a stranger
+        with pytest.raises(errors.UnavailableError, match="not the designated backup"):
+            right.call("join", epoch, "node-9999999999", "join-x", 1000)
+    finally:
+        right.close()
+
+
+def test_a_node_with_another_secret_cannot_join(
+    secret_cluster: LocalCluster, tmp_path: Path
+) -> None:
+    backup = secret_cluster.wait_for("backup")
+    backup.stop()
+    other = NodeProcess(
+        secret_cluster.zk_connect,
+        secret_cluster.zk_path,
+        tmp_path / "other",
+        extra_args=["--cluster-secret-file", str(write_cluster_secret(tmp_path / "other.key"))],
+    )
+    secret_cluster.nodes.append(other)
+    other.start()
+    wait_until(
+        lambda: "wrong cluster secret" in other.log_tail(100) or None,
+        30,
+        lambda: other.log_tail(100),
+    )
+    status = other.status()
+    assert status is not None and status.role == "standby", status
+    primary = secret_cluster.wait_for("primary")
+    assert "refused authenticate: wrong cluster secret" in primary.log_tail(100)
+    with kvstore.Client(secret_cluster.zk_connect, secret_cluster.zk_path, timeout=10) as kv:
+        kv.put("still", "serving")  # the primary went on without a backup
+        assert kv.get("still") == "serving"
+
+
+def test_a_cluster_with_the_secret_fails_over_and_stays_linearizable(
+    secret_cluster: LocalCluster, tmp_path: Path
+) -> None:
+    kill_the_primary_under_load(secret_cluster, tmp_path, seed=5)  # rejoins proving the secret
