@@ -75,17 +75,21 @@ service KeyValueService {
   // Exactly-once records of the keys/values entries, when any entry has one, travel flat
   // beside them (a struct per entry costs several times as much to encode and decode):
   // entry i was written by record_clients[i] ("" for none) with seq record_seqs[i] and
-  // acked_below record_acked[i]. The three lists are as long as keys, or all unset.
+  // acked_below record_acked[i]. The three lists are as long as keys, or all unset. Sent
+  // only to a backup whose join said protocol >= 2 (an older one would skip them unread);
+  // to others such writes go as Changes.
   void replicate_batch(1: i64 epoch, 2: list<string> keys, 3: list<string> values, 4: string join_id,
-                       5: list<Change> changes, 6: list<string> record_clients,
-                       7: list<i64> record_seqs, 8: list<i64> record_acked);
+                       5: list<Change> changes, 8: list<string> record_clients,
+                       9: list<i64> record_seqs, 10: list<i64> record_acked);
   NodeStatus status();
   // Backup -> primary: start forwarding puts to backup_id (tagged with join_id), then
   // fetch the snapshot stripe by stripe with sync_fetch and confirm with join_done.
   // lease_ms is the read lease this backup grants; the primary returns its stripe count.
   // durable_id: the backup's stable id if it keeps a data directory (recorded in the metadata).
+  // protocol: what the backup understands beyond the original join (unset: nothing);
+  // 2: exactly-once records sent flat in replicate_batch (fields 8-10).
   i32 join(1: i64 epoch, 2: string backup_id, 3: string join_id, 4: i32 lease_ms,
-           5: optional string durable_id);
+           5: optional string durable_id, 9: optional i32 protocol);
   SyncChunk sync_fetch(1: i64 epoch, 2: string join_id, 3: i32 first_stripe, 4: i32 max_entries);
   void join_done(1: i64 epoch, 2: string join_id);
   // Backup -> primary: the in-sync backup of join join_id registered again as backup_id (its

@@ -11,6 +11,7 @@ import pytest
 from kvstore import errors
 from kvstore.config import Limits
 from kvstore.coordination import ClusterMeta, Member
+from kvstore.idl import Change
 from kvstore.local.processes import wait_until
 from kvstore.rpc import MalformedFrameError, RpcServer, _FrameReader, parse_address
 from kvstore.server.handler import NodeHandler, NodeService
@@ -210,6 +211,26 @@ def test_exactly_once_records_travel_flat_beside_the_puts_and_only_when_there_ar
         (1, ["k"], ["v"], "j", None, ["lane-1"], [5], [5]),
         (1, ["k"], ["w"], "j", None, None, None, None),
     ]
+
+
+def test_a_backup_that_did_not_say_it_reads_flat_records_gets_them_as_changes() -> None:
+    """A backup of the previous version skips fields it does not know: without its word
+    (join protocol >= 2) an exactly-once put travels as a Change, as before."""
+    backup = _RecordingBackup()
+    server = RpcServer("127.0.0.1", 0, backup, 1 << 20)
+    server.start()
+    replicator = Replicator(
+        Member("node-0000000001", f"127.0.0.1:{server.port}"), 1, "j", 1.0, 2000
+    )
+    replicator.takes_flat_records = False
+    try:
+        replicator.replicate("k", "v", ("lane-1", 5, 5))
+    finally:
+        replicator.close()
+        server.close()
+    [(_, keys, values, _, changes, *records)] = backup.batches
+    assert (keys, values, records) == ([], [], [None, None, None])
+    assert changes == [Change("k", "v", "lane-1", 5, True, 5)]
 
 
 def test_the_backup_refuses_record_lists_that_do_not_match_the_entries() -> None:

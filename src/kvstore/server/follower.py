@@ -42,7 +42,7 @@ from typing import Any
 from kvstore import errors
 from kvstore.coordination import ClusterMeta, Coordinator, Member, designated_backup
 from kvstore.rpc import Connection, probe
-from kvstore.server.replication import BackupFence
+from kvstore.server.replication import FLAT_RECORDS, BackupFence
 from kvstore.server.roles import EXIT_DATA_LOST, NodeCore, NodeExit, Role, is_dead
 from kvstore.server.storage import FlatRecords
 
@@ -392,7 +392,15 @@ class Follower:
         )
         try:
             lease_ms = int(self.fence.lease_s * 1000)
-            conn.call("join", meta.epoch, self._node.name, join_id, lease_ms, self._node.node_id)
+            conn.call(
+                "join",
+                meta.epoch,
+                self._node.name,
+                join_id,
+                lease_ms,
+                self._node.node_id,
+                FLAT_RECORDS,
+            )
             stripe = 0
             while stripe != -1:
                 if self._node.is_stopping:

@@ -54,7 +54,13 @@ class NodeService(Protocol):
     ) -> None: ...
     def status(self) -> object: ...
     def accept_join(
-        self, epoch: int, backup_name: str, join_id: str, lease_ms: int, durable: str | None = None
+        self,
+        epoch: int,
+        backup_name: str,
+        join_id: str,
+        lease_ms: int,
+        durable: str | None = None,
+        protocol: int = 0,
     ) -> int: ...
     def sync_chunk(
         self, epoch: int, join_id: str, first_stripe: int, max_entries: int
@@ -204,6 +210,7 @@ class NodeHandler:
         join_id: object,
         lease_ms: int | None,
         durable_id: object = None,
+        protocol: int | None = None,
     ) -> int:
         return self._node.accept_join(
             _required_int(epoch),
@@ -211,6 +218,7 @@ class NodeHandler:
             self._text(join_id, "join_id", 256),
             max(1, _required_int(lease_ms)),
             None if durable_id is None else self._text(durable_id, "durable_id", 256),
+            protocol or 0,
         )
 
     def sync_fetch(

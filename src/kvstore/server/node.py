@@ -42,7 +42,7 @@ from kvstore.rpc import CONNECTION_METHODS, RpcServer, client_tls_context, serve
 from kvstore.server.follower import Follower
 from kvstore.server.handler import NODE_ONLY_METHODS, NodeHandler
 from kvstore.server.metrics import MetricsServer, NodeMetrics, NodeState, instrument
-from kvstore.server.replication import BackupFailedError, Replicator
+from kvstore.server.replication import FLAT_RECORDS, BackupFailedError, Replicator
 from kvstore.server.roles import EXIT_OK, EXIT_RESTART, NodeExit, Role, is_dead
 from kvstore.server.sessions import RequestRecord
 from kvstore.server.storage import FlatRecords, StripedStore
@@ -527,8 +527,15 @@ class StorageNode:
         raise errors.CoordinationError("metadata kept changing; giving up this update")
 
     def accept_join(
-        self, epoch: int, backup_name: str, join_id: str, lease_ms: int, durable: str | None = None
+        self,
+        epoch: int,
+        backup_name: str,
+        join_id: str,
+        lease_ms: int,
+        durable: str | None = None,
+        protocol: int = 0,
     ) -> int:
+        """``protocol``: what the backup understands (see join in the IDL)."""
         self.check_primary(epoch)
         coordinator = self.require_coordinator()
         coordinator.refresh()
@@ -552,6 +559,7 @@ class StorageNode:
                 self.config.limits.max_frame_bytes // 2,
             )
             self._replicator.durable_id = durable
+            self._replicator.takes_flat_records = protocol >= FLAT_RECORDS
         log.info("backup %s (%s) joining", backup_name, backup.address)
         return self.store.stripe_count
 

@@ -26,12 +26,16 @@ from typing import Any
 
 from kvstore import errors
 from kvstore.coordination import Member
+from kvstore.idl import Change
 from kvstore.rpc import Connection
 from kvstore.server.handoff import held_lock, pass_through
 from kvstore.server.sessions import RequestRecord
 
 LEASE_SAFETY = 0.8  # the primary uses only this fraction of the lease it was granted
 MAX_BATCH_ENTRIES = 4096
+# The join protocol from which a backup reads exactly-once records sent flat beside a
+# batch's puts (replicate_batch fields 8-10); an older backup would skip them unread.
+FLAT_RECORDS = 2
 DEFAULT_MAX_BATCH_BYTES = 8 << 20
 
 
@@ -107,6 +111,8 @@ class Replicator:
         # its ZooKeeper session expires): dropping it removes every one from the in-sync set.
         self.other_names: set[str] = set()
         self.durable_id: str | None = None  # the backup's, if it keeps a data directory
+        # The backup said (join protocol >= 2) it reads records sent flat beside the puts.
+        self.takes_flat_records = True
         self.epoch = epoch
         self.join_id = join_id
         self.is_in_sync = False
@@ -135,6 +141,10 @@ class Replicator:
         """Return once the backup applied ``key = value`` (and remembered ``record``, the
         exactly-once (client_id, seq, acked_below) of the write, if any); raise
         BackupFailedError otherwise."""
+        if record is not None and not self.takes_flat_records:
+            client_id, seq, acked_below = record
+            self.replicate_change(Change(key, value, client_id, seq, True, acked_below))
+            return
         chars = len(key) + len(value) + (0 if record is None else len(record[0]) + 8)
         self._replicate(key, value, record, None, chars)
 
