@@ -42,6 +42,7 @@ from kvstore.bench.workload import BenchResult, Workload
 from kvstore.check import checker
 from kvstore.check.checker import check_events
 from kvstore.check.history import write_events
+from kvstore.local.certs import write_certificates
 from kvstore.local.cluster import LocalCluster
 
 FAULT_KINDS = ("none", "kill-primary", "nemesis")
@@ -63,6 +64,7 @@ class Scenario:
     storage: str = "memory"  # one of STORAGE_KINDS (kvstore.bench.storage)
     dist: str = "uniform"  # one of KEY_DISTRIBUTIONS (kvstore.bench.keys)
     rate: float = 0.0  # target ops/s of the whole load (open loop); 0: closed loop
+    transport: str = "plain"  # one of TRANSPORTS
 
     @property
     def mix(self) -> str:
@@ -76,6 +78,7 @@ class Scenario:
             f"{self.faults}-p{self.procs}-{self.placement}-{self.storage}-{self.client}"
             + ("" if self.dist == "uniform" else f"-{self.dist}")
             + (f"-rate{self.rate:g}" if self.rate else "")
+            + ("" if self.transport == "plain" else f"-{self.transport}")
         )
 
     def workload(self, seconds: float, zipfian_theta: float = ZIPFIAN_THETA) -> Workload:
@@ -108,7 +111,11 @@ DIMENSIONS = (
     "storage",
     "dist",
     "rate",
+    "transport",
 )
+# plain: the seed's plaintext Thrift. tls: mutual TLS 1.3 from the client to the nodes and
+# between the nodes, certificates from a throwaway CA (kv-certs) made for the run.
+TRANSPORTS = ("plain", "tls")
 # auto: each node pins itself to one CPU chosen by its port (kv-node's default). free: no CPU
 # pinning (--cpu all). split: both nodes pinned to CPU 0 (kv-node --cpu 0), the client to the
 # other CPUs: no cross-core GIL hand-offs inside a process, and the client does not compete
@@ -132,6 +139,7 @@ class Matrix:
     storage: tuple[str, ...] = ("memory",)
     dist: tuple[str, ...] = ("uniform",)
     rate: tuple[float, ...] = (0.0,)
+    transport: tuple[str, ...] = ("plain",)
 
     def scenarios(self, full: bool = False) -> list[Scenario]:
         """The cross product if ``full``; else the baseline, then one dimension varied at a time.
@@ -196,6 +204,13 @@ def run_scenario(
     data_dir = storage.use_storage(
         cluster, scenario.storage, workdir / scenario.name / f"data-{run_id}"
     )
+    if scenario.transport == "tls":
+        certs = write_certificates(workdir / scenario.name / f"certs-{run_id}")
+        for node in cluster.nodes:
+            node.extra_args += certs.node_args()
+        cluster.client_tls = certs.client
+    elif scenario.transport != "plain":
+        raise ValueError(f"unknown transport {scenario.transport!r} (expected one of {TRANSPORTS})")
     workload = scenario.workload(seconds, zipfian_theta)
     kills: list[tuple[float, str]] = []
     injected: list[tuple[float, str, str]] = []
@@ -328,6 +343,7 @@ COLUMNS = (
     ("storage", "storage", 11, "{}"),
     ("dist", "dist", 7, "{}"),
     ("rate", "rate", 6, "{:.0f}"),
+    ("transport", "trans", 5, "{}"),
     ("throughput", "ops/s", 7, "{:.0f}"),
     ("p50_ms", "p50ms", 6, "{:.3f}"),
     ("p99_ms", "p99ms", 6, "{:.3f}"),
@@ -403,6 +419,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[str]:
         ("client", "shared", "per-thread"),
         ("client", "shared-noeo", "per-thread"),
         ("client", "shared", "shared-noeo"),  # what exactly-once costs
+        ("transport", "tls", "plain"),
     ):
         lines.extend(_ratio_lines(groups, medians, dimension, kind, base))
     return lines
@@ -419,7 +436,7 @@ def _ratio_lines(
     latencies as ratios to the same configuration's with ``base`` (same session: same
     machine state, as far as the rounds can make it)."""
     lines = []
-    defaults = {"storage": "memory", "client": "per-thread"}
+    defaults = {"storage": "memory", "client": "per-thread", "transport": "plain"}
     for name, group in groups.items():
         if group[0].get(dimension, defaults[dimension]) != kind:
             continue

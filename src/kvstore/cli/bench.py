@@ -12,7 +12,7 @@ from pathlib import Path
 from kvstore import errors
 from kvstore.bench.baseline import run_compare
 from kvstore.bench.clients import CLIENT_KINDS
-from kvstore.bench.matrix import FAULT_KINDS, PLACEMENTS, Matrix, parse_mix
+from kvstore.bench.matrix import FAULT_KINDS, PLACEMENTS, TRANSPORTS, Matrix, parse_mix
 from kvstore.bench.session import Session
 from kvstore.bench.storage import STORAGE_KINDS
 from kvstore.cli.args import (
@@ -49,6 +49,10 @@ def _client_list(text: str) -> tuple[str, ...]:
 
 def _storage_list(text: str) -> tuple[str, ...]:
     return choice_list(text, STORAGE_KINDS, "storage kinds")
+
+
+def _transport_list(text: str) -> tuple[str, ...]:
+    return choice_list(text, TRANSPORTS, "transports")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -179,6 +183,16 @@ def _add_matrix_arguments(parser: argparse.ArgumentParser) -> None:
         "--data-dir under the run's work directory, --fsync batch: concurrent writes share one "
         "fsync) and/or disk-always (--fsync always: one fsync per write). Data directories are "
         "removed after a run whose check passed (default memory)",
+    )
+    parser.add_argument(
+        "--transport",
+        type=_transport_list,
+        default=("plain",),
+        metavar="LIST",
+        help="plain (the seed's plaintext Thrift) and/or tls (mutual TLS 1.3 from the client "
+        "to the nodes and between the nodes, with certificates from a throwaway CA made for "
+        "the run, as kv-certs writes them); the summary prints tls/plain, same session "
+        "(default plain)",
     )
     add_load_shape_arguments(parser, is_list=True)
 
@@ -327,6 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.storage,
             args.dist,
             args.rate,
+            args.transport,
         )
     )
     try:
