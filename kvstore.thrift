@@ -11,6 +11,7 @@
 //   100 NOT_PRIMARY   101 UNAVAILABLE   102 TOO_LARGE   103 BAD_REQUEST
 //   104 STALE_EPOCH   105 REPLICATION_FAILED (outcome unknown)   106 DATA_LOST
 //   107 FORBIDDEN (under mutual TLS: a client certificate called a node-only method)
+//   108 DISK_FULL (the primary's disk is full: the write was not applied; reads go on)
 
 namespace py kvstore
 namespace java kvstore

@@ -62,11 +62,13 @@ def test_error_codes_round_trip() -> None:
         errors.StaleEpochError,
         errors.ReplicationFailedError,
         errors.DataLostError,
+        errors.DiskFullError,
     ):
         rebuilt = errors.from_code(cls.code, "message")
         assert type(rebuilt) is cls
         assert rebuilt.is_definite == cls.is_definite
     assert not errors.ReplicationFailedError.is_definite
+    assert errors.DiskFullError.is_definite  # refused before anything was applied
     assert isinstance(errors.from_code(999, "?"), errors.ProtocolError)
 
 

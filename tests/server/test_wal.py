@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import SmallFilesystems
+from kvstore import errors
 from kvstore.server import wal
 from kvstore.server.storage import StripedStore
 from kvstore.server.wal import CorruptLogError, WriteAheadLog
@@ -123,3 +125,40 @@ def test_clearing_the_store_forgets_the_disk_copy(tmp_path: Path) -> None:
     store.wait_durable(store.put("forwarded", "v"))
     store.log.close()
     assert reopened(tmp_path).snapshot() == {"forwarded": "v"}
+
+
+def test_a_full_disk_refuses_appends_and_snapshots_and_keeps_everything_acknowledged(
+    small_filesystems: SmallFilesystems,
+) -> None:
+    directory = small_filesystems.mount(1 << 20)
+    store = durable_store(directory)
+    fill(store)
+    store.write_snapshot()
+    store.wait_durable(store.put("after", "snapshot"))
+    expected = store.snapshot()
+    log = store.log
+    assert log is not None
+    snapshot = (directory / wal.SNAPSHOT_FILE).read_bytes()
+    ballast = small_filesystems.fill(directory)
+
+    # An append that does not fit, wholly or in part, leaves nothing behind.
+    for size in (5_000, 50_000):  # more than the slack in the last page of the segment
+        with pytest.raises(errors.DiskFullError, match="disk full"):
+            store.put(f"big-{size}", "x" * size)
+        assert store.get(f"big-{size}") is None
+    segments = log.segments()
+    with pytest.raises(errors.DiskFullError, match="previous snapshot and the log are kept"):
+        store.write_snapshot()
+    assert (directory / wal.SNAPSHOT_FILE).read_bytes() == snapshot
+    assert not (directory / (wal.SNAPSHOT_FILE + ".tmp")).exists()
+    assert set(segments) <= set(log.segments())
+    free, needed = log.snapshot_room()
+    assert free < needed  # the node skips snapshots now instead of failing writes with them
+
+    ballast.unlink()  # space freed: writes and snapshots resume, no restart
+    store.wait_durable(store.put("freed", "v"))
+    store.write_snapshot()
+    store.wait_durable(store.put("last", "v"))
+    expected.update(freed="v", last="v")
+    log.close()
+    assert reopened(directory).snapshot() == expected

@@ -12,9 +12,10 @@ Retries: every call is retried until its timeout, transparently.
   retried after a lost reply or a failover gets its original outcome instead of being
   applied twice (exactly-once). A ``cas`` that was applied never reports False on retry,
   and a retried ``put`` never overwrites a newer write.
-- Errors that retrying cannot fix (a key or value too large, a malformed request) are
-  raised at once. When the timeout runs out, :class:`~kvstore.errors.DeadlineExceededError`
-  says whether the write may have been applied (``is_definite``).
+- Errors that retrying cannot fix (a key or value too large, a malformed request, the
+  primary's disk full) are raised at once. When the timeout runs out,
+  :class:`~kvstore.errors.DeadlineExceededError` says whether the write may have been
+  applied (``is_definite``).
 
 On a cluster of the seed's nodes (no kvstore metadata in ZooKeeper) only get and put
 work, without exactly-once; get cannot tell a missing key from "" there.
@@ -43,6 +44,7 @@ _PERMANENT = (
     errors.BadRequestError,
     errors.UnsupportedError,
     errors.ForbiddenError,
+    errors.DiskFullError,  # until someone frees space: say so at once
 )
 
 

@@ -56,8 +56,9 @@ class StripedStore:
         """Set ``key``; returns the log position to wait for (0 without a log)."""
         i = hash(key) % self.stripe_count
         with self._locks[i]:
+            position = self.log_write(key, value)  # first: a full disk changes nothing
             self._shards[i][key] = value
-            return self.log_write(key, value)
+            return position
 
     def put_many(self, keys: list[str], values: list[str]) -> int:
         """Apply writes in list order (one stripe lock at a time); returns the last log

@@ -23,11 +23,20 @@ Invariants:
   acknowledged writes; a crash of the process cannot).
 - Recovery: a torn last record (a crash mid-append) is cut off with a warning; a bad
   checksum before the end of a segment refuses to start, naming the file and offset.
+- A full disk (ENOSPC, EDQUOT) costs nothing but the write that found it: an append that
+  fails, wholly or in part, is cut off again (the segment never holds a partial record
+  followed by whole ones) and raises :class:`~kvstore.errors.DiskFullError`; the next append
+  after space was freed succeeds. A snapshot that fails leaves the previous snapshot and every
+  segment in place (its temporary file is removed), and one is not even tried while the free
+  space is below what it could need (the last snapshot plus the log since).
+- An fsync that fails leaves the log unusable (the kernel may have dropped the pages it could
+  not write): every later append and wait refuses, until the node restarts and recovers.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import struct
@@ -221,9 +230,12 @@ class WriteAheadLog:
         self._appended = 0  # bytes appended since open (a position, not a file offset)
         self._synced = 0
         self._is_syncing = False
+        self._failure: str | None = None  # set for good when an fsync fails
         self.bytes_since_snapshot = 0
+        self._bytes_at_switch = 0  # bytes_since_snapshot when the last snapshot began
         self.segment = max(self.segments(), default=0)
         self._fd = -1
+        self._segment_bytes = 0  # size of the current segment file
         # True while the files hold a complete copy of the store as it was when this node
         # was last in sync: after recovery, and after a join completed. A reset (the store
         # was cleared to copy from a primary) makes it False until then.
@@ -271,6 +283,7 @@ class WriteAheadLog:
         fd = os.open(self.segment_path(segment), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         _fsync_directory(self.directory)
         old, self._fd, self.segment = self._fd, fd, segment
+        self._segment_bytes = os.fstat(fd).st_size
         if old >= 0:
             os.fsync(old)
             os.close(old)
@@ -280,13 +293,51 @@ class WriteAheadLog:
     def append(self, data: bytes) -> int:
         """Write ``data`` (whole records); returns the position to pass to wait_durable."""
         with self._append_lock:
-            os.write(self._fd, data)
+            self._check_usable()
+            self._write_whole(data)
             self._appended += len(data)
             self.bytes_since_snapshot += len(data)
             position = self._appended
         if self.fsync_mode == "always":
             self._sync_to(position)
         return position
+
+    def _write_whole(self, data: bytes) -> None:
+        """Write ``data`` at the end of the current segment, or nothing: a write that fails
+        part way is cut off again. Call with the append lock held."""
+        size = self._segment_bytes
+        view = memoryview(data)
+        try:
+            while view:
+                written = os.write(self._fd, view)
+                if written <= 0:
+                    raise OSError(errno.ENOSPC, "no byte written")
+                view = view[written:]
+        except OSError as exc:
+            self._cut_back(size)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise errors.DiskFullError(
+                    f"disk full: the write-ahead log in {self.directory} cannot grow "
+                    f"({exc.strerror}); nothing was written. Free space there and writes resume"
+                ) from None
+            raise errors.UnavailableError(
+                f"write-ahead log append failed in {self.directory}: {exc}; nothing was written"
+            ) from None
+        self._segment_bytes = size + len(data)
+
+    def _cut_back(self, size: int) -> None:
+        try:
+            os.ftruncate(self._fd, size)
+        except OSError as exc:  # the segment may end in a partial record: stop appending
+            self._failure = f"could not cut a failed append off {self.segment_path(self.segment)}"
+            log.error("%s: %s", self._failure, exc)
+
+    def _check_usable(self) -> None:
+        if self._failure is not None:
+            raise errors.UnavailableError(
+                f"the write-ahead log in {self.directory} failed earlier ({self._failure}); "
+                f"restart the node to recover from its files"
+            )
 
     def wait_durable(self, position: int) -> None:
         """Return once everything up to ``position`` is on disk (group commit: one thread
@@ -298,23 +349,41 @@ class WriteAheadLog:
     def _sync_to(self, position: int) -> None:
         with self._durable:
             while self._synced < position:
+                if self._failure is not None:
+                    raise errors.ReplicationFailedError(
+                        f"the write-ahead log in {self.directory} could not be synced "
+                        f"({self._failure}); outcome unknown"
+                    )
                 if self._is_syncing:
                     self._durable.wait()
                     continue
                 self._is_syncing = True
-                target = self._appended
-                fd = self._fd
                 self._durable.release()
-                began = time.monotonic()
                 try:
-                    os.fsync(fd)
-                    if self._observe_fsync is not None:
-                        self._observe_fsync(time.monotonic() - began)
+                    target = self._sync_now()
                 finally:
                     self._durable.acquire()
                     self._is_syncing = False
+                    self._durable.notify_all()
                 self._synced = max(self._synced, target)
-                self._durable.notify_all()
+
+    def _sync_now(self) -> int:
+        """fsync the current segment; returns the position it made durable (older segments
+        were synced when appends moved on from them). A failure breaks the log for good."""
+        with self._append_lock:  # a duplicate: a segment switch may close the original
+            target, fd = self._appended, os.dup(self._fd)
+        began = time.monotonic()
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            self._failure = f"fsync failed: {exc}"
+            log.error("write-ahead log in %s: %s", self.directory, self._failure)
+            return 0
+        finally:
+            os.close(fd)
+        if self._observe_fsync is not None:
+            self._observe_fsync(time.monotonic() - began)
+        return target
 
     # ------------------------------------------------------------------ snapshots
 
@@ -322,19 +391,40 @@ class WriteAheadLog:
         """Switch appends to a new segment; returns it (the snapshot's first segment)."""
         with self._append_lock:
             self._open_segment(self.segment + 1)
-            self.bytes_since_snapshot = 0
+            self._bytes_at_switch = self.bytes_since_snapshot
             return self.segment
 
+    def snapshot_room(self) -> tuple[int, int]:
+        """(free bytes, the most a snapshot written now could need: the last one plus the
+        log since, as every key's latest record is in one or the other)."""
+        stat = os.statvfs(self.directory)
+        snapshot = self.directory / SNAPSHOT_FILE
+        last = snapshot.stat().st_size if snapshot.exists() else 0
+        return stat.f_bavail * stat.f_frsize, last + self.bytes_since_snapshot
+
     def finish_snapshot(self, first_segment: int, records: Iterator[bytes]) -> None:
-        """Write the snapshot durably, then drop the segments it covers."""
+        """Write the snapshot durably, then drop the segments it covers. If it fails (a full
+        disk: DiskFullError) the previous snapshot and every segment stay as they were."""
         temporary = self.directory / (SNAPSHOT_FILE + ".tmp")
-        with open(temporary, "wb") as file:
-            file.write(frame(SNAPSHOT_HEADER + _I64.pack(first_segment)))
-            for record in records:
-                file.write(record)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, self.directory / SNAPSHOT_FILE)
+        try:
+            with open(temporary, "wb") as file:
+                file.write(frame(SNAPSHOT_HEADER + _I64.pack(first_segment)))
+                for record in records:
+                    file.write(record)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, self.directory / SNAPSHOT_FILE)
+        except OSError as exc:
+            with contextlib.suppress(FileNotFoundError):
+                temporary.unlink()
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise errors.DiskFullError(
+                    f"disk full: no room for a snapshot in {self.directory}; the previous "
+                    f"snapshot and the log are kept"
+                ) from None
+            raise
+        with self._append_lock:
+            self.bytes_since_snapshot -= self._bytes_at_switch
         _fsync_directory(self.directory)
         for segment in self.segments():
             if segment < first_segment:
