@@ -52,6 +52,7 @@ RENAME_RETRY_S = 0.5  # a backup asks the primary to rename it at most this ofte
 # registered before it (a lower sequence) recover first, so that the primary is the lowest
 # child, where clients using the seed's rule look for it.
 RECOVERY_DEFER_S = 3.0
+DISK_FULL_RETRY_S = 2.0  # a join that failed for a full disk is tried again after this
 
 
 class Follower:
@@ -67,6 +68,7 @@ class Follower:
         self._former_names: set[str] = set()
         self._rename_asked_at = 0.0
         self._silent_logged: set[str] = set()  # addresses of listed nodes that did not answer
+        self._join_after = 0.0  # no join before (after one failed for a full disk)
 
     def apply_replicated(
         self,
@@ -202,7 +204,11 @@ class Follower:
             self._recover_or_give_up(meta, version, names)
             return
         backup = designated_backup(members, meta.primary)
-        if backup is not None and backup.name == self._node.name:
+        if (
+            backup is not None
+            and backup.name == self._node.name
+            and time.monotonic() >= self._join_after
+        ):
             self._join(meta, names)
 
     def _has_live_in_sync_member(self, meta: ClusterMeta, members: list[Member]) -> bool:
@@ -378,16 +384,18 @@ class Follower:
                     [(r.key, r.client_id, r.seq, r.outcome) for r in chunk.records or ()]
                 )
                 stripe = chunk.next_stripe
-            is_copied = True
             self._node.store.forget_tombstones()
             if self._node.store.log is not None:
                 self._node.store.write_snapshot()  # durable before the primary lists us
+            is_copied = True
             conn.call("join_done", meta.epoch, join_id)
         except errors.KVError as exc:
             if not is_copied:
                 self.fence.close()
                 self._node.role = Role.STANDBY
                 log.warning("joining %s failed: %s", meta.primary_address, exc)
+                if isinstance(exc, errors.DiskFullError):  # each try costs the primary a copy
+                    self._join_after = time.monotonic() + DISK_FULL_RETRY_S
                 self._forget_dead_primary(meta, names)
                 return
             # The primary may have listed us and lost only its reply (and then died): a

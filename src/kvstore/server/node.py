@@ -27,7 +27,9 @@ Invariants (see coordination.py for the ZooKeeper side):
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -49,6 +51,7 @@ from kvstore.server.wal import WriteAheadLog
 
 log = logging.getLogger(__name__)
 
+DISK_WARNING_EVERY_S = 60.0  # a snapshot skipped for lack of space is logged this often
 # A request's exactly-once identity: (client_id, seq, acked_below).
 RequestRecord = tuple[str, int, int]
 
@@ -65,6 +68,9 @@ class StorageNode:
         self.primary_address = ""
         self._replicator: Replicator | None = None
         self._backup_lock = threading.Lock()
+        # Orders log appends and enqueues to the replicator (taken after a stripe lock and
+        # after _backup_lock, never before them).
+        self._sequence_lock = threading.Lock()
         self._wakeup = threading.Event()
         self._stopping = threading.Event()  # set once, when the node starts to stop
         self._stop_reason: NodeExit | None = None
@@ -200,12 +206,25 @@ class StorageNode:
         """Snapshot when the log has grown enough (off the request path; writes go on)."""
         log_ = self.store.log
         assert log_ is not None
+        warned_at = -math.inf
         while not self._stopping.wait(self.config.snapshot_check_s):
             if log_.bytes_since_snapshot >= self.config.snapshot_every_bytes:
+                free, needed = log_.snapshot_room()
+                if free < needed:  # trying would fill the disk and fail the writes meanwhile
+                    if time.monotonic() - warned_at >= DISK_WARNING_EVERY_S:
+                        warned_at = time.monotonic()
+                        log.error(
+                            "no snapshot: %d bytes free in %s, it may need %d (the log keeps "
+                            "growing; free space there)",
+                            free,
+                            log_.directory,
+                            needed,
+                        )
+                    continue
                 started = time.monotonic()
                 try:
                     self.store.write_snapshot()
-                except OSError as exc:
+                except (OSError, errors.KVError) as exc:
                     log.error("snapshot failed (the log keeps growing): %s", exc)
                     continue
                 log.info(
@@ -370,24 +389,11 @@ class StorageNode:
         self._dead_backups.extend(waiting)
 
     def replicate_put(self, key: str, value: str) -> None:
-        """The primary's put: replicate, log, then apply, under the key's stripe lock
+        """The primary's put: log, replicate, then apply, under the key's stripe lock
         (readers take none: a value reaches the shard only once it is safe to read)."""
         lock, shard = self.store.stripe_for_write(key)
         with lock:
-            replicator = self._replicator
-            if replicator is not None:
-                try:
-                    replicator.replicate(key, value)
-                except BackupFailedError as exc:
-                    self._drop_backup(replicator, str(exc))
-            if self.role != Role.PRIMARY:  # the backup may hold the value already
-                raise errors.ReplicationFailedError(
-                    "node stopped while replicating; outcome unknown"
-                )
-            # Published last, only once logged and synced: readers take no lock (see
-            # storage). If the log fails the client hears so (outcome unknown: the backup
-            # may hold the value) and nothing unsafe is published here.
-            self.store.wait_durable(self.store.log_write(key, value))
+            self._log_and_replicate(key, value, None, None)
             shard[key] = value
 
     def write(
@@ -418,10 +424,9 @@ class StorageNode:
                 self.confirm_read()
                 return False
             client_id, seq, acked_below = request if request is not None else (None, 0, 0)
-            self._replicate(Change(key, value, client_id, seq, True, acked_below))
             record = None if client_id is None else (client_id, seq, acked_below)
-            # Published last, as in replicate_put.
-            self.store.wait_durable(self.store.log_write(key, value, record))
+            change = Change(key, value, client_id, seq, True, acked_below)
+            self._log_and_replicate(key, value, record, change)
             if value is None:
                 del shard[key]
             else:
@@ -430,16 +435,40 @@ class StorageNode:
                 sessions.record(key, client_id, seq, True, acked_below)
             return True
 
-    def _replicate(self, change: object) -> None:
-        """Forward one change to the backup (call with the key's stripe write lock held)."""
-        replicator = self._replicator
+    def _log_and_replicate(
+        self, key: str, value: str | None, record: RequestRecord | None, change: Any
+    ) -> None:
+        """Log one mutation, forward it to the backup (``change``, or a plain put when None)
+        and wait until both hold it; the caller then publishes it (call with the key's
+        stripe lock held).
+
+        The log comes first: a full disk refuses the write before anything was forwarded
+        or applied (DiskFullError, definite), and the fsync overlaps the backup's round
+        trip. One lock orders appends and enqueues, so the log's order is the replication
+        order. If the node stops meanwhile the outcome is unknown (the backup may hold it).
+        """
+        with self._sequence_lock:
+            position = self.store.log_write(key, value, record)
+            replicator = self._replicator
+            ticket = None
+            if replicator is not None:
+                with contextlib.suppress(BackupFailedError):  # it failed: dropped below
+                    ticket = (
+                        replicator.enqueue(key, value)  # type: ignore[arg-type]
+                        if change is None
+                        else replicator.enqueue_change(change)
+                    )
         if replicator is not None:
             try:
-                replicator.replicate_change(change)
+                if ticket is None:
+                    raise BackupFailedError(f"replication to {replicator.backup.address} failed")
+                replicator.wait(ticket)
             except BackupFailedError as exc:
                 self._drop_backup(replicator, str(exc))
-        if self.role != Role.PRIMARY:  # the backup may hold the change already
+        if self.role != Role.PRIMARY:
             raise errors.ReplicationFailedError("node stopped while replicating; outcome unknown")
+        # Published by the caller only once logged and synced: readers take no lock.
+        self.store.wait_durable(position)
 
     def read(self, key: str) -> str:
         """The seed's get: "" for a missing key."""
@@ -522,7 +551,7 @@ class StorageNode:
             if self._replicator is not None:
                 self._retire_backup(self._replicator)
             lease_s = min(self.config.lease_s, lease_ms / 1000)  # the shorter lease rules
-            self._replicator = Replicator(
+            replicator = Replicator(
                 backup,
                 epoch,
                 join_id,
@@ -533,7 +562,9 @@ class StorageNode:
                 # the backup reads frames up to its own limit; ours is the same by default
                 self.config.limits.max_frame_bytes // 2,
             )
-            self._replicator.durable_id = durable
+            replicator.durable_id = durable
+            with self._sequence_lock:  # writes logged from here on are forwarded to it
+                self._replicator = replicator
         log.info("backup %s (%s) joining", backup_name, backup.address)
         return self.store.stripe_count
 

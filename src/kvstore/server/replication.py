@@ -59,6 +59,10 @@ class _Batch:
         self.done = _held_lock()
 
 
+# (the batch, whether its caller sends it, whether the line was free for it)
+_Ticket = tuple[_Batch, bool, bool]
+
+
 def _held_lock() -> threading.Lock:
     lock = threading.Lock()
     lock.acquire()
@@ -122,16 +126,24 @@ class Replicator:
 
     def replicate(self, key: str, value: str) -> None:
         """Return once the backup applied ``key = value``; raise BackupFailedError otherwise."""
-        self._replicate(key, value, None, len(key) + len(value))
+        self.wait(self.enqueue(key, value))
 
     def replicate_change(self, change: Any) -> None:
         """Like ``replicate`` for one Change (a delete, or a write with its exactly-once record)."""
-        size = len(change.key) + len(change.value or "") + len(change.client_id or "")
-        self._replicate(None, None, change, size)
+        self.wait(self.enqueue_change(change))
 
-    def _replicate(
+    def enqueue(self, key: str, value: str) -> _Ticket:
+        """Put ``key = value`` in the next batch; ``wait`` for the ticket. Writes reach the
+        backup in the order of their enqueue calls."""
+        return self._enqueue(key, value, None, len(key) + len(value))
+
+    def enqueue_change(self, change: Any) -> _Ticket:
+        size = len(change.key) + len(change.value or "") + len(change.client_id or "")
+        return self._enqueue(None, None, change, size)
+
+    def _enqueue(
         self, key: str | None, value: str | None, change: object | None, chars: int
-    ) -> None:
+    ) -> _Ticket:
         size = 4 * chars + 64  # UTF-8 takes at most 4 bytes a character; field headers
         with self._lock:
             if self.is_broken:
@@ -157,6 +169,12 @@ class Replicator:
             if is_line_free:  # then the queue held nothing else
                 self._is_line_busy = True
                 queue.popleft()
+        return batch, is_opener, is_line_free
+
+    def wait(self, ticket: _Ticket) -> None:
+        """Return once the backup applied the write of ``ticket``; raise BackupFailedError
+        otherwise. The batch's first writer sends it (when the line is free)."""
+        batch, is_opener, is_line_free = ticket
         if is_opener:
             if not is_line_free:
                 batch.turn.acquire()  # the sender before dequeued it for us

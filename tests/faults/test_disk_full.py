@@ -1,0 +1,125 @@
+"""The primary's disk fills up under write load, then space is freed.
+
+The primary's ``--data-dir`` is on a small tmpfs made by the test (skipped, with the reason,
+where mounting is not permitted), filled with a ballast file but for a few hundred KB; the
+load (4 threads, half puts of ~1 KB) fills the rest. While it is full:
+
+- every write is refused with DiskFullError, a definite error (nothing applied anywhere), so
+  the load's history has no unknown outcome from it;
+- reads go on.
+
+Then the ballast is deleted and writes succeed again, without a restart. The load's history
+goes through the checker, with a final read of every key; and the primary's files, recovered
+offline after the nodes stopped, hold exactly what the primary served (the refused appends
+left nothing behind in its log).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from test_crash import check_history
+
+import kvstore
+from conftest import SmallFilesystems
+from kvstore import errors
+from kvstore.bench import load
+from kvstore.bench.workload import Event, Workload, key_names, summary_lines
+from kvstore.check.history import READ, WRITE
+from kvstore.config import ClientConfig
+from kvstore.local.cluster import LocalCluster
+from kvstore.local.processes import wait_until
+from kvstore.server.storage import StripedStore
+from kvstore.server.wal import WriteAheadLog
+
+pytestmark = pytest.mark.faults
+
+KEYS = 200
+FULL_FOR_S = 1.5  # how long the disk stays full under load
+READER_TID = 1_000_000
+
+
+def _put_outcome(kv: kvstore.Client) -> str:
+    try:
+        kv.put("probe", "x" * 1000)
+    except errors.DiskFullError:
+        return "full"
+    return "ok"
+
+
+def test_writes_fail_definitely_while_the_primarys_disk_is_full_and_resume_once_freed(
+    small_filesystems: SmallFilesystems, idle_cluster: LocalCluster, tmp_path: Path
+) -> None:
+    cluster = idle_cluster
+    small = small_filesystems.mount(8 << 20)
+    primary, backup = cluster.nodes
+    primary.extra_args += ["--data-dir", str(small / "node"), "--snapshot-every-mb", "1"]
+    backup.extra_args += ["--data-dir", str(tmp_path / "backup")]
+    cluster.start()
+    ballast = small_filesystems.fill(small, leave_bytes=300_000)
+
+    workload = Workload(4, 9.0, KEYS, write_ratio=0.5, value_bytes=1000, seed=31)
+    config = ClientConfig(cluster.zk_connect, cluster.zk_path)
+    start_ns = time.monotonic_ns()
+    marks: dict[str, float] = {}
+    reads_while_full: list[str | None] = []
+
+    def fill_then_free() -> None:
+        with kvstore.Client(cluster.zk_connect, cluster.zk_path, timeout=10) as kv:
+            wait_until(
+                lambda: _put_outcome(kv) == "full" or None,
+                20,
+                lambda: f"the disk never filled\n{cluster.logs()}",
+            )
+            marks["full"] = (time.monotonic_ns() - start_ns) / 1e9
+            reads_while_full.append(kv.get("key-1"))  # raises if reads stopped
+            time.sleep(FULL_FOR_S)  # the load runs against the full disk meanwhile
+            ballast.unlink()
+            marks["freed"] = (time.monotonic_ns() - start_ns) / 1e9
+            wait_until(
+                lambda: _put_outcome(kv) == "ok" or None,
+                20,
+                lambda: f"writes did not resume\n{cluster.logs()}",
+            )
+
+    controller = threading.Thread(target=fill_then_free, daemon=True)
+    controller.start()
+    result = load.run(workload, config, start_ns)
+    controller.join(timeout=60)
+    assert "freed" in marks, f"the controller did not finish: {marks}\n{cluster.logs()}"
+
+    assert result.failures["DiskFullError"] > 0, result.failures
+    assert result.indefinite_writes == 0, result.failures  # a refusal applied nothing
+    full_ns, freed_ns = int(marks["full"] * 1e9), int(marks["freed"] * 1e9)
+    responses = [(t, kind) for t, is_response, _, kind, *_ in result.events if is_response]
+    assert any(full_ns < t < freed_ns and kind == READ for t, kind in responses)
+    assert any(t > freed_ns and kind == WRITE for t, kind in responses)
+
+    keys = list(key_names(KEYS))
+    with kvstore.Client(cluster.zk_connect, cluster.zk_path, timeout=30) as kv:
+        invoked_ns = time.monotonic_ns() - start_ns
+        values = kv.get_many(keys)
+        completed_ns = time.monotonic_ns() - start_ns
+        served = {key: value for key, value in values.items() if value is not None}
+    for i, key in enumerate(keys):
+        result.events.append((invoked_ns, False, READER_TID + i, READ, key, None))
+        final: Event = (completed_ns, True, READER_TID + i, READ, key, values[key] or "")
+        result.events.append(final)
+    verdict = check_history(result, tmp_path)
+    assert verdict.key_count == KEYS
+    print(
+        f"\nfull at {marks['full']:.2f} s, freed at {marks['freed']:.2f} s: "
+        + " | ".join(summary_lines(result))
+    )
+
+    cluster.stop()
+    recovered = StripedStore()
+    recovered.log = WriteAheadLog(small / "node")
+    recovered.recover()
+    recovered.log.close()
+    on_disk = recovered.snapshot()
+    on_disk.pop("probe", None)
+    assert on_disk == served
