@@ -443,9 +443,9 @@ class StorageNode:
         stripe lock held).
 
         The log comes first: a full disk refuses the write before anything was forwarded
-        or applied (DiskFullError, definite), and the fsync overlaps the backup's round
-        trip. One lock orders appends and enqueues, so the log's order is the replication
-        order. If the node stops meanwhile the outcome is unknown (the backup may hold it).
+        or applied (DiskFullError, definite). One lock orders appends and enqueues, so the
+        log's order is the replication order. If the node stops meanwhile the outcome is
+        unknown (the backup may hold it).
         """
         with self._sequence_lock:
             position = self.store.log_write(key, value, record)
