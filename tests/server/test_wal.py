@@ -162,3 +162,64 @@ def test_a_full_disk_refuses_appends_and_snapshots_and_keeps_everything_acknowle
     expected.update(freed="v", last="v")
     log.close()
     assert reopened(directory).snapshot() == expected
+
+
+def test_a_range_of_positions_reads_back_in_order_and_a_pin_keeps_it_past_snapshots(
+    tmp_path: Path,
+) -> None:
+    store = durable_store(tmp_path)
+    fill(store)
+    log = store.log
+    assert log is not None
+    start = log.position
+    for i in range(5):
+        store.wait_durable(store.apply_change(f"r{i}", None if i == 3 else f"v{i}"))
+    records, after = log.read_range(start, log.position, max_bytes=1 << 20)
+    assert [(m.key, m.value) for m in records] == [
+        ("r0", "v0"), ("r1", "v1"), ("r2", "v2"), ("r3", None), ("r4", "v4"),
+    ]  # fmt: skip
+    assert after == log.position
+    first, _ = log.read_range(start, log.position, max_bytes=1)  # at least one record
+    assert len(first) == 1
+
+    log.pin("join", start)
+    store.write_snapshot()
+    assert log.covers(start)
+    assert len(log.read_range(start, log.position, 1 << 20)[0]) == 5
+    log.unpin("join")
+    store.write_snapshot()
+    assert not log.covers(start)
+    with pytest.raises(CorruptLogError):
+        log.read_range(start, log.position, 1 << 20)
+
+
+def test_a_marker_survives_snapshots_and_restarts_and_a_reset_voids_it(tmp_path: Path) -> None:
+    store = durable_store(tmp_path)
+    fill(store)
+    store.wait_durable(store.log_marker((3, "primary-log", 1234)))
+    store.write_snapshot()  # the marker goes into the snapshot
+    store.wait_durable(store.put("after", "marker"))
+    store.log.close()  # type: ignore[union-attr]
+    again = reopened(tmp_path)
+    assert again.log is not None
+    assert again.log.marker == (3, "primary-log", 1234)
+    assert again.log.is_complete_copy
+
+    again.begin_catch_up()  # a catch-up cut short: incomplete, but the marker still holds
+    again.log.close()
+    cut_short = reopened(tmp_path)
+    assert cut_short.log is not None
+    assert cut_short.log.marker == (3, "primary-log", 1234)
+    assert not cut_short.log.is_complete_copy
+
+    # A crash in the middle of a reset (the flag written, the old files not yet removed).
+    (tmp_path / wal.INCOMPLETE_FILE).write_text("reset\n")
+    cut_short.log.close()
+    voided = reopened(tmp_path)
+    assert voided.log is not None
+    assert voided.log.marker is None
+    assert not voided.log.is_complete_copy
+    voided.clear()
+    voided.log.mark_complete()
+    voided.log.close()
+    assert reopened(tmp_path).log.is_complete_copy  # type: ignore[union-attr]

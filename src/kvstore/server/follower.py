@@ -42,6 +42,7 @@ from typing import Any
 from kvstore import errors
 from kvstore.coordination import ClusterMeta, Coordinator, Member, designated_backup
 from kvstore.rpc import Connection, probe
+from kvstore.server import wal
 from kvstore.server.replication import BackupFence
 from kvstore.server.roles import EXIT_DATA_LOST, NodeCore, NodeExit, Role, is_dead
 
@@ -69,6 +70,8 @@ class Follower:
         self._rename_asked_at = 0.0
         self._silent_logged: set[str] = set()  # addresses of listed nodes that did not answer
         self._join_after = 0.0  # no join before (after one failed for a full disk)
+        # The join whose batches extend a complete copy: their log positions are recorded.
+        self._marking_join: str | None = None
 
     def apply_replicated(
         self,
@@ -77,6 +80,7 @@ class Follower:
         values: list[str],
         join_id: str | None,
         changes: list[Any],
+        log_mark: wal.Marker | None = None,
     ) -> None:
         fence = self.fence
         store = self._node.store
@@ -90,6 +94,8 @@ class Follower:
                     else (change.client_id, change.seq, change.outcome, change.acked_below)
                 )
                 position = store.apply_change(change.key, change.value, record) or position
+            if log_mark is not None and join_id == self._marking_join:
+                position = store.log_marker(log_mark) or position  # our copy goes this far
             fence.granted()
         store.wait_durable(position)  # outside the fence lock: concurrent batches share a sync
         self._local.join_id = join_id
@@ -356,43 +362,28 @@ class Follower:
             # throw away a copy on disk that may be the last one (see _recover_or_give_up).
             self._forget_dead_primary(meta, names)
             return
-        self._node.role = Role.SYNCING
-        self._node.epoch = meta.epoch
-        self.fence.close()
-        self._node.store.clear()
-        join_id = uuid.uuid4().hex
-        self.fence.open(meta.epoch, join_id)
+        node = self._node
+        node.role = Role.SYNCING
+        node.epoch = meta.epoch
+        since = None if node.store.log is None else node.store.log.marker
         started = time.monotonic()
         is_copied = False
         conn = Connection(
             meta.primary_address,
-            timeout_ms=self._node.config.join_rpc_timeout_ms,
-            tls=self._node.peer_tls,
+            timeout_ms=node.config.join_rpc_timeout_ms,
+            tls=node.peer_tls,
         )
         try:
-            lease_ms = int(self.fence.lease_s * 1000)
-            conn.call("join", meta.epoch, self._node.name, join_id, lease_ms, self._node.node_id)
-            stripe = 0
-            while stripe != -1:
-                if self._node.is_stopping:
-                    return
-                chunk = conn.call(
-                    "sync_fetch", meta.epoch, join_id, stripe, self._node.config.sync_chunk_entries
-                )
-                self._node.store.put_if_absent_many(chunk.keys, chunk.values)
-                self._node.store.add_records(
-                    [(r.key, r.client_id, r.seq, r.outcome) for r in chunk.records or ()]
-                )
-                stripe = chunk.next_stripe
-            self._node.store.forget_tombstones()
-            if self._node.store.log is not None:
-                self._node.store.write_snapshot()  # durable before the primary lists us
+            joined = None if since is None else self._catch_up(conn, meta, since)
+            if joined is None:
+                joined = self._copy(conn, meta)
+            join_id, how = joined
             is_copied = True
             conn.call("join_done", meta.epoch, join_id)
         except errors.KVError as exc:
             if not is_copied:
                 self.fence.close()
-                self._node.role = Role.STANDBY
+                node.role = Role.STANDBY
                 log.warning("joining %s failed: %s", meta.primary_address, exc)
                 if isinstance(exc, errors.DiskFullError):  # each try costs the primary a copy
                     self._join_after = time.monotonic() + DISK_FULL_RETRY_S
@@ -409,17 +400,95 @@ class Follower:
             )
         finally:
             conn.close()
-        self._node.role = Role.BACKUP
-        self._node.metrics.transfer_keys.inc(len(self._node.store))
-        self._node.metrics.transfer_seconds.observe(time.monotonic() - started)
-        if self._node.store.log is not None:
-            self._node.store.log.is_complete_copy = True
+        node.role = Role.BACKUP
+        node.metrics.transfer_seconds.observe(time.monotonic() - started)
         log.info(
-            "in sync with primary %s: %d keys in %.3f s",
+            "in sync with primary %s: %s; %d keys in %.3f s",
             meta.primary_address,
-            len(self._node.store),
+            how,
+            len(node.store),
             time.monotonic() - started,
         )
+
+    def _open_join(self, meta: ClusterMeta, keeps_store: bool) -> str:
+        """Accept batches for a new join only (the store kept, or emptied); returns its id."""
+        self.fence.close()
+        self._marking_join = None
+        if keeps_store:
+            self._node.store.begin_catch_up()
+        else:
+            self._node.store.clear()
+        join_id = uuid.uuid4().hex
+        self.fence.open(meta.epoch, join_id)
+        return join_id
+
+    def _call_join(self, conn: Connection, meta: ClusterMeta, join_id: str, *since: Any) -> None:
+        lease_ms = int(self.fence.lease_s * 1000)
+        node = self._node
+        conn.call("join", meta.epoch, node.name, join_id, lease_ms, node.node_id, *since)
+
+    def _catch_up(
+        self, conn: Connection, meta: ClusterMeta, since: wal.Marker
+    ) -> tuple[str, str] | None:
+        """Keep the store and replay the primary's log from our marker (see wal.py); None if
+        the primary does not offer that (our copy follows another history, its log was
+        trimmed, or it predates catch-up), and then nothing was changed that a copy would
+        not redo."""
+        store = self._node.store
+        join_id = self._open_join(meta, keeps_store=True)
+        self._call_join(conn, meta, join_id, *since)
+        position, records, replayed, sent_bytes = since[2], 0, 0, 0
+        while position != -1:
+            if self._node.is_stopping:
+                raise errors.UnavailableError("stopping")
+            try:
+                chunk = conn.call(
+                    "sync_log", meta.epoch, join_id, position, self._node.config.sync_chunk_bytes
+                )
+            except (errors.UnavailableError, errors.ProtocolError) as exc:
+                if records or position != since[2]:
+                    raise
+                log.info("no catch-up from %s (%s): copying its store", meta.primary_address, exc)
+                return None
+            applied, last = store.apply_untouched(chunk.changes or [])
+            store.wait_durable(last)
+            records += len(chunk.changes or ())
+            replayed += applied
+            sent_bytes += sum(_change_bytes(c) for c in chunk.changes or ())
+            position = chunk.next_position
+        store.forget_touched()
+        assert store.log is not None
+        store.log.mark_complete()
+        self._marking_join = join_id
+        self._node.metrics.catch_up_records.inc(records)
+        return join_id, (
+            f"caught up from its log from position {since[2]}: {records} records "
+            f"({sent_bytes} bytes of keys and values; {replayed} replayed, the others "
+            f"overwritten by forwarded writes meanwhile)"
+        )
+
+    def _copy(self, conn: Connection, meta: ClusterMeta) -> tuple[str, str]:
+        """Empty the store and copy the primary's, stripe by stripe."""
+        store = self._node.store
+        join_id = self._open_join(meta, keeps_store=False)
+        self._call_join(conn, meta, join_id)
+        stripe = 0
+        while stripe != -1:
+            if self._node.is_stopping:
+                raise errors.UnavailableError("stopping")
+            chunk = conn.call(
+                "sync_fetch", meta.epoch, join_id, stripe, self._node.config.sync_chunk_entries
+            )
+            store.put_if_absent_many(chunk.keys, chunk.values)
+            store.add_records([(r.key, r.client_id, r.seq, r.outcome) for r in chunk.records or ()])
+            stripe = chunk.next_stripe
+        store.forget_touched()
+        if store.log is not None:
+            store.write_snapshot()  # durable before the primary lists us
+            store.log.mark_complete()
+        self._marking_join = join_id
+        self._node.metrics.transfer_keys.inc(len(store))
+        return join_id, f"full copy of {len(store)} keys"
 
     def _forget_dead_primary(self, meta: ClusterMeta, names: set[str]) -> None:
         if meta.primary not in names:
@@ -427,3 +496,7 @@ class Follower:
         if self._is_primary_dead(meta):
             log.warning("primary %s is dead; removing its znode", meta.primary)
             self._node.require_coordinator().remove_member(meta.primary)
+
+
+def _change_bytes(change: Any) -> int:
+    return len(change.key) + len(change.value or "") + len(change.client_id or "")

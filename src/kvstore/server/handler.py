@@ -12,11 +12,20 @@ from typing import Any, Protocol
 from kvstore import errors
 from kvstore.config import Limits
 from kvstore.idl import Lookup
+from kvstore.server.wal import Marker
 
 # Under mutual TLS only a node's certificate may call these (rpc refuses a client's with
 # FORBIDDEN before the handler runs): replication and state transfer.
 NODE_ONLY_METHODS = frozenset(
-    {"replicate", "replicate_batch", "join", "sync_fetch", "join_done", "backup_renamed"}
+    {
+        "replicate",
+        "replicate_batch",
+        "join",
+        "sync_fetch",
+        "sync_log",
+        "join_done",
+        "backup_renamed",
+    }
 )
 
 # (client_id, seq, acked_below) of an exactly-once write; the same alias as the node's.
@@ -49,14 +58,22 @@ class NodeService(Protocol):
         values: list[str],
         join_id: str | None,
         changes: list[Any],
+        log_mark: Marker | None = None,
     ) -> None: ...
     def status(self) -> object: ...
     def accept_join(
-        self, epoch: int, backup_name: str, join_id: str, lease_ms: int, durable: str | None = None
+        self,
+        epoch: int,
+        backup_name: str,
+        join_id: str,
+        lease_ms: int,
+        durable: str | None = None,
+        since: Marker | None = None,
     ) -> int: ...
     def sync_chunk(
         self, epoch: int, join_id: str, first_stripe: int, max_entries: int
     ) -> object: ...
+    def sync_log(self, epoch: int, join_id: str, position: int, max_bytes: int) -> object: ...
     def finish_join(self, epoch: int, join_id: str) -> None: ...
     def rename_backup(self, epoch: int, join_id: str, new_name: str) -> None: ...
 
@@ -159,13 +176,16 @@ class NodeHandler:
         values: list[str] | None,
         join_id: str | None,
         changes: list[Any] | None = None,
+        log_position: int | None = None,
+        log_id: object = None,
     ) -> None:
         keys, values = keys or [], values or []
         if len(keys) != len(values):
             raise errors.BadRequestError("replicate_batch: keys and values differ in length")
         if changes and any(not isinstance(c.key, str) for c in changes):
             raise errors.BadRequestError("replicate_batch: every change needs a key")
-        self._node.apply_replicated(epoch, keys, values, join_id, changes or [])
+        mark = _marker(epoch, log_id, log_position)
+        self._node.apply_replicated(epoch, keys, values, join_id, changes or [], mark)
 
     def dump(self) -> dict[str, str]:
         node = self._node
@@ -187,6 +207,9 @@ class NodeHandler:
         join_id: object,
         lease_ms: int | None,
         durable_id: object = None,
+        log_epoch: int | None = None,
+        log_id: object = None,
+        log_position: int | None = None,
     ) -> int:
         return self._node.accept_join(
             _required_int(epoch),
@@ -194,6 +217,17 @@ class NodeHandler:
             self._text(join_id, "join_id", 256),
             max(1, _required_int(lease_ms)),
             None if durable_id is None else self._text(durable_id, "durable_id", 256),
+            _marker(log_epoch, log_id, log_position),
+        )
+
+    def sync_log(
+        self, epoch: int | None, join_id: object, position: int | None, max_bytes: int | None
+    ) -> object:
+        return self._node.sync_log(
+            _required_int(epoch),
+            self._text(join_id, "join_id", 256),
+            _required_int(position),
+            max(1, _required_int(max_bytes)),
         )
 
     def sync_fetch(
@@ -236,6 +270,15 @@ def _request_record(request_id: Any) -> RequestRecord | None:
     if not isinstance(seq, int) or not isinstance(acked_below, int):
         raise errors.BadRequestError("a RequestId needs seq and acked_below")
     return client_id, seq, acked_below
+
+
+def _marker(epoch: object, log_id: object, position: object) -> Marker | None:
+    """(epoch, log_id, position) of a primary's log if all three are given and sane."""
+    if not (isinstance(epoch, int) and isinstance(log_id, str) and isinstance(position, int)):
+        return None
+    if position < 0 or not 0 < len(log_id) <= 64:
+        raise errors.BadRequestError("a log position needs a log id and must be >= 0")
+    return epoch, log_id, position
 
 
 def _required_int(value: int | None) -> int:

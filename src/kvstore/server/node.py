@@ -39,15 +39,16 @@ from typing import Any
 from kvstore import errors
 from kvstore.config import NodeConfig, TlsConfig
 from kvstore.coordination import ClusterMeta, Coordinator, Member, connect, designated_backup
-from kvstore.idl import Change, KeyValueService, NodeStatus, SyncChunk
+from kvstore.idl import Change, KeyValueService, LogChunk, NodeStatus, SyncChunk
 from kvstore.rpc import RpcServer, client_tls_context, server_tls_context
+from kvstore.server import wal
 from kvstore.server.follower import Follower
 from kvstore.server.handler import NODE_ONLY_METHODS, NodeHandler
 from kvstore.server.metrics import MetricsServer, NodeMetrics, NodeState, instrument
 from kvstore.server.replication import BackupFailedError, Replicator
 from kvstore.server.roles import EXIT_OK, EXIT_RESTART, NodeExit, Role, is_dead
 from kvstore.server.storage import StripedStore
-from kvstore.server.wal import WriteAheadLog
+from kvstore.server.wal import CorruptLogError, Marker, WriteAheadLog
 
 log = logging.getLogger(__name__)
 
@@ -113,12 +114,16 @@ class StorageNode:
         records = self.store.recover()
         self.node_id = log_.node_id
         log.info(
-            "node id %s: recovered %d keys from %s (%d records) in %.2f s",
+            "node id %s: recovered %d keys from %s (%d records) in %.2f s%s%s",
             log_.node_id,
             len(self.store),
             directory,
             records,
             time.monotonic() - started,
+            "" if log_.is_complete_copy else "; an incomplete copy (a join was cut short)",
+            ""
+            if log_.marker is None
+            else "; catch-up point epoch {}, log {}, position {}".format(*log_.marker),
         )
 
     def run(self) -> int:
@@ -454,9 +459,9 @@ class StorageNode:
             if replicator is not None:
                 with contextlib.suppress(BackupFailedError):  # it failed: dropped below
                     ticket = (
-                        replicator.enqueue(key, value)  # type: ignore[arg-type]
+                        replicator.enqueue(key, value, position)  # type: ignore[arg-type]
                         if change is None
-                        else replicator.enqueue_change(change)
+                        else replicator.enqueue_change(change, position)
                     )
         if replicator is not None:
             try:
@@ -518,11 +523,16 @@ class StorageNode:
     def _retire_backup(self, replicator: Replicator) -> None:
         """Replicate to this backup no more; first remove it from the in-sync set if it is
         in it. Call with ``_backup_lock`` held, for the current replicator."""
+        self._unpin(replicator)
         if replicator.is_in_sync:
             names = replicator.names  # its former names too: a rename's CAS may have landed
             self._update_meta(lambda m: m.without_in_sync(*names))
         self._replicator = None
         replicator.close()
+
+    def _unpin(self, replicator: Replicator) -> None:
+        if replicator.catch_up is not None and self.store.log is not None:
+            self.store.log.unpin(replicator.join_id)
 
     def _update_meta(self, change: Callable[[ClusterMeta], ClusterMeta]) -> None:
         """CAS a change into the metadata, as primary of this epoch (else: deposed)."""
@@ -539,7 +549,13 @@ class StorageNode:
         raise errors.CoordinationError("metadata kept changing; giving up this update")
 
     def accept_join(
-        self, epoch: int, backup_name: str, join_id: str, lease_ms: int, durable: str | None = None
+        self,
+        epoch: int,
+        backup_name: str,
+        join_id: str,
+        lease_ms: int,
+        durable: str | None = None,
+        since: Marker | None = None,
     ) -> int:
         self.check_primary(epoch)
         coordinator = self.require_coordinator()
@@ -565,8 +581,61 @@ class StorageNode:
             replicator.durable_id = durable
             with self._sequence_lock:  # writes logged from here on are forwarded to it
                 self._replicator = replicator
-        log.info("backup %s (%s) joining", backup_name, backup.address)
+                why_not = self._plan_catch_up(replicator, since)
+        if replicator.catch_up is None:
+            log.info("backup %s (%s) joining: full copy (%s)", backup_name, backup.address, why_not)
+        else:
+            start, end = replicator.catch_up
+            log.info(
+                "backup %s (%s) joining: catch-up from our log, positions %d to %d (%d bytes)",
+                backup_name,
+                backup.address,
+                start,
+                end,
+                end - start,
+            )
         return self.store.stripe_count
+
+    def _plan_catch_up(self, replicator: Replicator, since: Marker | None) -> str:
+        """Let this join replay our log from ``since`` up to now (call with the sequence lock
+        held: the writes after now are forwarded) if that continues the backup's copy: our
+        log of this epoch, still on disk from there. Returns why not, otherwise."""
+        store_log = self.store.log
+        if store_log is None:
+            return "no data directory here"
+        replicator.log_id = store_log.log_id
+        if since is None:
+            return "the backup names no log position"
+        epoch, log_id, position = since
+        if (epoch, log_id) != (self.epoch, store_log.log_id):
+            return f"its copy follows another history (epoch {epoch}, log {log_id})"
+        if not store_log.covers(position):
+            return f"our log no longer holds position {position}"
+        replicator.catch_up = (position, store_log.position)
+        store_log.pin(replicator.join_id, position)
+        return ""
+
+    def sync_log(self, epoch: int, join_id: str, position: int, max_bytes: int) -> object:
+        """The next records of a join's catch-up (see ``_plan_catch_up``)."""
+        self.check_primary(epoch)
+        replicator = self._require_joining(join_id)
+        store_log = self.store.log
+        if replicator.catch_up is None or store_log is None:
+            raise errors.UnavailableError(f"join {join_id} copies the store; no catch-up")
+        start, end = replicator.catch_up
+        if not start <= position <= end:
+            raise errors.BadRequestError(f"position {position} is outside {start}..{end}")
+        try:
+            records, after = store_log.read_range(position, end, max_bytes)
+        except CorruptLogError as exc:
+            raise errors.UnavailableError(f"catch-up impossible: {exc}") from None
+        changes = []
+        for mutation in records:
+            if mutation.kind not in (wal.PUT, wal.DELETE):
+                continue  # a marker from when this node was a backup
+            client_id, seq, acked_below = mutation.record or (None, 0, 0)
+            changes.append(Change(mutation.key, mutation.value, client_id, seq, True, acked_below))
+        return LogChunk(changes=changes, next_position=-1 if after >= end else after)
 
     def sync_chunk(self, epoch: int, join_id: str, first_stripe: int, max_entries: int) -> object:
         self.check_primary(epoch)
@@ -585,6 +654,7 @@ class StorageNode:
         self.check_primary(epoch)
         with self._backup_lock:
             replicator = self._require_joining(join_id)
+            self._unpin(replicator)
             # From here on reads need the new backup's lease: it may take over once in
             # sync. Never reset: if the CAS below fails its outcome may still be a success.
             replicator.is_in_sync = True
@@ -648,8 +718,9 @@ class StorageNode:
         values: list[str],
         join_id: str | None,
         changes: list[Any],
+        log_mark: Marker | None = None,
     ) -> None:
-        self._follower.apply_replicated(epoch, keys, values, join_id, changes)
+        self._follower.apply_replicated(epoch, keys, values, join_id, changes, log_mark)
 
     # ----------------------------------------------------------------- introspection
 

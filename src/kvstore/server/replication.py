@@ -47,13 +47,14 @@ class _Batch:
     and releasing it, which lets the next one through.
     """
 
-    __slots__ = ("changes", "done", "error", "keys", "size", "turn", "values")
+    __slots__ = ("changes", "done", "end_position", "error", "keys", "size", "turn", "values")
 
     def __init__(self) -> None:
         self.keys: list[str] = []
         self.values: list[str] = []
         self.changes: list[object] = []
         self.size = 0  # an upper bound of its encoded bytes
+        self.end_position = 0  # in the primary's log, after its last write (0: no log)
         self.error: BackupFailedError | None = None
         self.turn = _held_lock()
         self.done = _held_lock()
@@ -100,6 +101,9 @@ class Replicator:
         # its ZooKeeper session expires): dropping it removes every one from the in-sync set.
         self.other_names: set[str] = set()
         self.durable_id: str | None = None  # the backup's, if it keeps a data directory
+        self.log_id: str | None = None  # the primary's log (sent with each batch's position)
+        # [from, to) of the primary's log that this join replays (incremental catch-up)
+        self.catch_up: tuple[int, int] | None = None
         self.epoch = epoch
         self.join_id = join_id
         self.is_in_sync = False
@@ -132,17 +136,18 @@ class Replicator:
         """Like ``replicate`` for one Change (a delete, or a write with its exactly-once record)."""
         self.wait(self.enqueue_change(change))
 
-    def enqueue(self, key: str, value: str) -> _Ticket:
+    def enqueue(self, key: str, value: str, position: int = 0) -> _Ticket:
         """Put ``key = value`` in the next batch; ``wait`` for the ticket. Writes reach the
-        backup in the order of their enqueue calls."""
-        return self._enqueue(key, value, None, len(key) + len(value))
+        backup in the order of their enqueue calls. ``position``: the write's end in the
+        primary's log (enqueued in log order; 0 without a log)."""
+        return self._enqueue(key, value, None, len(key) + len(value), position)
 
-    def enqueue_change(self, change: Any) -> _Ticket:
+    def enqueue_change(self, change: Any, position: int = 0) -> _Ticket:
         size = len(change.key) + len(change.value or "") + len(change.client_id or "")
-        return self._enqueue(None, None, change, size)
+        return self._enqueue(None, None, change, size, position)
 
     def _enqueue(
-        self, key: str | None, value: str | None, change: object | None, chars: int
+        self, key: str | None, value: str | None, change: object | None, chars: int, position: int
     ) -> _Ticket:
         size = 4 * chars + 64  # UTF-8 takes at most 4 bytes a character; field headers
         with self._lock:
@@ -165,6 +170,7 @@ class Replicator:
             else:
                 batch.changes.append(change)
             batch.size += size
+            batch.end_position = max(batch.end_position, position)
             is_line_free = is_opener and not self._is_line_busy
             if is_line_free:  # then the queue held nothing else
                 self._is_line_busy = True
@@ -188,7 +194,7 @@ class Replicator:
     def _send_batch(self, batch: _Batch) -> None:
         """Send ``batch`` (the line is ours), wake its threads, pass the line on."""
         try:
-            self._send(batch.keys, batch.values, batch.changes or None)
+            self._send(batch.keys, batch.values, batch.changes or None, batch.end_position)
         except BackupFailedError as exc:
             batch.error = exc
         except BaseException as exc:  # never leave the batch's threads waiting
@@ -221,12 +227,16 @@ class Replicator:
         keys: list[str],
         values: list[str],
         changes: list[Any] | None = None,
+        end_position: int = 0,
         fresh: bool = False,
     ) -> None:
         conn = self._new_connection() if fresh else self._checkout()
         started = time.monotonic()
+        position, log_id = (end_position, self.log_id) if end_position else (None, None)
         try:
-            conn.call("replicate_batch", self.epoch, keys, values, self.join_id, changes)
+            conn.call(
+                "replicate_batch", self.epoch, keys, values, self.join_id, changes, position, log_id
+            )
         except Exception as exc:  # every failure, expected (KVError) or not, breaks the line
             self.close()
             raise BackupFailedError(f"replication to {self.backup.address}: {exc}") from exc

@@ -22,8 +22,10 @@ replayed over it, see wal.py).
 Each stripe also holds the exactly-once records of the writes to its keys
 (:class:`~kvstore.server.sessions.SessionTable`), changed under the same lock.
 
-While a backup joins (from ``clear`` to ``forget_tombstones``) deletes leave tombstones:
-a key deleted by a forwarded change is not brought back by an older snapshot copy.
+While a backup joins (from ``clear`` or ``begin_catch_up`` to ``forget_touched``) every key a
+forwarded change sets or deletes is remembered as *touched*: an older copy of it (a stripe
+copied from the primary, a record replayed from the primary's log) never overwrites it, and
+a deleted key is not brought back.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ class StripedStore:
         self.stripe_count = stripe_count
         self._shards: list[dict[str, str]] = [{} for _ in range(stripe_count)]
         self.sessions = [SessionTable() for _ in range(stripe_count)]
-        self._tombstones: list[set[str]] | None = None
+        self._touched: list[set[str]] | None = None
         self.log: wal.WriteAheadLog | None = None  # set by a node with a data directory
         self._locks = [threading.Lock() for _ in range(stripe_count)]
 
@@ -58,6 +60,8 @@ class StripedStore:
         with self._locks[i]:
             position = self.log_write(key, value)  # first: a full disk changes nothing
             self._shards[i][key] = value
+            if self._touched is not None:
+                self._touched[i].add(key)
             return position
 
     def put_many(self, keys: list[str], values: list[str]) -> int:
@@ -96,22 +100,52 @@ class StripedStore:
                 self._shards[i][key] = value
             else:
                 self._shards[i].pop(key, None)
-                if self._tombstones is not None:
-                    self._tombstones[i].add(key)
+            if self._touched is not None:
+                self._touched[i].add(key)
             if record is not None:
                 self.sessions[i].record(key, *record)
             return position
+
+    def apply_untouched(self, changes: list[Any]) -> tuple[int, int]:
+        """Replay changes (Change structs, in the primary's log order) except on keys touched
+        by a forwarded change since the join began (newer: only the exactly-once record is
+        added there). Returns (changes applied, the log position to wait for)."""
+        applied = position = 0
+        touched = self._touched
+        assert touched is not None, "replay only during a catch-up"
+        for change in changes:
+            i = hash(change.key) % self.stripe_count
+            with self._locks[i]:
+                if change.key not in touched[i]:
+                    record = None
+                    if change.client_id is not None:
+                        record = (change.client_id, change.seq, change.acked_below)
+                    position = self.log_write(change.key, change.value, record) or position
+                    if change.value is not None:
+                        self._shards[i][change.key] = change.value
+                    else:
+                        self._shards[i].pop(change.key, None)
+                    applied += 1
+                if change.client_id is not None:
+                    self.sessions[i].add_if_absent(
+                        change.key, change.client_id, change.seq, change.outcome
+                    )
+        return applied, position
+
+    def log_marker(self, marker: wal.Marker) -> int:
+        """Record how far this copy goes in the primary's log (0 without a log)."""
+        return 0 if self.log is None else self.log.append_marker(marker)
 
     def put_if_absent_many(self, keys: list[str], values: list[str]) -> int:
         """Insert entries whose key is neither present nor deleted since ``clear``;
         returns how many were inserted."""
         inserted = 0
-        tombstones = self._tombstones
+        touched = self._touched
         for key, value in zip(keys, values, strict=True):
             i = hash(key) % self.stripe_count
             with self._locks[i]:
                 shard = self._shards[i]
-                if key not in shard and (tombstones is None or key not in tombstones[i]):
+                if key not in shard and (touched is None or key not in touched[i]):
                     shard[key] = value
                     inserted += 1
         return inserted
@@ -124,9 +158,16 @@ class StripedStore:
             with self._locks[i]:
                 self.sessions[i].add_if_absent(key, client_id, seq, outcome)
 
-    def forget_tombstones(self) -> None:
-        """The join is over: deletes no longer need to shadow snapshot copies."""
-        self._tombstones = None
+    def forget_touched(self) -> None:
+        """The join is over: forwarded changes no longer need to shadow older copies."""
+        self._touched = None
+
+    def begin_catch_up(self) -> None:
+        """A join that keeps this store and replays the primary's log into it begins."""
+        with self.all_locked():
+            self._touched = [set() for _ in range(self.stripe_count)]
+        if self.log is not None:
+            self.log.begin_catch_up()
 
     def stripe_for_write(self, key: str) -> tuple[Any, dict[str, str]]:
         """The key's stripe lock (not taken) and the shard dict that holds the key.
@@ -195,12 +236,13 @@ class StripedStore:
         return result
 
     def clear(self) -> None:
-        """Empty every stripe (and its records) and start keeping tombstones (a join begins)."""
+        """Empty every stripe (and its records) and start remembering touched keys (a join
+        that copies the whole store begins)."""
         with self.all_locked():
             for shard, sessions in zip(self._shards, self.sessions, strict=True):
                 shard.clear()
                 sessions.clear()
-            self._tombstones = [set() for _ in range(self.stripe_count)]
+            self._touched = [set() for _ in range(self.stripe_count)]
             if self.log is not None:
                 self.log.reset()
 

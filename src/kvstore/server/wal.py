@@ -3,14 +3,27 @@
 Files in the data directory:
 - ``node-id``: this node's stable id (it survives restarts; ZooKeeper names change);
 - ``wal-<segment>.log``: log segments, numbered upwards; every mutation is one record;
-- ``snapshot``: the newest snapshot; its header names the first segment to replay after it.
+- ``snapshot``: the newest snapshot; its header names the first segment to replay after it;
+- ``incomplete``: present while the files do not hold a complete copy (a join is copying
+  into them: ``reset``, or a catch-up is replaying a primary's log into them: ``catch-up``).
 
 A record is ``<u32 length><u32 crc32 of payload><u32 crc32 of the first 8 bytes><payload>``
 (the header has its own checksum, so a damaged length is not mistaken for a torn write).
 A payload is a kind byte and length-prefixed UTF-8 fields: ``P key value`` (put) or
 ``D key`` (delete), each optionally followed by an exactly-once record ``client_id seq
 acked_below``; ``R key client_id seq outcome`` (a record alone, in snapshots);
-``S first_segment`` (a snapshot's header).
+``S first_segment`` (a snapshot's header); ``M epoch position log_id`` (a marker, below).
+
+Positions and markers (incremental catch-up). A position is a byte count of this process's
+appends (from 0 when the log opens; ``log_id`` names that instance). A primary logs its
+writes in replication order, so each batch it sends is a contiguous range of its log, ending
+at a position it sends along. A backup that holds a complete copy appends a *marker* (the
+primary's epoch, log id and the batch's end position) after each batch it applied. Marker
+invariant: the store these files recover is the primary's store as of that position, plus
+some of the primary's records after it (a batch applied in part, a catch-up cut short).
+So replaying the primary's log from there (what ``read_range`` serves) restores it exactly.
+``reset`` removes every marker (and a crash in the middle of one leaves ``incomplete`` =
+``reset``, which voids the markers left).
 
 Invariants:
 - A mutation is appended and applied to memory under its key's stripe write lock, so a
@@ -57,12 +70,15 @@ _HEADER = struct.Struct(">III")
 _HEADER_CHECKED = struct.Struct(">II")
 _LEN = struct.Struct(">I")
 _I64 = struct.Struct(">q")
-PUT, DELETE, RECORD, SNAPSHOT_HEADER = b"P", b"D", b"R", b"S"
+PUT, DELETE, RECORD, SNAPSHOT_HEADER, MARKER = b"P", b"D", b"R", b"S", b"M"
 SNAPSHOT_FILE = "snapshot"
+INCOMPLETE_FILE = "incomplete"
 NODE_ID_FILE = "node-id"
 
 # (client_id, seq, acked_below) of an exactly-once write
 ExactlyOnce = tuple[str, int, int]
+# (epoch, log_id, position) of a primary's log: how far a backup's copy goes
+Marker = tuple[int, str, int]
 
 
 class CorruptLogError(errors.KVError):
@@ -105,6 +121,11 @@ def encode_record(key: str, client_id: str, seq: int, outcome: bool) -> bytes:
     return frame(payload)
 
 
+def encode_marker(marker: Marker) -> bytes:
+    epoch, log_id, position = marker
+    return frame(MARKER + _I64.pack(epoch) + _I64.pack(position) + _text(log_id))
+
+
 def frame(payload: bytes) -> bytes:
     checked = _HEADER_CHECKED.pack(len(payload), zlib.crc32(payload))
     return checked + _LEN.pack(zlib.crc32(checked)) + payload
@@ -139,6 +160,9 @@ def decode(payload: bytes) -> Mutation:
     kind, reader = payload[:1], _Reader(payload[1:])
     if kind == SNAPSHOT_HEADER:
         return Mutation(kind, "", record=("", reader.i64(), 0))
+    if kind == MARKER:
+        epoch, position = reader.i64(), reader.i64()
+        return Mutation(kind, "", record=(reader.text(), epoch, position))
     key = reader.text()
     if kind == RECORD:
         client_id, seq = reader.text(), reader.i64()
@@ -236,6 +260,11 @@ class WriteAheadLog:
         self.segment = max(self.segments(), default=0)
         self._fd = -1
         self._segment_bytes = 0  # size of the current segment file
+        self.log_id = uuid.uuid4().hex[:16]  # this instance (positions count from 0 in it)
+        self._segment_starts: dict[int, int] = {}  # segments opened by it -> first position
+        self._pins: dict[str, int] = {}  # name -> a position whose segments must stay
+        self.marker: Marker | None = None  # the last one recovered or appended
+        self._marker_at_switch: Marker | None = None
         # True while the files hold a complete copy of the store as it was when this node
         # was last in sync: after recovery, and after a join completed. A reset (the store
         # was cleared to copy from a primary) makes it False until then.
@@ -262,8 +291,23 @@ class WriteAheadLog:
     # ------------------------------------------------------------------ recovery
 
     def recover(self) -> Iterator[Mutation]:
-        """The snapshot's records, then every later segment's, in order. Then the log is
-        open for appends in a new segment."""
+        """The snapshot's records, then every later segment's, in order (markers are not
+        yielded: the last one becomes ``marker``). Then the log is open for appends in a
+        new segment."""
+        incomplete = self.directory / INCOMPLETE_FILE
+        state = incomplete.read_text().strip() if incomplete.exists() else ""
+        for mutation in self._recorded():
+            if mutation.kind == MARKER:
+                assert mutation.record is not None
+                log_id, epoch, position = mutation.record
+                self.marker = (epoch, log_id, position)
+            else:
+                yield mutation
+        if state == "reset":
+            self.marker = None  # a crash in the middle of a reset: no marker holds
+        self.is_complete_copy = not state
+
+    def _recorded(self) -> Iterator[Mutation]:
         first = 0
         snapshot = self.directory / SNAPSHOT_FILE
         if snapshot.exists():
@@ -277,18 +321,37 @@ class WriteAheadLog:
         for i, segment in enumerate(segments):
             yield from read_records(self.segment_path(segment), i == len(segments) - 1)
         self._open_segment(max([*segments, first - 1, 0]) + 1)
-        self.is_complete_copy = True
 
     def _open_segment(self, segment: int) -> None:
         fd = os.open(self.segment_path(segment), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         _fsync_directory(self.directory)
         old, self._fd, self.segment = self._fd, fd, segment
         self._segment_bytes = os.fstat(fd).st_size
+        self._segment_starts[segment] = self._appended
         if old >= 0:
             os.fsync(old)
             os.close(old)
 
     # ------------------------------------------------------------------ appending
+
+    @property
+    def position(self) -> int:
+        """The end of the last append (call with appends stopped, e.g. under the lock that
+        orders them)."""
+        return self._appended
+
+    def append_marker(self, marker: Marker) -> int:
+        """Record how far this copy goes in a primary's log (see the module docstring)."""
+        data = encode_marker(marker)
+        with self._append_lock:
+            self._check_usable()
+            self._write_whole(data)
+            self._appended += len(data)
+            self.marker = marker
+            position = self._appended
+        if self.fsync_mode == "always":
+            self._sync_to(position)
+        return position
 
     def append(self, data: bytes) -> int:
         """Write ``data`` (whole records); returns the position to pass to wait_durable."""
@@ -392,6 +455,7 @@ class WriteAheadLog:
         with self._append_lock:
             self._open_segment(self.segment + 1)
             self._bytes_at_switch = self.bytes_since_snapshot
+            self._marker_at_switch = self.marker
             return self.segment
 
     def snapshot_room(self) -> tuple[int, int]:
@@ -409,6 +473,8 @@ class WriteAheadLog:
         try:
             with open(temporary, "wb") as file:
                 file.write(frame(SNAPSHOT_HEADER + _I64.pack(first_segment)))
+                if self._marker_at_switch is not None:  # the copy holds at least that much
+                    file.write(encode_marker(self._marker_at_switch))
                 for record in records:
                     file.write(record)
                 file.flush()
@@ -426,12 +492,16 @@ class WriteAheadLog:
         with self._append_lock:
             self.bytes_since_snapshot -= self._bytes_at_switch
         _fsync_directory(self.directory)
-        for segment in self.segments():
-            if segment < first_segment:
-                self.segment_path(segment).unlink()
+        with self._append_lock:
+            kept = self._pinned_segments()
+            for segment in self.segments():
+                if segment < first_segment and segment not in kept:
+                    self.segment_path(segment).unlink()
+                    self._segment_starts.pop(segment, None)
 
     def reset(self) -> None:
         """Forget everything on disk (the store was cleared to copy from a primary)."""
+        self._set_incomplete("reset")  # first: a crash in the middle voids what is left
         with self._append_lock:
             segment = self.segment + 1
             self._open_segment(segment)
@@ -440,9 +510,95 @@ class WriteAheadLog:
             for old in self.segments():
                 if old < segment:
                     self.segment_path(old).unlink()
+                    self._segment_starts.pop(old, None)
             _fsync_directory(self.directory)
             self.bytes_since_snapshot = 0
-            self.is_complete_copy = False
+            self.marker = None
+
+    def begin_catch_up(self) -> None:
+        """A primary's log is about to be replayed into this copy: it is incomplete until
+        ``mark_complete`` (its marker still holds, see the module docstring)."""
+        self._set_incomplete("catch-up")
+
+    def mark_complete(self) -> None:
+        """The files hold a complete copy again (a join finished; its records are durable)."""
+        with contextlib.suppress(FileNotFoundError):
+            (self.directory / INCOMPLETE_FILE).unlink()
+            _fsync_directory(self.directory)
+        self.is_complete_copy = True
+
+    def _set_incomplete(self, why: str) -> None:
+        self.is_complete_copy = False
+        _write_durably(self.directory / INCOMPLETE_FILE, why.encode() + b"\n")
+
+    # ------------------------------------------------------------------ reading back
+
+    def covers(self, position: int) -> bool:
+        """Whether this instance's segments still hold every record from ``position`` on
+        (snapshots trim the oldest segments first)."""
+        with self._append_lock:
+            if not 0 <= position <= self._appended:
+                return False
+            segment = self._segment_at(position)
+        return segment >= 0 and self.segment_path(segment).exists()
+
+    def _segment_at(self, position: int) -> int:
+        """The segment that holds ``position`` (the last one opened at or before it; -1 if
+        that one was trimmed). Call with the append lock held."""
+        found = -1
+        for segment, start in sorted(self._segment_starts.items()):
+            if start <= position:
+                found = segment
+        return found
+
+    def pin(self, name: str, position: int) -> None:
+        """Keep the segments from ``position`` on (snapshots do not trim them) until unpin."""
+        with self._append_lock:
+            self._pins[name] = position
+
+    def unpin(self, name: str) -> None:
+        with self._append_lock:
+            self._pins.pop(name, None)
+
+    def _pinned_segments(self) -> set[int]:
+        if not self._pins:
+            return set()
+        lowest = min(self._pins.values())
+        starts = sorted(self._segment_starts.items())
+        return {
+            segment
+            for i, (segment, _) in enumerate(starts)
+            if i + 1 == len(starts) or starts[i + 1][1] > lowest
+        }
+
+    def read_range(self, start: int, end: int, max_bytes: int) -> tuple[list[Mutation], int]:
+        """The records from position ``start`` (a record's first byte) up to ``end`` (one's
+        last), at most about ``max_bytes`` of them (at least one); and the position after
+        the last one returned (``end`` when done). Raises CorruptLogError if the range is
+        not whole any more (trimmed, damaged)."""
+        if not self.covers(start):
+            raise CorruptLogError(f"the log no longer holds position {start}")
+        with self._append_lock:
+            segment = self._segment_at(start)
+            first = self._segment_starts[segment]
+            following = [s for s in self._segment_starts.values() if s > start]
+        path = self.segment_path(segment)
+        stop = min([end, *following])
+        records: list[Mutation] = []
+        size = 0
+        position = start
+        with open(path, "rb") as file:
+            file.seek(start - first)
+            while position < stop and (not records or size < max_bytes):
+                header = file.read(_HEADER.size)
+                length = _HEADER.unpack(header)[0] if len(header) == _HEADER.size else -1
+                data = header + file.read(max(length, 0))
+                if length < 0 or _check_record(data, 0) is not None:
+                    raise CorruptLogError(f"{path}: no whole record at position {position}")
+                records.append(decode(data[_HEADER.size :]))
+                position += len(data)
+                size += len(data)
+        return records, position
 
     def close(self) -> None:
         with self._append_lock:
