@@ -223,3 +223,29 @@ def test_a_marker_survives_snapshots_and_restarts_and_a_reset_voids_it(tmp_path:
     voided.log.mark_complete()
     voided.log.close()
     assert reopened(tmp_path).log.is_complete_copy  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("keys", "values"),
+    [
+        ([], []),
+        (["a", "b"], ["1", ""]),
+        (["é", "日本"], ["ü", "x" * 1000]),
+        (["nul\0key", ""], ["v", "nul\0value"]),  # a NUL in the text: lengths are stored
+    ],
+)
+def test_a_bulk_record_round_trips(keys: list[str], values: list[str]) -> None:
+    data = wal.encode_bulk(keys, values)
+    assert wal.decode(data[12:]).bulk == (keys, values)
+
+
+def test_a_snapshot_of_single_records_still_recovers(tmp_path: Path) -> None:
+    """Snapshots written before bulk records (one record per key) load as before."""
+    (tmp_path / "wal-00000001.log").write_bytes(wal.encode("in-log", "v"))
+    records = [wal.encode(f"k{i}", f"v{i}") for i in range(10)]
+    records.append(wal.encode_record("k1", "client", 3, True))
+    header = wal.frame(wal.SNAPSHOT_HEADER + (1).to_bytes(8, "big"))
+    (tmp_path / wal.SNAPSHOT_FILE).write_bytes(header + b"".join(records))
+    store = durable_store(tmp_path)
+    assert store.snapshot() == {"in-log": "v", **{f"k{i}": f"v{i}" for i in range(10)}}
+    assert store.sessions_for("k1").outcome("client", 3) is True

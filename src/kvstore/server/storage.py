@@ -38,6 +38,8 @@ from typing import Any
 from kvstore.server import wal
 from kvstore.server.sessions import SessionTable
 
+SNAPSHOT_BULK_ENTRIES = 65536  # puts per snapshot record (one record per stripe, mostly)
+
 
 class StripedStore:
     def __init__(self, stripe_count: int = 256) -> None:
@@ -253,9 +255,16 @@ class StripedStore:
         of records read. Call before serving, from one thread."""
         assert self.log is not None
         count = 0
+        shards, stripe_count = self._shards, self.stripe_count
         for mutation in self.log.recover():
+            if mutation.bulk is not None:  # a snapshot's stripe: thousands of puts at once
+                keys, values = mutation.bulk
+                count += len(keys)
+                for key, value in zip(keys, values, strict=True):
+                    shards[hash(key) % stripe_count][key] = value
+                continue
             count += 1
-            i = hash(mutation.key) % self.stripe_count
+            i = hash(mutation.key) % stripe_count
             if mutation.kind == wal.PUT:
                 self._shards[i][mutation.key] = mutation.value  # type: ignore[assignment]
             elif mutation.kind == wal.DELETE:
@@ -276,8 +285,9 @@ class StripedStore:
             with self._locks[i]:
                 items = list(self._shards[i].items())
                 records = list(self.sessions[i].items())
-            for key, value in items:
-                yield wal.encode(key, value)
+            for first in range(0, len(items), SNAPSHOT_BULK_ENTRIES):
+                chunk = items[first : first + SNAPSHOT_BULK_ENTRIES]
+                yield wal.encode_bulk([k for k, _ in chunk], [v for _, v in chunk])
             for key, client_id, seq, outcome in records:
                 yield wal.encode_record(key, client_id, seq, outcome)
 
