@@ -7,13 +7,6 @@ Files in the data directory:
 - ``incomplete``: present while the files do not hold a complete copy (a join is copying
   into them: ``reset``, or a catch-up is replaying a primary's log into them: ``catch-up``).
 
-A record is ``<u32 length><u32 crc32 of payload><u32 crc32 of the first 8 bytes><payload>``
-(the header has its own checksum, so a damaged length is not mistaken for a torn write).
-A payload is a kind byte and length-prefixed UTF-8 fields: ``P key value`` (put) or
-``D key`` (delete), each optionally followed by an exactly-once record ``client_id seq
-acked_below``; ``R key client_id seq outcome`` (a record alone, in snapshots);
-``S first_segment`` (a snapshot's header); ``M epoch position log_id`` (a marker, below).
-
 Positions and markers (incremental catch-up). A position is a byte count of this process's
 appends (from 0 when the log opens; ``log_id`` names that instance). A primary logs its
 writes in replication order, so each batch it sends is a contiguous range of its log, ending
@@ -52,257 +45,61 @@ import contextlib
 import errno
 import logging
 import os
-import struct
-import sys
 import threading
 import time
 import uuid
-import zlib
-from array import array
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from itertools import accumulate
 from pathlib import Path
 
 from kvstore import errors
+from kvstore.server.records import (
+    BULK,
+    DELETE,
+    HEADER,
+    MARKER,
+    PUT,
+    RECORD,
+    SNAPSHOT_HEADER,
+    CorruptLogError,
+    ExactlyOnce,
+    Marker,
+    Mutation,
+    check_record,
+    decode,
+    encode,
+    encode_bulk,
+    encode_marker,
+    encode_record,
+    encode_snapshot_header,
+    frame,
+    read_records,
+)
+
+__all__ = [  # the record format, for the log's users
+    "BULK",
+    "DELETE",
+    "MARKER",
+    "PUT",
+    "RECORD",
+    "SNAPSHOT_HEADER",
+    "CorruptLogError",
+    "ExactlyOnce",
+    "Marker",
+    "Mutation",
+    "WriteAheadLog",
+    "decode",
+    "encode",
+    "encode_bulk",
+    "encode_record",
+    "frame",
+]
 
 log = logging.getLogger(__name__)
 
 FSYNC_MODES = ("always", "batch", "never")
-_HEADER = struct.Struct(">III")
-_HEADER_CHECKED = struct.Struct(">II")
-_LEN = struct.Struct(">I")
-_I64 = struct.Struct(">q")
-_I64X2 = struct.Struct(">qq")
-_BULK_WITH_LENGTHS = 1 << 31
-PUT, DELETE, RECORD, SNAPSHOT_HEADER, MARKER, BULK = b"P", b"D", b"R", b"S", b"M", b"B"
 SNAPSHOT_FILE = "snapshot"
 INCOMPLETE_FILE = "incomplete"
 NODE_ID_FILE = "node-id"
-
-# (client_id, seq, acked_below) of an exactly-once write
-ExactlyOnce = tuple[str, int, int]
-# (epoch, log_id, position) of a primary's log: how far a backup's copy goes
-Marker = tuple[int, str, int]
-
-
-class CorruptLogError(errors.KVError):
-    """A log or snapshot file is damaged before its end: refusing to start."""
-
-
-@dataclass(frozen=True, slots=True)
-class Mutation:
-    """One decoded record."""
-
-    kind: bytes
-    key: str
-    value: str | None = None
-    record: ExactlyOnce | None = None
-    outcome: bool = True
-    bulk: tuple[list[str], list[str]] | None = None  # (keys, values) of a BULK record
-
-
-# --------------------------------------------------------------------------- encoding
-
-
-def _text(value: str) -> bytes:
-    data = value.encode()
-    return _LEN.pack(len(data)) + data
-
-
-def encode(key: str, value: str | None, record: ExactlyOnce | None = None) -> bytes:
-    """A put (or a delete, ``value`` None) as one framed record."""
-    parts = [PUT if value is not None else DELETE, _text(key)]
-    if value is not None:
-        parts.append(_text(value))
-    if record is not None:
-        parts += [_text(record[0]), _I64.pack(record[1]), _I64.pack(record[2])]
-    return frame(b"".join(parts))
-
-
-def encode_record(key: str, client_id: str, seq: int, outcome: bool) -> bytes:
-    payload = (
-        RECORD + _text(key) + _text(client_id) + _I64.pack(seq) + (b"\1" if outcome else b"\0")
-    )
-    return frame(payload)
-
-
-def encode_marker(marker: Marker) -> bytes:
-    epoch, log_id, position = marker
-    return frame(MARKER + _I64.pack(epoch) + _I64.pack(position) + _text(log_id))
-
-
-def frame(payload: bytes) -> bytes:
-    checked = _HEADER_CHECKED.pack(len(payload), zlib.crc32(payload))
-    return checked + _LEN.pack(zlib.crc32(checked)) + payload
-
-
-def encode_bulk(keys: list[str], values: list[str]) -> bytes:
-    """Many puts as one record (snapshots), decoded with a few C calls instead of one record
-    per key: ``B count`` and all keys, then all values, as one UTF-8 text, each followed by
-    NUL; if any key or value holds a NUL, ``B count`` with the flag bit 2**31, then every
-    key's and every value's length in characters (u32 little-endian), then the text."""
-    text = "\0".join([*keys, *values, ""])
-    if text.count("\0") == 2 * len(keys):
-        return frame(b"".join((BULK, _LEN.pack(len(keys)), text.encode())))
-    lengths = array("I", map(len, keys))
-    lengths.extend(map(len, values))
-    if sys.byteorder == "big":
-        lengths.byteswap()
-    text = "".join(keys) + "".join(values)
-    count = _LEN.pack(len(keys) | _BULK_WITH_LENGTHS)
-    return frame(b"".join((BULK, count, lengths.tobytes(), text.encode())))
-
-
-def _decode_bulk(data: bytes, start: int, end: int) -> Mutation:
-    (count,) = _LEN.unpack_from(data, start + 1)
-    at = start + 1 + _LEN.size
-    if not count & _BULK_WITH_LENGTHS:
-        pieces = data[at:end].decode().split("\0")
-        if len(pieces) != 2 * count + 1 or pieces[-1]:
-            raise ValueError("a bulk record's text does not hold its entries")
-        return Mutation(BULK, "", bulk=(pieces[:count], pieces[count:-1]))
-    count &= ~_BULK_WITH_LENGTHS
-    text_at = at + 8 * count
-    if text_at > end:
-        raise ValueError("bulk lengths run past their record")
-    lengths = array("I")
-    lengths.frombytes(data[at:text_at])
-    if sys.byteorder == "big":
-        lengths.byteswap()
-    text = data[text_at:end].decode()
-    if sum(lengths) != len(text):
-        raise ValueError("bulk lengths do not add up to its text")
-    ends = list(accumulate(lengths))
-    pieces = [text[a:b] for a, b in zip([0, *ends][:-1], ends, strict=True)]
-    return Mutation(BULK, "", bulk=(pieces[:count], pieces[count:]))
-
-
-def decode(payload: bytes) -> Mutation:
-    return decode_at(payload, 0, len(payload))
-
-
-def decode_at(data: bytes, start: int, end: int) -> Mutation:
-    """The record whose payload is ``data[start:end]`` (no copy of the payload)."""
-    kind = data[start : start + 1]
-    if kind in (PUT, DELETE):  # the hot path of log replay
-        (size,) = _LEN.unpack_from(data, start + 1)
-        at = start + 1 + _LEN.size + size
-        key = data[start + 1 + _LEN.size : at].decode()
-        value = None
-        if kind == PUT:
-            (size,) = _LEN.unpack_from(data, at)
-            value = data[at + _LEN.size : at + _LEN.size + size].decode()
-            at += _LEN.size + size
-        record = None
-        if at < end:
-            (size,) = _LEN.unpack_from(data, at)
-            client_id = data[at + _LEN.size : at + _LEN.size + size].decode()
-            at += _LEN.size + size
-            seq, acked_below = _I64X2.unpack_from(data, at)
-            record, at = (client_id, seq, acked_below), at + _I64X2.size
-        if at != end:
-            raise ValueError("fields do not fill their record")
-        return Mutation(kind, key, value, record)
-    if kind == BULK:
-        return _decode_bulk(data, start, end)
-    return _decode_other(kind, data[start + 1 : end])
-
-
-class _Reader:
-    __slots__ = ("data", "offset")
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.offset = 0
-
-    def text(self) -> str:
-        (size,) = _LEN.unpack_from(self.data, self.offset)
-        start = self.offset + _LEN.size
-        self.offset = start + size
-        if self.offset > len(self.data):
-            raise ValueError("field runs past its record")
-        return self.data[start : self.offset].decode()
-
-    def i64(self) -> int:
-        (value,) = _I64.unpack_from(self.data, self.offset)
-        self.offset += _I64.size
-        return int(value)
-
-
-def _decode_other(kind: bytes, body: bytes) -> Mutation:
-    reader = _Reader(body)
-    if kind == SNAPSHOT_HEADER:
-        return Mutation(kind, "", record=("", reader.i64(), 0))
-    if kind == MARKER:
-        epoch, position = reader.i64(), reader.i64()
-        return Mutation(kind, "", record=(reader.text(), epoch, position))
-    if kind == RECORD:
-        key, client_id, seq = reader.text(), reader.text(), reader.i64()
-        return Mutation(kind, key, record=(client_id, seq, 0), outcome=body[-1:] == b"\1")
-    raise ValueError(f"unknown record kind {kind!r}")
-
-
-def read_records(path: Path, is_torn_tail_allowed: bool) -> Iterator[Mutation]:
-    """Every record of a file. A damaged record at the very end is a torn write: the file
-    is cut there (if allowed); anywhere else it is corruption (CorruptLogError)."""
-    data = path.read_bytes()
-    view = memoryview(data)
-    unpack_header, crc32, total = _HEADER.unpack_from, zlib.crc32, len(data)
-    offset = 0
-    while offset < total:
-        if offset + _HEADER.size <= total:  # the fast path: a whole, intact record
-            size, crc, header_crc = unpack_header(data, offset)
-            start, end = offset + _HEADER.size, offset + _HEADER.size + size
-            if (
-                end <= total
-                and crc32(view[offset : offset + _HEADER_CHECKED.size]) == header_crc
-                and crc32(view[start:end]) == crc
-            ):
-                try:
-                    yield decode_at(data, start, end)
-                except (ValueError, struct.error, UnicodeDecodeError) as exc:
-                    raise CorruptLogError(
-                        f"{path}: undecodable record at offset {offset}: {exc}"
-                    ) from None
-                offset = end
-                continue
-        problem = _check_record(data, offset)
-        if is_torn_tail_allowed and _is_tail(data, offset):
-            log.warning("%s: cutting a torn last record at offset %d (%s)", path, offset, problem)
-            with open(path, "r+b") as file:
-                file.truncate(offset)
-                os.fsync(file.fileno())
-            return
-        raise CorruptLogError(
-            f"{path} is damaged at offset {offset} ({problem}); refusing to start. Move the "
-            f"data directory aside to start this node empty (it then copies from the primary)"
-        )
-
-
-def _check_record(data: bytes, offset: int) -> str | None:
-    if offset + _HEADER.size > len(data):
-        return "truncated header"
-    size, crc, header_crc = _HEADER.unpack_from(data, offset)
-    if zlib.crc32(data[offset : offset + _HEADER_CHECKED.size]) != header_crc:
-        return "header checksum mismatch"
-    end = offset + _HEADER.size + size
-    if end > len(data):
-        return "truncated record"
-    if zlib.crc32(data[offset + _HEADER.size : end]) != crc:
-        return "checksum mismatch"
-    return None
-
-
-def _is_tail(data: bytes, offset: int) -> bool:
-    """A bad record is the torn tail if a crash in the middle of one append explains it: its
-    header is incomplete, or intact but its payload runs to the end of the file."""
-    if offset + _HEADER.size > len(data):
-        return True
-    size, _, header_crc = _HEADER.unpack_from(data, offset)
-    if zlib.crc32(data[offset : offset + _HEADER_CHECKED.size]) != header_crc:
-        return False
-    return offset + _HEADER.size + size >= len(data)
 
 
 # --------------------------------------------------------------------------- the log
@@ -547,7 +344,7 @@ class WriteAheadLog:
         temporary = self.directory / (SNAPSHOT_FILE + ".tmp")
         try:
             with open(temporary, "wb") as file:
-                file.write(frame(SNAPSHOT_HEADER + _I64.pack(first_segment)))
+                file.write(encode_snapshot_header(first_segment))
                 if self._marker_at_switch is not None:  # the copy holds at least that much
                     file.write(encode_marker(self._marker_at_switch))
                 for record in records:
@@ -665,12 +462,12 @@ class WriteAheadLog:
         with open(path, "rb") as file:
             file.seek(start - first)
             while position < stop and (not records or size < max_bytes):
-                header = file.read(_HEADER.size)
-                length = _HEADER.unpack(header)[0] if len(header) == _HEADER.size else -1
+                header = file.read(HEADER.size)
+                length = HEADER.unpack(header)[0] if len(header) == HEADER.size else -1
                 data = header + file.read(max(length, 0))
-                if length < 0 or _check_record(data, 0) is not None:
+                if length < 0 or check_record(data, 0) is not None:
                     raise CorruptLogError(f"{path}: no whole record at position {position}")
-                records.append(decode(data[_HEADER.size :]))
+                records.append(decode(data[HEADER.size :]))
                 position += len(data)
                 size += len(data)
         return records, position
