@@ -39,16 +39,16 @@ from typing import Any
 from kvstore import errors
 from kvstore.config import NodeConfig, TlsConfig
 from kvstore.coordination import ClusterMeta, Coordinator, Member, connect, designated_backup
-from kvstore.idl import Change, KeyValueService, LogChunk, NodeStatus, SyncChunk
+from kvstore.idl import Change, KeyValueService, NodeStatus, SyncChunk
 from kvstore.rpc import RpcServer, client_tls_context, server_tls_context
-from kvstore.server import wal
+from kvstore.server import catchup
 from kvstore.server.follower import Follower
 from kvstore.server.handler import NODE_ONLY_METHODS, NodeHandler
 from kvstore.server.metrics import MetricsServer, NodeMetrics, NodeState, instrument
 from kvstore.server.replication import BackupFailedError, Replicator
 from kvstore.server.roles import EXIT_OK, EXIT_RESTART, NodeExit, Role, is_dead
 from kvstore.server.storage import StripedStore
-from kvstore.server.wal import CorruptLogError, Marker, WriteAheadLog
+from kvstore.server.wal import Marker, WriteAheadLog
 
 log = logging.getLogger(__name__)
 
@@ -523,16 +523,12 @@ class StorageNode:
     def _retire_backup(self, replicator: Replicator) -> None:
         """Replicate to this backup no more; first remove it from the in-sync set if it is
         in it. Call with ``_backup_lock`` held, for the current replicator."""
-        self._unpin(replicator)
+        catchup.unpin(self.store.log, replicator)
         if replicator.is_in_sync:
             names = replicator.names  # its former names too: a rename's CAS may have landed
             self._update_meta(lambda m: m.without_in_sync(*names))
         self._replicator = None
         replicator.close()
-
-    def _unpin(self, replicator: Replicator) -> None:
-        if replicator.catch_up is not None and self.store.log is not None:
-            self.store.log.unpin(replicator.join_id)
 
     def _update_meta(self, change: Callable[[ClusterMeta], ClusterMeta]) -> None:
         """CAS a change into the metadata, as primary of this epoch (else: deposed)."""
@@ -581,61 +577,16 @@ class StorageNode:
             replicator.durable_id = durable
             with self._sequence_lock:  # writes logged from here on are forwarded to it
                 self._replicator = replicator
-                why_not = self._plan_catch_up(replicator, since)
-        if replicator.catch_up is None:
-            log.info("backup %s (%s) joining: full copy (%s)", backup_name, backup.address, why_not)
-        else:
-            start, end = replicator.catch_up
-            log.info(
-                "backup %s (%s) joining: catch-up from our log, positions %d to %d (%d bytes)",
-                backup_name,
-                backup.address,
-                start,
-                end,
-                end - start,
-            )
+                why_not = catchup.plan(self.store.log, self.epoch, replicator, since)
+        log.info("backup %s (%s) joining: %s", backup_name, backup.address, why_not)
         return self.store.stripe_count
 
-    def _plan_catch_up(self, replicator: Replicator, since: Marker | None) -> str:
-        """Let this join replay our log from ``since`` up to now (call with the sequence lock
-        held: the writes after now are forwarded) if that continues the backup's copy: our
-        log of this epoch, still on disk from there. Returns why not, otherwise."""
-        store_log = self.store.log
-        if store_log is None:
-            return "no data directory here"
-        replicator.log_id = store_log.log_id
-        if since is None:
-            return "the backup names no log position"
-        epoch, log_id, position = since
-        if (epoch, log_id) != (self.epoch, store_log.log_id):
-            return f"its copy follows another history (epoch {epoch}, log {log_id})"
-        if not store_log.covers(position):
-            return f"our log no longer holds position {position}"
-        replicator.catch_up = (position, store_log.position)
-        store_log.pin(replicator.join_id, position)
-        return ""
-
     def sync_log(self, epoch: int, join_id: str, position: int, max_bytes: int) -> object:
-        """The next records of a join's catch-up (see ``_plan_catch_up``)."""
+        """The next records of a join's catch-up (see catchup.py)."""
         self.check_primary(epoch)
-        replicator = self._require_joining(join_id)
-        store_log = self.store.log
-        if replicator.catch_up is None or store_log is None:
-            raise errors.UnavailableError(f"join {join_id} copies the store; no catch-up")
-        start, end = replicator.catch_up
-        if not start <= position <= end:
-            raise errors.BadRequestError(f"position {position} is outside {start}..{end}")
-        try:
-            records, after = store_log.read_range(position, end, max_bytes)
-        except CorruptLogError as exc:
-            raise errors.UnavailableError(f"catch-up impossible: {exc}") from None
-        changes = []
-        for mutation in records:
-            if mutation.kind not in (wal.PUT, wal.DELETE):
-                continue  # a marker from when this node was a backup
-            client_id, seq, acked_below = mutation.record or (None, 0, 0)
-            changes.append(Change(mutation.key, mutation.value, client_id, seq, True, acked_below))
-        return LogChunk(changes=changes, next_position=-1 if after >= end else after)
+        return catchup.next_chunk(
+            self.store.log, self._require_joining(join_id), position, max_bytes
+        )
 
     def sync_chunk(self, epoch: int, join_id: str, first_stripe: int, max_entries: int) -> object:
         self.check_primary(epoch)
@@ -654,7 +605,7 @@ class StorageNode:
         self.check_primary(epoch)
         with self._backup_lock:
             replicator = self._require_joining(join_id)
-            self._unpin(replicator)
+            catchup.unpin(self.store.log, replicator)
             # From here on reads need the new backup's lease: it may take over once in
             # sync. Never reset: if the CAS below fails its outcome may still be a success.
             replicator.is_in_sync = True
