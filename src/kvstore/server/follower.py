@@ -380,12 +380,12 @@ class Follower:
             join_id, how = joined
             is_copied = True
             conn.call("join_done", meta.epoch, join_id)
-        except errors.KVError as exc:
+        except (errors.KVError, OSError) as exc:  # OSError: our disk (say, a full one)
             if not is_copied:
                 self.fence.close()
                 node.role = Role.STANDBY
                 log.warning("joining %s failed: %s", meta.primary_address, exc)
-                if isinstance(exc, errors.DiskFullError):  # each try costs the primary a copy
+                if isinstance(exc, (errors.DiskFullError, OSError)):  # each try costs a copy
                     self._join_after = time.monotonic() + DISK_FULL_RETRY_S
                 self._forget_dead_primary(meta, names)
                 return

@@ -214,17 +214,11 @@ class StorageNode:
         warned_at = -math.inf
         while not self._stopping.wait(self.config.snapshot_check_s):
             if log_.bytes_since_snapshot >= self.config.snapshot_every_bytes:
-                free, needed = log_.snapshot_room()
-                if free < needed:  # trying would fill the disk and fail the writes meanwhile
+                why_not = log_.snapshot_room()
+                if why_not is not None:
                     if time.monotonic() - warned_at >= DISK_WARNING_EVERY_S:
                         warned_at = time.monotonic()
-                        log.error(
-                            "no snapshot: %d bytes free in %s, it may need %d (the log keeps "
-                            "growing; free space there)",
-                            free,
-                            log_.directory,
-                            needed,
-                        )
+                        log.error("no snapshot: %s (the log keeps growing; free space)", why_not)
                     continue
                 started = time.monotonic()
                 try:

@@ -33,8 +33,8 @@ Invariants:
   fails, wholly or in part, is cut off again (the segment never holds a partial record
   followed by whole ones) and raises :class:`~kvstore.errors.DiskFullError`; the next append
   after space was freed succeeds. A snapshot that fails leaves the previous snapshot and every
-  segment in place (its temporary file is removed), and one is not even tried while the free
-  space is below what it could need (the last snapshot plus the log since).
+  segment in place (its temporary file is removed); ``snapshot_room`` says when one is
+  worth trying.
 - An fsync that fails leaves the log unusable (the kernel may have dropped the pages it could
   not write): every later append and wait refuses, until the node restarts and recovers.
 """
@@ -136,6 +136,8 @@ class WriteAheadLog:
         self._segment_starts: dict[int, int] = {}  # segments opened by it -> first position
         self._pins: dict[str, int] = {}  # name -> a position whose segments must stay
         self.marker: Marker | None = None  # the last one recovered or appended
+        self._free_at_snapshot = 0  # free bytes when the last snapshot was let through
+        self._snapshot_failed_at_free: int | None = None  # ... if it failed for room
         self._marker_at_switch: Marker | None = None
         # True while the files hold a complete copy of the store as it was when this node
         # was last in sync: after recovery, and after a join completed. A reset (the store
@@ -330,13 +332,24 @@ class WriteAheadLog:
             self._marker_at_switch = self.marker
             return self.segment
 
-    def snapshot_room(self) -> tuple[int, int]:
-        """(free bytes, the most a snapshot written now could need: the last one plus the
-        log since, as every key's latest record is in one or the other)."""
+    def snapshot_room(self) -> str | None:
+        """None if a snapshot may be tried now, else why not. Trying one that does not fit
+        fills the disk (failing the writes) until its file is removed, but only a snapshot
+        gives back the room a log of overwrites takes. One surely fits in the last one plus
+        the log since (every key's latest record is in one or the other); it likely fits
+        in the last one and a quarter, unless one failed for room and none was freed since."""
         stat = os.statvfs(self.directory)
+        free = stat.f_bavail * stat.f_frsize
         snapshot = self.directory / SNAPSHOT_FILE
         last = snapshot.stat().st_size if snapshot.exists() else 0
-        return stat.f_bavail * stat.f_frsize, last + self.bytes_since_snapshot
+        bound = last + self.bytes_since_snapshot
+        failed_at = self._snapshot_failed_at_free
+        if free >= bound or (
+            free >= last + last // 4 + (1 << 20) and (failed_at is None or free > failed_at)
+        ):
+            self._free_at_snapshot = free
+            return None
+        return f"{free} bytes free in {self.directory}; a snapshot may need up to {bound}"
 
     def finish_snapshot(self, first_segment: int, records: Iterator[bytes]) -> None:
         """Write the snapshot durably, then drop the segments it covers. If it fails (a full
@@ -356,11 +369,13 @@ class WriteAheadLog:
             with contextlib.suppress(FileNotFoundError):
                 temporary.unlink()
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                self._snapshot_failed_at_free = self._free_at_snapshot
                 raise errors.DiskFullError(
                     f"disk full: no room for a snapshot in {self.directory}; the previous "
                     f"snapshot and the log are kept"
                 ) from None
             raise
+        self._snapshot_failed_at_free = None
         with self._append_lock:
             self.bytes_since_snapshot -= self._bytes_at_switch
         _fsync_directory(self.directory)
