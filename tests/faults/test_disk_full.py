@@ -12,10 +12,14 @@ Then the ballast is deleted and writes succeed again, without a restart. The loa
 goes through the checker, with a final read of every key; and the primary's files, recovered
 offline after the nodes stopped, hold exactly what the primary served (the refused appends
 left nothing behind in its log).
+
+The same with the backup's disk: the primary drops it and acknowledges every write alone;
+once space is freed the backup joins again by itself and holds what the primary holds.
 """
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from pathlib import Path
@@ -30,8 +34,9 @@ from kvstore.bench import load
 from kvstore.bench.workload import Event, Workload, key_names, summary_lines
 from kvstore.check.history import READ, WRITE
 from kvstore.config import ClientConfig
-from kvstore.local.cluster import LocalCluster
+from kvstore.local.cluster import LocalCluster, NodeProcess
 from kvstore.local.processes import wait_until
+from kvstore.rpc import Connection
 from kvstore.server.storage import StripedStore
 from kvstore.server.wal import WriteAheadLog
 
@@ -123,3 +128,42 @@ def test_writes_fail_definitely_while_the_primarys_disk_is_full_and_resume_once_
     on_disk = recovered.snapshot()
     on_disk.pop("probe", None)
     assert on_disk == served
+
+
+def test_a_backup_whose_disk_fills_is_dropped_and_joins_again_once_space_is_freed(
+    small_filesystems: SmallFilesystems, idle_cluster: LocalCluster, tmp_path: Path
+) -> None:
+    """The primary goes on alone (every write acknowledged); the backup comes back by itself."""
+    cluster = idle_cluster
+    small = small_filesystems.mount(8 << 20)
+    primary, backup = cluster.nodes
+    primary.extra_args += ["--data-dir", str(tmp_path / "primary")]
+    backup.extra_args += ["--data-dir", str(small / "node")]
+    cluster.start()
+    ballast = small_filesystems.fill(small, leave_bytes=100_000)
+    with kvstore.Client(cluster.zk_connect, cluster.zk_path, timeout=10) as kv:
+        for i in range(300):  # ~300 KB: more than the backup has room for
+            kv.put(f"k{i}", f"v{i}-" + "x" * 1000)
+        wait_until(
+            lambda: "dropped backup" in primary.log_path.read_text() or None,
+            30,
+            lambda: f"the backup was not dropped\n{cluster.logs()}",
+        )
+        ballast.unlink()
+        backup.wait_for_role(["backup"], timeout_s=60)
+        kv.put("after", "freed")
+    expected = dump(primary)
+    lines = primary.log_path.read_text() + backup.log_path.read_text()
+    print("\n" + "\n".join(re.findall(r".*(?:dropped backup|joining|in sync with).*", lines)))
+    primary.stop()
+    backup.wait_for_role(["primary"], timeout_s=30)
+    assert dump(backup) == expected
+
+
+def dump(node: NodeProcess) -> dict[str, str]:
+    conn = Connection(node.address, timeout_ms=10_000)
+    try:
+        result: dict[str, str] = conn.call("dump")
+        return result
+    finally:
+        conn.close()

@@ -10,7 +10,8 @@ Invariants:
   the batch holding it came back.
 - Once a send fails the replicator is broken for good; every later caller gets
   :class:`BackupFailedError`. The primary must then drop the backup
-  from the in-sync set (by CAS in ZooKeeper) before it acknowledges anything.
+  from the in-sync set (by CAS in ZooKeeper) before it acknowledges anything, and only
+  then shuts the lines (``close``): an orderly close tells the backup it was dropped.
 - Lease: a backup that accepts a batch at time t promises not to take over before
   t + lease_s (its clock). The primary counts its lease from the moment it *sent*
   the batch, minus a safety margin, so its lease always ends first.
@@ -238,7 +239,11 @@ class Replicator:
                 "replicate_batch", self.epoch, keys, values, self.join_id, changes, position, log_id
             )
         except Exception as exc:  # every failure, expected (KVError) or not, breaks the line
-            self.close()
+            # ... but does not shut it: the backup takes an orderly close as proof that the
+            # primary left or dropped it, so lines close (``close``) only once the primary
+            # removed it from the in-sync set. A backup that refused a batch (its disk is
+            # full) would otherwise take over, and win if its CAS came first.
+            self._break()
             raise BackupFailedError(f"replication to {self.backup.address}: {exc}") from exc
         if started + self._lease_s > self.lease_until:
             self.lease_until = started + self._lease_s
@@ -271,6 +276,10 @@ class Replicator:
                 raise BackupFailedError(f"replication to {self.backup.address} already failed")
             self._all.append(conn)
         return conn
+
+    def _break(self) -> None:
+        with self._lock:
+            self.is_broken = True
 
     def close(self) -> None:
         """Stop for good; connections in use fail their call, none is reopened."""
