@@ -25,18 +25,17 @@ import time
 from pathlib import Path
 
 import pytest
-from test_crash import check_history
+from test_crash import append_final_reads, check_history
 
 import kvstore
 from conftest import SmallFilesystems
 from kvstore import errors
 from kvstore.bench import load
-from kvstore.bench.workload import Event, Workload, key_names, summary_lines
+from kvstore.bench.workload import Workload, key_names, summary_lines
 from kvstore.check.history import READ, WRITE
 from kvstore.config import ClientConfig
-from kvstore.local.cluster import LocalCluster, NodeProcess
+from kvstore.local.cluster import LocalCluster
 from kvstore.local.processes import wait_until
-from kvstore.rpc import Connection
 from kvstore.server.storage import StripedStore
 from kvstore.server.wal import WriteAheadLog
 
@@ -44,7 +43,6 @@ pytestmark = pytest.mark.faults
 
 KEYS = 200
 FULL_FOR_S = 1.5  # how long the disk stays full under load
-READER_TID = 1_000_000
 
 
 def _put_outcome(kv: kvstore.Client) -> str:
@@ -55,16 +53,24 @@ def _put_outcome(kv: kvstore.Client) -> str:
     return "ok"
 
 
+def start_with_a_small_disk(
+    cluster: LocalCluster, filesystems: SmallFilesystems, tmp_path: Path, on: int, free_bytes: int
+) -> tuple[Path, Path]:
+    """Start the cluster, node ``on`` (0: the primary) keeping its data on an 8 MB tmpfs, the
+    other on the usual disk; then fill the tmpfs but ``free_bytes``. (Its data dir, the ballast.)"""
+    small = filesystems.mount(8 << 20)
+    for i, node in enumerate(cluster.nodes):
+        node.extra_args += ["--data-dir", str(small / "node" if i == on else tmp_path / "other")]
+    cluster.start()
+    return small / "node", filesystems.fill(small, leave_bytes=free_bytes)
+
+
 def test_writes_fail_definitely_while_the_primarys_disk_is_full_and_resume_once_freed(
     small_filesystems: SmallFilesystems, idle_cluster: LocalCluster, tmp_path: Path
 ) -> None:
     cluster = idle_cluster
-    small = small_filesystems.mount(8 << 20)
-    primary, backup = cluster.nodes
-    primary.extra_args += ["--data-dir", str(small / "node"), "--snapshot-every-mb", "1"]
-    backup.extra_args += ["--data-dir", str(tmp_path / "backup")]
-    cluster.start()
-    ballast = small_filesystems.fill(small, leave_bytes=300_000)
+    cluster.nodes[0].extra_args += ["--snapshot-every-mb", "1"]
+    data_dir, ballast = start_with_a_small_disk(cluster, small_filesystems, tmp_path, 0, 300_000)
 
     workload = Workload(4, 9.0, KEYS, write_ratio=0.5, value_bytes=1000, seed=31)
     config = ClientConfig(cluster.zk_connect, cluster.zk_path)
@@ -103,16 +109,8 @@ def test_writes_fail_definitely_while_the_primarys_disk_is_full_and_resume_once_
     assert any(full_ns < t < freed_ns and kind == READ for t, kind in responses)
     assert any(t > freed_ns and kind == WRITE for t, kind in responses)
 
-    keys = list(key_names(KEYS))
-    with kvstore.Client(cluster.zk_connect, cluster.zk_path, timeout=30) as kv:
-        invoked_ns = time.monotonic_ns() - start_ns
-        values = kv.get_many(keys)
-        completed_ns = time.monotonic_ns() - start_ns
-        served = {key: value for key, value in values.items() if value is not None}
-    for i, key in enumerate(keys):
-        result.events.append((invoked_ns, False, READER_TID + i, READ, key, None))
-        final: Event = (completed_ns, True, READER_TID + i, READ, key, values[key] or "")
-        result.events.append(final)
+    values = append_final_reads(result, cluster, list(key_names(KEYS)), start_ns)
+    served = {key: value for key, value in values.items() if value is not None}
     verdict = check_history(result, tmp_path)
     assert verdict.key_count == KEYS
     print(
@@ -122,7 +120,7 @@ def test_writes_fail_definitely_while_the_primarys_disk_is_full_and_resume_once_
 
     cluster.stop()
     recovered = StripedStore()
-    recovered.log = WriteAheadLog(small / "node")
+    recovered.log = WriteAheadLog(data_dir)
     recovered.recover()
     recovered.log.close()
     on_disk = recovered.snapshot()
@@ -135,12 +133,8 @@ def test_a_backup_whose_disk_fills_is_dropped_and_joins_again_once_space_is_free
 ) -> None:
     """The primary goes on alone (every write acknowledged); the backup comes back by itself."""
     cluster = idle_cluster
-    small = small_filesystems.mount(8 << 20)
     primary, backup = cluster.nodes
-    primary.extra_args += ["--data-dir", str(tmp_path / "primary")]
-    backup.extra_args += ["--data-dir", str(small / "node")]
-    cluster.start()
-    ballast = small_filesystems.fill(small, leave_bytes=100_000)
+    _, ballast = start_with_a_small_disk(cluster, small_filesystems, tmp_path, 1, 100_000)
     with kvstore.Client(cluster.zk_connect, cluster.zk_path, timeout=10) as kv:
         for i in range(300):  # ~300 KB: more than the backup has room for
             kv.put(f"k{i}", f"v{i}-" + "x" * 1000)
@@ -152,18 +146,9 @@ def test_a_backup_whose_disk_fills_is_dropped_and_joins_again_once_space_is_free
         ballast.unlink()
         backup.wait_for_role(["backup"], timeout_s=60)
         kv.put("after", "freed")
-    expected = dump(primary)
+    expected = primary.dump()
     lines = primary.log_path.read_text() + backup.log_path.read_text()
     print("\n" + "\n".join(re.findall(r".*(?:dropped backup|joining|in sync with).*", lines)))
     primary.stop()
     backup.wait_for_role(["primary"], timeout_s=30)
-    assert dump(backup) == expected
-
-
-def dump(node: NodeProcess) -> dict[str, str]:
-    conn = Connection(node.address, timeout_ms=10_000)
-    try:
-        result: dict[str, str] = conn.call("dump")
-        return result
-    finally:
-        conn.close()
+    assert backup.dump() == expected

@@ -8,40 +8,24 @@ the backup takes over, and its ``dump`` must equal the primary's last one.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import kvstore
-from kvstore.bench import faults
+from kvstore.bench import faults, storage
 from kvstore.local.cluster import LocalCluster, NodeProcess
 from kvstore.local.processes import wait_until
-from kvstore.local.zkserver import ZooKeeperServer
-from kvstore.rpc import Connection
 
 KEYS = 1000
 MISSED = 300  # writes while the backup is down
 
 
 @pytest.fixture
-def durable_cluster(
-    zk_server: ZooKeeperServer, zk_path: str, tmp_path: Path
-) -> Iterator[LocalCluster]:
-    cluster = LocalCluster(zk_server.connect_string, zk_path, tmp_path / "logs", size=2)
-    for i, node in enumerate(cluster.nodes):
-        node.extra_args += ["--data-dir", str(tmp_path / f"data-{i}")]
-    yield cluster
-    cluster.stop()
-
-
-def dump(node: NodeProcess) -> dict[str, str]:
-    conn = Connection(node.address, timeout_ms=10_000)
-    try:
-        result: dict[str, str] = conn.call("dump")
-        return result
-    finally:
-        conn.close()
+def durable_cluster(idle_cluster: LocalCluster, tmp_path: Path) -> LocalCluster:
+    """Two nodes, each with a data directory (not started)."""
+    storage.use_storage(idle_cluster, "disk", tmp_path / "data")
+    return idle_cluster
 
 
 def log_since(node: NodeProcess, offset: int) -> str:
@@ -57,10 +41,10 @@ def restart_and_wait(node: NodeProcess) -> str:
 
 
 def assert_backup_holds(cluster: LocalCluster, primary: NodeProcess, backup: NodeProcess) -> None:
-    expected = dump(primary)
+    expected = primary.dump()
     primary.stop()  # SIGTERM: the backup takes over at once
     backup.wait_for_role(["primary"], timeout_s=30)
-    assert dump(backup) == expected
+    assert backup.dump() == expected
 
 
 def write_missed(kv: kvstore.Client, value_bytes: int = 50) -> None:

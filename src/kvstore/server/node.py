@@ -9,7 +9,8 @@ Invariants (see coordination.py for the ZooKeeper side):
 - The primary acknowledges a put only after its in-sync backup applied it, or after
   it removed that backup from the in-sync set by CAS. It applies the put locally
   only then, still under the key's stripe write lock: nobody reads a value that
-  could still be lost.
+  could still be lost. With a data directory it logs the put *before* forwarding it,
+  and logs and forwards in one order (see _log_and_replicate, catchup.py).
 - The primary answers reads only while it holds a lease from its in-sync backup.
 - A backup takes over only if it is in the in-sync set, by a CAS that bumps the
   epoch, and only after it stopped accepting the old primary (fence) and either
