@@ -57,9 +57,10 @@ struct SyncChunk {
   4: list<Change> records   // the exactly-once records of the same stripes
 }
 
-// Incremental catch-up: records of the primary's log, in its order.
+// Incremental catch-up: records of the primary's write-ahead log, in its order, as they are in
+// its files (checksummed records, see server/records.py); the backup checks them.
 struct LogChunk {
-  1: list<Change> changes,
+  1: binary records,
   2: i64 next_position      // where the next sync_log starts; -1 when the catch-up is complete
 }
 

@@ -174,17 +174,18 @@ def test_a_range_of_positions_reads_back_in_order_and_a_pin_keeps_it_past_snapsh
     for i in range(5):
         store.wait_durable(store.apply_change(f"r{i}", None if i == 3 else f"v{i}"))
     records, after = log.read_range(start, log.position, max_bytes=1 << 20)
-    assert [(m.key, m.value) for m in records] == [
+    assert [(m.key, m.value) for _, _, m in wal.scan(records, "test")] == [
         ("r0", "v0"), ("r1", "v1"), ("r2", "v2"), ("r3", None), ("r4", "v4"),
     ]  # fmt: skip
     assert after == log.position
-    first, _ = log.read_range(start, log.position, max_bytes=1)  # at least one record
-    assert len(first) == 1
+    first, after_first = log.read_range(start, log.position, max_bytes=1)  # at least one
+    assert len(list(wal.scan(first, "test"))) == 1
+    assert after_first == start + len(first)
 
     log.pin("join", start)
     store.write_snapshot()
     assert log.covers(start)
-    assert len(log.read_range(start, log.position, 1 << 20)[0]) == 5
+    assert len(list(wal.scan(log.read_range(start, log.position, 1 << 20)[0], "test"))) == 5
     log.unpin("join")
     store.write_snapshot()
     assert not log.covers(start)

@@ -21,9 +21,9 @@ leaves alone the keys forwarded writes changed meanwhile (they are newer).
 from __future__ import annotations
 
 from kvstore import errors
-from kvstore.idl import Change, LogChunk
+from kvstore.idl import LogChunk
 from kvstore.server.replication import Replicator
-from kvstore.server.wal import DELETE, PUT, CorruptLogError, Marker, WriteAheadLog
+from kvstore.server.wal import CorruptLogError, Marker, WriteAheadLog
 
 
 def plan(
@@ -50,7 +50,8 @@ def plan(
 def next_chunk(
     store_log: WriteAheadLog | None, replicator: Replicator, position: int, max_bytes: int
 ) -> object:
-    """The records of ``replicator``'s catch-up from ``position`` (about ``max_bytes``)."""
+    """The records of ``replicator``'s catch-up from ``position`` (about ``max_bytes``), as
+    they are in our log: the backup checks them as it would its own files."""
     if replicator.catch_up is None or store_log is None:
         raise errors.UnavailableError(f"join {replicator.join_id} copies the store; no catch-up")
     start, end = replicator.catch_up
@@ -60,13 +61,7 @@ def next_chunk(
         records, after = store_log.read_range(position, end, max_bytes)
     except CorruptLogError as exc:
         raise errors.UnavailableError(f"catch-up impossible: {exc}") from None
-    changes = []
-    for mutation in records:
-        if mutation.kind not in (PUT, DELETE):
-            continue  # a marker from when this node was a backup
-        client_id, seq, acked_below = mutation.record or (None, 0, 0)
-        changes.append(Change(mutation.key, mutation.value, client_id, seq, True, acked_below))
-    return LogChunk(changes=changes, next_position=-1 if after >= end else after)
+    return LogChunk(records=records, next_position=-1 if after >= end else after)
 
 
 def unpin(store_log: WriteAheadLog | None, replicator: Replicator) -> None:

@@ -443,18 +443,24 @@ class Follower:
                 raise errors.UnavailableError("stopping")
             try:
                 chunk = conn.call(
-                    "sync_log", meta.epoch, join_id, position, self._node.config.sync_chunk_bytes
+                    "sync_log",
+                    meta.epoch,
+                    join_id,
+                    position,
+                    self._node.config.catch_up_chunk_bytes,
                 )
             except (errors.UnavailableError, errors.ProtocolError) as exc:
                 if records or position != since[2]:
                     raise
                 log.info("no catch-up from %s (%s): copying its store", meta.primary_address, exc)
                 return None
-            applied, last = store.apply_untouched(chunk.changes or [])
+            count, applied, last = store.replay_untouched(
+                chunk.records or b"", f"the log of {meta.primary_address} from {position}"
+            )
             store.wait_durable(last)
-            records += len(chunk.changes or ())
+            records += count
             replayed += applied
-            sent_bytes += sum(_change_bytes(c) for c in chunk.changes or ())
+            sent_bytes += len(chunk.records or b"")
             position = chunk.next_position
         store.forget_touched()
         assert store.log is not None
@@ -463,8 +469,8 @@ class Follower:
         self._node.metrics.catch_up_records.inc(records)
         return join_id, (
             f"caught up from its log from position {since[2]}: {records} records "
-            f"({sent_bytes} bytes of keys and values; {replayed} replayed, the others "
-            f"overwritten by forwarded writes meanwhile)"
+            f"({sent_bytes} bytes; {replayed} replayed, the others overwritten by forwarded "
+            f"writes meanwhile)"
         )
 
     def _copy(self, conn: Connection, meta: ClusterMeta) -> tuple[str, str]:
@@ -496,7 +502,3 @@ class Follower:
         if self._is_primary_dead(meta):
             log.warning("primary %s is dead; removing its znode", meta.primary)
             self._node.require_coordinator().remove_member(meta.primary)
-
-
-def _change_bytes(change: Any) -> int:
-    return len(change.key) + len(change.value or "") + len(change.client_id or "")

@@ -21,7 +21,7 @@ import struct
 import sys
 import zlib
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
@@ -208,7 +208,23 @@ def _decode_other(kind: bytes, body: bytes) -> Mutation:
 def read_records(path: Path, is_torn_tail_allowed: bool) -> Iterator[Mutation]:
     """Every record of a file. A damaged record at the very end is a torn write: the file
     is cut there (if allowed); anywhere else it is corruption (CorruptLogError)."""
-    data = path.read_bytes()
+
+    def cut(offset: int, problem: str) -> None:
+        log.warning("%s: cutting a torn last record at offset %d (%s)", path, offset, problem)
+        with open(path, "r+b") as file:
+            file.truncate(offset)
+            os.fsync(file.fileno())
+
+    for _, _, mutation in scan(path.read_bytes(), str(path), cut if is_torn_tail_allowed else None):
+        yield mutation
+
+
+def scan(
+    data: bytes, where: str, on_torn_tail: Callable[[int, str], None] | None = None
+) -> Iterator[tuple[int, int, Mutation]]:
+    """(offset, end, record) of every record in ``data`` (read from ``where``). A damaged
+    record raises CorruptLogError, unless it is a torn tail and ``on_torn_tail`` is given:
+    that is called with its offset and the problem, and the scan ends there."""
     view = memoryview(data)
     unpack_header, crc32, total = HEADER.unpack_from, zlib.crc32, len(data)
     offset = 0
@@ -222,24 +238,33 @@ def read_records(path: Path, is_torn_tail_allowed: bool) -> Iterator[Mutation]:
                 and crc32(view[start:end]) == crc
             ):
                 try:
-                    yield decode_at(data, start, end)
+                    yield offset, end, decode_at(data, start, end)
                 except (ValueError, struct.error, UnicodeDecodeError) as exc:
                     raise CorruptLogError(
-                        f"{path}: undecodable record at offset {offset}: {exc}"
+                        f"{where}: undecodable record at offset {offset}: {exc}"
                     ) from None
                 offset = end
                 continue
-        problem = check_record(data, offset)
-        if is_torn_tail_allowed and _is_tail(data, offset):
-            log.warning("%s: cutting a torn last record at offset %d (%s)", path, offset, problem)
-            with open(path, "r+b") as file:
-                file.truncate(offset)
-                os.fsync(file.fileno())
+        problem = check_record(data, offset) or "damaged"
+        if on_torn_tail is not None and _is_tail(data, offset):
+            on_torn_tail(offset, problem)
             return
         raise CorruptLogError(
-            f"{path} is damaged at offset {offset} ({problem}); refusing to start. Move the "
+            f"{where} is damaged at offset {offset} ({problem}); refusing to start. Move the "
             f"data directory aside to start this node empty (it then copies from the primary)"
         )
+
+
+def whole_records(data: bytes) -> int:
+    """The length of the longest run of whole records at the start of ``data`` (by their
+    headers; checksums are checked by whoever decodes them)."""
+    offset, total = 0, len(data)
+    while offset + HEADER.size <= total:
+        end = offset + HEADER.size + HEADER.unpack_from(data, offset)[0]
+        if end > total:
+            break
+        offset = end
+    return offset
 
 
 def check_record(data: bytes, offset: int) -> str | None:

@@ -108,31 +108,44 @@ class StripedStore:
                 self.sessions[i].record(key, *record)
             return position
 
-    def apply_untouched(self, changes: list[Any]) -> tuple[int, int]:
-        """Replay changes (Change structs, in the primary's log order) except on keys touched
-        by a forwarded change since the join began (newer: only the exactly-once record is
-        added there). Returns (changes applied, the log position to wait for)."""
-        applied = position = 0
+    def replay_untouched(self, data: bytes, where: str) -> tuple[int, int, int]:
+        """Replay the primary's log records in ``data`` (checked as in our own files), except
+        on keys touched by a forwarded change since the join began (those are newer: only
+        the exactly-once record is added there). Returns (records, replayed, the log position
+        to wait for). Holds every stripe's lock while it applies them (a few MB at a time),
+        so that the records it keeps reach our log in one write, before any later change."""
         touched = self._touched
         assert touched is not None, "replay only during a catch-up"
-        for change in changes:
-            i = hash(change.key) % self.stripe_count
-            with self._locks[i]:
-                if change.key not in touched[i]:
-                    record = None
-                    if change.client_id is not None:
-                        record = (change.client_id, change.seq, change.acked_below)
-                    position = self.log_write(change.key, change.value, record) or position
-                    if change.value is not None:
-                        self._shards[i][change.key] = change.value
-                    else:
-                        self._shards[i].pop(change.key, None)
-                    applied += 1
-                if change.client_id is not None:
-                    self.sessions[i].add_if_absent(
-                        change.key, change.client_id, change.seq, change.outcome
-                    )
-        return applied, position
+        found = [
+            entry
+            for entry in wal.scan(data, where)
+            if entry[2].kind in (wal.PUT, wal.DELETE)  # not a marker
+        ]
+        shards, sessions, stripe_count = self._shards, self.sessions, self.stripe_count
+        with self.all_locked():
+            kept = [
+                (start, end, mutation)
+                for start, end, mutation in found
+                if mutation.key not in touched[hash(mutation.key) % stripe_count]
+            ]
+            position = self.log_write_raw(b"".join(data[start:end] for start, end, _ in kept))
+            for _, _, mutation in kept:
+                shard = shards[hash(mutation.key) % stripe_count]
+                if mutation.value is None:
+                    shard.pop(mutation.key, None)
+                else:
+                    shard[mutation.key] = mutation.value
+            for _, _, mutation in found:
+                if mutation.record is not None:
+                    client_id, seq, _ = mutation.record
+                    table = sessions[hash(mutation.key) % stripe_count]
+                    table.add_if_absent(mutation.key, client_id, seq, True)
+        return len(found), len(kept), position
+
+    def log_write_raw(self, records: bytes) -> int:
+        """Append whole records as they are (0 without a log or records)."""
+        log = self.log
+        return 0 if log is None or not records else log.append(records)
 
     def log_marker(self, marker: wal.Marker) -> int:
         """Record how far this copy goes in the primary's log (0 without a log)."""

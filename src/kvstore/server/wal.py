@@ -64,7 +64,6 @@ from kvstore.server.records import (
     ExactlyOnce,
     Marker,
     Mutation,
-    check_record,
     decode,
     encode,
     encode_bulk,
@@ -73,6 +72,8 @@ from kvstore.server.records import (
     encode_snapshot_header,
     frame,
     read_records,
+    scan,
+    whole_records,
 )
 
 __all__ = [  # the record format, for the log's users
@@ -92,6 +93,7 @@ __all__ = [  # the record format, for the log's users
     "encode_bulk",
     "encode_record",
     "frame",
+    "scan",
 ]
 
 log = logging.getLogger(__name__)
@@ -458,11 +460,11 @@ class WriteAheadLog:
             if i + 1 == len(starts) or starts[i + 1][1] > lowest
         }
 
-    def read_range(self, start: int, end: int, max_bytes: int) -> tuple[list[Mutation], int]:
+    def read_range(self, start: int, end: int, max_bytes: int) -> tuple[bytes, int]:
         """The records from position ``start`` (a record's first byte) up to ``end`` (one's
-        last), at most about ``max_bytes`` of them (at least one); and the position after
-        the last one returned (``end`` when done). Raises CorruptLogError if the range is
-        not whole any more (trimmed, damaged)."""
+        last) as they are in the files, about ``max_bytes`` of them (at least one); and the
+        position after the last one (``end`` when done). Raises CorruptLogError if the range
+        is not whole any more (trimmed, damaged)."""
         if not self.covers(start):
             raise CorruptLogError(f"the log no longer holds position {start}")
         with self._append_lock:
@@ -471,21 +473,18 @@ class WriteAheadLog:
             following = [s for s in self._segment_starts.values() if s > start]
         path = self.segment_path(segment)
         stop = min([end, *following])
-        records: list[Mutation] = []
-        size = 0
-        position = start
         with open(path, "rb") as file:
             file.seek(start - first)
-            while position < stop and (not records or size < max_bytes):
-                header = file.read(HEADER.size)
-                length = HEADER.unpack(header)[0] if len(header) == HEADER.size else -1
-                data = header + file.read(max(length, 0))
-                if length < 0 or check_record(data, 0) is not None:
-                    raise CorruptLogError(f"{path}: no whole record at position {position}")
-                records.append(decode(data[HEADER.size :]))
-                position += len(data)
-                size += len(data)
-        return records, position
+            data = file.read(min(stop - start, max_bytes))
+            size = whole_records(data)
+            if size == 0 and start < stop:  # the first record is larger than max_bytes
+                data += file.read(max(0, HEADER.size - len(data)))
+                if len(data) >= HEADER.size:
+                    data += file.read(HEADER.size + HEADER.unpack_from(data)[0] - len(data))
+                size = whole_records(data)
+                if size == 0:
+                    raise CorruptLogError(f"{path}: no whole record at position {start}")
+        return data[:size], start + size
 
     def close(self) -> None:
         with self._append_lock:
