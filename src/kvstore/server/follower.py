@@ -430,10 +430,10 @@ class Follower:
     def _catch_up(
         self, conn: Connection, meta: ClusterMeta, since: wal.Marker
     ) -> tuple[str, str] | None:
-        """Keep the store and replay the primary's log from our marker (see wal.py); None if
-        the primary does not offer that (our copy follows another history, its log was
-        trimmed, or it predates catch-up), and then nothing was changed that a copy would
-        not redo."""
+        """Keep the store and replay the primary's log from our marker (see wal.py and
+        catchup.py); None if the primary does not offer that (our copy follows another
+        history, its log was trimmed, it predates catch-up) or sent a damaged record: the
+        caller then copies the whole store, which redoes whatever was replayed."""
         store = self._node.store
         join_id = self._open_join(meta, keeps_store=True)
         self._call_join(conn, meta, join_id, *since)
@@ -454,9 +454,15 @@ class Follower:
                     raise
                 log.info("no catch-up from %s (%s): copying its store", meta.primary_address, exc)
                 return None
-            count, applied, last = store.replay_untouched(
-                chunk.records or b"", f"the log of {meta.primary_address} from {position}"
-            )
+            try:
+                count, applied, last = store.replay_untouched(
+                    chunk.records or b"", f"the log of {meta.primary_address} from {position}"
+                )
+            except wal.CorruptLogError as exc:  # the copy replaces whatever was replayed
+                log.warning(
+                    "catch-up from %s failed (%s): copying its store", meta.primary_address, exc
+                )
+                return None
             store.wait_durable(last)
             records += count
             replayed += applied
