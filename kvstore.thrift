@@ -12,6 +12,7 @@
 //   104 STALE_EPOCH   105 REPLICATION_FAILED (outcome unknown)   106 DATA_LOST
 //   107 FORBIDDEN (a node-only method from a client certificate, or, with a cluster
 //       secret, from a connection that has not authenticated)
+//   108 DISK_FULL (the primary's disk is full: the write was not applied; reads go on)
 
 namespace py kvstore
 namespace java kvstore
@@ -57,6 +58,13 @@ struct SyncChunk {
   4: list<Change> records   // the exactly-once records of the same stripes
 }
 
+// Incremental catch-up: records of the primary's write-ahead log, in its order, as they are in
+// its files (checksummed records, see server/records.py); the backup checks them.
+struct LogChunk {
+  1: binary records,
+  2: i64 next_position      // where the next sync_log starts; -1 when the catch-up is complete
+}
+
 service KeyValueService {
   string get(1: string key);
   void put(1: string key, 2: string value);
@@ -72,6 +80,9 @@ service KeyValueService {
   // every accepted batch renews the primary's read lease.
   // changes (deletes) are applied after keys/values (a batch never holds a key twice: the
   // primary holds the key's stripe lock until the backup answered).
+  // log_position, log_id: the batch's end in the primary's write-ahead log (a batch is a
+  // contiguous range of it) and that log's id; set only by a primary with a data directory.
+  // A backup whose copy is complete records them (its catch-up point after a restart).
   // Exactly-once records of the keys/values entries, when any entry has one, travel flat
   // beside them (a struct per entry costs several times as much to encode and decode):
   // entry i was written by record_clients[i] ("" for none) with seq record_seqs[i] and
@@ -79,18 +90,27 @@ service KeyValueService {
   // only to a backup whose join said protocol >= 2 (an older one would skip them unread);
   // to others such writes go as Changes.
   void replicate_batch(1: i64 epoch, 2: list<string> keys, 3: list<string> values, 4: string join_id,
-                       5: list<Change> changes, 8: list<string> record_clients,
+                       5: list<Change> changes, 6: optional i64 log_position,
+                       7: optional string log_id, 8: list<string> record_clients,
                        9: list<i64> record_seqs, 10: list<i64> record_acked);
   NodeStatus status();
   // Backup -> primary: start forwarding puts to backup_id (tagged with join_id), then
   // fetch the snapshot stripe by stripe with sync_fetch and confirm with join_done.
   // lease_ms is the read lease this backup grants; the primary returns its stripe count.
   // durable_id: the backup's stable id if it keeps a data directory (recorded in the metadata).
+  // log_epoch, log_id, log_position: how far the backup's copy on disk goes in a primary's log
+  // (its last recorded batch). If this primary wrote that log in this epoch and still holds
+  // it from there, the backup keeps its store and replays the rest with sync_log instead of
+  // copying every stripe (sync_log is refused otherwise: the backup then joins anew, empty).
   // protocol: what the backup understands beyond the original join (unset: nothing);
   // 2: exactly-once records sent flat in replicate_batch (fields 8-10).
   i32 join(1: i64 epoch, 2: string backup_id, 3: string join_id, 4: i32 lease_ms,
-           5: optional string durable_id, 9: optional i32 protocol);
+           5: optional string durable_id, 6: optional i64 log_epoch, 7: optional string log_id,
+           8: optional i64 log_position, 9: optional i32 protocol);
   SyncChunk sync_fetch(1: i64 epoch, 2: string join_id, 3: i32 first_stripe, 4: i32 max_entries);
+  // Incremental catch-up: the primary's log records from position on (as accepted by join),
+  // at most about max_bytes of them per call.
+  LogChunk sync_log(1: i64 epoch, 2: string join_id, 3: i64 position, 4: i32 max_bytes);
   void join_done(1: i64 epoch, 2: string join_id);
   // Backup -> primary: the in-sync backup of join join_id registered again as backup_id (its
   // ZooKeeper session expired; it kept its data and this join's fence). The primary renames

@@ -68,6 +68,66 @@ def idle_cluster(
         local.stop()
 
 
+class SmallFilesystems:
+    """Small tmpfs mounts made by a test (to fill a node's disk), unmounted at the end."""
+
+    def __init__(self, base: Path) -> None:
+        self._base = base
+        self.mounted: list[Path] = []
+
+    def mount(self, size_bytes: int) -> Path:
+        """A new directory with a tmpfs of ``size_bytes`` on it; skips the test, with the
+        reason, where mounting is not permitted."""
+        path = self._base / f"tmpfs-{len(self.mounted)}"
+        path.mkdir()
+        if os.geteuid() != 0:
+            pytest.skip("mounting a small tmpfs needs root")
+        command = ["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(path)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
+        self.mounted.append(path)
+        return path
+
+    @staticmethod
+    def fill(directory: Path, leave_bytes: int = 0) -> Path:
+        """Write a ballast file into ``directory`` until at most ``leave_bytes`` are free
+        there (or nothing more fits); returns it (delete it to free the space)."""
+        ballast = directory / "ballast"
+        chunk = b"\0" * (64 * 1024)
+        fd = os.open(ballast, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            for _ in range(1_000_000):  # bounded: 64 GB
+                stat = os.statvfs(directory)
+                room = stat.f_bavail * stat.f_frsize - leave_bytes
+                if room <= 0:
+                    break
+                try:
+                    os.write(fd, chunk[: min(room, len(chunk))])
+                except OSError:  # full
+                    break
+        finally:
+            os.close(fd)
+        return ballast
+
+    def unmount_all(self) -> None:
+        for path in self.mounted:
+            if subprocess.run(["umount", str(path)], capture_output=True, timeout=30).returncode:
+                subprocess.run(["umount", "--lazy", str(path)], capture_output=True, timeout=30)
+        self.mounted.clear()
+
+
+@pytest.fixture
+def small_filesystems(tmp_path: Path) -> Iterator[SmallFilesystems]:
+    """Mount small tmpfs file systems (``.mount(size_bytes)``); unmounted afterwards. Request
+    it before fixtures whose processes use them, so that it is torn down after those."""
+    filesystems = SmallFilesystems(tmp_path)
+    try:
+        yield filesystems
+    finally:
+        filesystems.unmount_all()
+
+
 @pytest.fixture
 def secret_file(tmp_path: Path) -> Path:
     """A fresh cluster secret file (0600), for kv-node --cluster-secret-file."""

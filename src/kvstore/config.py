@@ -73,6 +73,9 @@ class NodeConfig:
     join_rpc_timeout_ms: int = 10_000
     sync_chunk_entries: int = 20000
     sync_chunk_bytes: int = 4 * MIB
+    # Incremental catch-up: log bytes per sync_log (the backup holds its stripe locks while it
+    # applies one, so the primary's writes wait that long for their acknowledgement).
+    catch_up_chunk_bytes: int = MIB
     # The control loop runs at least this often (and at once when something changes).
     control_tick_s: float = 0.05
     # Compare-and-set attempts of one metadata change before giving up (others keep changing it).

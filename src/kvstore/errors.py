@@ -76,6 +76,13 @@ class ForbiddenError(KVError):
     code = 107
 
 
+class DiskFullError(KVError):
+    """The node's disk is full: the write was refused before anything was logged, forwarded
+    or applied anywhere (definite). Reads go on; writes succeed again once space is freed."""
+
+    code = 108
+
+
 class ConnectError(KVError):
     """Could not connect: the request was certainly not sent."""
 
@@ -131,6 +138,7 @@ _BY_CODE: dict[int, type[KVError]] = {
         ReplicationFailedError,
         DataLostError,
         ForbiddenError,
+        DiskFullError,
     )
 }
 

@@ -14,9 +14,11 @@ import time
 
 import pytest
 
+import kvstore
 from kvstore.bench import faults, load
 from kvstore.bench.workload import BenchResult, Workload, summary_lines
 from kvstore.check import checker
+from kvstore.check.history import READ
 from kvstore.config import ClientConfig
 from kvstore.local.cluster import LocalCluster
 
@@ -30,6 +32,25 @@ def check_history(result: BenchResult, tmp_path) -> checker.CheckResult:
     verdict = checker.check_events(result.events, tmp_path / "execution.log")
     assert verdict.is_ok, "\n".join(str(v) for v in verdict.violations[:10])
     return verdict
+
+
+READER_TID = 1_000_000  # far above the load threads' ids (procs x 1000 at most)
+
+
+def append_final_reads(
+    result: BenchResult, cluster: LocalCluster, keys: list[str], start_ns: int
+) -> dict[str, str | None]:
+    """Read every key once (one ``get_many``) and append the reads to the history as
+    completed reads spanning the call, one thread id per key: the checker then says whether
+    each key still holds its last acknowledged value (or an unknown write's). Returns them."""
+    with kvstore.Client(cluster.zk_connect, cluster.zk_path, timeout=30) as kv:
+        invoked_ns = time.monotonic_ns() - start_ns
+        values = kv.get_many(keys)
+        completed_ns = time.monotonic_ns() - start_ns
+    for i, key in enumerate(keys):
+        result.events.append((invoked_ns, False, READER_TID + i, READ, key, None))
+        result.events.append((completed_ns, True, READER_TID + i, READ, key, values[key] or ""))
+    return values
 
 
 def assert_progress_after_each_kill(result: BenchResult, kills: list[tuple[float, str]]) -> None:

@@ -23,12 +23,11 @@ import time
 from pathlib import Path
 
 import pytest
-from test_crash import assert_progress_after_each_kill, check_history
+from test_crash import append_final_reads, assert_progress_after_each_kill, check_history
 
-import kvstore
 from kvstore.bench import faults, load, storage
-from kvstore.bench.workload import Event, Workload, key_names, summary_lines
-from kvstore.check.history import READ, WRITE
+from kvstore.bench.workload import Workload, key_names, summary_lines
+from kvstore.check.history import WRITE
 from kvstore.config import ClientConfig
 from kvstore.local.cluster import LocalCluster
 
@@ -39,7 +38,6 @@ THREADS = 4
 KEYS = 200
 KILL_BOTH_AT_S = 2.5
 SESSION_TIMEOUT_S = 3.0  # of the nodes killed together (see above)
-READER_TID = 1_000_000  # far above the load threads' ids (procs x 1000 at most)
 
 
 @pytest.fixture
@@ -108,16 +106,7 @@ def test_acknowledged_puts_survive_kill_9_of_both_nodes_under_load(
     assert_progress_after_each_kill(result, [(killed_at_s[0], "both nodes")])
 
     disk_cluster.wait_for("primary", timeout_s=30)
-    keys = list(key_names(KEYS))
-    with kvstore.Client(disk_cluster.zk_connect, disk_cluster.zk_path, timeout=30) as kv:
-        invoked_ns = time.monotonic_ns() - start_ns
-        values = kv.get_many(keys)
-        completed_ns = time.monotonic_ns() - start_ns
-    reads: list[Event] = []
-    for i, key in enumerate(keys):
-        reads.append((invoked_ns, False, READER_TID + i, READ, key, None))
-        reads.append((completed_ns, True, READER_TID + i, READ, key, values[key] or ""))
-    result.events.extend(reads)
+    append_final_reads(result, disk_cluster, list(key_names(KEYS)), start_ns)
 
     verdict = check_history(result, tmp_path)
     assert verdict.key_count == KEYS

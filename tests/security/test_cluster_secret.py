@@ -116,6 +116,7 @@ def test_without_the_secret_node_only_methods_are_forbidden(
         "replicate_batch": (epoch, ["k"], ["forged"], "join-x", None),
         "join": (epoch, "node-9999999999", "join-x", 1000),
         "sync_fetch": (epoch, "join-x", 0, 100),
+        "sync_log": (epoch, "join-x", 0, 1 << 20),
         "join_done": (epoch, "join-x"),
         "backup_renamed": (epoch, "join-x", "node-9999999999"),
     }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 import time
-from typing import cast
+from typing import Any, cast
 
 import pytest
 
@@ -66,11 +66,13 @@ def test_error_codes_round_trip() -> None:
         errors.StaleEpochError,
         errors.ReplicationFailedError,
         errors.DataLostError,
+        errors.DiskFullError,
     ):
         rebuilt = errors.from_code(cls.code, "message")
         assert type(rebuilt) is cls
         assert rebuilt.is_definite == cls.is_definite
     assert not errors.ReplicationFailedError.is_definite
+    assert errors.DiskFullError.is_definite  # refused before anything was applied
     assert isinstance(errors.from_code(999, "?"), errors.ProtocolError)
 
 
@@ -208,8 +210,8 @@ def test_exactly_once_records_travel_flat_beside_the_puts_and_only_when_there_ar
         replicator.close()
         server.close()
     assert backup.batches == [
-        (1, ["k"], ["v"], "j", None, ["lane-1"], [5], [5]),
-        (1, ["k"], ["w"], "j", None, None, None, None),
+        (1, ["k"], ["v"], "j", None, None, None, ["lane-1"], [5], [5]),
+        (1, ["k"], ["w"], "j", None, None, None, None, None, None),
     ]
 
 
@@ -228,18 +230,22 @@ def test_a_backup_that_did_not_say_it_reads_flat_records_gets_them_as_changes() 
     finally:
         replicator.close()
         server.close()
-    [(_, keys, values, _, changes, *records)] = backup.batches
+    [(_, keys, values, _, changes, _, _, *records)] = backup.batches
     assert (keys, values, records) == ([], [], [None, None, None])
     assert changes == [Change("k", "v", "lane-1", 5, True, 5)]
 
 
 def test_the_backup_refuses_record_lists_that_do_not_match_the_entries() -> None:
     handler = NodeHandler(cast(NodeService, _AcceptingBackup()), Limits())
+
+    def batch(keys: list[str], *records: list[Any] | None) -> None:
+        handler.replicate_batch(1, keys, ["1"] * len(keys), "j", None, None, None, *records)
+
     with pytest.raises(errors.BadRequestError, match="as long as keys"):
-        handler.replicate_batch(1, ["a", "b"], ["1", "2"], "j", None, ["c"], [1], [1])
+        batch(["a", "b"], ["c"], [1], [1])
     with pytest.raises(errors.BadRequestError, match="as long as keys"):
-        handler.replicate_batch(1, ["a"], ["1"], "j", None, ["c"], None, [1])
-    handler.replicate_batch(1, ["a"], ["1"], "j", None, ["c"], [1], [1])
+        batch(["a"], ["c"], None, [1])
+    batch(["a"], ["c"], [1], [1])
 
 
 def test_the_primary_keeps_an_idle_replication_line_beside_the_busy_one() -> None:

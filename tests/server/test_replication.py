@@ -44,15 +44,6 @@ def poll(
     )
 
 
-def dump_of(node: NodeProcess) -> dict[str, str]:
-    conn = Connection(node.address, timeout_ms=10_000)
-    try:
-        result: dict[str, str] = conn.call("dump")
-        return result
-    finally:
-        conn.close()
-
-
 def put_all(kv: KVClient, items: dict[str, str]) -> None:
     for key, value in items.items():
         kv.put(key, value, retry_s=RETRY_S)
@@ -79,7 +70,7 @@ def test_primary_failover_keeps_every_write_and_restarted_node_resyncs(
     old_primary.kill()
     new_primary = cluster.wait_for("primary", timeout_s=20)
     assert new_primary is not old_primary
-    assert dump_of(new_primary) == items
+    assert new_primary.dump() == items
     items["after"] = "failover"
     client.put("after", "failover", retry_s=RETRY_S)
 
@@ -90,7 +81,7 @@ def test_primary_failover_keeps_every_write_and_restarted_node_resyncs(
     # The restarted node now holds everything: it can take over in turn.
     new_primary.kill()
     assert cluster.wait_for("primary", timeout_s=20) is old_primary
-    assert dump_of(old_primary) == items
+    assert old_primary.dump() == items
 
 
 def test_backup_restart_rejoins_and_syncs(cluster: LocalCluster, client: KVClient) -> None:
@@ -104,7 +95,7 @@ def test_backup_restart_rejoins_and_syncs(cluster: LocalCluster, client: KVClien
     backup.wait_for_role(["backup"], timeout_s=30)
     primary.kill()
     assert cluster.wait_for("primary", timeout_s=20) is backup
-    data = dump_of(backup)
+    data = backup.dump()
     assert len(data) == 201 and data["while-backup-down"] == "x"
 
 
@@ -153,7 +144,7 @@ def test_state_transfer_under_concurrent_puts(idle_cluster: LocalCluster) -> Non
 
     primary.kill()  # the backup's copy is now the only one: it must be exact
     cluster.wait_for("primary", timeout_s=20)
-    assert dump_of(backup) == expected
+    assert backup.dump() == expected
 
 
 def test_graceful_stop_hands_over(cluster: LocalCluster, client: KVClient) -> None:
@@ -163,7 +154,7 @@ def test_graceful_stop_hands_over(cluster: LocalCluster, client: KVClient) -> No
     primary.stop()
     assert primary.process is not None and primary.process.returncode == 0
     new_primary = cluster.wait_for("primary", timeout_s=20)
-    assert dump_of(new_primary) == {"a": "1", "b": "2"}
+    assert new_primary.dump() == {"a": "1", "b": "2"}
 
 
 def test_paused_primary_is_replaced_after_its_lease_and_steps_down(

@@ -131,7 +131,7 @@ def test_a_deleted_key_is_not_brought_back_by_an_older_copy_during_a_join() -> N
     store.apply_change("kept", "new")  # a forwarded put
     assert store.put_if_absent_many(["gone", "kept", "other"], ["old", "old", "x"]) == 1
     assert store.snapshot() == {"kept": "new", "other": "x"}
-    store.forget_tombstones()  # the copy is complete
+    store.forget_touched()  # the copy is complete
     assert store.put_if_absent_many(["gone"], ["later"]) == 1
 
 

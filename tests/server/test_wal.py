@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import SmallFilesystems
+from kvstore import errors
 from kvstore.server import wal
 from kvstore.server.storage import StripedStore
 from kvstore.server.wal import CorruptLogError, WriteAheadLog
@@ -147,20 +149,24 @@ def test_a_write_is_durable_when_wait_durable_returns_however_the_rounds_fall(
     assert 1 < len(synced_sizes) <= 8 * 40
 
 
-def test_a_failed_fsync_fails_every_write_it_was_for_and_the_next_one_syncs_anew(
+def test_a_failed_fsync_fails_its_writes_and_every_later_one_even_if_fsync_works_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """After EIO the kernel may have dropped the pages and a later fsync of the same file
+    succeeds: a write appended before it may not be on disk, so the log stays broken."""
     store = durable_store(tmp_path)
     real_fsync = os.fsync
 
     def failing(_fd: int) -> None:
         raise OSError(5, "Input/output error")
 
+    first = store.put("k", "lost?")
     monkeypatch.setattr(os, "fsync", failing)
-    with pytest.raises(OSError, match="Input/output"):
-        store.wait_durable(store.put("k", "lost?"))
+    with pytest.raises(errors.ReplicationFailedError, match="could not be synced"):
+        store.wait_durable(first)
     monkeypatch.setattr(os, "fsync", real_fsync)
-    store.wait_durable(store.put("k", "kept"))
+    with pytest.raises(errors.KVError, match=r"failed earlier|could not be synced"):
+        store.wait_durable(store.put("k", "later"))
 
 
 def test_clearing_the_store_forgets_the_disk_copy(tmp_path: Path) -> None:
@@ -173,3 +179,127 @@ def test_clearing_the_store_forgets_the_disk_copy(tmp_path: Path) -> None:
     store.wait_durable(store.put("forwarded", "v"))
     store.log.close()
     assert reopened(tmp_path).snapshot() == {"forwarded": "v"}
+
+
+def test_a_full_disk_refuses_appends_and_snapshots_and_keeps_everything_acknowledged(
+    small_filesystems: SmallFilesystems,
+) -> None:
+    directory = small_filesystems.mount(1 << 20)
+    store = durable_store(directory)
+    fill(store)
+    store.write_snapshot()
+    store.wait_durable(store.put("after", "snapshot"))
+    expected = store.snapshot()
+    log = store.log
+    assert log is not None
+    snapshot = (directory / wal.SNAPSHOT_FILE).read_bytes()
+    ballast = small_filesystems.fill(directory)
+
+    # An append that does not fit, wholly or in part, leaves nothing behind.
+    for size in (5_000, 50_000):  # more than the slack in the last page of the segment
+        with pytest.raises(errors.DiskFullError, match="disk full"):
+            store.put(f"big-{size}", "x" * size)
+        assert store.get(f"big-{size}") is None
+    segments = log.segments()
+    with pytest.raises(errors.DiskFullError, match="previous snapshot and the log are kept"):
+        store.write_snapshot()
+    assert (directory / wal.SNAPSHOT_FILE).read_bytes() == snapshot
+    assert not (directory / (wal.SNAPSHOT_FILE + ".tmp")).exists()
+    assert set(segments) <= set(log.segments())
+    assert log.snapshot_room() is not None  # the node skips them now (they would fail writes)
+
+    ballast.unlink()  # space freed: writes and snapshots resume, no restart
+    store.wait_durable(store.put("freed", "v"))
+    store.write_snapshot()
+    store.wait_durable(store.put("last", "v"))
+    expected.update(freed="v", last="v")
+    log.close()
+    assert reopened(directory).snapshot() == expected
+
+
+def test_a_range_of_positions_reads_back_in_order_and_a_pin_keeps_it_past_snapshots(
+    tmp_path: Path,
+) -> None:
+    store = durable_store(tmp_path)
+    fill(store)
+    log = store.log
+    assert log is not None
+    start = log.position
+    for i in range(5):
+        store.wait_durable(store.apply_change(f"r{i}", None if i == 3 else f"v{i}"))
+    records, after = log.read_range(start, log.position, max_bytes=1 << 20)
+    assert [(m.key, m.value) for _, _, m in wal.scan(records, "test")] == [
+        ("r0", "v0"), ("r1", "v1"), ("r2", "v2"), ("r3", None), ("r4", "v4"),
+    ]  # fmt: skip
+    assert after == log.position
+    first, after_first = log.read_range(start, log.position, max_bytes=1)  # at least one
+    assert len(list(wal.scan(first, "test"))) == 1
+    assert after_first == start + len(first)
+
+    log.pin("join", start)
+    store.write_snapshot()
+    assert log.covers(start)
+    assert len(list(wal.scan(log.read_range(start, log.position, 1 << 20)[0], "test"))) == 5
+    log.unpin("join")
+    store.write_snapshot()
+    assert not log.covers(start)
+    with pytest.raises(CorruptLogError):
+        log.read_range(start, log.position, 1 << 20)
+
+
+def test_a_marker_survives_snapshots_and_restarts_and_a_reset_voids_it(tmp_path: Path) -> None:
+    store = durable_store(tmp_path)
+    fill(store)
+    store.wait_durable(store.log_marker((3, "primary-log", 1234)))
+    store.write_snapshot()  # the marker goes into the snapshot
+    store.wait_durable(store.put("after", "marker"))
+    store.log.close()  # type: ignore[union-attr]
+    again = reopened(tmp_path)
+    assert again.log is not None
+    assert again.log.marker == (3, "primary-log", 1234)
+    assert again.log.is_complete_copy
+
+    again.begin_catch_up()  # a catch-up cut short: incomplete, but the marker still holds
+    again.log.close()
+    cut_short = reopened(tmp_path)
+    assert cut_short.log is not None
+    assert cut_short.log.marker == (3, "primary-log", 1234)
+    assert not cut_short.log.is_complete_copy
+
+    # A crash in the middle of a reset (the flag written, the old files not yet removed).
+    (tmp_path / wal.INCOMPLETE_FILE).write_text("reset\n")
+    cut_short.log.close()
+    voided = reopened(tmp_path)
+    assert voided.log is not None
+    assert voided.log.marker is None
+    assert not voided.log.is_complete_copy
+    voided.clear()
+    voided.log.mark_complete()
+    voided.log.close()
+    assert reopened(tmp_path).log.is_complete_copy  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("keys", "values"),
+    [
+        ([], []),
+        (["a", "b"], ["1", ""]),
+        (["é", "日本"], ["ü", "x" * 1000]),
+        (["nul\0key", ""], ["v", "nul\0value"]),  # a NUL in the text: lengths are stored
+    ],
+)
+def test_a_bulk_record_round_trips(keys: list[str], values: list[str]) -> None:
+    data = wal.encode_bulk(keys, values)
+    assert wal.decode(data[12:]).bulk == (keys, values)
+
+
+def test_a_snapshot_of_single_records_still_recovers(tmp_path: Path) -> None:
+    """Snapshots written before bulk records (one record per key) load as before."""
+    (tmp_path / "wal-00000001.log").write_bytes(wal.encode("in-log", "v"))
+    records = [wal.encode(f"k{i}", f"v{i}") for i in range(10)]
+    records.append(wal.encode_record("k1", "client", 3, True))
+    header = wal.frame(wal.SNAPSHOT_HEADER + (1).to_bytes(8, "big"))
+    (tmp_path / wal.SNAPSHOT_FILE).write_bytes(header + b"".join(records))
+    store = durable_store(tmp_path)
+    assert store.snapshot() == {"in-log": "v", **{f"k{i}": f"v{i}" for i in range(10)}}
+    assert store.sessions_for("k1").outcome("client", 3) is True

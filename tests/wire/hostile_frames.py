@@ -32,7 +32,7 @@ from thriftpy2.thrift import TMessageType
 from thriftpy2.transport.memory import TCyMemoryBuffer
 
 from kvstore import errors, rpc
-from kvstore.idl import Change, KeyValueService, Lookup, NodeStatus, RequestId, SyncChunk
+from kvstore.idl import Change, KeyValueService, LogChunk, Lookup, NodeStatus, RequestId, SyncChunk
 
 # The measured request: get() with an unknown field 2 holding a list of 2**31 - 1 VOIDs.
 FREEZE_REQUEST = bytes.fromhex("000000188001000100000003676574000000010f0002017fffffff00")
@@ -53,6 +53,7 @@ SAMPLE_ARGS: dict[str, tuple[Any, ...]] = {
     "status": (),
     "join": (7, "node-2", "join-1", 1000),
     "sync_fetch": (7, "join-1", 0, 100),
+    "sync_log": (7, "join-1", 0, 1 << 20),
     "join_done": (7, "join-1"),
     "backup_renamed": (7, "join-1", "node-3"),
     "lookup": ("key-1",),
@@ -73,6 +74,7 @@ class TrivialHandler:
             "status": NodeStatus("node-1", "primary", 1, 1, "127.0.0.1:1"),
             "join": 1,
             "sync_fetch": SyncChunk([], [], -1, []),
+            "sync_log": LogChunk(b"", -1),
             "lookup": Lookup(found=True, value="v"),
             "get_many": {"a": "v"},
             "remove": True,

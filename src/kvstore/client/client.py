@@ -16,9 +16,10 @@ Retries: every call is retried until its timeout, transparently.
   back for reuse when the thread ends). A thread waits for each of its calls, so every
   write before its current one was answered: the request itself says so, and the
   primary may forget older outcomes. No lock is shared between threads per write.
-- Errors that retrying cannot fix (a key or value too large, a malformed request) are
-  raised at once. When the timeout runs out, :class:`~kvstore.errors.DeadlineExceededError`
-  says whether the write may have been applied (``is_definite``).
+- Errors that retrying cannot fix (a key or value too large, a malformed request, the
+  primary's disk full) are raised at once. When the timeout runs out,
+  :class:`~kvstore.errors.DeadlineExceededError` says whether the write may have been
+  applied (``is_definite``).
 
 On a cluster of the seed's nodes (no kvstore metadata in ZooKeeper) only get and put
 work, without exactly-once; get cannot tell a missing key from "" there.
@@ -49,6 +50,7 @@ _PERMANENT = (
     errors.BadRequestError,
     errors.UnsupportedError,
     errors.ForbiddenError,
+    errors.DiskFullError,  # until someone frees space: say so at once
 )
 
 

@@ -20,7 +20,7 @@ from kvstore import errors
 from kvstore.config import ClientConfig, TlsConfig
 from kvstore.local.certs import CertificateFiles, tls_args, write_zk_credentials
 from kvstore.local.processes import free_port, terminate, wait_until
-from kvstore.rpc import client_tls_context, probe
+from kvstore.rpc import Connection, client_tls_context, probe
 
 
 def redacted(command: Sequence[str]) -> list[str]:
@@ -117,6 +117,15 @@ class NodeProcess:
             return probe(self.address, timeout_ms, _tls_context(tuple(self.extra_args)))
         except errors.KVError:
             return None
+
+    def dump(self, timeout_ms: int = 10_000) -> dict[str, str]:
+        """The node's whole store (``dump``: refused unless it is the primary)."""
+        conn = Connection(self.address, timeout_ms, tls=_tls_context(tuple(self.extra_args)))
+        try:
+            result: dict[str, str] = conn.call("dump")
+            return result
+        finally:
+            conn.close()
 
     def wait_for_role(self, roles: Sequence[str], timeout_s: float = 30.0) -> Any:
         """Poll until the node reports one of ``roles``; raise with the log tail otherwise."""

@@ -42,6 +42,7 @@ from typing import Any
 from kvstore import errors
 from kvstore.coordination import ClusterMeta, Coordinator, Member, designated_backup
 from kvstore.rpc import Connection, probe
+from kvstore.server import wal
 from kvstore.server.replication import FLAT_RECORDS, BackupFence
 from kvstore.server.roles import EXIT_DATA_LOST, NodeCore, NodeExit, Role, is_dead
 from kvstore.server.storage import FlatRecords
@@ -53,6 +54,7 @@ RENAME_RETRY_S = 0.5  # a backup asks the primary to rename it at most this ofte
 # registered before it (a lower sequence) recover first, so that the primary is the lowest
 # child, where clients using the seed's rule look for it.
 RECOVERY_DEFER_S = 3.0
+DISK_FULL_RETRY_S = 2.0  # a join that failed for a full disk is tried again after this
 
 
 class Follower:
@@ -71,6 +73,9 @@ class Follower:
         self._silent_logged: set[str] = set()  # addresses of listed nodes that did not answer
         # A lease this node granted before it restarted runs out at most lease_s after this.
         self._leases_out_at = time.monotonic() + node.config.lease_s
+        self._join_after = 0.0  # no join before (after one failed for a full disk)
+        # The join whose batches extend a complete copy: their log positions are recorded.
+        self._marking_join: str | None = None
 
     def apply_replicated(
         self,
@@ -79,6 +84,7 @@ class Follower:
         values: list[str],
         join_id: str | None,
         changes: list[Any],
+        log_mark: wal.Marker | None = None,
         records: FlatRecords | None = None,
     ) -> None:
         fence = self.fence
@@ -93,6 +99,8 @@ class Follower:
                     else (change.client_id, change.seq, change.outcome, change.acked_below)
                 )
                 position = store.apply_change(change.key, change.value, record) or position
+            if log_mark is not None and join_id == self._marking_join:
+                position = store.log_marker(log_mark) or position  # our copy goes this far
             fence.granted()
         store.wait_durable(position)  # outside the fence lock: concurrent batches share a sync
         self._local.join_id = join_id
@@ -212,7 +220,11 @@ class Follower:
             self._recover_or_give_up(meta, version, names)
             return
         backup = designated_backup(members, meta.primary)
-        if backup is not None and backup.name == self._node.name:
+        if (
+            backup is not None
+            and backup.name == self._node.name
+            and time.monotonic() >= self._join_after
+        ):
             self._join(meta, names)
 
     def _has_live_in_sync_member(self, meta: ClusterMeta, members: list[Member]) -> bool:
@@ -376,53 +388,32 @@ class Follower:
             # throw away a copy on disk that may be the last one (see _recover_or_give_up).
             self._forget_dead_primary(meta, names)
             return
-        self._node.role = Role.SYNCING
-        self._node.epoch = meta.epoch
-        self.fence.close()
-        self._node.store.clear()
-        join_id = uuid.uuid4().hex
-        self.fence.open(meta.epoch, join_id)
+        node = self._node
+        node.role = Role.SYNCING
+        node.epoch = meta.epoch
+        since = None if node.store.log is None else node.store.log.marker
         started = time.monotonic()
         is_copied = False
         conn = Connection(
             meta.primary_address,
-            timeout_ms=self._node.config.join_rpc_timeout_ms,
-            tls=self._node.peer_tls,
-            secret=self._node.peer_secret,
+            timeout_ms=node.config.join_rpc_timeout_ms,
+            tls=node.peer_tls,
+            secret=node.peer_secret,
         )
         try:
-            lease_ms = int(self.fence.lease_s * 1000)
-            conn.call(
-                "join",
-                meta.epoch,
-                self._node.name,
-                join_id,
-                lease_ms,
-                self._node.node_id,
-                FLAT_RECORDS,
-            )
-            stripe = 0
-            while stripe != -1:
-                if self._node.is_stopping:
-                    return
-                chunk = conn.call(
-                    "sync_fetch", meta.epoch, join_id, stripe, self._node.config.sync_chunk_entries
-                )
-                self._node.store.put_if_absent_many(chunk.keys, chunk.values)
-                self._node.store.add_records(
-                    [(r.key, r.client_id, r.seq, r.outcome) for r in chunk.records or ()]
-                )
-                stripe = chunk.next_stripe
+            joined = None if since is None else self._catch_up(conn, meta, since)
+            if joined is None:
+                joined = self._copy(conn, meta)
+            join_id, how = joined
             is_copied = True
-            self._node.store.forget_tombstones()
-            if self._node.store.log is not None:
-                self._node.store.write_snapshot()  # durable before the primary lists us
             conn.call("join_done", meta.epoch, join_id)
-        except errors.KVError as exc:
+        except (errors.KVError, OSError) as exc:  # OSError: our disk (say, a full one)
             if not is_copied:
                 self.fence.close()
-                self._node.role = Role.STANDBY
+                node.role = Role.STANDBY
                 log.warning("joining %s failed: %s", meta.primary_address, exc)
+                if isinstance(exc, (errors.DiskFullError, OSError)):  # each try costs a copy
+                    self._join_after = time.monotonic() + DISK_FULL_RETRY_S
                 self._forget_dead_primary(meta, names)
                 return
             # The primary may have listed us and lost only its reply (and then died): a
@@ -436,17 +427,120 @@ class Follower:
             )
         finally:
             conn.close()
-        self._node.role = Role.BACKUP
-        self._node.metrics.transfer_keys.inc(len(self._node.store))
-        self._node.metrics.transfer_seconds.observe(time.monotonic() - started)
-        if self._node.store.log is not None:
-            self._node.store.log.is_complete_copy = True
+        node.role = Role.BACKUP
+        node.metrics.transfer_seconds.observe(time.monotonic() - started)
         log.info(
-            "in sync with primary %s: %d keys in %.3f s",
+            "in sync with primary %s: %s; %d keys in %.3f s",
             meta.primary_address,
-            len(self._node.store),
+            how,
+            len(node.store),
             time.monotonic() - started,
         )
+
+    def _open_join(self, meta: ClusterMeta, keeps_store: bool) -> str:
+        """Accept batches for a new join only (the store kept, or emptied); returns its id."""
+        self.fence.close()
+        self._marking_join = None
+        if keeps_store:
+            self._node.store.begin_catch_up()
+        else:
+            self._node.store.clear()
+        join_id = uuid.uuid4().hex
+        self.fence.open(meta.epoch, join_id)
+        return join_id
+
+    def _call_join(
+        self, conn: Connection, meta: ClusterMeta, join_id: str, since: tuple[Any, ...] = ()
+    ) -> None:
+        """``since``: (log_epoch, log_id, log_position) of an incremental catch-up."""
+        lease_ms = int(self.fence.lease_s * 1000)
+        node = self._node
+        log_fields = since or (None, None, None)
+        conn.call(
+            "join",
+            meta.epoch,
+            node.name,
+            join_id,
+            lease_ms,
+            node.node_id,
+            *log_fields,
+            FLAT_RECORDS,
+        )
+
+    def _catch_up(
+        self, conn: Connection, meta: ClusterMeta, since: wal.Marker
+    ) -> tuple[str, str] | None:
+        """Keep the store and replay the primary's log from our marker (see wal.py and
+        catchup.py); None if the primary does not offer that (our copy follows another
+        history, its log was trimmed, it predates catch-up) or sent a damaged record: the
+        caller then copies the whole store, which redoes whatever was replayed."""
+        store = self._node.store
+        join_id = self._open_join(meta, keeps_store=True)
+        self._call_join(conn, meta, join_id, tuple(since))
+        position, records, replayed, sent_bytes = since[2], 0, 0, 0
+        while position != -1:
+            if self._node.is_stopping:
+                raise errors.UnavailableError("stopping")
+            try:
+                chunk = conn.call(
+                    "sync_log",
+                    meta.epoch,
+                    join_id,
+                    position,
+                    self._node.config.catch_up_chunk_bytes,
+                )
+            except (errors.UnavailableError, errors.ProtocolError) as exc:
+                if records or position != since[2]:
+                    raise
+                log.info("no catch-up from %s (%s): copying its store", meta.primary_address, exc)
+                return None
+            try:
+                count, applied, last = store.replay_untouched(
+                    chunk.records or b"", f"the log of {meta.primary_address} from {position}"
+                )
+            except wal.CorruptLogError as exc:  # the copy replaces whatever was replayed
+                log.warning(
+                    "catch-up from %s failed (%s): copying its store", meta.primary_address, exc
+                )
+                return None
+            store.wait_durable(last)
+            records += count
+            replayed += applied
+            sent_bytes += len(chunk.records or b"")
+            position = chunk.next_position
+        store.forget_touched()
+        assert store.log is not None
+        store.log.mark_complete()
+        self._marking_join = join_id
+        self._node.metrics.catch_up_records.inc(records)
+        return join_id, (
+            f"caught up from its log from position {since[2]}: {records} records "
+            f"({sent_bytes} bytes; {replayed} replayed, the others overwritten by forwarded "
+            f"writes meanwhile)"
+        )
+
+    def _copy(self, conn: Connection, meta: ClusterMeta) -> tuple[str, str]:
+        """Empty the store and copy the primary's, stripe by stripe."""
+        store = self._node.store
+        join_id = self._open_join(meta, keeps_store=False)
+        self._call_join(conn, meta, join_id)
+        stripe = 0
+        while stripe != -1:
+            if self._node.is_stopping:
+                raise errors.UnavailableError("stopping")
+            chunk = conn.call(
+                "sync_fetch", meta.epoch, join_id, stripe, self._node.config.sync_chunk_entries
+            )
+            store.put_if_absent_many(chunk.keys, chunk.values)
+            store.add_records([(r.key, r.client_id, r.seq, r.outcome) for r in chunk.records or ()])
+            stripe = chunk.next_stripe
+        store.forget_touched()
+        if store.log is not None:
+            store.write_snapshot()  # durable before the primary lists us
+            store.log.mark_complete()
+        self._marking_join = join_id
+        self._node.metrics.transfer_keys.inc(len(store))
+        return join_id, f"full copy of {len(store)} keys"
 
     def _forget_dead_primary(self, meta: ClusterMeta, names: set[str]) -> None:
         if meta.primary not in names:

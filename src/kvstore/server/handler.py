@@ -14,12 +14,21 @@ from kvstore.config import Limits
 from kvstore.idl import Lookup
 from kvstore.server.sessions import RequestRecord
 from kvstore.server.storage import FlatRecords
+from kvstore.server.wal import Marker
 
 # Under mutual TLS only a node's certificate may call these, and with a cluster secret only a
 # connection that proved it (rpc refuses the others with FORBIDDEN before the handler runs):
 # replication and state transfer.
 NODE_ONLY_METHODS = frozenset(
-    {"replicate", "replicate_batch", "join", "sync_fetch", "join_done", "backup_renamed"}
+    {
+        "replicate",
+        "replicate_batch",
+        "join",
+        "sync_fetch",
+        "sync_log",
+        "join_done",
+        "backup_renamed",
+    }
 )
 
 MAX_CLIENT_ID_BYTES = 128
@@ -50,6 +59,7 @@ class NodeService(Protocol):
         values: list[str],
         join_id: str | None,
         changes: list[Any],
+        log_mark: Marker | None = None,
         records: FlatRecords | None = None,
     ) -> None: ...
     def status(self) -> object: ...
@@ -60,11 +70,13 @@ class NodeService(Protocol):
         join_id: str,
         lease_ms: int,
         durable: str | None = None,
+        since: Marker | None = None,
         protocol: int = 0,
     ) -> int: ...
     def sync_chunk(
         self, epoch: int, join_id: str, first_stripe: int, max_entries: int
     ) -> object: ...
+    def sync_log(self, epoch: int, join_id: str, position: int, max_bytes: int) -> object: ...
     def finish_join(self, epoch: int, join_id: str) -> None: ...
     def rename_backup(self, epoch: int, join_id: str, new_name: str) -> None: ...
 
@@ -167,6 +179,8 @@ class NodeHandler:
         values: list[str] | None,
         join_id: str | None,
         changes: list[Any] | None = None,
+        log_position: int | None = None,
+        log_id: object = None,
         record_clients: list[str] | None = None,
         record_seqs: list[int] | None = None,
         record_acked: list[int] | None = None,
@@ -188,7 +202,8 @@ class NodeHandler:
                     "replicate_batch: the record lists must all be as long as keys"
                 )
             records = (record_clients, record_seqs, record_acked)
-        self._node.apply_replicated(epoch, keys, values, join_id, changes or [], records)
+        mark = _marker(epoch, log_id, log_position)
+        self._node.apply_replicated(epoch, keys, values, join_id, changes or [], mark, records)
 
     def dump(self) -> dict[str, str]:
         node = self._node
@@ -210,6 +225,9 @@ class NodeHandler:
         join_id: object,
         lease_ms: int | None,
         durable_id: object = None,
+        log_epoch: int | None = None,
+        log_id: object = None,
+        log_position: int | None = None,
         protocol: int | None = None,
     ) -> int:
         return self._node.accept_join(
@@ -218,7 +236,18 @@ class NodeHandler:
             self._text(join_id, "join_id", 256),
             max(1, _required_int(lease_ms)),
             None if durable_id is None else self._text(durable_id, "durable_id", 256),
+            _marker(log_epoch, log_id, log_position),
             protocol or 0,
+        )
+
+    def sync_log(
+        self, epoch: int | None, join_id: object, position: int | None, max_bytes: int | None
+    ) -> object:
+        return self._node.sync_log(
+            _required_int(epoch),
+            self._text(join_id, "join_id", 256),
+            _required_int(position),
+            max(1, _required_int(max_bytes)),
         )
 
     def sync_fetch(
@@ -261,6 +290,15 @@ def _request_record(request_id: Any) -> RequestRecord | None:
     if not isinstance(seq, int) or not isinstance(acked_below, int):
         raise errors.BadRequestError("a RequestId needs seq and acked_below")
     return client_id, seq, acked_below
+
+
+def _marker(epoch: object, log_id: object, position: object) -> Marker | None:
+    """(epoch, log_id, position) of a primary's log if all three are given and sane."""
+    if not (isinstance(epoch, int) and isinstance(log_id, str) and isinstance(position, int)):
+        return None
+    if position < 0 or not 0 < len(log_id) <= 64:
+        raise errors.BadRequestError("a log position needs a log id and must be >= 0")
+    return epoch, log_id, position
 
 
 def _required_int(value: int | None) -> int:

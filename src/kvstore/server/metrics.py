@@ -71,6 +71,10 @@ class NodeMetrics:
             "kvstore_state_transfer_keys", "Keys copied from a primary while joining",
             registry=registry,
         )  # fmt: skip
+        self.catch_up_records = Counter(
+            "kvstore_catch_up_records", "Log records replayed from a primary while joining",
+            registry=registry,
+        )  # fmt: skip
         self.transfer_seconds = Histogram(
             "kvstore_state_transfer_duration_seconds", "Time to join a primary (copy included)",
             buckets=(0.01, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60), registry=registry,

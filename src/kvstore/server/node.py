@@ -9,7 +9,8 @@ Invariants (see coordination.py for the ZooKeeper side):
 - The primary acknowledges a put only after its in-sync backup applied it, or after
   it removed that backup from the in-sync set by CAS. It applies the put locally
   only then, still under the key's stripe write lock: nobody reads a value that
-  could still be lost.
+  could still be lost. With a data directory it logs the put *before* forwarding it,
+  and logs and forwards in one order (see _log_and_replicate, catchup.py).
 - The primary answers reads only while it holds a lease from its in-sync backup.
 - A backup takes over only if it is in the in-sync set, by a CAS that bumps the
   epoch, and only after it stopped accepting the old primary (fence) and either
@@ -27,7 +28,9 @@ Invariants (see coordination.py for the ZooKeeper side):
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -39,6 +42,7 @@ from kvstore.config import NodeConfig, TlsConfig
 from kvstore.coordination import ClusterMeta, Coordinator, Member, connect, designated_backup
 from kvstore.idl import Change, KeyValueService, NodeStatus, SyncChunk
 from kvstore.rpc import CONNECTION_METHODS, RpcServer, client_tls_context, server_tls_context
+from kvstore.server import catchup
 from kvstore.server.follower import Follower
 from kvstore.server.handler import NODE_ONLY_METHODS, NodeHandler
 from kvstore.server.metrics import MetricsServer, NodeMetrics, NodeState, instrument
@@ -46,9 +50,11 @@ from kvstore.server.replication import FLAT_RECORDS, BackupFailedError, Replicat
 from kvstore.server.roles import EXIT_OK, EXIT_RESTART, NodeExit, Role, is_dead
 from kvstore.server.sessions import RequestRecord
 from kvstore.server.storage import FlatRecords, StripedStore
-from kvstore.server.wal import WriteAheadLog
+from kvstore.server.wal import Marker, WriteAheadLog
 
 log = logging.getLogger(__name__)
+
+DISK_WARNING_EVERY_S = 60.0  # a snapshot skipped for lack of space is logged this often
 
 
 class StorageNode:
@@ -63,6 +69,9 @@ class StorageNode:
         self.primary_address = ""
         self._replicator: Replicator | None = None
         self._backup_lock = threading.Lock()
+        # Orders log appends and enqueues to the replicator (taken after a stripe lock and
+        # after _backup_lock, never before them).
+        self._sequence_lock = threading.Lock()
         self._wakeup = threading.Event()
         self._stopping = threading.Event()  # set once, when the node starts to stop
         self._stop_reason: NodeExit | None = None
@@ -108,12 +117,16 @@ class StorageNode:
         records = self.store.recover()
         self.node_id = log_.node_id
         log.info(
-            "node id %s: recovered %d keys from %s (%d records) in %.2f s",
+            "node id %s: recovered %d keys from %s (%d records) in %.2f s%s%s",
             log_.node_id,
             len(self.store),
             directory,
             records,
             time.monotonic() - started,
+            "" if log_.is_complete_copy else "; an incomplete copy (a join was cut short)",
+            ""
+            if log_.marker is None
+            else "; catch-up point epoch {}, log {}, position {}".format(*log_.marker),
         )
 
     def run(self) -> int:
@@ -203,12 +216,19 @@ class StorageNode:
         """Snapshot when the log has grown enough (off the request path; writes go on)."""
         log_ = self.store.log
         assert log_ is not None
+        warned_at = -math.inf
         while not self._stopping.wait(self.config.snapshot_check_s):
             if log_.bytes_since_snapshot >= self.config.snapshot_every_bytes:
+                why_not = log_.snapshot_room()
+                if why_not is not None:
+                    if time.monotonic() - warned_at >= DISK_WARNING_EVERY_S:
+                        warned_at = time.monotonic()
+                        log.error("no snapshot: %s (the log keeps growing; free space)", why_not)
+                    continue
                 started = time.monotonic()
                 try:
                     self.store.write_snapshot()
-                except OSError as exc:
+                except (OSError, errors.KVError) as exc:
                     log.error("snapshot failed (the log keeps growing): %s", exc)
                     continue
                 log.info(
@@ -373,31 +393,11 @@ class StorageNode:
         self._dead_backups.extend(waiting)
 
     def replicate_put(self, key: str, value: str) -> None:
-        """The primary's put: log, replicate, sync, then apply, under the key's stripe lock
-        (readers take none: a value reaches the shard only once it is safe to read).
-
-        Logged before it is replicated, so that the fsync run for earlier writes while
-        this one is on its way to the backup covers it too (no fsync of its own, most
-        often). A crash between the two leaves a write in this node's log that no one
-        acknowledged, as a backup may hold one: a rejoining node copies from the primary.
-        """
+        """The primary's put: log, replicate, then apply, under the key's stripe lock
+        (readers take none: a value reaches the shard only once it is safe to read)."""
         lock, shard = self.store.stripe_for_write(key)
         with lock:
-            position = self.store.log_write(key, value)
-            replicator = self._replicator
-            if replicator is not None:
-                try:
-                    replicator.replicate(key, value)
-                except BackupFailedError as exc:
-                    self._drop_backup(replicator, str(exc))
-            if self.role != Role.PRIMARY:  # the backup may hold the value already
-                raise errors.ReplicationFailedError(
-                    "node stopped while replicating; outcome unknown"
-                )
-            # Published last, only once replicated and synced: readers take no lock (see
-            # storage). If the log fails the client hears so (outcome unknown: the backup
-            # may hold the value) and nothing unsafe is published here.
-            self.store.wait_durable(position)
+            self._log_and_replicate(key, value, None)
             shard[key] = value
 
     def write(
@@ -427,10 +427,7 @@ class StorageNode:
             if (value is None and current is None) or (is_conditional and current != expected):
                 self.confirm_read()
                 return False
-            # Logged first and published last, as in replicate_put.
-            position = self.store.log_write(key, value, request)
-            self._replicate(key, value, request)
-            self.store.wait_durable(position)
+            self._log_and_replicate(key, value, request)
             if value is None:
                 del shard[key]
             else:
@@ -440,23 +437,40 @@ class StorageNode:
                 sessions.record(key, client_id, seq, True, acked_below)
             return True
 
-    def _replicate(self, key: str, value: str | None, request: RequestRecord | None) -> None:
-        """Forward one write (a delete if ``value`` is None) and its exactly-once record to
-        the backup (call with the key's stripe write lock held)."""
-        replicator = self._replicator
+    def _log_and_replicate(self, key: str, value: str | None, record: RequestRecord | None) -> None:
+        """Log one mutation (a delete if ``value`` is None) with its exactly-once ``record``,
+        forward it to the backup and wait until both hold it; the caller then publishes it
+        (call with the key's stripe lock held).
+
+        The log comes first: a full disk refuses the write before anything was forwarded
+        or applied (DiskFullError, definite). One lock orders appends and enqueues, so the
+        log's order is the replication order. If the node stops meanwhile the outcome is
+        unknown (the backup may hold it).
+        """
+        with self._sequence_lock:
+            position = self.store.log_write(key, value, record)
+            replicator = self._replicator
+            ticket = None
+            if replicator is not None:
+                with contextlib.suppress(BackupFailedError):  # it failed: dropped below
+                    if value is not None:
+                        ticket = replicator.enqueue(key, value, position, record)
+                    else:
+                        client_id, seq, acked_below = record or (None, 0, 0)
+                        ticket = replicator.enqueue_change(
+                            Change(key, None, client_id, seq, True, acked_below), position
+                        )
         if replicator is not None:
             try:
-                if value is not None:
-                    replicator.replicate(key, value, request)
-                else:
-                    client_id, seq, acked_below = request or (None, 0, 0)
-                    replicator.replicate_change(
-                        Change(key, None, client_id, seq, True, acked_below)
-                    )
+                if ticket is None:
+                    raise BackupFailedError(f"replication to {replicator.backup.address} failed")
+                replicator.wait(ticket)
             except BackupFailedError as exc:
                 self._drop_backup(replicator, str(exc))
-        if self.role != Role.PRIMARY:  # the backup may hold the change already
+        if self.role != Role.PRIMARY:
             raise errors.ReplicationFailedError("node stopped while replicating; outcome unknown")
+        # Published by the caller only once logged and synced: readers take no lock.
+        self.store.wait_durable(position)
 
     def read(self, key: str) -> str:
         """The seed's get: "" for a missing key."""
@@ -506,6 +520,7 @@ class StorageNode:
     def _retire_backup(self, replicator: Replicator) -> None:
         """Replicate to this backup no more; first remove it from the in-sync set if it is
         in it. Call with ``_backup_lock`` held, for the current replicator."""
+        catchup.unpin(self.store.log, replicator)
         if replicator.is_in_sync:
             names = replicator.names  # its former names too: a rename's CAS may have landed
             self._update_meta(lambda m: m.without_in_sync(*names))
@@ -533,6 +548,7 @@ class StorageNode:
         join_id: str,
         lease_ms: int,
         durable: str | None = None,
+        since: Marker | None = None,
         protocol: int = 0,
     ) -> int:
         """``protocol``: what the backup understands (see join in the IDL)."""
@@ -546,7 +562,7 @@ class StorageNode:
             if self._replicator is not None:
                 self._retire_backup(self._replicator)
             lease_s = min(self.config.lease_s, lease_ms / 1000)  # the shorter lease rules
-            self._replicator = Replicator(
+            replicator = Replicator(
                 backup,
                 epoch,
                 join_id,
@@ -558,10 +574,20 @@ class StorageNode:
                 # the backup reads frames up to its own limit; ours is the same by default
                 self.config.limits.max_frame_bytes // 2,
             )
-            self._replicator.durable_id = durable
-            self._replicator.takes_flat_records = protocol >= FLAT_RECORDS
-        log.info("backup %s (%s) joining", backup_name, backup.address)
+            replicator.durable_id = durable
+            replicator.takes_flat_records = protocol >= FLAT_RECORDS
+            with self._sequence_lock:  # writes logged from here on are forwarded to it
+                self._replicator = replicator
+                why_not = catchup.plan(self.store.log, self.epoch, replicator, since)
+        log.info("backup %s (%s) joining: %s", backup_name, backup.address, why_not)
         return self.store.stripe_count
+
+    def sync_log(self, epoch: int, join_id: str, position: int, max_bytes: int) -> object:
+        """The next records of a join's catch-up (see catchup.py)."""
+        self.check_primary(epoch)
+        return catchup.next_chunk(
+            self.store.log, self._require_joining(join_id), position, max_bytes
+        )
 
     def sync_chunk(self, epoch: int, join_id: str, first_stripe: int, max_entries: int) -> object:
         self.check_primary(epoch)
@@ -580,6 +606,7 @@ class StorageNode:
         self.check_primary(epoch)
         with self._backup_lock:
             replicator = self._require_joining(join_id)
+            catchup.unpin(self.store.log, replicator)
             # From here on reads need the new backup's lease: it may take over once in
             # sync. Never reset: if the CAS below fails its outcome may still be a success.
             replicator.is_in_sync = True
@@ -643,9 +670,10 @@ class StorageNode:
         values: list[str],
         join_id: str | None,
         changes: list[Any],
+        log_mark: Marker | None = None,
         records: FlatRecords | None = None,
     ) -> None:
-        self._follower.apply_replicated(epoch, keys, values, join_id, changes, records)
+        self._follower.apply_replicated(epoch, keys, values, join_id, changes, log_mark, records)
 
     # ----------------------------------------------------------------- introspection
 

@@ -10,7 +10,8 @@ Invariants:
   the batch holding it came back.
 - Once a send fails the replicator is broken for good; every later caller gets
   :class:`BackupFailedError`. The primary must then drop the backup
-  from the in-sync set (by CAS in ZooKeeper) before it acknowledges anything.
+  from the in-sync set (by CAS in ZooKeeper) before it acknowledges anything, and only
+  then shuts the lines (``close``): an orderly close tells the backup it was dropped.
 - Lease: a backup that accepts a batch at time t promises not to take over before
   t + lease_s (its clock). The primary counts its lease from the moment it *sent*
   the batch, minus a safety margin, so its lease always ends first.
@@ -56,6 +57,7 @@ class _Batch:
         "changes",
         "clients",
         "done",
+        "end_position",
         "error",
         "keys",
         "seqs",
@@ -73,9 +75,14 @@ class _Batch:
         self.acked: list[int] = []
         self.changes: list[object] = []
         self.size = 0  # an upper bound of its encoded bytes
+        self.end_position = 0  # in the primary's log, after its last write (0: no log)
         self.error: BackupFailedError | None = None
         self.turn = held_lock()
         self.done = held_lock()
+
+
+# (the batch, whether its caller sends it, whether the line was free for it)
+_Ticket = tuple[_Batch, bool, bool]
 
 
 class Replicator:
@@ -113,6 +120,9 @@ class Replicator:
         self.durable_id: str | None = None  # the backup's, if it keeps a data directory
         # The backup said (join protocol >= 2) it reads records sent flat beside the puts.
         self.takes_flat_records = True
+        self.log_id: str | None = None  # the primary's log (sent with each batch's position)
+        # [from, to) of the primary's log that this join replays (incremental catch-up)
+        self.catch_up: tuple[int, int] | None = None
         self.epoch = epoch
         self.join_id = join_id
         self.is_in_sync = False
@@ -141,26 +151,40 @@ class Replicator:
         """Return once the backup applied ``key = value`` (and remembered ``record``, the
         exactly-once (client_id, seq, acked_below) of the write, if any); raise
         BackupFailedError otherwise."""
-        if record is not None and not self.takes_flat_records:
-            client_id, seq, acked_below = record
-            self.replicate_change(Change(key, value, client_id, seq, True, acked_below))
-            return
-        chars = len(key) + len(value) + (0 if record is None else len(record[0]) + 8)
-        self._replicate(key, value, record, None, chars)
+        self.wait(self.enqueue(key, value, 0, record))
 
     def replicate_change(self, change: Any) -> None:
         """Like ``replicate`` for one Change (a delete)."""
-        size = len(change.key) + len(change.value or "") + len(change.client_id or "")
-        self._replicate(None, None, None, change, size)
+        self.wait(self.enqueue_change(change))
 
-    def _replicate(
+    def enqueue(
+        self, key: str, value: str, position: int = 0, record: RequestRecord | None = None
+    ) -> _Ticket:
+        """Put ``key = value`` (with its exactly-once ``record``, if any) in the next batch;
+        ``wait`` for the ticket. Writes reach the backup in the order of their enqueue
+        calls. ``position``: the write's end in the primary's log (enqueued in log order;
+        0 without a log)."""
+        if record is not None and not self.takes_flat_records:
+            client_id, seq, acked_below = record
+            return self.enqueue_change(
+                Change(key, value, client_id, seq, True, acked_below), position
+            )
+        chars = len(key) + len(value) + (0 if record is None else len(record[0]) + 8)
+        return self._enqueue(key, value, record, None, chars, position)
+
+    def enqueue_change(self, change: Any, position: int = 0) -> _Ticket:
+        size = len(change.key) + len(change.value or "") + len(change.client_id or "")
+        return self._enqueue(None, None, None, change, size, position)
+
+    def _enqueue(
         self,
         key: str | None,
         value: str | None,
         record: RequestRecord | None,
         change: object | None,
         chars: int,
-    ) -> None:
+        position: int,
+    ) -> _Ticket:
         size = 4 * chars + 64  # UTF-8 takes at most 4 bytes a character; field headers
         with self._lock:
             if self.is_broken:
@@ -192,10 +216,17 @@ class Replicator:
             else:
                 batch.changes.append(change)
             batch.size += size
+            batch.end_position = max(batch.end_position, position)
             is_line_free = is_opener and not self._is_line_busy
             if is_line_free:  # then the queue held nothing else
                 self._is_line_busy = True
                 queue.popleft()
+        return batch, is_opener, is_line_free
+
+    def wait(self, ticket: _Ticket) -> None:
+        """Return once the backup applied the write of ``ticket``; raise BackupFailedError
+        otherwise. The batch's first writer sends it (when the line is free)."""
+        batch, is_opener, is_line_free = ticket
         if is_opener:
             if not is_line_free:
                 batch.turn.acquire()  # the sender before dequeued it for us
@@ -209,7 +240,7 @@ class Replicator:
         """Send ``batch`` (the line is ours), wake its threads, pass the line on."""
         try:
             records = None if batch.clients is None else (batch.clients, batch.seqs, batch.acked)
-            self._send(batch.keys, batch.values, batch.changes or None, records)
+            self._send(batch.keys, batch.values, batch.changes or None, batch.end_position, records)
         except BackupFailedError as exc:
             batch.error = exc
         except BaseException as exc:  # never leave the batch's threads waiting
@@ -242,17 +273,31 @@ class Replicator:
         keys: list[str],
         values: list[str],
         changes: list[Any] | None = None,
+        end_position: int = 0,
         records: tuple[list[str], list[int], list[int]] | None = None,
         fresh: bool = False,
     ) -> None:
         conn = self._new_connection() if fresh else self._checkout()
         started = time.monotonic()
+        position, log_id = (end_position, self.log_id) if end_position else (None, None)
         try:
             conn.call(
-                "replicate_batch", self.epoch, keys, values, self.join_id, changes, *(records or ())
+                "replicate_batch",
+                self.epoch,
+                keys,
+                values,
+                self.join_id,
+                changes,
+                position,
+                log_id,
+                *(records or ()),
             )
         except Exception as exc:  # every failure, expected (KVError) or not, breaks the line
-            self.close()
+            # ... but does not shut it: the backup takes an orderly close as proof that the
+            # primary left or dropped it, so lines close (``close``) only once the primary
+            # removed it from the in-sync set. A backup that refused a batch (its disk is
+            # full) would otherwise take over, and win if its CAS came first.
+            self._break()
             raise BackupFailedError(f"replication to {self.backup.address}: {exc}") from exc
         if started + self._lease_s > self.lease_until:
             self.lease_until = started + self._lease_s
@@ -286,6 +331,10 @@ class Replicator:
                 raise BackupFailedError(f"replication to {self.backup.address} already failed")
             self._all.append(conn)
         return conn
+
+    def _break(self) -> None:
+        with self._lock:
+            self.is_broken = True
 
     def close(self) -> None:
         """Stop for good; connections in use fail their call, none is reopened."""

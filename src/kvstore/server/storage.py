@@ -22,8 +22,10 @@ replayed over it, see wal.py).
 Each stripe also holds the exactly-once records of the writes to its keys
 (:class:`~kvstore.server.sessions.SessionTable`), changed under the same lock.
 
-While a backup joins (from ``clear`` to ``forget_tombstones``) deletes leave tombstones:
-a key deleted by a forwarded change is not brought back by an older snapshot copy.
+While a backup joins (from ``clear`` or ``begin_catch_up`` to ``forget_touched``) every key a
+forwarded change sets or deletes is remembered as *touched*: an older copy of it (a stripe
+copied from the primary, a record replayed from the primary's log) never overwrites it, and
+a deleted key is not brought back.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ from kvstore.server.sessions import RequestRecord, SessionTable
 # acked_belows (see replicate_batch in the IDL).
 FlatRecords = tuple[list[str], list[int], list[int]]
 
+SNAPSHOT_BULK_ENTRIES = 65536  # puts per snapshot record (one record per stripe, mostly)
+
 
 class StripedStore:
     def __init__(self, stripe_count: int = 256) -> None:
@@ -48,7 +52,7 @@ class StripedStore:
         self.stripe_count = stripe_count
         self._shards: list[dict[str, str]] = [{} for _ in range(stripe_count)]
         self.sessions = [SessionTable() for _ in range(stripe_count)]
-        self._tombstones: list[set[str]] | None = None
+        self._touched: list[set[str]] | None = None
         self.log: wal.WriteAheadLog | None = None  # set by a node with a data directory
         self._locks = [threading.Lock() for _ in range(stripe_count)]
 
@@ -60,8 +64,11 @@ class StripedStore:
         """Set ``key``; returns the log position to wait for (0 without a log)."""
         i = hash(key) % self.stripe_count
         with self._locks[i]:
+            position = self.log_write(key, value)  # first: a full disk changes nothing
             self._shards[i][key] = value
-            return self.log_write(key, value)
+            if self._touched is not None:
+                self._touched[i].add(key)
+            return position
 
     def put_many(
         self, keys: list[str], values: list[str], records: FlatRecords | None = None
@@ -114,22 +121,65 @@ class StripedStore:
                 self._shards[i][key] = value
             else:
                 self._shards[i].pop(key, None)
-                if self._tombstones is not None:
-                    self._tombstones[i].add(key)
+            if self._touched is not None:
+                self._touched[i].add(key)
             if record is not None:
                 self.sessions[i].record(key, *record)
             return position
+
+    def replay_untouched(self, data: bytes, where: str) -> tuple[int, int, int]:
+        """Replay the primary's log records in ``data`` (checked as in our own files), except
+        on keys touched by a forwarded change since the join began (those are newer: only
+        the exactly-once record is added there). Returns (records, replayed, the log position
+        to wait for). Holds every stripe's lock while it applies them (a few MB at a time),
+        so that the records it keeps reach our log in one write, before any later change."""
+        touched = self._touched
+        assert touched is not None, "replay only during a catch-up"
+        found = [
+            entry
+            for entry in wal.scan(data, where)
+            if entry[2].kind in (wal.PUT, wal.DELETE)  # not a marker
+        ]
+        shards, sessions, stripe_count = self._shards, self.sessions, self.stripe_count
+        with self.all_locked():
+            kept = [
+                (start, end, mutation)
+                for start, end, mutation in found
+                if mutation.key not in touched[hash(mutation.key) % stripe_count]
+            ]
+            position = self.log_write_raw(b"".join(data[start:end] for start, end, _ in kept))
+            for _, _, mutation in kept:
+                shard = shards[hash(mutation.key) % stripe_count]
+                if mutation.value is None:
+                    shard.pop(mutation.key, None)
+                else:
+                    shard[mutation.key] = mutation.value
+            for _, _, mutation in found:
+                if mutation.record is not None:
+                    client_id, seq, _ = mutation.record
+                    table = sessions[hash(mutation.key) % stripe_count]
+                    table.add_if_absent(mutation.key, client_id, seq, True)
+        return len(found), len(kept), position
+
+    def log_write_raw(self, records: bytes) -> int:
+        """Append whole records as they are (0 without a log or records)."""
+        log = self.log
+        return 0 if log is None or not records else log.append(records)
+
+    def log_marker(self, marker: wal.Marker) -> int:
+        """Record how far this copy goes in the primary's log (0 without a log)."""
+        return 0 if self.log is None else self.log.append_marker(marker)
 
     def put_if_absent_many(self, keys: list[str], values: list[str]) -> int:
         """Insert entries whose key is neither present nor deleted since ``clear``;
         returns how many were inserted."""
         inserted = 0
-        tombstones = self._tombstones
+        touched = self._touched
         for key, value in zip(keys, values, strict=True):
             i = hash(key) % self.stripe_count
             with self._locks[i]:
                 shard = self._shards[i]
-                if key not in shard and (tombstones is None or key not in tombstones[i]):
+                if key not in shard and (touched is None or key not in touched[i]):
                     shard[key] = value
                     inserted += 1
         return inserted
@@ -142,9 +192,16 @@ class StripedStore:
             with self._locks[i]:
                 self.sessions[i].add_if_absent(key, client_id, seq, outcome)
 
-    def forget_tombstones(self) -> None:
-        """The join is over: deletes no longer need to shadow snapshot copies."""
-        self._tombstones = None
+    def forget_touched(self) -> None:
+        """The join is over: forwarded changes no longer need to shadow older copies."""
+        self._touched = None
+
+    def begin_catch_up(self) -> None:
+        """A join that keeps this store and replays the primary's log into it begins."""
+        with self.all_locked():
+            self._touched = [set() for _ in range(self.stripe_count)]
+        if self.log is not None:
+            self.log.begin_catch_up()
 
     def stripe_for_write(self, key: str) -> tuple[Any, dict[str, str]]:
         """The key's stripe lock (not taken) and the shard dict that holds the key.
@@ -213,12 +270,13 @@ class StripedStore:
         return result
 
     def clear(self) -> None:
-        """Empty every stripe (and its records) and start keeping tombstones (a join begins)."""
+        """Empty every stripe (and its records) and start remembering touched keys (a join
+        that copies the whole store begins)."""
         with self.all_locked():
             for shard, sessions in zip(self._shards, self.sessions, strict=True):
                 shard.clear()
                 sessions.clear()
-            self._tombstones = [set() for _ in range(self.stripe_count)]
+            self._touched = [set() for _ in range(self.stripe_count)]
             if self.log is not None:
                 self.log.reset()
 
@@ -229,9 +287,16 @@ class StripedStore:
         of records read. Call before serving, from one thread."""
         assert self.log is not None
         count = 0
+        shards, stripe_count = self._shards, self.stripe_count
         for mutation in self.log.recover():
+            if mutation.bulk is not None:  # a snapshot's stripe: thousands of puts at once
+                keys, values = mutation.bulk
+                count += len(keys)
+                for key, value in zip(keys, values, strict=True):
+                    shards[hash(key) % stripe_count][key] = value
+                continue
             count += 1
-            i = hash(mutation.key) % self.stripe_count
+            i = hash(mutation.key) % stripe_count
             if mutation.kind == wal.PUT:
                 self._shards[i][mutation.key] = mutation.value  # type: ignore[assignment]
             elif mutation.kind == wal.DELETE:
@@ -252,8 +317,9 @@ class StripedStore:
             with self._locks[i]:
                 items = list(self._shards[i].items())
                 records = list(self.sessions[i].items())
-            for key, value in items:
-                yield wal.encode(key, value)
+            for first in range(0, len(items), SNAPSHOT_BULK_ENTRIES):
+                chunk = items[first : first + SNAPSHOT_BULK_ENTRIES]
+                yield wal.encode_bulk([k for k, _ in chunk], [v for _, v in chunk])
             for key, client_id, seq, outcome in records:
                 yield wal.encode_record(key, client_id, seq, outcome)
 

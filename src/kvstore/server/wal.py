@@ -3,14 +3,20 @@
 Files in the data directory:
 - ``node-id``: this node's stable id (it survives restarts; ZooKeeper names change);
 - ``wal-<segment>.log``: log segments, numbered upwards; every mutation is one record;
-- ``snapshot``: the newest snapshot; its header names the first segment to replay after it.
+- ``snapshot``: the newest snapshot; its header names the first segment to replay after it;
+- ``incomplete``: present while the files do not hold a complete copy (a join is copying
+  into them: ``reset``, or a catch-up is replaying a primary's log into them: ``catch-up``).
 
-A record is ``<u32 length><u32 crc32 of payload><u32 crc32 of the first 8 bytes><payload>``
-(the header has its own checksum, so a damaged length is not mistaken for a torn write).
-A payload is a kind byte and length-prefixed UTF-8 fields: ``P key value`` (put) or
-``D key`` (delete), each optionally followed by an exactly-once record ``client_id seq
-acked_below``; ``R key client_id seq outcome`` (a record alone, in snapshots);
-``S first_segment`` (a snapshot's header).
+Positions and markers (incremental catch-up). A position is a byte count of this process's
+appends (from 0 when the log opens; ``log_id`` names that instance). A primary logs its
+writes in replication order, so each batch it sends is a contiguous range of its log, ending
+at a position it sends along. A backup that holds a complete copy appends a *marker* (the
+primary's epoch, log id and the batch's end position) after each batch it applied. Marker
+invariant: the store these files recover is the primary's store as of that position, plus
+some of the primary's records after it (a batch applied in part, a catch-up cut short).
+So replaying the primary's log from there (what ``read_range`` serves) restores it exactly.
+``reset`` removes every marker (and a crash in the middle of one leaves ``incomplete`` =
+``reset``, which voids the markers left).
 
 Invariants:
 - A mutation is appended and applied to memory under its key's stripe write lock, so a
@@ -23,6 +29,14 @@ Invariants:
   acknowledged writes; a crash of the process cannot).
 - Recovery: a torn last record (a crash mid-append) is cut off with a warning; a bad
   checksum before the end of a segment refuses to start, naming the file and offset.
+- A full disk (ENOSPC, EDQUOT) costs nothing but the write that found it: an append that
+  fails, wholly or in part, is cut off again (the segment never holds a partial record
+  followed by whole ones) and raises :class:`~kvstore.errors.DiskFullError`; the next append
+  after space was freed succeeds. A snapshot that fails leaves the previous snapshot and every
+  segment in place (its temporary file is removed); ``snapshot_room`` says when one is
+  worth trying.
+- An fsync that fails leaves the log unusable (the kernel may have dropped the pages it could
+  not write): every later append and wait refuses, until the node restarts and recovers.
 """
 
 from __future__ import annotations
@@ -31,170 +45,64 @@ import contextlib
 import errno
 import logging
 import os
-import struct
 import threading
 import time
 import uuid
-import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from kvstore import errors
 from kvstore.server.handoff import held_lock, pass_through
-from kvstore.server.sessions import RequestRecord
+from kvstore.server.records import (
+    BULK,
+    DELETE,
+    HEADER,
+    MARKER,
+    PUT,
+    RECORD,
+    SNAPSHOT_HEADER,
+    CorruptLogError,
+    ExactlyOnce,
+    Marker,
+    Mutation,
+    decode,
+    encode,
+    encode_bulk,
+    encode_marker,
+    encode_record,
+    encode_snapshot_header,
+    frame,
+    read_records,
+    scan,
+    whole_records,
+)
+
+__all__ = [  # the record format, for the log's users
+    "BULK",
+    "DELETE",
+    "MARKER",
+    "PUT",
+    "RECORD",
+    "SNAPSHOT_HEADER",
+    "CorruptLogError",
+    "ExactlyOnce",
+    "Marker",
+    "Mutation",
+    "WriteAheadLog",
+    "decode",
+    "encode",
+    "encode_bulk",
+    "encode_record",
+    "frame",
+    "scan",
+]
 
 log = logging.getLogger(__name__)
 
 FSYNC_MODES = ("always", "batch", "never")
-_HEADER = struct.Struct(">III")
-_HEADER_CHECKED = struct.Struct(">II")
-_LEN = struct.Struct(">I")
-_I64 = struct.Struct(">q")
-PUT, DELETE, RECORD, SNAPSHOT_HEADER = b"P", b"D", b"R", b"S"
 SNAPSHOT_FILE = "snapshot"
+INCOMPLETE_FILE = "incomplete"
 NODE_ID_FILE = "node-id"
-
-
-class CorruptLogError(errors.KVError):
-    """A log or snapshot file is damaged before its end: refusing to start."""
-
-
-@dataclass(frozen=True, slots=True)
-class Mutation:
-    """One decoded record."""
-
-    kind: bytes
-    key: str
-    value: str | None = None
-    record: RequestRecord | None = None
-    outcome: bool = True
-
-
-# --------------------------------------------------------------------------- encoding
-
-
-def _text(value: str) -> bytes:
-    data = value.encode()
-    return _LEN.pack(len(data)) + data
-
-
-def encode(key: str, value: str | None, record: RequestRecord | None = None) -> bytes:
-    """A put (or a delete, ``value`` None) as one framed record."""
-    parts = [PUT if value is not None else DELETE, _text(key)]
-    if value is not None:
-        parts.append(_text(value))
-    if record is not None:
-        parts += [_text(record[0]), _I64.pack(record[1]), _I64.pack(record[2])]
-    return frame(b"".join(parts))
-
-
-def encode_record(key: str, client_id: str, seq: int, outcome: bool) -> bytes:
-    payload = (
-        RECORD + _text(key) + _text(client_id) + _I64.pack(seq) + (b"\1" if outcome else b"\0")
-    )
-    return frame(payload)
-
-
-def frame(payload: bytes) -> bytes:
-    checked = _HEADER_CHECKED.pack(len(payload), zlib.crc32(payload))
-    return checked + _LEN.pack(zlib.crc32(checked)) + payload
-
-
-class _Reader:
-    __slots__ = ("data", "offset")
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.offset = 0
-
-    def text(self) -> str:
-        (size,) = _LEN.unpack_from(self.data, self.offset)
-        start = self.offset + _LEN.size
-        self.offset = start + size
-        if self.offset > len(self.data):
-            raise ValueError("field runs past its record")
-        return self.data[start : self.offset].decode()
-
-    def i64(self) -> int:
-        (value,) = _I64.unpack_from(self.data, self.offset)
-        self.offset += _I64.size
-        return int(value)
-
-    @property
-    def has_more(self) -> bool:
-        return self.offset < len(self.data)
-
-
-def decode(payload: bytes) -> Mutation:
-    kind, reader = payload[:1], _Reader(payload[1:])
-    if kind == SNAPSHOT_HEADER:
-        return Mutation(kind, "", record=("", reader.i64(), 0))
-    key = reader.text()
-    if kind == RECORD:
-        client_id, seq = reader.text(), reader.i64()
-        return Mutation(kind, key, record=(client_id, seq, 0), outcome=reader.data[-1:] == b"\1")
-    if kind not in (PUT, DELETE):
-        raise ValueError(f"unknown record kind {kind!r}")
-    value = reader.text() if kind == PUT else None
-    record = (reader.text(), reader.i64(), reader.i64()) if reader.has_more else None
-    return Mutation(kind, key, value, record)
-
-
-def read_records(path: Path, is_torn_tail_allowed: bool) -> Iterator[Mutation]:
-    """Every record of a file. A damaged record at the very end is a torn write: the file
-    is cut there (if allowed); anywhere else it is corruption (CorruptLogError)."""
-    data = path.read_bytes()
-    offset = 0
-    while offset < len(data):
-        problem = _check_record(data, offset)
-        if problem is not None:
-            if is_torn_tail_allowed and _is_tail(data, offset):
-                log.warning(
-                    "%s: cutting a torn last record at offset %d (%s)", path, offset, problem
-                )
-                with open(path, "r+b") as file:
-                    file.truncate(offset)
-                    os.fsync(file.fileno())
-                return
-            raise CorruptLogError(
-                f"{path} is damaged at offset {offset} ({problem}); refusing to start. Move the "
-                f"data directory aside to start this node empty (it then copies from the primary)"
-            )
-        size, _, _ = _HEADER.unpack_from(data, offset)
-        payload = data[offset + _HEADER.size : offset + _HEADER.size + size]
-        offset += _HEADER.size + size
-        try:
-            yield decode(payload)
-        except (ValueError, struct.error, UnicodeDecodeError) as exc:
-            raise CorruptLogError(
-                f"{path}: undecodable record before offset {offset}: {exc}"
-            ) from None
-
-
-def _check_record(data: bytes, offset: int) -> str | None:
-    if offset + _HEADER.size > len(data):
-        return "truncated header"
-    size, crc, header_crc = _HEADER.unpack_from(data, offset)
-    if zlib.crc32(data[offset : offset + _HEADER_CHECKED.size]) != header_crc:
-        return "header checksum mismatch"
-    end = offset + _HEADER.size + size
-    if end > len(data):
-        return "truncated record"
-    if zlib.crc32(data[offset + _HEADER.size : end]) != crc:
-        return "checksum mismatch"
-    return None
-
-
-def _is_tail(data: bytes, offset: int) -> bool:
-    """A bad record is the torn tail if a crash in the middle of one append explains it: its
-    header is incomplete, or intact but its payload runs to the end of the file."""
-    if offset + _HEADER.size > len(data):
-        return True
-    size, _, header_crc = _HEADER.unpack_from(data, offset)
-    if zlib.crc32(data[offset : offset + _HEADER_CHECKED.size]) != header_crc:
-        return False
-    return offset + _HEADER.size + size >= len(data)
 
 
 # --------------------------------------------------------------------------- the log
@@ -222,9 +130,19 @@ class WriteAheadLog:
         self._sync_lock = threading.Lock()
         self._is_syncing = False  # an fsync is running
         self._next_sync: _SyncRound | None = None  # waiters for the fsync after it
+        self._failure: str | None = None  # set for good when an fsync fails
         self.bytes_since_snapshot = 0
+        self._bytes_at_switch = 0  # bytes_since_snapshot when the last snapshot began
         self.segment = max(self.segments(), default=0)
         self._fd = -1
+        self._segment_bytes = 0  # size of the current segment file
+        self.log_id = uuid.uuid4().hex[:16]  # this instance (positions count from 0 in it)
+        self._segment_starts: dict[int, int] = {}  # segments opened by it -> first position
+        self._pins: dict[str, int] = {}  # name -> a position whose segments must stay
+        self.marker: Marker | None = None  # the last one recovered or appended
+        self._free_at_snapshot = 0  # free bytes when the last snapshot was let through
+        self._snapshot_failed_at_free: int | None = None  # ... if it failed for room
+        self._marker_at_switch: Marker | None = None
         # True while the files hold a complete copy of the store as it was when this node
         # was last in sync: after recovery, and after a join completed. A reset (the store
         # was cleared to copy from a primary) makes it False until then.
@@ -251,8 +169,23 @@ class WriteAheadLog:
     # ------------------------------------------------------------------ recovery
 
     def recover(self) -> Iterator[Mutation]:
-        """The snapshot's records, then every later segment's, in order. Then the log is
-        open for appends in a new segment."""
+        """The snapshot's records, then every later segment's, in order (markers are not
+        yielded: the last one becomes ``marker``). Then the log is open for appends in a
+        new segment."""
+        incomplete = self.directory / INCOMPLETE_FILE
+        state = incomplete.read_text().strip() if incomplete.exists() else ""
+        for mutation in self._recorded():
+            if mutation.kind == MARKER:
+                assert mutation.record is not None
+                log_id, epoch, position = mutation.record
+                self.marker = (epoch, log_id, position)
+            else:
+                yield mutation
+        if state == "reset":
+            self.marker = None  # a crash in the middle of a reset: no marker holds
+        self.is_complete_copy = not state
+
+    def _recorded(self) -> Iterator[Mutation]:
         first = 0
         snapshot = self.directory / SNAPSHOT_FILE
         if snapshot.exists():
@@ -266,28 +199,95 @@ class WriteAheadLog:
         for i, segment in enumerate(segments):
             yield from read_records(self.segment_path(segment), i == len(segments) - 1)
         self._open_segment(max([*segments, first - 1, 0]) + 1)
-        self.is_complete_copy = True
 
     def _open_segment(self, segment: int) -> None:
         fd = os.open(self.segment_path(segment), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         _fsync_directory(self.directory)
-        old, self._fd, self.segment = self._fd, fd, segment
+        old, old_segment = self._fd, self.segment
+        self._fd, self.segment = fd, segment
+        self._segment_bytes = os.fstat(fd).st_size
+        self._segment_starts[segment] = self._appended
         if old >= 0:
-            os.fsync(old)
-            os.close(old)
+            try:
+                os.fsync(old)
+            except OSError as exc:
+                # An fsync under way on a duplicate of it could succeed now, for bytes whose
+                # write-back just failed: nothing is known to be on disk any more.
+                self._failure = f"fsync of {self.segment_path(old_segment)} failed: {exc}"
+                log.error("write-ahead log in %s: %s", self.directory, self._failure)
+                raise
+            finally:
+                os.close(old)
 
     # ------------------------------------------------------------------ appending
+
+    @property
+    def position(self) -> int:
+        """The end of the last append (call with appends stopped, e.g. under the lock that
+        orders them)."""
+        return self._appended
+
+    def append_marker(self, marker: Marker) -> int:
+        """Record how far this copy goes in a primary's log (see the module docstring)."""
+        data = encode_marker(marker)
+        with self._append_lock:
+            self._check_usable()
+            self._write_whole(data)
+            self._appended += len(data)
+            self.marker = marker
+            position = self._appended
+        if self.fsync_mode == "always":
+            self._sync_to(position)
+        return position
 
     def append(self, data: bytes) -> int:
         """Write ``data`` (whole records); returns the position to pass to wait_durable."""
         with self._append_lock:
-            os.write(self._fd, data)
+            self._check_usable()
+            self._write_whole(data)
             self._appended += len(data)
             self.bytes_since_snapshot += len(data)
             position = self._appended
         if self.fsync_mode == "always":
             self._sync_to(position)
         return position
+
+    def _write_whole(self, data: bytes) -> None:
+        """Write ``data`` at the end of the current segment, or nothing: a write that fails
+        part way is cut off again. Call with the append lock held."""
+        size = self._segment_bytes
+        view = memoryview(data)
+        try:
+            while view:
+                written = os.write(self._fd, view)
+                if written <= 0:
+                    raise OSError(errno.ENOSPC, "no byte written")
+                view = view[written:]
+        except OSError as exc:
+            self._cut_back(size)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise errors.DiskFullError(
+                    f"disk full: the write-ahead log in {self.directory} cannot grow "
+                    f"({exc.strerror}); nothing was written. Free space there and writes resume"
+                ) from None
+            raise errors.UnavailableError(
+                f"write-ahead log append failed in {self.directory}: {exc}; nothing was written"
+            ) from None
+        self._segment_bytes = size + len(data)
+
+    def _cut_back(self, size: int) -> None:
+        try:
+            os.ftruncate(self._fd, size)
+        except OSError as exc:  # the segment may end in a partial record: stop appending
+            self._failure = f"could not cut a failed append off {self.segment_path(self.segment)}"
+            log.error("%s: %s", self._failure, exc)
+
+    def _check_usable(self) -> None:
+        if self._failure is not None:
+            raise errors.UnavailableError(
+                f"the write-ahead log in {self.directory} failed earlier ({self._failure}); "
+                f"restart the node to recover from its files"
+            )
 
     def wait_durable(self, position: int) -> None:
         """Return once everything up to ``position`` is on disk (group commit: one thread
@@ -300,11 +300,17 @@ class WriteAheadLog:
         """One fsync runs at a time. A thread that finds one running joins the next round;
         the first to join it runs that fsync when the running one ends, for everything
         appended by then (its waiters' records included; none if the one before covered
-        them), and wakes them."""
+        them), and wakes them. A failed fsync breaks the log for good: whatever it was
+        for may be lost, and a later fsync of the same file can succeed all the same."""
         while True:
             with self._sync_lock:
                 if self._synced >= position:
                     return
+                if self._failure is not None:
+                    raise errors.ReplicationFailedError(
+                        f"the write-ahead log in {self.directory} could not be synced "
+                        f"({self._failure}); outcome unknown"
+                    )
                 round_ = self._next_sync
                 is_runner = round_ is None
                 if round_ is None:
@@ -321,33 +327,38 @@ class WriteAheadLog:
                 if not is_now:
                     round_.turn.acquire()  # the fsync before it ended and handed over
                 self._run_sync(round_)
-            if round_.error is not None:
-                raise round_.error
 
     def _run_sync(self, round_: _SyncRound) -> None:
         target = 0
         try:
-            if self._synced < round_.upto:  # else the fsync before covered this round
-                with self._append_lock:  # the file that holds everything up to target
-                    fd, target = self._fd, self._appended
-                began = time.monotonic()
-                os.fsync(fd)
-                if self._observe_fsync is not None:
-                    self._observe_fsync(time.monotonic() - began)
-        except OSError as exc:
-            # EBADF after a switch of segments: _open_segment synced the old file and
-            # closed it, so what this fsync was for is on disk.
-            if exc.errno != errno.EBADF or fd == self._fd:
-                round_.error = exc
+            if self._synced < round_.upto and self._failure is None:  # else: nothing to do
+                target = self._sync_now()
         finally:
             with self._sync_lock:
-                if round_.error is None:
-                    self._synced = max(self._synced, target)
+                self._synced = max(self._synced, target)
                 following, self._next_sync = self._next_sync, None
                 self._is_syncing = following is not None
             round_.done.release()
             if following is not None:
                 following.turn.release()
+
+    def _sync_now(self) -> int:
+        """fsync the current segment; returns the position it made durable (older segments
+        were synced when appends moved on from them). A failure breaks the log for good."""
+        with self._append_lock:  # a duplicate: a segment switch may close the original
+            target, fd = self._appended, os.dup(self._fd)
+        began = time.monotonic()
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            self._failure = f"fsync failed: {exc}"
+            log.error("write-ahead log in %s: %s", self.directory, self._failure)
+            return 0
+        finally:
+            os.close(fd)
+        if self._observe_fsync is not None:
+            self._observe_fsync(time.monotonic() - began)
+        return target
 
     # ------------------------------------------------------------------ snapshots
 
@@ -355,26 +366,67 @@ class WriteAheadLog:
         """Switch appends to a new segment; returns it (the snapshot's first segment)."""
         with self._append_lock:
             self._open_segment(self.segment + 1)
-            self.bytes_since_snapshot = 0
+            self._bytes_at_switch = self.bytes_since_snapshot
+            self._marker_at_switch = self.marker
             return self.segment
 
+    def snapshot_room(self) -> str | None:
+        """None if a snapshot may be tried now, else why not. Trying one that does not fit
+        fills the disk (failing the writes) until its file is removed, but only a snapshot
+        gives back the room a log of overwrites takes. One surely fits in the last one plus
+        the log since (every key's latest record is in one or the other); it likely fits
+        in the last one and a quarter, unless one failed for room and none was freed since."""
+        stat = os.statvfs(self.directory)
+        free = stat.f_bavail * stat.f_frsize
+        snapshot = self.directory / SNAPSHOT_FILE
+        last = snapshot.stat().st_size if snapshot.exists() else 0
+        bound = last + self.bytes_since_snapshot
+        failed_at = self._snapshot_failed_at_free
+        if free >= bound or (
+            free >= last + last // 4 + (1 << 20) and (failed_at is None or free > failed_at)
+        ):
+            self._free_at_snapshot = free
+            return None
+        return f"{free} bytes free in {self.directory}; a snapshot may need up to {bound}"
+
     def finish_snapshot(self, first_segment: int, records: Iterator[bytes]) -> None:
-        """Write the snapshot durably, then drop the segments it covers."""
+        """Write the snapshot durably, then drop the segments it covers. If it fails (a full
+        disk: DiskFullError) the previous snapshot and every segment stay as they were."""
         temporary = self.directory / (SNAPSHOT_FILE + ".tmp")
-        with open(temporary, "wb") as file:
-            file.write(frame(SNAPSHOT_HEADER + _I64.pack(first_segment)))
-            for record in records:
-                file.write(record)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, self.directory / SNAPSHOT_FILE)
+        try:
+            with open(temporary, "wb") as file:
+                file.write(encode_snapshot_header(first_segment))
+                if self._marker_at_switch is not None:  # the copy holds at least that much
+                    file.write(encode_marker(self._marker_at_switch))
+                for record in records:
+                    file.write(record)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, self.directory / SNAPSHOT_FILE)
+        except OSError as exc:
+            with contextlib.suppress(FileNotFoundError):
+                temporary.unlink()
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                self._snapshot_failed_at_free = self._free_at_snapshot
+                raise errors.DiskFullError(
+                    f"disk full: no room for a snapshot in {self.directory}; the previous "
+                    f"snapshot and the log are kept"
+                ) from None
+            raise
+        self._snapshot_failed_at_free = None
+        with self._append_lock:
+            self.bytes_since_snapshot -= self._bytes_at_switch
         _fsync_directory(self.directory)
-        for segment in self.segments():
-            if segment < first_segment:
-                self.segment_path(segment).unlink()
+        with self._append_lock:
+            kept = self._pinned_segments()
+            for segment in self.segments():
+                if segment < first_segment and segment not in kept:
+                    self.segment_path(segment).unlink()
+                    self._segment_starts.pop(segment, None)
 
     def reset(self) -> None:
         """Forget everything on disk (the store was cleared to copy from a primary)."""
+        self._set_incomplete("reset")  # first: a crash in the middle voids what is left
         with self._append_lock:
             segment = self.segment + 1
             self._open_segment(segment)
@@ -383,9 +435,92 @@ class WriteAheadLog:
             for old in self.segments():
                 if old < segment:
                     self.segment_path(old).unlink()
+                    self._segment_starts.pop(old, None)
             _fsync_directory(self.directory)
             self.bytes_since_snapshot = 0
-            self.is_complete_copy = False
+            self.marker = None
+
+    def begin_catch_up(self) -> None:
+        """A primary's log is about to be replayed into this copy: it is incomplete until
+        ``mark_complete`` (its marker still holds, see the module docstring)."""
+        self._set_incomplete("catch-up")
+
+    def mark_complete(self) -> None:
+        """The files hold a complete copy again (a join finished; its records are durable)."""
+        with contextlib.suppress(FileNotFoundError):
+            (self.directory / INCOMPLETE_FILE).unlink()
+            _fsync_directory(self.directory)
+        self.is_complete_copy = True
+
+    def _set_incomplete(self, why: str) -> None:
+        self.is_complete_copy = False
+        _write_durably(self.directory / INCOMPLETE_FILE, why.encode() + b"\n")
+
+    # ------------------------------------------------------------------ reading back
+
+    def covers(self, position: int) -> bool:
+        """Whether this instance's segments still hold every record from ``position`` on
+        (snapshots trim the oldest segments first)."""
+        with self._append_lock:
+            if not 0 <= position <= self._appended:
+                return False
+            segment = self._segment_at(position)
+        return segment >= 0 and self.segment_path(segment).exists()
+
+    def _segment_at(self, position: int) -> int:
+        """The segment that holds ``position`` (the last one opened at or before it; -1 if
+        that one was trimmed). Call with the append lock held."""
+        found = -1
+        for segment, start in sorted(self._segment_starts.items()):
+            if start <= position:
+                found = segment
+        return found
+
+    def pin(self, name: str, position: int) -> None:
+        """Keep the segments from ``position`` on (snapshots do not trim them) until unpin."""
+        with self._append_lock:
+            self._pins[name] = position
+
+    def unpin(self, name: str) -> None:
+        with self._append_lock:
+            self._pins.pop(name, None)
+
+    def _pinned_segments(self) -> set[int]:
+        if not self._pins:
+            return set()
+        lowest = min(self._pins.values())
+        starts = sorted(self._segment_starts.items())
+        return {
+            segment
+            for i, (segment, _) in enumerate(starts)
+            if i + 1 == len(starts) or starts[i + 1][1] > lowest
+        }
+
+    def read_range(self, start: int, end: int, max_bytes: int) -> tuple[bytes, int]:
+        """The records from position ``start`` (a record's first byte) up to ``end`` (one's
+        last) as they are in the files, about ``max_bytes`` of them (at least one); and the
+        position after the last one (``end`` when done). Raises CorruptLogError if the range
+        is not whole any more (trimmed, damaged)."""
+        if not self.covers(start):
+            raise CorruptLogError(f"the log no longer holds position {start}")
+        with self._append_lock:
+            segment = self._segment_at(start)
+            first = self._segment_starts[segment]
+            following = [s for s in self._segment_starts.values() if s > start]
+        path = self.segment_path(segment)
+        stop = min([end, *following])
+        with open(path, "rb") as file:
+            file.seek(start - first)
+            data = file.read(min(stop - start, max_bytes))
+            size = whole_records(data)
+            if size == 0 and start < stop:  # the first record is larger than max_bytes
+                data += file.read(max(0, HEADER.size - len(data)))
+                if len(data) >= HEADER.size:
+                    data += file.read(HEADER.size + HEADER.unpack_from(data)[0] - len(data))
+                size = whole_records(data)
+                if size == 0:
+                    raise CorruptLogError(f"{path}: no whole record at position {start}")
+        return data[:size], start + size
 
     def close(self) -> None:
         with self._append_lock:
@@ -399,13 +534,12 @@ class WriteAheadLog:
 class _SyncRound:
     """The threads waiting for one fsync (see WriteAheadLog._sync_to)."""
 
-    __slots__ = ("done", "error", "turn", "upto")
+    __slots__ = ("done", "turn", "upto")
 
     def __init__(self) -> None:
         self.turn = held_lock()
         self.done = held_lock()
         self.upto = 0  # the highest position a waiter of this round needs on disk
-        self.error: OSError | None = None
 
 
 def _write_durably(path: Path, data: bytes) -> None:
