@@ -32,7 +32,15 @@ from thriftpy2.thrift import TMessageType
 from thriftpy2.transport.memory import TCyMemoryBuffer
 
 from kvstore import errors, rpc
-from kvstore.idl import Change, KeyValueService, LogChunk, Lookup, NodeStatus, RequestId, SyncChunk
+from kvstore.idl import (
+    Change,
+    KeyValueService,
+    LogChunk,
+    Lookup,
+    NodeStatus,
+    RequestId,
+    SyncChunk,
+)
 
 # The measured request: get() with an unknown field 2 holding a list of 2**31 - 1 VOIDs.
 FREEZE_REQUEST = bytes.fromhex("000000188001000100000003676574000000010f0002017fffffff00")
@@ -49,11 +57,16 @@ SAMPLE_ARGS: dict[str, tuple[Any, ...]] = {
         ["1", "2"],
         "join-1",
         [Change(key="c", value="3", client_id="client-1", seq=5, outcome=True, acked_below=4)],
+        8192,
+        "log-1",
+        ["client-1", ""],
+        [9, 0],
+        [8, 0],
     ),
     "status": (),
-    "join": (7, "node-2", "join-1", 1000),
+    "join": (7, "node-2", "join-1", 1000, "durable-1", 6, "log-1", 4096, 2),
     "sync_fetch": (7, "join-1", 0, 100),
-    "sync_log": (7, "join-1", 0, 1 << 20),
+    "sync_log": (7, "join-1", 4096, 1 << 20),
     "join_done": (7, "join-1"),
     "backup_renamed": (7, "join-1", "node-3"),
     "lookup": ("key-1",),
