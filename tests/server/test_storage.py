@@ -8,6 +8,7 @@ import time
 import pytest
 
 from kvstore import errors
+from kvstore.server import wal
 from kvstore.server.sessions import SessionTable
 from kvstore.server.storage import StripedStore
 
@@ -34,6 +35,23 @@ def test_put_many_remembers_the_records_that_travel_flat_beside_the_entries() ->
     assert store.snapshot() == {"a": "1", "b": "2"}
     assert store.sessions_for("b").outcome("lane-1", 7) is True
     assert sum(len(table) for table in store.sessions) == 1  # "" is a put without one
+
+
+@pytest.mark.parametrize("records", [None, (["lane-1"], [5], [5])], ids=["plain", "flat"])
+def test_a_replayed_older_value_never_overwrites_one_forwarded_during_the_catch_up(
+    records: tuple[list[str], list[int], list[int]] | None,
+) -> None:
+    """Forwarded writes, with or without flat exactly-once records, mark their keys: the
+    catch-up replay of the primary's log skips those, whose value is newer."""
+    store = StripedStore(4)
+    store.begin_catch_up()
+    store.put_many(["k"], ["new"], records)
+    old = wal.encode("k", "old", ("lane-1", 4, 4)) + wal.encode("j", "replayed")
+    store.replay_untouched(old, "a test chunk")
+    assert store.snapshot() == {"k": "new", "j": "replayed"}
+    # the replayed record set the client's floor: a late attempt of 3 is refused
+    with pytest.raises(errors.BadRequestError):
+        store.sessions_for("k").outcome("lane-1", 3)
 
 
 def test_put_if_absent_never_overwrites_forwarded_values() -> None:

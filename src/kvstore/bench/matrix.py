@@ -113,8 +113,8 @@ DIMENSIONS = (
     "rate",
     "transport",
 )
-# plain: the seed's plaintext Thrift. tls: mutual TLS 1.3 from the client to the nodes and
-# between the nodes, certificates from a throwaway CA (kv-certs) made for the run.
+# plain: plaintext Thrift (the programs' default). tls: mutual TLS 1.3 from the client to
+# the nodes and between the nodes, certificates from a throwaway CA (kv-certs) for the run.
 TRANSPORTS = ("plain", "tls")
 # auto: each node pins itself to one CPU chosen by its port (kv-node's default). free: no CPU
 # pinning (--cpu all). split: both nodes pinned to CPU 0 (kv-node --cpu 0), the client to the

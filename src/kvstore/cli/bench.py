@@ -189,9 +189,10 @@ def _add_matrix_arguments(parser: argparse.ArgumentParser) -> None:
         type=_transport_list,
         default=("plain",),
         metavar="LIST",
-        help="plain (the seed's plaintext Thrift) and/or tls (mutual TLS 1.3 from the client "
-        "to the nodes and between the nodes, with certificates from a throwaway CA made for "
-        "the run, as kv-certs writes them); the summary prints tls/plain, same session "
+        help="plain (plaintext Thrift, every program's default) and/or tls (mutual TLS 1.3 "
+        "from the client to the nodes and between the nodes, with certificates from a "
+        "throwaway CA made for the run, as kv-certs writes them); the summary prints "
+        "tls/plain, same session "
         "(default plain)",
     )
     add_load_shape_arguments(parser, is_list=True)

@@ -98,7 +98,11 @@ class SessionTable:
             for seq, (outcome, key) in records.outcomes.items():
                 yield key, client_id, seq, outcome
 
-    def add_if_absent(self, key: str, client_id: str, seq: int, outcome: bool) -> None:
+    def add_if_absent(
+        self, key: str, client_id: str, seq: int, outcome: bool, acked_below: int = 0
+    ) -> None:
+        """Copy a record (from a snapshot, a replayed log or a state transfer; ``acked_below``
+        where known: the floor it set); one already present (forwarded meanwhile) wins."""
         records = self._clients.get(client_id)
         if records is None:
             records = self._clients[client_id] = _ClientRecords()
@@ -106,6 +110,8 @@ class SessionTable:
         records.outcomes.setdefault(seq, (outcome, key))
         if seq > records.highest:
             records.highest = seq
+        if acked_below > records.floor:
+            records.floor = acked_below
 
     def clear(self) -> None:
         self._clients.clear()

@@ -81,16 +81,19 @@ class StripedStore:
             for key, value in zip(keys, values, strict=True):
                 position = self.put(key, value)
             return position
-        count = self.stripe_count
+        count, touched = self.stripe_count, self._touched
         for key, value, client_id, seq, acked_below in zip(keys, values, *records, strict=True):
             i = hash(key) % count
             with self._locks[i]:
+                # As in put: logged first (a full disk changes nothing), and marked touched
+                # during a catch-up (the replay must not bring back an older value).
+                record = (client_id, seq, acked_below) if client_id else None
+                position = self.log_write(key, value, record)
                 self._shards[i][key] = value
+                if touched is not None:
+                    touched[i].add(key)
                 if client_id:
-                    position = self.log_write(key, value, (client_id, seq, acked_below))
                     self.sessions[i].record(key, client_id, seq, True, acked_below)
-                else:
-                    position = self.log_write(key, value)
         return position
 
     def log_write(self, key: str, value: str | None, record: RequestRecord | None = None) -> int:
@@ -156,9 +159,9 @@ class StripedStore:
                     shard[mutation.key] = mutation.value
             for _, _, mutation in found:
                 if mutation.record is not None:
-                    client_id, seq, _ = mutation.record
+                    client_id, seq, acked_below = mutation.record
                     table = sessions[hash(mutation.key) % stripe_count]
-                    table.add_if_absent(mutation.key, client_id, seq, True)
+                    table.add_if_absent(mutation.key, client_id, seq, True, acked_below)
         return len(found), len(kept), position
 
     def log_write_raw(self, records: bytes) -> int:
@@ -303,7 +306,9 @@ class StripedStore:
                 self._shards[i].pop(mutation.key, None)
             record = mutation.record
             if record is not None:
-                self.sessions[i].add_if_absent(mutation.key, record[0], record[1], mutation.outcome)
+                self.sessions[i].add_if_absent(
+                    mutation.key, record[0], record[1], mutation.outcome, record[2]
+                )
         return count
 
     def write_snapshot(self) -> None:

@@ -128,6 +128,10 @@ class WriteAheadLog:
         self._appended = 0  # bytes appended since open (a position, not a file offset)
         self._synced = 0
         self._sync_lock = threading.Lock()
+        # Held around every fsync of a segment: an fsync of a duplicate can succeed right
+        # after one of the original failed (the error is reported once), so the failure is
+        # recorded before any other fsync's success is taken for one.
+        self._fsync_lock = threading.Lock()
         self._is_syncing = False  # an fsync is running
         self._next_sync: _SyncRound | None = None  # waiters for the fsync after it
         self._failure: str | None = None  # set for good when an fsync fails
@@ -209,7 +213,8 @@ class WriteAheadLog:
         self._segment_starts[segment] = self._appended
         if old >= 0:
             try:
-                os.fsync(old)
+                with self._fsync_lock:  # see _sync_now
+                    os.fsync(old)
             except OSError as exc:
                 # An fsync under way on a duplicate of it could succeed now, for bytes whose
                 # write-back just failed: nothing is known to be on disk any more.
@@ -335,7 +340,8 @@ class WriteAheadLog:
                 target = self._sync_now()
         finally:
             with self._sync_lock:
-                self._synced = max(self._synced, target)
+                if self._failure is None:  # (a switch of segments may have failed meanwhile)
+                    self._synced = max(self._synced, target)
                 following, self._next_sync = self._next_sync, None
                 self._is_syncing = following is not None
             round_.done.release()
@@ -349,7 +355,10 @@ class WriteAheadLog:
             target, fd = self._appended, os.dup(self._fd)
         began = time.monotonic()
         try:
-            os.fsync(fd)
+            with self._fsync_lock:  # a failed switch is recorded before this one's success
+                os.fsync(fd)
+                if self._failure is not None:
+                    return 0
         except OSError as exc:
             self._failure = f"fsync failed: {exc}"
             log.error("write-ahead log in %s: %s", self.directory, self._failure)
