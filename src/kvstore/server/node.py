@@ -34,6 +34,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -69,9 +70,6 @@ class StorageNode:
         self.primary_address = ""
         self._replicator: Replicator | None = None
         self._backup_lock = threading.Lock()
-        # Orders log appends and enqueues to the replicator (taken after a stripe lock and
-        # after _backup_lock, never before them).
-        self._sequence_lock = threading.Lock()
         self._wakeup = threading.Event()
         self._stopping = threading.Event()  # set once, when the node starts to stop
         self._stop_reason: NodeExit | None = None
@@ -90,6 +88,12 @@ class StorageNode:
         self.peer_secret = config.cluster_secret  # ... and prove the cluster secret
         if config.data_dir is not None:
             self._open_data_dir(Path(config.data_dir))
+        # Orders log appends and enqueues to the replicator (taken after a stripe lock and
+        # after _backup_lock, never before them), so that a batch is a range of the log (for
+        # a backup's catch-up). Without a log there is nothing to order: no lock.
+        self._sequence_lock: AbstractContextManager[Any] = (
+            threading.Lock() if self.store.log is not None else contextlib.nullcontext()
+        )
         self._follower = Follower(self)
         handler = NodeHandler(self, config.limits)
         if self._is_metered:
