@@ -133,13 +133,15 @@ def test_stripe_count_must_be_positive() -> None:
 
 def test_exactly_once_records_travel_with_the_stripe_snapshot() -> None:
     primary = StripedStore(8)
-    primary.apply_change("k", "v", ("client", 5, True, 1))
+    primary.apply_change("k", "v", ("client", 5, True, 4))
     _, _, records, _ = primary.snapshot_stripes(0, 1000)
-    assert records == [("k", "client", 5, True)]
+    assert records == [("k", "client", 5, True, 4)]  # with the client's floor
     backup = StripedStore(3)  # another stripe count (and hash seed) than the primary's
     backup.add_records(records)
     assert backup.sessions_for("k").outcome("client", 5) is True
     assert backup.sessions_for("k").outcome("client", 6) is None
+    with pytest.raises(errors.BadRequestError):  # a late retry the client moved past
+        backup.sessions_for("k").outcome("client", 3)
 
 
 def test_a_deleted_key_is_not_brought_back_by_an_older_copy_during_a_join() -> None:
@@ -163,7 +165,7 @@ def test_records_below_what_the_client_still_awaits_are_dropped() -> None:
         with pytest.raises(errors.BadRequestError):
             table.outcome("c", seq)
     assert table.outcome("c", 3) is True
-    assert list(table.items()) == [("k3", "c", 3, True)]
+    assert list(table.items()) == [("k3", "c", 3, True, 3)]
 
 
 def test_records_copied_from_a_snapshot_are_kept_until_the_client_has_its_answer() -> None:
@@ -172,7 +174,7 @@ def test_records_copied_from_a_snapshot_are_kept_until_the_client_has_its_answer
     table.record("k2", "c", 11, True, acked_below=5)  # 10 may still be retried
     assert table.outcome("c", 10) is True
     table.record("k3", "c", 12, True, acked_below=12)
-    assert list(table.items()) == [("k3", "c", 12, True)]
+    assert list(table.items()) == [("k3", "c", 12, True, 12)]
 
 
 def test_a_late_attempt_of_a_request_the_client_moved_past_is_refused_not_applied() -> None:

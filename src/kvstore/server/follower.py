@@ -532,7 +532,12 @@ class Follower:
                 "sync_fetch", meta.epoch, join_id, stripe, self._node.config.sync_chunk_entries
             )
             store.put_if_absent_many(chunk.keys, chunk.values)
-            store.add_records([(r.key, r.client_id, r.seq, r.outcome) for r in chunk.records or ()])
+            store.add_records(
+                [
+                    (r.key, r.client_id, r.seq, r.outcome, r.acked_below or 0)
+                    for r in chunk.records or ()
+                ]
+            )
             stripe = chunk.next_stripe
         store.forget_touched()
         if store.log is not None:

@@ -601,8 +601,9 @@ class StorageNode:
         keys, values, records, next_stripe = self.store.snapshot_stripes(
             first_stripe, max(1, max_entries), self.config.sync_chunk_bytes
         )
-        changes = [
-            Change(k, None, client_id, seq, outcome, 0) for k, client_id, seq, outcome in records
+        changes = [  # acked_below carries the client's floor (see sessions.outcome)
+            Change(k, None, client_id, seq, outcome, floor)
+            for k, client_id, seq, outcome, floor in records
         ]
         return SyncChunk(keys=keys, values=values, next_stripe=next_stripe, records=changes)
 

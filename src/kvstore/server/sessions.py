@@ -92,11 +92,12 @@ class SessionTable:
             del self._clients[client_id]
         self._next_sweep = now + self._ttl_s
 
-    def items(self) -> Iterator[tuple[str, str, int, bool]]:
-        """Every record as (key, client_id, seq, outcome), for state transfer."""
+    def items(self) -> Iterator[tuple[str, str, int, bool, int]]:
+        """Every record as (key, client_id, seq, outcome, floor), for state transfer and
+        snapshots (floor: the client's, see ``outcome``)."""
         for client_id, records in self._clients.items():
             for seq, (outcome, key) in records.outcomes.items():
-                yield key, client_id, seq, outcome
+                yield key, client_id, seq, outcome, records.floor
 
     def add_if_absent(
         self, key: str, client_id: str, seq: int, outcome: bool, acked_below: int = 0

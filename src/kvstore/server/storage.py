@@ -187,13 +187,13 @@ class StripedStore:
                     inserted += 1
         return inserted
 
-    def add_records(self, records: list[tuple[str, str, int, bool]]) -> None:
-        """Copy exactly-once records (key, client_id, seq, outcome) from a snapshot;
-        a record already present (forwarded meanwhile) wins."""
-        for key, client_id, seq, outcome in records:
+    def add_records(self, records: list[tuple[str, str, int, bool, int]]) -> None:
+        """Copy exactly-once records (key, client_id, seq, outcome, floor) from a primary's
+        stripes; a record already present (forwarded meanwhile) wins."""
+        for key, client_id, seq, outcome, floor in records:
             i = hash(key) % self.stripe_count
             with self._locks[i]:
-                self.sessions[i].add_if_absent(key, client_id, seq, outcome)
+                self.sessions[i].add_if_absent(key, client_id, seq, outcome, floor)
 
     def forget_touched(self) -> None:
         """The join is over: forwarded changes no longer need to shadow older copies."""
@@ -242,7 +242,7 @@ class StripedStore:
 
     def snapshot_stripes(
         self, first: int, max_entries: int, max_bytes: int = 1 << 62
-    ) -> tuple[list[str], list[str], list[tuple[str, str, int, bool]], int]:
+    ) -> tuple[list[str], list[str], list[tuple[str, str, int, bool, int]], int]:
         """Copy whole stripes from ``first`` on, until ``max_entries`` or ``max_bytes`` is reached.
 
         Returns (keys, values, records, next_stripe); records are the stripes' exactly-once
@@ -251,7 +251,7 @@ class StripedStore:
         """
         keys: list[str] = []
         values: list[str] = []
-        records: list[tuple[str, str, int, bool]] = []
+        records: list[tuple[str, str, int, bool, int]] = []
         size = 0
         i = first
         while i < self.stripe_count and len(keys) < max_entries and size < max_bytes:
@@ -325,7 +325,7 @@ class StripedStore:
             for first in range(0, len(items), SNAPSHOT_BULK_ENTRIES):
                 chunk = items[first : first + SNAPSHOT_BULK_ENTRIES]
                 yield wal.encode_bulk([k for k, _ in chunk], [v for _, v in chunk])
-            for key, client_id, seq, outcome in records:
+            for key, client_id, seq, outcome, _ in records:
                 yield wal.encode_record(key, client_id, seq, outcome)
 
     def __len__(self) -> int:
