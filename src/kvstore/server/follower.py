@@ -71,8 +71,11 @@ class Follower:
         self._former_names: set[str] = set()
         self._rename_asked_at = 0.0
         self._silent_logged: set[str] = set()  # addresses of listed nodes that did not answer
-        # A lease this node granted before it restarted runs out at most lease_s after this.
-        self._leases_out_at = time.monotonic() + node.config.lease_s
+        # A lease this node granted before it restarted runs out at most this long after
+        # now: its lease, or a longer one an earlier run granted (kept in its data directory).
+        lease_s = node.config.lease_s
+        wait_s = lease_s if node.store.log is None else node.store.log.lease_to_wait_out(lease_s)
+        self._leases_out_at: float | None = time.monotonic() + wait_s
         self._join_after = 0.0  # no join before (after one failed for a full disk)
         # The join whose batches extend a complete copy: their log positions are recorded.
         self._marking_join: str | None = None
@@ -335,7 +338,12 @@ class Follower:
         """Whether any read lease this node may have granted as a backup before it restarted
         has run out: a primary cut off from ZooKeeper (so not provably dead) may still
         serve reads on it, and must not while another primary takes writes."""
+        if self._leases_out_at is None:
+            return True
         if time.monotonic() >= self._leases_out_at:
+            self._leases_out_at = None
+            if self._node.store.log is not None:
+                self._node.store.log.lease_waited_out(self._node.config.lease_s)
             return True
         if not self._is_lease_wait_logged:
             self._is_lease_wait_logged = True

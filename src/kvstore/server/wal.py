@@ -103,6 +103,7 @@ FSYNC_MODES = ("always", "batch", "never")
 SNAPSHOT_FILE = "snapshot"
 INCOMPLETE_FILE = "incomplete"
 NODE_ID_FILE = "node-id"
+LEASE_FILE = "lease"  # the longest read lease this node may still have out, seconds
 
 
 # --------------------------------------------------------------------------- the log
@@ -151,6 +152,24 @@ class WriteAheadLog:
         # was last in sync: after recovery, and after a join completed. A reset (the store
         # was cleared to copy from a primary) makes it False until then.
         self.is_complete_copy = False
+
+    def lease_to_wait_out(self, lease_s: float) -> float:
+        """How long a node starting with ``lease_s`` must wait before it may take over:
+        its own lease or, if longer, one an earlier run granted and has not waited out
+        (recorded here until ``lease_waited_out``)."""
+        path = self.directory / LEASE_FILE
+        try:
+            earlier = float(path.read_text())
+        except (OSError, ValueError):
+            earlier = 0.0
+        longest = max(earlier, lease_s)
+        if longest != earlier:
+            _write_durably(path, f"{longest}\n".encode())
+        return longest
+
+    def lease_waited_out(self, lease_s: float) -> None:
+        """The wait is over: from now on only this run's ``lease_s`` may be out."""
+        _write_durably(self.directory / LEASE_FILE, f"{lease_s}\n".encode())
 
     def _node_id(self) -> str:
         path = self.directory / NODE_ID_FILE
