@@ -457,13 +457,7 @@ class StorageNode:
             ticket = None
             if replicator is not None:
                 with contextlib.suppress(BackupFailedError):  # it failed: dropped below
-                    if value is not None:
-                        ticket = replicator.enqueue(key, value, position, record)
-                    else:
-                        client_id, seq, acked_below = record or (None, 0, 0)
-                        ticket = replicator.enqueue_change(
-                            Change(key, None, client_id, seq, True, acked_below), position
-                        )
+                    ticket = replicator.enqueue(key, value, position, record)
         if replicator is not None:
             try:
                 if ticket is None:

@@ -153,28 +153,21 @@ class Replicator:
         BackupFailedError otherwise."""
         self.wait(self.enqueue(key, value, 0, record))
 
-    def replicate_change(self, change: Any) -> None:
-        """Like ``replicate`` for one Change (a delete)."""
-        self.wait(self.enqueue_change(change))
-
     def enqueue(
-        self, key: str, value: str, position: int = 0, record: RequestRecord | None = None
+        self, key: str, value: str | None, position: int = 0, record: RequestRecord | None = None
     ) -> _Ticket:
-        """Put ``key = value`` (with its exactly-once ``record``, if any) in the next batch;
-        ``wait`` for the ticket. Writes reach the backup in the order of their enqueue
-        calls. ``position``: the write's end in the primary's log (enqueued in log order;
-        0 without a log)."""
-        if record is not None and not self.takes_flat_records:
-            client_id, seq, acked_below = record
-            return self.enqueue_change(
-                Change(key, value, client_id, seq, True, acked_below), position
-            )
+        """Put ``key = value`` (a delete if ``value`` is None), with its exactly-once
+        ``record`` if any, in the next batch; ``wait`` for the ticket. Writes reach the
+        backup in the order of their enqueue calls. ``position``: the write's end in the
+        primary's log (enqueued in log order; 0 without a log). Deletes, and records for a
+        backup that does not read them flat, travel as Changes."""
+        if value is None or (record is not None and not self.takes_flat_records):
+            client_id, seq, acked_below = record or (None, 0, 0)
+            change = Change(key, value, client_id, seq, True, acked_below)
+            size = len(key) + len(value or "") + len(client_id or "")
+            return self._enqueue(None, None, None, change, size, position)
         chars = len(key) + len(value) + (0 if record is None else len(record[0]) + 8)
         return self._enqueue(key, value, record, None, chars, position)
-
-    def enqueue_change(self, change: Any, position: int = 0) -> _Ticket:
-        size = len(change.key) + len(change.value or "") + len(change.client_id or "")
-        return self._enqueue(None, None, None, change, size, position)
 
     def _enqueue(
         self,

@@ -81,19 +81,9 @@ class StripedStore:
             for key, value in zip(keys, values, strict=True):
                 position = self.put(key, value)
             return position
-        count, touched = self.stripe_count, self._touched
         for key, value, client_id, seq, acked_below in zip(keys, values, *records, strict=True):
-            i = hash(key) % count
-            with self._locks[i]:
-                # As in put: logged first (a full disk changes nothing), and marked touched
-                # during a catch-up (the replay must not bring back an older value).
-                record = (client_id, seq, acked_below) if client_id else None
-                position = self.log_write(key, value, record)
-                self._shards[i][key] = value
-                if touched is not None:
-                    touched[i].add(key)
-                if client_id:
-                    self.sessions[i].record(key, client_id, seq, True, acked_below)
+            record = (client_id, seq, True, acked_below) if client_id else None
+            position = self.apply_change(key, value, record)
         return position
 
     def log_write(self, key: str, value: str | None, record: RequestRecord | None = None) -> int:
