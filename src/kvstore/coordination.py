@@ -4,9 +4,10 @@ Layout under the parent path P (created by ``kv-createznode``):
 
 - ``P/node-0000000042`` — one ephemeral sequential znode per live node, data
   ``host:port`` (UTF-8). In a steady state the lowest sequence is the primary and
-  the next one the backup, as in the seed.
+  the next ones the backups (one with the seed's replication factor 2).
 - the data of P itself — :class:`ClusterMeta` as JSON: the epoch, the primary,
-  the *in-sync set* (the nodes holding every acknowledged write) and the address of
+  the replication factor N (how many copies: the primary and up to N - 1 in-sync
+  backups), the *in-sync set* (the nodes holding every acknowledged write) and the address of
   each of them (asked before anyone says DATA LOST: a member whose session expired has
   no znode but may still answer there). It is only ever
   changed by compare-and-set on P's version, so two nodes can never both win a
@@ -63,6 +64,8 @@ from kvstore.config import (
 log = logging.getLogger(__name__)
 
 MEMBER_PREFIX = "node-"
+DEFAULT_REPLICAS = 2  # the seed's: a primary and one backup
+MAX_REPLICAS = 9
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +91,8 @@ class ClusterMeta:
     # (name, durable id) of in-sync members with a data directory (the id survives their
     # restarts; member names stay plain node-<sequence>, so that names sort as sequences).
     ids: tuple[tuple[str, str], ...] = field(default=())
+    # How many copies the cluster keeps: the primary and up to replicas - 1 backups.
+    replicas: int = DEFAULT_REPLICAS
 
     def __post_init__(self) -> None:
         kept = sorted((n, a) for n, a in self.addresses if n in self.in_sync)
@@ -96,12 +101,12 @@ class ClusterMeta:
             self, "ids", tuple(sorted((n, i) for n, i in self.ids if n in self.in_sync))
         )
 
-    @classmethod
-    def alone(cls, epoch: int, name: str, address: str, durable: str | None = None) -> ClusterMeta:
+    def alone(self, epoch: int, name: str, address: str, durable: str | None = None) -> ClusterMeta:
         """``name`` at ``address`` primary of ``epoch``, the only member of the in-sync set
-        (``durable``: its durable id, if it keeps a data directory)."""
+        (``durable``: its durable id, if it keeps a data directory); the replication factor
+        is kept."""
         ids = ((name, durable),) if durable else ()
-        return cls(epoch, name, address, (name,), ((name, address),), ids)
+        return ClusterMeta(epoch, name, address, (name,), ((name, address),), ids, self.replicas)
 
     def durable_members(self) -> dict[str, str]:
         """{durable id: name} of the in-sync members that keep a data directory (names of
@@ -130,6 +135,7 @@ class ClusterMeta:
                 "in_sync": list(self.in_sync),
                 "addresses": dict(self.addresses),
                 "ids": dict(self.ids),
+                "replicas": self.replicas,
             },
             sort_keys=True,
         ).encode()
@@ -147,6 +153,7 @@ class ClusterMeta:
                 in_sync=tuple(raw["in_sync"]),
                 addresses=tuple((str(n), str(a)) for n, a in raw.get("addresses", {}).items()),
                 ids=tuple((str(n), str(i)) for n, i in raw.get("ids", {}).items()),
+                replicas=check_replicas(int(raw.get("replicas", DEFAULT_REPLICAS))),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise errors.CoordinationError(
@@ -189,9 +196,17 @@ def durable_id(name: str) -> str | None:
     return middle[:-1] if len(middle) > 1 and middle.endswith("-") else None
 
 
-def designated_backup(members: list[Member], primary: str) -> Member | None:
-    """The node that should be the backup: the lowest member other than the primary."""
-    return next((m for m in members if m.name != primary), None)
+def designated_backups(members: list[Member], primary: str, replicas: int) -> list[Member]:
+    """The nodes that should be the backups: the ``replicas - 1`` lowest members other than
+    the primary (the others wait as standbys)."""
+    return [m for m in members if m.name != primary][: max(0, replicas - 1)]
+
+
+def check_replicas(replicas: int) -> int:
+    """``replicas`` if it is a replication factor kvstore supports, else ValueError."""
+    if not 1 <= replicas <= MAX_REPLICAS:
+        raise ValueError(f"the replication factor must be 1 to {MAX_REPLICAS}, not {replicas}")
+    return replicas
 
 
 def split_auth(auth: str) -> tuple[str, str]:
@@ -284,18 +299,27 @@ def create_parent(
     auth: str | None = None,
     secure_existing: bool = False,
     tls: TlsConfig | None = None,
+    replicas: int | None = None,
 ) -> str:
     """Create ``path`` (and its parents; with ``auth``, with :func:`secure_acl`). With
-    ``reset``, clear its cluster metadata. With ``secure_existing`` (needs ``auth``), give
-    an existing parent and its members the secure ACL. Returns what was done."""
+    ``reset``, clear its cluster metadata (the replication factor is kept). With
+    ``secure_existing`` (needs ``auth``), give an existing parent and its members the secure
+    ACL. With ``replicas``, set the replication factor (by compare-and-set: a serving
+    primary adapts). Returns what was done."""
     if secure_existing and auth is None:
         raise errors.CoordinationError("securing an existing parent needs credentials")
+    if replicas is not None:
+        check_replicas(replicas)
     zk = connect(zk_connect, ZK_SESSION_TIMEOUT_S, timeout_s, auth, tls)
     try:
         with zookeeper_errors(f"creating {path}"):
             try:
-                zk.create(path, b"", makepath=True)
-                return "created" + (" (secure ACL)" if auth else "")
+                initial = b"" if replicas is None else ClusterMeta(replicas=replicas).to_bytes()
+                zk.create(path, initial, makepath=True)
+                done = ["created" + (" (secure ACL)" if auth else "")]
+                if replicas is not None:
+                    done.append(f"replication factor {replicas}")
+                return ", ".join(done)
             except NodeExistsError:
                 done = ["exists"]
             if secure_existing:
@@ -303,13 +327,37 @@ def create_parent(
                 done.append(_secure_existing(zk, path, auth))
             elif auth is not None and _is_world_writable(zk.get_acls(path)[0]):
                 done.append("but writable by anyone (--secure-existing tightens it)")
+            if reset or replicas is not None:
+                done.append(_set_meta(zk, path, reset, replicas))
             if reset:
-                zk.set(path, b"")
                 done[0] = "reset"  # as kv-createznode --reset always said
-            return ", ".join(done)
+            return ", ".join(d for d in done if d)
     finally:
         zk.stop()
         zk.close()
+
+
+def _set_meta(zk: KazooClient, path: str, reset: bool, replicas: int | None) -> str:
+    """Clear the metadata (``reset``; the replication factor stays) and/or set the
+    replication factor, by compare-and-set on the parent's version (a few tries)."""
+    for _ in range(5):
+        data, stat = zk.get(path)
+        try:
+            meta = ClusterMeta.from_bytes(data)
+        except errors.CoordinationError:
+            meta = ClusterMeta()  # not ours (say, a seed cluster's parent): replaced
+        wanted = ClusterMeta(replicas=meta.replicas) if reset else meta
+        if replicas is not None:
+            wanted = replace(wanted, replicas=replicas)
+        if wanted == meta:
+            return "" if replicas is None else f"replication factor {meta.replicas}"
+        data = b"" if wanted == ClusterMeta() else wanted.to_bytes()  # as a new parent has
+        try:
+            zk.set(path, data, version=stat.version)
+        except BadVersionError:
+            continue
+        return "" if replicas is None else f"replication factor {replicas} (was {meta.replicas})"
+    raise errors.CoordinationError(f"the metadata of {path} kept changing; try again")
 
 
 def _secure_existing(zk: KazooClient, path: str, auth: str) -> str:

@@ -93,8 +93,10 @@ def test_cluster_meta_round_trip_and_empty() -> None:
 
 
 def test_cluster_meta_keeps_the_addresses_of_in_sync_members() -> None:
-    meta = ClusterMeta.alone(2, "node-0000000001", "127.0.0.1:9091").with_in_sync(
-        ("node-0000000001", "node-0000000003"), {"node-0000000003": "127.0.0.1:9090"}
+    meta = (
+        ClusterMeta()
+        .alone(2, "node-0000000001", "127.0.0.1:9091")
+        .with_in_sync(("node-0000000001", "node-0000000003"), {"node-0000000003": "127.0.0.1:9090"})
     )
     assert ClusterMeta.from_bytes(meta.to_bytes()) == meta
     assert meta.address_of("node-0000000003") == "127.0.0.1:9090"
@@ -274,10 +276,14 @@ def test_the_primary_keeps_an_idle_replication_line_beside_the_busy_one() -> Non
 
 
 def test_durable_ids_are_kept_renamed_and_dropped_with_their_names() -> None:
-    meta = ClusterMeta.alone(2, "node-0000000001", "127.0.0.1:9091", "aaaa").with_in_sync(
-        ("node-0000000001", "node-0000000003"),
-        {"node-0000000003": "127.0.0.1:9090"},
-        {"node-0000000003": "bbbb"},
+    meta = (
+        ClusterMeta()
+        .alone(2, "node-0000000001", "127.0.0.1:9091", "aaaa")
+        .with_in_sync(
+            ("node-0000000001", "node-0000000003"),
+            {"node-0000000003": "127.0.0.1:9090"},
+            {"node-0000000003": "bbbb"},
+        )
     )
     assert ClusterMeta.from_bytes(meta.to_bytes()) == meta
     assert meta.durable_members() == {"aaaa": "node-0000000001", "bbbb": "node-0000000003"}

@@ -90,9 +90,14 @@ class Killer:
 
 
 def kill_all(cluster: LocalCluster) -> None:
-    """kill -9 every running node of ``cluster`` at once: all are signalled before any is
-    waited for (the processes this cluster started, by PID)."""
-    running = [node.process for node in cluster.nodes if node.is_running()]
+    """kill -9 every running node of ``cluster`` at once (see kill_nodes)."""
+    kill_nodes(cluster.nodes)
+
+
+def kill_nodes(nodes: list[NodeProcess]) -> None:
+    """kill -9 ``nodes`` at once: all are signalled before any is waited for (the processes
+    a cluster started, by PID)."""
+    running = [node.process for node in nodes if node.is_running()]
     for process in running:
         assert process is not None
         os.kill(process.pid, signal.SIGKILL)

@@ -15,7 +15,7 @@ from kvstore.cli.args import (
     zk_auth_from,
     zk_tls_from,
 )
-from kvstore.coordination import create_parent
+from kvstore.coordination import DEFAULT_REPLICAS, MAX_REPLICAS, create_parent
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -32,6 +32,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also clear the cluster metadata: the next node starts a NEW, EMPTY store. "
         "Only for when the data is lost anyway (every node holding it died)",
     )
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        metavar="N",
+        help=f"replication factor: how many copies of every write the cluster keeps (the "
+        f"primary and N - 1 in-sync backups; 1 to {MAX_REPLICAS}). Stored in the cluster "
+        f"metadata; default {DEFAULT_REPLICAS} (the seed's) for a new parent. On a serving "
+        "cluster the primary adapts: more backups join, or extra ones are let go",
+    )
     add_zk_auth_arguments(parser)
     parser.add_argument(
         "--secure-existing",
@@ -47,6 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(
             "--secure-existing needs credentials (--zk-auth, --zk-auth-file or $KV_ZK_AUTH)"
         )
+    if args.replicas is not None and not 1 <= args.replicas <= MAX_REPLICAS:
+        parser.error(f"--replicas must be 1 to {MAX_REPLICAS}")
     setup_logging("WARNING", is_quiet=True)
     try:
         outcome = create_parent(
@@ -56,6 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             auth=auth,
             secure_existing=args.secure_existing,
             tls=zk_tls,
+            replicas=args.replicas,
         )
     except errors.KVError as exc:
         report_error("kv-createznode", exc)

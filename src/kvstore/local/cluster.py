@@ -18,6 +18,7 @@ from typing import Any
 
 from kvstore import errors
 from kvstore.config import ClientConfig, TlsConfig
+from kvstore.coordination import DEFAULT_REPLICAS, create_parent
 from kvstore.local.certs import CertificateFiles, tls_args, write_zk_credentials
 from kvstore.local.processes import free_port, terminate, wait_until
 from kvstore.rpc import Connection, client_tls_context, probe
@@ -170,11 +171,14 @@ class LocalCluster:
         nodes: Sequence[NodeProcess] | None = None,
         client_tls: TlsConfig | None = None,
         client_zk_tls: TlsConfig | None = None,
+        replicas: int | None = None,
     ) -> None:
         """``nodes``: these (e.g. each in a network namespace) instead of ``size`` new ones.
         ``client_tls``: the client certificate loads against this cluster use (and
-        ``client_zk_tls`` for ZooKeeper's TLS port)."""
+        ``client_zk_tls`` for ZooKeeper's TLS port). ``replicas``: the replication factor
+        ``start`` creates the parent with (None: the parent's, or the default 2)."""
         self.zk_connect = zk_connect
+        self.replicas = replicas
         self.zk_path = zk_path
         self.client_tls = client_tls
         self.client_zk_tls = client_zk_tls
@@ -189,14 +193,35 @@ class LocalCluster:
         )
 
     def start(self, timeout_s: float = 30.0) -> None:
-        """Start the primary, then the others; the first node creates the parent path."""
+        """Start the primary, then the others, and wait until the backups are in sync; the
+        first node creates the parent path (or, with ``replicas``, ``start`` does)."""
+        if self.replicas is not None:
+            create_parent(self.zk_connect, self.zk_path, replicas=self.replicas)
         first, *rest = self.nodes
         first.start()
         first.wait_for_role(["primary"], timeout_s)
         for node in rest:
             node.start()
-        for node in rest[:1]:
-            node.wait_for_role(["backup"], timeout_s)
+        # Which of them become backups depends on the order they register in, not on the
+        # order they were started in.
+        backups = min(len(rest), (self.replicas or DEFAULT_REPLICAS) - 1)
+        if backups == 1 and len(rest) == 1:
+            rest[0].wait_for_role(["backup"], timeout_s)  # says why if it never does
+        elif backups > 0:
+            wait_until(
+                lambda: sum(self._role_of(node) == "backup" for node in rest) >= backups or None,
+                timeout_s,
+                lambda: f"fewer than {backups} backups after {timeout_s} s\n{self.logs()}",
+            )
+
+    @staticmethod
+    def _role_of(node: NodeProcess) -> str | None:
+        if node.process is not None and node.process.poll() is not None:
+            raise RuntimeError(
+                f"node {node.address} exited with {node.process.returncode}\n{node.log_tail()}"
+            )
+        status = node.status()
+        return None if status is None else str(status.role)
 
     def client_config(self) -> ClientConfig:
         """How a client (a load, a test) reaches this cluster."""

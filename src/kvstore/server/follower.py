@@ -3,7 +3,8 @@
 - A backup applies the primary's batches under its fence (epoch + join id) and grants
   a read lease with each; it takes over only from the in-sync set, by a CAS that bumps
   the epoch, after fencing the old primary and proving it dead or outliving the lease.
-- The designated backup (lowest member after the primary) joins: it empties its store,
+- A designated backup (one of the N - 1 lowest members after the primary, N the
+  replication factor) joins: it empties its store,
   has the primary forward puts to it, copies the primary's stripes (copies never
   overwrite forwarded entries) and confirms; the primary then adds it to the in-sync set.
 - With no live in-sync copy left, a node exits (DATA LOST) instead of serving.
@@ -40,7 +41,7 @@ import uuid
 from typing import Any
 
 from kvstore import errors
-from kvstore.coordination import ClusterMeta, Coordinator, Member, designated_backup
+from kvstore.coordination import ClusterMeta, Coordinator, Member, designated_backups
 from kvstore.rpc import Connection, probe
 from kvstore.server import wal
 from kvstore.server.replication import FLAT_RECORDS, BackupFence
@@ -200,7 +201,7 @@ class Follower:
 
     def _take_over(self, meta: ClusterMeta, version: int, names: set[str], why: str) -> None:
         coordinator = self._node.require_coordinator()
-        new_meta = ClusterMeta.alone(
+        new_meta = meta.alone(
             meta.epoch + 1, self._node.name, self._node.config.address, self._node.node_id
         )
         if not self._node.cas_confirmed(new_meta, version):
@@ -216,16 +217,15 @@ class Follower:
     def evaluate_standby(self, meta: ClusterMeta, version: int, members: list[Member]) -> None:
         if not meta.is_initialized:
             if members and members[0].name == self._node.name:
-                self._start_new_cluster(version)
+                self._start_new_cluster(meta, version)
             return
         names = {m.name for m in members}
         if not self._has_live_in_sync_member(meta, members):
             self._recover_or_give_up(meta, version, names)
             return
-        backup = designated_backup(members, meta.primary)
+        backups = designated_backups(members, meta.primary, meta.replicas)
         if (
-            backup is not None
-            and backup.name == self._node.name
+            any(backup.name == self._node.name for backup in backups)
             and time.monotonic() >= self._join_after
         ):
             self._join(meta, names)
@@ -298,9 +298,7 @@ class Follower:
             and not self._defers_to_lower(others)
             and self._has_no_lease_out()
         ):
-            new_meta = ClusterMeta.alone(
-                meta.epoch + 1, node.name, node.config.address, node.node_id
-            )
+            new_meta = meta.alone(meta.epoch + 1, node.name, node.config.address, node.node_id)
             if node.cas_confirmed(new_meta, version):
                 node.become_primary(
                     new_meta.epoch,
@@ -385,8 +383,8 @@ class Follower:
             tls=self._node.peer_tls,
         )
 
-    def _start_new_cluster(self, version: int) -> None:
-        meta = ClusterMeta.alone(1, self._node.name, self._node.config.address, self._node.node_id)
+    def _start_new_cluster(self, meta: ClusterMeta, version: int) -> None:
+        meta = meta.alone(1, self._node.name, self._node.config.address, self._node.node_id)
         if self._node.cas_confirmed(meta, version):
             self._node.become_primary(1, "started a new, empty store", "new")
 

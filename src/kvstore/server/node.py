@@ -6,13 +6,15 @@ Roles: starting -> standby -> syncing -> backup -> primary, or stopped.
 
 Invariants (see coordination.py for the ZooKeeper side):
 - Only the primary answers get/put/dump; everyone else refuses with NOT_PRIMARY.
-- The primary acknowledges a put only after its in-sync backup applied it, or after
-  it removed that backup from the in-sync set by CAS. It applies the put locally
+- The primary acknowledges a put only after each of its in-sync backups (up to the
+  replication factor N minus one) applied it, or after it removed that backup from the
+  in-sync set by CAS. It applies the put locally
   only then, still under the key's stripe write lock: nobody reads a value that
   could still be lost. With a data directory it logs the put *before* forwarding it,
   and logs and forwards in one order (see _log_and_replicate, catchup.py).
-- The primary answers reads only while it holds a lease from its in-sync backup.
-- A backup takes over only if it is in the in-sync set, by a CAS that bumps the
+- The primary answers reads only while it holds a lease from every in-sync backup.
+- A backup takes over only if it is in the in-sync set (any of them may: the CAS picks
+  one, the others rejoin the new primary), by a CAS that bumps the
   epoch, and only after it stopped accepting the old primary (fence) and either
   proved the old primary dead (connection refused, or another process answers at
   its address) or let the lease it granted run out.
@@ -40,7 +42,14 @@ from typing import Any
 
 from kvstore import errors
 from kvstore.config import NodeConfig, TlsConfig
-from kvstore.coordination import ClusterMeta, Coordinator, Member, connect, designated_backup
+from kvstore.coordination import (
+    DEFAULT_REPLICAS,
+    ClusterMeta,
+    Coordinator,
+    Member,
+    connect,
+    designated_backups,
+)
 from kvstore.idl import Change, KeyValueService, NodeStatus, SyncChunk
 from kvstore.rpc import CONNECTION_METHODS, RpcServer, client_tls_context, server_tls_context
 from kvstore.server import catchup
@@ -68,7 +77,10 @@ class StorageNode:
         self.epoch = 0
         self.name = ""
         self.primary_address = ""
-        self._replicator: Replicator | None = None
+        # One per backup (joining or in sync); replaced whole, under _backup_lock (and under
+        # _sequence_lock when one is added), so the write path reads it without a lock.
+        self._replicators: tuple[Replicator, ...] = ()
+        self._replicas = DEFAULT_REPLICAS  # the replication factor, from the metadata
         self._backup_lock = threading.Lock()
         self._wakeup = threading.Event()
         self._stopping = threading.Event()  # set once, when the node starts to stop
@@ -198,10 +210,10 @@ class StorageNode:
             self.name,
             reason,
         )
-        with self._backup_lock:  # first: it releases puts waiting for their backup
-            if self._replicator is not None:
-                self._replicator.close()
-                self._replicator = None
+        with self._backup_lock:  # first: it releases puts waiting for their backups
+            replicators, self._replicators = self._replicators, ()
+            for replicator in replicators:
+                replicator.close()
         self.server.close()  # and waits (bounded) for its connection threads to end
         if self._coordinator is not None:
             self._coordinator.close()
@@ -275,6 +287,7 @@ class StorageNode:
             members = self._register_again(coordinator)
         self.primary_address = meta.primary_address
         self._in_sync_size = len(meta.in_sync)
+        self._replicas = meta.replicas
         # Our takeover's CAS landed but its reply was lost, then the session expired and
         # we registered again: the metadata names us primary by a former name.
         if (
@@ -363,14 +376,33 @@ class StorageNode:
         if meta.epoch != self.epoch or meta.primary != self.name:
             raise NodeExit(EXIT_RESTART, f"deposed: epoch {meta.epoch} primary is {meta.primary}")
         self._remove_dead_backups(members)
+        if len(self._replicators) >= meta.replicas:
+            self._let_extra_backups_go(members, meta.replicas)
+
+    def _let_extra_backups_go(self, members: list[Member], replicas: int) -> None:
+        """The replication factor went down (kv-createznode --replicas): replicate no more
+        to the backups beyond it, those not designated (or joining) first."""
+        designated = {m.name for m in designated_backups(members, self.name, replicas)}
+        with self._backup_lock:
+            extra = sorted(
+                self._replicators,
+                key=lambda r: (r.backup.name in designated, r.is_in_sync, r.backup.sequence),
+            )[: max(0, len(self._replicators) - (replicas - 1))]
+            for replicator in extra:
+                self._retire_backup(replicator)
+                log.warning(
+                    "let backup %s go: the replication factor is %d",
+                    replicator.backup.name,
+                    replicas,
+                )
 
     def _heartbeat_if_due(self) -> None:
-        replicator = self._replicator
-        if replicator is not None and (
-            replicator.wants_spare_line
-            or time.monotonic() - replicator.last_send_at >= self.config.heartbeat_interval_s
-        ):
-            self._heartbeat(replicator)
+        for replicator in self._replicators:
+            if (
+                replicator.wants_spare_line
+                or time.monotonic() - replicator.last_send_at >= self.config.heartbeat_interval_s
+            ):
+                self._heartbeat(replicator)
 
     def _heartbeat(self, replicator: Replicator) -> None:
         """Renew the lease (and check the backup); a failed heartbeat drops the backup."""
@@ -453,12 +485,14 @@ class StorageNode:
         """
         with self._sequence_lock:
             position = self.store.log_write(key, value, record)
-            replicator = self._replicator
-            ticket = None
-            if replicator is not None:
+            replicators = self._replicators
+            tickets = []
+            for replicator in replicators:
+                ticket = None
                 with contextlib.suppress(BackupFailedError):  # it failed: dropped below
                     ticket = replicator.enqueue(key, value, position, record)
-        if replicator is not None:
+                tickets.append(ticket)
+        for replicator, ticket in zip(replicators, tickets, strict=True):
             try:
                 if ticket is None:
                     raise BackupFailedError(f"replication to {replicator.backup.address} failed")
@@ -493,9 +527,9 @@ class StorageNode:
         a heartbeat the backup accepts now proves it had not taken over (and accepted
         writes) by then.
         """
-        replicator = self._replicator
-        if replicator is not None and replicator.is_in_sync and not replicator.has_lease:
-            self._heartbeat(replicator)
+        for replicator in self._replicators:
+            if replicator.is_in_sync and not replicator.has_lease:
+                self._heartbeat(replicator)
         self.check_primary()
 
     def _observe_batch(self, seconds: float, entries: int) -> None:
@@ -506,7 +540,7 @@ class StorageNode:
     def _drop_backup(self, replicator: Replicator, reason: str) -> None:
         """Stop replicating to a failed backup; first remove it from the in-sync set."""
         with self._backup_lock:
-            if replicator is not self._replicator:
+            if replicator not in self._replicators:
                 return  # already dropped (or replaced) by another thread
             self._retire_backup(replicator)
         log.warning(
@@ -517,12 +551,12 @@ class StorageNode:
 
     def _retire_backup(self, replicator: Replicator) -> None:
         """Replicate to this backup no more; first remove it from the in-sync set if it is
-        in it. Call with ``_backup_lock`` held, for the current replicator."""
+        in it. Call with ``_backup_lock`` held, for a current replicator."""
         catchup.unpin(self.store.log, replicator)
         if replicator.is_in_sync:
             names = replicator.names  # its former names too: a rename's CAS may have landed
             self._update_meta(lambda m: m.without_in_sync(*names))
-        self._replicator = None
+        self._replicators = tuple(r for r in self._replicators if r is not replicator)
         replicator.close()
 
     def _update_meta(self, change: Callable[[ClusterMeta], ClusterMeta]) -> None:
@@ -553,12 +587,13 @@ class StorageNode:
         self.check_primary(epoch)
         coordinator = self.require_coordinator()
         coordinator.refresh()
-        backup = designated_backup(coordinator.members(), self.name)
-        if backup is None or backup.name != backup_name:
-            raise errors.UnavailableError(f"{backup_name} is not the designated backup")
+        replicas = coordinator.meta()[0].replicas
+        designated = designated_backups(coordinator.members(), self.name, replicas)
+        backup = next((m for m in designated if m.name == backup_name), None)
+        if backup is None:
+            raise errors.UnavailableError(f"{backup_name} is not a designated backup")
         with self._backup_lock:
-            if self._replicator is not None:
-                self._retire_backup(self._replicator)
+            self._make_room_for(backup, {m.name for m in designated}, replicas)
             lease_s = min(self.config.lease_s, lease_ms / 1000)  # the shorter lease rules
             replicator = Replicator(
                 backup,
@@ -571,14 +606,37 @@ class StorageNode:
                 self.peer_secret,
                 # the backup reads frames up to its own limit; ours is the same by default
                 self.config.limits.max_frame_bytes // 2,
+                has_sender=replicas > 2,  # several backups: their lines work in parallel
             )
             replicator.durable_id = durable
             replicator.takes_flat_records = protocol >= FLAT_RECORDS
             with self._sequence_lock:  # writes logged from here on are forwarded to it
-                self._replicator = replicator
+                self._replicators = (*self._replicators, replicator)
                 why_not = catchup.plan(self.store.log, self.epoch, replicator, since)
         log.info("backup %s (%s) joining: %s", backup_name, backup.address, why_not)
         return self.store.stripe_count
+
+    def _make_room_for(self, backup: Member, designated: set[str], replicas: int) -> None:
+        """Before ``backup`` joins: stop replicating to an earlier join of it (it restarted,
+        or starts over), and to backups beyond the replication factor, those no longer
+        designated first (say, one that registered again). Call with ``_backup_lock`` held."""
+        for replicator in self._replicators:
+            if replicator.backup.address == backup.address or backup.name in replicator.names:
+                self._retire_backup(replicator)
+        extra = len(self._replicators) - (replicas - 2)
+        if extra > 0:
+            ranked = sorted(
+                self._replicators,
+                key=lambda r: (r.backup.name in designated, r.is_in_sync, r.backup.sequence),
+            )
+            for replicator in ranked[:extra]:
+                log.warning(
+                    "let backup %s go for %s: the replication factor is %d",
+                    replicator.backup.name,
+                    backup.name,
+                    replicas,
+                )
+                self._retire_backup(replicator)
 
     def sync_log(self, epoch: int, join_id: str, position: int, max_bytes: int) -> object:
         """The next records of a join's catch-up (see catchup.py)."""
@@ -612,7 +670,11 @@ class StorageNode:
             backup_name = replicator.backup.name
             addresses = {self.name: self.config.address, backup_name: replicator.backup.address}
             ids = {self.name: self.node_id, backup_name: replicator.durable_id}
-            self._update_meta(lambda m: m.with_in_sync((self.name, backup_name), addresses, ids))
+            self._update_meta(
+                lambda m: m.with_in_sync(
+                    tuple(dict.fromkeys((self.name, *m.in_sync, backup_name))), addresses, ids
+                )
+            )
         log.info("backup %s is in sync (%d keys)", backup_name, len(self.store))
 
     def rename_backup(self, epoch: int, join_id: str, new_name: str) -> None:
@@ -642,10 +704,10 @@ class StorageNode:
         )
 
     def _require_joining(self, join_id: str) -> Replicator:
-        replicator = self._replicator
-        if replicator is None or replicator.join_id != join_id or replicator.is_broken:
-            raise errors.UnavailableError(f"join {join_id} is not in progress (it was reset)")
-        return replicator
+        for replicator in self._replicators:
+            if replicator.join_id == join_id and not replicator.is_broken:
+                return replicator
+        raise errors.UnavailableError(f"join {join_id} is not in progress (it was reset)")
 
     def check_primary(self, epoch: int | None = None) -> None:
         if self.role != Role.PRIMARY:

@@ -5,7 +5,9 @@ Invariants:
   lock, so puts to one key reach the backup one at a time, in the order they are
   applied on the primary. Puts to different keys travel together: writes that arrive
   while a batch is on the wire are gathered into the next one (group commit), which
-  one of their threads sends when the line is free. At most one batch is in flight.
+  one of their threads sends when the line is free (or, for a primary with several
+  backups, the replicator's own sender thread, so that the lines work in parallel). At
+  most one batch is in flight per backup.
 - ``replicate`` returns only after the backup applied the entry (ack after apply):
   the batch holding it came back.
 - Once a send fails the replicator is broken for good; every later caller gets
@@ -109,7 +111,11 @@ class Replicator:
         tls: Any = None,  # the node's client TLS context (rpc.client_tls_context), if any
         secret: bytes | None = None,  # the cluster secret, proven on each new line
         max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+        has_sender: bool = False,
     ) -> None:
+        """``has_sender``: batches go out on a thread of this replicator's own instead of
+        the thread that opened them (so that a primary with several backups waits for them
+        in parallel; with one, the opener sending saves a thread hand-off per batch)."""
         self._tls = tls
         self._secret = secret
         self._observe = observe  # (seconds, entries) of each batch that went through
@@ -137,6 +143,15 @@ class Replicator:
         self._max_batch_bytes = max_batch_bytes
         self._queue: deque[_Batch] = deque()  # waiting to be sent, oldest first
         self._is_line_busy = False  # a batch is on the wire
+        self._is_closed = False
+        self._sender_work: threading.Semaphore | None = None
+        if has_sender:
+            # Released once per batch opened, and once by close: the sender's wake-ups.
+            self._sender_work = threading.Semaphore(0)
+            self._is_line_busy = True  # openers never send: the sender does
+            threading.Thread(
+                target=self._sender_loop, name=f"replicate-{backup.address}", daemon=True
+            ).start()
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -214,6 +229,10 @@ class Replicator:
             if is_line_free:  # then the queue held nothing else
                 self._is_line_busy = True
                 queue.popleft()
+        if self._sender_work is not None:
+            if is_opener:
+                self._sender_work.release()
+            return batch, False, False  # the sender sends it; wait for its reply
         return batch, is_opener, is_line_free
 
     def wait(self, ticket: _Ticket) -> None:
@@ -247,6 +266,32 @@ class Replicator:
                 self._is_line_busy = following is not None
             if following is not None:
                 following.turn.release()
+
+    def _sender_loop(self) -> None:
+        """Send the queued batches one at a time, oldest first, until closed (then fail the
+        ones left: ``_send`` refuses at once on a broken line)."""
+        work = self._sender_work
+        assert work is not None
+        while True:
+            work.acquire()
+            with self._lock:
+                if not self._queue:
+                    return  # closed (every release but close's comes with a batch)
+                batch = self._queue.popleft()
+            try:
+                records = (
+                    None if batch.clients is None else (batch.clients, batch.seqs, batch.acked)
+                )
+                self._send(
+                    batch.keys, batch.values, batch.changes or None, batch.end_position, records
+                )
+            except BackupFailedError as exc:
+                batch.error = exc
+            except Exception as exc:  # never leave the batch's threads waiting
+                batch.error = BackupFailedError(f"replication to {self.backup.address}: {exc!r}")
+                self._break()
+            finally:
+                batch.done.release()
 
     @property
     def wants_spare_line(self) -> bool:
@@ -332,10 +377,14 @@ class Replicator:
     def close(self) -> None:
         """Stop for good; connections in use fail their call, none is reopened."""
         with self._lock:
+            is_first_close = not self._is_closed
+            self._is_closed = True
             self.is_broken = True
             connections, self._all, self._idle = self._all, [], []
         for conn in connections:
             conn.shut()
+        if self._sender_work is not None and is_first_close:
+            self._sender_work.release()  # the sender fails what is queued, then ends
 
 
 class BackupFence:

@@ -1,0 +1,212 @@
+"""Replication factor N = 3 (``kv-createznode --replicas 3``): three in-sync copies.
+
+- In memory, four nodes (the fourth a standby), under load: the primary killed -9 (both
+  backups may take over: one wins, the other rejoins it, the standby joins); then the
+  primary and a backup at the same moment (the last backup takes over alone). The clients
+  ride through, and each history (plus a read of every key afterwards) passes the checker.
+  Then the replication factor goes down to 2 on the serving cluster: a backup is let go.
+- On disk: every node killed -9 at once under write load, restarted one by one with the
+  primary last: every acknowledged write is still there (the checker again).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from test_crash import append_final_reads, assert_progress_after_each_kill, check_history
+
+import kvstore
+from kvstore.bench import faults, load, storage
+from kvstore.bench.workload import Workload, key_names, summary_lines
+from kvstore.check.history import WRITE
+from kvstore.coordination import ClusterMeta, connect, create_parent
+from kvstore.local.cluster import LocalCluster, NodeProcess
+from kvstore.local.processes import wait_until
+
+pytestmark = pytest.mark.faults
+
+THREADS = 4
+KEYS = 200
+KILL_AT_S = 2.5
+WRITER_TID = 2_000_000  # above the load's and the final reader's thread ids
+SESSION_TIMEOUT_S = 3.0  # of nodes killed for good: their znodes go sooner
+
+
+def read_meta(cluster: LocalCluster) -> ClusterMeta:
+    zk = connect(cluster.zk_connect, 10.0, 10.0)
+    try:
+        return ClusterMeta.from_bytes(zk.get(cluster.zk_path)[0])
+    finally:
+        zk.stop()
+        zk.close()
+
+
+def roles(cluster: LocalCluster) -> dict[str, list[NodeProcess]]:
+    found: dict[str, list[NodeProcess]] = {}
+    for node in cluster.nodes:
+        status = node.status() if node.is_running() else None
+        found.setdefault(status.role if status else "down", []).append(node)
+    return found
+
+
+def describe(found: dict[str, list[NodeProcess]]) -> str:
+    return ", ".join(f"{role}: {[n.address for n in nodes]}" for role, nodes in found.items())
+
+
+def wait_for_roles(cluster: LocalCluster, wanted: dict[str, int], timeout_s: float = 30.0) -> None:
+    def matches() -> bool | None:
+        now = roles(cluster)
+        return all(len(now.get(role, [])) == count for role, count in wanted.items()) or None
+
+    wait_until(
+        matches,
+        timeout_s,
+        lambda: f"roles never became {wanted}: {describe(roles(cluster))}\n{cluster.logs()}",
+    )
+
+
+def replicated_cluster(zk_server, zk_path: str, directory: Path, size: int) -> LocalCluster:
+    cluster = LocalCluster(zk_server.connect_string, zk_path, directory, size=size, replicas=3)
+    for node in cluster.nodes:
+        node.extra_args += ["--session-timeout", str(SESSION_TIMEOUT_S)]
+    return cluster
+
+
+def run_killing(
+    cluster: LocalCluster,
+    pick: Callable[[dict[str, list[NodeProcess]]], list[NodeProcess]],
+    tmp_path: Path,
+    seed: int,
+) -> list[NodeProcess]:
+    """6 s of load; KILL_AT_S in, kill -9 the nodes ``pick`` chooses (by role) at the same
+    moment, not restarted. Checks the history, plus a read of every key afterwards, and
+    that the clients went on after the kill. Returns the killed nodes."""
+    with kvstore.Client(cluster.zk_connect, cluster.zk_path, timeout=30) as kv:
+        before = kv.get_many(list(key_names(KEYS)))  # an earlier run's values
+    start_ns = time.monotonic_ns()
+    killed_at_s: list[float] = []
+    victims: list[NodeProcess] = []
+
+    def kill() -> None:
+        time.sleep(KILL_AT_S)  # the fault's schedule, not a wait for readiness
+        victims.extend(pick(roles(cluster)))
+        faults.kill_nodes(victims)
+        killed_at_s.append((time.monotonic_ns() - start_ns) / 1e9)
+
+    killer = threading.Thread(target=kill, daemon=True)
+    killer.start()
+    try:
+        result = load.run(
+            Workload(THREADS, 6.0, KEYS, seed=seed), cluster.client_config(), start_ns
+        )
+    finally:
+        killer.join(timeout=30)
+    assert killed_at_s, "the load ended before the kill"
+    for i, (key, value) in enumerate(before.items()):  # as writes done before the load
+        if value is not None:
+            result.events.append((0, False, WRITER_TID + i, WRITE, key, value))
+            result.events.append((1, True, WRITER_TID + i, WRITE, key, None))
+    assert_progress_after_each_kill(result, [(killed_at_s[0], "the victims")])
+    cluster.wait_for("primary")
+    append_final_reads(result, cluster, list(key_names(KEYS)), start_ns)
+    tmp_path.mkdir(exist_ok=True)
+    check_history(result, tmp_path)
+    print(
+        f"\nkilled {len(victims)} at {killed_at_s[0]:.2f} s: " + " | ".join(summary_lines(result))
+    )
+    return victims
+
+
+def test_three_copies_ride_through_failures_of_two_nodes(
+    zk_server, zk_path: str, tmp_path: Path
+) -> None:
+    cluster = replicated_cluster(zk_server, zk_path, tmp_path / "nodes", size=4)
+    try:
+        cluster.start()
+        wait_for_roles(cluster, {"primary": 1, "backup": 2, "standby": 1})
+        meta = read_meta(cluster)
+        assert meta.replicas == 3 and len(meta.in_sync) == 3, meta
+
+        # The primary alone: both backups may take over, one wins, the other rejoins it; the
+        # standby joins as the third copy.
+        down = run_killing(cluster, lambda now: now["primary"][:1], tmp_path / "one", seed=31)
+        wait_for_roles(cluster, {"primary": 1, "backup": 2, "down": 1})
+        assert len(read_meta(cluster).in_sync) == 3
+
+        # The primary and a backup at the same moment: the last backup takes over alone.
+        down += run_killing(
+            cluster, lambda now: [now["primary"][0], now["backup"][0]], tmp_path / "two", seed=32
+        )
+        wait_for_roles(cluster, {"primary": 1, "down": 3})
+
+        # The killed nodes come back: two backups, the third waits as a standby.
+        for node in down:
+            node.start()
+        wait_for_roles(cluster, {"primary": 1, "backup": 2, "standby": 1})
+        assert len(read_meta(cluster).in_sync) == 3
+
+        # Fewer copies on the serving cluster: the primary lets one backup go.
+        create_parent(cluster.zk_connect, cluster.zk_path, replicas=2)
+        wait_for_roles(cluster, {"primary": 1, "backup": 1, "standby": 2})
+        meta = read_meta(cluster)
+        assert meta.replicas == 2 and len(meta.in_sync) == 2, meta
+    finally:
+        cluster.stop()
+
+
+def test_acknowledged_writes_survive_kill_9_of_three_nodes_on_disk(
+    zk_server, zk_path: str, tmp_path: Path
+) -> None:
+    cluster = replicated_cluster(zk_server, zk_path, tmp_path / "nodes", size=3)
+    storage.use_storage(cluster, "disk", tmp_path / "data")
+    try:
+        cluster.start()
+        wait_for_roles(cluster, {"primary": 1, "backup": 2})
+        start_ns = time.monotonic_ns()
+        killed_at_s: list[float] = []
+        stop = threading.Event()
+
+        def kill_all_then_restart_primary_last() -> None:
+            if stop.wait(KILL_AT_S):
+                return
+            now = roles(cluster)
+            order = [*now.get("backup", []), *now.get("primary", [])]
+            faults.kill_all(cluster)
+            killed_at_s.append((time.monotonic_ns() - start_ns) / 1e9)
+            for node in order:
+                node.start()
+                if stop.wait(0.5):  # the restart schedule
+                    return
+
+        killer = threading.Thread(target=kill_all_then_restart_primary_last, daemon=True)
+        killer.start()
+        workload = Workload(THREADS, 10.0, KEYS, write_ratio=0.7, seed=32)
+        try:
+            result = load.run(workload, cluster.client_config(), start_ns)
+        finally:
+            stop.set()
+            killer.join(timeout=30)
+        assert killed_at_s, "the load ended before the nodes were killed"
+        kill_ns = int(killed_at_s[0] * 1e9)
+        acknowledged = {
+            key
+            for t, is_response, _, kind, key, _ in result.events
+            if is_response and kind == WRITE and t < kill_ns
+        }
+        assert len(acknowledged) > KEYS // 2, f"only {len(acknowledged)} keys written before"
+        assert_progress_after_each_kill(result, [(killed_at_s[0], "every node")])
+        cluster.wait_for("primary", timeout_s=30)
+        append_final_reads(result, cluster, list(key_names(KEYS)), start_ns)
+        verdict = check_history(result, tmp_path)
+        assert verdict.key_count == KEYS
+        wait_for_roles(cluster, {"primary": 1, "backup": 2})
+        print(
+            f"\nall three killed at {killed_at_s[0]:.2f} s; {len(acknowledged)} keys acknowledged "
+            "before; " + " | ".join(summary_lines(result))
+        )
+    finally:
+        cluster.stop()
