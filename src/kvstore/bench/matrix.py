@@ -65,6 +65,7 @@ class Scenario:
     dist: str = "uniform"  # one of KEY_DISTRIBUTIONS (kvstore.bench.keys)
     rate: float = 0.0  # target ops/s of the whole load (open loop); 0: closed loop
     transport: str = "plain"  # one of TRANSPORTS
+    replicas: int = 2  # the replication factor (kv-createznode --replicas): N nodes, N copies
 
     @property
     def mix(self) -> str:
@@ -79,6 +80,7 @@ class Scenario:
             + ("" if self.dist == "uniform" else f"-{self.dist}")
             + (f"-rate{self.rate:g}" if self.rate else "")
             + ("" if self.transport == "plain" else f"-{self.transport}")
+            + ("" if self.replicas == 2 else f"-n{self.replicas}")
         )
 
     def workload(self, seconds: float, zipfian_theta: float = ZIPFIAN_THETA) -> Workload:
@@ -112,6 +114,7 @@ DIMENSIONS = (
     "dist",
     "rate",
     "transport",
+    "replicas",
 )
 # plain: plaintext Thrift (the programs' default). tls: mutual TLS 1.3 from the client to
 # the nodes and between the nodes, certificates from a throwaway CA (kv-certs) for the run.
@@ -140,6 +143,7 @@ class Matrix:
     dist: tuple[str, ...] = ("uniform",)
     rate: tuple[float, ...] = (0.0,)
     transport: tuple[str, ...] = ("plain",)
+    replicas: tuple[int, ...] = (2,)
 
     def scenarios(self, full: bool = False) -> list[Scenario]:
         """The cross product if ``full``; else the baseline, then one dimension varied at a time.
@@ -199,7 +203,12 @@ def run_scenario(
     node_args = list(_PLACEMENT_ARGS[scenario.placement])
     run_id = uuid.uuid4().hex[:8]
     cluster = LocalCluster(
-        zk_connect, f"/kv-bench-{run_id}", workdir / scenario.name, node_args=node_args
+        zk_connect,
+        f"/kv-bench-{run_id}",
+        workdir / scenario.name,
+        size=scenario.replicas,
+        node_args=node_args,
+        replicas=None if scenario.replicas == 2 else scenario.replicas,
     )
     data_dir = storage.use_storage(
         cluster, scenario.storage, workdir / scenario.name / f"data-{run_id}"
@@ -344,6 +353,7 @@ COLUMNS = (
     ("dist", "dist", 7, "{}"),
     ("rate", "rate", 6, "{:.0f}"),
     ("transport", "trans", 5, "{}"),
+    ("replicas", "N", 2, "{}"),
     ("throughput", "ops/s", 7, "{:.0f}"),
     ("p50_ms", "p50ms", 6, "{:.3f}"),
     ("p99_ms", "p99ms", 6, "{:.3f}"),
@@ -420,6 +430,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[str]:
         ("client", "shared-noeo", "per-thread"),
         ("client", "shared", "shared-noeo"),  # what exactly-once costs
         ("transport", "tls", "plain"),
+        *(("replicas", n, 2) for n in sorted({r.get("replicas", 2) for r in rows}) if n != 2),
     ):
         lines.extend(_ratio_lines(groups, medians, dimension, kind, base))
     return lines
@@ -429,14 +440,14 @@ def _ratio_lines(
     groups: dict[str, list[dict[str, Any]]],
     medians: dict[str, float],
     dimension: str,
-    kind: str,
-    base: str,
+    kind: Any,
+    base: Any,
 ) -> list[str]:
     """For each configuration with ``dimension`` = ``kind``: its median throughput and
     latencies as ratios to the same configuration's with ``base`` (same session: same
     machine state, as far as the rounds can make it)."""
     lines = []
-    defaults = {"storage": "memory", "client": "per-thread", "transport": "plain"}
+    defaults = {"storage": "memory", "client": "per-thread", "transport": "plain", "replicas": 2}
     for name, group in groups.items():
         if group[0].get(dimension, defaults[dimension]) != kind:
             continue
@@ -449,7 +460,8 @@ def _ratio_lines(
             theirs = statistics.median(r[key] for r in groups[twin])
             if theirs > 0:
                 ratios.append(f"{title} {mine / theirs:.2f}")
-        lines.append(f"{name}: {kind}/{base} {', '.join(ratios)}")
+        label = f"n{kind}/n{base}" if dimension == "replicas" else f"{kind}/{base}"
+        lines.append(f"{name}: {label} {', '.join(ratios)}")
     return lines
 
 

@@ -25,6 +25,7 @@ from kvstore.cli.args import (
     report_error,
     setup_logging,
 )
+from kvstore.coordination import MAX_REPLICAS
 from kvstore.local.zkserver import ZooKeeperServer
 
 
@@ -49,6 +50,13 @@ def _client_list(text: str) -> tuple[str, ...]:
 
 def _storage_list(text: str) -> tuple[str, ...]:
     return choice_list(text, STORAGE_KINDS, "storage kinds")
+
+
+def _replicas_list(text: str) -> tuple[int, ...]:
+    values = int_list(text)
+    if not all(1 <= n <= MAX_REPLICAS for n in values):
+        raise argparse.ArgumentTypeError(f"replication factors are 1 to {MAX_REPLICAS}: {text!r}")
+    return values
 
 
 def _transport_list(text: str) -> tuple[str, ...]:
@@ -194,6 +202,15 @@ def _add_matrix_arguments(parser: argparse.ArgumentParser) -> None:
         "throwaway CA made for the run, as kv-certs writes them); the summary prints "
         "tls/plain, same session "
         "(default plain)",
+    )
+    parser.add_argument(
+        "--replicas",
+        type=_replicas_list,
+        default=(2,),
+        metavar="LIST",
+        help="replication factor(s) N: a cluster of N nodes keeping N copies of every write "
+        "(kv-createznode --replicas N); the summary prints e.g. n3/n2, same session "
+        "(default 2, the seed's)",
     )
     add_load_shape_arguments(parser, is_list=True)
 
@@ -343,6 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.dist,
             args.rate,
             args.transport,
+            args.replicas,
         )
     )
     try:
