@@ -55,7 +55,8 @@ def test_status_lists_both_nodes(cluster: LocalCluster) -> None:
     assert all(n["is_in_sync"] and n["keys"] == 1 for n in nodes)
     table = kv(cluster, "status").stdout.splitlines()
     assert table[0].split() == ["NODE", "ADDRESS", "ROLE", "EPOCH", "IN-SYNC", "KEYS"]
-    assert len(table) == 3
+    assert len(table) == 4
+    assert table[3] == "replication factor 2: 2 in sync"
 
 
 def test_unreachable_zookeeper_is_one_line_and_exit_2() -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from kvstore.cli import COMMANDS
+from kvstore.coordination import ClusterMeta, connect
 
 TIMEOUT_S = 60
 INTERNAL_NAMES = re.compile(r"the seed\b|seed's|seed-style|WatCA|KeyValueService|i\*1000", re.I)
@@ -89,3 +90,18 @@ def test_node_logs_can_be_json_lines(tmp_path: Path) -> None:
     entries = [json.loads(line) for line in lines]  # every line is one JSON object
     assert {"time", "level", "logger", "message"} <= set(entries[-1])
     assert entries[-1]["level"] == "ERROR"
+
+
+def test_createznode_sets_the_replication_factor_and_reset_keeps_it(zk_server, zk_path) -> None:
+    zk = zk_server.connect_string
+    created = run("createznode", "--replicas", "3", zk, zk_path)
+    assert created.returncode == 0 and "replication factor 3" in created.stdout, created
+    assert run("createznode", "--reset", zk, zk_path).returncode == 0
+    client = connect(zk, 10.0, 10.0)
+    try:
+        assert ClusterMeta.from_bytes(client.get(zk_path)[0]).replicas == 3
+    finally:
+        client.stop()
+        client.close()
+    refused = run("createznode", "--replicas", "0", zk, zk_path)
+    assert refused.returncode == 2 and "--replicas must be 1 to" in refused.stderr

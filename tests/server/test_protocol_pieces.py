@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from typing import Any, cast
 
@@ -10,12 +11,12 @@ import pytest
 
 from kvstore import errors
 from kvstore.config import Limits
-from kvstore.coordination import ClusterMeta, Member
+from kvstore.coordination import ClusterMeta, Member, designated_backups
 from kvstore.idl import Change
 from kvstore.local.processes import wait_until
 from kvstore.rpc import MalformedFrameError, RpcServer, _FrameReader, parse_address
 from kvstore.server.handler import NodeHandler, NodeService
-from kvstore.server.replication import BackupFence, Replicator
+from kvstore.server.replication import BackupFailedError, BackupFence, Replicator
 
 
 def frame(body: bytes) -> bytes:
@@ -90,6 +91,20 @@ def test_cluster_meta_round_trip_and_empty() -> None:
     assert not ClusterMeta.from_bytes(b"").is_initialized
     with pytest.raises(errors.CoordinationError):
         ClusterMeta.from_bytes(b"not json")
+
+
+def test_the_replication_factor_travels_in_the_metadata_and_picks_the_backups() -> None:
+    meta = ClusterMeta(replicas=3).alone(1, "node-0000000001", "127.0.0.1:9091")
+    assert ClusterMeta.from_bytes(meta.to_bytes()).replicas == 3
+    assert meta.alone(2, "node-0000000002", "127.0.0.1:9092").replicas == 3  # a takeover keeps it
+    older = b'{"epoch": 2, "in_sync": [], "primary": "", "primary_address": ""}'
+    assert ClusterMeta.from_bytes(older).replicas == 2  # written before N existed: the seed's
+    with pytest.raises(errors.CoordinationError):
+        ClusterMeta.from_bytes(ClusterMeta(replicas=0).to_bytes())
+    members = [Member(f"node-000000000{i}", f"127.0.0.1:{9090 + i}") for i in range(1, 6)]
+    picked = designated_backups(members, "node-0000000002", 3)
+    assert [m.name for m in picked] == ["node-0000000001", "node-0000000003"]
+    assert designated_backups(members, "node-0000000001", 1) == []
 
 
 def test_cluster_meta_keeps_the_addresses_of_in_sync_members() -> None:
@@ -215,6 +230,38 @@ def test_exactly_once_records_travel_flat_beside_the_puts_and_only_when_there_ar
         (1, ["k"], ["v"], "j", None, None, None, ["lane-1"], [5], [5]),
         (1, ["k"], ["w"], "j", None, None, None, None, None, None),
     ]
+
+
+def test_a_replicator_with_a_sender_thread_sends_in_order_and_fails_waiters_when_closed() -> None:
+    """With several backups each line has a sender thread: writers only wait. Batches go
+    out in enqueue order; after close every waiter gets BackupFailedError, none hangs."""
+    backup = _RecordingBackup()
+    server = RpcServer("127.0.0.1", 0, backup, 1 << 20)
+    server.start()
+    replicator = Replicator(
+        Member("node-0000000001", f"127.0.0.1:{server.port}"),
+        1,
+        "j",
+        1.0,
+        2000,
+        has_sender=True,
+    )
+    try:
+        tickets = [replicator.enqueue(f"k{i}", str(i)) for i in range(50)]
+        for ticket in tickets:
+            replicator.wait(ticket)
+        sent = [key for batch in backup.batches for key in batch[1]]  # type: ignore[attr-defined]
+        assert sent == [f"k{i}" for i in range(50)]
+        assert replicator.has_lease
+    finally:
+        replicator.close()
+        server.close()
+    with pytest.raises(BackupFailedError):
+        replicator.enqueue("late", "x")
+    threads = [t for t in threading.enumerate() if t.name.startswith("replicate-")]
+    for thread in threads:
+        thread.join(timeout=5)
+    assert not any(t.is_alive() for t in threads), "the sender thread outlived close"
 
 
 def test_a_backup_that_did_not_say_it_reads_flat_records_gets_them_as_changes() -> None:

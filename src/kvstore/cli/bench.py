@@ -210,7 +210,7 @@ def _add_matrix_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="LIST",
         help="replication factor(s) N: a cluster of N nodes keeping N copies of every write "
         "(kv-createznode --replicas N); the summary prints e.g. n3/n2, same session "
-        "(default 2, the seed's)",
+        "(default 2: a primary and one backup)",
     )
     add_load_shape_arguments(parser, is_list=True)
 

@@ -38,8 +38,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="N",
         help=f"replication factor: how many copies of every write the cluster keeps (the "
         f"primary and N - 1 in-sync backups; 1 to {MAX_REPLICAS}). Stored in the cluster "
-        f"metadata; default {DEFAULT_REPLICAS} (the seed's) for a new parent. On a serving "
-        "cluster the primary adapts: more backups join, or extra ones are let go",
+        f"metadata; default {DEFAULT_REPLICAS} (a primary and one backup) for a new parent. "
+        "On a serving cluster the primary adapts: more backups join, or extra ones are let go",
     )
     add_zk_auth_arguments(parser)
     parser.add_argument(

@@ -24,7 +24,7 @@ from kvstore.cli.args import (
     zk_tls_from,
 )
 from kvstore.client.client import DEFAULT_PATH, DEFAULT_ZK, Client
-from kvstore.client.status import cluster_status
+from kvstore.client.status import cluster_state
 from kvstore.config import ClientConfig
 
 EXIT_OK = 0
@@ -140,7 +140,7 @@ def _status(args: argparse.Namespace) -> int:
     config = ClientConfig(
         args.zk, args.path, zk_connect_timeout_s=args.timeout, tls=args.tls, zk_tls=args.zk_tls
     )
-    reports = cluster_status(config)
+    meta, reports = cluster_state(config)
     if args.output == "json":
         print(json.dumps([r.as_dict() for r in reports], indent=2))
         return EXIT_OK
@@ -156,6 +156,8 @@ def _status(args: argparse.Namespace) -> int:
         )
     if not reports:
         print(f"(no node registered under {args.path})")
+    elif meta.is_initialized:
+        print(f"replication factor {meta.replicas}: {len(meta.in_sync)} in sync")
     return EXIT_OK
 
 

@@ -8,7 +8,7 @@ from typing import Any
 from kvstore import errors
 from kvstore.client.locator import tls_context
 from kvstore.config import ClientConfig
-from kvstore.coordination import ClusterView, connect
+from kvstore.coordination import ClusterMeta, ClusterView, connect
 from kvstore.rpc import probe
 
 
@@ -28,6 +28,13 @@ class NodeReport:
 def cluster_status(config: ClientConfig, probe_timeout_ms: int = 1000) -> list[NodeReport]:
     """One report per registered node, lowest first. Raises CoordinationError if ZooKeeper
     cannot be read or the parent path does not exist."""
+    return cluster_state(config, probe_timeout_ms)[1]
+
+
+def cluster_state(
+    config: ClientConfig, probe_timeout_ms: int = 1000
+) -> tuple[ClusterMeta, list[NodeReport]]:
+    """The cluster metadata, and :func:`cluster_status`'s reports."""
     zk = connect(
         config.zk_connect,
         config.zk_session_timeout_s,
@@ -44,7 +51,7 @@ def cluster_status(config: ClientConfig, probe_timeout_ms: int = 1000) -> list[N
         zk.stop()
         zk.close()
     tls = tls_context(config.tls)
-    return [_report(m.name, m.address, meta.in_sync, probe_timeout_ms, tls) for m in members]
+    return meta, [_report(m.name, m.address, meta.in_sync, probe_timeout_ms, tls) for m in members]
 
 
 def _report(
