@@ -153,7 +153,7 @@ class ClusterMeta:
                 in_sync=tuple(raw["in_sync"]),
                 addresses=tuple((str(n), str(a)) for n, a in raw.get("addresses", {}).items()),
                 ids=tuple((str(n), str(i)) for n, i in raw.get("ids", {}).items()),
-                replicas=check_replicas(int(raw.get("replicas", DEFAULT_REPLICAS))),
+                replicas=_readable_replicas(raw.get("replicas", DEFAULT_REPLICAS)),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise errors.CoordinationError(
@@ -200,6 +200,16 @@ def designated_backups(members: list[Member], primary: str, replicas: int) -> li
     """The nodes that should be the backups: the ``replicas - 1`` lowest members other than
     the primary (the others wait as standbys)."""
     return [m for m in members if m.name != primary][: max(0, replicas - 1)]
+
+
+def _readable_replicas(stored: Any) -> int:
+    """The stored replication factor, brought into 1..MAX_REPLICAS (with a warning) rather
+    than refused: a value out of range must not make the cluster unreachable."""
+    replicas = int(stored)
+    usable = min(max(replicas, 1), MAX_REPLICAS)
+    if usable != replicas:
+        log.warning("stored replication factor %d is out of range; using %d", replicas, usable)
+    return usable
 
 
 def check_replicas(replicas: int) -> int:
@@ -345,6 +355,8 @@ def _set_meta(zk: KazooClient, path: str, reset: bool, replicas: int | None) -> 
         try:
             meta = ClusterMeta.from_bytes(data)
         except errors.CoordinationError:
+            if not reset:  # never replace what we cannot read but --reset was not asked for
+                raise
             meta = ClusterMeta()  # not ours (say, a seed cluster's parent): replaced
         wanted = ClusterMeta(replicas=meta.replicas) if reset else meta
         if replicas is not None:

@@ -1,6 +1,8 @@
 """Replication factor N = 3 (``kv-createznode --replicas 3``): three in-sync copies.
 
-- In memory, four nodes (the fourth a standby), under load: the primary killed -9 (both
+- In memory, four nodes (the fourth a standby), under load: a backup paused past the RPC
+  timeout (the primary drops it and keeps renewing the other's lease: no failover); the
+  primary killed -9 (both
   backups may take over: one wins, the other rejoins it, the standby joins); then the
   primary and a backup at the same moment (the last backup takes over alone). The clients
   ride through, and each history (plus a read of every key afterwards) passes the checker.
@@ -11,6 +13,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -31,7 +35,8 @@ pytestmark = pytest.mark.faults
 
 THREADS = 4
 KEYS = 200
-KILL_AT_S = 2.5
+FAULT_AT_S = 2.5
+PAUSE_S = 3.0  # past the RPC timeout (2 s) and the lease (1 s)
 WRITER_TID = 2_000_000  # above the load's and the final reader's thread ids
 SESSION_TIMEOUT_S = 3.0  # of nodes killed for good: their znodes go sooner
 
@@ -76,48 +81,68 @@ def replicated_cluster(zk_server, zk_path: str, directory: Path, size: int) -> L
     return cluster
 
 
-def run_killing(
-    cluster: LocalCluster,
-    pick: Callable[[dict[str, list[NodeProcess]]], list[NodeProcess]],
-    tmp_path: Path,
-    seed: int,
+def kill(pick: Callable[[dict[str, list[NodeProcess]]], list[NodeProcess]]) -> Fault:
+    """kill -9 the nodes ``pick`` chooses by role, at the same moment; not restarted."""
+
+    def fault(now: dict[str, list[NodeProcess]]) -> list[NodeProcess]:
+        victims = pick(now)
+        faults.kill_nodes(victims)
+        return victims
+
+    return fault
+
+
+def pause_a_backup(now: dict[str, list[NodeProcess]]) -> list[NodeProcess]:
+    """SIGSTOP one backup for PAUSE_S (always resumed, by PID)."""
+    node = now["backup"][0]
+    assert node.pid is not None
+    os.kill(node.pid, signal.SIGSTOP)
+    try:
+        time.sleep(PAUSE_S)  # the fault's length, not a wait for readiness
+    finally:
+        os.kill(node.pid, signal.SIGCONT)
+    return [node]
+
+
+Fault = Callable[[dict[str, list[NodeProcess]]], list[NodeProcess]]
+
+
+def run_with_fault(
+    cluster: LocalCluster, fault: Fault, tmp_path: Path, seed: int
 ) -> list[NodeProcess]:
-    """6 s of load; KILL_AT_S in, kill -9 the nodes ``pick`` chooses (by role) at the same
-    moment, not restarted. Checks the history, plus a read of every key afterwards, and
-    that the clients went on after the kill. Returns the killed nodes."""
+    """6 s of load; FAULT_AT_S in, ``fault`` (given the nodes by role). Checks the history,
+    plus a read of every key afterwards, and that the clients went on after the fault.
+    Returns the nodes it hit."""
     with kvstore.Client(cluster.zk_connect, cluster.zk_path, timeout=30) as kv:
         before = kv.get_many(list(key_names(KEYS)))  # an earlier run's values
     start_ns = time.monotonic_ns()
-    killed_at_s: list[float] = []
+    fault_at_s: list[float] = []
     victims: list[NodeProcess] = []
 
-    def kill() -> None:
-        time.sleep(KILL_AT_S)  # the fault's schedule, not a wait for readiness
-        victims.extend(pick(roles(cluster)))
-        faults.kill_nodes(victims)
-        killed_at_s.append((time.monotonic_ns() - start_ns) / 1e9)
+    def inject() -> None:
+        time.sleep(FAULT_AT_S)  # the fault's schedule, not a wait for readiness
+        fault_at_s.append((time.monotonic_ns() - start_ns) / 1e9)
+        victims.extend(fault(roles(cluster)))
 
-    killer = threading.Thread(target=kill, daemon=True)
-    killer.start()
+    injector = threading.Thread(target=inject, daemon=True)
+    injector.start()
     try:
         result = load.run(
             Workload(THREADS, 6.0, KEYS, seed=seed), cluster.client_config(), start_ns
         )
     finally:
-        killer.join(timeout=30)
-    assert killed_at_s, "the load ended before the kill"
+        injector.join(timeout=30)
+    assert fault_at_s, "the load ended before the fault"
     for i, (key, value) in enumerate(before.items()):  # as writes done before the load
         if value is not None:
             result.events.append((0, False, WRITER_TID + i, WRITE, key, value))
             result.events.append((1, True, WRITER_TID + i, WRITE, key, None))
-    assert_progress_after_each_kill(result, [(killed_at_s[0], "the victims")])
+    assert_progress_after_each_kill(result, [(fault_at_s[0], "the fault")])
     cluster.wait_for("primary")
     append_final_reads(result, cluster, list(key_names(KEYS)), start_ns)
     tmp_path.mkdir(exist_ok=True)
     check_history(result, tmp_path)
-    print(
-        f"\nkilled {len(victims)} at {killed_at_s[0]:.2f} s: " + " | ".join(summary_lines(result))
-    )
+    print(f"\n{len(victims)} hit at {fault_at_s[0]:.2f} s: " + " | ".join(summary_lines(result)))
     return victims
 
 
@@ -131,16 +156,26 @@ def test_three_copies_ride_through_failures_of_two_nodes(
         meta = read_meta(cluster)
         assert meta.replicas == 3 and len(meta.in_sync) == 3, meta
 
+        # A backup paused past the RPC timeout: the primary drops it and goes on with the
+        # other, whose lease it keeps renewing meanwhile (no failover); it comes back.
+        primary = roles(cluster)["primary"][0]
+        epoch = read_meta(cluster).epoch
+        run_with_fault(cluster, pause_a_backup, tmp_path / "pause", seed=30)
+        assert read_meta(cluster).epoch == epoch, "a paused backup caused a failover"
+        assert roles(cluster)["primary"] == [primary]
+        wait_for_roles(cluster, {"primary": 1, "backup": 2, "standby": 1})
+
         # The primary alone: both backups may take over, one wins, the other rejoins it; the
         # standby joins as the third copy.
-        down = run_killing(cluster, lambda now: now["primary"][:1], tmp_path / "one", seed=31)
+        down = run_with_fault(
+            cluster, kill(lambda now: now["primary"][:1]), tmp_path / "one", seed=31
+        )
         wait_for_roles(cluster, {"primary": 1, "backup": 2, "down": 1})
         assert len(read_meta(cluster).in_sync) == 3
 
         # The primary and a backup at the same moment: the last backup takes over alone.
-        down += run_killing(
-            cluster, lambda now: [now["primary"][0], now["backup"][0]], tmp_path / "two", seed=32
-        )
+        both = kill(lambda now: [now["primary"][0], now["backup"][0]])
+        down += run_with_fault(cluster, both, tmp_path / "two", seed=32)
         wait_for_roles(cluster, {"primary": 1, "down": 3})
 
         # The killed nodes come back: two backups, the third waits as a standby.
@@ -171,7 +206,7 @@ def test_acknowledged_writes_survive_kill_9_of_three_nodes_on_disk(
         stop = threading.Event()
 
         def kill_all_then_restart_primary_last() -> None:
-            if stop.wait(KILL_AT_S):
+            if stop.wait(FAULT_AT_S):
                 return
             now = roles(cluster)
             order = [*now.get("backup", []), *now.get("primary", [])]

@@ -55,6 +55,9 @@ RENAME_RETRY_S = 0.5  # a backup asks the primary to rename it at most this ofte
 # registered before it (a lower sequence) recover first, so that the primary is the lowest
 # child, where clients using the seed's rule look for it.
 RECOVERY_DEFER_S = 3.0
+# With several in-sync backups, how long one lets a live one registered before it take over
+# first (the primary then stays the lowest child, where the seed's clients look for it).
+TAKEOVER_DEFER_S = 0.5
 DISK_FULL_RETRY_S = 2.0  # a join that failed for a full disk is tried again after this
 
 
@@ -68,6 +71,7 @@ class Follower:
         self._is_waiting_logged = False
         self._is_lease_wait_logged = False
         self._deferring_since: float | None = None
+        self._takeover_deferred_since: float | None = None
         # Names this node registered under earlier in its current join (see the invariant).
         self._former_names: set[str] = set()
         self._rename_asked_at = 0.0
@@ -165,14 +169,50 @@ class Follower:
             return
         names = {m.name for m in members}
         if meta.primary in names and not self.fence.is_suspect(self._node.config.suspect_after_s):
+            self._takeover_deferred_since = None
             if self._node.name not in meta.in_sync:
                 self._ask_rename(meta)
+            return
+        if self._defers_takeover(meta, members):
             return
         is_primary_dead = self.fence.has_primary_left or self._is_primary_dead(meta)
         if not self.fence.fence_if(is_primary_dead):
             return  # the old primary may still serve reads on its lease: wait it out
         self._take_over(
             meta, version, names, "primary is dead" if is_primary_dead else "primary lease expired"
+        )
+
+    def _defers_takeover(self, meta: ClusterMeta, members: list[Member]) -> bool:
+        """Whether to let another in-sync backup registered before this node, and not proven
+        dead, take over first (for at most TAKEOVER_DEFER_S): any of them may, but the lowest
+        keeps the primary the lowest child. One that does not answer as a backup (killed
+        with the primary, say) is not waited for."""
+        own = Member(self._node.name, "").sequence
+        lower = [
+            m
+            for m in members
+            if m.name in meta.in_sync
+            and m.name != meta.primary
+            and 0 <= m.sequence < own
+            and self._answers_as_backup(m)
+        ]
+        if not lower:
+            return False
+        now = time.monotonic()
+        if self._takeover_deferred_since is None:
+            self._takeover_deferred_since = now
+            log.info("primary suspected: letting %s take over first", lower[0].name)
+        return now - self._takeover_deferred_since < TAKEOVER_DEFER_S
+
+    def _answers_as_backup(self, member: Member) -> bool:
+        try:
+            status = probe(member.address, self._node.config.probe_timeout_ms, self._node.peer_tls)
+        except errors.KVError:
+            return False
+        return (
+            status is not None
+            and status.node_id == member.name
+            and status.role == Role.BACKUP.value
         )
 
     def _ask_rename(self, meta: ClusterMeta) -> None:

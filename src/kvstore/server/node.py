@@ -43,7 +43,6 @@ from typing import Any
 from kvstore import errors
 from kvstore.config import NodeConfig, TlsConfig
 from kvstore.coordination import (
-    DEFAULT_REPLICAS,
     ClusterMeta,
     Coordinator,
     Member,
@@ -80,7 +79,6 @@ class StorageNode:
         # One per backup (joining or in sync); replaced whole, under _backup_lock (and under
         # _sequence_lock when one is added), so the write path reads it without a lock.
         self._replicators: tuple[Replicator, ...] = ()
-        self._replicas = DEFAULT_REPLICAS  # the replication factor, from the metadata
         self._backup_lock = threading.Lock()
         self._wakeup = threading.Event()
         self._stopping = threading.Event()  # set once, when the node starts to stop
@@ -287,7 +285,6 @@ class StorageNode:
             members = self._register_again(coordinator)
         self.primary_address = meta.primary_address
         self._in_sync_size = len(meta.in_sync)
-        self._replicas = meta.replicas
         # Our takeover's CAS landed but its reply was lost, then the session expired and
         # we registered again: the metadata names us primary by a former name.
         if (
@@ -384,10 +381,11 @@ class StorageNode:
         to the backups beyond it, those not designated (or joining) first."""
         designated = {m.name for m in designated_backups(members, self.name, replicas)}
         with self._backup_lock:
-            extra = sorted(
-                self._replicators,
-                key=lambda r: (r.backup.name in designated, r.is_in_sync, r.backup.sequence),
-            )[: max(0, len(self._replicators) - (replicas - 1))]
+            if any(not r.is_in_sync and r.backup.name in designated for r in self._replicators):
+                return  # not before the backups that stay are in sync: copies would be missing
+            extra = sorted(self._replicators, key=_keep_rank(designated))[
+                : max(0, len(self._replicators) - (replicas - 1))
+            ]
             for replicator in extra:
                 self._retire_backup(replicator)
                 log.warning(
@@ -397,12 +395,35 @@ class StorageNode:
                 )
 
     def _heartbeat_if_due(self) -> None:
-        for replicator in self._replicators:
-            if (
+        """Heartbeat each backup whose line has been idle for a heartbeat interval. With
+        several backups, each on a thread of its own: a heartbeat may block for the RPC
+        timeout (a paused backup) and its drop needs ZooKeeper, while the others' leases
+        must go on being renewed (else a healthy backup takes over from a healthy primary)."""
+        replicators = self._replicators
+        for replicator in replicators:
+            if not (
                 replicator.wants_spare_line
                 or time.monotonic() - replicator.last_send_at >= self.config.heartbeat_interval_s
             ):
+                continue
+            if len(replicators) == 1:
                 self._heartbeat(replicator)
+            elif not replicator.is_heartbeating:
+                replicator.is_heartbeating = True
+                threading.Thread(
+                    target=self._heartbeat_apart,
+                    args=(replicator,),
+                    name=f"heartbeat-{replicator.backup.address}",
+                    daemon=True,
+                ).start()
+
+    def _heartbeat_apart(self, replicator: Replicator) -> None:
+        try:
+            self._heartbeat(replicator)
+        except Exception as exc:  # dropping the backup needs ZooKeeper; try again
+            log.warning("heartbeat of %s failed: %r", replicator.backup.address, exc)
+        finally:
+            replicator.is_heartbeating = False
 
     def _heartbeat(self, replicator: Replicator) -> None:
         """Renew the lease (and check the backup); a failed heartbeat drops the backup."""
@@ -596,6 +617,7 @@ class StorageNode:
         if backup is None:
             raise errors.UnavailableError(f"{backup_name} is not a designated backup")
         with self._backup_lock:
+            self.check_primary(epoch)  # again: a shutdown may have closed the replicators
             self._make_room_for(backup, {m.name for m in designated}, replicas)
             lease_s = min(self.config.lease_s, lease_ms / 1000)  # the shorter lease rules
             replicator = Replicator(
@@ -628,11 +650,7 @@ class StorageNode:
                 self._retire_backup(replicator)
         extra = len(self._replicators) - (replicas - 2)
         if extra > 0:
-            ranked = sorted(
-                self._replicators,
-                key=lambda r: (r.backup.name in designated, r.is_in_sync, r.backup.sequence),
-            )
-            for replicator in ranked[:extra]:
+            for replicator in sorted(self._replicators, key=_keep_rank(designated))[:extra]:
                 log.warning(
                     "let backup %s go for %s: the replication factor is %d",
                     replicator.backup.name,
@@ -752,6 +770,12 @@ class StorageNode:
             key_count=len(self.store),
             primary_address=self.primary_address,
         )
+
+
+def _keep_rank(designated: set[str]) -> Callable[[Replicator], tuple[bool, bool, int]]:
+    """Sort key of the backups to keep, least worth keeping first: not designated, not in
+    sync, and the higher registered (a lower one is the likelier to be designated next)."""
+    return lambda r: (r.backup.name in designated, r.is_in_sync, -r.backup.sequence)
 
 
 def _renamed_in_sync(meta: ClusterMeta, old: str, new: str) -> ClusterMeta:

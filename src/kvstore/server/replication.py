@@ -133,6 +133,7 @@ class Replicator:
         self.join_id = join_id
         self.is_in_sync = False
         self.is_broken = False
+        self.is_heartbeating = False  # (the primary's) a heartbeat of its own is under way
         self.lease_until = 0.0
         self.last_send_at = time.monotonic()
         self._lease_s = lease_s * LEASE_SAFETY
