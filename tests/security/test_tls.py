@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 
 import kvstore
 from kvstore import errors
@@ -78,10 +80,25 @@ def test_kv_certs_writes_pem_files_with_private_keys_0600(tmp_path: Path) -> Non
         check=True,
     )
     assert "--tls-cert" in done.stdout
-    for name in ("ca", "node", "client"):
+    for name in ("ca", "node", "node-1", "node-2", "node-3", "client"):
         assert (tmp_path / "c" / f"{name}.crt").read_text().startswith("-----BEGIN CERTIFICATE")
         mode = stat.S_IMODE(os.stat(tmp_path / "c" / f"{name}.key").st_mode)
         assert mode == 0o600, oct(mode)
+    assert not (tmp_path / "c" / "node-4.crt").exists()
+    # Each per-node certificate is a node's (OU=node) with a name of its own.
+    subjects = {
+        x509.load_pem_x509_certificate((tmp_path / "c" / f"{name}.crt").read_bytes()).subject
+        for name in ("node", "node-1", "node-2", "node-3")
+    }
+    assert len(subjects) == 4
+    assert all(s.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME) for s in subjects)
+    subprocess.run(
+        [sys.executable, "-m", "kvstore", "certs", "--nodes", "5", str(tmp_path / "d")],
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
+    assert (tmp_path / "d" / "node-5.crt").exists()
 
 
 def test_a_tls_cluster_serves_the_client_and_kv(
