@@ -111,6 +111,7 @@ class Connection:
         self._poller = select.poll()
         self._poller.register(raw, select.POLLIN | select.POLLPRI)
         self._client = TCyBinaryProtocol(TCyFramedTransport(self._socket))
+        self._used_at = time.monotonic()  # a call right after an explicit open reuses it
         if self._secret is not None:
             self._authenticate(self._secret)
 

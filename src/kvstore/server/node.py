@@ -44,6 +44,7 @@ from kvstore.coordination import ClusterMeta, Coordinator, Member, connect, desi
 from kvstore.idl import Change, KeyValueService, NodeStatus, SyncChunk
 from kvstore.rpc import CONNECTION_METHODS, RpcServer, client_tls_context, server_tls_context
 from kvstore.server import catchup
+from kvstore.server import identity as ident
 from kvstore.server.follower import Follower
 from kvstore.server.handler import NODE_ONLY_METHODS, NodeHandler
 from kvstore.server.metrics import MetricsServer, NodeMetrics, NodeState, instrument
@@ -86,6 +87,8 @@ class StorageNode:
         # Its own calls to other nodes (replication, join, probes) present the node certificate.
         self.peer_tls = None if tls is None else client_tls_context(*_tls_files(tls))
         self.peer_secret = config.cluster_secret  # ... and prove the cluster secret
+        # Its certificate's identity, which the metadata lists it with (None: no TLS).
+        self.identity = None if tls is None else ident.own_identity(tls.cert_path)
         if config.data_dir is not None:
             self._open_data_dir(Path(config.data_dir))
         # Orders log appends and enqueues to the replicator (taken after a stripe lock and
@@ -164,6 +167,8 @@ class StorageNode:
             raise
         self.role = Role.STANDBY
         log.info("node %s serving on %s under %s", self.name, config.address, config.zk_path)
+        if self.identity is not None:
+            log.info("TLS identity %s (its certificate's SHA-256 fingerprint)", self.identity)
         try:
             self._control_loop()
         except NodeExit as exc:
@@ -556,7 +561,10 @@ class StorageNode:
         backup = designated_backup(coordinator.members(), self.name)
         if backup is None or backup.name != backup_name:
             raise errors.UnavailableError(f"{backup_name} is not the designated backup")
+        joiner = ident.caller()  # identity pinning (TLS only; see identity.py)
         with self._backup_lock:
+            if joiner is not None:
+                ident.check_joiner(coordinator.meta()[0], self._replicator, backup_name, joiner)
             if self._replicator is not None:
                 self._retire_backup(self._replicator)
             lease_s = min(self.config.lease_s, lease_ms / 1000)  # the shorter lease rules
@@ -573,6 +581,7 @@ class StorageNode:
                 self.config.limits.max_frame_bytes // 2,
             )
             replicator.durable_id = durable
+            replicator.identity = joiner  # the rest of this join must come from it
             replicator.takes_flat_records = protocol >= FLAT_RECORDS
             with self._sequence_lock:  # writes logged from here on are forwarded to it
                 self._replicator = replicator
@@ -612,7 +621,10 @@ class StorageNode:
             backup_name = replicator.backup.name
             addresses = {self.name: self.config.address, backup_name: replicator.backup.address}
             ids = {self.name: self.node_id, backup_name: replicator.durable_id}
-            self._update_meta(lambda m: m.with_in_sync((self.name, backup_name), addresses, ids))
+            identities = {self.name: self.identity, backup_name: replicator.identity}
+            self._update_meta(
+                lambda m: m.with_in_sync((self.name, backup_name), addresses, ids, identities)
+            )
         log.info("backup %s is in sync (%d keys)", backup_name, len(self.store))
 
     def rename_backup(self, epoch: int, join_id: str, new_name: str) -> None:
@@ -643,6 +655,8 @@ class StorageNode:
 
     def _require_joining(self, join_id: str) -> Replicator:
         replicator = self._replicator
+        if replicator is not None and replicator.identity is not None:
+            ident.check_same_joiner(replicator.identity)
         if replicator is None or replicator.join_id != join_id or replicator.is_broken:
             raise errors.UnavailableError(f"join {join_id} is not in progress (it was reset)")
         return replicator
