@@ -355,9 +355,10 @@ class RpcServer:
 
     ``tls`` (a :func:`server_tls_context`): every connection must complete a mutual TLS
     handshake, in its own thread, within ``frame_deadline_s``; a peer whose certificate is
-    not a node's may not call ``node_only_methods``. ``cluster_secret``: a connection may
-    call them only once it authenticated with the secret (rpc/secret.py; under TLS, and
-    with a node's certificate). With neither, every peer may call anything.
+    not a node's may not call ``node_only_methods``; the handler learns the peer's identity
+    (its certificate's fingerprint) from :func:`peer_identity`. ``cluster_secret``: a
+    connection may call them only once it authenticated with the secret (rpc/secret.py;
+    under TLS, and with a node's certificate). With neither, every peer may call anything.
     """
 
     def __init__(

@@ -72,15 +72,20 @@ def peer_certificate_identity(tls: ssl.SSLSocket) -> str | None:
 
 def own_identity(cert_path: str) -> str:
     """The identity of the certificate this side shows: the first one in ``cert_path``
-    (PEM; any CA certificates after it are its chain). ValueError if there is none."""
+    (PEM; any CA certificates after it are its chain). ssl.SSLError (an OSError, like a
+    certificate the TLS context cannot load) if there is none."""
     with open(cert_path, encoding="ascii", errors="replace") as file:
         pem = file.read()
     end_marker = "-----END CERTIFICATE-----"
     start = pem.find("-----BEGIN CERTIFICATE-----")
     end = pem.find(end_marker, start)
-    if start < 0 or end < 0:
-        raise ValueError(f"no PEM certificate in {cert_path}")
-    return certificate_identity(ssl.PEM_cert_to_DER_cert(pem[start : end + len(end_marker)]))
+    try:
+        if start < 0 or end < 0:
+            raise ValueError("no PEM certificate")
+        der = ssl.PEM_cert_to_DER_cert(pem[start : end + len(end_marker)])
+    except ValueError as exc:
+        raise ssl.SSLError(f"{cert_path}: {exc}") from None
+    return certificate_identity(der)
 
 
 def short_identity(identity: str | None) -> str:
