@@ -24,6 +24,7 @@ identity: the checks always pass, and add nothing to the role check.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from kvstore import errors
@@ -37,42 +38,56 @@ caller = peer_identity
 __all__ = [
     "caller",
     "check_joiner",
+    "check_joining_caller",
     "check_primary",
-    "check_same_joiner",
     "own_identity",
 ]
 
 
 def check_joiner(
-    meta: ClusterMeta, replicator: Replicator | None, backup_name: str, joiner: str
+    meta: ClusterMeta,
+    replicators: Iterable[Replicator | None],
+    backup_name: str,
+    joiner: str,
 ) -> None:
     """ForbiddenError unless ``joiner`` (the join connection's identity) may join as
-    ``backup_name``: the identity the in-sync set lists that name with, and the one the
-    current join of that name pinned, if any."""
+    ``backup_name``: the identity the in-sync set lists that name with, and the one a join
+    in progress for that name (among ``replicators``) pinned, if any."""
     listed = meta.identity_of(backup_name)
     if listed is not None and joiner != listed:
         raise errors.ForbiddenError(
             f"join as {backup_name} refused: the in-sync set lists it with certificate "
             f"{short_identity(listed)}; this caller shows {short_identity(joiner)}"
         )
-    if (
-        replicator is not None
-        and replicator.identity is not None
-        and backup_name in replicator.names
-        and joiner != replicator.identity
-    ):
-        raise errors.ForbiddenError(
-            f"join as {backup_name} refused: its join in progress came from certificate "
-            f"{short_identity(replicator.identity)}; this caller shows {short_identity(joiner)}"
-        )
+    for replicator in replicators:
+        if (
+            replicator is not None
+            and replicator.identity is not None
+            and backup_name in replicator.names
+            and joiner != replicator.identity
+        ):
+            raise errors.ForbiddenError(
+                f"join as {backup_name} refused: its join in progress came from certificate "
+                f"{short_identity(replicator.identity)}; this caller shows "
+                f"{short_identity(joiner)}"
+            )
 
 
-def check_same_joiner(pinned: str) -> None:
-    """ForbiddenError unless the caller is the backup of the current join (``pinned``)."""
+def check_joining_caller(replicators: Iterable[Replicator | None], join_id: str) -> None:
+    """ForbiddenError unless the caller is the backup of join ``join_id`` (the identity it
+    pinned), or, if no join in progress has that id, the backup of one of them: a caller
+    that is no joining backup is refused whatever join id it names. Nothing is checked
+    when no join pinned an identity (no TLS)."""
+    pinned = [r for r in replicators if r is not None and r.identity is not None]
+    if not pinned:
+        return
+    own = next((r for r in pinned if r.join_id == join_id), None)
+    allowed = {own.identity} if own is not None else {r.identity for r in pinned}
     identity = caller()
-    if identity != pinned:
+    if identity not in allowed:
+        expected = ", ".join(sorted(short_identity(i) for i in allowed))
         raise errors.ForbiddenError(
-            f"refused: the join in progress belongs to certificate {short_identity(pinned)}; "
+            f"refused: the join in progress belongs to certificate {expected}; "
             f"this caller shows {short_identity(identity)}"
         )
 

@@ -564,7 +564,7 @@ class StorageNode:
         joiner = ident.caller()  # identity pinning (TLS only; see identity.py)
         with self._backup_lock:
             if joiner is not None:
-                ident.check_joiner(coordinator.meta()[0], self._replicator, backup_name, joiner)
+                ident.check_joiner(coordinator.meta()[0], (self._replicator,), backup_name, joiner)
             if self._replicator is not None:
                 self._retire_backup(self._replicator)
             lease_s = min(self.config.lease_s, lease_ms / 1000)  # the shorter lease rules
@@ -655,8 +655,7 @@ class StorageNode:
 
     def _require_joining(self, join_id: str) -> Replicator:
         replicator = self._replicator
-        if replicator is not None and replicator.identity is not None:
-            ident.check_same_joiner(replicator.identity)
+        ident.check_joining_caller((replicator,), join_id)  # TLS: its backup only
         if replicator is None or replicator.join_id != join_id or replicator.is_broken:
             raise errors.UnavailableError(f"join {join_id} is not in progress (it was reset)")
         return replicator
