@@ -93,6 +93,9 @@ class ClusterMeta:
     ids: tuple[tuple[str, str], ...] = field(default=())
     # How many copies the cluster keeps: the primary and up to replicas - 1 backups.
     replicas: int = DEFAULT_REPLICAS
+    # (name, certificate identity) of in-sync members serving mutual TLS (rpc.tls: the
+    # fingerprint of the certificate each showed): who may replicate and join (SECURITY.md).
+    identities: tuple[tuple[str, str], ...] = field(default=())
 
     def __post_init__(self) -> None:
         kept = sorted((n, a) for n, a in self.addresses if n in self.in_sync)
@@ -100,13 +103,33 @@ class ClusterMeta:
         object.__setattr__(
             self, "ids", tuple(sorted((n, i) for n, i in self.ids if n in self.in_sync))
         )
+        if self.identities:
+            kept = sorted((n, i) for n, i in self.identities if n in self.in_sync)
+            object.__setattr__(self, "identities", tuple(kept))
 
-    def alone(self, epoch: int, name: str, address: str, durable: str | None = None) -> ClusterMeta:
+    def alone(
+        self,
+        epoch: int,
+        name: str,
+        address: str,
+        durable: str | None = None,
+        identity: str | None = None,
+    ) -> ClusterMeta:
         """``name`` at ``address`` primary of ``epoch``, the only member of the in-sync set
-        (``durable``: its durable id, if it keeps a data directory); the replication factor
-        is kept."""
+        (``durable``: its durable id, if it keeps a data directory; ``identity``: its
+        certificate's, under TLS); the replication factor is kept."""
         ids = ((name, durable),) if durable else ()
-        return ClusterMeta(epoch, name, address, (name,), ((name, address),), ids, self.replicas)
+        identities = ((name, identity),) if identity else ()
+        return ClusterMeta(
+            epoch,
+            name,
+            address,
+            (name,),
+            ((name, address),),
+            ids,
+            replicas=self.replicas,
+            identities=identities,
+        )
 
     def durable_members(self) -> dict[str, str]:
         """{durable id: name} of the in-sync members that keep a data directory (names of
@@ -126,19 +149,24 @@ class ClusterMeta:
         """Where the in-sync member ``name`` served when it was listed (None: not recorded)."""
         return dict(self.addresses).get(name)
 
+    def identity_of(self, name: str) -> str | None:
+        """The certificate identity the in-sync member ``name`` was listed with (None: not
+        recorded: no TLS, or metadata written before identities were)."""
+        return dict(self.identities).get(name)
+
     def to_bytes(self) -> bytes:
-        return json.dumps(
-            {
-                "epoch": self.epoch,
-                "primary": self.primary,
-                "primary_address": self.primary_address,
-                "in_sync": list(self.in_sync),
-                "addresses": dict(self.addresses),
-                "ids": dict(self.ids),
-                "replicas": self.replicas,
-            },
-            sort_keys=True,
-        ).encode()
+        raw: dict[str, Any] = {
+            "epoch": self.epoch,
+            "primary": self.primary,
+            "primary_address": self.primary_address,
+            "in_sync": list(self.in_sync),
+            "addresses": dict(self.addresses),
+            "ids": dict(self.ids),
+            "replicas": self.replicas,
+        }
+        if self.identities:  # only under TLS: plaintext metadata stays as it was
+            raw["identities"] = dict(self.identities)
+        return json.dumps(raw, sort_keys=True).encode()
 
     @classmethod
     def from_bytes(cls, data: bytes | None) -> ClusterMeta:
@@ -154,6 +182,7 @@ class ClusterMeta:
                 addresses=tuple((str(n), str(a)) for n, a in raw.get("addresses", {}).items()),
                 ids=tuple((str(n), str(i)) for n, i in raw.get("ids", {}).items()),
                 replicas=_readable_replicas(raw.get("replicas", DEFAULT_REPLICAS)),
+                identities=tuple((str(n), str(i)) for n, i in raw.get("identities", {}).items()),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise errors.CoordinationError(
@@ -165,11 +194,18 @@ class ClusterMeta:
         names: tuple[str, ...],
         addresses: dict[str, str] | None = None,
         ids: dict[str, str | None] | None = None,  # None: no data directory
+        identities: dict[str, str | None] | None = None,  # None: no TLS
     ) -> ClusterMeta:
         known = {**dict(self.addresses), **(addresses or {})}
         known_ids = {**dict(self.ids), **{n: i for n, i in (ids or {}).items() if i}}
+        given = {n: i for n, i in (identities or {}).items() if i}
+        known_identities = {**dict(self.identities), **given}
         return replace(
-            self, in_sync=names, addresses=tuple(known.items()), ids=tuple(known_ids.items())
+            self,
+            in_sync=names,
+            addresses=tuple(known.items()),
+            ids=tuple(known_ids.items()),
+            identities=tuple(known_identities.items()),
         )
 
     def without_in_sync(self, *names: str) -> ClusterMeta:
@@ -183,6 +219,7 @@ class ClusterMeta:
             in_sync=tuple(new if n == old else n for n in self.in_sync),
             addresses=tuple((new if n == old else n, a) for n, a in self.addresses),
             ids=tuple((new if n == old else n, i) for n, i in self.ids),
+            identities=tuple((new if n == old else n, i) for n, i in self.identities),
         )
 
 

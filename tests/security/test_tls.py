@@ -16,14 +16,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+from kazoo.client import KazooClient
 
 import kvstore
 from kvstore import errors
 from kvstore.config import TlsConfig
+from kvstore.coordination import ClusterMeta
 from kvstore.local.certs import CertificateFiles, issue, load_ca, tls_args, write_certificates
-from kvstore.local.cluster import LocalCluster
+from kvstore.local.cluster import LocalCluster, NodeProcess
 from kvstore.local.zkserver import ZooKeeperServer
-from kvstore.rpc import Connection, client_tls_context
+from kvstore.rpc import Connection, client_tls_context, own_identity
 
 CLIENT_TIMEOUT_S = 10.0
 REFUSAL_TIMEOUT_MS = 2000
@@ -42,10 +46,14 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> CertificateFiles:
 def tls_cluster(
     zk_server: ZooKeeperServer, zk_path: str, tmp_path: Path, certs: CertificateFiles
 ) -> Iterator[LocalCluster]:
-    """A primary and a synced backup serving mutual TLS with the node certificate."""
-    local = LocalCluster(
-        zk_server.connect_string, zk_path, tmp_path / "nodes", node_args=certs.node_args()
-    )
+    """A primary and a synced backup serving mutual TLS, each with a certificate of its own
+    (node-1, node-2: two identities). The shared node certificate: secure_cluster's."""
+    log_dir = tmp_path / "nodes"
+    nodes = [
+        NodeProcess(zk_server.connect_string, zk_path, log_dir, extra_args=tls_args(node))
+        for node in (certs.node_numbered(1), certs.node_numbered(2))
+    ]
+    local = LocalCluster(zk_server.connect_string, zk_path, log_dir, nodes=nodes)
     try:
         local.start()
         yield local
@@ -78,10 +86,25 @@ def test_kv_certs_writes_pem_files_with_private_keys_0600(tmp_path: Path) -> Non
         check=True,
     )
     assert "--tls-cert" in done.stdout
-    for name in ("ca", "node", "client"):
+    for name in ("ca", "node", "node-1", "node-2", "node-3", "client"):
         assert (tmp_path / "c" / f"{name}.crt").read_text().startswith("-----BEGIN CERTIFICATE")
         mode = stat.S_IMODE(os.stat(tmp_path / "c" / f"{name}.key").st_mode)
         assert mode == 0o600, oct(mode)
+    assert not (tmp_path / "c" / "node-4.crt").exists()
+    # Each per-node certificate is a node's (OU=node) with a name of its own.
+    subjects = {
+        x509.load_pem_x509_certificate((tmp_path / "c" / f"{name}.crt").read_bytes()).subject
+        for name in ("node", "node-1", "node-2", "node-3")
+    }
+    assert len(subjects) == 4
+    assert all(s.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME) for s in subjects)
+    subprocess.run(
+        [sys.executable, "-m", "kvstore", "certs", "--nodes", "5", str(tmp_path / "d")],
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
+    assert (tmp_path / "d" / "node-5.crt").exists()
 
 
 def test_a_tls_cluster_serves_the_client_and_kv(
@@ -187,8 +210,33 @@ def test_a_client_certificate_may_not_replicate_or_join(
     assert backup is not None and backup.status().key_count == 1, tls_cluster.logs()
 
 
+def cluster_meta(cluster: LocalCluster) -> ClusterMeta:
+    zk = KazooClient(hosts=cluster.zk_connect)
+    zk.start(timeout=10)
+    try:
+        return ClusterMeta.from_bytes(zk.get(cluster.zk_path)[0])
+    finally:
+        zk.stop()
+        zk.close()
+
+
+def identity(tls: TlsConfig) -> str:
+    return own_identity(tls.cert_path)
+
+
+def listed_identities(cluster: LocalCluster) -> dict[str, str]:
+    """{identity: role} of the in-sync set, as the metadata lists it."""
+    meta = cluster_meta(cluster)
+    assert set(dict(meta.identities)) == set(meta.in_sync), meta
+    return {i: "primary" if n == meta.primary else "backup" for n, i in meta.identities}
+
+
 def test_failover_under_tls(tls_cluster: LocalCluster, certs: CertificateFiles) -> None:
+    """Each node with its own certificate: the metadata lists both identities, and after a
+    kill -9 of the primary the backup takes over under its own; the old one rejoins."""
     primary, backup = tls_cluster.nodes
+    one, two = identity(certs.node_numbered(1)), identity(certs.node_numbered(2))
+    assert listed_identities(tls_cluster) == {one: "primary", two: "backup"}
     with client(tls_cluster, certs.client, timeout=30.0) as kv_client:
         for i in range(50):
             kv_client.put(f"k{i}", f"v{i}")
@@ -197,10 +245,65 @@ def test_failover_under_tls(tls_cluster: LocalCluster, certs: CertificateFiles) 
         assert kv_client.get("k49") == "v49"
         kv_client.put("after", "failover")
         assert kv_client.get_many(["k0", "after"]) == {"k0": "v0", "after": "failover"}
-        primary.start()  # rejoins as backup, over TLS, with the node certificate
+        assert listed_identities(tls_cluster) == {two: "primary"}
+        primary.start()  # rejoins as backup, over TLS, with its own certificate
         primary.wait_for_role(["backup"], timeout_s=30)
         kv_client.put("rejoined", "yes")
         assert kv_client.get("rejoined") == "yes"
+    assert listed_identities(tls_cluster) == {two: "primary", one: "backup"}
+
+
+def test_another_node_certificate_may_not_replicate_or_join_as_the_backup(
+    tls_cluster: LocalCluster, certs: CertificateFiles
+) -> None:
+    """node-3 is a node (OU=node, same CA) but neither the primary nor its backup: the
+    backup refuses its replicate_batch before looking at the epoch and join id, and the
+    primary refuses its join (and the rest of a join) in the listed backup's name, which
+    would otherwise strip the in-sync backup. The cluster stays whole and serving."""
+    with client(tls_cluster, certs.client) as kv_client:
+        kv_client.put("k", "before")
+        meta = cluster_meta(tls_cluster)
+        backup_name = next(n for n in meta.in_sync if n != meta.primary)
+        primary, backup = primary_address(tls_cluster), tls_cluster.find("backup")
+        assert backup is not None
+        third = context(certs.node_numbered(3))
+
+        to_backup = Connection(backup.address, timeout_ms=REFUSAL_TIMEOUT_MS, tls=third)
+        batch = (meta.epoch, ["k"], ["forged"], "join-x", None)
+        with pytest.raises(errors.ForbiddenError, match="only from the primary it joined"):
+            to_backup.call("replicate_batch", *batch)
+        assert to_backup.call("status").role == "backup"  # refused, not cut off
+        to_backup.close()
+        # The shared node certificate is another identity too; the primary's own gets as far
+        # as the fence, which refuses the join id it does not know (STALE_EPOCH, not 107).
+        shared = Connection(backup.address, timeout_ms=REFUSAL_TIMEOUT_MS, tls=context(certs.node))
+        with pytest.raises(errors.ForbiddenError):
+            shared.call("replicate_batch", *batch)
+        shared.close()
+        primarys = context(certs.node_numbered(1))
+        as_primary = Connection(backup.address, timeout_ms=REFUSAL_TIMEOUT_MS, tls=primarys)
+        with pytest.raises(errors.StaleEpochError):
+            as_primary.call("replicate_batch", *batch)
+        as_primary.close()
+
+        to_primary = Connection(primary, timeout_ms=REFUSAL_TIMEOUT_MS, tls=third)
+        with pytest.raises(errors.ForbiddenError, match="lists it with certificate"):
+            to_primary.call("join", meta.epoch, backup_name, "join-x", 1000)
+        for method, args in (
+            ("join_done", ("join-x",)),
+            ("sync_fetch", ("join-x", 0, 100)),
+            ("sync_log", ("join-x", 0, 1000)),
+            ("backup_renamed", ("join-x", "node-9999999999")),
+        ):
+            with pytest.raises(errors.ForbiddenError, match="belongs to certificate"):
+                to_primary.call(method, meta.epoch, *args)
+        to_primary.close()
+
+        assert cluster_meta(tls_cluster).in_sync == meta.in_sync  # nobody was stripped
+        kv_client.put("k", "after")
+        assert kv_client.get("k") == "after"
+    assert backup.status().key_count == 1
+    assert "dropped backup" not in tls_cluster.logs(200)
 
 
 def test_a_silent_connection_does_not_stall_others(

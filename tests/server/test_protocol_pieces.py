@@ -130,6 +130,27 @@ def test_cluster_meta_keeps_the_addresses_of_in_sync_members() -> None:
         ClusterMeta.from_bytes(old[:-1] + b', "addresses": [1]}')
 
 
+def test_cluster_meta_keeps_the_identities_of_in_sync_members() -> None:
+    """Under TLS the primary lists each in-sync member with its certificate's identity;
+    without TLS nothing is written (the JSON stays as it was)."""
+    plain = ClusterMeta().alone(2, "node-0000000001", "127.0.0.1:9091")
+    assert b"identities" not in plain.to_bytes() and plain.identity_of("node-0000000001") is None
+    meta = ClusterMeta().alone(2, "node-0000000001", "127.0.0.1:9091", None, "sha256:aa")
+    meta = meta.with_in_sync(
+        ("node-0000000001", "node-0000000003"),
+        {"node-0000000003": "127.0.0.1:9090"},
+        identities={"node-0000000003": "sha256:bb"},
+    )
+    assert ClusterMeta.from_bytes(meta.to_bytes()) == meta
+    assert meta.identity_of("node-0000000001") == "sha256:aa"
+    assert meta.identity_of("node-0000000003") == "sha256:bb"
+    renamed = meta.renamed("node-0000000003", "node-0000000007")
+    assert renamed.identity_of("node-0000000007") == "sha256:bb"
+    assert renamed.identity_of("node-0000000003") is None
+    dropped = renamed.without_in_sync("node-0000000007")
+    assert dropped.identities == (("node-0000000001", "sha256:aa"),)
+
+
 def test_a_renamed_backup_is_dropped_under_every_name_it_may_be_listed_under() -> None:
     """A rename's CAS may land and still raise: the replicator knows both names before it."""
     replicator = Replicator(Member("node-0000000001", "127.0.0.1:9"), 1, "join-1", 1.0, 100)

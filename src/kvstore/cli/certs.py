@@ -5,31 +5,47 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from kvstore.cli.args import new_parser, report_error
-from kvstore.local.certs import tls_args, write_certificates
+from kvstore.local.certs import DEFAULT_NODE_CERTIFICATES, tls_args, write_certificates
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = new_parser(
         prog="kv-certs",
-        description="Write a throwaway CA (ca.crt, ca.key) and three certificates signed by "
-        "it, as PEM files in DIR: node.crt/node.key (OU=node: a node, which may replicate), "
-        "client.crt/client.key (a client: reads and writes only) and zookeeper.crt/"
-        "zookeeper.key (for a ZooKeeper TLS port on 127.0.0.1/localhost: its clients check "
-        "the host name). Private keys are 0600. "
+        description="Write a throwaway CA (ca.crt, ca.key) and certificates signed by it, as "
+        "PEM files in DIR: node.crt/node.key (OU=node: a node, which may replicate; one "
+        "certificate all nodes may share), node-1.crt/node-1.key ... node-N.crt/node-N.key "
+        "(OU=node, each with its own CN: give each node its own, so that a backup accepts "
+        "replication only from the primary's certificate and the primary accepts a join only "
+        "from its backup's; see SECURITY.md), client.crt/client.key (a client: reads and "
+        "writes only) and zookeeper.crt/zookeeper.key (for a ZooKeeper TLS port on "
+        "127.0.0.1/localhost: its clients check the host name). Private keys are 0600. "
         "For tests and trials: keep ca.key away from the nodes in earnest use.",
         epilog="exit status: 0 written; 1 DIR cannot be written; 2 bad arguments",
     )
     parser.add_argument("directory", metavar="DIR", help="where to write (created if missing)")
+    parser.add_argument(
+        "--nodes",
+        metavar="N",
+        type=int,
+        default=DEFAULT_NODE_CERTIFICATES,
+        help="how many per-node certificates to write, node-1 to node-N "
+        f"(default {DEFAULT_NODE_CERTIFICATES}; 0: only the shared node.crt)",
+    )
     args = parser.parse_args(argv)
+    if args.nodes < 0:
+        parser.error("--nodes cannot be negative")
     try:
-        files = write_certificates(args.directory)
+        files = write_certificates(args.directory, nodes=args.nodes)
     except OSError as exc:
         report_error("kv-certs", exc)
         return 1
+    per_node = " ".join(f"node-{i}.crt node-{i}.key" for i in range(1, args.nodes + 1))
     print(
-        f"wrote {files.directory}/: ca.crt ca.key node.crt node.key client.crt client.key "
-        "zookeeper.crt zookeeper.key"
+        f"wrote {files.directory}/: ca.crt ca.key node.crt node.key "
+        + (f"{per_node} " if per_node else "")
+        + "client.crt client.key zookeeper.crt zookeeper.key"
     )
-    print("  kv-node HOST PORT ZK PATH " + " ".join(tls_args(files.node)))
+    example = files.node_numbered(1) if args.nodes else files.node
+    print("  kv-node HOST PORT ZK PATH " + " ".join(tls_args(example)))
     print("  kv " + " ".join(tls_args(files.client)) + " get KEY")
     return 0

@@ -1,11 +1,14 @@
-"""Throwaway certificates for mutual TLS (a CA, a node certificate and a client certificate),
+"""Throwaway certificates for mutual TLS (a CA, node certificates and a client certificate),
 cluster secrets and ZooKeeper credentials.
 
 For tests, demos and trying TLS out (``kv-certs DIR``), not for production: the CA's key is
 written next to the certificates and nothing is ever revoked. Every certificate is signed
-by the CA; the node's subject has OU=node (what makes a peer a *node*: it may replicate),
-the client's has none. Private keys are written 0600. Host names are not in the
-certificates: kvstore checks the CA and the role, not names (nodes are addressed by IP:port).
+by the CA; a node's subject has OU=node (what makes a peer a *node*: it may replicate),
+the client's has none. ``node.crt`` is one certificate all nodes may share; ``node-1.crt``,
+``node-2.crt``, ... give each node an identity of its own (CN ``kvstore node-<i>``), which
+the nodes pin (see SECURITY.md: a shared certificate makes every node the same identity).
+Private keys are written 0600. Host names are not in the certificates: kvstore checks the
+CA, the role and the identity, not names (nodes are addressed by IP:port).
 """
 
 from __future__ import annotations
@@ -44,6 +47,10 @@ class CertificateFiles:
     def node(self) -> TlsConfig:
         return self.tls("node")
 
+    def node_numbered(self, number: int) -> TlsConfig:
+        """The TlsConfig of per-node certificate ``node-<number>`` (from 1)."""
+        return self.tls(f"node-{number}")
+
     @property
     def client(self) -> TlsConfig:
         return self.tls("client")
@@ -74,10 +81,21 @@ def tls_args(tls: TlsConfig, prefix: str = "--tls") -> list[str]:
     ]
 
 
-def write_certificates(directory: Path | str, ca_name: str = "kvstore test CA") -> CertificateFiles:
-    """Write ca.crt/ca.key, node.crt/node.key (OU=node), client.crt/client.key and
-    zookeeper.crt/zookeeper.key (for a local ZooKeeper's TLS port: its clients check the
-    host name, so it names 127.0.0.1 and localhost)."""
+DEFAULT_NODE_CERTIFICATES = 3
+
+
+def write_certificates(
+    directory: Path | str,
+    ca_name: str = "kvstore test CA",
+    nodes: int = DEFAULT_NODE_CERTIFICATES,
+) -> CertificateFiles:
+    """Write ca.crt/ca.key, node.crt/node.key (OU=node, for nodes that share one identity),
+    node-1.crt/.key ... node-``nodes``.crt/.key (OU=node, each a distinct CN: one identity
+    per node), client.crt/client.key and zookeeper.crt/zookeeper.key (for a local
+    ZooKeeper's TLS port: its clients check the host name, so it names 127.0.0.1 and
+    localhost)."""
+    if nodes < 0:
+        raise ValueError("the number of per-node certificates cannot be negative")
     files = CertificateFiles(Path(directory))
     files.directory.mkdir(parents=True, exist_ok=True)
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -91,6 +109,8 @@ def write_certificates(directory: Path | str, ca_name: str = "kvstore test CA") 
     _write_key(files.directory / "ca.key", ca_key)
     files.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     issue(files, "node", ca_cert, ca_key, unit=NODE_UNIT)
+    for number in range(1, nodes + 1):
+        issue(files, f"node-{number}", ca_cert, ca_key, unit=NODE_UNIT)
     issue(files, "client", ca_cert, ca_key)
     issue(files, "zookeeper", ca_cert, ca_key, hosts=ZOOKEEPER_HOSTS)
     return files

@@ -26,7 +26,10 @@ handler runs. Host names are not checked: nodes are addressed by IP:port and reg
 own addresses; trust rests on the CA alone (keep it private to the cluster). Under TLS,
 timeouts are Python ones (``settimeout``): kernel ones (SO_RCVTIMEO) do not bound a TLS read.
 Servers send no session tickets, which would make an idle client socket poll as readable
-and fool the client's dead-connection check.
+and fool the client's dead-connection check. A peer's *identity* is its certificate's SHA-256
+fingerprint (tls.certificate_identity): a handler reads its caller's with ``peer_identity()``
+(set once per connection, nothing per request; None without TLS), and a Connection can
+require the node it dials to show a given one (``expected_identity``).
 
 A shared cluster secret (optional, secret.py) makes a connection a node's without TLS: once
 per connection the caller answers a challenge with an HMAC-SHA256 of the server's nonce
@@ -64,12 +67,16 @@ from kvstore.rpc.server import (
     RpcServer,
     _configure_connection,
     _FrameReader,
+    peer_identity,
 )
 from kvstore.rpc.tls import (
     NODE_UNIT,
+    certificate_identity,
     client_tls_context,
     is_node_certificate,
+    own_identity,
     server_tls_context,
+    short_identity,
 )
 
 __all__ = [
@@ -89,11 +96,15 @@ __all__ = [
     "RpcServer",
     "_FrameReader",
     "_configure_connection",
+    "certificate_identity",
     "check_request",
     "client_tls_context",
     "is_node_certificate",
     "load_cluster_secret",
+    "own_identity",
     "parse_address",
+    "peer_identity",
     "probe",
     "server_tls_context",
+    "short_identity",
 ]

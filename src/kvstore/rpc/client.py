@@ -19,6 +19,7 @@ from thriftpy2.transport.framed import TCyFramedTransport
 from kvstore import errors
 from kvstore.idl import KeyValueService
 from kvstore.rpc.secret import authenticate_connection
+from kvstore.rpc.tls import peer_certificate_identity, short_identity
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,11 @@ class Connection:
     (rpc/secret.py), as part of connecting: a node that refuses it, or does not know it
     itself, is a ForbiddenError; a failure on the way a ConnectError. Either way the call
     was not sent.
+
+    ``peer_identity``: under TLS, the identity (tls.certificate_identity) of the certificate
+    the node showed on the current connection (None before connecting, or in plaintext).
+    ``expected_identity``: under TLS, every new connection must show that one, else it is
+    closed before anything is sent and the call fails with ForbiddenError (None: any node).
     """
 
     def __init__(
@@ -66,8 +72,11 @@ class Connection:
         is_checked_before_use: bool = True,
         tls: ssl.SSLContext | None = None,
         secret: bytes | None = None,
+        expected_identity: str | None = None,
     ) -> None:
         self.address = address
+        self.expected_identity = expected_identity
+        self.peer_identity: str | None = None
         self._tls = tls
         self._secret = secret
         self._is_checked_before_use = is_checked_before_use
@@ -102,6 +111,7 @@ class Connection:
         self._poller = select.poll()
         self._poller.register(raw, select.POLLIN | select.POLLPRI)
         self._client = TCyBinaryProtocol(TCyFramedTransport(self._socket))
+        self._used_at = time.monotonic()  # a call right after an explicit open reuses it
         if self._secret is not None:
             self._authenticate(self._secret)
 
@@ -129,10 +139,20 @@ class Connection:
         assert self._tls is not None
         raw.settimeout(self._timeout_ms / 1000)  # Python timeouts: the kernel's miss TLS reads
         try:
-            return self._tls.wrap_socket(raw)
+            tls = self._tls.wrap_socket(raw)
         except OSError as exc:
             raw.close()
             raise errors.ConnectError(f"no TLS connection to {self.address}: {exc}") from None
+        self.peer_identity = identity = peer_certificate_identity(tls)
+        expected = self.expected_identity
+        if expected is not None and identity != expected:
+            with contextlib.suppress(OSError):
+                tls.close()
+            raise errors.ForbiddenError(
+                f"{self.address} shows certificate {short_identity(identity)}, not the "
+                f"expected {short_identity(expected)}: not the node this call is for"
+            )
+        return tls
 
     def _is_dead(self) -> bool:
         """True if an idle connection has something to read: the peer closed it (or broke it).

@@ -29,9 +29,27 @@ from kvstore.rpc.framecheck import (
     check_request,
 )
 from kvstore.rpc.secret import CHALLENGE_METHOD, CONNECTION_METHODS, PeerRole
-from kvstore.rpc.tls import NODE_UNIT, _handshake, is_node_certificate
+from kvstore.rpc.tls import (
+    NODE_UNIT,
+    _handshake,
+    is_node_certificate,
+    peer_certificate_identity,
+    subject_common_name,
+)
 
 log = logging.getLogger(__name__)
+
+
+# The server connection a thread serves (one thread per connection, never reused): what
+# the handler may ask about its peer. Set once when the connection opens, only under TLS.
+_connection = threading.local()
+
+
+def peer_identity() -> str | None:
+    """The identity (tls.certificate_identity) of the peer of the server connection this
+    thread serves: for a handler, during a call. None without TLS (or outside a server
+    connection's thread)."""
+    return getattr(_connection, "identity", None)
 
 
 class _IdleTimeoutError(Exception):
@@ -337,9 +355,10 @@ class RpcServer:
 
     ``tls`` (a :func:`server_tls_context`): every connection must complete a mutual TLS
     handshake, in its own thread, within ``frame_deadline_s``; a peer whose certificate is
-    not a node's may not call ``node_only_methods``. ``cluster_secret``: a connection may
-    call them only once it authenticated with the secret (rpc/secret.py; under TLS, and
-    with a node's certificate). With neither, every peer may call anything.
+    not a node's may not call ``node_only_methods``; the handler learns the peer's identity
+    (its certificate's fingerprint) from :func:`peer_identity`. ``cluster_secret``: a
+    connection may call them only once it authenticated with the secret (rpc/secret.py;
+    under TLS, and with a node's certificate). With neither, every peer may call anything.
     """
 
     def __init__(
@@ -487,9 +506,10 @@ class RpcServer:
             )
             self._refused_count = 0
 
-    def _secure(self, sock: socket.socket, peer: str) -> tuple[socket.socket, bool]:
-        """The TLS socket over ``sock`` once the handshake is done, and whether the peer
-        is a node. Raises OSError (ssl.SSLError, TimeoutError) if there is no handshake."""
+    def _secure(self, sock: socket.socket, peer: str) -> tuple[socket.socket, bool, str | None]:
+        """The TLS socket over ``sock`` once the handshake is done, whether the peer is a
+        node, and its identity. Raises OSError (ssl.SSLError, TimeoutError) if there is no
+        handshake."""
         assert self._tls is not None
         tls = self._tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         with self._lock:  # wrapping detached ``sock``: close() must cut the TLS socket
@@ -502,15 +522,20 @@ class RpcServer:
                 self._connections.discard(tls)
             tls.close()
             raise
-        is_node = is_node_certificate(tls.getpeercert())
-        log.debug("TLS connection from %s (%s)", peer, "node" if is_node else "client")
-        return tls, is_node
+        cert = tls.getpeercert()
+        is_node = is_node_certificate(cert)
+        identity = peer_certificate_identity(tls)
+        if log.isEnabledFor(logging.DEBUG):
+            kind = "node" if is_node else "client"
+            log.debug("TLS connection from %s (%s %r)", peer, kind, subject_common_name(cert))
+        return tls, is_node, identity
 
     def _serve(self, sock: socket.socket, peer: str) -> None:
         is_node = True  # the certificate's role; plaintext: every peer's
+        identity = None
         if self._tls is not None:
             try:
-                sock, is_node = self._secure(sock, peer)
+                sock, is_node, identity = self._secure(sock, peer)
             except (OSError, ValueError) as exc:
                 log.warning("refused a connection from %s: no TLS handshake: %s", peer, exc)
                 with self._lock:
@@ -518,7 +543,9 @@ class RpcServer:
                 sock.close()
                 self._forget_this_thread()
                 return
-        role = PeerRole(is_node, self._needs_secret)  # plaintext without a secret: a node
+        role = PeerRole(is_node, self._needs_secret, identity)  # plaintext, no secret: a node
+        if identity is not None:
+            _connection.identity = identity  # for the handler (peer_identity): once, not per call
         reader = _FrameReader(
             sock, self._max_frame_bytes, self._idle_timeout_s, self._frame_deadline_s
         )

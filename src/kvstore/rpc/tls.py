@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import select
 import ssl
@@ -46,6 +47,61 @@ def is_node_certificate(cert: Any) -> bool:
         name == "organizationalUnitName" and value == NODE_UNIT
         for rdn in (cert or {}).get("subject", ())
         for name, value in rdn
+    )
+
+
+# A node's *identity* is the SHA-256 fingerprint of its certificate (DER): it names one
+# certificate, whatever names the CA put in it (two certificates with the same CN are two
+# identities), both sides compute it the same way from the bytes, and a node reads its own
+# certificate only when it starts (every start publishes it again), so renewing one costs
+# nothing. Nodes sharing one certificate share one identity: pinning then tells them apart
+# no more than the role does.
+IDENTITY_PREFIX = "sha256:"
+
+
+def certificate_identity(der: bytes) -> str:
+    """The identity of a certificate given in DER (``getpeercert(binary_form=True)``)."""
+    return IDENTITY_PREFIX + hashlib.sha256(der).hexdigest()
+
+
+def peer_certificate_identity(tls: ssl.SSLSocket) -> str | None:
+    """The identity of the certificate the peer of a TLS socket showed (None: none)."""
+    der = tls.getpeercert(binary_form=True)
+    return None if not der else certificate_identity(der)
+
+
+def own_identity(cert_path: str) -> str:
+    """The identity of the certificate this side shows: the first one in ``cert_path``
+    (PEM; any CA certificates after it are its chain). ssl.SSLError (an OSError, like a
+    certificate the TLS context cannot load) if there is none."""
+    with open(cert_path, encoding="ascii", errors="replace") as file:
+        pem = file.read()
+    end_marker = "-----END CERTIFICATE-----"
+    start = pem.find("-----BEGIN CERTIFICATE-----")
+    end = pem.find(end_marker, start)
+    try:
+        if start < 0 or end < 0:
+            raise ValueError("no PEM certificate")
+        der = ssl.PEM_cert_to_DER_cert(pem[start : end + len(end_marker)])
+    except ValueError as exc:
+        raise ssl.SSLError(f"{cert_path}: {exc}") from None
+    return certificate_identity(der)
+
+
+def short_identity(identity: str | None) -> str:
+    """An identity shortened for messages (its first 16 hex digits)."""
+    if identity is None:
+        return "(none)"
+    return identity[: len(IDENTITY_PREFIX) + 16]
+
+
+def subject_common_name(cert: Any) -> str:
+    """The CN of a verified peer certificate (``getpeercert()``), for messages ("" if none)."""
+    return ",".join(
+        value
+        for rdn in (cert or {}).get("subject", ())
+        for name, value in rdn
+        if name == "commonName"
     )
 
 

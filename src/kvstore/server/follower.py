@@ -43,6 +43,7 @@ from typing import Any
 from kvstore import errors
 from kvstore.coordination import ClusterMeta, Coordinator, Member, designated_backups
 from kvstore.rpc import Connection, probe
+from kvstore.server import identity as ident
 from kvstore.server import wal
 from kvstore.server.replication import FLAT_RECORDS, BackupFence
 from kvstore.server.roles import EXIT_DATA_LOST, NodeCore, NodeExit, Role, is_dead
@@ -98,6 +99,8 @@ class Follower:
         fence = self.fence
         store = self._node.store
         with fence.lock:
+            if fence.identity is not None:  # TLS: only the primary we joined (identity.py)
+                ident.check_primary(fence.identity)
             fence.check(epoch, join_id)
             position = store.put_many(keys, values, records)
             for change in changes:
@@ -229,6 +232,7 @@ class Follower:
             timeout_ms=timeout_ms,
             tls=self._node.peer_tls,
             secret=self._node.peer_secret,
+            expected_identity=self.fence.identity,
         )
         try:
             conn.call("backup_renamed", accepting[0], accepting[1], self._node.name)
@@ -242,7 +246,11 @@ class Follower:
     def _take_over(self, meta: ClusterMeta, version: int, names: set[str], why: str) -> None:
         coordinator = self._node.require_coordinator()
         new_meta = meta.alone(
-            meta.epoch + 1, self._node.name, self._node.config.address, self._node.node_id
+            meta.epoch + 1,
+            self._node.name,
+            self._node.config.address,
+            self._node.node_id,
+            self._node.identity,
         )
         if not self._node.cas_confirmed(new_meta, version):
             log.info("takeover lost a race; re-reading the cluster state")
@@ -338,7 +346,9 @@ class Follower:
             and not self._defers_to_lower(others)
             and self._has_no_lease_out()
         ):
-            new_meta = meta.alone(meta.epoch + 1, node.name, node.config.address, node.node_id)
+            new_meta = meta.alone(
+                meta.epoch + 1, node.name, node.config.address, node.node_id, node.identity
+            )
             if node.cas_confirmed(new_meta, version):
                 node.become_primary(
                     new_meta.epoch,
@@ -424,7 +434,8 @@ class Follower:
         )
 
     def _start_new_cluster(self, meta: ClusterMeta, version: int) -> None:
-        meta = meta.alone(1, self._node.name, self._node.config.address, self._node.node_id)
+        node = self._node
+        meta = meta.alone(1, node.name, node.config.address, node.node_id, node.identity)
         if self._node.cas_confirmed(meta, version):
             self._node.become_primary(1, "started a new, empty store", "new")
 
@@ -445,8 +456,11 @@ class Follower:
             timeout_ms=node.config.join_rpc_timeout_ms,
             tls=node.peer_tls,
             secret=node.peer_secret,
+            # TLS: the primary the metadata lists, if it lists its identity (identity.py)
+            expected_identity=meta.identity_of(meta.primary),
         )
         try:
+            conn.open()  # first: its certificate (TLS) is the primary identity the join pins
             joined = None if since is None else self._catch_up(conn, meta, since)
             if joined is None:
                 joined = self._copy(conn, meta)
@@ -483,8 +497,9 @@ class Follower:
             time.monotonic() - started,
         )
 
-    def _open_join(self, meta: ClusterMeta, keeps_store: bool) -> str:
-        """Accept batches for a new join only (the store kept, or emptied); returns its id."""
+    def _open_join(self, meta: ClusterMeta, keeps_store: bool, primary: str | None = None) -> str:
+        """Accept batches for a new join only (the store kept, or emptied), and only from
+        the ``primary`` identity (TLS: the join connection's); returns its id."""
         self.fence.close()
         self._marking_join = None
         if keeps_store:
@@ -492,7 +507,7 @@ class Follower:
         else:
             self._node.store.clear()
         join_id = uuid.uuid4().hex
-        self.fence.open(meta.epoch, join_id)
+        self.fence.open(meta.epoch, join_id, primary)
         return join_id
 
     def _call_join(
@@ -521,7 +536,7 @@ class Follower:
         history, its log was trimmed, it predates catch-up) or sent a damaged record: the
         caller then copies the whole store, which redoes whatever was replayed."""
         store = self._node.store
-        join_id = self._open_join(meta, keeps_store=True)
+        join_id = self._open_join(meta, keeps_store=True, primary=conn.peer_identity)
         self._call_join(conn, meta, join_id, tuple(since))
         position, records, replayed, sent_bytes = since[2], 0, 0, 0
         while position != -1:
@@ -568,7 +583,7 @@ class Follower:
     def _copy(self, conn: Connection, meta: ClusterMeta) -> tuple[str, str]:
         """Empty the store and copy the primary's, stripe by stripe."""
         store = self._node.store
-        join_id = self._open_join(meta, keeps_store=False)
+        join_id = self._open_join(meta, keeps_store=False, primary=conn.peer_identity)
         self._call_join(conn, meta, join_id)
         stripe = 0
         while stripe != -1:

@@ -52,6 +52,7 @@ from kvstore.coordination import (
 from kvstore.idl import Change, KeyValueService, NodeStatus, SyncChunk
 from kvstore.rpc import CONNECTION_METHODS, RpcServer, client_tls_context, server_tls_context
 from kvstore.server import catchup
+from kvstore.server import identity as ident
 from kvstore.server.follower import Follower
 from kvstore.server.handler import NODE_ONLY_METHODS, NodeHandler
 from kvstore.server.metrics import MetricsServer, NodeMetrics, NodeState, instrument
@@ -96,6 +97,8 @@ class StorageNode:
         # Its own calls to other nodes (replication, join, probes) present the node certificate.
         self.peer_tls = None if tls is None else client_tls_context(*_tls_files(tls))
         self.peer_secret = config.cluster_secret  # ... and prove the cluster secret
+        # Its certificate's identity, which the metadata lists it with (None: no TLS).
+        self.identity = None if tls is None else ident.own_identity(tls.cert_path)
         if config.data_dir is not None:
             self._open_data_dir(Path(config.data_dir))
         # Orders log appends and enqueues to the replicator (taken after a stripe lock and
@@ -174,6 +177,8 @@ class StorageNode:
             raise
         self.role = Role.STANDBY
         log.info("node %s serving on %s under %s", self.name, config.address, config.zk_path)
+        if self.identity is not None:
+            log.info("TLS identity %s (its certificate's SHA-256 fingerprint)", self.identity)
         try:
             self._control_loop()
         except NodeExit as exc:
@@ -611,13 +616,17 @@ class StorageNode:
         self.check_primary(epoch)
         coordinator = self.require_coordinator()
         coordinator.refresh()
-        replicas = coordinator.meta()[0].replicas
+        meta = coordinator.meta()[0]
+        replicas = meta.replicas
         designated = designated_backups(coordinator.members(), self.name, replicas)
         backup = next((m for m in designated if m.name == backup_name), None)
         if backup is None:
             raise errors.UnavailableError(f"{backup_name} is not a designated backup")
+        joiner = ident.caller()  # identity pinning (TLS only; see identity.py)
         with self._backup_lock:
             self.check_primary(epoch)  # again: a shutdown may have closed the replicators
+            if joiner is not None:
+                ident.check_joiner(meta, self._replicators, backup_name, joiner)
             self._make_room_for(backup, {m.name for m in designated}, replicas)
             lease_s = min(self.config.lease_s, lease_ms / 1000)  # the shorter lease rules
             replicator = Replicator(
@@ -634,6 +643,7 @@ class StorageNode:
                 has_sender=replicas > 2,  # several backups: their lines work in parallel
             )
             replicator.durable_id = durable
+            replicator.identity = joiner  # the rest of this join must come from it
             replicator.takes_flat_records = protocol >= FLAT_RECORDS
             with self._sequence_lock:  # writes logged from here on are forwarded to it
                 self._replicators = (*self._replicators, replicator)
@@ -691,9 +701,13 @@ class StorageNode:
             backup_name = replicator.backup.name
             addresses = {self.name: self.config.address, backup_name: replicator.backup.address}
             ids = {self.name: self.node_id, backup_name: replicator.durable_id}
+            identities = {self.name: self.identity, backup_name: replicator.identity}
             self._update_meta(
                 lambda m: m.with_in_sync(
-                    tuple(dict.fromkeys((self.name, *m.in_sync, backup_name))), addresses, ids
+                    tuple(dict.fromkeys((self.name, *m.in_sync, backup_name))),
+                    addresses,
+                    ids,
+                    identities,
                 )
             )
         log.info("backup %s is in sync (%d keys)", backup_name, len(self.store))
@@ -725,6 +739,7 @@ class StorageNode:
         )
 
     def _require_joining(self, join_id: str) -> Replicator:
+        ident.check_joining_caller(self._replicators, join_id)  # TLS: its backup only
         for replicator in self._replicators:
             if replicator.join_id == join_id and not replicator.is_broken:
                 return replicator

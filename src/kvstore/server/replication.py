@@ -124,6 +124,7 @@ class Replicator:
         # its ZooKeeper session expires): dropping it removes every one from the in-sync set.
         self.other_names: set[str] = set()
         self.durable_id: str | None = None  # the backup's, if it keeps a data directory
+        self.identity: str | None = None  # its certificate's, pinned at join (TLS only)
         # The backup said (join protocol >= 2) it reads records sent flat beside the puts.
         self.takes_flat_records = True
         self.log_id: str | None = None  # the primary's log (sent with each batch's position)
@@ -364,6 +365,7 @@ class Replicator:
             is_checked_before_use=False,
             tls=self._tls,
             secret=self._secret,
+            expected_identity=self.identity,  # the backup that joined, no other node
         )
         with self._lock:
             if self.is_broken:
@@ -399,6 +401,8 @@ class BackupFence:
         self.lease_s = lease_s
         self.lock = threading.Lock()
         self.accepting: tuple[int, str] | None = None  # (epoch, join id)
+        # The certificate identity of the primary of that join (TLS only; server/identity.py).
+        self.identity: str | None = None
         self.lease_granted_until = 0.0
         self.last_heard_at = time.monotonic()
         self.connection_closed_at = 0.0
@@ -408,14 +412,16 @@ class BackupFence:
         # produce it, so it proves no old primary serves on its lease any more.
         self.orderly_close_at = 0.0
 
-    def open(self, epoch: int, join_id: str) -> None:
+    def open(self, epoch: int, join_id: str, identity: str | None = None) -> None:
         with self.lock:
             self.accepting = (epoch, join_id)
+            self.identity = identity
             self.last_heard_at = time.monotonic()
 
     def close(self) -> None:
         with self.lock:
             self.accepting = None
+            self.identity = None
 
     def check(self, epoch: int | None, join_id: str | None) -> None:
         """Raise StaleEpochError unless this batch belongs to the open join. Call with lock held."""

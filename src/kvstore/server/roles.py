@@ -66,6 +66,7 @@ class NodeCore(Protocol):
     node_id: str | None  # stable across restarts: the node has a data directory
     peer_tls: Any  # the TLS context of the node's calls to other nodes (None: plaintext)
     peer_secret: bytes | None  # the cluster secret its calls to other nodes prove (None: none)
+    identity: str | None  # its certificate's identity (server/identity.py; None: no TLS)
     metrics: NodeMetrics
 
     @property
