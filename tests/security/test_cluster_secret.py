@@ -154,7 +154,7 @@ def test_a_wrong_secret_is_refused(secret_cluster: LocalCluster, secret_file: Pa
         primary.address, timeout_ms=TIMEOUT_MS, secret=load_cluster_secret(str(secret_file))
     )
     try:  # past the secret: the call reaches the handler, which refuses a stranger
-        with pytest.raises(errors.UnavailableError, match="not the designated backup"):
+        with pytest.raises(errors.UnavailableError, match="is not a designated backup"):
             right.call("join", epoch, "node-9999999999", "join-x", 1000)
     finally:
         right.close()
