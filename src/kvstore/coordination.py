@@ -242,10 +242,12 @@ def designated_backups(members: list[Member], primary: str, replicas: int) -> li
 def _readable_replicas(stored: Any) -> int:
     """The stored replication factor, brought into 1..MAX_REPLICAS (with a warning) rather
     than refused: a value out of range must not make the cluster unreachable."""
-    replicas = int(stored)
-    usable = min(max(replicas, 1), MAX_REPLICAS)
-    if usable != replicas:
-        log.warning("stored replication factor %d is out of range; using %d", replicas, usable)
+    if not isinstance(stored, int) or isinstance(stored, bool):
+        log.warning("stored replication factor %r is no number; using %d", stored, DEFAULT_REPLICAS)
+        return DEFAULT_REPLICAS
+    usable = min(max(stored, 1), MAX_REPLICAS)
+    if usable != stored:
+        log.warning("stored replication factor %d is out of range; using %d", stored, usable)
     return usable
 
 
@@ -398,7 +400,7 @@ def _set_meta(zk: KazooClient, path: str, reset: bool, replicas: int | None) -> 
         wanted = ClusterMeta(replicas=meta.replicas) if reset else meta
         if replicas is not None:
             wanted = replace(wanted, replicas=replicas)
-        if wanted == meta:
+        if wanted.to_bytes() == data or (not data and wanted == ClusterMeta()):
             return "" if replicas is None else f"replication factor {meta.replicas}"
         data = b"" if wanted == ClusterMeta() else wanted.to_bytes()  # as a new parent has
         try:

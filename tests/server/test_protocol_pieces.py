@@ -15,6 +15,7 @@ from kvstore.coordination import ClusterMeta, Member, designated_backups
 from kvstore.idl import Change
 from kvstore.local.processes import wait_until
 from kvstore.rpc import MalformedFrameError, RpcServer, _FrameReader, parse_address
+from kvstore.server import identity
 from kvstore.server.handler import NodeHandler, NodeService
 from kvstore.server.replication import BackupFailedError, BackupFence, Replicator
 
@@ -128,6 +129,22 @@ def test_cluster_meta_keeps_the_addresses_of_in_sync_members() -> None:
     assert ClusterMeta.from_bytes(old).address_of("node-0000000001") is None
     with pytest.raises(errors.CoordinationError):
         ClusterMeta.from_bytes(old[:-1] + b', "addresses": [1]}')
+
+
+def test_a_join_at_a_listed_backups_address_must_show_its_certificate() -> None:
+    """A backup that registered again has a new name at its old address, and a join there
+    replaces it: the join must come from the certificate the backup is listed with, or
+    another node certificate could strip it from the in-sync set (found by review)."""
+    meta = ClusterMeta().alone(2, "node-0000000001", "127.0.0.1:9091", None, "sha256:aa")
+    meta = meta.with_in_sync(
+        ("node-0000000001", "node-0000000003"),
+        {"node-0000000003": "127.0.0.1:9090"},
+        identities={"node-0000000003": "sha256:bb"},
+    )
+    with pytest.raises(errors.ForbiddenError, match="lists node-0000000003 there"):
+        identity.check_joiner(meta, [], "node-0000000009", "sha256:evil", "127.0.0.1:9090")
+    identity.check_joiner(meta, [], "node-0000000009", "sha256:bb", "127.0.0.1:9090")
+    identity.check_joiner(meta, [], "node-0000000009", "sha256:cc", "127.0.0.1:9095")
 
 
 def test_cluster_meta_keeps_the_identities_of_in_sync_members() -> None:

@@ -1,4 +1,5 @@
-"""The README's main job: local ZooKeeper, two nodes, kv-client, kill -9 of the primary midway.
+"""The README's main job: local ZooKeeper, two nodes (or N with ``replicas``), kv-client,
+kill -9 of the primary midway.
 
 Everything runs on loopback ports chosen free at start and lives under one work
 directory (ZooKeeper data and log, node logs, execution.log). Everything started
@@ -30,8 +31,14 @@ from kvstore.local.zkserver import ZooKeeperServer
 
 
 def run_demo(
-    seconds: float, threads: int, keyspace: int, workdir: str, is_secure: bool = False
+    seconds: float,
+    threads: int,
+    keyspace: int,
+    workdir: str,
+    is_secure: bool = False,
+    replicas: int = 2,
 ) -> int:
+    """``replicas``: the replication factor, and as many nodes (the plain cluster only)."""
     root = Path(workdir).resolve() / time.strftime("%Y%m%d-%H%M%S")
     root.mkdir(parents=True, exist_ok=True)
     print(f"== work directory: {root}")
@@ -50,7 +57,17 @@ def run_demo(
                 "writable only with the ZooKeeper credentials, readable by anyone"
             )
         else:
-            cluster = LocalCluster(zk.connect_string, path, root / "nodes")
+            cluster = LocalCluster(
+                zk.connect_string,
+                path,
+                root / "nodes",
+                size=replicas,
+                replicas=None if replicas == 2 else replicas,
+            )
+            if replicas != 2:
+                print(
+                    f"== kv-createznode --replicas {replicas}: {replicas} nodes, {replicas} copies"
+                )
         try:
             cluster.start()
             for node in cluster.nodes:

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from kvstore import errors
 from kvstore.bench.demo import run_demo
 from kvstore.cli.args import new_parser, positive_float, positive_int, report_error, setup_logging
+from kvstore.coordination import MAX_REPLICAS
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -32,10 +33,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         "client, and to ZooKeeper, which listens on a TLS port only), ZooKeeper digest "
         "credentials for the parent znode and the nodes; all written under the work directory",
     )
+    parser.add_argument(
+        "--replicas",
+        type=positive_int,
+        default=2,
+        metavar="N",
+        help=f"replication factor: N nodes keeping N copies of every write (kv-createznode "
+        f"--replicas N; 1 to {MAX_REPLICAS}, default 2; not with --secure)",
+    )
     args = parser.parse_args(argv)
+    if args.replicas > MAX_REPLICAS:
+        parser.error(f"--replicas must be 1 to {MAX_REPLICAS}")
+    if args.secure and args.replicas != 2:
+        parser.error("--replicas is for the plain demo (--secure runs two nodes)")
     setup_logging("INFO")
     try:
-        return run_demo(args.seconds, args.threads, args.keyspace, args.workdir, args.secure)
+        return run_demo(
+            args.seconds, args.threads, args.keyspace, args.workdir, args.secure, args.replicas
+        )
     except (errors.KVError, OSError) as exc:  # no Java or ZooKeeper, a port taken, ...
         report_error("kv-demo", exc)
         return 1

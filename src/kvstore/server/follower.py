@@ -166,6 +166,7 @@ class Follower:
             meta, version = coordinator.meta()
         if not self.is_listed(meta):
             log.warning("no longer in sync with the primary (epoch %d); rejoining", meta.epoch)
+            self._takeover_deferred_since = None
             self.fence.close()
             self._former_names.clear()
             self._node.role = Role.STANDBY
@@ -190,6 +191,12 @@ class Follower:
         dead, take over first (for at most TAKEOVER_DEFER_S): any of them may, but the lowest
         keeps the primary the lowest child. One that does not answer as a backup (killed
         with the primary, say) is not waited for."""
+        now = time.monotonic()
+        if (
+            self._takeover_deferred_since is not None
+            and now - self._takeover_deferred_since >= TAKEOVER_DEFER_S
+        ):
+            return False  # waited long enough: no more probes
         own = Member(self._node.name, "").sequence
         lower = [
             m
@@ -201,7 +208,6 @@ class Follower:
         ]
         if not lower:
             return False
-        now = time.monotonic()
         if self._takeover_deferred_since is None:
             self._takeover_deferred_since = now
             log.info("primary suspected: letting %s take over first", lower[0].name)
@@ -252,6 +258,7 @@ class Follower:
             self._node.node_id,
             self._node.identity,
         )
+        self._takeover_deferred_since = None
         if not self._node.cas_confirmed(new_meta, version):
             log.info("takeover lost a race; re-reading the cluster state")
             return

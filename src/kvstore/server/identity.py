@@ -49,10 +49,33 @@ def check_joiner(
     replicators: Iterable[Replicator | None],
     backup_name: str,
     joiner: str,
+    address: str = "",
 ) -> None:
     """ForbiddenError unless ``joiner`` (the join connection's identity) may join as
-    ``backup_name``: the identity the in-sync set lists that name with, and the one a join
-    in progress for that name (among ``replicators``) pinned, if any."""
+    ``backup_name`` at ``address``: the identity the in-sync set lists that name with, and
+    the one a join in progress for that name (among ``replicators``) pinned, if any; and
+    the same for whatever is listed, or joined, at that address (a backup that registered
+    again has a new name at its old address: a join there replaces it)."""
+    for name in meta.in_sync:
+        listed_there = meta.identity_of(name)
+        if address and meta.address_of(name) == address and listed_there not in (None, joiner):
+            raise errors.ForbiddenError(
+                f"join at {address} refused: the in-sync set lists {name} there with "
+                f"certificate {short_identity(listed_there)}; this caller shows "
+                f"{short_identity(joiner)}"
+            )
+    for replicator in replicators:
+        if (
+            replicator is not None
+            and address
+            and replicator.backup.address == address
+            and replicator.identity not in (None, joiner)
+        ):
+            raise errors.ForbiddenError(
+                f"join at {address} refused: the join in progress there came from certificate "
+                f"{short_identity(replicator.identity)}; this caller shows "
+                f"{short_identity(joiner)}"
+            )
     listed = meta.identity_of(backup_name)
     if listed is not None and joiner != listed:
         raise errors.ForbiddenError(

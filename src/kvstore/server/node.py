@@ -85,6 +85,7 @@ class StorageNode:
         self._stopping = threading.Event()  # set once, when the node starts to stop
         self._stop_reason: NodeExit | None = None
         self._dead_backups: list[Member] = []
+        self._dead_backups_lock = threading.Lock()  # drops append from several threads
         self._coordinator: Coordinator | None = None
         self._session_lost_at: float | None = None
         self.node_id: str | None = None  # stable across restarts, with a data directory
@@ -400,10 +401,11 @@ class StorageNode:
                 )
 
     def _heartbeat_if_due(self) -> None:
-        """Heartbeat each backup whose line has been idle for a heartbeat interval. With
-        several backups, each on a thread of its own: a heartbeat may block for the RPC
-        timeout (a paused backup) and its drop needs ZooKeeper, while the others' leases
-        must go on being renewed (else a healthy backup takes over from a healthy primary)."""
+        """Heartbeat each backup whose line has been idle for a heartbeat interval, each on a
+        thread of its own: a heartbeat may block for the RPC timeout (a paused backup) and
+        its drop needs ZooKeeper, while the other backups' leases (one may be joining right
+        now) must go on being renewed, else a healthy backup takes over from a healthy
+        primary."""
         replicators = self._replicators
         for replicator in replicators:
             if not (
@@ -411,16 +413,19 @@ class StorageNode:
                 or time.monotonic() - replicator.last_send_at >= self.config.heartbeat_interval_s
             ):
                 continue
-            if len(replicators) == 1:
-                self._heartbeat(replicator)
-            elif not replicator.is_heartbeating:
-                replicator.is_heartbeating = True
+            if replicator.is_heartbeating:
+                continue
+            replicator.is_heartbeating = True
+            try:
                 threading.Thread(
                     target=self._heartbeat_apart,
                     args=(replicator,),
                     name=f"heartbeat-{replicator.backup.address}",
                     daemon=True,
                 ).start()
+            except RuntimeError:  # no thread to be had: try again on the next pass
+                replicator.is_heartbeating = False
+                raise
 
     def _heartbeat_apart(self, replicator: Replicator) -> None:
         try:
@@ -442,7 +447,8 @@ class StorageNode:
         answering at the address). Until then, and while their znodes last, ask again every
         tick: a lingering znode keeps a replacement from being designated backup."""
         names = {m.name for m in members}
-        pending, self._dead_backups = self._dead_backups, []  # drops may append meanwhile
+        with self._dead_backups_lock:  # drops may append meanwhile
+            pending, self._dead_backups = self._dead_backups, []
         waiting = []
         for member in pending:
             if member.name not in names:
@@ -452,7 +458,8 @@ class StorageNode:
                 self.require_coordinator().remove_member(member.name)
             else:
                 waiting.append(member)
-        self._dead_backups.extend(waiting)
+        with self._dead_backups_lock:
+            self._dead_backups.extend(waiting)
 
     def replicate_put(self, key: str, value: str) -> None:
         """The primary's put: log, replicate, then apply, under the key's stripe lock
@@ -575,7 +582,8 @@ class StorageNode:
         log.warning(
             "dropped backup %s (%s): %s", replicator.backup.name, replicator.backup.address, reason
         )
-        self._dead_backups.append(replicator.backup)
+        with self._dead_backups_lock:
+            self._dead_backups.append(replicator.backup)
         self._wakeup.set()
 
     def _retire_backup(self, replicator: Replicator) -> None:
@@ -626,8 +634,8 @@ class StorageNode:
         with self._backup_lock:
             self.check_primary(epoch)  # again: a shutdown may have closed the replicators
             if joiner is not None:
-                ident.check_joiner(meta, self._replicators, backup_name, joiner)
-            self._make_room_for(backup, {m.name for m in designated}, replicas)
+                ident.check_joiner(meta, self._replicators, backup_name, joiner, backup.address)
+            self._make_room_for(backup)
             lease_s = min(self.config.lease_s, lease_ms / 1000)  # the shorter lease rules
             replicator = Replicator(
                 backup,
@@ -651,22 +659,13 @@ class StorageNode:
         log.info("backup %s (%s) joining: %s", backup_name, backup.address, why_not)
         return self.store.stripe_count
 
-    def _make_room_for(self, backup: Member, designated: set[str], replicas: int) -> None:
+    def _make_room_for(self, backup: Member) -> None:
         """Before ``backup`` joins: stop replicating to an earlier join of it (it restarted,
-        or starts over), and to backups beyond the replication factor, those no longer
-        designated first (say, one that registered again). Call with ``_backup_lock`` held."""
+        registered again, or starts over). Call with ``_backup_lock`` held. Backups beyond
+        the replication factor are let go by the control loop, once those designated are in
+        sync (``_let_extra_backups_go``): never a copy before its replacement is one."""
         for replicator in self._replicators:
             if replicator.backup.address == backup.address or backup.name in replicator.names:
-                self._retire_backup(replicator)
-        extra = len(self._replicators) - (replicas - 2)
-        if extra > 0:
-            for replicator in sorted(self._replicators, key=_keep_rank(designated))[:extra]:
-                log.warning(
-                    "let backup %s go for %s: the replication factor is %d",
-                    replicator.backup.name,
-                    backup.name,
-                    replicas,
-                )
                 self._retire_backup(replicator)
 
     def sync_log(self, epoch: int, join_id: str, position: int, max_bytes: int) -> object:

@@ -352,7 +352,7 @@ class WriteAheadLog:
             if self._is_closed:
                 return
             self._is_sync_asked = False
-            with contextlib.suppress(errors.KVError):  # recorded: every waiter gets it
+            with contextlib.suppress(errors.KVError, OSError):  # recorded, or closed
                 self._sync_to(self._appended)
 
     def _sync_to(self, position: int) -> None:
@@ -406,6 +406,8 @@ class WriteAheadLog:
         """fsync the current segment; returns the position it made durable (older segments
         were synced when appends moved on from them). A failure breaks the log for good."""
         with self._append_lock:  # a duplicate: a segment switch may close the original
+            if self._fd < 0:
+                raise errors.UnavailableError(f"the write-ahead log in {self.directory} is closed")
             target, fd = self._appended, os.dup(self._fd)
         began = time.monotonic()
         try:
