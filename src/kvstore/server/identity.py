@@ -56,6 +56,24 @@ def check_joiner(
     the one a join in progress for that name (among ``replicators``) pinned, if any; and
     the same for whatever is listed, or joined, at that address (a backup that registered
     again has a new name at its old address: a join there replaces it)."""
+    listed = meta.identity_of(backup_name)
+    if listed is not None and joiner != listed:
+        raise errors.ForbiddenError(
+            f"join as {backup_name} refused: the in-sync set lists it with certificate "
+            f"{short_identity(listed)}; this caller shows {short_identity(joiner)}"
+        )
+    for replicator in replicators:
+        if (
+            replicator is not None
+            and replicator.identity is not None
+            and backup_name in replicator.names
+            and joiner != replicator.identity
+        ):
+            raise errors.ForbiddenError(
+                f"join as {backup_name} refused: its join in progress came from certificate "
+                f"{short_identity(replicator.identity)}; this caller shows "
+                f"{short_identity(joiner)}"
+            )
     for name in meta.in_sync:
         listed_there = meta.identity_of(name)
         if address and meta.address_of(name) == address and listed_there not in (None, joiner):
@@ -73,24 +91,6 @@ def check_joiner(
         ):
             raise errors.ForbiddenError(
                 f"join at {address} refused: the join in progress there came from certificate "
-                f"{short_identity(replicator.identity)}; this caller shows "
-                f"{short_identity(joiner)}"
-            )
-    listed = meta.identity_of(backup_name)
-    if listed is not None and joiner != listed:
-        raise errors.ForbiddenError(
-            f"join as {backup_name} refused: the in-sync set lists it with certificate "
-            f"{short_identity(listed)}; this caller shows {short_identity(joiner)}"
-        )
-    for replicator in replicators:
-        if (
-            replicator is not None
-            and replicator.identity is not None
-            and backup_name in replicator.names
-            and joiner != replicator.identity
-        ):
-            raise errors.ForbiddenError(
-                f"join as {backup_name} refused: its join in progress came from certificate "
                 f"{short_identity(replicator.identity)}; this caller shows "
                 f"{short_identity(joiner)}"
             )
