@@ -12,7 +12,6 @@ import pytest
 
 from conftest import SmallFilesystems
 from kvstore import errors
-from kvstore.local.processes import wait_until
 from kvstore.server import wal
 from kvstore.server.storage import StripedStore
 from kvstore.server.wal import CorruptLogError, WriteAheadLog
@@ -148,30 +147,6 @@ def test_a_write_is_durable_when_wait_durable_returns_however_the_rounds_fall(
     assert not any(thread.is_alive() for thread in threads)
     assert late == []
     assert 1 < len(synced_sizes) <= 8 * 40
-
-
-def test_sync_soon_makes_a_write_durable_without_anyone_waiting_for_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """What the primary asks once it forwarded a write: the fsync runs on the log's own
-    thread, and a later wait_durable finds it done (no fsync of its own)."""
-    store = durable_store(tmp_path)
-    assert store.log is not None
-    fsynced_sizes: list[int] = []
-    real_fsync = os.fsync
-    monkeypatch.setattr(
-        os, "fsync", lambda fd: (real_fsync(fd), fsynced_sizes.append(os.fstat(fd).st_size))
-    )
-    position = store.put("k", "v")
-    store.log.sync_soon()
-    wait_until(lambda: fsynced_sizes or None, 10, lambda: "sync_soon never synced")
-    assert fsynced_sizes == [position]  # a new segment: its size is the position
-    store.wait_durable(position)
-    assert len(fsynced_sizes) == 1
-    [syncer] = [t for t in threading.enumerate() if t.name == f"wal-sync {tmp_path}"]
-    store.log.close()
-    syncer.join(timeout=5)
-    assert not syncer.is_alive(), "the sync thread outlived close"
 
 
 def test_a_failed_fsync_fails_its_writes_and_every_later_one_even_if_fsync_works_again(

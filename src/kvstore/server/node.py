@@ -525,9 +525,6 @@ class StorageNode:
                 with contextlib.suppress(BackupFailedError):  # it failed: dropped below
                     ticket = replicator.enqueue(key, value, position, record)
                 tickets.append(ticket)
-        store_log = self.store.log
-        if position and replicators and store_log is not None:
-            store_log.sync_soon()  # our fsync runs while the backups apply and sync theirs
         for replicator, ticket in zip(replicators, tickets, strict=True):
             try:
                 if ticket is None:

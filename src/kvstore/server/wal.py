@@ -136,10 +136,6 @@ class WriteAheadLog:
         self._is_syncing = False  # an fsync is running
         self._next_sync: _SyncRound | None = None  # waiters for the fsync after it
         self._failure: str | None = None  # set for good when an fsync fails
-        # sync_soon's thread (started on first use) and its wake-ups; see sync_soon.
-        self._syncer_work: threading.Semaphore | None = None
-        self._is_sync_asked = False
-        self._is_closed = False
         self.bytes_since_snapshot = 0
         self._bytes_at_switch = 0  # bytes_since_snapshot when the last snapshot began
         self.segment = max(self.segments(), default=0)
@@ -323,37 +319,6 @@ class WriteAheadLog:
         if self.fsync_mode == "never" or self._synced >= position:
             return
         self._sync_to(position)
-
-    def sync_soon(self) -> None:
-        """Start an fsync of what is appended now on a thread of the log's own, and return
-        at once (``batch`` mode only). The primary asks for it once it has forwarded a write:
-        its own fsync then runs while the backups apply and sync theirs, and its
-        ``wait_durable`` finds the write on disk or joins the running fsync, instead of
-        starting one only after the backups answered."""
-        if self.fsync_mode != "batch" or self._is_sync_asked:
-            return  # (read without a lock: at worst one wake-up too many, or a waiter syncs)
-        self._is_sync_asked = True
-        work = self._syncer_work
-        if work is None:
-            with self._sync_lock:
-                work = self._syncer_work
-                if work is None:
-                    work = self._syncer_work = threading.Semaphore(0)
-                    threading.Thread(
-                        target=self._syncer, name=f"wal-sync {self.directory}", daemon=True
-                    ).start()
-        work.release()
-
-    def _syncer(self) -> None:
-        work = self._syncer_work
-        assert work is not None
-        while True:
-            work.acquire()
-            if self._is_closed:
-                return
-            self._is_sync_asked = False
-            with contextlib.suppress(errors.KVError, OSError):  # recorded, or closed
-                self._sync_to(self._appended)
 
     def _sync_to(self, position: int) -> None:
         """One fsync runs at a time. A thread that finds one running joins the next round;
@@ -588,9 +553,6 @@ class WriteAheadLog:
         return data[:size], start + size
 
     def close(self) -> None:
-        self._is_closed = True
-        if self._syncer_work is not None:
-            self._syncer_work.release()
         with self._append_lock:
             if self._fd >= 0:
                 if self.fsync_mode != "never":
