@@ -18,7 +18,7 @@ import kvstore
 from kvstore.bench import faults, load
 from kvstore.bench.workload import BenchResult, Workload, summary_lines
 from kvstore.check import checker
-from kvstore.check.history import READ
+from kvstore.check.history import READ, WRITE
 from kvstore.config import ClientConfig
 from kvstore.local.cluster import LocalCluster
 
@@ -51,6 +51,15 @@ def append_final_reads(
         result.events.append((invoked_ns, False, READER_TID + i, READ, key, None))
         result.events.append((completed_ns, True, READER_TID + i, READ, key, values[key] or ""))
     return values
+
+
+def writes_acknowledged_before(result: BenchResult, t_ns: int) -> set[str]:
+    """The keys with a write acknowledged before ``t_ns`` (on the history's clock)."""
+    return {
+        key
+        for t, is_response, _, kind, key, _ in result.events
+        if is_response and kind == WRITE and t < t_ns
+    }
 
 
 def assert_progress_after_each_kill(result: BenchResult, kills: list[tuple[float, str]]) -> None:

@@ -23,11 +23,15 @@ import time
 from pathlib import Path
 
 import pytest
-from test_crash import append_final_reads, assert_progress_after_each_kill, check_history
+from test_crash import (
+    append_final_reads,
+    assert_progress_after_each_kill,
+    check_history,
+    writes_acknowledged_before,
+)
 
 from kvstore.bench import faults, load, storage
 from kvstore.bench.workload import Workload, key_names, summary_lines
-from kvstore.check.history import WRITE
 from kvstore.config import ClientConfig
 from kvstore.local.cluster import LocalCluster
 
@@ -95,12 +99,7 @@ def test_acknowledged_puts_survive_kill_9_of_both_nodes_under_load(
         killer.join(timeout=30)
     assert killed_at_s, "the load ended before both nodes were killed"
     kill_ns = int(killed_at_s[0] * 1e9)
-    acknowledged = {
-        key
-        for t, is_response, _, kind, key, _ in result.events
-        if is_response and kind == WRITE
-        if t < kill_ns
-    }
+    acknowledged = writes_acknowledged_before(result, kill_ns)
     assert len(acknowledged) > KEYS // 2, f"only {len(acknowledged)} keys written before the kill"
     # The clients ride through: one node recovers from its disk and takes over (~3 s).
     assert_progress_after_each_kill(result, [(killed_at_s[0], "both nodes")])

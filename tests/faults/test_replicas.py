@@ -21,7 +21,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from test_crash import append_final_reads, assert_progress_after_each_kill, check_history
+from test_crash import (
+    append_final_reads,
+    assert_progress_after_each_kill,
+    check_history,
+    writes_acknowledged_before,
+)
 
 import kvstore
 from kvstore.bench import faults, load, storage
@@ -227,11 +232,7 @@ def test_acknowledged_writes_survive_kill_9_of_three_nodes_on_disk(
             killer.join(timeout=30)
         assert killed_at_s, "the load ended before the nodes were killed"
         kill_ns = int(killed_at_s[0] * 1e9)
-        acknowledged = {
-            key
-            for t, is_response, _, kind, key, _ in result.events
-            if is_response and kind == WRITE and t < kill_ns
-        }
+        acknowledged = writes_acknowledged_before(result, kill_ns)
         assert len(acknowledged) > KEYS // 2, f"only {len(acknowledged)} keys written before"
         assert_progress_after_each_kill(result, [(killed_at_s[0], "every node")])
         cluster.wait_for("primary", timeout_s=30)

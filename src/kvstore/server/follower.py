@@ -204,7 +204,7 @@ class Follower:
             if m.name in meta.in_sync
             and m.name != meta.primary
             and 0 <= m.sequence < own
-            and self._answers_as_backup(m)
+            and self._answers_as(m.name, m.address, Role.BACKUP)
         ]
         if not lower:
             return False
@@ -213,16 +213,13 @@ class Follower:
             log.info("primary suspected: letting %s take over first", lower[0].name)
         return now - self._takeover_deferred_since < TAKEOVER_DEFER_S
 
-    def _answers_as_backup(self, member: Member) -> bool:
+    def _answers_as(self, name: str, address: str, role: Role) -> bool:
+        """The node ``name`` answers at ``address``, in ``role``."""
         try:
-            status = probe(member.address, self._node.config.probe_timeout_ms, self._node.peer_tls)
+            status = probe(address, self._node.config.probe_timeout_ms, self._node.peer_tls)
         except errors.KVError:
             return False
-        return (
-            status is not None
-            and status.node_id == member.name
-            and status.role == Role.BACKUP.value
-        )
+        return status is not None and status.node_id == name and status.role == role.value
 
     def _ask_rename(self, meta: ClusterMeta) -> None:
         """Ask the primary to list our current name in place of a former one (at most
@@ -420,17 +417,7 @@ class Follower:
 
     def _is_primary_serving(self, meta: ClusterMeta) -> bool:
         """The node named primary answers at its address, as primary."""
-        try:
-            status = probe(
-                meta.primary_address, self._node.config.probe_timeout_ms, self._node.peer_tls
-            )
-        except errors.KVError:
-            return False
-        return (
-            status is not None
-            and status.node_id == meta.primary
-            and status.role == Role.PRIMARY.value
-        )
+        return self._answers_as(meta.primary, meta.primary_address, Role.PRIMARY)
 
     def _is_primary_dead(self, meta: ClusterMeta) -> bool:
         return is_dead(
