@@ -8,7 +8,8 @@
   ride through, and each history (plus a read of every key afterwards) passes the checker.
   Then the replication factor goes down to 2 on the serving cluster: a backup is let go.
 - On disk: every node killed -9 at once under write load, restarted one by one with the
-  primary last: every acknowledged write is still there (the checker again).
+  primary last; then again, with the primary first: every acknowledged write is still there
+  (the checker again).
 """
 
 from __future__ import annotations
@@ -210,39 +211,48 @@ def test_acknowledged_writes_survive_kill_9_of_three_nodes_on_disk(
         killed_at_s: list[float] = []
         stop = threading.Event()
 
-        def kill_all_then_restart_primary_last() -> None:
-            if stop.wait(FAULT_AT_S):
-                return
-            now = roles(cluster)
-            order = [*now.get("backup", []), *now.get("primary", [])]
-            faults.kill_all(cluster)
-            killed_at_s.append((time.monotonic_ns() - start_ns) / 1e9)
-            for node in order:
-                node.start()
-                if stop.wait(0.5):  # the restart schedule
+        def kill_all_twice() -> None:
+            """Every node killed -9 at once, restarted 0.5 s apart: first the backups then
+            the primary; once a primary serves again, the primary first."""
+            for first_role, pause_s in (("backup", FAULT_AT_S), ("primary", 2.0)):
+                if stop.wait(pause_s):
                     return
+                deadline = time.monotonic() + 20  # bounded: the cluster recovering
+                while not roles(cluster).get("primary"):
+                    if time.monotonic() > deadline or stop.wait(0.1):
+                        return
+                now = roles(cluster)
+                other = "primary" if first_role == "backup" else "backup"
+                order = [*now.get(first_role, []), *now.get(other, []), *now.get("standby", [])]
+                faults.kill_all(cluster)
+                killed_at_s.append((time.monotonic_ns() - start_ns) / 1e9)
+                for node in order:
+                    node.start()
+                    if stop.wait(0.5):  # the restart schedule
+                        return
 
-        killer = threading.Thread(target=kill_all_then_restart_primary_last, daemon=True)
+        killer = threading.Thread(target=kill_all_twice, daemon=True)
         killer.start()
-        workload = Workload(THREADS, 10.0, KEYS, write_ratio=0.7, seed=32)
+        workload = Workload(THREADS, 11.0, KEYS, write_ratio=0.7, seed=32)
         try:
             result = load.run(workload, cluster.client_config(), start_ns)
         finally:
             stop.set()
             killer.join(timeout=30)
-        assert killed_at_s, "the load ended before the nodes were killed"
+        assert len(killed_at_s) == 2, f"the load ended before both kills: {killed_at_s}"
         kill_ns = int(killed_at_s[0] * 1e9)
         acknowledged = writes_acknowledged_before(result, kill_ns)
         assert len(acknowledged) > KEYS // 2, f"only {len(acknowledged)} keys written before"
-        assert_progress_after_each_kill(result, [(killed_at_s[0], "every node")])
+        assert_progress_after_each_kill(result, [(at_s, "every node") for at_s in killed_at_s])
         cluster.wait_for("primary", timeout_s=30)
         append_final_reads(result, cluster, list(key_names(KEYS)), start_ns)
         verdict = check_history(result, tmp_path)
         assert verdict.key_count == KEYS
         wait_for_roles(cluster, {"primary": 1, "backup": 2})
         print(
-            f"\nall three killed at {killed_at_s[0]:.2f} s; {len(acknowledged)} keys acknowledged "
-            "before; " + " | ".join(summary_lines(result))
+            f"\nall three killed at {killed_at_s[0]:.2f} s (restarted primary last) and "
+            f"{killed_at_s[1]:.2f} s (primary first); {len(acknowledged)} keys acknowledged "
+            "before the first; " + " | ".join(summary_lines(result))
         )
     finally:
         cluster.stop()
