@@ -6,7 +6,8 @@
   backups may take over: one wins, the other rejoins it, the standby joins); then the
   primary and a backup at the same moment (the last backup takes over alone). The clients
   ride through, and each history (plus a read of every key afterwards) passes the checker.
-  Then the replication factor goes down to 2 on the serving cluster: a backup is let go.
+  Then the replication factor goes down to 2 on the serving cluster (a backup is let go)
+  and back up to 3 (a standby joins).
 - On disk: every node killed -9 at once under write load, restarted one by one with the
   primary last; then again, with the primary first: every acknowledged write is still there
   (the checker again).
@@ -195,6 +196,11 @@ def test_three_copies_ride_through_failures_of_two_nodes(
         wait_for_roles(cluster, {"primary": 1, "backup": 1, "standby": 2})
         meta = read_meta(cluster)
         assert meta.replicas == 2 and len(meta.in_sync) == 2, meta
+
+        # And more again: a standby joins as the third copy.
+        create_parent(cluster.zk_connect, cluster.zk_path, replicas=3)
+        wait_for_roles(cluster, {"primary": 1, "backup": 2, "standby": 1})
+        assert len(read_meta(cluster).in_sync) == 3
     finally:
         cluster.stop()
 
