@@ -14,6 +14,7 @@ import kvstore
 from kvstore.bench import faults
 from kvstore.coordination import ClusterMeta
 from kvstore.local.cluster import LocalCluster
+from kvstore.local.processes import wait_until
 from kvstore.local.zkserver import ZooKeeperServer
 
 KEYS = 300
@@ -118,3 +119,42 @@ def test_the_seed_clients_rule_finds_the_primary_and_the_metadata_keeps_the_ids(
         assert len(meta.in_sync) == 2
         assert len(meta.durable_members()) == 2  # both keep a data directory
         kill_all_then_start(durable_cluster)
+
+
+def test_a_copy_dropped_from_the_in_sync_set_never_takes_over_with_its_shorter_history(
+    zk_server: ZooKeeperServer, zk_path: str, tmp_path: Path
+) -> None:
+    """The backup is killed, the primary drops it and goes on alone; then the primary is
+    killed too and the old backup comes back first, its disk intact but behind. It must
+    wait for the primary's disk (the last in-sync set) instead of serving its older copy;
+    once the primary is back, every write acknowledged after the drop is there."""
+    cluster = LocalCluster(zk_server.connect_string, zk_path, tmp_path / "logs", size=2)
+    for i, node in enumerate(cluster.nodes):  # short sessions: the dead znodes go soon
+        node.extra_args += ["--data-dir", str(tmp_path / f"data-{i}"), "--session-timeout", "2"]
+    try:
+        cluster.start()
+        primary, backup = cluster.wait_for("primary"), cluster.wait_for("backup")
+        keys = [f"k{i}" for i in range(50)]
+        with kvstore.Client(cluster.zk_connect, cluster.zk_path, timeout=10) as kv:
+            for key in keys:
+                kv.put(key, "old")
+            backup.kill()
+            for key in keys:  # the first of these drops the backup from the in-sync set
+                kv.put(key, "new")
+        assert seed_rule_primary_and_meta(cluster)[1].in_sync == (primary.status().node_id,)
+        primary.kill()
+        backup.start()
+        wait_until(
+            lambda: "waiting for one with a data directory" in backup.log_tail(20) or None,
+            30,
+            lambda: f"the old backup never waited for the primary's disk\n{backup.log_tail()}",
+        )
+        status = backup.status()
+        assert status is not None and status.role != "primary", status
+        primary.start()
+        assert cluster.wait_for("primary") is primary
+        with kvstore.Client(cluster.zk_connect, cluster.zk_path, timeout=30) as kv:
+            assert kv.get_many(keys) == dict.fromkeys(keys, "new")
+        backup.wait_for_role(["backup"])
+    finally:
+        cluster.stop()
