@@ -142,9 +142,18 @@ def test_a_join_at_a_listed_backups_address_must_show_its_certificate() -> None:
         identities={"node-0000000003": "sha256:bb"},
     )
     with pytest.raises(errors.ForbiddenError, match="lists node-0000000003 there"):
-        identity.check_joiner(meta, [], "node-0000000009", "sha256:evil", "127.0.0.1:9090")
-    identity.check_joiner(meta, [], "node-0000000009", "sha256:bb", "127.0.0.1:9090")
-    identity.check_joiner(meta, [], "node-0000000009", "sha256:cc", "127.0.0.1:9095")
+        identity.check_joiner(meta, [], "node-0000000009", "sha256:evil", address="127.0.0.1:9090")
+    identity.check_joiner(meta, [], "node-0000000009", "sha256:bb", address="127.0.0.1:9090")
+    identity.check_joiner(meta, [], "node-0000000009", "sha256:cc", address="127.0.0.1:9095")
+    # ... and a join in progress at that address pinned its certificate too.
+    joining = Replicator(Member("node-0000000005", "127.0.0.1:9095"), 2, "j", 1.0, 1000)
+    joining.identity = "sha256:dd"
+    with pytest.raises(errors.ForbiddenError, match="join in progress there"):
+        identity.check_joiner(
+            meta, [joining], "node-0000000009", "sha256:evil", address="127.0.0.1:9095"
+        )
+    identity.check_joiner(meta, [joining], "node-0000000009", "sha256:dd", address="127.0.0.1:9095")
+    joining.close()
 
 
 def test_cluster_meta_keeps_the_identities_of_in_sync_members() -> None:

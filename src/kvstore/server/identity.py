@@ -49,7 +49,8 @@ def check_joiner(
     replicators: Iterable[Replicator | None],
     backup_name: str,
     joiner: str,
-    address: str = "",
+    *,
+    address: str,
 ) -> None:
     """ForbiddenError unless ``joiner`` (the join connection's identity) may join as
     ``backup_name`` at ``address``: the identity the in-sync set lists that name with, and

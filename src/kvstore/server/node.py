@@ -380,15 +380,23 @@ class StorageNode:
             raise NodeExit(EXIT_RESTART, f"deposed: epoch {meta.epoch} primary is {meta.primary}")
         self._remove_dead_backups(members)
         if len(self._replicators) >= meta.replicas:
-            self._let_extra_backups_go(members, meta.replicas)
+            self._let_extra_backups_go(members, meta)
 
-    def _let_extra_backups_go(self, members: list[Member], replicas: int) -> None:
-        """The replication factor went down (kv-createznode --replicas): replicate no more
-        to the backups beyond it, those not designated (or joining) first."""
+    def _let_extra_backups_go(self, members: list[Member], meta: ClusterMeta) -> None:
+        """More backups than the replication factor wants (it went down, or a designated
+        backup joined while an earlier one still replicates): replicate no more to the
+        extra ones, those not designated first; but only once every designated backup is a
+        listed, working copy, so that no copy is let go before its replacement is one."""
+        replicas = meta.replicas
         designated = {m.name for m in designated_backups(members, self.name, replicas)}
         with self._backup_lock:
-            if any(not r.is_in_sync and r.backup.name in designated for r in self._replicators):
-                return  # not before the backups that stay are in sync: copies would be missing
+            ready = {
+                r.backup.name
+                for r in self._replicators
+                if r.is_in_sync and not r.is_broken and any(n in meta.in_sync for n in r.names)
+            }
+            if not designated <= ready:
+                return
             extra = sorted(self._replicators, key=_keep_rank(designated))[
                 : max(0, len(self._replicators) - (replicas - 1))
             ]
@@ -631,7 +639,9 @@ class StorageNode:
         with self._backup_lock:
             self.check_primary(epoch)  # again: a shutdown may have closed the replicators
             if joiner is not None:
-                ident.check_joiner(meta, self._replicators, backup_name, joiner, backup.address)
+                ident.check_joiner(
+                    meta, self._replicators, backup_name, joiner, address=backup.address
+                )
             self._make_room_for(backup)
             lease_s = min(self.config.lease_s, lease_ms / 1000)  # the shorter lease rules
             replicator = Replicator(
@@ -645,7 +655,10 @@ class StorageNode:
                 self.peer_secret,
                 # the backup reads frames up to its own limit; ours is the same by default
                 self.config.limits.max_frame_bytes // 2,
-                has_sender=replicas > 2,  # several backups: their lines work in parallel
+                # N > 2: the lines work in parallel. (With N = 2 a backup joining while an
+                # earlier one still replicates is waited for after it: a short while, and a
+                # sender thread for good would cost a hand-off per batch ever after.)
+                has_sender=replicas > 2,
             )
             replicator.durable_id = durable
             replicator.identity = joiner  # the rest of this join must come from it

@@ -371,8 +371,10 @@ class WriteAheadLog:
         """fsync the current segment; returns the position it made durable (older segments
         were synced when appends moved on from them). A failure breaks the log for good."""
         with self._append_lock:  # a duplicate: a segment switch may close the original
-            if self._fd < 0:
-                raise errors.UnavailableError(f"the write-ahead log in {self.directory} is closed")
+            if self._fd < 0:  # closing syncs what was appended, but it is not ours to say
+                raise errors.ReplicationFailedError(
+                    f"the write-ahead log in {self.directory} closed; outcome unknown"
+                )
             target, fd = self._appended, os.dup(self._fd)
         began = time.monotonic()
         try:
