@@ -145,7 +145,6 @@ class Replicator:
         self._max_batch_bytes = max_batch_bytes
         self._queue: deque[_Batch] = deque()  # waiting to be sent, oldest first
         self._is_line_busy = False  # a batch is on the wire
-        self._is_closed = False
         self._sender_work: threading.Semaphore | None = None
         if has_sender:
             # Released once per batch opened, and once by close: the sender's wake-ups.
@@ -253,12 +252,8 @@ class Replicator:
     def _send_batch(self, batch: _Batch) -> None:
         """Send ``batch`` (the line is ours), wake its threads, pass the line on."""
         try:
-            records = None if batch.clients is None else (batch.clients, batch.seqs, batch.acked)
-            self._send(batch.keys, batch.values, batch.changes or None, batch.end_position, records)
-        except BackupFailedError as exc:
-            batch.error = exc
-        except BaseException as exc:  # never leave the batch's threads waiting
-            batch.error = BackupFailedError(f"replication to {self.backup.address}: {exc!r}")
+            self._deliver(batch)
+        except BaseException:
             self.close()
             raise
         finally:
@@ -281,19 +276,23 @@ class Replicator:
                     return  # closed (every release but close's comes with a batch)
                 batch = self._queue.popleft()
             try:
-                records = (
-                    None if batch.clients is None else (batch.clients, batch.seqs, batch.acked)
-                )
-                self._send(
-                    batch.keys, batch.values, batch.changes or None, batch.end_position, records
-                )
-            except BackupFailedError as exc:
-                batch.error = exc
-            except Exception as exc:  # never leave the batch's threads waiting
-                batch.error = BackupFailedError(f"replication to {self.backup.address}: {exc!r}")
+                self._deliver(batch)
+            except Exception:  # recorded in the batch; the line is broken for good
                 self._break()
             finally:
                 batch.done.release()
+
+    def _deliver(self, batch: _Batch) -> None:
+        """Send ``batch``; a failure is recorded in ``batch.error`` (one that is not a
+        BackupFailedError is raised again too): its threads never take it for sent."""
+        try:
+            records = None if batch.clients is None else (batch.clients, batch.seqs, batch.acked)
+            self._send(batch.keys, batch.values, batch.changes or None, batch.end_position, records)
+        except BackupFailedError as exc:
+            batch.error = exc
+        except BaseException as exc:
+            batch.error = BackupFailedError(f"replication to {self.backup.address}: {exc!r}")
+            raise
 
     @property
     def wants_spare_line(self) -> bool:
@@ -380,14 +379,14 @@ class Replicator:
     def close(self) -> None:
         """Stop for good; connections in use fail their call, none is reopened."""
         with self._lock:
-            is_first_close = not self._is_closed
-            self._is_closed = True
             self.is_broken = True
             connections, self._all, self._idle = self._all, [], []
         for conn in connections:
             conn.shut()
-        if self._sender_work is not None and is_first_close:
-            self._sender_work.release()  # the sender fails what is queued, then ends
+        if self._sender_work is not None:
+            # The sender fails what is queued, then ends (a second close's wake-up finds it
+            # gone: harmless, nothing is queued on a broken line).
+            self._sender_work.release()
 
 
 class BackupFence:
