@@ -75,19 +75,15 @@ class PeerRole:
 
     Without a secret the role is the certificate's (a plaintext peer counts as a node, as
     in the seed); with one, the connection is a node's only once it authenticated, and then
-    only if its certificate (under TLS) is a node's too. ``identity``: the fingerprint of
-    the peer's certificate under TLS (tls.certificate_identity), None otherwise; the node
-    checks it where it pins identities (rpc.server.peer_identity).
+    only if its certificate (under TLS) is a node's too. (The peer's identity under TLS
+    reaches the handler by rpc.server.peer_identity.)
     """
 
-    __slots__ = ("_nonce", "identity", "is_node", "is_node_certificate", "needs_secret")
+    __slots__ = ("_nonce", "is_node", "is_node_certificate", "needs_secret")
 
-    def __init__(
-        self, is_node_certificate: bool, needs_secret: bool, identity: str | None = None
-    ) -> None:
+    def __init__(self, is_node_certificate: bool, needs_secret: bool) -> None:
         self.is_node_certificate = is_node_certificate
         self.needs_secret = needs_secret
-        self.identity = identity
         self.is_node = is_node_certificate and not needs_secret
         self._nonce = b""
 

@@ -543,7 +543,7 @@ class RpcServer:
                 sock.close()
                 self._forget_this_thread()
                 return
-        role = PeerRole(is_node, self._needs_secret, identity)  # plaintext, no secret: a node
+        role = PeerRole(is_node, self._needs_secret)  # plaintext without a secret: a node
         if identity is not None:
             _connection.identity = identity  # for the handler (peer_identity): once, not per call
         reader = _FrameReader(

@@ -25,7 +25,7 @@ identity: the checks always pass, and add nothing to the role check.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from kvstore import errors
 from kvstore.rpc import own_identity, peer_identity, short_identity
@@ -46,7 +46,7 @@ __all__ = [
 
 def check_joiner(
     meta: ClusterMeta,
-    replicators: Iterable[Replicator | None],
+    replicators: Iterable[Replicator],
     backup_name: str,
     joiner: str,
     *,
@@ -56,53 +56,42 @@ def check_joiner(
     ``backup_name`` at ``address``: the identity the in-sync set lists that name with, and
     the one a join in progress for that name (among ``replicators``) pinned, if any; and
     the same for whatever is listed, or joined, at that address (a backup that registered
-    again has a new name at its old address: a join there replaces it)."""
-    listed = meta.identity_of(backup_name)
-    if listed is not None and joiner != listed:
-        raise errors.ForbiddenError(
-            f"join as {backup_name} refused: the in-sync set lists it with certificate "
-            f"{short_identity(listed)}; this caller shows {short_identity(joiner)}"
-        )
-    for replicator in replicators:
-        if (
-            replicator is not None
-            and replicator.identity is not None
-            and backup_name in replicator.names
-            and joiner != replicator.identity
-        ):
-            raise errors.ForbiddenError(
-                f"join as {backup_name} refused: its join in progress came from certificate "
-                f"{short_identity(replicator.identity)}; this caller shows "
-                f"{short_identity(joiner)}"
+    again has a new name at its old address: a join there replaces it). The name is
+    checked first: its refusal says more."""
+    for name in sorted(meta.in_sync, key=lambda n: n != backup_name):
+        pinned = meta.identity_of(name)
+        if pinned in (None, joiner):
+            continue
+        if name == backup_name:
+            _refuse(f"join as {backup_name} refused: the in-sync set lists it with", pinned, joiner)
+        if meta.address_of(name) == address:
+            why = f"join at {address} refused: the in-sync set lists {name} there with"
+            _refuse(why, pinned, joiner)
+    for replicator in sorted(replicators, key=lambda r: backup_name not in r.names):
+        pinned = replicator.identity
+        if pinned in (None, joiner):
+            continue
+        if backup_name in replicator.names:
+            _refuse(
+                f"join as {backup_name} refused: its join in progress came from", pinned, joiner
             )
-    for name in meta.in_sync:
-        listed_there = meta.identity_of(name)
-        if address and meta.address_of(name) == address and listed_there not in (None, joiner):
-            raise errors.ForbiddenError(
-                f"join at {address} refused: the in-sync set lists {name} there with "
-                f"certificate {short_identity(listed_there)}; this caller shows "
-                f"{short_identity(joiner)}"
-            )
-    for replicator in replicators:
-        if (
-            replicator is not None
-            and address
-            and replicator.backup.address == address
-            and replicator.identity not in (None, joiner)
-        ):
-            raise errors.ForbiddenError(
-                f"join at {address} refused: the join in progress there came from certificate "
-                f"{short_identity(replicator.identity)}; this caller shows "
-                f"{short_identity(joiner)}"
-            )
+        if replicator.backup.address == address:
+            why = f"join at {address} refused: the join in progress there came from"
+            _refuse(why, pinned, joiner)
 
 
-def check_joining_caller(replicators: Iterable[Replicator | None], join_id: str) -> None:
+def _refuse(why: str, pinned: str | None, joiner: str) -> NoReturn:
+    raise errors.ForbiddenError(
+        f"{why} certificate {short_identity(pinned)}; this caller shows {short_identity(joiner)}"
+    )
+
+
+def check_joining_caller(replicators: Iterable[Replicator], join_id: str) -> None:
     """ForbiddenError unless the caller is the backup of join ``join_id`` (the identity it
     pinned), or, if no join in progress has that id, the backup of one of them: a caller
     that is no joining backup is refused whatever join id it names. Nothing is checked
     when no join pinned an identity (no TLS)."""
-    pinned = [r for r in replicators if r is not None and r.identity is not None]
+    pinned = [r for r in replicators if r.identity is not None]
     if not pinned:
         return
     own = next((r for r in pinned if r.join_id == join_id), None)
