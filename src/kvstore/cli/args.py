@@ -11,6 +11,7 @@ from typing import Any
 
 from kvstore.bench.keys import KEY_DISTRIBUTIONS, ZIPFIAN_THETA
 from kvstore.config import TlsConfig
+from kvstore.coordination import MAX_REPLICAS, check_replicas
 from kvstore.rpc import client_tls_context
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -65,6 +66,17 @@ def positive_float(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
+
+
+def check_replicas_option(parser: argparse.ArgumentParser, *values: int | None) -> None:
+    """A usage error (exit 2) unless every ``--replicas`` value given is a replication
+    factor kvstore supports (kv-createznode, kv-demo and kv-bench say it alike)."""
+    try:
+        for value in values:
+            if value is not None:
+                check_replicas(value)
+    except ValueError:
+        parser.error(f"--replicas must be 1 to {MAX_REPLICAS}")
 
 
 def int_list(text: str) -> tuple[int, ...]:

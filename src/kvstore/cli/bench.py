@@ -17,6 +17,7 @@ from kvstore.bench.session import Session
 from kvstore.bench.storage import STORAGE_KINDS
 from kvstore.cli.args import (
     add_load_shape_arguments,
+    check_replicas_option,
     choice_list,
     int_list,
     new_parser,
@@ -50,13 +51,6 @@ def _client_list(text: str) -> tuple[str, ...]:
 
 def _storage_list(text: str) -> tuple[str, ...]:
     return choice_list(text, STORAGE_KINDS, "storage kinds")
-
-
-def _replicas_list(text: str) -> tuple[int, ...]:
-    values = int_list(text)
-    if not all(1 <= n <= MAX_REPLICAS for n in values):
-        raise argparse.ArgumentTypeError(f"replication factors are 1 to {MAX_REPLICAS}: {text!r}")
-    return values
 
 
 def _transport_list(text: str) -> tuple[str, ...]:
@@ -205,11 +199,12 @@ def _add_matrix_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--replicas",
-        type=_replicas_list,
+        type=int_list,
         default=(2,),
         metavar="LIST",
-        help="replication factor(s) N: a cluster of N nodes keeping N copies of every write "
-        "(kv-createznode --replicas N); the summary prints e.g. n3/n2, same session "
+        help=f"replication factor(s) N, 1 to {MAX_REPLICAS}: a cluster of N nodes keeping N "
+        "copies of every write (kv-createznode --replicas N); the summary prints e.g. n3/n2, "
+        "same session "
         "(default 2: a primary and one backup)",
     )
     add_load_shape_arguments(parser, is_list=True)
@@ -341,7 +336,9 @@ def session_directory(parent: Path) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    check_replicas_option(parser, *args.replicas)
     setup_logging("WARNING")
     logging.getLogger("kazoo").setLevel(logging.ERROR)  # connection chatter between table rows
     matrix = (

@@ -9,6 +9,7 @@ from kvstore.cli.args import (
     add_cluster_arguments,
     add_zk_auth_arguments,
     add_zk_tls_arguments,
+    check_replicas_option,
     new_parser,
     report_error,
     setup_logging,
@@ -56,8 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(
             "--secure-existing needs credentials (--zk-auth, --zk-auth-file or $KV_ZK_AUTH)"
         )
-    if args.replicas is not None and not 1 <= args.replicas <= MAX_REPLICAS:
-        parser.error(f"--replicas must be 1 to {MAX_REPLICAS}")
+    check_replicas_option(parser, args.replicas)
     setup_logging("WARNING", is_quiet=True)
     try:
         outcome = create_parent(

@@ -6,7 +6,14 @@ from collections.abc import Sequence
 
 from kvstore import errors
 from kvstore.bench.demo import run_demo
-from kvstore.cli.args import new_parser, positive_float, positive_int, report_error, setup_logging
+from kvstore.cli.args import (
+    check_replicas_option,
+    new_parser,
+    positive_float,
+    positive_int,
+    report_error,
+    setup_logging,
+)
 from kvstore.coordination import MAX_REPLICAS
 
 
@@ -35,15 +42,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--replicas",
-        type=positive_int,
+        type=int,
         default=2,
         metavar="N",
         help=f"replication factor: N nodes keeping N copies of every write (kv-createznode "
         f"--replicas N; 1 to {MAX_REPLICAS}, default 2; not with --secure)",
     )
     args = parser.parse_args(argv)
-    if args.replicas > MAX_REPLICAS:
-        parser.error(f"--replicas must be 1 to {MAX_REPLICAS}")
+    check_replicas_option(parser, args.replicas)
     if args.secure and args.replicas != 2:
         parser.error("--replicas is for the plain demo (--secure runs two nodes)")
     setup_logging("INFO")

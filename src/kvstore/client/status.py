@@ -25,16 +25,11 @@ class NodeReport:
         return asdict(self)
 
 
-def cluster_status(config: ClientConfig, probe_timeout_ms: int = 1000) -> list[NodeReport]:
-    """One report per registered node, lowest first. Raises CoordinationError if ZooKeeper
-    cannot be read or the parent path does not exist."""
-    return cluster_state(config, probe_timeout_ms)[1]
-
-
 def cluster_state(
     config: ClientConfig, probe_timeout_ms: int = 1000
 ) -> tuple[ClusterMeta, list[NodeReport]]:
-    """The cluster metadata, and :func:`cluster_status`'s reports."""
+    """The cluster metadata, and one report per registered node, lowest first. Raises
+    CoordinationError if ZooKeeper cannot be read or the parent path does not exist."""
     zk = connect(
         config.zk_connect,
         config.zk_session_timeout_s,
