@@ -34,7 +34,7 @@ import kvstore
 from kvstore.bench import faults, load, storage
 from kvstore.bench.workload import Workload, key_names, summary_lines
 from kvstore.check.history import WRITE
-from kvstore.coordination import ClusterMeta, connect, create_parent
+from kvstore.coordination import create_parent
 from kvstore.local.cluster import LocalCluster, NodeProcess
 from kvstore.local.processes import wait_until
 
@@ -46,15 +46,6 @@ FAULT_AT_S = 2.5
 PAUSE_S = 3.0  # past the RPC timeout (2 s) and the lease (1 s)
 WRITER_TID = 2_000_000  # above the load's and the final reader's thread ids
 SESSION_TIMEOUT_S = 3.0  # of nodes killed for good: their znodes go sooner
-
-
-def read_meta(cluster: LocalCluster) -> ClusterMeta:
-    zk = connect(cluster.zk_connect, 10.0, 10.0)
-    try:
-        return ClusterMeta.from_bytes(zk.get(cluster.zk_path)[0])
-    finally:
-        zk.stop()
-        zk.close()
 
 
 def roles(cluster: LocalCluster) -> dict[str, list[NodeProcess]]:
@@ -160,15 +151,15 @@ def test_three_copies_ride_through_failures_of_two_nodes(
     try:
         cluster.start()
         wait_for_roles(cluster, {"primary": 1, "backup": 2, "standby": 1})
-        meta = read_meta(cluster)
+        meta = cluster.meta()
         assert meta.replicas == 3 and len(meta.in_sync) == 3, meta
 
         # A backup paused past the RPC timeout: the primary drops it and goes on with the
         # other, whose lease it keeps renewing meanwhile (no failover); it comes back.
         primary = roles(cluster)["primary"][0]
-        epoch = read_meta(cluster).epoch
+        epoch = cluster.meta().epoch
         run_with_fault(cluster, pause_a_backup, tmp_path / "pause", seed=30)
-        assert read_meta(cluster).epoch == epoch, "a paused backup caused a failover"
+        assert cluster.meta().epoch == epoch, "a paused backup caused a failover"
         assert roles(cluster)["primary"] == [primary]
         wait_for_roles(cluster, {"primary": 1, "backup": 2, "standby": 1})
 
@@ -178,7 +169,7 @@ def test_three_copies_ride_through_failures_of_two_nodes(
             cluster, kill(lambda now: now["primary"][:1]), tmp_path / "one", seed=31
         )
         wait_for_roles(cluster, {"primary": 1, "backup": 2, "down": 1})
-        assert len(read_meta(cluster).in_sync) == 3
+        assert len(cluster.meta().in_sync) == 3
 
         # The primary and a backup at the same moment: the last backup takes over alone.
         both = kill(lambda now: [now["primary"][0], now["backup"][0]])
@@ -189,18 +180,18 @@ def test_three_copies_ride_through_failures_of_two_nodes(
         for node in down:
             node.start()
         wait_for_roles(cluster, {"primary": 1, "backup": 2, "standby": 1})
-        assert len(read_meta(cluster).in_sync) == 3
+        assert len(cluster.meta().in_sync) == 3
 
         # Fewer copies on the serving cluster: the primary lets one backup go.
         create_parent(cluster.zk_connect, cluster.zk_path, replicas=2)
         wait_for_roles(cluster, {"primary": 1, "backup": 1, "standby": 2})
-        meta = read_meta(cluster)
+        meta = cluster.meta()
         assert meta.replicas == 2 and len(meta.in_sync) == 2, meta
 
         # And more again: a standby joins as the third copy.
         create_parent(cluster.zk_connect, cluster.zk_path, replicas=3)
         wait_for_roles(cluster, {"primary": 1, "backup": 2, "standby": 1})
-        assert len(read_meta(cluster).in_sync) == 3
+        assert len(cluster.meta().in_sync) == 3
     finally:
         cluster.stop()
 

@@ -18,12 +18,10 @@ from typing import Any
 import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
-from kazoo.client import KazooClient
 
 import kvstore
 from kvstore import errors
 from kvstore.config import TlsConfig
-from kvstore.coordination import ClusterMeta
 from kvstore.local.certs import CertificateFiles, issue, load_ca, tls_args, write_certificates
 from kvstore.local.cluster import LocalCluster, NodeProcess
 from kvstore.local.zkserver import ZooKeeperServer
@@ -210,23 +208,13 @@ def test_a_client_certificate_may_not_replicate_or_join(
     assert backup is not None and backup.status().key_count == 1, tls_cluster.logs()
 
 
-def cluster_meta(cluster: LocalCluster) -> ClusterMeta:
-    zk = KazooClient(hosts=cluster.zk_connect)
-    zk.start(timeout=10)
-    try:
-        return ClusterMeta.from_bytes(zk.get(cluster.zk_path)[0])
-    finally:
-        zk.stop()
-        zk.close()
-
-
 def identity(tls: TlsConfig) -> str:
     return own_identity(tls.cert_path)
 
 
 def listed_identities(cluster: LocalCluster) -> dict[str, str]:
     """{identity: role} of the in-sync set, as the metadata lists it."""
-    meta = cluster_meta(cluster)
+    meta = cluster.meta()
     assert set(dict(meta.identities)) == set(meta.in_sync), meta
     return {i: "primary" if n == meta.primary else "backup" for n, i in meta.identities}
 
@@ -262,7 +250,7 @@ def test_another_node_certificate_may_not_replicate_or_join_as_the_backup(
     would otherwise strip the in-sync backup. The cluster stays whole and serving."""
     with client(tls_cluster, certs.client) as kv_client:
         kv_client.put("k", "before")
-        meta = cluster_meta(tls_cluster)
+        meta = tls_cluster.meta()
         backup_name = next(n for n in meta.in_sync if n != meta.primary)
         primary, backup = primary_address(tls_cluster), tls_cluster.find("backup")
         assert backup is not None
@@ -299,7 +287,7 @@ def test_another_node_certificate_may_not_replicate_or_join_as_the_backup(
                 to_primary.call(method, meta.epoch, *args)
         to_primary.close()
 
-        assert cluster_meta(tls_cluster).in_sync == meta.in_sync  # nobody was stripped
+        assert tls_cluster.meta().in_sync == meta.in_sync  # nobody was stripped
         kv_client.put("k", "after")
         assert kv_client.get("k") == "after"
     assert backup.status().key_count == 1

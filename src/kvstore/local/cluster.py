@@ -17,8 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from kvstore import errors
-from kvstore.config import ClientConfig, TlsConfig
-from kvstore.coordination import DEFAULT_REPLICAS, create_parent
+from kvstore.config import ZK_SESSION_TIMEOUT_S, ClientConfig, TlsConfig
+from kvstore.coordination import (
+    DEFAULT_REPLICAS,
+    ClusterMeta,
+    ClusterView,
+    connect,
+    create_parent,
+)
 from kvstore.local.certs import CertificateFiles, tls_args, write_zk_credentials
 from kvstore.local.processes import free_port, terminate, wait_until
 from kvstore.rpc import Connection, client_tls_context, probe
@@ -134,10 +140,7 @@ class NodeProcess:
 
         def in_role() -> Any | None:
             nonlocal last
-            if self.process is not None and self.process.poll() is not None:
-                raise RuntimeError(
-                    f"node {self.address} exited with {self.process.returncode}\n{self.log_tail()}"
-                )
+            self._raise_if_exited()
             last = self.status()
             return last if last is not None and last.role in roles else None
 
@@ -149,6 +152,19 @@ class NodeProcess:
                 f"(last status: {last})\n{self.log_tail()}"
             ),
         )
+
+    def role(self) -> str | None:
+        """The role the node reports now (None: it does not answer); RuntimeError, with its
+        log's tail, if its process exited."""
+        self._raise_if_exited()
+        status = self.status()
+        return None if status is None else str(status.role)
+
+    def _raise_if_exited(self) -> None:
+        if self.process is not None and self.process.poll() is not None:
+            raise RuntimeError(
+                f"node {self.address} exited with {self.process.returncode}\n{self.log_tail()}"
+            )
 
     def log_tail(self, lines: int = 40) -> str:
         try:
@@ -205,23 +221,20 @@ class LocalCluster:
         # Which of them become backups depends on the order they register in, not on the
         # order they were started in.
         backups = min(len(rest), (self.replicas or DEFAULT_REPLICAS) - 1)
-        if backups == 1 and len(rest) == 1:
-            rest[0].wait_for_role(["backup"], timeout_s)  # says why if it never does
-        elif backups > 0:
-            wait_until(
-                lambda: sum(self._role_of(node) == "backup" for node in rest) >= backups or None,
-                timeout_s,
-                lambda: f"fewer than {backups} backups after {timeout_s} s\n{self.logs()}",
-            )
+        wait_until(
+            lambda: sum(node.role() == "backup" for node in rest) >= backups or None,
+            timeout_s,
+            lambda: f"fewer than {backups} backups after {timeout_s} s\n{self.logs()}",
+        )
 
-    @staticmethod
-    def _role_of(node: NodeProcess) -> str | None:
-        if node.process is not None and node.process.poll() is not None:
-            raise RuntimeError(
-                f"node {node.address} exited with {node.process.returncode}\n{node.log_tail()}"
-            )
-        status = node.status()
-        return None if status is None else str(status.role)
+    def meta(self) -> ClusterMeta:
+        """The cluster metadata as ZooKeeper holds it now (read anonymously: anyone may)."""
+        zk = connect(self.zk_connect, ZK_SESSION_TIMEOUT_S, META_TIMEOUT_S, tls=self.client_zk_tls)
+        try:
+            return ClusterView(zk, self.zk_path, lambda: None).meta()[0]
+        finally:
+            zk.stop()
+            zk.close()
 
     def client_config(self) -> ClientConfig:
         """How a client (a load, a test) reaches this cluster."""
@@ -252,6 +265,7 @@ class LocalCluster:
 
 
 CREATE_TIMEOUT_S = 60.0
+META_TIMEOUT_S = 10.0
 
 
 def secure_cluster(
