@@ -400,11 +400,11 @@ def _set_meta(zk: KazooClient, path: str, reset: bool, replicas: int | None) -> 
         wanted = ClusterMeta(replicas=meta.replicas) if reset else meta
         if replicas is not None:
             wanted = replace(wanted, replicas=replicas)
-        if wanted.to_bytes() == data or (not data and wanted == ClusterMeta()):
+        new = b"" if wanted == ClusterMeta() else wanted.to_bytes()  # as a new parent has
+        if data in (new, wanted.to_bytes()):
             return "" if replicas is None else f"replication factor {meta.replicas}"
-        data = b"" if wanted == ClusterMeta() else wanted.to_bytes()  # as a new parent has
         try:
-            zk.set(path, data, version=stat.version)
+            zk.set(path, new, version=stat.version)
         except BadVersionError:
             continue
         return "" if replicas is None else f"replication factor {replicas} (was {meta.replicas})"

@@ -397,9 +397,13 @@ class StorageNode:
             }
             if not designated <= ready:
                 return
-            extra = sorted(self._replicators, key=_keep_rank(designated))[
-                : max(0, len(self._replicators) - (replicas - 1))
-            ]
+            # Least worth keeping first: not designated, not in sync, then the higher
+            # registered (a lower one is the likelier to be designated next).
+            ranked = sorted(
+                self._replicators,
+                key=lambda r: (r.backup.name in designated, r.is_in_sync, -r.backup.sequence),
+            )
+            extra = ranked[: max(0, len(self._replicators) - (replicas - 1))]
             for replicator in extra:
                 self._retire_backup(replicator)
                 log.warning(
@@ -416,12 +420,11 @@ class StorageNode:
         primary."""
         replicators = self._replicators
         for replicator in replicators:
-            if not (
+            is_due = (
                 replicator.wants_spare_line
                 or time.monotonic() - replicator.last_send_at >= self.config.heartbeat_interval_s
-            ):
-                continue
-            if replicator.is_heartbeating:
+            )
+            if not is_due or replicator.is_heartbeating:
                 continue
             replicator.is_heartbeating = True
             try:
@@ -794,12 +797,6 @@ class StorageNode:
             key_count=len(self.store),
             primary_address=self.primary_address,
         )
-
-
-def _keep_rank(designated: set[str]) -> Callable[[Replicator], tuple[bool, bool, int]]:
-    """Sort key of the backups to keep, least worth keeping first: not designated, not in
-    sync, and the higher registered (a lower one is the likelier to be designated next)."""
-    return lambda r: (r.backup.name in designated, r.is_in_sync, -r.backup.sequence)
 
 
 def _renamed_in_sync(meta: ClusterMeta, old: str, new: str) -> ClusterMeta:
