@@ -9,6 +9,7 @@ import socket
 import ssl
 import struct
 import time
+from collections.abc import Callable
 from typing import Any
 
 from thriftpy2.protocol.cybin import TCyBinaryProtocol  # type: ignore[attr-defined]
@@ -117,11 +118,10 @@ class Connection:
 
     def _authenticate(self, secret: bytes) -> None:
         """Prove the cluster secret on the new connection (closed if that fails)."""
-        proto = self._client
 
         def call(method: str, *args: Any) -> Any:
             try:
-                return self._invoke(proto, method, args)
+                return self._read_reply(method, self._write_call(method, args))
             except TApplicationException as exc:
                 raise _from_application_error(exc) from None
 
@@ -169,14 +169,34 @@ class Connection:
             return True
 
     def call(self, method: str, *args: Any) -> Any:
+        return self.receive_reply(method, self.send_call(method, *args))
+
+    def send_call(self, method: str, *args: Any) -> int:
+        """The first half of ``call``: send the request; returns its seqid, for
+        ``receive_reply`` (a caller may wait for the reply with ``fileno`` meanwhile)."""
         now = time.monotonic()
         if self._client is not None and self._is_stale(now - self._used_at):
             self.close()
         if self._client is None:
             self.open()
         self._used_at = now
+        return self._guarded(method, self._write_call, method, args)  # type: ignore[no-any-return]
+
+    def receive_reply(self, method: str, seqid: int) -> Any:
+        """The second half of ``call``: read and check the reply to request ``seqid``."""
+        return self._guarded(method, self._read_reply, method, seqid)
+
+    def fileno(self) -> int:
+        """The socket's file descriptor while connected, else -1."""
+        sock = self._socket
+        raw = sock.sock if sock is not None else None
+        return raw.fileno() if raw is not None else -1
+
+    def _guarded(self, method: str, exchange: Callable[..., Any], *args: Any) -> Any:
+        """``exchange(*args)``, its failures as KVErrors (closing the connection unless the
+        node answered with an error)."""
         try:
-            return self._invoke(self._client, method, args)
+            return exchange(*args)
         except TApplicationException as exc:
             raise _from_application_error(exc) from None
         except errors.ProtocolError:
@@ -194,14 +214,21 @@ class Connection:
             return idle_s >= REOPEN_AFTER_IDLE_S or self._is_dead()
         return idle_s >= CHECK_AFTER_IDLE_S and self._is_dead()
 
-    def _invoke(self, proto: Any, method: str, args: tuple[Any, ...]) -> Any:
-        """One request/response exchange (what thriftpy2's TClient does, minus its lookups)."""
-        args_cls, result_cls, has_result = _CLIENT_METHODS[method]
+    def _write_call(self, method: str, args: tuple[Any, ...]) -> int:
+        """Send one request (what thriftpy2's TClient does, minus its lookups)."""
+        proto = self._client
         self._seqid = seqid = (self._seqid + 1) & 0x7FFFFFFF
         proto.write_message_begin(method, TMessageType.CALL, seqid)
-        args_cls(*args).write(proto)
+        _CLIENT_METHODS[method][0](*args).write(proto)
         proto.write_message_end()
         proto.trans.flush()
+        return seqid
+
+    def _read_reply(self, method: str, seqid: int) -> Any:
+        proto = self._client
+        if proto is None:  # closed meanwhile (by another thread)
+            raise TTransportException(TTransportException.NOT_OPEN, "connection closed")
+        _, result_cls, has_result = _CLIENT_METHODS[method]
         _, message_type, reply_seqid = proto.read_message_begin()
         if message_type == TMessageType.EXCEPTION:
             exc = TApplicationException()

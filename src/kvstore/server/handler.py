@@ -7,7 +7,9 @@ Every refusal is a KVError (sent as a TApplicationException with its code, see r
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+import time
+from collections.abc import Sequence
+from typing import Any, NamedTuple, Protocol
 
 from kvstore import errors
 from kvstore.config import Limits
@@ -34,6 +36,17 @@ NODE_ONLY_METHODS = frozenset(
 MAX_CLIENT_ID_BYTES = 128
 
 
+class Write(NamedTuple):
+    """One write on the primary: a delete (value None), a put, or a compare-and-set
+    (``is_conditional``: only if the current value is ``expected``, None meaning absent)."""
+
+    key: str
+    value: str | None
+    request: RequestRecord | None = None  # (client_id, seq, acked_below): exactly-once
+    is_conditional: bool = False
+    expected: str | None = None
+
+
 class NodeService(Protocol):
     """What the handler asks of the node."""
 
@@ -41,15 +54,9 @@ class NodeService(Protocol):
     def read(self, key: str) -> str: ...
     def lookup(self, key: str) -> str | None: ...
     def read_many(self, keys: list[str]) -> dict[str, str]: ...
-    def write(
-        self,
-        key: str,
-        value: str | None,
-        request: RequestRecord | None,
-        is_conditional: bool = False,
-        expected: str | None = None,
-    ) -> bool: ...
-    def replicate_put(self, key: str, value: str) -> None: ...
+    def write_group(self, writes: Sequence[Write]) -> list[bool | Exception]: ...
+    def begin_writes(self, writes: Sequence[Write]) -> Any: ...
+    def end_writes(self, group: Any) -> list[bool | Exception]: ...
     def confirm_read(self) -> None: ...
     def snapshot(self) -> dict[str, str]: ...
     def apply_replicated(
@@ -81,6 +88,22 @@ class NodeService(Protocol):
     def rename_backup(self, epoch: int, join_id: str, new_name: str) -> None: ...
 
 
+class PendingWrites:
+    """A group of writes the event front began (NodeHandler.begin_group)."""
+
+    __slots__ = ("began", "group", "methods")
+
+    def __init__(self, methods: list[str], group: Any) -> None:
+        self.methods = methods
+        self.group = group  # the node's WriteGroup
+        self.began = time.perf_counter()
+
+    @property
+    def deliveries(self) -> list[Any]:
+        deliveries: list[Any] = self.group.deliveries
+        return deliveries
+
+
 class NodeHandler:
     """The Thrift service: validates arguments and delegates to the node."""
 
@@ -97,15 +120,7 @@ class NodeHandler:
             raise errors.UnavailableError(f"cannot serve the read: {exc}") from None
 
     def put(self, key: object, value: object) -> None:
-        self._node.check_primary()
-        checked_key = self._text(key, "key", self._max_key_bytes)
-        checked_value = self._text(value, "value", self._max_value_bytes)
-        try:
-            self._node.replicate_put(checked_key, checked_value)
-        except (errors.DeposedError, errors.CoordinationError) as exc:
-            raise errors.ReplicationFailedError(
-                f"put not confirmed, outcome unknown: {exc}"
-            ) from None
+        self._write_one("put", [key, value])
 
     # --------------------------------------------------------------- the store API
 
@@ -123,36 +138,68 @@ class NodeHandler:
         return found
 
     def put_once(self, key: object, value: object, request_id: object) -> None:
-        self._write(key, self._text(value, "value", self._max_value_bytes), request_id)
+        self._write_one("put_once", [key, value, request_id])
 
     def remove(self, key: object, request_id: object) -> bool:
-        return self._write(key, None, request_id)
+        result: bool = self._write_one("remove", [key, request_id])
+        return result
 
     def compare_and_set(
         self, key: object, expected: object, value: object, request_id: object
     ) -> bool:
-        if expected is not None:
-            expected = self._text(expected, "expected", self._max_value_bytes)
-        value = self._text(value, "value", self._max_value_bytes)
-        return self._write(key, value, request_id, True, expected)
+        result: bool = self._write_one("compare_and_set", [key, expected, value, request_id])
+        return result
 
-    def _write(
-        self,
-        key: object,
-        value: str | None,
-        request_id: object,
-        is_conditional: bool = False,
-        expected: str | None = None,
-    ) -> bool:
+    # The writes the event front (rpc/front.py) runs in groups: ``prepare`` checks each
+    # call as it arrives, ``write_group`` runs a group of them (to distinct keys) as one.
+    grouped_methods = frozenset({"put", "put_once", "remove", "compare_and_set"})
+
+    def _write_one(self, method: str, args: list[Any]) -> Any:
+        write = self._prepare(method, args)
+        result = self._results([method], self._node.write_group([write]))[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def prepare(self, method: str, args: list[Any]) -> Write:
+        return self._prepare(method, args)
+
+    def begin_group(self, methods: list[str], writes: list[Write]) -> PendingWrites:
+        """Start a group (see rpc/front.py): its ``deliveries`` are the backups' replies
+        to wait for before ``end_group``."""
+        return PendingWrites(methods, self._node.begin_writes(writes))
+
+    def end_group(self, pending: PendingWrites) -> list[Any]:
+        return self._results(pending.methods, self._node.end_writes(pending.group))
+
+    def _prepare(self, method: str, args: list[Any]) -> Write:
+        """The checked Write of a call to one of ``grouped_methods``; raises KVError."""
         self._node.check_primary()
-        checked_key = self._key(key)
-        request = _request_record(request_id)
-        try:
-            return self._node.write(checked_key, value, request, is_conditional, expected)
-        except (errors.DeposedError, errors.CoordinationError) as exc:
-            raise errors.ReplicationFailedError(
-                f"write not confirmed, outcome unknown: {exc}"
-            ) from None
+        key = self._key(args[0])
+        if method == "compare_and_set":
+            expected, value, request_id = args[1:]
+            if expected is not None:
+                expected = self._text(expected, "expected", self._max_value_bytes)
+            value = self._text(value, "value", self._max_value_bytes)
+            return Write(key, value, _request_record(request_id), True, expected)
+        if method == "remove":
+            return Write(key, None, _request_record(args[1]))
+        value = self._text(args[1], "value", self._max_value_bytes)
+        return Write(key, value, _request_record(args[2]) if method == "put_once" else None)
+
+    @staticmethod
+    def _results(methods: list[str], outcomes: list[Any]) -> list[Any]:
+        """Each write's result (None for a put, else whether it changed the store), or the
+        KVError that failed it: a lost primacy or ZooKeeper session leaves its outcome
+        unknown."""
+        for i, (method, outcome) in enumerate(zip(methods, outcomes, strict=True)):
+            if isinstance(outcome, (errors.DeposedError, errors.CoordinationError)):
+                outcomes[i] = errors.ReplicationFailedError(
+                    f"write not confirmed, outcome unknown: {outcome}"
+                )
+            elif method in ("put", "put_once") and not isinstance(outcome, Exception):
+                outcomes[i] = None
+        return outcomes
 
     def _key(self, key: object) -> str:
         return self._text(key, "key", self._max_key_bytes)

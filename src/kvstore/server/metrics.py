@@ -164,6 +164,9 @@ def instrument(handler: Any, methods: list[str], metrics: NodeMetrics) -> None:
     (result "ok" or the error's class). Only with a metrics port: it costs a few µs a call."""
     for name in methods:
         setattr(handler, name, _timed(name, getattr(handler, name), metrics))
+    if isinstance(getattr(handler, "grouped_methods", None), frozenset):
+        handler.prepare = _counted_refusals(handler.prepare, metrics)
+        handler.end_group = _timed_group(handler.end_group, metrics)
 
 
 def _timed(name: str, method: Callable[..., Any], metrics: NodeMetrics) -> Callable[..., Any]:
@@ -182,5 +185,36 @@ def _timed(name: str, method: Callable[..., Any], metrics: NodeMetrics) -> Calla
         ok.inc()
         duration.observe(clock() - began)
         return result
+
+    return timed
+
+
+def _counted_refusals(prepare: Callable[..., Any], metrics: NodeMetrics) -> Callable[..., Any]:
+    """The event front's check of a write: a refusal is a request that ended there."""
+
+    def counted(method: str, args: Any) -> Any:
+        try:
+            return prepare(method, args)
+        except Exception as exc:
+            metrics.requests.labels(method, type(exc).__name__).inc()
+            metrics.request_seconds.labels(method).observe(0.0)
+            raise
+
+    return counted
+
+
+def _timed_group(end_group: Callable[..., Any], metrics: NodeMetrics) -> Callable[..., Any]:
+    """The event front's group of writes: each write counts as a request that took as long
+    as its group (from ``begin_group``)."""
+    clock = time.perf_counter
+
+    def timed(pending: Any) -> list[Any]:
+        results: list[Any] = end_group(pending)
+        seconds = clock() - pending.began
+        for method, result in zip(pending.methods, results, strict=True):
+            outcome = type(result).__name__ if isinstance(result, Exception) else "ok"
+            metrics.requests.labels(method, outcome).inc()
+            metrics.request_seconds.labels(method).observe(seconds)
+        return results
 
     return timed

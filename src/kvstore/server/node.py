@@ -11,7 +11,7 @@ Invariants (see coordination.py for the ZooKeeper side):
   in-sync set by CAS. It applies the put locally
   only then, still under the key's stripe write lock: nobody reads a value that
   could still be lost. With a data directory it logs the put *before* forwarding it,
-  and logs and forwards in one order (see _log_and_replicate, catchup.py).
+  and logs and forwards in one order (see _log_and_forward, catchup.py).
 - The primary answers reads only while it holds a lease from every in-sync backup.
 - A backup takes over only if it is in the in-sync set (any of them may: the CAS picks
   one, the others rejoin the new primary), by a CAS that bumps the
@@ -35,7 +35,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -54,9 +54,15 @@ from kvstore.rpc import CONNECTION_METHODS, RpcServer, client_tls_context, serve
 from kvstore.server import catchup
 from kvstore.server import identity as ident
 from kvstore.server.follower import Follower
-from kvstore.server.handler import NODE_ONLY_METHODS, NodeHandler
+from kvstore.server.handler import NODE_ONLY_METHODS, NodeHandler, Write
 from kvstore.server.metrics import MetricsServer, NodeMetrics, NodeState, instrument
-from kvstore.server.replication import FLAT_RECORDS, BackupFailedError, Replicator
+from kvstore.server.replication import (
+    FLAT_RECORDS,
+    BackupFailedError,
+    Delivery,
+    Replicator,
+    SenderDelivery,
+)
 from kvstore.server.roles import EXIT_OK, EXIT_RESTART, NodeExit, Role, is_dead
 from kvstore.server.sessions import RequestRecord
 from kvstore.server.storage import FlatRecords, StripedStore
@@ -65,6 +71,34 @@ from kvstore.server.wal import Marker, WriteAheadLog
 log = logging.getLogger(__name__)
 
 DISK_WARNING_EVERY_S = 60.0  # a snapshot skipped for lack of space is logged this often
+
+
+class WriteGroup:
+    """Writes between ``begin_writes`` and ``end_writes`` (see ``StorageNode.write_group``)."""
+
+    __slots__ = (
+        "changing",
+        "deliveries",
+        "failed",
+        "failure",
+        "locks",
+        "logged",
+        "outcomes",
+        "position",
+        "writes",
+    )
+
+    def __init__(self, writes: Sequence[Write], locks: list[Any]) -> None:
+        self.writes = writes
+        self.locks = locks  # the stripe locks it holds
+        self.outcomes: list[bool | Exception] = [False] * len(writes)
+        self.changing: list[int] = []  # the writes that change the store, in order
+        self.logged = 0  # how many of them were logged and forwarded
+        self.failure: Exception | None = None  # what stopped the others
+        self.position = 0  # the log's end after them
+        # Batches sent without waiting for the reply, and backups that failed (why).
+        self.deliveries: list[tuple[Replicator, Delivery | SenderDelivery]] = []
+        self.failed: dict[Replicator, str] = {}
 
 
 class StorageNode:
@@ -122,6 +156,7 @@ class StorageNode:
             tls=None if tls is None else server_tls_context(*_tls_files(tls)),
             node_only_methods=NODE_ONLY_METHODS,
             cluster_secret=config.cluster_secret,
+            event_front=config.event_front,
         )
 
     # ----------------------------------------------------------------- lifecycle
@@ -472,75 +507,147 @@ class StorageNode:
         with self._dead_backups_lock:
             self._dead_backups.extend(waiting)
 
-    def replicate_put(self, key: str, value: str) -> None:
-        """The primary's put: log, replicate, then apply, under the key's stripe lock
-        (readers take none: a value reaches the shard only once it is safe to read)."""
-        lock, shard = self.store.stripe_for_write(key)
-        with lock:
-            self._log_and_replicate(key, value, None)
-            shard[key] = value
-
-    def write(
-        self,
-        key: str,
-        value: str | None,
-        request: RequestRecord | None,
-        is_conditional: bool = False,
-        expected: str | None = None,
-    ) -> bool:
-        """The primary's delete (value None), put, or compare-and-set (``is_conditional``:
+    def write_group(self, writes: Sequence[Write]) -> list[bool | Exception]:
+        """The primary's deletes (value None), puts and compare-and-sets (``is_conditional``:
         only if the current value is ``expected``, None meaning absent), optionally
-        exactly-once: decide, replicate, apply and record, under the key's stripe lock.
+        exactly-once, to distinct keys: decide, replicate, apply and record each under its
+        key's stripe lock, all of them logged and forwarded as one batch and made durable
+        with one wait. Returns each write's outcome (True if it changed the store), or the
+        error that failed it.
 
         A request already applied gets its recorded outcome. A write that changes nothing
         (a failed compare-and-set, a delete of a missing key) is answered like a read and
         recorded nowhere: retrying it is harmless.
         """
-        lock, shard = self.store.stripe_for_write(key)
-        with lock:
-            sessions = self.store.sessions_for(key)
+        return self.end_writes(self.begin_writes(writes))
+
+    def begin_writes(self, writes: Sequence[Write]) -> WriteGroup:
+        """``write_group`` up to the backups' replies: take the stripe locks, decide, log
+        and forward. A batch this thread sends on a free line is not waited for: the
+        caller may wait for its ``deliveries`` as it likes, then must call ``end_writes``
+        (which waits for any it did not)."""
+        store = self.store
+        group = WriteGroup(writes, store.lock_stripes([write.key for write in writes]))
+        try:
+            self._decide(group)
+            if group.changing:
+                self._log_and_forward(group)
+        except BaseException:
+            for _, delivery in group.deliveries:  # read their replies: pass the lines on
+                with contextlib.suppress(BackupFailedError):
+                    delivery.finish()
+            store.unlock_stripes(group.locks)
+            raise
+        return group
+
+    def _decide(self, group: WriteGroup) -> None:
+        store, outcomes = self.store, group.outcomes
+        unchanged: list[int] = []
+        for i, (key, value, request, is_conditional, expected) in enumerate(group.writes):
             if request is not None:
-                prior = sessions.outcome(request[0], request[1])
+                prior = store.sessions_for(key).outcome(request[0], request[1])
                 if prior is not None:
-                    return prior
-            current = shard.get(key)
+                    outcomes[i] = prior
+                    continue
+            current = store.get(key)
             if (value is None and current is None) or (is_conditional and current != expected):
-                self.confirm_read()
-                return False
-            self._log_and_replicate(key, value, request)
-            if value is None:
-                del shard[key]
+                unchanged.append(i)
             else:
-                shard[key] = value
-            if request is not None:
-                client_id, seq, acked_below = request
-                sessions.record(key, client_id, seq, True, acked_below)
-            return True
-
-    def _log_and_replicate(self, key: str, value: str | None, record: RequestRecord | None) -> None:
-        """Log one mutation (a delete if ``value`` is None) with its exactly-once ``record``,
-        forward it to the backup and wait until both hold it; the caller then publishes it
-        (call with the key's stripe lock held).
-
-        The log comes first: a full disk refuses the write before anything was forwarded
-        or applied (DiskFullError, definite). One lock orders appends and enqueues, so the
-        log's order is the replication order. If the node stops meanwhile the outcome is
-        unknown (the backup may hold it).
-        """
-        with self._sequence_lock:
-            position = self.store.log_write(key, value, record)
-            tickets = [(r, _enqueue(r, key, value, position, record)) for r in self._replicators]
-        for replicator, ticket in tickets:
+                group.changing.append(i)
+        if unchanged:
             try:
-                if ticket is None:
-                    raise BackupFailedError(f"replication to {replicator.backup.address} failed")
-                replicator.wait(ticket)
-            except BackupFailedError as exc:
-                self._drop_backup(replicator, str(exc))
-        if self.role != Role.PRIMARY:
-            raise errors.ReplicationFailedError("node stopped while replicating; outcome unknown")
-        # Published by the caller only once logged and synced: readers take no lock.
-        self.store.wait_durable(position)
+                self.confirm_read()
+            except Exception as exc:
+                for i in unchanged:
+                    outcomes[i] = exc
+
+    def _log_and_forward(self, group: WriteGroup) -> None:
+        """Log the changing writes with their exactly-once records and forward them to every
+        backup (call with their stripe locks held).
+
+        The log comes first: a full disk refuses a write before anything was forwarded or
+        applied (DiskFullError, definite; the writes before it go on). One lock orders
+        appends and enqueues, so the log's order is the replication order.
+        """
+        logged: list[tuple[str, str | None, int, RequestRecord | None]] = []
+        with self._sequence_lock:
+            # Read under the lock: a backup joining by catch-up gets every write logged
+            # after the end of its catch-up (accept_join plans it under this lock).
+            replicators = self._replicators
+            for i in group.changing:
+                key, value, record, _, _ = group.writes[i]
+                try:
+                    group.position = self.store.log_write(key, value, record)
+                except Exception as exc:
+                    group.failure = exc
+                    break
+                logged.append((key, value, group.position, record))
+            group.logged = len(logged)
+            tickets = [_enqueue_many(replicator, logged) for replicator in replicators]
+        if all(_takes_line(r, waiting) for r, waiting in zip(replicators, tickets, strict=True)):
+            # The usual case: for every backup, one batch this thread opened on a free line:
+            # send them all without waiting for the replies (nothing here waits for another
+            # thread while holding a line: threads that hold lines finish them first).
+            for replicator, waiting in zip(replicators, tickets, strict=True):
+                try:
+                    delivery = replicator.send_soon(waiting[0])
+                except BackupFailedError as exc:
+                    group.failed[replicator] = str(exc)
+                else:
+                    if delivery is not None:
+                        group.deliveries.append((replicator, delivery))
+            return
+        for replicator, waiting in zip(replicators, tickets, strict=True):
+            if None in waiting:
+                group.failed[replicator] = f"replication to {replicator.backup.address} failed"
+            for ticket in waiting:  # every one, so that a batch opened here is sent
+                try:
+                    if ticket is not None:
+                        replicator.wait(ticket)
+                except BackupFailedError as exc:
+                    group.failed.setdefault(replicator, str(exc))
+
+    def end_writes(self, group: WriteGroup) -> list[bool | Exception]:
+        """Finish what ``begin_writes`` began: wait for the backups (those that failed are
+        dropped first), make the log durable, apply and record, release the stripe locks;
+        each write's outcome, or the error that failed it. If the node stops meanwhile the
+        outcome is unknown (the backups may hold the writes): that error fails them all."""
+        store, outcomes = self.store, group.outcomes
+        try:
+            if group.changing:
+                for replicator, delivery in group.deliveries:
+                    try:
+                        delivery.finish()
+                    except BackupFailedError as exc:
+                        group.failed.setdefault(replicator, str(exc))
+                logged, failure = group.logged, group.failure
+                try:
+                    for replicator, reason in group.failed.items():
+                        self._drop_backup(replicator, reason)
+                    if self.role != Role.PRIMARY:
+                        raise errors.ReplicationFailedError(
+                            "node stopped while replicating; outcome unknown"
+                        )
+                    # Published only once logged and synced: readers take no lock.
+                    store.wait_durable(group.position)
+                except Exception as exc:  # deposed, ZooKeeper gone, the log failed...
+                    logged, failure = 0, exc  # ... the backups may hold them: unknown
+                for i in group.changing[logged:]:
+                    outcomes[i] = failure  # type: ignore[assignment]
+                for i in group.changing[:logged]:
+                    key, value, request, _, _ = group.writes[i]
+                    _, shard = store.stripe_for_write(key)
+                    if value is None:
+                        del shard[key]
+                    else:
+                        shard[key] = value
+                    if request is not None:
+                        client_id, seq, acked_below = request
+                        store.sessions_for(key).record(key, client_id, seq, True, acked_below)
+                    outcomes[i] = True
+        finally:
+            store.unlock_stripes(group.locks)
+        return outcomes
 
     def read(self, key: str) -> str:
         """The seed's get: "" for a missing key."""
@@ -793,15 +900,29 @@ class StorageNode:
         )
 
 
-def _enqueue(
-    replicator: Replicator, key: str, value: str | None, position: int, record: RequestRecord | None
-) -> Any:
-    """``replicator.enqueue``'s ticket, or None if the replicator failed (the caller drops
-    it). On every write's path: a try costs less than a suppress() context per backup."""
+def _takes_line(replicator: Replicator, tickets: list[Any]) -> bool:
+    """Whether ``tickets`` (one backup's, for a group of writes) are all in one batch that
+    their first write opened on a free line (so its thread sends it), or that the backup's
+    sender thread sends."""
+    if not tickets or tickets[0] is None:
+        return False
+    batch, is_opener, is_line_free = tickets[0]
+    return (replicator.has_sender or (is_opener and is_line_free)) and all(
+        t is not None and t[0] is batch for t in tickets
+    )
+
+
+def _enqueue_many(
+    replicator: Replicator, writes: list[tuple[str, str | None, int, RequestRecord | None]]
+) -> list[Any]:
+    """``replicator.enqueue_many``'s tickets, or [None] if the replicator failed (the caller
+    drops it). On every write's path: a try costs less than a suppress() context."""
+    if not writes:
+        return []
     try:
-        return replicator.enqueue(key, value, position, record)
+        return replicator.enqueue_many(writes)
     except BackupFailedError:
-        return None
+        return [None]
 
 
 def _renamed_in_sync(meta: ClusterMeta, old: str, new: str) -> ClusterMeta:

@@ -21,6 +21,8 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 import time
 from collections import deque
@@ -61,7 +63,9 @@ class _Batch:
         "done",
         "end_position",
         "error",
+        "is_through",
         "keys",
+        "notify",
         "seqs",
         "size",
         "turn",
@@ -81,6 +85,10 @@ class _Batch:
         self.error: BackupFailedError | None = None
         self.turn = held_lock()
         self.done = held_lock()
+        # A sender thread's batch: whether it went through, and the eventfds to signal then
+        # (a thread that waits for it on a poll, Replicator.send_soon).
+        self.is_through = False
+        self.notify: list[int] = []
 
 
 # (the batch, whether its caller sends it, whether the line was free for it)
@@ -177,63 +185,76 @@ class Replicator:
         backup in the order of their enqueue calls. ``position``: the write's end in the
         primary's log (enqueued in log order; 0 without a log). Deletes, and records for a
         backup that does not read them flat, travel as Changes."""
+        with self._lock:
+            batch, is_opener = self._add(key, value, position, record)
+            return self._ticket(batch, is_opener)
+
+    def enqueue_many(
+        self, writes: list[tuple[str, str | None, int, RequestRecord | None]]
+    ) -> list[_Ticket]:
+        """``enqueue`` each of ``writes`` (key, value, position, record), in order, but
+        take the line only after the last: a group's writes share a batch (within its
+        bounds) instead of the first going alone."""
+        with self._lock:
+            added = [self._add(*write) for write in writes]
+            return [self._ticket(batch, is_opener) for batch, is_opener in added]
+
+    def _add(
+        self, key: str, value: str | None, position: int, record: RequestRecord | None
+    ) -> tuple[_Batch, bool]:
+        """Add one write to the open batch, or to a new one (then True: its opener). Call
+        with ``_lock`` held."""
+        if self.is_broken:
+            raise BackupFailedError(f"replication to {self.backup.address} already failed")
+        change = None
         if value is None or (record is not None and not self.takes_flat_records):
             client_id, seq, acked_below = record or (None, 0, 0)
             change = Change(key, value, client_id, seq, True, acked_below)
-            size = len(key) + len(value or "") + len(client_id or "")
-            return self._enqueue(None, None, None, change, size, position)
-        chars = len(key) + len(value) + (0 if record is None else len(record[0]) + 8)
-        return self._enqueue(key, value, record, None, chars, position)
-
-    def _enqueue(
-        self,
-        key: str | None,
-        value: str | None,
-        record: RequestRecord | None,
-        change: object | None,
-        chars: int,
-        position: int,
-    ) -> _Ticket:
+            chars = len(key) + len(value or "") + len(client_id or "")
+        else:
+            chars = len(key) + len(value) + (0 if record is None else len(record[0]) + 8)
         size = 4 * chars + 64  # UTF-8 takes at most 4 bytes a character; field headers
-        with self._lock:
-            if self.is_broken:
-                raise BackupFailedError(f"replication to {self.backup.address} already failed")
-            queue = self._queue
-            batch = queue[-1] if queue else None
-            is_opener = (
-                batch is None
-                or batch.size + size > self._max_batch_bytes
-                or len(batch.keys) + len(batch.changes) >= MAX_BATCH_ENTRIES
-            )
-            if is_opener:
-                batch = _Batch()
-                queue.append(batch)
-            assert batch is not None
-            if change is None:
-                clients = batch.clients
-                if record is not None and clients is None:
-                    clients = batch.clients = [""] * len(batch.keys)
-                    batch.seqs = [0] * len(clients)
-                    batch.acked = [0] * len(clients)
-                if clients is not None:
-                    client_id, seq, acked_below = record or ("", 0, 0)
-                    clients.append(client_id)
-                    batch.seqs.append(seq)
-                    batch.acked.append(acked_below)
-                batch.keys.append(key)  # type: ignore[arg-type]
-                batch.values.append(value)  # type: ignore[arg-type]
-            else:
-                batch.changes.append(change)
-            batch.size += size
-            batch.end_position = max(batch.end_position, position)
-            is_line_free = is_opener and not self._is_line_busy
-            if is_line_free:  # then the queue held nothing else
-                self._is_line_busy = True
-                queue.popleft()
+        queue = self._queue
+        batch = queue[-1] if queue else None
+        is_opener = (
+            batch is None
+            or batch.size + size > self._max_batch_bytes
+            or len(batch.keys) + len(batch.changes) >= MAX_BATCH_ENTRIES
+        )
+        if is_opener:
+            batch = _Batch()
+            queue.append(batch)
+        assert batch is not None
+        if change is None:
+            clients = batch.clients
+            if record is not None and clients is None:
+                clients = batch.clients = [""] * len(batch.keys)
+                batch.seqs = [0] * len(clients)
+                batch.acked = [0] * len(clients)
+            if clients is not None:
+                client_id, seq, acked_below = record or ("", 0, 0)
+                clients.append(client_id)
+                batch.seqs.append(seq)
+                batch.acked.append(acked_below)
+            batch.keys.append(key)
+            batch.values.append(value)  # type: ignore[arg-type]
+        else:
+            batch.changes.append(change)
+        batch.size += size
+        batch.end_position = max(batch.end_position, position)
+        return batch, is_opener
+
+    def _ticket(self, batch: _Batch, is_opener: bool) -> _Ticket:
+        """The ticket of a write just added (call with ``_lock`` held): an opener finding
+        the line free takes it (the queue then holds its batch first)."""
         if self._sender_work is not None:
             if is_opener:
                 self._sender_work.release()
             return batch, False, False  # the sender sends it; wait for its reply
+        is_line_free = is_opener and not self._is_line_busy
+        if is_line_free:  # then the queue held nothing before this batch
+            self._is_line_busy = True
+            self._queue.popleft()
         return batch, is_opener, is_line_free
 
     def wait(self, ticket: _Ticket) -> None:
@@ -257,12 +278,7 @@ class Replicator:
             self.close()
             raise
         finally:
-            batch.done.release()
-            with self._lock:  # invariant: the line is free only while the queue is empty
-                following = self._queue.popleft() if self._queue else None
-                self._is_line_busy = following is not None
-            if following is not None:
-                following.turn.release()
+            self._pass_line(batch)
 
     def _sender_loop(self) -> None:
         """Send the queued batches one at a time, oldest first, until closed (then fail the
@@ -281,6 +297,12 @@ class Replicator:
                 self._break()
             finally:
                 batch.done.release()
+                with self._lock:
+                    batch.is_through = True
+                    notify, batch.notify = batch.notify, []
+                for fd in notify:
+                    with contextlib.suppress(OSError):
+                        os.eventfd_write(fd, 1)
 
     def _deliver(self, batch: _Batch) -> None:
         """Send ``batch``; a failure is recorded in ``batch.error`` (one that is not a
@@ -332,18 +354,88 @@ class Replicator:
                 *(records or ()),
             )
         except Exception as exc:  # every failure, expected (KVError) or not, breaks the line
-            # ... but does not shut it: the backup takes an orderly close as proof that the
-            # primary left or dropped it, so lines close (``close``) only once the primary
-            # removed it from the in-sync set. A backup that refused a batch (its disk is
-            # full) would otherwise take over, and win if its CAS came first.
-            self._break()
-            raise BackupFailedError(f"replication to {self.backup.address}: {exc}") from exc
+            raise self._failed(exc) from exc
+        self._sent(conn, started, len(keys) + len(changes or ()))
+
+    def _failed(self, exc: Exception) -> BackupFailedError:
+        """Break the line after a failed batch (every failure, expected or not) ... but do
+        not shut it: the backup takes an orderly close as proof that the primary left or
+        dropped it, so lines close (``close``) only once the primary removed it from the
+        in-sync set. A backup that refused a batch (its disk is full) would otherwise take
+        over, and win if its CAS came first."""
+        self._break()
+        return BackupFailedError(f"replication to {self.backup.address}: {exc}")
+
+    def _sent(self, conn: Connection, started: float, entries: int) -> None:
+        """A batch sent at ``started`` went through on ``conn``: the lease runs from then."""
         if started + self._lease_s > self.lease_until:
             self.lease_until = started + self._lease_s
         self.last_send_at = started
         if self._observe is not None:
-            self._observe(time.monotonic() - started, len(keys) + len(changes or ()))
+            self._observe(time.monotonic() - started, entries)
         self._idle.append(conn)
+
+    def send_soon(self, ticket: _Ticket) -> Delivery | SenderDelivery | None:
+        """Like ``wait``, but if ``ticket`` opened its batch on a free line, send the batch
+        and return without waiting for the reply: the caller waits until ``fileno`` is
+        readable (or ``deadline`` passes), then calls ``Delivery.finish``. Otherwise (the
+        line is busy, or another thread sends the batch) wait as ``wait`` does; None."""
+        batch, is_opener, is_line_free = ticket
+        if self.has_sender:
+            return self._await_sender(ticket)
+        if not (is_opener and is_line_free):
+            self.wait(ticket)
+            return None
+        entries = len(batch.keys) + len(batch.changes)
+        try:
+            conn = self._checkout()
+            started = time.monotonic()
+            records = None if batch.clients is None else (batch.clients, batch.seqs, batch.acked)
+            position, log_id = (
+                (batch.end_position, self.log_id) if batch.end_position else (None, None)
+            )
+            seqid = conn.send_call(
+                "replicate_batch",
+                self.epoch,
+                batch.keys,
+                batch.values,
+                self.join_id,
+                batch.changes or None,
+                position,
+                log_id,
+                *(records or ()),
+            )
+        except Exception as exc:
+            batch.error = exc if isinstance(exc, BackupFailedError) else self._failed(exc)
+            self._pass_line(batch)
+            raise batch.error from None
+        return Delivery(self, batch, conn, seqid, started, entries)
+
+    @property
+    def has_sender(self) -> bool:
+        """Whether batches go out on this replicator's sender thread."""
+        return self._sender_work is not None
+
+    def _await_sender(self, ticket: _Ticket) -> SenderDelivery | None:
+        """``send_soon`` for a sender thread's batch: an eventfd it signals once through."""
+        batch = ticket[0]
+        fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        with self._lock:
+            if not batch.is_through:
+                batch.notify.append(fd)
+                return SenderDelivery(self, ticket, fd)
+        os.close(fd)
+        self.wait(ticket)
+        return None
+
+    def _pass_line(self, batch: _Batch) -> None:
+        """``batch`` is through (sent or failed): wake its threads, pass the line on."""
+        batch.done.release()
+        with self._lock:  # invariant: the line is free only while the queue is empty
+            following = self._queue.popleft() if self._queue else None
+            self._is_line_busy = following is not None
+        if following is not None:
+            following.turn.release()
 
     def _checkout(self) -> Connection:
         if self.is_broken:
@@ -387,6 +479,89 @@ class Replicator:
             # The sender fails what is queued, then ends (a second close's wake-up finds it
             # gone: harmless, nothing is queued on a broken line).
             self._sender_work.release()
+
+
+class Delivery:
+    """A batch sent to a backup whose reply is still to be read (``Replicator.send_soon``)."""
+
+    __slots__ = ("_batch", "_conn", "_entries", "_replicator", "_seqid", "_started", "is_done")
+
+    def __init__(
+        self,
+        replicator: Replicator,
+        batch: _Batch,
+        conn: Connection,
+        seqid: int,
+        started: float,
+        entries: int,
+    ) -> None:
+        self._replicator = replicator
+        self._batch = batch
+        self._conn = conn
+        self._seqid = seqid
+        self._started = started
+        self._entries = entries
+        self.is_done = False
+
+    def fileno(self) -> int:
+        """The line's socket (readable once the reply came); -1 if it was closed."""
+        return self._conn.fileno()
+
+    @property
+    def deadline(self) -> float:
+        """When the reply is late: ``abandon`` then."""
+        return self._started + self._replicator._rpc_timeout_ms / 1000
+
+    def finish(self) -> None:
+        """Read the reply (waiting for it if it has not come) and pass the line on; raises
+        BackupFailedError if the batch failed. Once only: later calls just report."""
+        batch = self._batch
+        if not self.is_done:
+            self.is_done = True
+            replicator = self._replicator
+            try:
+                self._conn.receive_reply("replicate_batch", self._seqid)
+            except Exception as exc:
+                batch.error = replicator._failed(exc)
+            else:
+                replicator._sent(self._conn, self._started, self._entries)
+            replicator._pass_line(batch)
+        if batch.error is not None:
+            raise batch.error
+
+    def abandon(self) -> None:
+        """No reply within the deadline: cut the line (``finish`` then fails)."""
+        self._conn.close()
+
+
+class SenderDelivery:
+    """A batch a replicator's sender thread sends (``Replicator.send_soon``): ``fileno``, an
+    eventfd, is readable once it went through."""
+
+    __slots__ = ("_fd", "_replicator", "_ticket", "deadline")
+
+    def __init__(self, replicator: Replicator, ticket: _Ticket, fd: int) -> None:
+        self._replicator = replicator
+        self._ticket = ticket
+        self._fd = fd
+        # The sender's own call is bounded by the RPC timeout; it may wait for the batch
+        # before it as long.
+        self.deadline = time.monotonic() + 2 * replicator._rpc_timeout_ms / 1000
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def finish(self) -> None:
+        """Wait until the batch went through; raises BackupFailedError if it failed."""
+        try:
+            self._replicator.wait(self._ticket)
+        finally:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+    def abandon(self) -> None:
+        """Nothing to cut: the sender's call ends within its own timeout."""
 
 
 class BackupFence:

@@ -6,18 +6,18 @@ and logged, so writes to one key reach the backup and the log in the order they 
 applied.
 
 Readers take no lock. Invariant: the primary puts a value into its shard only once
-the backup has applied it and the log holds it durably (``replicate_put`` and
-``write`` in the node), so whatever a reader finds is already safe to return, and a
+the backup has applied it and the log holds it durably (``write_group`` in the
+node), so whatever a reader finds is already safe to return, and a
 dict lookup is atomic (the GIL). The seed's reader-writer lock made a get wait
 for a put in flight on its stripe; with the value published last it need not.
 
 ``snapshot`` (what ``dump`` returns) is one consistent cut of the whole store: it holds
-every stripe's lock at once, taken in stripe order (``all_locked``; writers hold
-one stripe at a time, so nothing deadlocks), and writers wait for the copy. The copies
-that need no cut are taken stripe by stripe under each stripe's lock, each consistent
-at the moment its stripe was copied: a joining backup's (forwarded writes are never
-overwritten by it) and the disk snapshot's (the log segments after its switch are
-replayed over it, see wal.py).
+every stripe's lock at once, taken in stripe order (``all_locked``; a group of writes
+takes its stripes' locks in the same order, so nothing deadlocks), and writers wait for
+the copy. The copies that need no cut are taken stripe by stripe under each stripe's
+lock, each consistent at the moment its stripe was copied: a joining backup's (forwarded
+writes are never overwritten by it) and the disk snapshot's (the log segments after its
+switch are replayed over it, see wal.py).
 
 Each stripe also holds the exactly-once records of the writes to its keys
 (:class:`~kvstore.server.sessions.SessionTable`), changed under the same lock.
@@ -229,6 +229,20 @@ class StripedStore:
         finally:
             for lock in reversed(self._locks):
                 lock.release()
+
+    def lock_stripes(self, keys: list[str]) -> list[Any]:
+        """Take the stripe locks of ``keys``, each once, in stripe order like ``all_locked``
+        (the primary's group of writes; nothing deadlocks); give them to ``unlock_stripes``."""
+        count, locks = self.stripe_count, self._locks
+        taken = [locks[i] for i in sorted({hash(key) % count for key in keys})]
+        for lock in taken:
+            lock.acquire()
+        return taken
+
+    @staticmethod
+    def unlock_stripes(taken: list[Any]) -> None:
+        for lock in reversed(taken):
+            lock.release()
 
     def snapshot_stripes(
         self, first: int, max_entries: int, max_bytes: int = 1 << 62
