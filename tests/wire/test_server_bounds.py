@@ -280,16 +280,21 @@ def server_threads(before: set[threading.Thread]) -> list[threading.Thread]:
     return [
         t
         for t in threading.enumerate()
-        if t not in before and t.name in ("rpc-accept", "rpc-conn") and t.is_alive()
+        if t not in before and t.name in ("rpc-accept", "rpc-front", "rpc-conn") and t.is_alive()
     ]
 
 
-def test_close_joins_the_connection_threads(client_for: Callable[..., rpc.Connection]) -> None:
+@pytest.mark.parametrize("event_front", [True, False], ids=["front", "threads"])
+def test_close_joins_the_connection_threads(
+    client_for: Callable[..., rpc.Connection], event_front: bool
+) -> None:
     """Idle clients, a half-sent frame and a replication line: close() returns only once
     every thread the server started has ended."""
     before = set(threading.enumerate())
     sockets: list[socket.socket] = []
-    server = rpc.RpcServer("127.0.0.1", 0, hostile_frames.TrivialHandler(), 1 << 20)
+    server = rpc.RpcServer(
+        "127.0.0.1", 0, hostile_frames.TrivialHandler(), 1 << 20, event_front=event_front
+    )
     server.start()
     try:
         for _ in range(5):
@@ -299,9 +304,15 @@ def test_close_joins_the_connection_threads(client_for: Callable[..., rpc.Connec
         )
         sockets.append(connect(server.port))
         sockets[-1].sendall(GET[:7])  # a frame begun, never finished
-        # The accept thread and one per connection (admitted before its thread starts).
-        wait_until(lambda: len(server_threads(before)) == 8)
-        assert server.connection_count == 7
+        # The accept thread and one per connection (admitted before its thread starts);
+        # with the event front, the accept and front threads and one for the replication
+        # line (handed to a thread of its own at its first call).
+        wait_until(
+            lambda: (
+                len(server_threads(before)) == (3 if event_front else 8)
+                and server.connection_count == 7
+            )
+        )
     finally:
         running = server.close()
         for sock in sockets:

@@ -123,6 +123,7 @@ def _config(args: argparse.Namespace, limits: Limits, security: _Security) -> No
         zk_session_timeout_s=args.session_timeout,
         lease_s=args.lease,
         metrics_port=args.metrics_port,
+        event_front=args.io == "events",
         advertise=args.advertise,
         data_dir=args.data_dir,
         fsync=args.fsync,
@@ -266,6 +267,16 @@ def _add_serving_arguments(parser: argparse.ArgumentParser) -> None:
         help="serve Prometheus metrics at http://HOST:PORT/metrics and a health check at "
         "/healthz (200 while serving a role, 503 while starting or stopping); 0 picks a "
         "free port (logged). Default: off (it costs a few µs per request)",
+    )
+    parser.add_argument(
+        "--io",
+        choices=("events", "threads"),
+        default="events",
+        help="events (default): one thread serves the clients' reads and writes, and the "
+        "writes that arrive together are replicated together (fewer thread hand-offs, see "
+        "BENCHMARKS.md); threads: a thread per connection. Replication "
+        "and state transfer always run on threads of their own; under --tls every "
+        "connection has its own thread",
     )
 
 

@@ -21,6 +21,7 @@ from thriftpy2.transport.framed import TCyFramedTransport
 
 from kvstore import errors
 from kvstore.idl import KeyValueService
+from kvstore.rpc import front
 from kvstore.rpc.framecheck import (
     _I32,
     MalformedFrameError,
@@ -28,6 +29,7 @@ from kvstore.rpc.framecheck import (
     _exception_frame,
     check_request,
 )
+from kvstore.rpc.front import Frames
 from kvstore.rpc.secret import CHALLENGE_METHOD, CONNECTION_METHODS, PeerRole
 from kvstore.rpc.tls import (
     NODE_UNIT,
@@ -59,9 +61,10 @@ class _IdleTimeoutError(Exception):
 # --------------------------------------------------------------------------- server
 
 
-class _FrameReader:
+class _FrameReader(Frames):
     """Socket facade for TCyFramedTransport that receives whole frames, within bounds.
 
+    ``pending``: bytes already received (a connection the event front hands over).
     ``next_frame`` receives one complete frame (its length header included) before anything
     decodes it: a header outside (0, max_frame_bytes] is refused before the body is read,
     memory grows with the bytes received (never with what a header claims), the wait for a
@@ -75,7 +78,6 @@ class _FrameReader:
     """
 
     __slots__ = (
-        "_frame",
         "_frame_deadline_s",
         "_idle_timeout_s",
         "_is_tls",
@@ -86,14 +88,19 @@ class _FrameReader:
     )
 
     def __init__(
-        self, sock: socket.socket, max_frame_bytes: int, idle_timeout_s: float, deadline_s: float
+        self,
+        sock: socket.socket,
+        max_frame_bytes: int,
+        idle_timeout_s: float,
+        deadline_s: float,
+        pending: bytes = b"",
     ) -> None:
+        super().__init__()
         self.sock = sock
         self._max_frame_bytes = max_frame_bytes
         self._idle_timeout_s = idle_timeout_s
         self._frame_deadline_s = deadline_s
-        self._pending = b""
-        self._frame = b""
+        self._pending = pending
         self._is_tls = isinstance(sock, ssl.SSLSocket)
         self._tls_poller: select.poll | None = None
         if self._is_tls:
@@ -134,10 +141,10 @@ class _FrameReader:
             deadline = deadline or time.monotonic() + self._frame_deadline_s
             pending = self._receive_until(pending, total, deadline)
         if len(pending) == total:
-            self._frame, self._pending = pending, b""
+            self.frame, self._pending = pending, b""
         else:
-            self._frame, self._pending = pending[:total], pending[total:]
-        return self._frame
+            self.frame, self._pending = pending[:total], pending[total:]
+        return self.frame
 
     def _receive_first(self) -> bytes:
         sock = self.sock
@@ -176,24 +183,8 @@ class _FrameReader:
     def _slow(self, received: int, size: int) -> str:
         return f"{received} of {size} frame bytes in {self._frame_deadline_s:g} s: too slow"
 
-    def read(self, size: int) -> bytes:
-        frame = self._frame
-        if len(frame) <= size:
-            if not frame:
-                raise MalformedFrameError("message runs past the end of its frame")
-            self._frame = b""
-            return frame
-        self._frame = frame[size:]
-        return frame[:size]
-
     def write(self, data: bytes) -> None:
         self.sock.sendall(data)
-
-    def flush(self) -> None:
-        pass
-
-    def is_open(self) -> bool:
-        return True
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -249,6 +240,10 @@ class _Dispatcher:
 
     def process(self, iprot: Any, oprot: Any, peer: PeerRole) -> str:
         api, _, seqid = iprot.read_message_begin()
+        return self.answer(api, seqid, iprot, oprot, peer)
+
+    def answer(self, api: str, seqid: int, iprot: Any, oprot: Any, peer: PeerRole) -> str:
+        """Serve the call whose message header was read (see ``process``)."""
         entry = self._methods.get(api)
         if not peer.is_node and api in self._node_only:
             iprot.skip(TType.STRUCT)
@@ -268,25 +263,37 @@ class _Dispatcher:
             )
             self._send(oprot, api, TMessageType.EXCEPTION, unknown, seqid)
             return ""
-        args_cls, result_cls, method, names = entry
+        args = self.read_args(api, iprot)
+        try:
+            value = entry[2](*args)
+        except Exception as exc:
+            self.reply_error(oprot, api, seqid, exc)
+            return ""
+        self.reply(oprot, api, seqid, value)
+        return str(api)
+
+    def read_args(self, api: str, iprot: Any) -> list[Any]:
+        """The arguments of a call to one of the service's methods, in order."""
+        args_cls, _, _, names = self._methods[api]
         args = args_cls()
         args.read(iprot)
         iprot.read_message_end()
-        try:
-            value = method(*[getattr(args, n) for n in names])
-        except errors.KVError as exc:
-            failure = TApplicationException(exc.code, str(exc))
-            self._send(oprot, api, TMessageType.EXCEPTION, failure, seqid)
-            return ""
-        except Exception as exc:
-            log.exception("handler %s failed", api)
-            failure = TApplicationException(TApplicationException.INTERNAL_ERROR, f"{api}: {exc}")
-            self._send(oprot, api, TMessageType.EXCEPTION, failure, seqid)
-            return ""
-        result = result_cls()
+        return [getattr(args, n) for n in names]
+
+    def reply(self, oprot: Any, api: str, seqid: int, value: Any) -> None:
+        result = self._methods[api][1]()
         result.success = value
         self._send(oprot, api, TMessageType.REPLY, result, seqid)
-        return str(api)
+
+    def reply_error(self, oprot: Any, api: str, seqid: int, exc: Exception) -> None:
+        """A KVError as its typed TApplicationException; anything else is a bug: logged,
+        and answered INTERNAL_ERROR."""
+        if isinstance(exc, errors.KVError):
+            failure = TApplicationException(exc.code, str(exc))
+        else:
+            log.error("handler %s failed", api, exc_info=exc)
+            failure = TApplicationException(TApplicationException.INTERNAL_ERROR, f"{api}: {exc}")
+        self._send(oprot, api, TMessageType.EXCEPTION, failure, seqid)
 
     def _connection_call(self, api: str, iprot: Any, oprot: Any, seqid: int, peer: PeerRole) -> str:
         """auth_challenge / authenticate: they change what this connection may call."""
@@ -375,6 +382,8 @@ class RpcServer:
         tls: ssl.SSLContext | None = None,
         node_only_methods: Collection[str] = (),
         cluster_secret: bytes | None = None,
+        event_front: bool = True,
+        inline_methods: Collection[str] = front.INLINE_METHODS,
     ) -> None:
         self.host = host
         self.port = port
@@ -391,6 +400,10 @@ class RpcServer:
         self._refused_count = 0
         self._refusal_logged_at = 0.0
         self.set_connection_bounds(max_connections, idle_timeout_s, frame_deadline_s)
+        self._front: front.EventFront | None = None
+        if event_front and tls is None and front.is_available():
+            inline = frozenset(inline_methods) & set(KeyValueService.thrift_services)
+            self._front = front.EventFront(self, handler, inline)
 
     def set_connection_bounds(
         self, max_connections: int, idle_timeout_s: float, frame_deadline_s: float
@@ -429,10 +442,13 @@ class RpcServer:
     def start(self) -> None:
         if self._listener is None:
             self.bind()
-        thread = threading.Thread(target=self._accept_loop, name="rpc-accept", daemon=True)
+        threads = [threading.Thread(target=self._accept_loop, name="rpc-accept", daemon=True)]
+        if self._front is not None:
+            threads.append(threading.Thread(target=self._front.run, name="rpc-front", daemon=True))
         with self._lock:
-            self._threads.add(thread)
-        thread.start()
+            self._threads.update(threads)
+        for thread in threads:
+            thread.start()
 
     def _accept_loop(self) -> None:
         listener = self._listener
@@ -471,7 +487,19 @@ class RpcServer:
         # would still fire on the blocking socket of a replication line that never idles out.
         idle_timeout_s = 0.0 if self._tls is not None else self._idle_timeout_s
         _configure_connection(sock, idle_timeout_s, self._frame_deadline_s)
-        thread = threading.Thread(target=self._serve, args=(sock, peer), name="rpc-conn")
+        if self._front is not None:
+            self._front.add(sock, peer)
+        else:
+            self._serve_in_thread(sock, peer)
+
+    def _serve_in_thread(
+        self, sock: socket.socket, peer: str, pending: bytes = b"", owed: bytes = b""
+    ) -> None:
+        """Serve an admitted connection on a thread of its own (``pending``: the bytes the
+        event front received from it and did not serve; ``owed``: replies it did not send)."""
+        thread = threading.Thread(
+            target=self._serve, args=(sock, peer, pending, owed), name="rpc-conn"
+        )
         thread.daemon = True
         with self._lock:
             self._threads.add(thread)
@@ -530,7 +558,13 @@ class RpcServer:
             log.debug("TLS connection from %s (%s %r)", peer, kind, subject_common_name(cert))
         return tls, is_node, identity
 
-    def _serve(self, sock: socket.socket, peer: str) -> None:
+    def _forget_connection(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._connections.discard(sock)
+
+    def _serve(
+        self, sock: socket.socket, peer: str, pending: bytes = b"", owed: bytes = b""
+    ) -> None:
         is_node = True  # the certificate's role; plaintext: every peer's
         identity = None
         if self._tls is not None:
@@ -547,13 +581,15 @@ class RpcServer:
         if identity is not None:
             _connection.identity = identity  # for the handler (peer_identity): once, not per call
         reader = _FrameReader(
-            sock, self._max_frame_bytes, self._idle_timeout_s, self._frame_deadline_s
+            sock, self._max_frame_bytes, self._idle_timeout_s, self._frame_deadline_s, pending
         )
         proto = TCyBinaryProtocol(TCyFramedTransport(reader))
         process = self._dispatcher.process
         is_replication_line = False
         is_orderly = False
         try:
+            if owed:
+                sock.sendall(owed)  # (each send within the frame deadline: SO_SNDTIMEO)
             while True:
                 check_request(reader.next_frame())
                 if process(proto, proto, role) == REPLICATION_METHOD and not is_replication_line:
@@ -598,6 +634,8 @@ class RpcServer:
         with self._lock:
             self._is_closed = True
             connections = list(self._connections)
+        if self._front is not None:
+            self._front.close()
         if self._listener is not None:
             with contextlib.suppress(OSError):
                 self._listener.shutdown(socket.SHUT_RDWR)
