@@ -1,5 +1,5 @@
-"""kv-bench --transport: a run over mutual TLS on a real cluster, and its place in the
-matrix, the table and the summary."""
+"""kv-bench --transport: a run over mutual TLS on a real cluster, and its place (and that of
+--io) in the matrix, the table and the summary."""
 
 from __future__ import annotations
 
@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from kvstore.bench.matrix import TRANSPORTS, Matrix, Scenario, run_scenario, summarize
+from kvstore.bench.matrix import (
+    IO_KINDS,
+    TRANSPORTS,
+    Matrix,
+    Scenario,
+    run_scenario,
+    summarize,
+)
 from kvstore.cli import bench as bench_cli
 from kvstore.local.zkserver import ZooKeeperServer
 
@@ -26,16 +33,24 @@ def test_a_tls_run_talks_tls_end_to_end_and_its_history_checks(
         assert "--tls-cert" in started and "node.crt" in started
 
 
-def test_transport_is_a_dimension_of_the_matrix_the_option_and_the_summary() -> None:
-    assert TRANSPORTS == ("plain", "tls")
-    assert bench_cli._parser().parse_args(["--transport", "plain,tls"]).transport == TRANSPORTS
+@pytest.mark.parametrize(
+    ("dimension", "kinds", "wrong"),
+    [("transport", TRANSPORTS, "ssl"), ("io", IO_KINDS, "asyncio")],
+)
+def test_transport_and_io_are_dimensions_of_the_matrix_the_options_and_the_summary(
+    dimension: str, kinds: tuple[str, str], wrong: str
+) -> None:
+    assert (
+        bench_cli._parser().parse_args([f"--{dimension}", ",".join(kinds)]).__dict__[dimension]
+        == kinds
+    )
     with pytest.raises(SystemExit):
-        bench_cli._parser().parse_args(["--transport", "ssl"])
-    matrix = Matrix((4,), (1000,), (50,), (10,), ("none",), transport=TRANSPORTS)
-    assert [s.transport for s in matrix.scenarios()] == ["plain", "tls"]
+        bench_cli._parser().parse_args([f"--{dimension}", wrong])
+    matrix = Matrix((4,), (1000,), (50,), (10,), ("none",), **{dimension: kinds})
+    assert [getattr(s, dimension) for s in matrix.scenarios()] == list(kinds)
     rows = []
-    for transport, throughput in (("plain", 8000.0), ("tls", 6000.0)):
-        scenario = Scenario(4, 1000, 50, 10, "none", 1, transport=transport)
+    for kind, throughput in zip(kinds, (8000.0, 6000.0), strict=True):
+        scenario = Scenario(4, 1000, 50, 10, "none", 1, **{dimension: kind})
         rows.append(
             {
                 "name": scenario.name,
@@ -48,6 +63,6 @@ def test_transport_is_a_dimension_of_the_matrix_the_option_and_the_summary() -> 
                 "check": "OK",
             }
         )
-    assert any(
-        line.endswith("tls/plain ops/s 0.75, p50 1.00, p99 1.00") for line in summarize(rows)
-    )
+    assert rows[1]["name"].endswith(f"-{kinds[1]}") and rows[0]["name"] != rows[1]["name"]
+    ratio = f"{kinds[1]}/{kinds[0]} ops/s 0.75, p50 1.00, p99 1.00"
+    assert any(line.endswith(ratio) for line in summarize(rows))

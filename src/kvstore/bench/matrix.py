@@ -66,6 +66,7 @@ class Scenario:
     rate: float = 0.0  # target ops/s of the whole load (open loop); 0: closed loop
     transport: str = "plain"  # one of TRANSPORTS
     replicas: int = 2  # the replication factor (kv-createznode --replicas): N nodes, N copies
+    io: str = "events"  # one of IO_KINDS: kv-node --io
 
     @property
     def mix(self) -> str:
@@ -81,6 +82,7 @@ class Scenario:
             + (f"-rate{self.rate:g}" if self.rate else "")
             + ("" if self.transport == "plain" else f"-{self.transport}")
             + ("" if self.replicas == 2 else f"-n{self.replicas}")
+            + ("" if self.io == "events" else f"-{self.io}")
         )
 
     def workload(self, seconds: float, zipfian_theta: float = ZIPFIAN_THETA) -> Workload:
@@ -115,10 +117,14 @@ DIMENSIONS = (
     "rate",
     "transport",
     "replicas",
+    "io",
 )
 # plain: plaintext Thrift (the programs' default). tls: mutual TLS 1.3 from the client to
 # the nodes and between the nodes, certificates from a throwaway CA (kv-certs) for the run.
 TRANSPORTS = ("plain", "tls")
+# events: one thread serves the clients' data calls and groups their writes (kv-node's
+# default); threads: a thread per connection (kv-node --io threads).
+IO_KINDS = ("events", "threads")
 # auto: each node pins itself to one CPU chosen by its port (kv-node's default). free: no CPU
 # pinning (--cpu all). split: both nodes pinned to CPU 0 (kv-node --cpu 0), the client to the
 # other CPUs: no cross-core GIL hand-offs inside a process, and the client does not compete
@@ -144,6 +150,7 @@ class Matrix:
     rate: tuple[float, ...] = (0.0,)
     transport: tuple[str, ...] = ("plain",)
     replicas: tuple[int, ...] = (2,)
+    io: tuple[str, ...] = ("events",)
 
     def scenarios(self, full: bool = False) -> list[Scenario]:
         """The cross product if ``full``; else the baseline, then one dimension varied at a time.
@@ -201,6 +208,8 @@ def run_scenario(
     restarts ZooKeeper among its faults when ``restart_zookeeper`` is given; ``progress``
     is called about once a second while the load runs (one client process only)."""
     node_args = list(_PLACEMENT_ARGS[scenario.placement])
+    if scenario.io != "events":
+        node_args += ["--io", scenario.io]
     run_id = uuid.uuid4().hex[:8]
     cluster = LocalCluster(
         zk_connect,
@@ -354,6 +363,7 @@ COLUMNS = (
     ("rate", "rate", 6, "{:.0f}"),
     ("transport", "trans", 5, "{}"),
     ("replicas", "N", 2, "{}"),
+    ("io", "io", 7, "{}"),
     ("throughput", "ops/s", 7, "{:.0f}"),
     ("p50_ms", "p50ms", 6, "{:.3f}"),
     ("p99_ms", "p99ms", 6, "{:.3f}"),
@@ -430,6 +440,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[str]:
         ("client", "shared-noeo", "per-thread"),
         ("client", "shared", "shared-noeo"),  # what exactly-once costs
         ("transport", "tls", "plain"),
+        ("io", "threads", "events"),
         *(("replicas", n, 2) for n in sorted({r.get("replicas", 2) for r in rows}) if n != 2),
     ):
         lines.extend(_ratio_lines(groups, medians, dimension, kind, base))
@@ -447,7 +458,13 @@ def _ratio_lines(
     latencies as ratios to the same configuration's with ``base`` (same session: same
     machine state, as far as the rounds can make it)."""
     lines = []
-    defaults = {"storage": "memory", "client": "per-thread", "transport": "plain", "replicas": 2}
+    defaults = {
+        "storage": "memory",
+        "client": "per-thread",
+        "transport": "plain",
+        "replicas": 2,
+        "io": "events",
+    }
     for name, group in groups.items():
         if group[0].get(dimension, defaults[dimension]) != kind:
             continue

@@ -12,7 +12,7 @@ from pathlib import Path
 from kvstore import errors
 from kvstore.bench.baseline import run_compare
 from kvstore.bench.clients import CLIENT_KINDS
-from kvstore.bench.matrix import FAULT_KINDS, PLACEMENTS, TRANSPORTS, Matrix, parse_mix
+from kvstore.bench.matrix import FAULT_KINDS, IO_KINDS, PLACEMENTS, TRANSPORTS, Matrix, parse_mix
 from kvstore.bench.session import Session
 from kvstore.bench.storage import STORAGE_KINDS
 from kvstore.cli.args import (
@@ -51,6 +51,10 @@ def _client_list(text: str) -> tuple[str, ...]:
 
 def _storage_list(text: str) -> tuple[str, ...]:
     return choice_list(text, STORAGE_KINDS, "storage kinds")
+
+
+def _io_list(text: str) -> tuple[str, ...]:
+    return choice_list(text, IO_KINDS, "io kinds")
 
 
 def _transport_list(text: str) -> tuple[str, ...]:
@@ -185,6 +189,16 @@ def _add_matrix_arguments(parser: argparse.ArgumentParser) -> None:
         "--data-dir under the run's work directory, --fsync batch: concurrent writes share one "
         "fsync) and/or disk-always (--fsync always: one fsync per write). Data directories are "
         "removed after a run whose check passed (default memory)",
+    )
+    parser.add_argument(
+        "--io",
+        type=_io_list,
+        default=("events",),
+        metavar="LIST",
+        help="how the nodes serve their connections (kv-node --io): events (the default: "
+        "one thread serves the clients' data calls and replicates the writes that arrive "
+        "together as one batch) and/or threads (a thread per connection); the summary prints "
+        "threads/events, same session (default events)",
     )
     parser.add_argument(
         "--transport",
@@ -358,6 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.rate,
             args.transport,
             args.replicas,
+            args.io,
         )
     )
     try:
