@@ -84,8 +84,8 @@ class NodeConfig:
     advertise: str | None = None
     # Prometheus metrics and /healthz on this port (None: off; 0: any free port).
     metrics_port: int | None = None
-    # Serve the clients' data calls on one event-driven thread (rpc/front.py; plaintext
-    # only), else every connection on a thread of its own.
+    # Serve the clients' data calls on one event-driven thread (rpc/front.py), else every
+    # connection on a thread of its own.
     event_front: bool = True
     # Durability (server/wal.py): without a data directory the store lives in memory only.
     data_dir: str | None = None

@@ -1,5 +1,6 @@
-"""The node's event-driven front (rpc/front.py) against a real two-node cluster, and the
-thread-per-connection server (``kv-node --io threads``) held to the same behaviour.
+"""The node's event-driven front (rpc/front.py) against a real two-node cluster, in plaintext
+and under mutual TLS, and the thread-per-connection server (``kv-node --io threads``) held to
+the same behaviour.
 
 Requests are sent pipelined on raw sockets (kvstore's own client sends one at a time), so
 that several arrive in one round of the front: replies keep each connection's order, a
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import struct
 from collections.abc import Iterator
 from typing import Any
@@ -23,8 +25,10 @@ from thriftpy2.thrift import TApplicationException, TMessageType
 from thriftpy2.transport.memory import TCyMemoryBuffer
 
 from kvstore.idl import KeyValueService, Lookup
+from kvstore.local.certs import write_certificates
 from kvstore.local.cluster import LocalCluster, NodeProcess
 from kvstore.local.zkserver import ZooKeeperServer
+from kvstore.rpc import client_tls_context
 
 MIB = 1 << 20
 BOUND_S = 10.0
@@ -33,23 +37,39 @@ UNREAD_GETS = 2000  # of BIG_VALUE, pipelined and never read: 1 GB of replies
 RACES = 40  # rounds of four connections racing for one key
 
 
-@pytest.fixture(scope="module", params=["events", "threads"])
+# How the nodes serve: the event front, a thread per connection, the front under mutual TLS.
+MODES = ["events", "threads", "events-tls"]
+_client_tls: dict[tuple[str, int], ssl.SSLContext] = {}  # per primary address, under TLS
+
+
+@pytest.fixture(scope="module", params=MODES)
 def primary_node(
     request: pytest.FixtureRequest,
     zk_server: ZooKeeperServer,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[NodeProcess]:
-    """The primary of a two-node cluster started with ``--io`` param."""
-    io = request.param
+    """The primary of a two-node cluster started in mode ``param``."""
+    mode = request.param
+    work = tmp_path_factory.mktemp(f"front-{mode}")
+    node_args = ["--io", mode.split("-")[0]]
+    client_tls = None
+    if mode.endswith("-tls"):
+        certs = write_certificates(work / "certs")
+        node_args += certs.node_args()
+        client = certs.client
+        client_tls = client_tls_context(client.cert_path, client.key_path, client.ca_path)
     local = LocalCluster(
-        zk_server.connect_string,
-        f"/kvstore-front-{io}",
-        tmp_path_factory.mktemp(f"front-{io}"),
-        node_args=["--io", io],
+        zk_server.connect_string, f"/kvstore-front-{mode}", work, node_args=node_args
     )
+    if client_tls is not None:
+        local.client_tls = certs.client
     try:
         local.start()
-        yield next(n for n in local.nodes if n.role() == "primary")
+        node = next(n for n in local.nodes if n.role() == "primary")
+        if client_tls is not None:
+            host, port = node.address.rsplit(":", 1)
+            _client_tls[(host, int(port))] = client_tls
+        yield node
     finally:
         local.stop()
 
@@ -63,7 +83,8 @@ def primary(primary_node: NodeProcess) -> tuple[str, int]:
 def connect(address: tuple[str, int]) -> socket.socket:
     sock = socket.create_connection(address, timeout=BOUND_S)
     sock.settimeout(BOUND_S)
-    return sock
+    tls = _client_tls.get(address)
+    return sock if tls is None else tls.wrap_socket(sock)
 
 
 def receive_exactly(sock: socket.socket, size: int) -> bytes:

@@ -274,9 +274,8 @@ def _add_serving_arguments(parser: argparse.ArgumentParser) -> None:
         default="events",
         help="events (default): one thread serves the clients' reads and writes, and the "
         "writes that arrive together are replicated together (fewer thread hand-offs, see "
-        "BENCHMARKS.md); threads: a thread per connection. Replication "
-        "and state transfer always run on threads of their own; under --tls every "
-        "connection has its own thread",
+        "BENCHMARKS.md); threads: a thread per connection. Replication, state transfer "
+        "and TLS handshakes always run on threads of their own",
     )
 
 

@@ -3,27 +3,31 @@
 With a thread per connection every request costs thread hand-offs: the connection's thread
 wakes for the request and waits for the global interpreter lock, a write waits for the
 thread that sends its batch to the backup, and each wake-up is a futex call and a context
-switch. Under load that costs several times the Python the request runs (BENCHMARKS.md).
-Here one thread polls every plaintext connection (epoll) and serves, in rounds:
+switch. Here one thread polls every client connection (epoll; under TLS once the handshake,
+done on a thread of its own, is over) and serves, in rounds:
 
 - reads (``inline_methods``: get, lookup, get_many) at once, on this thread;
-- writes (the handler's ``grouped_methods``) in a *group*: every write that arrived in a
-  round, to distinct keys, goes to the handler's ``write_group`` at the end of the round,
-  which logs and replicates them as one batch and answers each. A write to a key already
-  in the group first runs the group. A connection with a write in the group is not read
-  further until it is answered, so its replies keep the order of its requests;
+- writes (the handler's ``grouped_methods``) in *groups* of writes to distinct keys (a write
+  to a key already in the newest group starts another). One group is in flight at a time:
+  ``begin_group`` logs its writes and sends each backup one batch without waiting, the
+  backups' lines (duplicated descriptors: another thread may close a line) are polled
+  beside the clients, and once every one is readable ``end_group`` reads the replies,
+  applies the writes and answers them; the groups gathered meanwhile go next. A connection
+  with a write in a group is not served further until it is answered, so its replies keep
+  the order of its requests;
 - anything else (replication, joins, state transfer, authentication, status, dump...) by
-  handing the connection, with the bytes it sent, to a thread of its own
-  (``RpcServer._serve``), as every connection is served without the front.
+  handing the connection, with the bytes it sent and the replies it is owed, to a thread of
+  its own (``RpcServer._serve``), as every connection is served without the front.
 
 The handler's model is unchanged: the striped locks, the replication and the checks are
 the node's; only the I/O in front of it is different. Bounds are the server's: a frame's
 header is checked before its body is received, a frame must arrive within the frame
 deadline of its first byte and a reply must drain within as long, an idle connection is
 closed after the idle timeout, and every request is checked (framecheck) before it is
-decoded. A connection that sends faster than it reads its replies is not read while its
-replies wait. Inline methods must keep no per-connection state in a threading.local (the
-server's ``on_disconnect`` hook is not called for connections served here).
+decoded. A connection that sends faster than it reads its replies is served no further
+while about a frame's worth of replies waits for it. Inline methods must keep no
+per-connection state in a threading.local (the server's ``on_disconnect`` hook is not
+called for connections served here, and ``peer_identity`` is not set on this thread).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import logging
 import os
 import select
 import socket
+import ssl
 import time
 from collections import deque
 from typing import Any, Protocol
@@ -119,12 +124,21 @@ class _Connection:
         "peer_closed",
         "proto",
         "role",
+        "secured",
         "since",
         "sock",
     )
 
-    def __init__(self, sock: socket.socket, peer: str, role: PeerRole, now: float) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        peer: str,
+        role: PeerRole,
+        now: float,
+        secured: tuple[bool, str | None] | None,
+    ) -> None:
         self.sock = sock
+        self.secured = secured  # TLS: (is_node, identity) from its handshake
         self.fd = sock.fileno()
         self.peer = peer
         self.role = role
@@ -161,7 +175,7 @@ class EventFront:
         self._wake_in.setblocking(False)
         self._wake_out.setblocking(False)
         self._poller.register(self._wake_in.fileno(), select.EPOLLIN)
-        self._arrivals: deque[tuple[socket.socket, str]] = deque()
+        self._arrivals: deque[tuple[socket.socket, str, tuple[bool, str | None] | None]] = deque()
         self._connections: dict[int, _Connection] = {}
         self._ready: list[_Connection] = []  # a whole frame may wait in its inbox
         # Groups of writes not started yet, oldest first; the newest one takes new writes
@@ -176,9 +190,12 @@ class EventFront:
 
     # ----------------------------------------------------------------- other threads
 
-    def add(self, sock: socket.socket, peer: str) -> None:
-        """Serve ``sock`` (admitted and configured by the server's accept thread)."""
-        self._arrivals.append((sock, peer))
+    def add(
+        self, sock: socket.socket, peer: str, secured: tuple[bool, str | None] | None = None
+    ) -> None:
+        """Serve ``sock`` (admitted and configured by the server's accept thread; under TLS
+        after its handshake, ``secured`` being the peer's (is_node, identity))."""
+        self._arrivals.append((sock, peer, secured))
         if self._is_closed:  # stopped meanwhile: nobody else closes what is left
             self._drop_arrivals()
         else:
@@ -187,7 +204,7 @@ class EventFront:
     def _drop_arrivals(self) -> None:
         while True:
             try:
-                sock, _ = self._arrivals.popleft()
+                sock, _, _ = self._arrivals.popleft()
             except IndexError:
                 return
             self._server._forget_connection(sock)
@@ -269,10 +286,12 @@ class EventFront:
             while self._wake_in.recv(4096):
                 pass
         while self._arrivals:
-            sock, peer = self._arrivals.popleft()
+            sock, peer, secured = self._arrivals.popleft()
             try:
                 sock.setblocking(False)
-                conn = _Connection(sock, peer, PeerRole(True, self._needs_secret), now)
+                is_node = True if secured is None else secured[0]
+                role = PeerRole(is_node, self._needs_secret)
+                conn = _Connection(sock, peer, role, now, secured)
                 self._poller.register(conn.fd, _IN)
             except (OSError, ValueError) as exc:
                 log.warning("could not serve a connection from %s: %s", peer, exc)
@@ -284,9 +303,12 @@ class EventFront:
     def _receive(self, conn: _Connection, now: float) -> None:
         if conn.is_closed or conn.mask != _IN:
             return
+        sock = conn.sock
         try:
-            data = conn.sock.recv(RECEIVE_BYTES)
-        except (BlockingIOError, InterruptedError):
+            data = sock.recv(RECEIVE_BYTES)
+            if conn.secured is not None and data:
+                data += _drain(sock)  # decrypted bytes the socket no longer signals
+        except _NOT_NOW:
             return
         except OSError:
             self._close(conn)
@@ -487,7 +509,8 @@ class EventFront:
         pending = frame + bytes(conn.inbox)
         try:
             sock.setblocking(True)  # the kernel timeouts set at admission apply again
-            self._server._serve_in_thread(sock, conn.peer, pending, bytes(conn.frames.outbox))
+            owed = bytes(conn.frames.outbox)
+            self._server._serve_in_thread(sock, conn.peer, pending, owed, conn.secured)
         except Exception as exc:
             log.warning("could not hand the connection from %s to a thread: %r", conn.peer, exc)
             self._server._forget_connection(sock)
@@ -498,8 +521,8 @@ class EventFront:
         if conn.is_closed or not outbox:
             return
         try:
-            sent = conn.sock.send(outbox)
-        except (BlockingIOError, InterruptedError):
+            sent = conn.sock.send(outbox)  # TLS: all of it or, later, the same and more
+        except _NOT_NOW:
             sent = 0
         except OSError:
             self._close(conn)
@@ -577,6 +600,20 @@ class EventFront:
         self._server._forget_connection(conn.sock)
         with contextlib.suppress(OSError):
             conn.sock.close()
+
+
+# Nothing to receive or no room to send now (TLS: a record not complete yet, or a write to
+# retry later with the same bytes first).
+_NOT_NOW = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+
+
+def _drain(sock: Any) -> bytes:
+    """What a TLS socket decrypted beyond the last receive (epoll cannot see it)."""
+    chunks = []
+    with contextlib.suppress(*_NOT_NOW):
+        while sock.pending():
+            chunks.append(sock.recv(sock.pending()))
+    return b"".join(chunks)
 
 
 def _has_whole_frame(conn: _Connection) -> bool:

@@ -401,7 +401,7 @@ class RpcServer:
         self._refusal_logged_at = 0.0
         self.set_connection_bounds(max_connections, idle_timeout_s, frame_deadline_s)
         self._front: front.EventFront | None = None
-        if event_front and tls is None and front.is_available():
+        if event_front and front.is_available():
             inline = frozenset(inline_methods) & set(KeyValueService.thrift_services)
             self._front = front.EventFront(self, handler, inline)
 
@@ -487,18 +487,24 @@ class RpcServer:
         # would still fire on the blocking socket of a replication line that never idles out.
         idle_timeout_s = 0.0 if self._tls is not None else self._idle_timeout_s
         _configure_connection(sock, idle_timeout_s, self._frame_deadline_s)
-        if self._front is not None:
+        if self._front is not None and self._tls is None:
             self._front.add(sock, peer)
-        else:
+        else:  # (under TLS the thread hands it to the front after the handshake)
             self._serve_in_thread(sock, peer)
 
     def _serve_in_thread(
-        self, sock: socket.socket, peer: str, pending: bytes = b"", owed: bytes = b""
+        self,
+        sock: socket.socket,
+        peer: str,
+        pending: bytes = b"",
+        owed: bytes = b"",
+        secured: tuple[bool, str | None] | None = None,
     ) -> None:
         """Serve an admitted connection on a thread of its own (``pending``: the bytes the
-        event front received from it and did not serve; ``owed``: replies it did not send)."""
+        event front received from it and did not serve; ``owed``: replies it did not send;
+        ``secured``: (is_node, identity) of a TLS connection whose handshake is done)."""
         thread = threading.Thread(
-            target=self._serve, args=(sock, peer, pending, owed), name="rpc-conn"
+            target=self._serve, args=(sock, peer, pending, owed, secured), name="rpc-conn"
         )
         thread.daemon = True
         with self._lock:
@@ -563,11 +569,18 @@ class RpcServer:
             self._connections.discard(sock)
 
     def _serve(
-        self, sock: socket.socket, peer: str, pending: bytes = b"", owed: bytes = b""
+        self,
+        sock: socket.socket,
+        peer: str,
+        pending: bytes = b"",
+        owed: bytes = b"",
+        secured: tuple[bool, str | None] | None = None,
     ) -> None:
         is_node = True  # the certificate's role; plaintext: every peer's
         identity = None
-        if self._tls is not None:
+        if secured is not None:
+            is_node, identity = secured
+        elif self._tls is not None:
             try:
                 sock, is_node, identity = self._secure(sock, peer)
             except (OSError, ValueError) as exc:
@@ -575,6 +588,10 @@ class RpcServer:
                 with self._lock:
                     self._connections.discard(sock)
                 sock.close()
+                self._forget_this_thread()
+                return
+            if self._front is not None:  # the front serves it from here on
+                self._front.add(sock, peer, (is_node, identity))
                 self._forget_this_thread()
                 return
         role = PeerRole(is_node, self._needs_secret)  # plaintext without a secret: a node
