@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hostile_frames import serving
+from hostile_frames import encode_call, serving
 
 from kvstore import errors, rpc
 from kvstore.config import TlsConfig
@@ -100,6 +100,30 @@ def test_a_frame_must_arrive_within_its_deadline_under_tls(certs: CertificateFil
         with context(certs.client).wrap_socket(raw) as sock:
             sock.sendall(b"\x00\x00\x00\x64\x80\x01")  # a 100-byte frame, 2 bytes of it
             assert 0.4 < closed_after(sock) < 3.0
+
+
+def test_a_tls_record_must_arrive_whole_within_the_frame_deadline(certs: CertificateFiles) -> None:
+    """A request sent as one TLS record minus its last byte: the TLS layer holds what came,
+    and the connection is cut at the frame deadline all the same (not at the idle timeout)."""
+    with serving(
+        tls=context(certs.node, server=True), frame_deadline_s=0.5, idle_timeout_s=60
+    ) as server:
+        raw = socket.create_connection(("127.0.0.1", server.port), timeout=BOUND_S)
+        with raw:
+            received, sent = ssl.MemoryBIO(), ssl.MemoryBIO()
+            tls = context(certs.client).wrap_bio(received, sent)
+            for _ in range(20):  # a handshake takes a few exchanges
+                try:
+                    tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    raw.sendall(sent.read())
+                    received.write(raw.recv(65536))
+            raw.sendall(sent.read())
+            tls.write(encode_call("get", ("k",)))
+            record = sent.read()
+            raw.sendall(record[:-1])
+            assert 0.4 < closed_after(raw) < 3.0
 
 
 def test_node_only_methods_need_a_node_certificate(

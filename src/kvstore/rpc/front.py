@@ -120,6 +120,7 @@ class _Connection:
         "is_waiting",
         "last_active",
         "mask",
+        "partial_since",
         "peer",
         "peer_closed",
         "proto",
@@ -150,6 +151,7 @@ class _Connection:
         self.peer_closed = False  # EOF: serve what it sent, then close
         self.last_active = now
         self.since = 0.0  # when its incomplete frame, or its unsent replies, began
+        self.partial_since = 0.0  # TLS: when a record began that is not whole yet
         self.mask = _IN
 
 
@@ -309,10 +311,13 @@ class EventFront:
             if conn.secured is not None and data:
                 data += _drain(sock)  # decrypted bytes the socket no longer signals
         except _NOT_NOW:
+            if conn.secured is not None and not conn.partial_since:
+                conn.partial_since = now  # a TLS record begun: the frame deadline runs
             return
         except OSError:
             self._close(conn)
             return
+        conn.partial_since = 0.0
         if not data:
             self._stop_reading(conn)
         elif not conn.inbox:
@@ -576,6 +581,12 @@ class EventFront:
                     "closing the connection from %s: %d frame bytes in %g s: too slow",
                     conn.peer,
                     len(conn.inbox),
+                    deadline_s,
+                )
+            elif conn.partial_since and now - conn.partial_since > deadline_s:
+                log.warning(
+                    "closing the connection from %s: a TLS record not whole in %g s: too slow",
+                    conn.peer,
                     deadline_s,
                 )
             elif now - conn.last_active > idle_s and not conn.frames.outbox:
