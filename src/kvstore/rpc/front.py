@@ -33,7 +33,6 @@ called for connections served here, and ``peer_identity`` is not set on this thr
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import select
@@ -41,7 +40,7 @@ import socket
 import ssl
 import time
 from collections import deque
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from thriftpy2.protocol.cybin import TCyBinaryProtocol  # type: ignore[attr-defined]
 from thriftpy2.transport.framed import TCyFramedTransport
@@ -62,6 +61,15 @@ INLINE_METHODS = frozenset({"get", "lookup", "get_many"})
 RECEIVE_BYTES = 1 << 16
 _IN = select.EPOLLIN | select.EPOLLRDHUP
 _OUT = select.EPOLLOUT
+
+
+class Handover(NamedTuple):
+    """A connection the front hands to a thread: the bytes it received and did not serve,
+    the replies it did not send, and (TLS) the peer's (is_node, identity)."""
+
+    pending: bytes
+    owed: bytes
+    secured: tuple[bool, str | None] | None
 
 
 class GroupedWrites(Protocol):
@@ -515,7 +523,7 @@ class EventFront:
         try:
             sock.setblocking(True)  # the kernel timeouts set at admission apply again
             owed = bytes(conn.frames.outbox)
-            self._server._serve_in_thread(sock, conn.peer, pending, owed, conn.secured)
+            self._server._serve_in_thread(sock, conn.peer, Handover(pending, owed, conn.secured))
         except Exception as exc:
             log.warning("could not hand the connection from %s to a thread: %r", conn.peer, exc)
             self._server._forget_connection(sock)
@@ -598,11 +606,8 @@ class EventFront:
     def _forget(self, conn: _Connection) -> None:
         conn.is_closed = True
         self._connections.pop(conn.fd, None)
-        try:
+        with contextlib.suppress(OSError, ValueError):  # (gone already: nothing to undo)
             self._poller.unregister(conn.fd)
-        except (OSError, ValueError) as exc:
-            if getattr(exc, "errno", None) not in (None, errno.ENOENT, errno.EBADF):
-                raise
 
     def _close(self, conn: _Connection) -> None:
         if conn.is_closed:

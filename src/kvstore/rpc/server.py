@@ -493,19 +493,11 @@ class RpcServer:
             self._serve_in_thread(sock, peer)
 
     def _serve_in_thread(
-        self,
-        sock: socket.socket,
-        peer: str,
-        pending: bytes = b"",
-        owed: bytes = b"",
-        secured: tuple[bool, str | None] | None = None,
+        self, sock: socket.socket, peer: str, handover: front.Handover | None = None
     ) -> None:
-        """Serve an admitted connection on a thread of its own (``pending``: the bytes the
-        event front received from it and did not serve; ``owed``: replies it did not send;
-        ``secured``: (is_node, identity) of a TLS connection whose handshake is done)."""
-        thread = threading.Thread(
-            target=self._serve, args=(sock, peer, pending, owed, secured), name="rpc-conn"
-        )
+        """Serve an admitted connection on a thread of its own (``handover``: where the
+        event front left it)."""
+        thread = threading.Thread(target=self._serve, args=(sock, peer, handover), name="rpc-conn")
         thread.daemon = True
         with self._lock:
             self._threads.add(thread)
@@ -569,17 +561,15 @@ class RpcServer:
             self._connections.discard(sock)
 
     def _serve(
-        self,
-        sock: socket.socket,
-        peer: str,
-        pending: bytes = b"",
-        owed: bytes = b"",
-        secured: tuple[bool, str | None] | None = None,
+        self, sock: socket.socket, peer: str, handover: front.Handover | None = None
     ) -> None:
         is_node = True  # the certificate's role; plaintext: every peer's
         identity = None
-        if secured is not None:
-            is_node, identity = secured
+        pending = owed = b""
+        if handover is not None:
+            pending, owed, secured = handover
+            if secured is not None:
+                is_node, identity = secured
         elif self._tls is not None:
             try:
                 sock, is_node, identity = self._secure(sock, peer)
