@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import threading
 from pathlib import Path
 
@@ -167,6 +168,98 @@ def test_a_failed_fsync_fails_its_writes_and_every_later_one_even_if_fsync_works
     monkeypatch.setattr(os, "fsync", real_fsync)
     with pytest.raises(errors.KVError, match=r"failed earlier|could not be synced"):
         store.wait_durable(store.put("k", "later"))
+
+
+def recording_fsync(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Patch os.fsync to record the size of each file it synced (after the real fsync)."""
+    synced_sizes: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        size = os.fstat(fd).st_size
+        real_fsync(fd)
+        synced_sizes.append(size)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return synced_sizes
+
+
+def test_an_fsync_asked_for_soon_signals_its_descriptor_once_the_writes_are_on_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the event front waits for beside the backups' replies (server/node.py)."""
+    store = durable_store(tmp_path)
+    synced_sizes = recording_fsync(monkeypatch)
+    position = store.put_many([f"k{i}" for i in range(50)], ["v"] * 50)
+    delivery = store.sync_soon(position)
+    assert delivery is not None
+    readable, _, _ = select.select([delivery], [], [], 10)
+    assert readable == [delivery]
+    delivery.finish()
+    assert synced_sizes and synced_sizes[-1] >= position  # a new segment: position = size
+    fsyncs = len(synced_sizes)
+    store.wait_durable(position)  # nothing left to sync
+    assert store.sync_soon(position) is None
+    assert len(synced_sizes) == fsyncs
+    store.log.close()  # type: ignore[union-attr]
+    assert reopened(tmp_path).get("k49") == "v"
+
+
+def test_a_failed_fsync_asked_for_soon_still_signals_and_the_writes_fail(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = durable_store(tmp_path)
+    position = store.put("k", "lost?")
+
+    def failing(_fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing)
+    delivery = store.sync_soon(position)
+    assert delivery is not None
+    assert select.select([delivery], [], [], 10)[0] == [delivery]
+    delivery.finish()
+    with pytest.raises(errors.ReplicationFailedError, match="could not be synced"):
+        store.wait_durable(position)
+
+
+def test_closing_the_log_ends_its_syncer_and_a_later_ask_is_answered_at_once(
+    tmp_path: Path,
+) -> None:
+    store = durable_store(tmp_path)
+    log = store.log
+    assert log is not None
+    before = set(threading.enumerate())
+    delivery = store.sync_soon(store.put("k", "v"))
+    assert delivery is not None
+    delivery.finish()
+    (syncer,) = [t for t in set(threading.enumerate()) - before if t.name == "wal-syncer"]
+    log.close()
+    syncer.join(10)
+    assert not syncer.is_alive()
+    # (appends refuse after close; a position not yet synced stands for one in flight)
+    late = log.sync_soon(log.position + 1)
+    assert late is not None
+    assert select.select([late], [], [], 0)[0] == [late]
+    late.finish()
+
+
+def test_a_batch_of_puts_is_logged_whole_or_not_at_all(
+    small_filesystems: SmallFilesystems,
+) -> None:
+    """A backup applies a replicated batch with one append: on a full disk none of it
+    is applied, and what was acknowledged before stays."""
+    directory = small_filesystems.mount(1 << 20)
+    store = durable_store(directory)
+    store.wait_durable(store.put("kept", "v"))
+    big = "x" * 200_000
+    with pytest.raises(errors.DiskFullError):
+        store.put_many([f"big{i}" for i in range(8)], [big] * 8)
+    assert all(store.get(f"big{i}") is None for i in range(8))
+    store.log.close()  # type: ignore[union-attr]
+    again = reopened(directory)
+    assert again.get("kept") == "v"
+    assert again.get("big0") is None
 
 
 def test_clearing_the_store_forgets_the_disk_copy(tmp_path: Path) -> None:

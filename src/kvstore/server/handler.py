@@ -55,7 +55,7 @@ class NodeService(Protocol):
     def lookup(self, key: str) -> str | None: ...
     def read_many(self, keys: list[str]) -> dict[str, str]: ...
     def write_group(self, writes: Sequence[Write]) -> list[bool | Exception]: ...
-    def begin_writes(self, writes: Sequence[Write]) -> Any: ...
+    def begin_writes(self, writes: Sequence[Write], sync_soon: bool = False) -> Any: ...
     def end_writes(self, group: Any) -> list[bool | Exception]: ...
     def confirm_read(self) -> None: ...
     def snapshot(self) -> dict[str, str]: ...
@@ -100,8 +100,10 @@ class PendingWrites:
 
     @property
     def deliveries(self) -> list[Any]:
+        """The backups' replies, and the log's fsync if a syncer runs it."""
         deliveries: list[Any] = self.group.deliveries
-        return deliveries
+        durable = self.group.durable
+        return deliveries if durable is None else [*deliveries, (None, durable)]
 
 
 class NodeHandler:
@@ -167,7 +169,7 @@ class NodeHandler:
     def begin_group(self, methods: list[str], writes: list[Write]) -> PendingWrites:
         """Start a group (see rpc/front.py): its ``deliveries`` are the backups' replies
         to wait for before ``end_group``."""
-        return PendingWrites(methods, self._node.begin_writes(writes))
+        return PendingWrites(methods, self._node.begin_writes(writes, sync_soon=True))
 
     def end_group(self, pending: PendingWrites) -> list[Any]:
         return self._results(pending.methods, self._node.end_writes(pending.group))

@@ -66,7 +66,7 @@ from kvstore.server.replication import (
 from kvstore.server.roles import EXIT_OK, EXIT_RESTART, NodeExit, Role, is_dead
 from kvstore.server.sessions import RequestRecord
 from kvstore.server.storage import FlatRecords, StripedStore
-from kvstore.server.wal import Marker, WriteAheadLog
+from kvstore.server.wal import Marker, SyncDelivery, WriteAheadLog
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,7 @@ class WriteGroup:
     __slots__ = (
         "changing",
         "deliveries",
+        "durable",
         "failed",
         "failure",
         "locks",
@@ -99,6 +100,7 @@ class WriteGroup:
         # Batches sent without waiting for the reply, and backups that failed (why).
         self.deliveries: list[tuple[Replicator, Delivery | SenderDelivery]] = []
         self.failed: dict[Replicator, str] = {}
+        self.durable: SyncDelivery | None = None  # the log's fsync, run by its syncer
 
 
 class StorageNode:
@@ -521,17 +523,20 @@ class StorageNode:
         """
         return self.end_writes(self.begin_writes(writes))
 
-    def begin_writes(self, writes: Sequence[Write]) -> WriteGroup:
+    def begin_writes(self, writes: Sequence[Write], sync_soon: bool = False) -> WriteGroup:
         """``write_group`` up to the backups' replies: take the stripe locks, decide, log
         and forward. A batch this thread sends on a free line is not waited for: the
         caller may wait for its ``deliveries`` as it likes, then must call ``end_writes``
-        (which waits for any it did not)."""
+        (which waits for any it did not). With ``sync_soon`` the log's fsync runs on its
+        syncer thread meanwhile (``durable``, to wait for like a delivery)."""
         store = self.store
         group = WriteGroup(writes, store.lock_stripes([write.key for write in writes]))
         try:
             self._decide(group)
             if group.changing:
                 self._log_and_forward(group)
+                if sync_soon and group.logged:
+                    group.durable = store.sync_soon(group.position)
         except BaseException:
             for _, delivery in group.deliveries:  # read their replies: pass the lines on
                 with contextlib.suppress(BackupFailedError):
@@ -569,20 +574,29 @@ class StorageNode:
         applied (DiskFullError, definite; the writes before it go on). One lock orders
         appends and enqueues, so the log's order is the replication order.
         """
-        logged: list[tuple[str, str | None, int, RequestRecord | None]] = []
+        store = self.store
+        mutations = [group.writes[i][:3] for i in group.changing]
         with self._sequence_lock:
             # Read under the lock: a backup joining by catch-up gets every write logged
             # after the end of its catch-up (accept_join plans it under this lock).
             replicators = self._replicators
-            for i in group.changing:
-                key, value, record, _, _ = group.writes[i]
-                try:
-                    group.position = self.store.log_write(key, value, record)
-                except Exception as exc:
-                    group.failure = exc
-                    break
-                logged.append((key, value, group.position, record))
+            try:
+                positions = store.log_writes(mutations)
+            except Exception:  # nothing written: one at a time, those before a refused one go on
+                positions = []
+                for key, value, record in mutations:
+                    try:
+                        positions.append(store.log_write(key, value, record))
+                    except Exception as exc:
+                        group.failure = exc
+                        break
+            logged = [
+                (key, value, position, record)
+                for (key, value, record), position in zip(mutations, positions, strict=False)
+            ]
             group.logged = len(logged)
+            if logged:
+                group.position = positions[-1]
             tickets = [_enqueue_many(replicator, logged) for replicator in replicators]
         if all(_takes_line(r, waiting) for r, waiting in zip(replicators, tickets, strict=True)):
             # The usual case: for every backup, one batch this thread opened on a free line:
@@ -615,6 +629,12 @@ class StorageNode:
         store, outcomes = self.store, group.outcomes
         try:
             if group.changing:
+                if group.durable is not None:
+                    group.durable.finish()  # (whether it succeeded: wait_durable below)
+                elif group.deliveries and group.logged:
+                    # The backups work on the batch meanwhile: our fsync overlaps theirs.
+                    with contextlib.suppress(Exception):  # raised again by wait_durable below
+                        store.wait_durable(group.position)
                 for replicator, delivery in group.deliveries:
                     try:
                         delivery.finish()

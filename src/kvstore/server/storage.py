@@ -73,18 +73,35 @@ class StripedStore:
     def put_many(
         self, keys: list[str], values: list[str], records: FlatRecords | None = None
     ) -> int:
-        """Apply writes in list order (one stripe lock at a time), each with its
-        exactly-once record if ``records`` names one; returns the last log position to
-        wait for."""
-        position = 0
+        """Apply writes in list order, each with its exactly-once record if ``records``
+        names one, under their stripes' locks, logged first in one append (a full disk
+        changes nothing); returns the log position to wait for."""
         if records is None:
-            for key, value in zip(keys, values, strict=True):
-                position = self.put(key, value)
-            return position
-        for key, value, client_id, seq, acked_below in zip(keys, values, *records, strict=True):
-            record = (client_id, seq, True, acked_below) if client_id else None
-            position = self.apply_change(key, value, record)
-        return position
+            logged: list[RequestRecord | None] = [None] * len(keys)
+        else:
+            logged = [
+                (client_id, seq, acked_below) if client_id else None
+                for client_id, seq, acked_below in zip(*records, strict=True)
+            ]
+        shards, sessions, touched, count = (
+            self._shards,
+            self.sessions,
+            self._touched,
+            self.stripe_count,
+        )
+        taken = self.lock_stripes(keys)
+        try:
+            positions = self.log_writes(list(zip(keys, values, logged, strict=True)))
+            for key, value, record in zip(keys, values, logged, strict=True):
+                i = hash(key) % count
+                shards[i][key] = value
+                if touched is not None:
+                    touched[i].add(key)
+                if record is not None:
+                    sessions[i].record(key, record[0], record[1], True, record[2])
+        finally:
+            self.unlock_stripes(taken)
+        return positions[-1] if positions else 0
 
     def log_write(self, key: str, value: str | None, record: RequestRecord | None = None) -> int:
         """Append a mutation to the log (call with the key's stripe lock held, in the
@@ -92,9 +109,30 @@ class StripedStore:
         log = self.log
         return 0 if log is None else log.append(wal.encode(key, value, record))
 
+    def log_writes(
+        self, mutations: list[tuple[str, str | None, RequestRecord | None]]
+    ) -> list[int]:
+        """``log_write`` of each mutation, in one append (call with their stripe locks held,
+        in the hold that applies them); each one's end position. If it raises, nothing
+        was written."""
+        log = self.log
+        if log is None:
+            return [0] * len(mutations)
+        encoded = [wal.encode(key, value, record) for key, value, record in mutations]
+        position = log.append(b"".join(encoded)) - sum(map(len, encoded))
+        positions = []
+        for data in encoded:
+            position += len(data)
+            positions.append(position)
+        return positions
+
     def wait_durable(self, position: int) -> None:
         if position and self.log is not None:
             self.log.wait_durable(position)
+
+    def sync_soon(self, position: int) -> wal.SyncDelivery | None:
+        """``wait_durable`` on the log's syncer thread (see WriteAheadLog.sync_soon)."""
+        return None if not position or self.log is None else self.log.sync_soon(position)
 
     def apply_change(
         self,

@@ -24,7 +24,9 @@ Invariants:
   holds every mutation of the older segments; replaying the newer ones over it gives the
   latest value of every key (per key, the log is in apply order).
 - A write is acknowledged only after ``wait_durable`` for its position returned: with
-  ``fsync=batch`` concurrent writers share one fsync (group commit); ``always`` syncs each
+  ``fsync=batch`` concurrent writers share one fsync (group commit); an event loop that
+  must not block asks ``sync_soon`` instead, and the log's syncer thread joins that group
+  commit for it and signals an eventfd when the fsync ended; ``always`` syncs each
   append on its own; ``never`` leaves flushing to the OS (a crash of the machine can lose
   acknowledged writes; a crash of the process cannot).
 - Recovery: a torn last record (a crash mid-append) is cut off with a warning; a bad
@@ -44,7 +46,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import math
 import os
+import queue
 import threading
 import time
 import uuid
@@ -136,6 +140,9 @@ class WriteAheadLog:
         self._is_syncing = False  # an fsync is running
         self._next_sync: _SyncRound | None = None  # waiters for the fsync after it
         self._failure: str | None = None  # set for good when an fsync fails
+        # sync_soon's requests, for a syncer thread started by the first (None ends it)
+        self._sync_requests: queue.SimpleQueue[SyncDelivery | None] | None = None
+        self._is_closed = False
         self.bytes_since_snapshot = 0
         self._bytes_at_switch = 0  # bytes_since_snapshot when the last snapshot began
         self.segment = max(self.segments(), default=0)
@@ -319,6 +326,39 @@ class WriteAheadLog:
         if self.fsync_mode == "never" or self._synced >= position:
             return
         self._sync_to(position)
+
+    def sync_soon(self, position: int) -> SyncDelivery | None:
+        """``wait_durable`` on the log's syncer thread: returns what to wait for (its
+        ``fileno`` turns readable when the fsync ended; then ``finish``), or None if there is
+        nothing to wait for, or it cannot be had (the caller's ``wait_durable`` does it)."""
+        if self.fsync_mode != "batch" or self._synced >= position:
+            return None
+        try:
+            delivery = SyncDelivery(position)
+        except OSError:  # out of descriptors
+            return None
+        with self._sync_lock:
+            if self._is_closed:
+                delivery.signal()
+                return delivery
+            if self._sync_requests is None:
+                self._sync_requests = queue.SimpleQueue()
+                threading.Thread(
+                    target=self._run_syncer,
+                    args=(self._sync_requests,),
+                    name="wal-syncer",
+                    daemon=True,
+                ).start()
+            self._sync_requests.put(delivery)
+        return delivery
+
+    def _run_syncer(self, requests: queue.SimpleQueue[SyncDelivery | None]) -> None:
+        while (delivery := requests.get()) is not None:
+            try:
+                with contextlib.suppress(Exception):  # the caller's wait_durable raises it again
+                    self.wait_durable(delivery.position)
+            finally:
+                delivery.signal()
 
     def _sync_to(self, position: int) -> None:
         """One fsync runs at a time. A thread that finds one running joins the next round;
@@ -555,12 +595,48 @@ class WriteAheadLog:
         return data[:size], start + size
 
     def close(self) -> None:
+        with self._sync_lock:
+            self._is_closed = True
+            if self._sync_requests is not None:
+                self._sync_requests.put(None)  # after the requests before it
         with self._append_lock:
             if self._fd >= 0:
                 if self.fsync_mode != "never":
                     os.fsync(self._fd)
                 os.close(self._fd)
                 self._fd = -1
+
+
+class SyncDelivery:
+    """An fsync up to ``position`` that the log's syncer thread waits for
+    (``WriteAheadLog.sync_soon``): ``fileno``, an eventfd, is readable once it ended, so an
+    event loop can watch it beside its sockets. Whether it succeeded, ``wait_durable`` says."""
+
+    __slots__ = ("_done", "_fd", "deadline", "position")
+
+    def __init__(self, position: int) -> None:
+        self.position = position
+        self._fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._done = held_lock()
+        self.deadline = math.inf  # a stalled disk stalls the writes, not the event loop
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def signal(self) -> None:
+        """The fsync ended (the syncer thread)."""
+        os.eventfd_write(self._fd, 1)
+        self._done.release()
+
+    def finish(self) -> None:
+        """Wait until the fsync ended."""
+        pass_through(self._done)
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def abandon(self) -> None:
+        """Nothing to cut: an fsync ends by itself."""
 
 
 class _SyncRound:
