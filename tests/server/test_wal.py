@@ -262,6 +262,60 @@ def test_a_batch_of_puts_is_logged_whole_or_not_at_all(
     assert again.get("big0") is None
 
 
+def test_a_group_whose_fsync_fails_after_its_append_is_not_reported_as_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With --fsync always the records are in the file before the fsync fails: a write
+    that may come back after a restart must not be answered "definitely not applied"."""
+    store = durable_store(tmp_path, fsync="always")
+
+    def failing(_fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing)
+    positions, failure = store.log_writes([("a", "1", None), ("b", "2", None)])
+    assert positions == []
+    assert isinstance(failure, errors.KVError)
+    assert not failure.is_definite
+
+
+def test_a_group_too_big_for_the_disk_logs_the_writes_before_the_one_that_does_not_fit(
+    small_filesystems: SmallFilesystems,
+) -> None:
+    directory = small_filesystems.mount(1 << 20)
+    store = durable_store(directory)
+    small, big = "s" * 100_000, "x" * 2_000_000
+    mutations: list[tuple[str, str | None, None]] = [("a", small, None), ("b", big, None)]
+    positions, failure = store.log_writes(mutations)
+    assert positions == []  # whole or nothing (a backup's batch)
+    assert isinstance(failure, errors.DiskFullError)
+    positions, failure = store.log_writes([*mutations, ("c", small, None)], may_split=True)
+    assert len(positions) == 1
+    assert isinstance(failure, errors.DiskFullError)
+    assert failure.is_definite
+    store.wait_durable(positions[0])
+
+
+def test_without_a_syncer_thread_the_caller_syncs_and_a_later_ask_gets_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = durable_store(tmp_path)
+    real_start = threading.Thread.start
+
+    def refuse(thread: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    first = store.put("k", "v")
+    assert store.sync_soon(first) is None
+    store.wait_durable(first)
+    monkeypatch.setattr(threading.Thread, "start", real_start)
+    delivery = store.sync_soon(store.put("k", "w"))
+    assert delivery is not None
+    assert select.select([delivery], [], [], 10)[0] == [delivery]
+    delivery.finish()
+
+
 def test_clearing_the_store_forgets_the_disk_copy(tmp_path: Path) -> None:
     store = durable_store(tmp_path)
     fill(store)

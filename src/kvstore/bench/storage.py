@@ -4,7 +4,7 @@
 - ``disk``: ``kv-node --data-dir <run dir>/node-<i> --fsync batch`` (write-ahead log and
   snapshots; concurrent writes share one fsync, each write acknowledged once it is on disk
   on every in-sync replica);
-- ``disk-always``: the same with ``--fsync always`` (one fsync per write).
+- ``disk-always``: the same with ``--fsync always`` (an fsync per append, shared with no other).
 
 Invariants: every node of a run gets a data directory of its own, under the run's work
 directory, which does not exist before the run (a fresh store, so every history starts from

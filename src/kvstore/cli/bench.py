@@ -187,8 +187,8 @@ def _add_matrix_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="LIST",
         help="where the nodes keep their store: memory (no data directory), disk (kv-node "
         "--data-dir under the run's work directory, --fsync batch: concurrent writes share one "
-        "fsync) and/or disk-always (--fsync always: one fsync per write). Data directories are "
-        "removed after a run whose check passed (default memory)",
+        "fsync) and/or disk-always (--fsync always: an fsync per append, shared with no "
+        "other). Data directories are removed after a run whose check passed (default memory)",
     )
     parser.add_argument(
         "--io",

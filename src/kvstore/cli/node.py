@@ -293,7 +293,9 @@ def _add_durability_arguments(parser: argparse.ArgumentParser) -> None:
         choices=FSYNC_MODES,
         default="batch",
         help="with --data-dir, when a write reaches the disk before it is acknowledged: "
-        "always (one fsync per write), batch (default: concurrent writes share one fsync; "
+        "always (an fsync inside each append, shared with no other; a group of writes the "
+        "front received together, or a replicated batch, is one append), batch (default: "
+        "concurrent writes share one fsync; "
         "no acknowledged write is lost), never (the OS decides: a machine crash may lose "
         "acknowledged writes)",
     )

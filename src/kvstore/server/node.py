@@ -580,16 +580,7 @@ class StorageNode:
             # Read under the lock: a backup joining by catch-up gets every write logged
             # after the end of its catch-up (accept_join plans it under this lock).
             replicators = self._replicators
-            try:
-                positions = store.log_writes(mutations)
-            except Exception:  # nothing written: one at a time, those before a refused one go on
-                positions = []
-                for key, value, record in mutations:
-                    try:
-                        positions.append(store.log_write(key, value, record))
-                    except Exception as exc:
-                        group.failure = exc
-                        break
+            positions, group.failure = store.log_writes(mutations, may_split=True)
             logged = [
                 (key, value, position, record)
                 for (key, value, record), position in zip(mutations, positions, strict=False)

@@ -35,6 +35,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from kvstore import errors
 from kvstore.server import wal
 from kvstore.server.sessions import RequestRecord, SessionTable
 
@@ -75,7 +76,8 @@ class StripedStore:
     ) -> int:
         """Apply writes in list order, each with its exactly-once record if ``records``
         names one, under their stripes' locks, logged first in one append (a full disk
-        changes nothing); returns the log position to wait for."""
+        changes nothing: DiskFullError, none applied); returns the log position to wait
+        for."""
         if records is None:
             logged: list[RequestRecord | None] = [None] * len(keys)
         else:
@@ -83,15 +85,16 @@ class StripedStore:
                 (client_id, seq, acked_below) if client_id else None
                 for client_id, seq, acked_below in zip(*records, strict=True)
             ]
-        shards, sessions, touched, count = (
-            self._shards,
-            self.sessions,
-            self._touched,
-            self.stripe_count,
-        )
+        if not keys:  # a heartbeat
+            return 0
         taken = self.lock_stripes(keys)
         try:
-            positions = self.log_writes(list(zip(keys, values, logged, strict=True)))
+            # (read under the locks: a join sets it under every stripe's lock)
+            shards, sessions, touched = self._shards, self.sessions, self._touched
+            count = self.stripe_count
+            positions, failure = self.log_writes(list(zip(keys, values, logged, strict=True)))
+            if failure is not None:
+                raise failure
             for key, value, record in zip(keys, values, logged, strict=True):
                 i = hash(key) % count
                 shards[i][key] = value
@@ -110,21 +113,38 @@ class StripedStore:
         return 0 if log is None else log.append(wal.encode(key, value, record))
 
     def log_writes(
-        self, mutations: list[tuple[str, str | None, RequestRecord | None]]
-    ) -> list[int]:
-        """``log_write`` of each mutation, in one append (call with their stripe locks held,
-        in the hold that applies them); each one's end position. If it raises, nothing
-        was written."""
+        self,
+        mutations: list[tuple[str, str | None, RequestRecord | None]],
+        may_split: bool = False,
+    ) -> tuple[list[int], Exception | None]:
+        """Log the mutations in order (call with their stripe locks held, in the hold that
+        applies them): each logged one's end position, and what stopped the rest. One
+        append holds them all; if the disk is too full for it (nothing was written) and
+        ``may_split``, one append each, so those before a refused one go on. Any other
+        failure stops them all, with its own outcome (after an fsync failed, say, the
+        records may be in the file: not definite)."""
         log = self.log
         if log is None:
-            return [0] * len(mutations)
+            return [0] * len(mutations), None
         encoded = [wal.encode(key, value, record) for key, value, record in mutations]
-        position = log.append(b"".join(encoded)) - sum(map(len, encoded))
-        positions = []
+        positions: list[int] = []
+        try:
+            position = log.append(b"".join(encoded)) - sum(map(len, encoded))
+        except errors.DiskFullError as exc:
+            if not may_split:
+                return positions, exc
+            for data in encoded:
+                try:
+                    positions.append(log.append(data))
+                except Exception as exc:
+                    return positions, exc
+            return positions, None
+        except Exception as exc:
+            return positions, exc
         for data in encoded:
             position += len(data)
             positions.append(position)
-        return positions
+        return positions, None
 
     def wait_durable(self, position: int) -> None:
         if position and self.log is not None:

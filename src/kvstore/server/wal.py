@@ -342,13 +342,17 @@ class WriteAheadLog:
                 delivery.signal()
                 return delivery
             if self._sync_requests is None:
-                self._sync_requests = queue.SimpleQueue()
-                threading.Thread(
-                    target=self._run_syncer,
-                    args=(self._sync_requests,),
-                    name="wal-syncer",
-                    daemon=True,
-                ).start()
+                requests: queue.SimpleQueue[SyncDelivery | None] = queue.SimpleQueue()
+                syncer = threading.Thread(
+                    target=self._run_syncer, args=(requests,), name="wal-syncer", daemon=True
+                )
+                try:
+                    syncer.start()
+                except RuntimeError:  # no thread to be had: the caller waits itself
+                    delivery.signal()
+                    delivery.finish()
+                    return None
+                self._sync_requests = requests  # only once something reads it
             self._sync_requests.put(delivery)
         return delivery
 
