@@ -10,6 +10,7 @@ setting up one connection does not stop the accept loop. Every wait is a bounded
 from __future__ import annotations
 
 import contextlib
+import os
 import select
 import socket
 import threading
@@ -319,6 +320,23 @@ def test_close_joins_the_connection_threads(
             sock.close()
     assert running == 0
     assert server_threads(before) == []
+
+
+def open_descriptors() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("is_started", [False, True], ids=["never-started", "started"])
+def test_a_closed_server_leaves_no_descriptor_open(is_started: bool) -> None:
+    """The event front's epoll and wake-up pair go with the server, started or not."""
+    before = open_descriptors()
+    server = rpc.RpcServer("127.0.0.1", 0, hostile_frames.TrivialHandler(), 1 << 20)
+    server.bind()
+    if is_started:
+        server.start()
+    assert len(open_descriptors() - before) >= 4  # the listener, epoll, the pair
+    assert server.close() == 0
+    assert open_descriptors() - before == set()
 
 
 class BlockingHandler(hostile_frames.TrivialHandler):

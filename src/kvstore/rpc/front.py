@@ -197,6 +197,7 @@ class EventFront:
         self._awaited: dict[int, Any] = {}  # a line's file descriptor: its delivery
         self._outgoing: list[_Connection] = []  # replies appended this round
         self._is_closed = False
+        self.has_thread = False  # set by the server just before it starts run's thread
 
     # ----------------------------------------------------------------- other threads
 
@@ -226,7 +227,10 @@ class EventFront:
 
     def close(self) -> None:
         self._is_closed = True
-        self.wake()
+        if self.has_thread:
+            self.wake()  # its thread releases everything as it ends
+        else:
+            self._release()
 
     # ----------------------------------------------------------------- the thread
 
@@ -242,10 +246,13 @@ class EventFront:
                 self._end_group()  # (the groups not begun are never begun)
             for conn in list(self._connections.values()):
                 self._close(conn)
-            self._drop_arrivals()
-            self._poller.close()
-            self._wake_in.close()
-            self._wake_out.close()
+            self._release()
+
+    def _release(self) -> None:
+        self._drop_arrivals()
+        self._poller.close()
+        self._wake_in.close()
+        self._wake_out.close()
 
     def _loop(self) -> None:
         server = self._server

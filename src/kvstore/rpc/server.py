@@ -445,6 +445,7 @@ class RpcServer:
         threads = [threading.Thread(target=self._accept_loop, name="rpc-accept", daemon=True)]
         if self._front is not None:
             threads.append(threading.Thread(target=self._front.run, name="rpc-front", daemon=True))
+            self._front.has_thread = True
         with self._lock:
             self._threads.update(threads)
         for thread in threads:
