@@ -38,6 +38,20 @@ def reopened(directory: Path) -> StripedStore:
     return store
 
 
+def recording_fsync(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Patch os.fsync to record the size of each file it synced (after the real fsync)."""
+    synced_sizes: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        size = os.fstat(fd).st_size
+        real_fsync(fd)
+        synced_sizes.append(size)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return synced_sizes
+
+
 def test_the_store_comes_back_after_a_restart(tmp_path: Path) -> None:
     store = durable_store(tmp_path)
     fill(store)
@@ -122,15 +136,8 @@ def test_a_write_is_durable_when_wait_durable_returns_however_the_rounds_fall(
     """Group commit under contention: every wait_durable returns only after an fsync that
     began when the file already held the write (the segment is new: position = size)."""
     store = durable_store(tmp_path)
-    synced_sizes = [0]
-    real_fsync = os.fsync
-
-    def fsync(fd: int) -> None:
-        size = os.fstat(fd).st_size
-        real_fsync(fd)
-        synced_sizes.append(size)
-
-    monkeypatch.setattr(os, "fsync", fsync)
+    synced_sizes = recording_fsync(monkeypatch)
+    synced_sizes.append(0)
     late: list[tuple[int, int]] = []
 
     def write(i: int) -> None:
@@ -168,20 +175,6 @@ def test_a_failed_fsync_fails_its_writes_and_every_later_one_even_if_fsync_works
     monkeypatch.setattr(os, "fsync", real_fsync)
     with pytest.raises(errors.KVError, match=r"failed earlier|could not be synced"):
         store.wait_durable(store.put("k", "later"))
-
-
-def recording_fsync(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Patch os.fsync to record the size of each file it synced (after the real fsync)."""
-    synced_sizes: list[int] = []
-    real_fsync = os.fsync
-
-    def fsync(fd: int) -> None:
-        size = os.fstat(fd).st_size
-        real_fsync(fd)
-        synced_sizes.append(size)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    return synced_sizes
 
 
 def test_an_fsync_asked_for_soon_signals_its_descriptor_once_the_writes_are_on_disk(
