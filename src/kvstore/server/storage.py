@@ -78,6 +78,8 @@ class StripedStore:
         names one, under their stripes' locks, logged first in one append (a full disk
         changes nothing: DiskFullError, none applied); returns the log position to wait
         for."""
+        if not keys:  # a heartbeat
+            return 0
         if records is None:
             logged: list[RequestRecord | None] = [None] * len(keys)
         else:
@@ -85,8 +87,6 @@ class StripedStore:
                 (client_id, seq, acked_below) if client_id else None
                 for client_id, seq, acked_below in zip(*records, strict=True)
             ]
-        if not keys:  # a heartbeat
-            return 0
         taken = self.lock_stripes(keys)
         try:
             # (read under the locks: a join sets it under every stripe's lock)
