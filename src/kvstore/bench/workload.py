@@ -16,6 +16,11 @@ nothing (the shared ``kvstore.Client`` retries inside a call; see
 Latencies go into HDR histograms (microseconds); the longest gap is the longest
 time between two successful responses, over all threads.
 
+The cyclic garbage collector is off while the threads run (:func:`cyclic_gc_paused`): the
+log grows by two tuples per operation, and a full collection of it stopped every thread for
+~100 ms at 10,000 ops/s, which showed up as the run's longest gap (the store's, it seemed).
+Reference counting still frees what the threads drop; cycles wait for the end of the run.
+
 Closed or open loop: with ``rate`` 0 (the default) each thread sends its next operation as
 soon as the previous one ended, and a latency runs from sending to the response. With a
 ``rate`` (operations per second, all threads together) each thread sends on a fixed
@@ -35,14 +40,16 @@ cluster is gone.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import random
 import sys
 import threading
 import time
 from array import array
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -409,16 +416,17 @@ class LoadClients:
             )
             for i, client in enumerate(per_thread)
         ]
-        for thread in threads:
-            thread.start()
-        if progress is not None:
-            _report_until(threads, results, deadline_ns, progress)
-        # An operation in progress at the deadline may take up to the RPC timeout (and a
-        # reconnect; the shared Client: its retries); past that, abort() ends it.
-        _join_all(threads, deadline_ns + int((self.clients.finishing_s + STOP_GRACE_S) * 1e9))
-        if any(thread.is_alive() for thread in threads):
-            self.clients.abort()
-            _join_all(threads, time.monotonic_ns() + int(STOP_GRACE_S * 1e9))
+        with cyclic_gc_paused():
+            for thread in threads:
+                thread.start()
+            if progress is not None:
+                _report_until(threads, results, deadline_ns, progress)
+            # An operation in progress at the deadline may take up to the RPC timeout (and
+            # a reconnect; the shared Client: its retries); past that, abort() ends it.
+            _join_all(threads, deadline_ns + int((self.clients.finishing_s + STOP_GRACE_S) * 1e9))
+            if any(thread.is_alive() for thread in threads):
+                self.clients.abort()
+                _join_all(threads, time.monotonic_ns() + int(STOP_GRACE_S * 1e9))
         stuck = sum(thread.is_alive() for thread in threads)
         if stuck:
             print(
@@ -430,6 +438,19 @@ class LoadClients:
 
     def close(self) -> None:
         self.clients.close()
+
+
+@contextlib.contextmanager
+def cyclic_gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection inside the block (unless it was off already): its pauses
+    would stop the load's threads (see the module's docstring)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _report_until(
