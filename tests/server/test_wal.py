@@ -230,11 +230,28 @@ def test_closing_the_log_ends_its_syncer_and_a_later_ask_is_answered_at_once(
     log.close()
     syncer.join(10)
     assert not syncer.is_alive()
+    assert delivery.fileno() == -1  # the syncer closed its eventfd as it ended
     # (appends refuse after close; a position not yet synced stands for one in flight)
-    late = log.sync_soon(log.position + 1)
-    assert late is not None
-    assert select.select([late], [], [], 0)[0] == [late]
-    late.finish()
+    assert log.sync_soon(log.position + 1) is None  # the caller's wait_durable says why
+    with pytest.raises(errors.ReplicationFailedError, match="closed"):
+        log.wait_durable(log.position + 1)
+
+
+def test_the_fsyncs_asked_for_soon_share_one_descriptor_quiet_between_them(
+    tmp_path: Path,
+) -> None:
+    """The event front keeps it registered (rpc/front.py): readable once per fsync."""
+    store = durable_store(tmp_path)
+    first = store.sync_soon(store.put("k", "v"))
+    assert first is not None
+    assert select.select([first], [], [], 10)[0] == [first]
+    first.finish()
+    assert select.select([first], [], [], 0)[0] == []  # taken: quiet until the next one
+    second = store.sync_soon(store.put("k", "w"))
+    assert second is not None and second.fileno() == first.fileno()
+    assert select.select([second], [], [], 10)[0] == [second]
+    second.finish()
+    assert select.select([second], [], [], 0)[0] == []
 
 
 def test_a_batch_of_puts_is_logged_whole_or_not_at_all(

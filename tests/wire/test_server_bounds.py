@@ -15,6 +15,7 @@ import select
 import socket
 import threading
 import time
+import types
 from collections.abc import Callable, Iterator
 
 import hostile_frames
@@ -374,3 +375,110 @@ def test_close_waits_for_a_running_handler_only_as_long_as_allowed(
         handler.release.set()
         caller.join(BOUND_S)
     wait_until(lambda: server_threads(before) == [])
+
+
+class _Line:
+    """A backup's line stand-in: a socket pair, ``line`` the primary's end."""
+
+    def __init__(self) -> None:
+        self.line, self.backup = socket.socketpair()
+
+    def close(self) -> None:
+        self.line.close()  # (as another thread drops a line: the front keeps its duplicate)
+        self.backup.close()
+
+
+class _LineDelivery:
+    def __init__(self, line: socket.socket) -> None:
+        self.line = line
+        self.deadline = time.monotonic() + BOUND_S
+
+    def fileno(self) -> int:
+        return self.line.fileno()
+
+    @property
+    def watch_key(self) -> object:
+        return self.line
+
+    def finish(self) -> None:
+        if self.line.recv(1) != b"r":
+            raise ConnectionResetError("the line broke")
+
+    def abandon(self) -> None:
+        self.line.close()
+
+
+class GroupingHandler(hostile_frames.TrivialHandler):
+    """Serves ``put`` in groups whose one delivery is a reply on ``line`` (see _Line);
+    with ``breaks`` set, the backup closes its end instead of replying."""
+
+    grouped_methods = frozenset({"put"})
+
+    def __init__(self) -> None:
+        self.current = _Line()
+        self.breaks = False
+
+    def prepare(self, method: str, args: list[object]) -> object:
+        return types.SimpleNamespace(key=args[0])
+
+    def begin_group(self, methods: list[str], writes: list[object]) -> object:
+        if self.breaks:
+            self.current.backup.close()
+        else:
+            self.current.backup.send(b"r")  # the backup's reply is there already
+        deliveries = [(None, _LineDelivery(self.current.line))]
+        return types.SimpleNamespace(deliveries=deliveries, size=len(writes))
+
+    def end_group(self, pending: types.SimpleNamespace) -> list[object]:
+        try:
+            for _, delivery in pending.deliveries:
+                delivery.finish()
+        except OSError as exc:
+            return [errors.ReplicationFailedError(str(exc))] * pending.size
+        return [None] * pending.size
+
+
+def put_reply_type(sock: socket.socket, seqid: int) -> int:
+    sock.sendall(encode_call("put", ("k", "v"), seqid))
+    size = int.from_bytes(receive_exactly(sock, 4), "big")
+    name, message_type, reply_seqid = TCyBinaryProtocol(
+        TCyMemoryBuffer(receive_exactly(sock, size))
+    ).read_message_begin()
+    assert (name, reply_seqid) == ("put", seqid)
+    return message_type
+
+
+def receive_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        assert chunk, "the server closed the connection"
+        data += chunk
+    return data
+
+
+def test_the_front_keeps_one_watch_per_line_and_drops_it_when_the_line_goes() -> None:
+    """A group arms a lasting duplicate of its line's descriptor (rpc/front.py): descriptors
+    do not grow with the groups served, a line closed by another thread loses its
+    duplicate once a new line comes, and a line that breaks under a group loses it at once."""
+    handler = GroupingHandler()
+    server = rpc.RpcServer("127.0.0.1", 0, handler, 1 << 20)
+    server.start()
+    try:
+        with connect(server.port) as sock:
+            with_line = open_descriptors()
+            assert put_reply_type(sock, 1) == TMessageType.REPLY
+            (watch,) = open_descriptors() - with_line  # the duplicate of the line
+            for seqid in range(2, 40):
+                assert put_reply_type(sock, seqid) == TMessageType.REPLY
+            assert open_descriptors() == with_line | {watch}
+            handler.current.close()  # dropped by another thread; then a new line
+            handler.current = _Line()
+            assert put_reply_type(sock, 40) == TMessageType.REPLY
+            assert put_reply_type(sock, 41) == TMessageType.REPLY
+            assert len(open_descriptors()) == len(with_line) + 1  # the old duplicate went
+            handler.breaks = True  # its end closes (one descriptor less), and the duplicate
+            assert put_reply_type(sock, 42) == TMessageType.EXCEPTION
+            wait_until(lambda: len(open_descriptors()) == len(with_line) - 1)
+    finally:
+        server.close()

@@ -188,9 +188,14 @@ class Connection:
 
     def fileno(self) -> int:
         """The socket's file descriptor while connected, else -1."""
-        sock = self._socket
-        raw = sock.sock if sock is not None else None
+        raw = self.raw_socket
         return raw.fileno() if raw is not None else -1
+
+    @property
+    def raw_socket(self) -> socket.socket | None:
+        """The connected socket object (a new one each time the connection opens), or None."""
+        sock = self._socket
+        return sock.sock if sock is not None else None
 
     def _guarded(self, method: str, exchange: Callable[..., Any], *args: Any) -> Any:
         """``exchange(*args)``, its failures as KVErrors (closing the connection unless the

@@ -508,6 +508,11 @@ class Delivery:
         return self._conn.fileno()
 
     @property
+    def watch_key(self) -> object:
+        """The line's socket object: the same open socket behind ``fileno`` while it lives."""
+        return self._conn.raw_socket
+
+    @property
     def deadline(self) -> float:
         """When the reply is late: ``abandon`` then."""
         return self._started + self._replicator._rpc_timeout_ms / 1000

@@ -142,6 +142,7 @@ class WriteAheadLog:
         self._failure: str | None = None  # set for good when an fsync fails
         # sync_soon's requests, for a syncer thread started by the first (None ends it)
         self._sync_requests: queue.SimpleQueue[SyncDelivery | None] | None = None
+        self._sync_signal: SyncSignal | None = None  # the syncer's eventfd (sync_soon)
         self._is_closed = False
         self.bytes_since_snapshot = 0
         self._bytes_at_switch = 0  # bytes_since_snapshot when the last snapshot began
@@ -333,14 +334,15 @@ class WriteAheadLog:
         nothing to wait for, or it cannot be had (the caller's ``wait_durable`` does it)."""
         if self.fsync_mode != "batch" or self._synced >= position:
             return None
-        try:
-            delivery = SyncDelivery(position)
-        except OSError:  # out of descriptors
-            return None
         with self._sync_lock:
             if self._is_closed:
-                delivery.signal()
-                return delivery
+                return None  # (wait_durable fails: closed)
+            if self._sync_signal is None:
+                try:
+                    self._sync_signal = SyncSignal()
+                except OSError:  # out of descriptors
+                    return None
+            delivery = SyncDelivery(position, self._sync_signal)
             if self._sync_requests is None:
                 requests: queue.SimpleQueue[SyncDelivery | None] = queue.SimpleQueue()
                 syncer = threading.Thread(
@@ -357,12 +359,16 @@ class WriteAheadLog:
         return delivery
 
     def _run_syncer(self, requests: queue.SimpleQueue[SyncDelivery | None]) -> None:
-        while (delivery := requests.get()) is not None:
-            try:
-                with contextlib.suppress(Exception):  # the caller's wait_durable raises it again
-                    self.wait_durable(delivery.position)
-            finally:
-                delivery.signal()
+        try:
+            while (delivery := requests.get()) is not None:
+                try:
+                    with contextlib.suppress(Exception):  # the caller's wait_durable raises it
+                        self.wait_durable(delivery.position)
+                finally:
+                    delivery.signal()
+        finally:
+            assert self._sync_signal is not None
+            self._sync_signal.close()  # after the last request's signal
 
     def _sync_to(self, position: int) -> None:
         """One fsync runs at a time. A thread that finds one running joins the next round;
@@ -603,6 +609,8 @@ class WriteAheadLog:
             self._is_closed = True
             if self._sync_requests is not None:
                 self._sync_requests.put(None)  # after the requests before it
+            elif self._sync_signal is not None:  # (no syncer thread to close it)
+                self._sync_signal.close()
         with self._append_lock:
             if self._fd >= 0:
                 if self.fsync_mode != "never":
@@ -611,33 +619,69 @@ class WriteAheadLog:
                 self._fd = -1
 
 
-class SyncDelivery:
-    """An fsync up to ``position`` that the log's syncer thread waits for
-    (``WriteAheadLog.sync_soon``): ``fileno``, an eventfd, is readable once it ended, so an
-    event loop can watch it beside its sockets. Whether it succeeded, ``wait_durable`` says."""
+class SyncSignal:
+    """The eventfd a log's syncer thread signals ``sync_soon``'s fsyncs on: one for the
+    log's lifetime, so an event loop can keep it registered; ``fileno`` is -1 once the log
+    closed it (after the syncer's last signal)."""
 
-    __slots__ = ("_done", "_fd", "deadline", "position")
+    __slots__ = ("_fd", "_lock")
 
-    def __init__(self, position: int) -> None:
-        self.position = position
+    def __init__(self) -> None:
         self._fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._done = held_lock()
-        self.deadline = math.inf  # a stalled disk stalls the writes, not the event loop
+        self._lock = threading.Lock()  # no read or write races the close (numbers are reused)
 
     def fileno(self) -> int:
         return self._fd
 
     def signal(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                os.eventfd_write(self._fd, 1)
+
+    def clear(self) -> None:
+        """Take the signals given so far (readable again on the next one)."""
+        with self._lock, contextlib.suppress(BlockingIOError):
+            if self._fd >= 0:
+                os.eventfd_read(self._fd)
+
+    def close(self) -> None:
+        with self._lock:
+            fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+class SyncDelivery:
+    """An fsync up to ``position`` that the log's syncer thread waits for
+    (``WriteAheadLog.sync_soon``): ``fileno``, the log's eventfd, is readable once it ended,
+    so an event loop can watch it beside its sockets (one delivery at a time: the eventfd
+    is shared by the log's deliveries). Whether it succeeded, ``wait_durable`` says."""
+
+    __slots__ = ("_done", "_signal", "deadline", "position")
+
+    def __init__(self, position: int, signal: SyncSignal) -> None:
+        self.position = position
+        self._signal = signal
+        self._done = held_lock()
+        self.deadline = math.inf  # a stalled disk stalls the writes, not the event loop
+
+    def fileno(self) -> int:
+        return self._signal.fileno()
+
+    @property
+    def watch_key(self) -> object:
+        """The log's eventfd: the same file behind ``fileno`` for as long as the log lives."""
+        return self._signal
+
+    def signal(self) -> None:
         """The fsync ended (the syncer thread)."""
-        os.eventfd_write(self._fd, 1)
+        self._signal.signal()
         self._done.release()
 
     def finish(self) -> None:
-        """Wait until the fsync ended."""
+        """Wait until the fsync ended (then the eventfd is quiet until the next one)."""
         pass_through(self._done)
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self._signal.clear()
 
     def abandon(self) -> None:
         """Nothing to cut: an fsync ends by itself."""
