@@ -252,6 +252,10 @@ def test_the_fsyncs_asked_for_soon_share_one_descriptor_quiet_between_them(
     assert select.select([second], [], [], 10)[0] == [second]
     second.finish()
     assert select.select([second], [], [], 0)[0] == []
+    third = store.sync_soon(store.put("k", "x"))
+    assert third is not None
+    third.finish()  # without waiting for the descriptor first: it waits for the fsync
+    assert select.select([third], [], [], 0)[0] == []
 
 
 def test_a_batch_of_puts_is_logged_whole_or_not_at_all(

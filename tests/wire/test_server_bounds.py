@@ -389,9 +389,9 @@ class _Line:
 
 
 class _LineDelivery:
-    def __init__(self, line: socket.socket) -> None:
+    def __init__(self, line: socket.socket, wait_s: float) -> None:
         self.line = line
-        self.deadline = time.monotonic() + BOUND_S
+        self.deadline = time.monotonic() + wait_s
 
     def fileno(self) -> int:
         return self.line.fileno()
@@ -410,13 +410,15 @@ class _LineDelivery:
 
 class GroupingHandler(hostile_frames.TrivialHandler):
     """Serves ``put`` in groups whose one delivery is a reply on ``line`` (see _Line);
-    with ``breaks`` set, the backup closes its end instead of replying."""
+    with ``breaks`` set, the backup closes its end instead of replying; with ``is_silent``,
+    it does not reply (the delivery's deadline is 0.2 s)."""
 
     grouped_methods = frozenset({"put"})
 
     def __init__(self) -> None:
         self.current = _Line()
         self.breaks = False
+        self.is_silent = False
 
     def prepare(self, method: str, args: list[object]) -> object:
         return types.SimpleNamespace(key=args[0])
@@ -424,9 +426,10 @@ class GroupingHandler(hostile_frames.TrivialHandler):
     def begin_group(self, methods: list[str], writes: list[object]) -> object:
         if self.breaks:
             self.current.backup.close()
-        else:
+        elif not self.is_silent:
             self.current.backup.send(b"r")  # the backup's reply is there already
-        deliveries = [(None, _LineDelivery(self.current.line))]
+        wait_s = 0.2 if self.is_silent else BOUND_S
+        deliveries = [(None, _LineDelivery(self.current.line, wait_s))]
         return types.SimpleNamespace(deliveries=deliveries, size=len(writes))
 
     def end_group(self, pending: types.SimpleNamespace) -> list[object]:
@@ -461,24 +464,46 @@ def test_the_front_keeps_one_watch_per_line_and_drops_it_when_the_line_goes() ->
     """A group arms a lasting duplicate of its line's descriptor (rpc/front.py): descriptors
     do not grow with the groups served, a line closed by another thread loses its
     duplicate once a new line comes, and a line that breaks under a group loses it at once."""
+    before = open_descriptors()
     handler = GroupingHandler()
+    lines = [handler.current]  # (a socket closes when it is collected: they are kept)
+
+    def new_line() -> None:
+        handler.current = _Line()
+        lines.append(handler.current)
+
     server = rpc.RpcServer("127.0.0.1", 0, handler, 1 << 20)
     server.start()
     try:
         with connect(server.port) as sock:
+            wait_until(lambda: server.connection_count == 1)
             with_line = open_descriptors()
             assert put_reply_type(sock, 1) == TMessageType.REPLY
             (watch,) = open_descriptors() - with_line  # the duplicate of the line
             for seqid in range(2, 40):
                 assert put_reply_type(sock, seqid) == TMessageType.REPLY
             assert open_descriptors() == with_line | {watch}
-            handler.current.close()  # dropped by another thread; then a new line
-            handler.current = _Line()
+            handler.current.close()  # dropped by another thread: gone on the next sweep
+            wait_until(lambda: len(open_descriptors()) == len(with_line) - 2)
+            new_line()
             assert put_reply_type(sock, 40) == TMessageType.REPLY
             assert put_reply_type(sock, 41) == TMessageType.REPLY
-            assert len(open_descriptors()) == len(with_line) + 1  # the old duplicate went
-            handler.breaks = True  # its end closes (one descriptor less), and the duplicate
+            assert len(open_descriptors()) == len(with_line) + 1
+            handler.is_silent = True  # past its deadline the line is cut, the duplicate goes
             assert put_reply_type(sock, 42) == TMessageType.EXCEPTION
-            wait_until(lambda: len(open_descriptors()) == len(with_line) - 1)
+            assert len(open_descriptors()) == len(with_line) - 1  # (the backup's end: open)
+            handler.is_silent = False
+            new_line()
+            assert put_reply_type(sock, 43) == TMessageType.REPLY
+            assert len(open_descriptors()) == len(with_line) + 2
+            handler.breaks = True  # its end closes (one descriptor less), and the duplicate
+            assert put_reply_type(sock, 44) == TMessageType.EXCEPTION
+            wait_until(lambda: len(open_descriptors()) == len(with_line))
+            handler.breaks = False
+            new_line()
+            assert put_reply_type(sock, 45) == TMessageType.REPLY  # kept as the server stops
     finally:
         server.close()
+    for line in lines:
+        line.close()
+    assert open_descriptors() - before == set()

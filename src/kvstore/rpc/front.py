@@ -66,7 +66,7 @@ _IN = select.EPOLLIN | select.EPOLLRDHUP
 _OUT = select.EPOLLOUT
 _REPLY = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT
 _BROKEN = select.EPOLLHUP | select.EPOLLERR | select.EPOLLRDHUP
-WATCHES_KEPT = 16  # lasting duplicates kept registered; more: the closed ones go
+WATCHES_KEPT = 16  # lasting duplicates kept registered at most (a few per backup, one log)
 
 
 class Handover(NamedTuple):
@@ -91,7 +91,9 @@ class GroupedWrites(Protocol):
         (``fileno``, ``deadline``, ``abandon``, optionally ``watch_key``) are replies to
         wait for before ``end_group``. A ``watch_key`` is an object that has the same open
         file behind ``fileno`` for as long as it lives, and a ``fileno`` of -1 once that is
-        closed (a socket object): the front keeps watching a duplicate of it."""
+        closed (a socket object): the front keeps watching a duplicate of it, closed on its
+        next sweep after that (so a socket should be shut down before it is closed: the
+        duplicate holds the file open until then)."""
 
     def end_group(self, pending: Any) -> list[Any]:
         """Finish a group: each call's result, or the exception failing it."""
@@ -263,7 +265,7 @@ class EventFront:
     def _release(self) -> None:
         self._drop_arrivals()
         for fd in list(self._watched):
-            self._forget_line(fd)
+            self._unwatch(fd)
         self._poller.close()
         self._wake_in.close()
         self._wake_out.close()
@@ -484,7 +486,14 @@ class EventFront:
             except OSError:
                 self._unwatch(fd)
         try:
-            fd = os.dup(delivery.fileno())
+            if key is None:
+                fd = os.dup(delivery.fileno())
+            else:  # kept: it must not be of a file that took a closed line's number
+                number = key.fileno()  # type: ignore[attr-defined]
+                fd = os.dup(number)
+                if key.fileno() != number:  # type: ignore[attr-defined]
+                    os.close(fd)  # (a close sets the number to -1 before it closes)
+                    return -1
         except OSError:
             return -1
         try:
@@ -499,12 +508,15 @@ class EventFront:
         return fd
 
     def _drop_stale_watches(self) -> None:
-        """Close the lasting duplicates whose original was closed, and the oldest ones past
-        the bound (a new line or log came: a rare event)."""
+        """Close the lasting duplicates whose original was closed (on each sweep, and when
+        a new line or log comes), then the oldest ones past the bound."""
         for fd, key in list(self._watched.items()):
-            if fd not in self._awaited and (
-                key.fileno() < 0 or len(self._watches) >= WATCHES_KEPT  # type: ignore[attr-defined]
-            ):
+            if fd not in self._awaited and key.fileno() < 0:  # type: ignore[attr-defined]
+                self._unwatch(fd)
+        for fd in list(self._watched):
+            if len(self._watches) < WATCHES_KEPT:
+                return
+            if fd not in self._awaited:
                 self._unwatch(fd)
 
     def _unwatch(self, fd: int) -> None:
@@ -639,6 +651,7 @@ class EventFront:
                 self._unwatch(fd)
                 delivery.abandon()
         self._advance()
+        self._drop_stale_watches()  # lines closed by other threads (a backup dropped)
         for conn in list(self._connections.values()):
             if conn.is_waiting:
                 continue
