@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import select
 import socket
 import threading
 import time
@@ -390,3 +392,40 @@ def test_durable_ids_are_kept_renamed_and_dropped_with_their_names() -> None:
     # metadata written before the ids moved out of the member names
     old = ClusterMeta(3, "node-cccc-0000000004", "h:1", ("node-cccc-0000000004",))
     assert old.durable_members() == {"cccc": "node-cccc-0000000004"}
+
+
+class _SlowBackup(_RecordingBackup):
+    def replicate_batch(self, *args: object) -> None:
+        time.sleep(0.2)  # the front's delivery is made before the batch is through
+        super().replicate_batch(*args)
+
+
+def test_a_sender_thread_signals_a_waiting_poll_before_it_lets_the_waiter_go(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The waiter closes its eventfd once ``finish`` returns: a signal written after that
+    could land in whatever file got the number next (a client's socket)."""
+    backup = _SlowBackup()
+    server = RpcServer("127.0.0.1", 0, backup, 1 << 20)
+    server.start()
+    replicator = Replicator(
+        Member("node-0000000001", f"127.0.0.1:{server.port}"), 1, "j", 1.0, 2000, has_sender=True
+    )
+    ticket = replicator.enqueue("k", "v")
+    held_at_signal: list[bool] = []
+    real_write = os.eventfd_write
+
+    def recording_write(fd: int, value: int) -> None:
+        held_at_signal.append(ticket[0].done.locked())  # (finish still waiting?)
+        real_write(fd, value)
+
+    monkeypatch.setattr(os, "eventfd_write", recording_write)
+    try:
+        delivery = replicator.send_soon(ticket)
+        assert delivery is not None
+        assert select.select([delivery], [], [], 10)[0] == [delivery]
+        delivery.finish()
+    finally:
+        replicator.close()
+        server.close()
+    assert held_at_signal == [True]

@@ -296,13 +296,15 @@ class Replicator:
             except Exception:  # recorded in the batch; the line is broken for good
                 self._break()
             finally:
-                batch.done.release()
                 with self._lock:
                     batch.is_through = True
                     notify, batch.notify = batch.notify, []
+                # Signalled before the waiters are let go: one closes its eventfd once it
+                # is, and the number may then go to another file at once.
                 for fd in notify:
                     with contextlib.suppress(OSError):
                         os.eventfd_write(fd, 1)
+                batch.done.release()
 
     def _deliver(self, batch: _Batch) -> None:
         """Send ``batch``; a failure is recorded in ``batch.error`` (one that is not a
