@@ -16,7 +16,7 @@ nothing (the shared ``kvstore.Client`` retries inside a call; see
 Latencies go into HDR histograms (microseconds); the longest gap is the longest
 time between two successful responses, over all threads.
 
-The cyclic garbage collector is off while the threads run (:func:`cyclic_gc_paused`): the
+The cyclic garbage collector is off while the threads run (``gc_paused``): the
 log grows by two tuples per operation, and a full collection of it stopped every thread for
 ~100 ms at 10,000 ops/s, which showed up as the run's longest gap (the store's, it seemed).
 Reference counting still frees what the threads drop; cycles wait for the end of the run.
@@ -40,16 +40,14 @@ cluster is gone.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import gc
 import random
 import sys
 import threading
 import time
 from array import array
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,7 +62,16 @@ from kvstore.bench.keys import (
     start_position,
     zipfian_sequence,
 )
-from kvstore.check.history import CAS, DELETE, READ, WRITE, Event, cas_value, flag_value
+from kvstore.check.history import (
+    CAS,
+    DELETE,
+    READ,
+    WRITE,
+    Event,
+    cas_value,
+    flag_value,
+    gc_paused,
+)
 from kvstore.config import ClientConfig
 
 MAX_LATENCY_US = 120_000_000
@@ -416,7 +423,7 @@ class LoadClients:
             )
             for i, client in enumerate(per_thread)
         ]
-        with cyclic_gc_paused():
+        with gc_paused():
             for thread in threads:
                 thread.start()
             if progress is not None:
@@ -438,19 +445,6 @@ class LoadClients:
 
     def close(self) -> None:
         self.clients.close()
-
-
-@contextlib.contextmanager
-def cyclic_gc_paused() -> Iterator[None]:
-    """No cyclic garbage collection inside the block (unless it was off already): its pauses
-    would stop the load's threads (see the module's docstring)."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def _report_until(
