@@ -403,29 +403,42 @@ class _SlowBackup(_RecordingBackup):
 def test_a_sender_thread_signals_a_waiting_poll_before_it_lets_the_waiter_go(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The waiter closes its eventfd once ``finish`` returns: a signal written after that
-    could land in whatever file got the number next (a client's socket)."""
+    """The event front polls one lasting eventfd per sender (rpc/front.py): readable once a
+    polled batch is through, signalled before the waiter is let go (whose finish clears
+    it), quiet between batches, closed when the sender ends; a batch nobody polls has no
+    descriptor and signals nothing."""
     backup = _SlowBackup()
     server = RpcServer("127.0.0.1", 0, backup, 1 << 20)
     server.start()
     replicator = Replicator(
         Member("node-0000000001", f"127.0.0.1:{server.port}"), 1, "j", 1.0, 2000, has_sender=True
     )
-    ticket = replicator.enqueue("k", "v")
     held_at_signal: list[bool] = []
     real_write = os.eventfd_write
+    tickets = []
 
     def recording_write(fd: int, value: int) -> None:
-        held_at_signal.append(ticket[0].done.locked())  # (finish still waiting?)
+        held_at_signal.append(tickets[-1][0].done.locked())  # (finish still waiting?)
         real_write(fd, value)
 
     monkeypatch.setattr(os, "eventfd_write", recording_write)
     try:
-        delivery = replicator.send_soon(ticket)
-        assert delivery is not None
-        assert select.select([delivery], [], [], 10)[0] == [delivery]
-        delivery.finish()
+        descriptors = set()
+        for key in ("a", "b"):
+            tickets.append(replicator.enqueue(key, "v"))
+            delivery = replicator.send_soon(tickets[-1], is_polled=True)
+            assert delivery is not None
+            assert select.select([delivery], [], [], 10)[0] == [delivery]
+            delivery.finish()
+            assert select.select([delivery], [], [], 0)[0] == []  # quiet until the next
+            descriptors.add(delivery.fileno())
+        assert len(descriptors) == 1
+        tickets.append(replicator.enqueue("c", "v"))
+        unpolled = replicator.send_soon(tickets[-1])
+        assert unpolled is not None and unpolled.fileno() == -1
+        unpolled.finish()
     finally:
         replicator.close()
         server.close()
-    assert held_at_signal == [True]
+    assert held_at_signal == [True, True]  # (none for the batch nobody polled)
+    wait_until(lambda: delivery.fileno() == -1 or None, 5, lambda: "the signal stayed open")

@@ -527,14 +527,15 @@ class StorageNode:
         """``write_group`` up to the backups' replies: take the stripe locks, decide, log
         and forward. A batch this thread sends on a free line is not waited for: the
         caller may wait for its ``deliveries`` as it likes, then must call ``end_writes``
-        (which waits for any it did not). With ``sync_soon`` the log's fsync runs on its
-        syncer thread meanwhile (``durable``, to wait for like a delivery)."""
+        (which waits for any it did not). With ``sync_soon`` (only the event front: it polls
+        the deliveries, one group at a time) the log's fsync runs on its syncer thread
+        meanwhile (``durable``, to wait for like a delivery)."""
         store = self.store
         group = WriteGroup(writes, store.lock_stripes([write.key for write in writes]))
         try:
             self._decide(group)
             if group.changing:
-                self._log_and_forward(group)
+                self._log_and_forward(group, is_polled=sync_soon)
                 if sync_soon and group.logged:
                     group.durable = store.sync_soon(group.position)
         except BaseException:
@@ -566,9 +567,10 @@ class StorageNode:
                 for i in unchanged:
                     outcomes[i] = exc
 
-    def _log_and_forward(self, group: WriteGroup) -> None:
+    def _log_and_forward(self, group: WriteGroup, is_polled: bool = False) -> None:
         """Log the changing writes with their exactly-once records and forward them to every
-        backup (call with their stripe locks held).
+        backup (call with their stripe locks held). ``is_polled``: the caller is the event
+        loop, which polls the deliveries' descriptors.
 
         The log comes first: a full disk refuses a write before anything was forwarded or
         applied (DiskFullError, definite; the writes before it go on). One lock orders
@@ -595,7 +597,7 @@ class StorageNode:
             # thread while holding a line: threads that hold lines finish them first).
             for replicator, waiting in zip(replicators, tickets, strict=True):
                 try:
-                    delivery = replicator.send_soon(waiting[0])
+                    delivery = replicator.send_soon(waiting[0], is_polled)
                 except BackupFailedError as exc:
                     group.failed[replicator] = str(exc)
                 else:

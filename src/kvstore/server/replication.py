@@ -21,8 +21,6 @@ Invariants:
 
 from __future__ import annotations
 
-import contextlib
-import os
 import threading
 import time
 from collections import deque
@@ -33,7 +31,7 @@ from kvstore import errors
 from kvstore.coordination import Member
 from kvstore.idl import Change
 from kvstore.rpc import Connection
-from kvstore.server.handoff import held_lock, pass_through
+from kvstore.server.handoff import PollSignal, held_lock, pass_through
 from kvstore.server.sessions import RequestRecord
 
 LEASE_SAFETY = 0.8  # the primary uses only this fraction of the lease it was granted
@@ -63,9 +61,9 @@ class _Batch:
         "done",
         "end_position",
         "error",
+        "is_polled",
         "is_through",
         "keys",
-        "notify",
         "seqs",
         "size",
         "turn",
@@ -85,10 +83,10 @@ class _Batch:
         self.error: BackupFailedError | None = None
         self.turn = held_lock()
         self.done = held_lock()
-        # A sender thread's batch: whether it went through, and the eventfds to signal then
-        # (a thread that waits for it on a poll, Replicator.send_soon).
+        # A sender thread's batch: whether it went through, and whether an event loop
+        # waits for that on the replicator's poll signal (Replicator.send_soon).
         self.is_through = False
-        self.notify: list[int] = []
+        self.is_polled = False
 
 
 # (the batch, whether its caller sends it, whether the line was free for it)
@@ -154,9 +152,11 @@ class Replicator:
         self._queue: deque[_Batch] = deque()  # waiting to be sent, oldest first
         self._is_line_busy = False  # a batch is on the wire
         self._sender_work: threading.Semaphore | None = None
+        self._polled: PollSignal | None = None  # the sender's signal to an event loop
         if has_sender:
             # Released once per batch opened, and once by close: the sender's wake-ups.
             self._sender_work = threading.Semaphore(0)
+            self._polled = PollSignal()
             self._is_line_busy = True  # openers never send: the sender does
             threading.Thread(
                 target=self._sender_loop, name=f"replicate-{backup.address}", daemon=True
@@ -283,12 +283,13 @@ class Replicator:
     def _sender_loop(self) -> None:
         """Send the queued batches one at a time, oldest first, until closed (then fail the
         ones left: ``_send`` refuses at once on a broken line)."""
-        work = self._sender_work
-        assert work is not None
+        work, polled = self._sender_work, self._polled
+        assert work is not None and polled is not None
         while True:
             work.acquire()
             with self._lock:
                 if not self._queue:
+                    polled.close()  # after its last signal
                     return  # closed (every release but close's comes with a batch)
                 batch = self._queue.popleft()
             try:
@@ -298,12 +299,9 @@ class Replicator:
             finally:
                 with self._lock:
                     batch.is_through = True
-                    notify, batch.notify = batch.notify, []
-                # Signalled before the waiters are let go: one closes its eventfd once it
-                # is, and the number may then go to another file at once.
-                for fd in notify:
-                    with contextlib.suppress(OSError):
-                        os.eventfd_write(fd, 1)
+                    is_polled = batch.is_polled
+                if is_polled:  # before the waiters go: the loop's finish clears it then
+                    polled.signal()
                 batch.done.release()
 
     def _deliver(self, batch: _Batch) -> None:
@@ -377,14 +375,19 @@ class Replicator:
             self._observe(time.monotonic() - started, entries)
         self._idle.append(conn)
 
-    def send_soon(self, ticket: _Ticket) -> Delivery | SenderDelivery | None:
+    def send_soon(
+        self, ticket: _Ticket, is_polled: bool = False
+    ) -> Delivery | SenderDelivery | None:
         """Like ``wait``, but if ``ticket`` opened its batch on a free line, send the batch
         and return without waiting for the reply: the caller waits until ``fileno`` is
         readable (or ``deadline`` passes), then calls ``Delivery.finish``. Otherwise (the
-        line is busy, or another thread sends the batch) wait as ``wait`` does; None."""
+        line is busy, or another thread sends the batch) wait as ``wait`` does; None.
+        With a sender thread the batch is the sender's to send: a delivery to ``finish``,
+        whose ``fileno`` is the sender's poll signal if ``is_polled`` (the caller is the
+        event loop, the only one that polls it; one batch at a time), else -1."""
         batch, is_opener, is_line_free = ticket
         if self.has_sender:
-            return self._await_sender(ticket)
+            return self._await_sender(ticket, is_polled)
         if not (is_opener and is_line_free):
             self.wait(ticket)
             return None
@@ -418,15 +421,14 @@ class Replicator:
         """Whether batches go out on this replicator's sender thread."""
         return self._sender_work is not None
 
-    def _await_sender(self, ticket: _Ticket) -> SenderDelivery | None:
-        """``send_soon`` for a sender thread's batch: an eventfd it signals once through."""
+    def _await_sender(self, ticket: _Ticket, is_polled: bool) -> SenderDelivery | None:
+        """``send_soon`` for a sender thread's batch (see there)."""
         batch = ticket[0]
-        fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         with self._lock:
             if not batch.is_through:
-                batch.notify.append(fd)
-                return SenderDelivery(self, ticket, fd)
-        os.close(fd)
+                if is_polled:
+                    batch.is_polled = True
+                return SenderDelivery(self, ticket, self._polled if is_polled else None)
         self.wait(ticket)
         return None
 
@@ -542,30 +544,34 @@ class Delivery:
 
 
 class SenderDelivery:
-    """A batch a replicator's sender thread sends (``Replicator.send_soon``): ``fileno``, an
-    eventfd, is readable once it went through."""
+    """A batch a replicator's sender thread sends (``Replicator.send_soon``): ``fileno``, the
+    sender's poll signal, is readable once it went through (-1: not polled, just finish)."""
 
-    __slots__ = ("_fd", "_replicator", "_ticket", "deadline")
+    __slots__ = ("_replicator", "_signal", "_ticket", "deadline")
 
-    def __init__(self, replicator: Replicator, ticket: _Ticket, fd: int) -> None:
+    def __init__(self, replicator: Replicator, ticket: _Ticket, signal: PollSignal | None) -> None:
         self._replicator = replicator
         self._ticket = ticket
-        self._fd = fd
+        self._signal = signal
         # The sender's own call is bounded by the RPC timeout; it may wait for the batch
         # before it as long.
         self.deadline = time.monotonic() + 2 * replicator._rpc_timeout_ms / 1000
 
     def fileno(self) -> int:
-        return self._fd
+        return -1 if self._signal is None else self._signal.fileno()
+
+    @property
+    def watch_key(self) -> object:
+        """The sender's signal: the same eventfd behind ``fileno`` for as long as it lives."""
+        return self._signal
 
     def finish(self) -> None:
         """Wait until the batch went through; raises BackupFailedError if it failed."""
         try:
             self._replicator.wait(self._ticket)
         finally:
-            if self._fd >= 0:
-                os.close(self._fd)
-                self._fd = -1
+            if self._signal is not None:
+                self._signal.clear()  # (signalled before the wait ended)
 
     def abandon(self) -> None:
         """Nothing to cut: the sender's call ends within its own timeout."""

@@ -56,7 +56,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from kvstore import errors
-from kvstore.server.handoff import held_lock, pass_through
+from kvstore.server.handoff import PollSignal, held_lock, pass_through
 from kvstore.server.records import (
     BULK,
     DELETE,
@@ -142,7 +142,7 @@ class WriteAheadLog:
         self._failure: str | None = None  # set for good when an fsync fails
         # sync_soon's requests, for a syncer thread started by the first (None ends it)
         self._sync_requests: queue.SimpleQueue[SyncDelivery | None] | None = None
-        self._sync_signal: SyncSignal | None = None  # the syncer's eventfd (sync_soon)
+        self._sync_signal: PollSignal | None = None  # the syncer's eventfd (sync_soon)
         self._is_closed = False
         self.bytes_since_snapshot = 0
         self._bytes_at_switch = 0  # bytes_since_snapshot when the last snapshot began
@@ -339,7 +339,7 @@ class WriteAheadLog:
                 return None  # (wait_durable fails: closed)
             if self._sync_signal is None:
                 try:
-                    self._sync_signal = SyncSignal()
+                    self._sync_signal = PollSignal()
                 except OSError:  # out of descriptors
                     return None
             delivery = SyncDelivery(position, self._sync_signal)
@@ -619,38 +619,6 @@ class WriteAheadLog:
                 self._fd = -1
 
 
-class SyncSignal:
-    """The eventfd a log's syncer thread signals ``sync_soon``'s fsyncs on: one for the
-    log's lifetime, so an event loop can keep it registered; ``fileno`` is -1 once the log
-    closed it (after the syncer's last signal)."""
-
-    __slots__ = ("_fd", "_lock")
-
-    def __init__(self) -> None:
-        self._fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._lock = threading.Lock()  # no read or write races the close (numbers are reused)
-
-    def fileno(self) -> int:
-        return self._fd
-
-    def signal(self) -> None:
-        with self._lock:
-            if self._fd >= 0:
-                os.eventfd_write(self._fd, 1)
-
-    def clear(self) -> None:
-        """Take the signals given so far (readable again on the next one)."""
-        with self._lock, contextlib.suppress(BlockingIOError):
-            if self._fd >= 0:
-                os.eventfd_read(self._fd)
-
-    def close(self) -> None:
-        with self._lock:
-            fd, self._fd = self._fd, -1
-        if fd >= 0:
-            os.close(fd)
-
-
 class SyncDelivery:
     """An fsync up to ``position`` that the log's syncer thread waits for
     (``WriteAheadLog.sync_soon``): ``fileno``, the log's eventfd, is readable once it ended,
@@ -659,7 +627,7 @@ class SyncDelivery:
 
     __slots__ = ("_done", "_signal", "deadline", "position")
 
-    def __init__(self, position: int, signal: SyncSignal) -> None:
+    def __init__(self, position: int, signal: PollSignal) -> None:
         self.position = position
         self._signal = signal
         self._done = held_lock()
