@@ -395,7 +395,12 @@ def test_durable_ids_are_kept_renamed_and_dropped_with_their_names() -> None:
 
 
 class _SlowBackup(_RecordingBackup):
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+
     def replicate_batch(self, *args: object) -> None:
+        self.entered.set()
         time.sleep(0.2)  # the front's delivery is made before the batch is through
         super().replicate_batch(*args)
 
@@ -442,3 +447,33 @@ def test_a_sender_thread_signals_a_waiting_poll_before_it_lets_the_waiter_go(
         server.close()
     assert held_at_signal == [True, True]  # (none for the batch nobody polled)
     wait_until(lambda: delivery.fileno() == -1 or None, 5, lambda: "the signal stayed open")
+
+
+def test_a_polled_batch_queued_when_the_replicator_closes_is_still_signalled() -> None:
+    """The front's group must not wait out its deadline: the sender fails what is queued,
+    signals the polled batch, and only then closes its signal (the front polls a
+    duplicate of it, which outlives the close)."""
+    backup = _SlowBackup()
+    server = RpcServer("127.0.0.1", 0, backup, 1 << 20)
+    server.start()
+    replicator = Replicator(
+        Member("node-0000000001", f"127.0.0.1:{server.port}"), 1, "j", 1.0, 2000, has_sender=True
+    )
+    try:
+        first = replicator.enqueue("a", "v")  # on the wire: the backup takes 0.2 s
+        assert backup.entered.wait(5)
+        queued = replicator.enqueue("b", "v")
+        delivery = replicator.send_soon(queued, is_polled=True)
+        assert delivery is not None
+        watch = os.dup(delivery.fileno())
+        try:
+            replicator.close()
+            assert select.select([watch], [], [], 5)[0] == [watch]
+        finally:
+            os.close(watch)
+        with pytest.raises(BackupFailedError):
+            delivery.finish()
+        with pytest.raises(BackupFailedError):
+            replicator.wait(first)
+    finally:
+        server.close()

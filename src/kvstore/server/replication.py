@@ -158,9 +158,14 @@ class Replicator:
             self._sender_work = threading.Semaphore(0)
             self._polled = PollSignal()
             self._is_line_busy = True  # openers never send: the sender does
-            threading.Thread(
+            sender = threading.Thread(
                 target=self._sender_loop, name=f"replicate-{backup.address}", daemon=True
-            ).start()
+            )
+            try:
+                sender.start()
+            except BaseException:
+                self._polled.close()  # (the sender closes it once started)
+                raise
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -288,10 +293,10 @@ class Replicator:
         while True:
             work.acquire()
             with self._lock:
-                if not self._queue:
-                    polled.close()  # after its last signal
-                    return  # closed (every release but close's comes with a batch)
-                batch = self._queue.popleft()
+                batch = self._queue.popleft() if self._queue else None
+            if batch is None:  # closed (every release but close's comes with a batch)
+                polled.close()  # after its last signal
+                return
             try:
                 self._deliver(batch)
             except Exception:  # recorded in the batch; the line is broken for good
@@ -300,9 +305,11 @@ class Replicator:
                 with self._lock:
                     batch.is_through = True
                     is_polled = batch.is_polled
-                if is_polled:  # before the waiters go: the loop's finish clears it then
-                    polled.signal()
-                batch.done.release()
+                try:
+                    if is_polled:  # before the waiters go: the loop's finish clears it then
+                        polled.signal()
+                finally:
+                    batch.done.release()
 
     def _deliver(self, batch: _Batch) -> None:
         """Send ``batch``; a failure is recorded in ``batch.error`` (one that is not a
