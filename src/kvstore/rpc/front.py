@@ -12,10 +12,10 @@ done on a thread of its own, is over) and serves, in rounds:
   ``begin_group`` logs its writes and sends each backup one batch without waiting, the
   backups' lines (duplicated descriptors: another thread may close a line) are polled
   beside the clients, and once every one is readable ``end_group`` reads the replies,
-  applies the writes and answers them; the groups gathered meanwhile go next. A delivery
-  whose descriptor lasts (its ``watch_key``: the line's socket, the log's eventfd) keeps
-  its duplicate registered from group to group, armed once per group (EPOLLONESHOT), so a
-  group costs one epoll call per line instead of four system calls. A connection
+  applies the writes and answers them; the groups gathered meanwhile go next. What lasts
+  behind a delivery's descriptor (its ``watch_key``: the line's socket, the log's or a
+  sender's eventfd) keeps its duplicate registered from group to group, armed once per group
+  (EPOLLONESHOT), so a group costs one epoll call per line, not four system calls. A connection
   with a write in a group is not served further until it is answered, so its replies keep
   the order of its requests;
 - anything else (replication, joins, state transfer, authentication, status, dump...) by
@@ -88,12 +88,12 @@ class GroupedWrites(Protocol):
 
     def begin_group(self, methods: list[str], writes: list[Any]) -> Any:
         """Start writes to distinct keys; returns the pending group, whose ``deliveries``
-        (``fileno``, ``deadline``, ``abandon``, optionally ``watch_key``) are replies to
-        wait for before ``end_group``. A ``watch_key`` is an object that has the same open
-        file behind ``fileno`` for as long as it lives, and a ``fileno`` of -1 once that is
-        closed (a socket object): the front keeps watching a duplicate of it, closed on its
-        next sweep after that (so a socket should be shut down before it is closed: the
-        duplicate holds the file open until then)."""
+        (``fileno``, ``deadline``, ``abandon``, ``watch_key``) are replies to wait for
+        before ``end_group``. A ``watch_key`` is an object (a socket object) with the same
+        open file behind its ``fileno`` for as long as it lives, and a ``fileno`` of -1 once
+        that is closed (None: closed already): the front keeps watching a duplicate of it,
+        closed on its next sweep after that (so a socket should be shut down before it is
+        closed: the duplicate holds the file open until then)."""
 
     def end_group(self, pending: Any) -> list[Any]:
         """Finish a group: each call's result, or the exception failing it."""
@@ -206,9 +206,8 @@ class EventFront:
         # The group whose backups' replies are awaited (one at a time), and their lines.
         self._in_flight: tuple[list[_Entry], Any] | None = None
         self._awaited: dict[int, Any] = {}  # a line's file descriptor: its delivery
-        # Lasting duplicates (see the module's docstring): watch_key -> descriptor, and back.
-        self._watches: dict[object, int] = {}
-        self._watched: dict[int, object] = {}
+        # Lasting duplicates (see the module's docstring): watch_key -> descriptor.
+        self._watches: dict[Any, int] = {}
         self._outgoing: list[_Connection] = []  # replies appended this round
         self._is_closed = False
         self.has_thread = False  # set by the server just before it starts run's thread
@@ -264,7 +263,7 @@ class EventFront:
 
     def _release(self) -> None:
         self._drop_arrivals()
-        for fd in list(self._watched):
+        for fd in list(self._watches.values()):
             self._unwatch(fd)
         self._poller.close()
         self._wake_in.close()
@@ -473,12 +472,14 @@ class EventFront:
                 self._awaited[fd] = delivery  # (else closed meanwhile: end_group finds it)
 
     def _watch_reply(self, delivery: Any) -> int:
-        """Arm a watch for ``delivery``'s reply: the descriptor it is reported on, -1 if
-        there is none (closed meanwhile). A duplicate of the delivery's descriptor is
-        watched: another thread may close the line (its backup dropped), and the number of
-        a closed descriptor is reused."""
-        key = getattr(delivery, "watch_key", None)
-        fd = self._watches.get(key, -1) if key is not None else -1
+        """Arm the watch for ``delivery``'s reply: the descriptor it is reported on, -1 if
+        there is none (closed meanwhile). The watch is a duplicate of the descriptor behind
+        the delivery's ``watch_key``: another thread may close the line (its backup
+        dropped), and the number of a closed descriptor is reused."""
+        key = delivery.watch_key
+        if key is None:
+            return -1
+        fd = self._watches.get(key, -1)
         if fd >= 0:
             try:
                 self._poller.modify(fd, _REPLY)  # armed again: fires at once if readable
@@ -486,44 +487,39 @@ class EventFront:
             except OSError:
                 self._unwatch(fd)
         try:
-            if key is None:
-                fd = os.dup(delivery.fileno())
-            else:  # kept: it must not be of a file that took a closed line's number
-                number = key.fileno()  # type: ignore[attr-defined]
-                fd = os.dup(number)
-                if key.fileno() != number:  # type: ignore[attr-defined]
-                    os.close(fd)  # (a close sets the number to -1 before it closes)
-                    return -1
+            number = key.fileno()
+            fd = os.dup(number)
         except OSError:
+            return -1
+        if key.fileno() != number:  # a close sets the number to -1 before it closes:
+            os.close(fd)  # the duplicate may be of the file that took the number since
             return -1
         try:
             self._poller.register(fd, _REPLY)
         except OSError:
             os.close(fd)
             return -1
-        if key is not None:
-            self._drop_stale_watches()
-            self._watches[key] = fd
-            self._watched[fd] = key
+        self._drop_stale_watches()
+        self._watches[key] = fd
         return fd
 
     def _drop_stale_watches(self) -> None:
         """Close the lasting duplicates whose original was closed (on each sweep, and when
         a new line or log comes), then the oldest ones past the bound."""
-        for fd, key in list(self._watched.items()):
-            if fd not in self._awaited and key.fileno() < 0:  # type: ignore[attr-defined]
+        for key, fd in list(self._watches.items()):
+            if fd not in self._awaited and key.fileno() < 0:
                 self._unwatch(fd)
-        for fd in list(self._watched):
+        for fd in list(self._watches.values()):
             if len(self._watches) < WATCHES_KEPT:
                 return
             if fd not in self._awaited:
                 self._unwatch(fd)
 
     def _unwatch(self, fd: int) -> None:
-        """Stop keeping ``fd``, a lasting duplicate, and close it."""
-        key = self._watched.pop(fd, None)
-        if key is not None and self._watches.get(key) == fd:
-            del self._watches[key]
+        """Stop keeping ``fd``, a lasting duplicate (at most WATCHES_KEPT), and close it."""
+        for key, kept in list(self._watches.items()):
+            if kept == fd:
+                del self._watches[key]
         self._forget_line(fd)
 
     def _advance(self) -> None:
@@ -538,12 +534,9 @@ class EventFront:
 
     def _on_reply(self, fd: int, mask: int) -> None:
         """A line of the group in flight is readable: its reply came (or it broke)."""
-        if self._awaited.pop(fd, None) is not None:
-            if fd not in self._watched:
-                self._forget_line(fd)  # before the line goes back to its pool
-            elif mask & _BROKEN:  # the line is done for: no reply will come on it again
-                self._unwatch(fd)
-            # (else kept: the one-shot watch is disarmed until the next group arms it)
+        if self._awaited.pop(fd, None) is not None and mask & _BROKEN:
+            self._unwatch(fd)  # the line is done for: no reply will come on it again
+        # (else kept: the one-shot watch is disarmed until the next group arms it)
 
     def _forget_line(self, fd: int) -> None:
         with contextlib.suppress(OSError):
