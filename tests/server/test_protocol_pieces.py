@@ -394,14 +394,17 @@ def test_durable_ids_are_kept_renamed_and_dropped_with_their_names() -> None:
     assert old.durable_members() == {"cccc": "node-cccc-0000000004"}
 
 
-class _SlowBackup(_RecordingBackup):
+class _GatedBackup(_RecordingBackup):
+    """Answers a batch once the test lets it (``permits``): until then it is not through."""
+
     def __init__(self) -> None:
         super().__init__()
         self.entered = threading.Event()
+        self.permits = threading.Semaphore(0)
 
     def replicate_batch(self, *args: object) -> None:
         self.entered.set()
-        time.sleep(0.2)  # the front's delivery is made before the batch is through
+        self.permits.acquire(timeout=10)
         super().replicate_batch(*args)
 
 
@@ -412,7 +415,7 @@ def test_a_sender_thread_signals_a_waiting_poll_before_it_lets_the_waiter_go(
     polled batch is through, signalled before the waiter is let go (whose finish clears
     it), quiet between batches, closed when the sender ends; a batch nobody polls has no
     descriptor and signals nothing."""
-    backup = _SlowBackup()
+    backup = _GatedBackup()
     server = RpcServer("127.0.0.1", 0, backup, 1 << 20)
     server.start()
     replicator = Replicator(
@@ -433,6 +436,8 @@ def test_a_sender_thread_signals_a_waiting_poll_before_it_lets_the_waiter_go(
             tickets.append(replicator.enqueue(key, "v"))
             delivery = replicator.send_soon(tickets[-1], is_polled=True)
             assert delivery is not None
+            assert select.select([delivery], [], [], 0)[0] == []  # not through yet
+            backup.permits.release()
             assert select.select([delivery], [], [], 10)[0] == [delivery]
             delivery.finish()
             assert select.select([delivery], [], [], 0)[0] == []  # quiet until the next
@@ -441,6 +446,7 @@ def test_a_sender_thread_signals_a_waiting_poll_before_it_lets_the_waiter_go(
         tickets.append(replicator.enqueue("c", "v"))
         unpolled = replicator.send_soon(tickets[-1])
         assert unpolled is not None and unpolled.fileno() == -1
+        backup.permits.release()
         unpolled.finish()
     finally:
         replicator.close()
@@ -453,14 +459,14 @@ def test_a_polled_batch_queued_when_the_replicator_closes_is_still_signalled() -
     """The front's group must not wait out its deadline: the sender fails what is queued,
     signals the polled batch, and only then closes its signal (the front polls a
     duplicate of it, which outlives the close)."""
-    backup = _SlowBackup()
+    backup = _GatedBackup()
     server = RpcServer("127.0.0.1", 0, backup, 1 << 20)
     server.start()
     replicator = Replicator(
         Member("node-0000000001", f"127.0.0.1:{server.port}"), 1, "j", 1.0, 2000, has_sender=True
     )
     try:
-        first = replicator.enqueue("a", "v")  # on the wire: the backup takes 0.2 s
+        first = replicator.enqueue("a", "v")  # on the wire, held by the backup
         assert backup.entered.wait(5)
         queued = replicator.enqueue("b", "v")
         delivery = replicator.send_soon(queued, is_polled=True)
@@ -476,4 +482,5 @@ def test_a_polled_batch_queued_when_the_replicator_closes_is_still_signalled() -
         with pytest.raises(BackupFailedError):
             replicator.wait(first)
     finally:
+        backup.permits.release(2)
         server.close()
