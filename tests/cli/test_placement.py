@@ -1,8 +1,12 @@
-"""kv-node's CPU placement: --cpu auto pins a node to one CPU only when nobody placed it."""
+"""kv-node's CPU placement (--cpu auto pins a node to one CPU only when nobody placed it) and
+scheduling policy (--sched)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -48,3 +52,30 @@ def test_a_node_started_by_default_runs_on_one_cpu(cluster: LocalCluster) -> Non
     for node in cluster.nodes:
         assert node.pid is not None
         assert len(os.sched_getaffinity(node.pid)) == 1, node.log_tail()
+
+
+def test_a_node_started_by_default_runs_every_thread_under_sched_batch(
+    cluster: LocalCluster,
+) -> None:
+    for node in cluster.nodes:
+        assert node.pid is not None
+        policies = set()
+        for tid in os.listdir(f"/proc/{node.pid}/task"):
+            with contextlib.suppress(ProcessLookupError):  # a thread that just ended
+                policies.add(os.sched_getscheduler(int(tid)))
+        assert policies == {os.SCHED_BATCH}, node.log_tail()
+
+
+@pytest.mark.parametrize(("policy", "expected"), [("batch", "3"), ("normal", "0")])
+def test_the_policy_chosen_holds_for_threads_started_after_it(policy: str, expected: str) -> None:
+    code = (
+        "import os, threading\n"
+        "from kvstore.cli.args import set_scheduling\n"
+        f"print(set_scheduling({policy!r}))\n"
+        "t = threading.Thread(target=lambda: print(os.sched_getscheduler(0)))\n"
+        "t.start(); t.join()\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    ).stdout.split()
+    assert out == ["None", expected]

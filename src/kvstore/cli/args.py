@@ -118,6 +118,17 @@ def cpu_list(text: str) -> set[int] | str:
 
 CPU_AUTO = "auto"
 CPU_ALL = "all"
+SCHED_POLICIES = {"batch": os.SCHED_BATCH, "normal": os.SCHED_OTHER}
+
+
+def set_scheduling(policy: str) -> str | None:
+    """Run this process (and the threads it starts later) under ``policy`` of
+    SCHED_POLICIES; None when done, else why not (a kernel or sandbox that refuses it)."""
+    try:
+        os.sched_setscheduler(0, SCHED_POLICIES[policy], os.sched_param(0))
+    except OSError as exc:
+        return str(exc)
+    return None
 
 
 def placement(choice: set[int] | str, port: int) -> set[int] | None:

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from kvstore import errors
 from kvstore.cli.args import (
     CPU_AUTO,
+    SCHED_POLICIES,
     add_cluster_arguments,
     add_tls_arguments,
     add_zk_auth_arguments,
@@ -27,6 +28,7 @@ from kvstore.cli.args import (
     placement,
     positive_float,
     positive_int,
+    set_scheduling,
     setup_logging,
     tls_from,
     zk_auth_from,
@@ -50,6 +52,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.sched_setaffinity(0, cpus)  # before any thread starts: all of them inherit it
         pinned = ",".join(map(str, sorted(cpus)))
         logging.getLogger("kv-node").info("running on CPU %s (--cpu %s)", pinned, args.cpu)
+    refused = set_scheduling(args.sched)  # before any thread starts, as the placement
+    if refused is not None:
+        logging.getLogger("kv-node").warning(
+            "kept the default scheduling (--sched %s: %s)", args.sched, refused
+        )
     limits = Limits.for_sizes(args.max_key_bytes, args.max_value_bytes)
     limits = dataclasses.replace(
         limits,
@@ -333,4 +340,14 @@ def _add_process_arguments(parser: argparse.ArgumentParser) -> None:
         "(taskset, cpuset) and the machine has several. A Python node runs on about one "
         "core anyway: on one CPU its threads hand the GIL over without cross-core "
         "wake-ups (about half the CPU per request, see BENCHMARKS.md)",
+    )
+    parser.add_argument(
+        "--sched",
+        choices=sorted(SCHED_POLICIES),
+        default="batch",
+        help="the kernel's scheduling policy for the node's threads. 'batch' (default, "
+        "SCHED_BATCH): a thread that wakes up waits for the running one to block instead of "
+        "preempting it, so the node's threads, and nodes sharing a CPU, pass the CPU on at "
+        "their own pace: more throughput under load, see BENCHMARKS.md. 'normal': the "
+        "kernel's default (SCHED_OTHER)",
     )
