@@ -6,6 +6,7 @@ read by the compiled decoder (as the server reads it) to exactly its last byte.
 
 from __future__ import annotations
 
+import logging
 import random
 import struct
 import time
@@ -26,6 +27,7 @@ from kvstore.rpc import (
     MalformedRequestError,
     check_request,
 )
+from kvstore.rpc.framecheck import NAME_SHOWN, _BadRequestLog
 
 T_BOOL, T_BYTE, T_I32, T_STRING, T_STRUCT, T_MAP, T_LIST = 2, 3, 8, 11, 12, 13, 15
 SENTINEL = b"<end of frame>"
@@ -137,7 +139,8 @@ def test_a_string_past_the_frame_end_is_refused(length: int) -> None:
 
 @pytest.mark.parametrize("field_type", [1, 5, 7, 9, 16, 18, 0x80, 255])
 def test_a_field_of_no_data_type_is_refused(field_type: int) -> None:
-    assert "not a Thrift type" in str(refusal(call("get", field(field_type, 1) + b"abcd")))
+    unknown = field(field_type, 9) + b"abcd"  # (at field 1 it is refused for not being a string)
+    assert "not a Thrift type" in str(refusal(call("get", unknown)))
 
 
 def test_nesting_is_bounded() -> None:
@@ -166,10 +169,46 @@ def test_bytes_after_the_message_and_truncation_are_refused() -> None:
 
 def test_only_calls_are_accepted() -> None:
     frame = valid_frames()["get"]
-    oneway = frame[:7] + bytes([4]) + frame[8:]
-    check_request(oneway)
+    oneway = frame[:7] + bytes([4]) + frame[8:]  # it would get a reply the client never reads
+    assert "oneway" in str(refusal(oneway))
     reply = frame[:7] + bytes([2]) + frame[8:]
     assert "not a call" in str(refusal(reply))
+
+
+@pytest.mark.parametrize(
+    ("method", "args"),
+    [
+        # expected as a number: decoded as absent, it would mean "only if absent"
+        ("compare_and_set", field(T_STRING, 1) + string(b"k") + field(TType.I32, 2) + b"\0\0\0\5"),
+        # the request id's seq as a string: decoded as 0, exactly-once would be lost
+        (
+            "put_once",
+            field(T_STRING, 1)
+            + string(b"k")
+            + field(T_STRING, 2)
+            + string(b"v")
+            + field(T_STRUCT, 3)
+            + field(T_STRING, 1)
+            + string(b"c")
+            + field(T_STRING, 2)
+            + string(b"1")
+            + b"\0",
+        ),
+        ("get_many", field(T_LIST, 1) + list_header(TType.I32, 1) + b"\0\0\0\1"),  # keys
+        ("get", field(TType.I64, 1) + b"\0" * 8),
+        ("remove", field(T_STRING, 1) + string(b"k") + field(T_STRING, 2) + string(b"id")),
+    ],
+    ids=["cas-expected", "put-once-seq", "get-many-keys", "get-key", "remove-id"],
+)
+def test_an_argument_of_another_type_than_the_idl_says_is_refused(method: str, args: bytes) -> None:
+    assert "as the IDL says" in str(refusal(call(method, args)))
+
+
+def test_a_field_the_idl_does_not_know_is_skipped_whatever_its_type() -> None:
+    args = field(T_STRING, 1) + string(b"k") + field(T_LIST, 9) + list_header(TType.I32, 1)
+    frame = call("get", args + b"\0\0\0\1")
+    check_request(frame)
+    decode_exactly(frame)
 
 
 @pytest.mark.parametrize(
@@ -206,3 +245,26 @@ def test_what_passes_decodes_to_its_last_byte(method: str, seed: int) -> None:
     started = time.monotonic()
     decode_exactly(frame)
     assert time.monotonic() - started < 1.0
+
+
+def test_a_long_method_name_is_cut_short_in_the_error() -> None:
+    name = b"A" * (4 << 20)  # a client may send megabytes of name: logs and replies repeat it
+    body = struct.pack("!Ii", 0x80010002, len(name)) + name + struct.pack("!i", 1) + b"\0"
+    error = refusal(struct.pack("!i", len(body)) + body)
+    assert error.method == "A" * NAME_SHOWN + "..."
+
+
+def test_bad_request_warnings_are_logged_at_most_once_a_second(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    logger = logging.getLogger("test-bad-requests")
+    throttled = _BadRequestLog()
+    with caplog.at_level(logging.WARNING, logger="test-bad-requests"):
+        for i in range(100):
+            throttled.warning(logger, "refused request %d", i)
+        assert [r.getMessage() for r in caplog.records] == ["refused request 0"]
+        throttled._logged_at -= 1.0  # a second went by
+        throttled.warning(logger, "refused request %d", 100)
+    assert caplog.records[-1].getMessage() == (
+        "refused request 100 (and 99 more bad requests in the last second)"
+    )

@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import logging
 import struct
+import threading
+import time
+from typing import Any
 
 from thriftpy2.thrift import TMessageType, TType
+
+from kvstore.idl import KeyValueService
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +73,12 @@ def check_request(frame: bytes) -> None:
     type, a negative length or count, a string or container that runs past the frame end
     (every element of every type takes at least one byte, so a count larger than the bytes
     left is refused before any walking), more than MAX_ELEMENTS container elements, nesting
-    deeper than MAX_NESTING, bytes after the message, or a message type other than CALL and
-    ONEWAY. A request that passes is exactly
-    what thriftpy2's decoder reads and skips, so decoding it ends at the frame end and every
-    loop of the decoder consumes input.
-
-    Tight, as it runs for every request: the arguments struct is walked inline.
+    deeper than MAX_NESTING, bytes after the message, a message type other than CALL, or an
+    argument (or a field or element within one) of another type than the IDL gives it: the
+    decoder would skip it as if it were absent, so a compare-and-set whose ``expected`` came as
+    a number would mean "only if absent". A request that passes is exactly what thriftpy2's
+    decoder reads and skips, so decoding it ends at the frame end and every loop of the
+    decoder consumes input.
     """
     try:
         version, name_length = _unpack_header(frame, 4)
@@ -83,11 +88,17 @@ def check_request(frame: bytes) -> None:
     pos = 16 + name_length
     if version != _CALL_V1 or name_length < 0 or pos > end:
         _check_header(frame, version, name_length)
+    fields = _ARGUMENTS.get(frame[12 : 12 + name_length], _NO_FIELDS)  # unknown: answered so
     width = _WIDTH
     budget: list[int] | None = None  # container elements still allowed (made when needed)
-    try:
+    try:  # _check_struct's loop, inline: it runs for every request
         while True:
             field_type = frame[pos]
+            if field_type == _T_STOP:
+                break
+            expected = fields.get(frame[pos + 1] << 8 | frame[pos + 2])
+            if expected is not None and expected[0] != field_type:
+                raise _type_error(frame, pos, expected[0])
             if field_type == _T_STRING:
                 length = _unpack_i32(frame, pos + 3)[0]
                 pos += 7 + length
@@ -95,14 +106,14 @@ def check_request(frame: bytes) -> None:
                     raise _ArgumentsError(f"a string of {length} bytes at byte {pos - length - 7}")
             elif width[field_type]:
                 pos += 3 + width[field_type]
-            elif field_type == _T_STOP:
-                break
-            elif field_type == _T_STRUCT:
-                budget = budget or [MAX_ELEMENTS]
-                pos = _skip_struct(frame, pos + 3, end, 2, budget)
             else:
                 budget = budget or [MAX_ELEMENTS]
-                pos = _skip_value(frame, pos + 3, end, field_type, 1, budget)
+                if expected is None:
+                    pos = _skip_value(frame, pos + 3, end, field_type, 1, budget)
+                elif field_type == _T_STRUCT:  # (a request id)
+                    pos = _check_struct(frame, pos + 3, end, 2, budget, expected[1])
+                else:
+                    pos = _check_value(frame, pos + 3, end, expected, 1, budget)
     except _ArgumentsError as exc:
         raise _request_error(frame, name_length, str(exc)) from None
     except (IndexError, struct.error):
@@ -112,18 +123,135 @@ def check_request(frame: bytes) -> None:
 
 
 def _check_header(frame: bytes, version: int, name_length: int) -> None:
-    """Raise unless the header is a well-formed ONEWAY one (the slow path of check_request)."""
+    """Raise: the header is not a well-formed CALL one (the slow path of check_request)."""
     if version & 0xFFFF0000 != _VERSION_1:
         raise MalformedFrameError(f"no binary-protocol message (header {version:#010x})")
     if name_length < 0 or 16 + name_length > len(frame):
         raise MalformedFrameError(f"a method name of {name_length} bytes does not fit its frame")
-    if version & 0xFF != TMessageType.ONEWAY:
-        raise _request_error(frame, name_length, f"message type {version & 0xFF} is not a call")
+    message_type = version & 0xFF
+    if message_type == TMessageType.ONEWAY:  # it would be answered: the client reads no reply
+        raise _request_error(frame, name_length, "a oneway call: no method here is oneway")
+    raise _request_error(frame, name_length, f"message type {message_type} is not a call")
 
 
 def _request_error(frame: bytes, name_length: int, reason: str) -> MalformedRequestError:
-    method = frame[12 : 12 + name_length].decode("utf-8", "replace")
+    method = shown_name(frame[12 : 12 + min(name_length, NAME_SHOWN + 1)])
     return MalformedRequestError(reason, method, _unpack_i32(frame, 12 + name_length)[0])
+
+
+NAME_SHOWN = 64  # characters of a method name that errors and logs repeat
+
+
+def shown_name(name: str | bytes) -> str:
+    """A method name as errors and logs show it: at most NAME_SHOWN characters (a client
+    may send megabytes of name) and "..." if there were more."""
+    if isinstance(name, bytes):
+        name = name[: NAME_SHOWN + 1].decode("utf-8", "replace")
+    return name if len(name) <= NAME_SHOWN else name[:NAME_SHOWN] + "..."
+
+
+class _BadRequestLog:
+    """Warnings about bad requests and the connections closed for them, at most one a second
+    (a client can send bad requests as fast as it likes, and the log would fill the disk)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._logged_at = -1.0
+        self._held = 0
+
+    def warning(self, logger: logging.Logger, message: str, *args: object) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._logged_at < 1.0:
+                self._held += 1
+                return
+            held, self._held, self._logged_at = self._held, 0, now
+        if held:
+            message += " (and %d more bad requests in the last second)"
+            args = (*args, held)
+        logger.warning(message, *args)
+
+
+bad_request_log = _BadRequestLog()
+
+
+def _type_error(buf: bytes, pos: int, expected: int) -> _ArgumentsError:
+    field_id = int.from_bytes(buf[pos + 1 : pos + 3], "big", signed=True)
+    return _ArgumentsError(
+        f"field {field_id} is of type id {buf[pos]}, not {expected} as the IDL says (byte {pos})"
+    )
+
+
+def _check_value(
+    buf: bytes, pos: int, end: int, expected: _Expected, depth: int, budget: list[int]
+) -> int:
+    """The position after the value at ``pos``, of ``expected``'s type (its header was
+    checked): a struct's fields and a container's element types are checked against it too."""
+    value_type, nested = expected
+    if nested is None:
+        return _skip_value(buf, pos, end, value_type, depth, budget)
+    if value_type == _T_STRUCT:
+        return _check_struct(buf, pos, end, depth + 1, budget, nested)
+    if value_type == _T_MAP:
+        key, value = nested
+        for at, element in ((pos, key), (pos + 1, value)):
+            if buf[at] != element[0]:
+                raise _ArgumentsError(
+                    f"a map of type id {buf[at]}, not {element[0]} as the IDL says (byte {at})"
+                )
+        if key[1] is None and value[1] is None:
+            return _skip_map(buf, pos, end, depth + 1, budget)
+        count = _unpack_i32(buf, pos + 2)[0]
+        pos += 6
+        least = _LEAST_BYTES[key[0]] + _LEAST_BYTES[value[0]]
+        _check_count(count, least, pos, end, depth + 1, budget)
+        for _ in range(count):
+            pos = _check_value(buf, pos, end, key, depth + 1, budget)
+            pos = _check_value(buf, pos, end, value, depth + 1, budget)
+        return pos
+    element = nested  # a list or a set
+    element_type, count = buf[pos], _unpack_i32(buf, pos + 1)[0]
+    if element_type != element[0]:
+        raise _ArgumentsError(
+            f"a list of type id {element_type}, not {element[0]} as the IDL says (byte {pos})"
+        )
+    if element[1] is None:
+        return _skip_list(buf, pos + 5, end, element_type, count, depth + 1, budget)
+    pos += 5
+    _check_count(count, _LEAST_BYTES[element_type], pos, end, depth + 1, budget)
+    for _ in range(count):
+        pos = _check_value(buf, pos, end, element, depth + 1, budget)
+    return pos
+
+
+def _check_struct(
+    buf: bytes, pos: int, end: int, depth: int, budget: list[int], fields: _Fields
+) -> int:
+    """The position after the struct at ``pos``, whose fields must have ``fields``' types
+    (fields it does not name are walked, as the decoder skips them)."""
+    if depth > MAX_NESTING:
+        raise _ArgumentsError(f"structs and containers nested deeper than {MAX_NESTING}")
+    width = _WIDTH
+    while True:
+        field_type = buf[pos]
+        if field_type == _T_STOP:
+            return pos + 1
+        expected = fields.get(buf[pos + 1] << 8 | buf[pos + 2])
+        if expected is not None and expected[0] != field_type:
+            raise _type_error(buf, pos, expected[0])
+        if field_type == _T_STRING:
+            length = _unpack_i32(buf, pos + 3)[0]
+            pos += 7 + length
+            if length < 0 or pos > end:
+                raise _ArgumentsError(f"a string of {length} bytes at byte {pos - length - 7}")
+        elif width[field_type]:
+            pos += 3 + width[field_type]
+        elif expected is not None:
+            pos = _check_value(buf, pos + 3, end, expected, depth, budget)
+        elif field_type == _T_STRUCT:
+            pos = _skip_struct(buf, pos + 3, end, depth + 1, budget)
+        else:
+            pos = _skip_value(buf, pos + 3, end, field_type, depth, budget)
 
 
 def _skip_struct(buf: bytes, pos: int, end: int, depth: int, budget: list[int]) -> int:
@@ -240,3 +368,43 @@ def _exception_frame(method: str, seqid: int, code: int, message: str) -> bytes:
         )
     )
     return _I32.pack(len(body)) + body
+
+
+# --------------------------------------------------------------------------- argument types
+
+# What the IDL says of a value: its wire type id and, for a struct, its fields' (by field id),
+# for a list or set, its element's, for a map, its key's and value's (None: nothing within).
+_Expected = tuple[int, Any]
+_Fields = dict[int, _Expected]
+_NO_FIELDS: _Fields = {}
+_WIRE_TYPE = {TType.BINARY: TType.STRING}  # binary travels as a string
+
+
+def _fields(thrift_spec: dict[int, tuple[Any, ...]]) -> _Fields:
+    """{field id: _Expected} of a thriftpy2 ``thrift_spec``."""
+    return {
+        field_id: _expected(entry[0], entry[2] if len(entry) == 4 else None)
+        for field_id, entry in thrift_spec.items()
+    }
+
+
+def _expected(type_id: int, within: Any) -> _Expected:
+    wire = _WIRE_TYPE.get(type_id, type_id)
+    if wire == _T_STRUCT:
+        return wire, _fields(within.thrift_spec)
+    if wire in (_T_LIST, _T_SET):
+        return wire, _element(within)
+    if wire == _T_MAP:
+        return wire, (_element(within[0]), _element(within[1]))
+    return wire, None
+
+
+def _element(spec: Any) -> _Expected:
+    """An element's _Expected from thriftpy2's form: a type id, or (type id, what is within)."""
+    return _expected(spec, None) if isinstance(spec, int) else _expected(spec[0], spec[1])
+
+
+_ARGUMENTS: dict[bytes, _Fields] = {
+    name.encode(): _fields(getattr(KeyValueService, f"{name}_args").thrift_spec)
+    for name in KeyValueService.thrift_services
+}

@@ -54,6 +54,7 @@ from kvstore.rpc.framecheck import (
     MalformedFrameError,
     MalformedRequestError,
     _exception_frame,
+    bad_request_log,
     check_request,
 )
 from kvstore.rpc.secret import PeerRole
@@ -384,7 +385,9 @@ class EventFront:
             if conn.peer_closed:
                 self._finish(conn)
         except MalformedRequestError as exc:
-            log.warning("refused a malformed %r request from %s: %s", exc.method, conn.peer, exc)
+            bad_request_log.warning(
+                log, "refused a malformed %r request from %s: %s", exc.method, conn.peer, exc
+            )
             reply = _exception_frame(
                 exc.method, exc.seqid, errors.BadRequestError.code, f"malformed request: {exc}"
             )
@@ -392,10 +395,12 @@ class EventFront:
             conn.inbox.clear()
             self._finish(conn)
         except MalformedFrameError as exc:
-            log.warning("closing the connection from %s: %s", conn.peer, exc)
+            bad_request_log.warning(log, "closing the connection from %s: %s", conn.peer, exc)
             self._close(conn)
         except Exception as exc:  # a request the decoder refused despite the check
-            log.warning("closing the connection from %s after a bad request: %r", conn.peer, exc)
+            bad_request_log.warning(
+                log, "closing the connection from %s after a bad request: %r", conn.peer, exc
+            )
             self._close(conn)
 
     def _next_frame(self, conn: _Connection) -> bytes | None:

@@ -27,7 +27,9 @@ from kvstore.rpc.framecheck import (
     MalformedFrameError,
     MalformedRequestError,
     _exception_frame,
+    bad_request_log,
     check_request,
+    shown_name,
 )
 from kvstore.rpc.front import Frames
 from kvstore.rpc.secret import CHALLENGE_METHOD, CONNECTION_METHODS, PeerRole
@@ -259,7 +261,7 @@ class _Dispatcher:
             iprot.skip(TType.STRUCT)
             iprot.read_message_end()
             unknown = TApplicationException(
-                TApplicationException.UNKNOWN_METHOD, f"unknown method {api}"
+                TApplicationException.UNKNOWN_METHOD, f"unknown method {shown_name(api)}"
             )
             self._send(oprot, api, TMessageType.EXCEPTION, unknown, seqid)
             return ""
@@ -610,18 +612,22 @@ class RpcServer:
         except _IdleTimeoutError as exc:
             log.debug("closing the connection from %s: %s", peer, exc)
         except MalformedRequestError as exc:
-            log.warning("refused a malformed %r request from %s: %s", exc.method, peer, exc)
+            bad_request_log.warning(
+                log, "refused a malformed %r request from %s: %s", exc.method, peer, exc
+            )
             reply = _exception_frame(
                 exc.method, exc.seqid, errors.BadRequestError.code, f"malformed request: {exc}"
             )
             with contextlib.suppress(OSError):
                 sock.sendall(reply)
         except MalformedFrameError as exc:
-            log.warning("closing the connection from %s: %s", peer, exc)
+            bad_request_log.warning(log, "closing the connection from %s: %s", peer, exc)
         except OSError:
             pass
         except Exception as exc:  # a request the decoder refused despite the check
-            log.warning("closing the connection from %s after a bad request: %r", peer, exc)
+            bad_request_log.warning(
+                log, "closing the connection from %s after a bad request: %r", peer, exc
+            )
         finally:
             with self._lock:
                 self._connections.discard(sock)
