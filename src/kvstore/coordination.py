@@ -328,7 +328,14 @@ def connect(
             verify_certs=True,
             check_hostname=True,
         )
-    zk = KazooClient(hosts=zk_connect, timeout=session_timeout_s, connection_retry=retry, **secure)
+    try:
+        zk = KazooClient(
+            hosts=zk_connect, timeout=session_timeout_s, connection_retry=retry, **secure
+        )
+    except ValueError as exc:  # a malformed connect string
+        raise errors.BadRequestError(
+            f"not a ZooKeeper connect string (host:port,...): {zk_connect!r}: {exc}"
+        ) from None
     try:
         zk.start(timeout=connect_timeout_s)
     except KazooTimeoutError:

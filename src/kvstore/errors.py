@@ -83,6 +83,10 @@ class DiskFullError(KVError):
     code = 108
 
 
+class DataDirectoryInUseError(KVError):
+    """Another node holds the data directory (its lock file): this one refuses to start."""
+
+
 class ConnectError(KVError):
     """Could not connect: the request was certainly not sent."""
 

@@ -9,7 +9,9 @@ import sys
 
 import pytest
 
+import kvstore
 from kvstore.local.cluster import LocalCluster
+from kvstore.local.zkserver import ZooKeeperServer
 
 TIMEOUT_S = 60
 
@@ -85,3 +87,44 @@ def test_every_program_has_version(program: str) -> None:
     )
     assert result.returncode == 0
     assert result.stdout.split()[-1].count(".") == 2
+
+
+def test_a_parent_path_that_does_not_exist_is_one_line_and_exit_2(
+    zk_server: ZooKeeperServer,
+) -> None:
+    result = kv(None, "--path", "/no-such-parent", "get", "k", zk=zk_server.connect_string)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert "does not exist: create it with kv-createznode" in result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    with pytest.raises(kvstore.CoordinationError, match="does not exist"):
+        kvstore.Client(zk_server.connect_string, "/no-such-parent", timeout=5)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("kv", "--zk", "127.0.0.1:abc", "get", "k"),
+        ("node", "127.0.0.1", "0", "127.0.0.1:2181", "/p"),
+        ("node", "127.0.0.1", "99999", "127.0.0.1:2181", "/p"),
+        ("node", "127.0.0.1", "9000", "127.0.0.1:2181", "/p", "--advertise", "127.0.0.1:0"),
+        ("node", "127.0.0.1", "9000", "h:abc", "/p"),
+        ("createznode", "h:abc", "/p"),
+        ("client", "h:abc", "/p", "1", "1", "10"),
+    ],
+    ids=[
+        "kv-zk",
+        "node-port-0",
+        "node-port-big",
+        "advertise-port-0",
+        "node-zk",
+        "createznode",
+        "client",
+    ],
+)
+def test_a_malformed_port_or_connect_string_is_a_usage_error(command: tuple[str, ...]) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "kvstore", *command],
+        capture_output=True, text=True, timeout=TIMEOUT_S, check=False,
+    )  # fmt: skip
+    assert result.returncode == (64 if command[0] == "kv" else 2), result.stderr
+    assert "error: argument" in result.stderr and "Traceback" not in result.stderr

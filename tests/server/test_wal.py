@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import os
 import select
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -13,6 +15,8 @@ import pytest
 
 from conftest import SmallFilesystems
 from kvstore import errors
+from kvstore.local.processes import free_port
+from kvstore.local.zkserver import ZooKeeperServer
 from kvstore.server import wal
 from kvstore.server.storage import StripedStore
 from kvstore.server.wal import CorruptLogError, WriteAheadLog
@@ -464,3 +468,28 @@ def test_a_snapshot_of_single_records_still_recovers(tmp_path: Path) -> None:
     store = durable_store(tmp_path)
     assert store.snapshot() == {"in-log": "v", **{f"k{i}": f"v{i}" for i in range(10)}}
     assert store.sessions_for("k1").outcome("client", 3) is True
+
+
+def test_a_data_directory_serves_one_node_at_a_time(tmp_path: Path) -> None:
+    first = WriteAheadLog(tmp_path)
+    with pytest.raises(errors.DataDirectoryInUseError, match=f"process {os.getpid()}"):
+        WriteAheadLog(tmp_path)
+    first.close()
+    WriteAheadLog(tmp_path).close()  # released with its log
+
+
+def test_a_second_kv_node_on_a_data_directory_in_use_refuses_to_start(
+    tmp_path: Path, zk_server: ZooKeeperServer
+) -> None:
+    holder = WriteAheadLog(tmp_path / "data")
+    try:
+        started = subprocess.run(
+            [sys.executable, "-m", "kvstore", "node", "127.0.0.1", str(free_port()),
+             zk_server.connect_string, "/shared-dir", "--data-dir", str(tmp_path / "data")],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    finally:
+        holder.close()
+    assert started.returncode == 1
+    assert f"in use by another node (process {os.getpid()})" in started.stderr
+    assert "Traceback" not in started.stderr

@@ -9,6 +9,8 @@ import os
 import sys
 from typing import Any
 
+from kazoo.hosts import collect_hosts
+
 from kvstore.bench.keys import KEY_DISTRIBUTIONS, ZIPFIAN_THETA
 from kvstore.config import TlsConfig
 from kvstore.coordination import MAX_REPLICAS, check_replicas
@@ -223,10 +225,36 @@ def add_load_shape_arguments(parser: argparse.ArgumentParser, is_list: bool = Fa
         parser.add_argument("--rate", type=rate, default=0.0, metavar="OPS", help=RATE_HELP)
 
 
+def zk_connect(text: str) -> str:
+    """A ZooKeeper connect string (``host:port,...``, optionally ``/chroot``), read as kazoo
+    reads it."""
+    try:
+        collect_hosts(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"not a ZooKeeper connect string (host:port,...): {text!r}: {exc}"
+        ) from None
+    return text
+
+
+def tcp_port(text: str) -> int:
+    """A TCP port to serve on: 1 to 65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 < value < 65536:
+        raise argparse.ArgumentTypeError(f"a port is 1 to 65535, got {value}")
+    return value
+
+
 def add_cluster_arguments(parser: argparse.ArgumentParser, path_help: str) -> None:
     """The positional ZK_CONNECT PATH pair (in the seed's order) that names a cluster."""
     parser.add_argument(
-        "zk_connect", metavar="ZK_CONNECT", help="ZooKeeper connect string, e.g. 127.0.0.1:2181"
+        "zk_connect",
+        metavar="ZK_CONNECT",
+        type=zk_connect,
+        help="ZooKeeper connect string, e.g. 127.0.0.1:2181",
     )
     parser.add_argument("zk_path", metavar="PATH", help=path_help)
 

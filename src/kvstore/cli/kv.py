@@ -21,6 +21,7 @@ from kvstore.cli.args import (
     positive_float,
     report_error,
     tls_from,
+    zk_connect,
     zk_tls_from,
 )
 from kvstore.client.client import DEFAULT_PATH, DEFAULT_ZK, Client
@@ -61,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--zk",
+        type=zk_connect,
         default=os.environ.get("KV_ZK", DEFAULT_ZK),
         metavar="HOSTS",
         help=f"ZooKeeper connect string (default $KV_ZK or {DEFAULT_ZK})",

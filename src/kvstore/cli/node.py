@@ -30,6 +30,7 @@ from kvstore.cli.args import (
     positive_int,
     set_scheduling,
     setup_logging,
+    tcp_port,
     tls_from,
     zk_auth_from,
     zk_tls_from,
@@ -149,7 +150,7 @@ def _address(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
     if host in ("0.0.0.0", "::"):
         raise argparse.ArgumentTypeError("advertise an address others can reach, not 0.0.0.0")
-    return f"{host}:{port}"
+    return f"{host}:{tcp_port(str(port))}"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -165,7 +166,7 @@ def _parser() -> argparse.ArgumentParser:
         "over)",
     )
     parser.add_argument("host", metavar="HOST", help="address to serve on, e.g. 127.0.0.1")
-    parser.add_argument("port", metavar="PORT", type=int, help="TCP port to serve on")
+    parser.add_argument("port", metavar="PORT", type=tcp_port, help="TCP port to serve on")
     add_cluster_arguments(parser, "parent znode, e.g. /kvstore")
     _add_timing_arguments(parser)
     _add_limit_arguments(parser)

@@ -54,20 +54,20 @@ class PrimaryLocator:
         )
         self._changed = threading.Condition()
         self._generation = 0
-        self._view = ClusterView(
-            self._zk, config.zk_path, self._on_change, config.zk_request_timeout_s
-        )
-        if not self._view.exists():
-            self.close()
-            raise errors.CoordinationError(
-                f"{config.zk_path} does not exist: create it with "
-                f"kv-createznode {config.zk_connect} {config.zk_path}"
-            )
         self._address = ""
         self._is_seed = False
         self._is_closed = False
         self._moved_callbacks: list[weakref.WeakMethod[Callable[[str], None]]] = []
         self._stale = threading.Event()
+        self._view = ClusterView(
+            self._zk, config.zk_path, self._on_change, config.zk_request_timeout_s
+        )
+        if not self._view.exists():
+            self.close()  # (needs what is set above)
+            raise errors.CoordinationError(
+                f"{config.zk_path} does not exist: create it with "
+                f"kv-createznode {config.zk_connect} {config.zk_path}"
+            )
         with contextlib.suppress(errors.KVError):
             self._read()  # the first look-up, before anyone asks
         threading.Thread(target=self._refresh_loop, name="kv-locator", daemon=True).start()

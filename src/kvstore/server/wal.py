@@ -2,6 +2,8 @@
 
 Files in the data directory:
 - ``node-id``: this node's stable id (it survives restarts; ZooKeeper names change);
+- ``lock``: locked (flock) by the node process using the directory, which writes its process
+  id into it: a second node given the same directory refuses to start;
 - ``wal-<segment>.log``: log segments, numbered upwards; every mutation is one record;
 - ``snapshot``: the newest snapshot; its header names the first segment to replay after it;
 - ``incomplete``: present while the files do not hold a complete copy (a join is copying
@@ -45,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import math
 import os
@@ -108,6 +111,7 @@ SNAPSHOT_FILE = "snapshot"
 INCOMPLETE_FILE = "incomplete"
 NODE_ID_FILE = "node-id"
 LEASE_FILE = "lease"  # the longest read lease this node may still have out, seconds
+LOCK_FILE = "lock"  # held by the node using the directory (flock), with its process id
 
 
 # --------------------------------------------------------------------------- the log
@@ -128,6 +132,7 @@ class WriteAheadLog:
         self.directory = directory
         self.fsync_mode = fsync
         directory.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = _lock_directory(directory)
         self.node_id = self._node_id()
         self._append_lock = threading.Lock()
         self._appended = 0  # bytes appended since open (a position, not a file offset)
@@ -617,6 +622,9 @@ class WriteAheadLog:
                     os.fsync(self._fd)
                 os.close(self._fd)
                 self._fd = -1
+            if self._lock_fd >= 0:
+                os.close(self._lock_fd)  # (releases the directory)
+                self._lock_fd = -1
 
 
 class SyncDelivery:
@@ -664,6 +672,27 @@ class _SyncRound:
         self.turn = held_lock()
         self.done = held_lock()
         self.upto = 0  # the highest position a waiter of this round needs on disk
+
+
+def _lock_directory(directory: Path) -> int:
+    """Hold the directory's lock file for as long as the returned descriptor is open (the
+    process lives): two nodes on one data directory would delete each other's log. Raises
+    DataDirectoryInUseError naming the process that holds it."""
+    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise
+        raise errors.DataDirectoryInUseError(
+            f"the data directory {directory} is in use by another node (process {holder}); "
+            f"give each node a directory of its own"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def _write_durably(path: Path, data: bytes) -> None:
