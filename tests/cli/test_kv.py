@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -128,3 +129,18 @@ def test_a_malformed_port_or_connect_string_is_a_usage_error(command: tuple[str,
     )  # fmt: skip
     assert result.returncode == (64 if command[0] == "kv" else 2), result.stderr
     assert "error: argument" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_key_that_cannot_be_sent_or_is_too_large_fails_at_once_with_exit_64(
+    cluster: LocalCluster,
+) -> None:
+    for key in ("bad\udcffkey", "k" * 5000):  # not UTF-8 (from the shell's bytes); too long
+        started = time.monotonic()
+        result = kv(cluster, "--timeout", "20", "put", key, "v")
+        assert result.returncode == 64, result.stderr
+        assert time.monotonic() - started < 10  # not retried until the timeout
+        assert result.stderr.startswith("kv: ") and "Traceback" not in result.stderr
+    with kvstore.Client(cluster.zk_connect, cluster.zk_path, timeout=20) as client:
+        with pytest.raises(kvstore.BadRequestError) as refused:
+            client.put("k", 5)  # type: ignore[arg-type]
+        assert refused.value.is_definite

@@ -35,7 +35,8 @@ EXIT_USAGE = 64  # bad arguments (EX_USAGE)
 
 EPILOG = f"""\
 exit status: {EXIT_OK} done; {EXIT_NO} key missing (get, del) or cas did not swap;
-{EXIT_UNAVAILABLE} cluster unreachable, no primary, or timed out; {EXIT_USAGE} bad arguments.
+{EXIT_UNAVAILABLE} cluster unreachable, no primary, or timed out; {EXIT_USAGE} bad arguments
+(a key or value refused for its size or encoding included).
 
 examples:
   kv put greeting hello
@@ -108,6 +109,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.zk, args.path, timeout=args.timeout, tls=args.tls, zk_tls=args.zk_tls
         ) as kv:
             return _run(kv, args)
+    except (errors.BadRequestError, errors.TooLargeError) as exc:  # the arguments refused
+        report_error("kv", exc)
+        return EXIT_USAGE
     except errors.KVError as exc:
         report_error("kv", exc)
         return EXIT_UNAVAILABLE

@@ -207,6 +207,8 @@ class Connection:
         except errors.ProtocolError:
             self.close()
             raise
+        except errors.BadRequestError:  # (an argument that does not encode: nothing was sent)
+            raise
         except (TTransportException, OSError, EOFError) as exc:
             self.close()
             raise errors.ConnectionLostError(f"{method} to {self.address}: {exc!r}") from None
@@ -224,7 +226,13 @@ class Connection:
         proto = self._client
         self._seqid = seqid = (self._seqid + 1) & 0x7FFFFFFF
         proto.write_message_begin(method, TMessageType.CALL, seqid)
-        _CLIENT_METHODS[method][0](*args).write(proto)
+        try:
+            _CLIENT_METHODS[method][0](*args).write(proto)
+        except Exception as exc:  # a value of the wrong type, a str that is no UTF-8...
+            self.close()  # (drops the half-written frame, never sent)
+            raise errors.BadRequestError(
+                f"{method}: an argument cannot be sent ({_encoding_problem(exc)}); not sent"
+            ) from None
         proto.write_message_end()
         proto.trans.flush()
         return seqid
@@ -272,6 +280,15 @@ class Connection:
 # A node closes a client connection after DEFAULT_IDLE_TIMEOUT_S without a request.
 REOPEN_AFTER_IDLE_S = 120.0
 CHECK_AFTER_IDLE_S = 1.0
+
+
+def _encoding_problem(exc: Exception) -> str:
+    """What thriftpy2 found wrong with an argument, briefly."""
+    field = getattr(exc, "field", None)
+    if field is not None:
+        value = getattr(exc, "value", None)
+        return f"{field}={value!r:.60} is not what the IDL says"
+    return f"{exc!r:.120}"
 
 
 def _set_kernel_timeout(sock: socket.socket, timeout_ms: int) -> None:
