@@ -16,7 +16,7 @@ from kvstore.idl import RequestId
 from kvstore.local.cluster import LocalCluster
 from kvstore.local.processes import wait_until
 from kvstore.local.zkserver import ZooKeeperServer
-from kvstore.rpc import Connection
+from kvstore.rpc import MAX_ELEMENTS, Connection
 
 CAS_THREADS = 3
 CAS_SECONDS = 12.0
@@ -238,3 +238,25 @@ def test_seed_rule_when_the_parent_has_no_metadata(
         zk.close()
     with kvstore.Client(cluster.zk_connect, cluster.zk_path, timeout=5) as kv:
         wait_until(lambda: kv.get("seed-key"), 5, lambda: "the seed-rule put is not there")
+
+
+def test_a_get_many_whose_reply_would_not_fit_a_frame_is_refused(cluster: LocalCluster) -> None:
+    """A few hundred bytes naming many large values must not make the node build (and hold
+    for a client that never reads) a reply of any size."""
+    big = "x" * (1 << 20)  # the largest value a node takes by default
+    keys = [f"big{i}" for i in range(17)]  # 17 MiB together: more than a 16 MiB frame
+    with kvstore.Client(cluster.zk_connect, cluster.zk_path, timeout=30) as kv:
+        for key in keys:
+            kv.put(key, big)
+        with pytest.raises(kvstore.TooLargeError, match="ask for fewer keys"):
+            kv.get_many(keys)
+        assert kv.get_many(keys[:8]) == dict.fromkeys(keys[:8], big)
+
+
+def test_get_many_of_more_keys_than_a_request_may_hold_is_split(cluster: LocalCluster) -> None:
+    keys = [f"many{i}" for i in range(MAX_ELEMENTS + 10_000)]  # one request would be refused
+    with kvstore.Client(cluster.zk_connect, cluster.zk_path, timeout=30) as kv:
+        kv.put(keys[-1], "last")
+        found = kv.get_many(keys)
+    assert len(found) == len(keys)
+    assert found[keys[-1]] == "last" and found[keys[0]] is None

@@ -54,6 +54,12 @@ _PERMANENT = (
 )
 
 
+# Keys per get_many call: a node decodes and reads a call in one go, holding up its other
+# clients meanwhile (0.5-0.75 s measured for a million keys), and refuses more than 131,072
+# elements in one request (rpc.MAX_ELEMENTS) and a reply larger than a frame.
+GET_MANY_KEYS = 10_000
+
+
 class Client:
     """A thread-safe client of one kvstore cluster.
 
@@ -118,7 +124,9 @@ class Client:
         wanted = list(keys)
         if self._locator.is_seed_cluster:
             return {key: self.get(key) for key in wanted}
-        found: dict[str, str] = self._call("get_many", (wanted,))
+        found: dict[str, str] = {}
+        for start in range(0, len(wanted), GET_MANY_KEYS):  # (a node serves one call at a time)
+            found.update(self._call("get_many", (wanted[start : start + GET_MANY_KEYS],)))
         return {key: found.get(key) for key in wanted}
 
     def put(self, key: str, value: str) -> None:

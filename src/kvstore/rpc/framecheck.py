@@ -41,9 +41,11 @@ class _ArgumentsError(Exception):
 
 MAX_NESTING = 32  # structs and containers within a request, its arguments struct included
 # Container elements in one request, all containers together. Decoding creates an object per
-# element (1.4 s of CPU, holding the GIL, for a 1 MB list of a million empty structs), so the
-# frame bound alone would let one 16 MiB request stall a node for over 20 s.
-MAX_ELEMENTS = 1 << 20
+# element (1.4 s of CPU, holding the GIL, for a 1 MB list of a million empty structs; 0.5 s
+# for a get_many of a million short keys, every other client waiting), so the frame bound
+# alone would let one 16 MiB request stall a node for over 20 s. The largest requests the
+# nodes send each other hold a few times MAX_BATCH_ENTRIES (4096) elements.
+MAX_ELEMENTS = 1 << 17
 
 _VERSION_1 = 0x80010000
 _HEADER = struct.Struct("!Ii")  # version | message type, method name length

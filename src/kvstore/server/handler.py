@@ -113,6 +113,9 @@ class NodeHandler:
         self._node = node
         self._max_key_bytes = limits.max_key_bytes
         self._max_value_bytes = limits.max_value_bytes
+        # A get_many reply must fit a frame: a few hundred bytes of request naming many large
+        # values would otherwise make the node hold (and send) any amount.
+        self._max_reply_bytes = limits.max_frame_bytes - REPLY_OVERHEAD_BYTES
 
     def get(self, key: object) -> str:
         self._node.check_primary()
@@ -137,6 +140,12 @@ class NodeHandler:
             raise errors.BadRequestError("keys must be a list of strings")
         checked = [self._key(key) for key in keys]
         found: dict[str, str] = self._unavailable_on_failure(self._node.read_many, checked)
+        limit = self._max_reply_bytes
+        if _most_reply_bytes(found) > limit and (size := _reply_bytes(found)) > limit:
+            raise errors.TooLargeError(
+                f"get_many: the reply would take {size} bytes, over the {limit} a reply may "
+                f"take: ask for fewer keys at a time"
+            )
         return found
 
     def put_once(self, key: object, value: object, request_id: object) -> None:
@@ -326,6 +335,19 @@ class NodeHandler:
         if len(value) * 4 > max_bytes and len(value.encode()) > max_bytes:
             raise errors.TooLargeError(f"{what} is larger than {max_bytes} bytes")
         return value
+
+
+REPLY_OVERHEAD_BYTES = 1024  # a reply's header and framing, generously
+
+
+def _most_reply_bytes(found: dict[str, str]) -> int:
+    """At most the encoded size of a get_many reply's entries (cheap: by characters)."""
+    return 4 * (sum(map(len, found)) + sum(map(len, found.values()))) + 9 * len(found)
+
+
+def _reply_bytes(found: dict[str, str]) -> int:
+    """The encoded size of a get_many reply's entries (9 bytes of framing each)."""
+    return sum(len(k.encode()) + len(v.encode()) + 9 for k, v in found.items())
 
 
 def _request_record(request_id: Any) -> RequestRecord | None:
