@@ -91,37 +91,14 @@ def check_request(frame: bytes) -> None:
     if version != _CALL_V1 or name_length < 0 or pos > end:
         _check_header(frame, version, name_length)
     fields = _ARGUMENTS.get(frame[12 : 12 + name_length], _NO_FIELDS)  # unknown: answered so
-    width = _WIDTH
-    budget: list[int] | None = None  # container elements still allowed (made when needed)
-    try:  # _check_struct's loop, inline: it runs for every request
-        while True:
-            field_type = frame[pos]
-            if field_type == _T_STOP:
-                break
-            expected = fields.get(frame[pos + 1] << 8 | frame[pos + 2])
-            if expected is not None and expected[0] != field_type:
-                raise _type_error(frame, pos, expected[0])
-            if field_type == _T_STRING:
-                length = _unpack_i32(frame, pos + 3)[0]
-                pos += 7 + length
-                if length < 0 or pos > end:
-                    raise _ArgumentsError(f"a string of {length} bytes at byte {pos - length - 7}")
-            elif width[field_type]:
-                pos += 3 + width[field_type]
-            else:
-                budget = budget or [MAX_ELEMENTS]
-                if expected is None:
-                    pos = _skip_value(frame, pos + 3, end, field_type, 1, budget)
-                elif field_type == _T_STRUCT:  # (a request id)
-                    pos = _check_struct(frame, pos + 3, end, 2, budget, expected[1])
-                else:
-                    pos = _check_value(frame, pos + 3, end, expected, 1, budget)
+    try:
+        pos = _check_struct(frame, pos, end, 1, [MAX_ELEMENTS], fields)
     except _ArgumentsError as exc:
         raise _request_error(frame, name_length, str(exc)) from None
     except (IndexError, struct.error):
         raise _request_error(frame, name_length, "the arguments run past the frame end") from None
-    if pos + 1 != end:
-        raise _request_error(frame, name_length, f"{end - pos - 1} bytes after the arguments")
+    if pos != end:
+        raise _request_error(frame, name_length, f"{end - pos} bytes after the arguments")
 
 
 def _check_header(frame: bytes, version: int, name_length: int) -> None:
@@ -230,7 +207,8 @@ def _check_struct(
     buf: bytes, pos: int, end: int, depth: int, budget: list[int], fields: _Fields
 ) -> int:
     """The position after the struct at ``pos``, whose fields must have ``fields``' types
-    (fields it does not name are walked, as the decoder skips them)."""
+    (fields it does not name are walked, as the decoder skips them). Tight, as it runs for
+    every request: strings and fixed-width values are walked inline."""
     if depth > MAX_NESTING:
         raise _ArgumentsError(f"structs and containers nested deeper than {MAX_NESTING}")
     width = _WIDTH
@@ -251,29 +229,7 @@ def _check_struct(
         elif expected is not None:
             pos = _check_value(buf, pos + 3, end, expected, depth, budget)
         elif field_type == _T_STRUCT:
-            pos = _skip_struct(buf, pos + 3, end, depth + 1, budget)
-        else:
-            pos = _skip_value(buf, pos + 3, end, field_type, depth, budget)
-
-
-def _skip_struct(buf: bytes, pos: int, end: int, depth: int, budget: list[int]) -> int:
-    """The position after the struct at ``pos`` (check_request's loop, for nested structs)."""
-    if depth > MAX_NESTING:
-        raise _ArgumentsError(f"structs and containers nested deeper than {MAX_NESTING}")
-    width = _WIDTH
-    while True:
-        field_type = buf[pos]
-        if field_type == _T_STRING:
-            length = _unpack_i32(buf, pos + 3)[0]
-            pos += 7 + length
-            if length < 0 or pos > end:
-                raise _ArgumentsError(f"a string of {length} bytes at byte {pos - length - 7}")
-        elif width[field_type]:
-            pos += 3 + width[field_type]
-        elif field_type == _T_STOP:
-            return pos + 1
-        elif field_type == _T_STRUCT:
-            pos = _skip_struct(buf, pos + 3, end, depth + 1, budget)
+            pos = _check_struct(buf, pos + 3, end, depth + 1, budget, _NO_FIELDS)
         else:
             pos = _skip_value(buf, pos + 3, end, field_type, depth, budget)
 
@@ -289,7 +245,7 @@ def _skip_value(
     if _WIDTH[value_type]:
         return pos + _WIDTH[value_type]
     if value_type == _T_STRUCT:
-        return _skip_struct(buf, pos, end, depth + 1, budget)
+        return _check_struct(buf, pos, end, depth + 1, budget, _NO_FIELDS)
     if value_type in (_T_LIST, _T_SET):
         count = _unpack_i32(buf, pos + 1)[0]
         return _skip_list(buf, pos + 5, end, buf[pos], count, depth + 1, budget)
@@ -331,7 +287,7 @@ def _skip_list(
         return pos + count * least
     if element_type == _T_STRUCT:
         for _ in range(count):
-            pos = _skip_struct(buf, pos, end, depth + 1, budget)
+            pos = _check_struct(buf, pos, end, depth + 1, budget, _NO_FIELDS)
         return pos
     for _ in range(count):
         pos = _skip_value(buf, pos, end, element_type, depth, budget)
