@@ -12,9 +12,12 @@ import pytest
 
 from kvstore.cli import COMMANDS
 from kvstore.coordination import ClusterMeta, connect
+from kvstore.local.processes import free_port
 
 TIMEOUT_S = 60
 INTERNAL_NAMES = re.compile(r"the seed\b|seed's|seed-style|WatCA|KeyValueService|i\*1000", re.I)
+
+PORT = str(free_port())  # (the node fails before it binds it, or cannot: ZooKeeper is absent)
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -40,6 +43,25 @@ def test_the_package_lists_its_programs() -> None:
     assert result.returncode == 0
     assert all(name in result.stdout for name in COMMANDS)
     assert run().returncode == 2
+    version = run("--version")
+    assert (version.returncode, version.stdout.split()[0]) == (0, "kvstore")
+
+
+def test_an_unwritable_log_is_refused_before_the_load_runs() -> None:
+    result = run("client", "127.0.0.1:1", "/x", "1", "30", "10", "--log", "/nonexistent/x.log")
+    assert result.returncode == 2 and "--log: cannot write" in result.stderr
+
+
+def test_a_log_that_is_not_utf8_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    (tmp_path / "binary.log").write_bytes(b"x\xff\n")
+    result = run("check", str(tmp_path / "binary.log"))
+    assert result.returncode == 2
+    assert "is not an execution log" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "0"])
+def test_a_timeout_must_be_a_positive_number(value: str) -> None:
+    assert run("kv", "--timeout", value, "get", "k").returncode == 64
 
 
 @pytest.mark.parametrize(
@@ -59,23 +81,23 @@ def test_unreachable_zookeeper_is_one_line(args: tuple[str, ...]) -> None:
 def test_a_damaged_data_directory_is_one_error_line(tmp_path: Path) -> None:
     (tmp_path / "wal-00000001.log").write_bytes(b"not a record at all, and more after it " * 4)
     (tmp_path / "wal-00000002.log").write_bytes(b"")
-    result = run("node", "127.0.0.1", "0", "127.0.0.1:1", "/x", "--data-dir", str(tmp_path))
+    result = run("node", "127.0.0.1", PORT, "127.0.0.1:1", "/x", "--data-dir", str(tmp_path))
     assert result.returncode == 1
     assert "wal-00000001.log is damaged at offset 0" in result.stderr
     assert "Traceback" not in result.stderr
 
 
 def test_timings_that_do_not_nest_are_a_usage_error() -> None:
-    result = run("node", "127.0.0.1", "0", "127.0.0.1:1", "/x", "--lease", "0.1")
+    result = run("node", "127.0.0.1", PORT, "127.0.0.1:1", "/x", "--lease", "0.1")
     assert result.returncode == 2
     assert "lease" in result.stderr
 
 
 def test_binding_every_interface_needs_an_advertised_address() -> None:
-    result = run("node", "0.0.0.0", "0", "127.0.0.1:1", "/x")
+    result = run("node", "0.0.0.0", PORT, "127.0.0.1:1", "/x")
     assert result.returncode == 2
     assert "--advertise" in result.stderr
-    refused = run("node", "0.0.0.0", "0", "127.0.0.1:1", "/x", "--advertise", "0.0.0.0:1")
+    refused = run("node", "0.0.0.0", PORT, "127.0.0.1:1", "/x", "--advertise", "0.0.0.0:1")
     assert refused.returncode == 2
 
 
@@ -83,7 +105,7 @@ def test_node_logs_can_be_json_lines(tmp_path: Path) -> None:
     (tmp_path / "wal-00000001.log").write_bytes(b"not a record at all, and more after it " * 4)
     (tmp_path / "wal-00000002.log").write_bytes(b"")
     data_dir = str(tmp_path)
-    result = run("node", "127.0.0.1", "0", "127.0.0.1:1", "/x", "--data-dir", data_dir,
+    result = run("node", "127.0.0.1", PORT, "127.0.0.1:1", "/x", "--data-dir", data_dir,
                  "--log-format", "json")  # fmt: skip
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 1 and lines

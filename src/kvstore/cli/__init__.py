@@ -26,6 +26,11 @@ COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m kvstore COMMAND ...``: run one program (imported only when chosen)."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if args == ["--version"]:
+        from kvstore import __version__
+
+        print(f"kvstore {__version__}")
+        return 0
     if not args or args[0] not in COMMANDS:
         is_help = bool(args) and args[0] in ("-h", "--help")
         print(_usage(), file=sys.stdout if is_help else sys.stderr)

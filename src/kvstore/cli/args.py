@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from typing import Any
@@ -65,8 +66,8 @@ def positive_int(text: str) -> int:
 
 def positive_float(text: str) -> float:
     value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    if not 0 < value < math.inf:  # (nan and inf too)
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
     return value
 
 
@@ -354,6 +355,6 @@ def _tls_files(
     return TlsConfig(cert, key, ca)
 
 
-def report_error(prog: str, exc: BaseException) -> None:
+def report_error(prog: str, exc: BaseException | str) -> None:
     """The one line a program prints on stderr when it gives up."""
     print(f"{prog}: {exc}", file=sys.stderr)

@@ -28,3 +28,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, errors.KVError) as exc:
         report_error("kv-check", exc)
         return 2
+    except UnicodeDecodeError as exc:
+        report_error("kv-check", f"{args.log} is not an execution log (not UTF-8: {exc})")
+        return 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -62,6 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         tls=tls,
         zk_tls=zk_tls,
     )
+    if args.log != "-" and not os.access(Path(args.log).absolute().parent, os.W_OK):
+        parser.error(f"--log: cannot write into the directory of {args.log}")  # before the run
     try:
         progress = maybe_progress(sys.stdout, args.seconds) if args.procs == 1 else None
         try:

@@ -32,6 +32,7 @@ EXIT_OK = 0
 EXIT_NO = 1  # get/del of a missing key, cas that did not swap
 EXIT_UNAVAILABLE = 2  # ZooKeeper unreachable, no primary, timeout
 EXIT_USAGE = 64  # bad arguments (EX_USAGE)
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as a shell reports it)
 
 EPILOG = f"""\
 exit status: {EXIT_OK} done; {EXIT_NO} key missing (get, del) or cas did not swap;
@@ -115,6 +116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except errors.KVError as exc:
         report_error("kv", exc)
         return EXIT_UNAVAILABLE
+    except KeyboardInterrupt:  # Ctrl-C: a write under way may or may not have been applied
+        report_error("kv", "interrupted")
+        return EXIT_INTERRUPTED
 
 
 def _run(kv: Client, args: argparse.Namespace) -> int:
