@@ -54,9 +54,8 @@ def test_a_node_started_by_default_runs_on_one_cpu(cluster: LocalCluster) -> Non
         assert len(os.sched_getaffinity(node.pid)) == 1, node.log_tail()
 
 
-def test_a_node_started_by_default_runs_every_thread_under_sched_batch(
-    cluster: LocalCluster,
-) -> None:
+def test_a_local_clusters_nodes_run_every_thread_under_sched_batch(cluster: LocalCluster) -> None:
+    """(kv-node's default is the kernel's; a local cluster's nodes share a CPU, see cluster.py)"""
     for node in cluster.nodes:
         assert node.pid is not None
         policies = set()

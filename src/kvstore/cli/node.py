@@ -345,10 +345,10 @@ def _add_process_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sched",
         choices=sorted(SCHED_POLICIES),
-        default="batch",
-        help="the kernel's scheduling policy for the node's threads. 'batch' (default, "
-        "SCHED_BATCH): a thread that wakes up waits for the running one to block instead of "
-        "preempting it, so the node's threads, and nodes sharing a CPU, pass the CPU on at "
-        "their own pace: more throughput under load, see BENCHMARKS.md. 'normal': the "
-        "kernel's default (SCHED_OTHER)",
+        default="normal",
+        help="the kernel's scheduling policy for the node's threads: 'normal' (default, "
+        "SCHED_OTHER) or 'batch' (SCHED_BATCH: a thread that wakes up waits for the running "
+        "one to block instead of preempting it). 'batch' suits nodes that share a CPU with "
+        "each other (a local cluster: 12-18%% more throughput at 16 client threads); beside "
+        "clients on the same CPU it made the seed's client slower (BENCHMARKS.md)",
     )

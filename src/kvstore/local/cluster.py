@@ -89,6 +89,10 @@ class NodeProcess:
             str(self.port),
             self.zk_connect,
             self.zk_path,
+            # Its nodes share CPUs (free ports are odd, and --cpu auto picks by port: on two
+            # CPUs all of them get the same one), where SCHED_BATCH stops them preempting
+            # each other (BENCHMARKS.md).
+            *([] if "--sched" in self.extra_args else ["--sched", "batch"]),
             *self.extra_args,
         ]
         with open(self.log_path, "ab") as log:
