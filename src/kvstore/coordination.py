@@ -51,6 +51,7 @@ from kazoo.exceptions import (
     NoNodeError,
 )
 from kazoo.handlers.threading import KazooTimeoutError
+from kazoo.hosts import collect_hosts
 from kazoo.security import ACL, READ_ACL_UNSAFE, Permissions, make_digest_acl
 
 from kvstore import errors
@@ -329,13 +330,12 @@ def connect(
             check_hostname=True,
         )
     try:
-        zk = KazooClient(
-            hosts=zk_connect, timeout=session_timeout_s, connection_retry=retry, **secure
-        )
-    except ValueError as exc:  # a malformed connect string
+        check_connect_string(zk_connect)
+    except ValueError as exc:
         raise errors.BadRequestError(
             f"not a ZooKeeper connect string (host:port,...): {zk_connect!r}: {exc}"
         ) from None
+    zk = KazooClient(hosts=zk_connect, timeout=session_timeout_s, connection_retry=retry, **secure)
     try:
         zk.start(timeout=connect_timeout_s)
     except KazooTimeoutError:
@@ -345,6 +345,12 @@ def connect(
             f"cannot reach ZooKeeper at {zk_connect}{over} within {connect_timeout_s:g} s"
         ) from None
     return zk
+
+
+def check_connect_string(zk_connect: str) -> None:
+    """Raise ValueError unless ``zk_connect`` reads as a ZooKeeper connect string
+    (``host:port,...``, optionally ``/chroot``), as kazoo reads it."""
+    collect_hosts(zk_connect)
 
 
 def create_parent(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -127,3 +128,13 @@ def test_createznode_sets_the_replication_factor_and_reset_keeps_it(zk_server, z
         client.close()
     refused = run("createznode", "--replicas", "0", zk, zk_path)
     assert refused.returncode == 2 and "--replicas must be 1 to" in refused.stderr
+
+
+def test_a_metrics_port_in_use_is_named_as_such() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        result = run("node", "127.0.0.1", PORT, "127.0.0.1:1", "/x", "--metrics-port", port)
+    assert result.returncode == 1
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in result.stderr, result.stderr

@@ -260,3 +260,19 @@ def test_get_many_of_more_keys_than_a_request_may_hold_is_split(cluster: LocalCl
         found = kv.get_many(keys)
     assert len(found) == len(keys)
     assert found[keys[-1]] == "last" and found[keys[0]] is None
+
+
+@pytest.mark.parametrize("timeout", [0, -1, float("nan"), float("inf")])
+def test_a_timeout_must_be_a_positive_number(timeout: float) -> None:
+    with pytest.raises(ValueError, match="timeout must be"):
+        kvstore.Client("127.0.0.1:1", "/x", timeout=timeout)
+
+
+def test_a_closed_client_says_so_at_once(cluster: LocalCluster) -> None:
+    kv = kvstore.Client(cluster.zk_connect, cluster.zk_path, timeout=30)
+    kv.put("k", "v")
+    kv.close()
+    started = time.monotonic()
+    with pytest.raises(kvstore.UnavailableError, match="closed"):
+        kv.get("k")
+    assert time.monotonic() - started < 1  # not after its 30 s timeout

@@ -10,11 +10,9 @@ import os
 import sys
 from typing import Any
 
-from kazoo.hosts import collect_hosts
-
 from kvstore.bench.keys import KEY_DISTRIBUTIONS, ZIPFIAN_THETA
 from kvstore.config import TlsConfig
-from kvstore.coordination import MAX_REPLICAS, check_replicas
+from kvstore.coordination import MAX_REPLICAS, check_connect_string, check_replicas
 from kvstore.rpc import client_tls_context
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -230,7 +228,7 @@ def zk_connect(text: str) -> str:
     """A ZooKeeper connect string (``host:port,...``, optionally ``/chroot``), read as kazoo
     reads it."""
     try:
-        collect_hosts(text)
+        check_connect_string(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(
             f"not a ZooKeeper connect string (host:port,...): {text!r}: {exc}"

@@ -350,5 +350,5 @@ def _add_process_arguments(parser: argparse.ArgumentParser) -> None:
         "SCHED_OTHER) or 'batch' (SCHED_BATCH: a thread that wakes up waits for the running "
         "one to block instead of preempting it). 'batch' suits nodes that share a CPU with "
         "each other (a local cluster: 12-18%% more throughput at 16 client threads); beside "
-        "clients on the same CPU it made the seed's client slower (BENCHMARKS.md)",
+        "clients on the same CPU it made a 4-thread client slower (BENCHMARKS.md)",
     )

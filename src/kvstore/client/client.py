@@ -28,6 +28,7 @@ work, without exactly-once; get cannot tell a missing key from "" there.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import threading
 import time
@@ -80,6 +81,8 @@ class Client:
         tls: TlsConfig | None = None,
         zk_tls: TlsConfig | None = None,
     ) -> None:
+        if not 0 < timeout < math.inf:
+            raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
         self.timeout = timeout
         self._config = ClientConfig(
             zk,
@@ -186,6 +189,8 @@ class Client:
     def _call(self, method: str, args: tuple[Any, ...], is_idempotent: bool = True) -> Any:
         """Call ``method`` on the primary, retrying until the timeout. ``is_idempotent``:
         the call may be repeated (reads, and writes that carry a request id)."""
+        if self._is_closed:  # (nothing to wait for: it will not open again)
+            raise errors.UnavailableError("the client is closed")
         deadline = time.monotonic() + self.timeout
         may_be_applied = False
         while True:

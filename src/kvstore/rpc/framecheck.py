@@ -154,11 +154,16 @@ class _BadRequestLog:
 bad_request_log = _BadRequestLog()
 
 
-def _type_error(buf: bytes, pos: int, expected: int) -> _ArgumentsError:
+def _type_error(buf: bytes, pos: int, expected: _Expected) -> _ArgumentsError:
     field_id = int.from_bytes(buf[pos + 1 : pos + 3], "big", signed=True)
     return _ArgumentsError(
-        f"field {field_id} is of type id {buf[pos]}, not {expected} as the IDL says (byte {pos})"
+        f"{expected[2]} (field {field_id}) is of type {_type_name(buf[pos])}, not "
+        f"{_type_name(expected[0])} as the IDL says (byte {pos})"
     )
+
+
+def _type_name(type_id: int) -> str:
+    return _TYPE_NAMES.get(type_id, f"type {type_id}")
 
 
 def _check_value(
@@ -166,7 +171,7 @@ def _check_value(
 ) -> int:
     """The position after the value at ``pos``, of ``expected``'s type (its header was
     checked): a struct's fields and a container's element types are checked against it too."""
-    value_type, nested = expected
+    value_type, nested, _ = expected
     if nested is None:
         return _skip_value(buf, pos, end, value_type, depth, budget)
     if value_type == _T_STRUCT:
@@ -176,7 +181,8 @@ def _check_value(
         for at, element in ((pos, key), (pos + 1, value)):
             if buf[at] != element[0]:
                 raise _ArgumentsError(
-                    f"a map of type id {buf[at]}, not {element[0]} as the IDL says (byte {at})"
+                    f"{element[2]} holds {_type_name(buf[at])}s, not {_type_name(element[0])}s "
+                    f"as the IDL says (byte {at})"
                 )
         if key[1] is None and value[1] is None:
             return _skip_map(buf, pos, end, depth + 1, budget)
@@ -192,7 +198,8 @@ def _check_value(
     element_type, count = buf[pos], _unpack_i32(buf, pos + 1)[0]
     if element_type != element[0]:
         raise _ArgumentsError(
-            f"a list of type id {element_type}, not {element[0]} as the IDL says (byte {pos})"
+            f"{element[2]} holds {_type_name(element_type)}s, not {_type_name(element[0])}s "
+            f"as the IDL says (byte {pos})"
         )
     if element[1] is None:
         return _skip_list(buf, pos + 5, end, element_type, count, depth + 1, budget)
@@ -218,7 +225,7 @@ def _check_struct(
             return pos + 1
         expected = fields.get(buf[pos + 1] << 8 | buf[pos + 2])
         if expected is not None and expected[0] != field_type:
-            raise _type_error(buf, pos, expected[0])
+            raise _type_error(buf, pos, expected)
         if field_type == _T_STRING:
             length = _unpack_i32(buf, pos + 3)[0]
             pos += 7 + length
@@ -330,9 +337,12 @@ def _exception_frame(method: str, seqid: int, code: int, message: str) -> bytes:
 
 # --------------------------------------------------------------------------- argument types
 
-# What the IDL says of a value: its wire type id and, for a struct, its fields' (by field id),
-# for a list or set, its element's, for a map, its key's and value's (None: nothing within).
-_Expected = tuple[int, Any]
+# What the IDL says of a value: its wire type id; for a struct, its fields' (by field id), for a
+# list or set, its element's, for a map, its key's and value's (None: nothing within); and
+# its name (an element's: its container's, with "'s elements").
+_Expected = tuple[int, Any, str]
+_TYPE_NAMES = {2: "bool", 3: "byte", 4: "double", 6: "i16", 8: "i32", 10: "i64", 11: "string",
+               12: "struct", 13: "map", 14: "set", 15: "list"}  # fmt: skip
 _Fields = dict[int, _Expected]
 _NO_FIELDS: _Fields = {}
 _WIRE_TYPE = {TType.BINARY: TType.STRING}  # binary travels as a string
@@ -341,25 +351,27 @@ _WIRE_TYPE = {TType.BINARY: TType.STRING}  # binary travels as a string
 def _fields(thrift_spec: dict[int, tuple[Any, ...]]) -> _Fields:
     """{field id: _Expected} of a thriftpy2 ``thrift_spec``."""
     return {
-        field_id: _expected(entry[0], entry[2] if len(entry) == 4 else None)
+        field_id: _expected(entry[0], entry[2] if len(entry) == 4 else None, entry[1])
         for field_id, entry in thrift_spec.items()
     }
 
 
-def _expected(type_id: int, within: Any) -> _Expected:
+def _expected(type_id: int, within: Any, name: str) -> _Expected:
     wire = _WIRE_TYPE.get(type_id, type_id)
     if wire == _T_STRUCT:
-        return wire, _fields(within.thrift_spec)
+        return wire, _fields(within.thrift_spec), name
     if wire in (_T_LIST, _T_SET):
-        return wire, _element(within)
+        return wire, _element(within, name), name
     if wire == _T_MAP:
-        return wire, (_element(within[0]), _element(within[1]))
-    return wire, None
+        return wire, (_element(within[0], name), _element(within[1], name)), name
+    return wire, None, name
 
 
-def _element(spec: Any) -> _Expected:
+def _element(spec: Any, container: str) -> _Expected:
     """An element's _Expected from thriftpy2's form: a type id, or (type id, what is within)."""
-    return _expected(spec, None) if isinstance(spec, int) else _expected(spec[0], spec[1])
+    if isinstance(spec, int):
+        return _expected(spec, None, container)
+    return _expected(spec[0], spec[1], container)
 
 
 _ARGUMENTS: dict[bytes, _Fields] = {

@@ -190,7 +190,12 @@ class StorageNode:
         self.server.start()
         config = self.config
         if config.metrics_port is not None:
-            self._metrics_server = MetricsServer(config.host, config.metrics_port, self.metrics)
+            try:
+                self._metrics_server = MetricsServer(config.host, config.metrics_port, self.metrics)
+            except OSError as exc:  # (the caller names the service's address)
+                raise errors.UnavailableError(
+                    f"cannot serve metrics on {config.host}:{config.metrics_port}: {exc}"
+                ) from None
             self._metrics_server.start()
             log.info("metrics on http://%s:%d/metrics", config.host, self._metrics_server.port)
         zk = connect(
