@@ -144,10 +144,13 @@ class _Connection:
         "peer",
         "peer_closed",
         "proto",
+        "receive",
         "role",
         "secured",
+        "send",
         "since",
         "sock",
+        "tls",
     )
 
     def __init__(
@@ -160,6 +163,11 @@ class _Connection:
     ) -> None:
         self.sock = sock
         self.secured = secured  # TLS: (is_node, identity) from its handshake
+        # TLS: the socket's SSL object, called directly (the SSLSocket methods around it
+        # cost three Python calls per request); None for plaintext or another implementation.
+        self.tls = getattr(sock, "_sslobj", None) if secured is not None else None
+        self.receive = sock.recv if self.tls is None else self.tls.read
+        self.send = sock.send if self.tls is None else self.tls.write
         self.fd = sock.fileno()
         self.peer = peer
         self.role = role
@@ -336,11 +344,12 @@ class EventFront:
     def _receive(self, conn: _Connection, now: float) -> None:
         if conn.is_closed or conn.mask != _IN:
             return
-        sock = conn.sock
         try:
-            data = sock.recv(RECEIVE_BYTES)
+            data = conn.receive(RECEIVE_BYTES)
             if conn.secured is not None and data:
-                data += _drain(sock)  # decrypted bytes the socket no longer signals
+                data += _drain(conn)  # decrypted bytes the socket no longer signals
+        except ssl.SSLEOFError:  # closed without TLS's goodbye: EOF all the same
+            data = b""
         except _NOT_NOW:
             if conn.secured is not None and not conn.partial_since:
                 conn.partial_since = now  # a TLS record begun: the frame deadline runs
@@ -604,7 +613,7 @@ class EventFront:
         if conn.is_closed or not outbox:
             return
         try:
-            sent = conn.sock.send(outbox)  # TLS: all of it or, later, the same and more
+            sent = conn.send(outbox)  # TLS: all of it or, later, the same and more
         except _NOT_NOW:
             sent = 0
         except OSError:
@@ -694,12 +703,13 @@ class EventFront:
 _NOT_NOW = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
-def _drain(sock: Any) -> bytes:
-    """What a TLS socket decrypted beyond the last receive (epoll cannot see it)."""
+def _drain(conn: _Connection) -> bytes:
+    """What a TLS connection decrypted beyond the last receive (epoll cannot see it)."""
+    tls: Any = conn.tls if conn.tls is not None else conn.sock  # (an SSLSocket then)
     chunks = []
     with contextlib.suppress(*_NOT_NOW):
-        while sock.pending():
-            chunks.append(sock.recv(sock.pending()))
+        while pending := tls.pending():
+            chunks.append(conn.receive(pending))
     return b"".join(chunks)
 
 
