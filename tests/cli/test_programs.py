@@ -48,9 +48,10 @@ def test_the_package_lists_its_programs() -> None:
     assert (version.returncode, version.stdout.split()[0]) == (0, "kvstore")
 
 
-def test_an_unwritable_log_is_refused_before_the_load_runs() -> None:
-    result = run("client", "127.0.0.1:1", "/x", "1", "30", "10", "--log", "/nonexistent/x.log")
-    assert result.returncode == 2 and "--log: cannot write" in result.stderr
+def test_an_unwritable_log_is_refused_before_the_load_runs(tmp_path: Path) -> None:
+    for log in ("/nonexistent/x.log", str(tmp_path)):  # no such directory; a directory
+        result = run("client", "127.0.0.1:1", "/x", "1", "30", "10", "--log", log)
+        assert result.returncode == 2 and "--log: cannot write" in result.stderr
 
 
 def test_a_log_that_is_not_utf8_is_one_line_and_exit_2(tmp_path: Path) -> None:

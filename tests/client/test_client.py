@@ -242,15 +242,21 @@ def test_seed_rule_when_the_parent_has_no_metadata(
 
 def test_a_get_many_whose_reply_would_not_fit_a_frame_is_refused(cluster: LocalCluster) -> None:
     """A few hundred bytes naming many large values must not make the node build (and hold
-    for a client that never reads) a reply of any size."""
+    for a client that never reads) a reply of any size; the library asks for fewer."""
     big = "x" * (1 << 20)  # the largest value a node takes by default
     keys = [f"big{i}" for i in range(17)]  # 17 MiB together: more than a 16 MiB frame
     with kvstore.Client(cluster.zk_connect, cluster.zk_path, timeout=30) as kv:
         for key in keys:
             kv.put(key, big)
+        assert kv.get_many(keys) == dict.fromkeys(keys, big)  # (asked for in parts)
+    primary = cluster.wait_for("primary")
+    conn = Connection(primary.address, 30_000)
+    try:
         with pytest.raises(kvstore.TooLargeError, match="ask for fewer keys"):
-            kv.get_many(keys)
-        assert kv.get_many(keys[:8]) == dict.fromkeys(keys[:8], big)
+            conn.call("get_many", keys)
+        assert conn.call("get_many", keys[:8]) == dict.fromkeys(keys[:8], big)
+    finally:
+        conn.close()
 
 
 def test_get_many_of_more_keys_than_a_request_may_hold_is_split(cluster: LocalCluster) -> None:

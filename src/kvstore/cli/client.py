@@ -63,8 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         tls=tls,
         zk_tls=zk_tls,
     )
-    if args.log != "-" and not os.access(Path(args.log).absolute().parent, os.W_OK):
-        parser.error(f"--log: cannot write into the directory of {args.log}")  # before the run
+    if args.log != "-" and not _is_writable(Path(args.log)):
+        parser.error(f"--log: cannot write {args.log}")  # before the run, not after it
     try:
         progress = maybe_progress(sys.stdout, args.seconds) if args.procs == 1 else None
         try:
@@ -83,6 +83,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         replaced = ", replacing the previous one" if is_replaced else ""
         print(f"Execution log: {args.log} ({len(result.events)} events{replaced})")
     return 0
+
+
+def _is_writable(path: Path) -> bool:
+    if path.exists():
+        return not path.is_dir() and os.access(path, os.W_OK)
+    return os.access(path.absolute().parent, os.W_OK)
 
 
 def _parser() -> argparse.ArgumentParser:

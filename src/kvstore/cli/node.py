@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.sched_setaffinity(0, cpus)  # before any thread starts: all of them inherit it
         pinned = ",".join(map(str, sorted(cpus)))
         logging.getLogger("kv-node").info("running on CPU %s (--cpu %s)", pinned, args.cpu)
-    refused = set_scheduling(args.sched)  # before any thread starts, as the placement
+    refused = None if args.sched is None else set_scheduling(args.sched)  # (as the placement)
     if refused is not None:
         logging.getLogger("kv-node").warning(
             "kept the default scheduling (--sched %s: %s)", args.sched, refused
@@ -345,9 +345,10 @@ def _add_process_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sched",
         choices=sorted(SCHED_POLICIES),
-        default="normal",
-        help="the kernel's scheduling policy for the node's threads: 'normal' (default, "
-        "SCHED_OTHER) or 'batch' (SCHED_BATCH: a thread that wakes up waits for the running "
+        default=None,
+        help="the kernel's scheduling policy for the node's threads (default: the one it "
+        "was started with): 'normal' (SCHED_OTHER) or 'batch' (SCHED_BATCH: a thread that "
+        "wakes up waits for the running "
         "one to block instead of preempting it). 'batch' suits nodes that share a CPU with "
         "each other (a local cluster: 12-18%% more throughput at 16 client threads); beside "
         "clients on the same CPU it made a 4-thread client slower (BENCHMARKS.md)",

@@ -128,8 +128,16 @@ class Client:
         if self._locator.is_seed_cluster:
             return {key: self.get(key) for key in wanted}
         found: dict[str, str] = {}
-        for start in range(0, len(wanted), GET_MANY_KEYS):  # (a node serves one call at a time)
-            found.update(self._call("get_many", (wanted[start : start + GET_MANY_KEYS],)))
+        chunks = [wanted[i : i + GET_MANY_KEYS] for i in range(0, len(wanted), GET_MANY_KEYS)]
+        while chunks:  # (a node serves one call at a time)
+            chunk = chunks.pop()
+            try:
+                found.update(self._call("get_many", (chunk,)))
+            except errors.TooLargeError:
+                if len(chunk) == 1:  # (cannot be: a frame holds the largest key and value)
+                    raise
+                half = len(chunk) // 2  # large values: the reply would not fit a frame
+                chunks += [chunk[:half], chunk[half:]]
         return {key: found.get(key) for key in wanted}
 
     def put(self, key: str, value: str) -> None:
@@ -155,7 +163,7 @@ class Client:
             self._is_closed = True
             connections, self._connections = self._connections, []
         for conn in connections:
-            conn.close()
+            conn.shut()  # (a call under way fails instead of reconnecting)
         self._locator.close()
 
     def __enter__(self) -> Client:
@@ -204,6 +212,8 @@ class Client:
                 if may_be_applied and not is_idempotent:
                     raise
                 remaining_s = deadline - time.monotonic()
+                if self._is_closed:
+                    raise errors.UnavailableError("the client is closed") from None
                 if remaining_s <= 0:
                     raise errors.DeadlineExceededError(
                         f"{method} did not succeed within {self.timeout:g} s: {exc}",

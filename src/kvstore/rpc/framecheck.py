@@ -114,7 +114,7 @@ def _check_header(frame: bytes, version: int, name_length: int) -> None:
 
 
 def _request_error(frame: bytes, name_length: int, reason: str) -> MalformedRequestError:
-    method = shown_name(frame[12 : 12 + min(name_length, NAME_SHOWN + 1)])
+    method = shown_name(frame[12 : 12 + min(name_length, 4 * NAME_SHOWN + 4)])
     return MalformedRequestError(reason, method, _unpack_i32(frame, 12 + name_length)[0])
 
 
@@ -124,8 +124,8 @@ NAME_SHOWN = 64  # characters of a method name that errors and logs repeat
 def shown_name(name: str | bytes) -> str:
     """A method name as errors and logs show it: at most NAME_SHOWN characters (a client
     may send megabytes of name) and "..." if there were more."""
-    if isinstance(name, bytes):
-        name = name[: NAME_SHOWN + 1].decode("utf-8", "replace")
+    if isinstance(name, bytes):  # (enough bytes for NAME_SHOWN + 1 characters)
+        name = name[: 4 * NAME_SHOWN + 4].decode("utf-8", "replace")
     return name if len(name) <= NAME_SHOWN else name[:NAME_SHOWN] + "..."
 
 

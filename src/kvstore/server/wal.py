@@ -133,7 +133,11 @@ class WriteAheadLog:
         self.fsync_mode = fsync
         directory.mkdir(parents=True, exist_ok=True)
         self._lock_fd = _lock_directory(directory)
-        self.node_id = self._node_id()
+        try:
+            self.node_id = self._node_id()
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
         self._append_lock = threading.Lock()
         self._appended = 0  # bytes appended since open (a position, not a file offset)
         self._synced = 0
@@ -617,14 +621,18 @@ class WriteAheadLog:
             elif self._sync_signal is not None:  # (no syncer thread to close it)
                 self._sync_signal.close()
         with self._append_lock:
-            if self._fd >= 0:
-                if self.fsync_mode != "never":
-                    os.fsync(self._fd)
-                os.close(self._fd)
-                self._fd = -1
-            if self._lock_fd >= 0:
-                os.close(self._lock_fd)  # (releases the directory)
-                self._lock_fd = -1
+            try:
+                if self._fd >= 0:
+                    try:
+                        if self.fsync_mode != "never":
+                            os.fsync(self._fd)
+                    finally:
+                        os.close(self._fd)
+                        self._fd = -1
+            finally:
+                if self._lock_fd >= 0:
+                    os.close(self._lock_fd)  # (releases the directory)
+                    self._lock_fd = -1
 
 
 class SyncDelivery:
@@ -682,6 +690,9 @@ def _lock_directory(directory: Path) -> int:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
+        if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):  # (some network mounts)
+            log.warning("cannot lock %s (%s): make sure no other node uses it", directory, exc)
+            return fd
         holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
         os.close(fd)
         if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
