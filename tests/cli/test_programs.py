@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from kvstore.cli import COMMANDS
-from kvstore.coordination import ClusterMeta, connect
+from kvstore.coordination import ClusterMeta, connect, create_parent
 from kvstore.local.processes import free_port
+from kvstore.local.zkserver import ZooKeeperServer
 
 TIMEOUT_S = 60
 INTERNAL_NAMES = re.compile(r"the seed\b|seed's|seed-style|WatCA|KeyValueService|i\*1000", re.I)
@@ -139,3 +140,15 @@ def test_a_metrics_port_in_use_is_named_as_such() -> None:
         result = run("node", "127.0.0.1", PORT, "127.0.0.1:1", "/x", "--metrics-port", port)
     assert result.returncode == 1
     assert f"cannot serve metrics on 127.0.0.1:{port}" in result.stderr, result.stderr
+
+
+def test_a_load_that_no_primary_answered_exits_1(
+    zk_server: ZooKeeperServer, tmp_path: Path
+) -> None:
+    path = "/no-nodes-here"
+    create_parent(zk_server.connect_string, path)
+    log = tmp_path / "execution.log"
+    result = run("client", zk_server.connect_string, path, "1", "1", "10", "--log", str(log))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "no operation succeeded" in result.stderr
+    assert log.exists()  # the history is kept all the same

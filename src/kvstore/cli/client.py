@@ -82,6 +82,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_events(args.log, result.events)
         replaced = ", replacing the previous one" if is_replaced else ""
         print(f"Execution log: {args.log} ({len(result.events)} events{replaced})")
+    if result.successes == 0:  # (the history is written all the same: it may be checked)
+        report_error("kv-client", "no operation succeeded: no primary answered during the run")
+        return 1
     return 0
 
 
@@ -99,7 +102,8 @@ def _parser() -> argparse.ArgumentParser:
         "ZooKeeper. Prints throughput and latency; writes an execution log for kv-check. "
         "Closed loop by default (each thread sends its next request when the previous one "
         "answered); --rate makes it open loop.",
-        epilog="exit status: 0 done; 1 the cluster could not be reached; 2 bad arguments",
+        epilog="exit status: 0 done; 1 the cluster could not be reached, or no operation "
+        "succeeded; 2 bad arguments",
     )
     add_cluster_arguments(parser, "parent znode the nodes registered under")
     parser.add_argument("threads", metavar="THREADS", type=positive_int, help="client threads")
