@@ -68,6 +68,7 @@ def test_client_with_two_processes_ends_by_itself_without_nodes(
         "client", zk_server.connect_string, zk_path, "2", "2", "10",
         "--procs", "2", "--log", str(tmp_path / "execution.log"), timeout_s=2 + GRACE_S,
     )  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.returncode == 1, done.stdout + done.stderr  # (no operation succeeded)
+    assert "no operation succeeded" in done.stderr
     assert "Successful operations: 0 in" in done.stdout
     assert "UnavailableError=" in done.stdout
