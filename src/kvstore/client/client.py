@@ -197,11 +197,11 @@ class Client:
     def _call(self, method: str, args: tuple[Any, ...], is_idempotent: bool = True) -> Any:
         """Call ``method`` on the primary, retrying until the timeout. ``is_idempotent``:
         the call may be repeated (reads, and writes that carry a request id)."""
-        if self._is_closed:  # (nothing to wait for: it will not open again)
-            raise errors.UnavailableError("the client is closed")
         deadline = time.monotonic() + self.timeout
         may_be_applied = False
         while True:
+            if self._is_closed:  # (nothing to wait for: it will not open again)
+                raise errors.UnavailableError("the client is closed")
             generation = self._locator.generation
             try:
                 return self._call_once(method, args)
@@ -212,8 +212,6 @@ class Client:
                 if may_be_applied and not is_idempotent:
                     raise
                 remaining_s = deadline - time.monotonic()
-                if self._is_closed:
-                    raise errors.UnavailableError("the client is closed") from None
                 if remaining_s <= 0:
                     raise errors.DeadlineExceededError(
                         f"{method} did not succeed within {self.timeout:g} s: {exc}",
