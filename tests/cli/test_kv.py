@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import subprocess
 import sys
 import time
 
 import pytest
+from kazoo.client import KazooClient
 
 import kvstore
 from kvstore.local.cluster import LocalCluster
@@ -17,13 +19,23 @@ from kvstore.local.zkserver import ZooKeeperServer
 TIMEOUT_S = 60
 
 
-def kv(cluster: LocalCluster | None, *args: str, zk: str = "") -> subprocess.CompletedProcess[str]:
+def kv(
+    cluster: LocalCluster | None, *args: str, zk: str = "", stdin: bytes | None = None
+) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
     if cluster is not None:
         env.update(KV_ZK=cluster.zk_connect, KV_PATH=cluster.zk_path)
     command = [sys.executable, "-m", "kvstore", "kv", *(["--zk", zk] if zk else []), *args]
-    return subprocess.run(
-        command, capture_output=True, text=True, env=env, timeout=TIMEOUT_S, check=False
+    done = subprocess.run(
+        command,
+        capture_output=True,
+        input=stdin if stdin is not None else b"",
+        env=env,
+        timeout=TIMEOUT_S,
+        check=False,
+    )
+    return subprocess.CompletedProcess(
+        done.args, done.returncode, done.stdout.decode(), done.stderr.decode()
     )
 
 
@@ -49,6 +61,65 @@ def test_json_output_parses(cluster: LocalCluster) -> None:
     missing = kv(cluster, "-o", "json", "get", "b")
     assert missing.returncode == 1
     assert json.loads(missing.stdout) == {"key": "b", "value": None}
+
+
+def test_mget_text_shows_a_missing_key_alone_and_exits_1(cluster: LocalCluster) -> None:
+    kv(cluster, "put", "a", "1")
+    kv(cluster, "put", "empty", "")
+    some = kv(cluster, "mget", "a", "empty", "missing")
+    assert (some.returncode, some.stdout) == (1, "a\t1\nempty\t\nmissing\n")
+    every = kv(cluster, "mget", "a", "empty")
+    assert (every.returncode, every.stdout) == (0, "a\t1\nempty\t\n")
+
+
+def test_put_without_a_value_reads_standard_input_unchanged(cluster: LocalCluster) -> None:
+    text = "line one\nzwei: \u00fc\n" + "x" * 300_000  # over what argv takes in one argument
+    put = kv(cluster, "put", "doc", stdin=text.encode())
+    assert put.returncode == 0, put.stderr
+    with kvstore.Client(cluster.zk_connect, cluster.zk_path, timeout=20) as client:
+        assert client.get("doc") == text
+    not_text = kv(cluster, "put", "doc", stdin=b"\xff\xfe")
+    assert not_text.returncode == 64
+    assert "standard input is not UTF-8" in not_text.stderr and "Traceback" not in not_text.stderr
+
+
+def test_put_without_a_value_with_a_terminal_as_input_is_a_usage_error() -> None:
+    master, slave = pty.openpty()  # would wait for the user's typing, if it read it
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "kvstore", "kv", "--zk", "127.0.0.1:1", "put", "k"],
+            stdin=slave, capture_output=True, text=True, timeout=TIMEOUT_S, check=False,
+        )  # fmt: skip
+    finally:
+        os.close(slave)
+        os.close(master)
+    assert result.returncode == 64, result.stderr
+    assert "give VALUE, or send it on standard input" in result.stderr
+
+
+def test_status_marks_a_stale_znode_and_exits_2_without_a_primary(cluster: LocalCluster) -> None:
+    # A znode whose node died, while another node answers at its address (a restart): the
+    # primary removes its own cluster's such znodes within a tick, so one is made by hand.
+    backup = next(n for n in cluster.nodes if n is not cluster.wait_for("primary"))
+    zk = KazooClient(hosts=cluster.zk_connect)
+    zk.start(timeout=TIMEOUT_S)
+    try:
+        zk.create(
+            f"{cluster.zk_path}/node-", backup.address.encode(), ephemeral=True, sequence=True
+        )
+        nodes = json.loads(kv(cluster, "-o", "json", "status").stdout)
+        assert sorted(n["role"] for n in nodes) == ["backup", "primary", "stale"]
+        table = kv(cluster, "status")
+        assert table.returncode == 0 and "(stale: a node that stopped" in table.stdout
+    finally:
+        zk.stop()
+        zk.close()
+    for node in cluster.nodes:
+        node.kill()
+    dead = kv(cluster, "status")  # (their znodes outlive them until their sessions expire)
+    assert dead.returncode == 2, dead.stdout
+    assert "no node answers as primary" in dead.stdout
+    assert kv(cluster, "-o", "json", "status").returncode == 2
 
 
 def test_status_lists_both_nodes(cluster: LocalCluster) -> None:

@@ -35,15 +35,17 @@ EXIT_USAGE = 64  # bad arguments (EX_USAGE)
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as a shell reports it)
 
 EPILOG = f"""\
-exit status: {EXIT_OK} done; {EXIT_NO} key missing (get, del) or cas did not swap;
-{EXIT_UNAVAILABLE} cluster unreachable, no primary, or timed out; {EXIT_USAGE} bad arguments
-(a key or value refused for its size or encoding included).
+exit status: {EXIT_OK} done; {EXIT_NO} key missing (get, del, any of mget) or cas did not swap;
+{EXIT_UNAVAILABLE} cluster unreachable, no primary (status: no node answers as primary), or
+timed out; {EXIT_USAGE} bad arguments (a key or value refused for its size or encoding included).
 
 examples:
   kv put greeting hello
+  kv put config < config.json     # the value from standard input, byte for byte (UTF-8)
   kv get greeting                 # prints hello; nothing and exit 1 if missing
   kv cas counter 2 --expect 1     # set to 2 only if it is 1 (--absent: only if missing)
-  kv -o json mget a b c
+  kv mget a b c                   # KEY<TAB>VALUE per key; a missing key alone on its line
+  kv -o json mget a b c           # {{"a": "1", "b": null, ...}}
   kv status"""
 
 
@@ -84,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("get", help="print a key's value").add_argument("key")
     put = commands.add_parser("put", help="set a key")
     put.add_argument("key")
-    put.add_argument("value")
+    put.add_argument("value", nargs="?", help="the value (default: read standard input to its end)")
     commands.add_parser("del", help="delete a key").add_argument("key")
     cas = commands.add_parser("cas", help="compare-and-set: set only if the value is as expected")
     cas.add_argument("key")
@@ -103,6 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.tls = tls_from(parser, args)
     args.zk_tls = zk_tls_from(parser, args)
     logging.getLogger("kazoo").setLevel(logging.CRITICAL)  # our one line says it all
+    if args.command == "put" and args.value is None:
+        args.value = _value_from_stdin(parser)
     try:
         if args.command == "status":
             return _status(args)
@@ -129,7 +133,7 @@ def _run(kv: Client, args: argparse.Namespace) -> int:
             _emit(is_json, {"key": args.key, "value": value}, value or "")
         return EXIT_OK if value is not None else EXIT_NO
     if args.command == "put":
-        kv.put(args.key, args.value)
+        kv.put(args.key, args.value)  # (read from stdin by main if not given)
         _emit(is_json, {"key": args.key, "ok": True}, "OK")
         return EXIT_OK
     if args.command == "del":
@@ -141,9 +145,20 @@ def _run(kv: Client, args: argparse.Namespace) -> int:
         _emit(is_json, {"key": args.key, "swapped": swapped}, "1" if swapped else "0")
         return EXIT_OK if swapped else EXIT_NO
     values = kv.get_many(args.keys)
-    text = "\n".join(f"{k}\t{'' if v is None else v}" for k, v in values.items())
+    text = "\n".join(k if v is None else f"{k}\t{v}" for k, v in values.items())
     _emit(is_json, values, text)
-    return EXIT_OK
+    return EXIT_NO if None in values.values() else EXIT_OK
+
+
+def _value_from_stdin(parser: argparse.ArgumentParser) -> str:
+    """``kv put KEY`` without VALUE: standard input to its end, unchanged (no newline cut)."""
+    if sys.stdin is None or sys.stdin.isatty():
+        parser.error("put: give VALUE, or send it on standard input (kv put KEY < FILE)")
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode()
+    except UnicodeDecodeError as exc:
+        parser.error(f"put: standard input is not UTF-8 text ({exc.reason} at byte {exc.start})")
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -151,9 +166,15 @@ def _status(args: argparse.Namespace) -> int:
         args.zk, args.path, zk_connect_timeout_s=args.timeout, tls=args.tls, zk_tls=args.zk_tls
     )
     meta, reports = cluster_state(config)
+    # Serving needs a primary (the seed's nodes have no status: there, any node answering).
+    if meta.is_initialized:
+        is_serving = any(r.role == "primary" for r in reports)
+    else:
+        is_serving = any(r.role not in ("unreachable", "stale") for r in reports)
+    exit_status = EXIT_OK if is_serving else EXIT_UNAVAILABLE
     if args.output == "json":
         print(json.dumps([r.as_dict() for r in reports], indent=2))
-        return EXIT_OK
+        return exit_status
     rows = [("NODE", "ADDRESS", "ROLE", "EPOCH", "IN-SYNC", "KEYS")]
     for r in reports:
         keys = "-" if r.keys is None else str(r.keys)
@@ -168,7 +189,11 @@ def _status(args: argparse.Namespace) -> int:
         print(f"(no node registered under {args.path})")
     elif meta.is_initialized:
         print(f"replication factor {meta.replicas}: {len(meta.in_sync)} in sync")
-    return EXIT_OK
+    if any(r.role == "stale" for r in reports):
+        print("(stale: a node that stopped; its znode goes when its ZooKeeper session expires)")
+    if reports and not is_serving:
+        print("no node answers as primary: the cluster cannot serve now")
+    return exit_status
 
 
 def _emit(is_json: bool, data: object, text: str) -> None:

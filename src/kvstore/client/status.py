@@ -16,7 +16,10 @@ from kvstore.rpc import probe
 class NodeReport:
     name: str
     address: str
-    role: str  # what the node says, or "unreachable"
+    # What the node says; "unreachable"; "stale": another node (a restarted one) answers at
+    # this znode's address, the znode outlives its node until its ZooKeeper session expires;
+    # "unknown": it answers but has no status call (the seed's nodes).
+    role: str
     epoch: int
     is_in_sync: bool
     keys: int | None
@@ -52,10 +55,15 @@ def cluster_state(
 def _report(
     name: str, address: str, in_sync: tuple[str, ...], timeout_ms: int, tls: Any
 ) -> NodeReport:
+    is_in_sync = name in in_sync
     try:
         status = probe(address, timeout_ms, tls)
+    except errors.ProtocolError:  # it answered, but not with a status
+        return NodeReport(name, address, "unknown", 0, is_in_sync, None)
     except errors.KVError:
         status = None
     if status is None:
-        return NodeReport(name, address, "unreachable", 0, name in in_sync, None)
-    return NodeReport(name, address, status.role, status.epoch, name in in_sync, status.key_count)
+        return NodeReport(name, address, "unreachable", 0, is_in_sync, None)
+    if status.node_id and status.node_id != name:
+        return NodeReport(name, address, "stale", 0, is_in_sync, None)
+    return NodeReport(name, address, status.role, status.epoch, is_in_sync, status.key_count)
