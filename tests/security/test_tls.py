@@ -128,15 +128,30 @@ def test_plaintext_to_a_tls_port_is_refused(
     tls_cluster: LocalCluster, certs: CertificateFiles
 ) -> None:
     address = primary_address(tls_cluster)
-    with pytest.raises(errors.KVError):
+    with pytest.raises(errors.ForbiddenError, match="accepts TLS connections only"):
         Connection(address, timeout_ms=REFUSAL_TIMEOUT_MS).call("status")
-    # The cluster without TLS options at all: kv cannot read it.
+    # The cluster without TLS options at all: kv cannot read it, and says why at once.
     command = [sys.executable, "-m", "kvstore", "kv", "--zk", tls_cluster.zk_connect]
-    command += ["--path", tls_cluster.zk_path, "--timeout", "2", "get", "k"]
+    command += ["--path", tls_cluster.zk_path, "--timeout", "30", "get", "k"]
+    started = time.monotonic()
     done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2, done
+    assert "accepts TLS connections only" in done.stderr and "--tls-ca" in done.stderr
+    assert time.monotonic() - started < 25  # not retried until its timeout
     with client(tls_cluster, certs.client) as kv_client:
         kv_client.put("still", "serving")
+
+
+def test_tls_to_a_plaintext_node_names_the_mismatch(
+    cluster: LocalCluster, certs: CertificateFiles
+) -> None:
+    started = time.monotonic()
+    done = kv(cluster, certs.client, "--timeout", "2", "get", "k")
+    assert done.returncode == 2, done
+    assert "a node that does not serve TLS ends the handshake so" in done.stderr
+    assert time.monotonic() - started < 30
+    logs = cluster.logs()
+    assert "a TLS handshake, but this node serves plaintext" in logs
 
 
 def test_no_client_certificate_is_refused(

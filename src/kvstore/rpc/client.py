@@ -142,7 +142,10 @@ class Connection:
             tls = self._tls.wrap_socket(raw)
         except OSError as exc:
             raw.close()
-            raise errors.ConnectError(f"no TLS connection to {self.address}: {exc}") from None
+            hint = ""
+            if isinstance(exc, ssl.SSLEOFError) or getattr(exc, "reason", None) in _CUT_SHORT:
+                hint = " (a node that does not serve TLS ends the handshake so: see its log)"
+            raise errors.ConnectError(f"no TLS connection to {self.address}: {exc}{hint}") from None
         self.peer_identity = identity = peer_certificate_identity(tls)
         expected = self.expected_identity
         if expected is not None and identity != expected:
@@ -323,6 +326,10 @@ def _from_application_error(exc: TApplicationException) -> errors.KVError:
         # The handler crashed before or after applying: the outcome is unknown.
         return errors.ProtocolError(f"node internal error: {message}")
     return errors.from_code(exc.type, message)
+
+
+# How OpenSSL reports a handshake the peer cut short or answered with something else.
+_CUT_SHORT = frozenset({"UNEXPECTED_EOF_WHILE_READING", "WRONG_VERSION_NUMBER"})
 
 
 def probe(address: str, timeout_ms: int, tls: ssl.SSLContext | None = None) -> Any | None:

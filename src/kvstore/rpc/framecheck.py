@@ -67,6 +67,21 @@ _LEAST_BYTES = tuple(
 )
 
 
+# A TLS record starts with its content type (22: handshake) and major version (3).
+TLS_HANDSHAKE_START = b"\x16\x03"
+
+
+def frame_size_error(header: bytes, frame_size: int) -> MalformedFrameError:
+    """The error for a frame length out of bounds; ``header``: the connection's first
+    bytes. A TLS ClientHello reads as a length of about 370 MB: say what it is."""
+    if header.startswith(TLS_HANDSHAKE_START):
+        return MalformedFrameError(
+            "a TLS handshake, but this node serves plaintext (start it with --tls-cert, "
+            "--tls-key and --tls-ca, or connect without TLS)"
+        )
+    return MalformedFrameError(f"frame of {frame_size} bytes refused")
+
+
 def check_request(frame: bytes) -> None:
     """Walk one framed binary-protocol request (length prefix included) without decoding it.
 

@@ -56,6 +56,7 @@ from kvstore.rpc.framecheck import (
     _exception_frame,
     bad_request_log,
     check_request,
+    frame_size_error,
 )
 from kvstore.rpc.secret import PeerRole
 
@@ -420,7 +421,7 @@ class EventFront:
             return None
         frame_size = _I32.unpack_from(inbox)[0]
         if not 0 < frame_size <= self._server._max_frame_bytes:
-            raise MalformedFrameError(f"frame of {frame_size} bytes refused")
+            raise frame_size_error(bytes(inbox[:2]), frame_size)
         total = 4 + frame_size
         if len(inbox) < total:
             return None

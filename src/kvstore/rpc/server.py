@@ -24,11 +24,13 @@ from kvstore.idl import KeyValueService
 from kvstore.rpc import front
 from kvstore.rpc.framecheck import (
     _I32,
+    TLS_HANDSHAKE_START,
     MalformedFrameError,
     MalformedRequestError,
     _exception_frame,
     bad_request_log,
     check_request,
+    frame_size_error,
     shown_name,
 )
 from kvstore.rpc.front import Frames
@@ -137,7 +139,7 @@ class _FrameReader(Frames):
             pending = self._receive_until(pending, 4, deadline)
         frame_size = _I32.unpack_from(pending)[0]
         if not 0 < frame_size <= self._max_frame_bytes:
-            raise MalformedFrameError(f"frame of {frame_size} bytes refused")
+            raise frame_size_error(pending[:2], frame_size)
         total = 4 + frame_size
         if len(pending) < total:
             deadline = deadline or time.monotonic() + self._frame_deadline_s
@@ -422,6 +424,13 @@ class RpcServer:
             errors.UnavailableError.code,
             f"too many connections: this node serves at most {max_connections}",
         )
+        self._plaintext_refusal = _exception_frame(
+            "",
+            0,
+            errors.ForbiddenError.code,
+            "this node accepts TLS connections only: connect with TLS (kv, kv-client: "
+            "--tls-cert, --tls-key and --tls-ca; kvstore.Client: tls=TlsConfig(...))",
+        )
 
     @property
     def connection_count(self) -> int:
@@ -540,6 +549,10 @@ class RpcServer:
         node, and its identity. Raises OSError (ssl.SSLError, TimeoutError) if there is no
         handshake."""
         assert self._tls is not None
+        if not _starts_like_tls(sock, self._frame_deadline_s):
+            with contextlib.suppress(OSError):  # a plaintext client: tell it, in plaintext
+                sock.sendall(self._plaintext_refusal)
+            raise ConnectionError("a plaintext request; this node accepts TLS connections only")
         tls = self._tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         with self._lock:  # wrapping detached ``sock``: close() must cut the TLS socket
             self._connections.discard(sock)
@@ -577,7 +590,9 @@ class RpcServer:
             try:
                 sock, is_node, identity = self._secure(sock, peer)
             except (OSError, ValueError) as exc:
-                log.warning("refused a connection from %s: no TLS handshake: %s", peer, exc)
+                bad_request_log.warning(
+                    log, "refused a connection from %s: no TLS handshake: %s", peer, exc
+                )
                 with self._lock:
                     self._connections.discard(sock)
                 sock.close()
@@ -687,3 +702,17 @@ def _configure_connection(sock: socket.socket, idle_timeout_s: float, deadline_s
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     _set_receive_timeout(sock, idle_timeout_s)
     _set_timeval(sock, socket.SO_SNDTIMEO, deadline_s)
+
+
+def _starts_like_tls(sock: socket.socket, deadline_s: float) -> bool:
+    """Whether the first bytes a new connection sends (waited for up to ``deadline_s``)
+    could begin a TLS handshake; True too if it sends nothing (the handshake then fails)."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    if not poller.poll(deadline_s * 1000):
+        return True
+    try:
+        first = sock.recv(len(TLS_HANDSHAKE_START), socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except OSError:
+        return True
+    return TLS_HANDSHAKE_START.startswith(first)
