@@ -138,6 +138,10 @@ def test_plaintext_to_a_tls_port_is_refused(
     assert done.returncode == 2, done
     assert "accepts TLS connections only" in done.stderr and "--tls-ca" in done.stderr
     assert time.monotonic() - started < 25  # not retried until its timeout
+    command[-2:] = ["status"]
+    status = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    assert status.returncode == 2, status
+    assert "refused this connection: this node accepts TLS connections only" in status.stdout
     with client(tls_cluster, certs.client) as kv_client:
         kv_client.put("still", "serving")
 

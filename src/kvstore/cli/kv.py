@@ -189,6 +189,9 @@ def _status(args: argparse.Namespace) -> int:
         print(f"(no node registered under {args.path})")
     elif meta.is_initialized:
         print(f"replication factor {meta.replicas}: {len(meta.in_sync)} in sync")
+    refused = next((r for r in reports if r.error), None)
+    if refused is not None:
+        print(f"({refused.name} refused this connection: {refused.error})")
     if any(r.role == "stale" for r in reports):
         print("(stale: a node that stopped; its znode goes when its ZooKeeper session expires)")
     if reports and not is_serving:

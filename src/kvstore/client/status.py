@@ -18,11 +18,13 @@ class NodeReport:
     address: str
     # What the node says; "unreachable"; "stale": another node (a restarted one) answers at
     # this znode's address, the znode outlives its node until its ZooKeeper session expires;
-    # "unknown": it answers but has no status call (the seed's nodes).
+    # "unknown": it answers but has no status call (the seed's nodes); "forbidden": it
+    # refuses this connection (say, plaintext at a TLS node), ``error`` says why.
     role: str
     epoch: int
     is_in_sync: bool
     keys: int | None
+    error: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,6 +62,8 @@ def _report(
         status = probe(address, timeout_ms, tls)
     except errors.ProtocolError:  # it answered, but not with a status
         return NodeReport(name, address, "unknown", 0, is_in_sync, None)
+    except errors.ForbiddenError as exc:
+        return NodeReport(name, address, "forbidden", 0, is_in_sync, None, str(exc))
     except errors.KVError:
         status = None
     if status is None:
