@@ -13,6 +13,7 @@ Every error is a :class:`KVError`; ``err.is_definite`` says the operation was ce
 not applied. Nodes serve the seed's Thrift service and coordinate through ZooKeeper.
 """
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 from kvstore.errors import (
@@ -33,6 +34,9 @@ from kvstore.errors import (
 )
 
 __version__ = "0.2.0"
+
+# A library logs, the application decides where to (no last-resort stderr lines).
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 if TYPE_CHECKING:
     from kvstore.client.client import Client, TlsConfig

@@ -63,6 +63,10 @@ from kvstore.config import (
 )
 
 log = logging.getLogger(__name__)
+# kazoo is this package's own business: with no logging configured by the application,
+# its warnings ("Connection dropped: ...") would reach stderr through logging's last-resort
+# handler. A configured application still gets them (records still propagate to its root).
+logging.getLogger("kazoo").addHandler(logging.NullHandler())
 
 MEMBER_PREFIX = "node-"
 DEFAULT_REPLICAS = 2  # the seed's: a primary and one backup

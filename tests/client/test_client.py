@@ -4,6 +4,8 @@ replication (deletes, compare-and-set, exactly-once records), retries through ki
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -282,3 +284,24 @@ def test_a_closed_client_says_so_at_once(cluster: LocalCluster) -> None:
     with pytest.raises(kvstore.UnavailableError, match="closed"):
         kv.get("k")
     assert time.monotonic() - started < 1  # not after its 30 s timeout
+
+
+def test_an_application_without_logging_gets_no_stray_stderr_lines() -> None:
+    """kazoo's connection warnings stay out of an unconfigured application's stderr (its
+    last-resort handler) and reach a configured one's handlers."""
+    script = (
+        "import logging, sys, kvstore\n"
+        "if sys.argv[1] == 'configured': logging.basicConfig()\n"
+        "try: kvstore.Client('127.0.0.1:1', '/x', timeout=1)\n"
+        "except kvstore.CoordinationError as exc: print('refused:', exc)\n"
+    )
+    for how in ("bare", "configured"):
+        done = subprocess.run(
+            [sys.executable, "-c", script, how],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert done.stdout.startswith("refused: cannot reach ZooKeeper"), done
+        if how == "bare":
+            assert done.stderr == ""
+        else:
+            assert "WARNING:kazoo.client:Connection dropped" in done.stderr
