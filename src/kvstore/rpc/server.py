@@ -22,6 +22,12 @@ from thriftpy2.transport.framed import TCyFramedTransport
 from kvstore import errors
 from kvstore.idl import KeyValueService
 from kvstore.rpc import front
+from kvstore.rpc.budget import (
+    DEFAULT_REPLY_BUDGET_BYTES,
+    LARGE_REPLY_BYTES,
+    ReplyBudget,
+    reply_header,
+)
 from kvstore.rpc.framecheck import (
     _I32,
     MalformedFrameError,
@@ -77,13 +83,20 @@ class _FrameReader(Frames):
     pieces. A TLS socket (the kernel's timeouts do not bound a TLS read) has a Python one
     instead (``settimeout``): the frame deadline bounds each of its receives and sends, and
     the idle wait is a poll for the first byte of a request.
+
+    ``write`` sends a reply frame; with a ``budget`` (rpc/budget.py), a large one is counted
+    in it while it is sent, and replaced by UNAVAILABLE if the node is over its budget
+    (unless it answers one of ``exempt``: counted, sent all the same).
     """
 
     __slots__ = (
+        "_budget",
+        "_exempt",
         "_frame_deadline_s",
         "_idle_timeout_s",
         "_is_tls",
         "_max_frame_bytes",
+        "_peer",
         "_pending",
         "_tls_poller",
         "sock",
@@ -96,9 +109,16 @@ class _FrameReader(Frames):
         idle_timeout_s: float,
         deadline_s: float,
         pending: bytes = b"",
+        *,
+        budget: ReplyBudget | None = None,
+        exempt: frozenset[str] = frozenset(),
+        peer: str = "",
     ) -> None:
         super().__init__()
         self.sock = sock
+        self._budget = budget
+        self._exempt = exempt
+        self._peer = peer
         self._max_frame_bytes = max_frame_bytes
         self._idle_timeout_s = idle_timeout_s
         self._frame_deadline_s = deadline_s
@@ -186,7 +206,22 @@ class _FrameReader(Frames):
         return f"{received} of {size} frame bytes in {self._frame_deadline_s:g} s: too slow"
 
     def write(self, data: bytes) -> None:
-        self.sock.sendall(data)
+        """Send one whole reply frame (TCyFramedTransport writes each in one piece)."""
+        budget = self._budget
+        size = len(data)
+        if size <= LARGE_REPLY_BYTES or budget is None:
+            self.sock.sendall(data)
+            return
+        if not budget.take(size):
+            method, seqid = reply_header(data)
+            if method not in self._exempt:
+                self.sock.sendall(budget.refusal(method, seqid, size, self._peer))
+                return
+            budget.add(size)
+        try:
+            self.sock.sendall(data)
+        finally:
+            budget.release(size)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -362,6 +397,10 @@ class RpcServer:
     ends, so a handler can keep per-connection state in a threading.local; ``is_orderly``
     is True when the peer closed it in order (EOF), not by a reset or an error.
 
+    Replies its clients have not read are bounded by ``reply_budget_bytes`` across the
+    connections (rpc/budget.py): while the node holds more, a large reply (over
+    LARGE_REPLY_BYTES, not to a node-only method) is answered UNAVAILABLE instead.
+
     ``tls`` (a :func:`server_tls_context`): every connection must complete a mutual TLS
     handshake, in its own thread, within ``frame_deadline_s``; a peer whose certificate is
     not a node's may not call ``node_only_methods``; the handler learns the peer's identity
@@ -386,12 +425,15 @@ class RpcServer:
         cluster_secret: bytes | None = None,
         event_front: bool = True,
         inline_methods: Collection[str] = front.INLINE_METHODS,
+        reply_budget_bytes: int = DEFAULT_REPLY_BUDGET_BYTES,
     ) -> None:
         self.host = host
         self.port = port
         self._tls = tls
         self._needs_secret = cluster_secret is not None
         self._dispatcher = _Dispatcher(KeyValueService, handler, node_only_methods, cluster_secret)
+        self._node_only = frozenset(node_only_methods)  # (their replies are never refused)
+        self._reply_budget = ReplyBudget(reply_budget_bytes)
         self._max_frame_bytes = max_frame_bytes
         self._on_disconnect = on_disconnect
         self._listener: socket.socket | None = None
@@ -422,6 +464,11 @@ class RpcServer:
             errors.UnavailableError.code,
             f"too many connections: this node serves at most {max_connections}",
         )
+
+    @property
+    def reply_budget(self) -> ReplyBudget:
+        """The replies the server holds that its clients have not read, and their bound."""
+        return self._reply_budget
 
     @property
     def connection_count(self) -> int:
@@ -569,8 +616,10 @@ class RpcServer:
         is_node = True  # the certificate's role; plaintext: every peer's
         identity = None
         pending = owed = b""
+        unsent_owed = 0  # bytes of ``owed`` counted in the reply budget (by the front)
         if handover is not None:
             pending, owed, secured = handover
+            unsent_owed = len(owed)
             if secured is not None:
                 is_node, identity = secured
         elif self._tls is not None:
@@ -591,7 +640,14 @@ class RpcServer:
         if identity is not None:
             _connection.identity = identity  # for the handler (peer_identity): once, not per call
         reader = _FrameReader(
-            sock, self._max_frame_bytes, self._idle_timeout_s, self._frame_deadline_s, pending
+            sock,
+            self._max_frame_bytes,
+            self._idle_timeout_s,
+            self._frame_deadline_s,
+            pending,
+            budget=self._reply_budget,
+            exempt=self._node_only,
+            peer=peer,
         )
         proto = TCyBinaryProtocol(TCyFramedTransport(reader))
         process = self._dispatcher.process
@@ -600,6 +656,8 @@ class RpcServer:
         try:
             if owed:
                 sock.sendall(owed)  # (each send within the frame deadline: SO_SNDTIMEO)
+                self._reply_budget.release(unsent_owed)
+                unsent_owed = 0
             while True:
                 check_request(reader.next_frame())
                 if process(proto, proto, role) == REPLICATION_METHOD and not is_replication_line:
@@ -629,6 +687,8 @@ class RpcServer:
                 log, "closing the connection from %s after a bad request: %r", peer, exc
             )
         finally:
+            if unsent_owed:
+                self._reply_budget.release(unsent_owed)
             with self._lock:
                 self._connections.discard(sock)
             reader.close()
