@@ -16,7 +16,8 @@ connections:
   the client gets UNAVAILABLE (retryable: only reads and calls that change nothing have
   large replies) instead, and a warning is logged at most once a second. The reply is
   built, then dropped: its size is known only then (it costs the time to encode it, which
-  reading it would too). Replies of the node-only methods (replication, state transfer)
+  reading it would too), and the connection's codec, whose buffer grew to hold it, is
+  renewed (front.codec). Replies of the node-only methods (replication, state transfer)
   are counted but never refused: clients that do not read must not keep a backup from
   joining;
 - small replies are always served: while the node is over its budget the front serves a

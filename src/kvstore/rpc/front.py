@@ -140,6 +140,13 @@ class Frames:
         return True
 
 
+def codec(frames: Frames) -> Any:
+    """A connection's protocol over ``frames``. Its buffers grow to the largest frame it
+    read or wrote and never shrink: after a large frame it is replaced by a new one, or every
+    connection would keep the largest request and reply it ever had until it closes."""
+    return TCyBinaryProtocol(TCyFramedTransport(frames))
+
+
 class _Connection:
     __slots__ = (
         "fd",
@@ -183,7 +190,7 @@ class _Connection:
         self.role = role
         self.frames = Frames()
         self.held_bytes = 0  # of its outbox, counted in the reply budget
-        self.proto = TCyBinaryProtocol(TCyFramedTransport(self.frames))
+        self.proto = codec(self.frames)
         self.inbox = bytearray()
         self.is_waiting = False  # a write of it is in the group, not answered yet
         self.is_closed = False
@@ -473,10 +480,13 @@ class EventFront:
                     del outbox[start:]
                     outbox += refusal
                 self._count(conn)
+                conn.proto = codec(frames)  # (its buffer grew to the reply's size)
             self._outgoing.append(conn)
         else:
             self._hand_off(conn, frame)
             return False
+        if len(frame) > LARGE_REPLY_BYTES:
+            conn.proto = codec(frames)  # (its buffer grew to the request's size)
         return True
 
     def _join_group(self, conn: _Connection, api: str, seqid: int) -> None:

@@ -14,10 +14,8 @@ import time
 from collections.abc import Callable, Collection
 from typing import Any
 
-from thriftpy2.protocol.cybin import TCyBinaryProtocol  # type: ignore[attr-defined]
 from thriftpy2.thrift import TApplicationException, TMessageType, TType
 from thriftpy2.transport import TTransportException
-from thriftpy2.transport.framed import TCyFramedTransport
 
 from kvstore import errors
 from kvstore.idl import KeyValueService
@@ -86,7 +84,8 @@ class _FrameReader(Frames):
 
     ``write`` sends a reply frame; with a ``budget`` (rpc/budget.py), a large one is counted
     in it while it is sent, and replaced by UNAVAILABLE if the node is over its budget
-    (unless it answers one of ``exempt``: counted, sent all the same).
+    (unless it answers one of ``exempt``: counted, sent all the same). ``has_grown`` is set
+    after a large frame, either way: the codec's buffers grew to hold it (see front.codec).
     """
 
     __slots__ = (
@@ -99,6 +98,7 @@ class _FrameReader(Frames):
         "_peer",
         "_pending",
         "_tls_poller",
+        "has_grown",
         "sock",
     )
 
@@ -119,6 +119,7 @@ class _FrameReader(Frames):
         self._budget = budget
         self._exempt = exempt
         self._peer = peer
+        self.has_grown = False
         self._max_frame_bytes = max_frame_bytes
         self._idle_timeout_s = idle_timeout_s
         self._frame_deadline_s = deadline_s
@@ -159,6 +160,8 @@ class _FrameReader(Frames):
         if not 0 < frame_size <= self._max_frame_bytes:
             raise MalformedFrameError(f"frame of {frame_size} bytes refused")
         total = 4 + frame_size
+        if total > LARGE_REPLY_BYTES:
+            self.has_grown = True
         if len(pending) < total:
             deadline = deadline or time.monotonic() + self._frame_deadline_s
             pending = self._receive_until(pending, total, deadline)
@@ -207,9 +210,13 @@ class _FrameReader(Frames):
 
     def write(self, data: bytes) -> None:
         """Send one whole reply frame (TCyFramedTransport writes each in one piece)."""
-        budget = self._budget
         size = len(data)
-        if size <= LARGE_REPLY_BYTES or budget is None:
+        if size <= LARGE_REPLY_BYTES:
+            self.sock.sendall(data)
+            return
+        self.has_grown = True
+        budget = self._budget
+        if budget is None:
             self.sock.sendall(data)
             return
         if not budget.take(size):
@@ -649,7 +656,7 @@ class RpcServer:
             exempt=self._node_only,
             peer=peer,
         )
-        proto = TCyBinaryProtocol(TCyFramedTransport(reader))
+        proto = front.codec(reader)
         process = self._dispatcher.process
         is_replication_line = False
         is_orderly = False
@@ -663,6 +670,9 @@ class RpcServer:
                 if process(proto, proto, role) == REPLICATION_METHOD and not is_replication_line:
                     is_replication_line = True
                     reader.never_idle_out()
+                if reader.has_grown:
+                    proto = front.codec(reader)
+                    reader.has_grown = False
         except TTransportException as exc:
             is_orderly = exc.type == TTransportException.END_OF_FILE
         except ConnectionError:
