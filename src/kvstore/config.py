@@ -40,6 +40,9 @@ class Limits:
     # connections are exempt). A frame must arrive whole within frame_deadline_s of its first byte.
     idle_timeout_s: float = 300.0
     frame_deadline_s: float = 10.0
+    # Reply bytes the node holds that its clients have not read, across connections: past
+    # it, a large reply (over 64 KiB) is answered UNAVAILABLE "busy" instead (rpc/budget.py).
+    reply_budget_bytes: int = 256 * MIB
 
     @classmethod
     def for_sizes(cls, max_key_bytes: int, max_value_bytes: int) -> Limits:

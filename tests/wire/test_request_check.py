@@ -27,7 +27,7 @@ from kvstore.rpc import (
     MalformedRequestError,
     check_request,
 )
-from kvstore.rpc.framecheck import NAME_SHOWN, _BadRequestLog
+from kvstore.rpc.framecheck import NAME_SHOWN, _ThrottledLog
 
 T_BOOL, T_BYTE, T_I32, T_STRING, T_STRUCT, T_MAP, T_LIST = 2, 3, 8, 11, 12, 13, 15
 SENTINEL = b"<end of frame>"
@@ -258,7 +258,7 @@ def test_bad_request_warnings_are_logged_at_most_once_a_second(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     logger = logging.getLogger("test-bad-requests")
-    throttled = _BadRequestLog()
+    throttled = _ThrottledLog("bad requests")
     with caplog.at_level(logging.WARNING, logger="test-bad-requests"):
         for i in range(100):
             throttled.warning(logger, "refused request %d", i)

@@ -35,8 +35,9 @@ from kvstore.cli.args import (
     zk_auth_from,
     zk_tls_from,
 )
-from kvstore.config import Limits, NodeConfig, TlsConfig
+from kvstore.config import MIB, Limits, NodeConfig, TlsConfig
 from kvstore.rpc import load_cluster_secret, parse_address
+from kvstore.rpc.budget import LARGE_REPLY_BYTES
 from kvstore.server.node import StorageNode
 from kvstore.server.roles import EXIT_RESTART
 from kvstore.server.wal import FSYNC_MODES
@@ -64,6 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_connections=args.max_connections,
         idle_timeout_s=args.idle_timeout,
         frame_deadline_s=args.frame_deadline,
+        reply_budget_bytes=args.reply_budget_mb * MIB,
     )
     if args.host in ("0.0.0.0", "::") and args.advertise is None:
         parser.error(
@@ -247,6 +249,18 @@ def _add_limit_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="S",
         help="a request must arrive whole within this many seconds of its first byte, and "
         f"every reply must make progress as often (default {bounds.frame_deadline_s:g})",
+    )
+    parser.add_argument(
+        "--reply-budget-mb",
+        type=positive_int,
+        default=bounds.reply_budget_bytes // MIB,
+        metavar="N",
+        help="MiB of replies the node may hold that its clients have not read yet, across "
+        f"all connections (default {bounds.reply_budget_bytes // MIB}): while it holds more, "
+        f"a reply over {LARGE_REPLY_BYTES // 1024} KiB (a large get or get_many) is answered "
+        "UNAVAILABLE 'busy' instead, which clients retry; smaller replies are always served. "
+        "Bounds what clients that never read their replies make the node hold, whatever "
+        "--max-connections",
     )
     parser.add_argument(
         "--stripes",

@@ -14,7 +14,10 @@ bounds what a peer can make it do:
 - a client connection idle for ``idle_timeout_s`` is closed, well after a pooled
   Connection stops reusing it (REOPEN_AFTER_IDLE_S), so no request is written into
   a closing connection; the primary's replication connections never idle out;
-- a frame must arrive whole within ``frame_deadline_s`` of its first byte.
+- a frame must arrive whole within ``frame_deadline_s`` of its first byte;
+- the replies clients have not read are bounded across connections by
+  ``reply_budget_bytes`` (budget.py): past it a large reply is answered UNAVAILABLE, and
+  a connection's codec is renewed after a large frame (its buffers never shrink).
 
 Mutual TLS (optional; plaintext is the default): TLS 1.3 only, a certificate from the
 cluster's CA required on both sides. The server runs each handshake in the connection's own

@@ -144,11 +144,13 @@ def shown_name(name: str | bytes) -> str:
     return name if len(name) <= NAME_SHOWN else name[:NAME_SHOWN] + "..."
 
 
-class _BadRequestLog:
-    """Warnings about bad requests and the connections closed for them, at most one a second
-    (a client can send bad requests as fast as it likes, and the log would fill the disk)."""
+class _ThrottledLog:
+    """Warnings a client can cause as fast as it likes (bad requests and the connections
+    closed for them, replies refused for the reply budget), at most one a second: the log
+    would fill the disk. ``counted``: what the line counts that it held back."""
 
-    def __init__(self) -> None:
+    def __init__(self, counted: str) -> None:
+        self._counted = counted
         self._lock = threading.Lock()
         self._logged_at = -1.0
         self._held = 0
@@ -161,12 +163,12 @@ class _BadRequestLog:
                 return
             held, self._held, self._logged_at = self._held, 0, now
         if held:
-            message += " (and %d more bad requests in the last second)"
-            args = (*args, held)
+            message += " (and %d more %s in the last second)"
+            args = (*args, held, self._counted)
         logger.warning(message, *args)
 
 
-bad_request_log = _BadRequestLog()
+bad_request_log = _ThrottledLog("bad requests")
 
 
 def _type_error(buf: bytes, pos: int, expected: _Expected) -> _ArgumentsError:

@@ -28,7 +28,15 @@ header is checked before its body is received, a frame must arrive within the fr
 deadline of its first byte and a reply must drain within as long, an idle connection is
 closed after the idle timeout, and every request is checked (framecheck) before it is
 decoded. A connection that sends faster than it reads its replies is served no further
-while about a frame's worth of replies waits for it. Inline methods must keep no
+while about a frame's worth of replies waits for it (LARGE_REPLY_BYTES' worth while the node
+is over its reply budget, rpc/budget.py). The replies the front holds are counted in the
+budget: ``ReplyBudget.front_bytes`` is the sum of the connections' ``held_bytes``, each its
+outbox's size when last counted (``_count``): a large reply as it is appended, a pass of
+``_serve_frames`` that left more than LARGE_REPLY_BYTES, what a send left (nothing once all
+is sent); released as the connection is closed or handed to a thread. So what it does not
+count yet is small and sent (or counted) at the end of the round, and replies that wait for
+their client are counted exactly. A large inline reply produced while the node is over its
+budget is replaced by UNAVAILABLE. Inline methods must keep no
 per-connection state in a threading.local (the server's ``on_disconnect`` hook is not
 called for connections served here, and ``peer_identity`` is not set on this thread).
 """
@@ -49,6 +57,7 @@ from thriftpy2.protocol.cybin import TCyBinaryProtocol  # type: ignore[attr-defi
 from thriftpy2.transport.framed import TCyFramedTransport
 
 from kvstore import errors
+from kvstore.rpc.budget import LARGE_REPLY_BYTES, ReplyBudget
 from kvstore.rpc.framecheck import (
     _I32,
     MalformedFrameError,
@@ -132,10 +141,18 @@ class Frames:
         return True
 
 
+def codec(frames: Frames) -> Any:
+    """A connection's protocol over ``frames``. Its buffers grow to the largest frame it
+    read or wrote and never shrink: after a large frame it is replaced by a new one, or every
+    connection would keep the largest request and reply it ever had until it closes."""
+    return TCyBinaryProtocol(TCyFramedTransport(frames))
+
+
 class _Connection:
     __slots__ = (
         "fd",
         "frames",
+        "held_bytes",
         "inbox",
         "is_closed",
         "is_waiting",
@@ -173,7 +190,8 @@ class _Connection:
         self.peer = peer
         self.role = role
         self.frames = Frames()
-        self.proto = TCyBinaryProtocol(TCyFramedTransport(self.frames))
+        self.held_bytes = 0  # of its outbox, counted in the reply budget
+        self.proto = codec(self.frames)
         self.inbox = bytearray()
         self.is_waiting = False  # a write of it is in the group, not answered yet
         self.is_closed = False
@@ -194,6 +212,9 @@ class EventFront:
         """``server``: the RpcServer (its bounds, dispatcher and connection accounting)."""
         self._server = server
         self._dispatcher = server._dispatcher
+        self._budget: ReplyBudget = server._reply_budget
+        # What a connection may owe before it is served no further (``_bound_outboxes``).
+        self._outbox_bound: int = server._max_frame_bytes
         grouped = getattr(handler, "grouped_methods", None)
         if not isinstance(grouped, frozenset):
             grouped = frozenset()  # (a handler that answers any attribute offers none)
@@ -286,6 +307,7 @@ class EventFront:
         connections = self._connections
         wake_fd = self._wake_in.fileno()
         failed_at = 0.0
+        budget, max_frame_bytes = self._budget, server._max_frame_bytes
         while not self._is_closed:
             events = self._poller.poll(0 if self._ready else tick_s)
             now = time.monotonic()
@@ -298,6 +320,12 @@ class EventFront:
                     else:
                         self._on_reply(fd, mask)
                 ready, self._ready = self._ready, []
+                # (as _bound_outboxes: connection threads may have changed the budget)
+                self._outbox_bound = (
+                    LARGE_REPLY_BYTES
+                    if budget.front_bytes + budget.thread_bytes > budget.budget_bytes
+                    else max_frame_bytes
+                )
                 for conn in ready:
                     if not conn.is_closed and not conn.is_waiting and conn.mask != _OUT:
                         self._serve_frames(conn)
@@ -380,10 +408,12 @@ class EventFront:
 
     def _serve_frames(self, conn: _Connection) -> None:
         """Serve the whole frames in ``conn``'s inbox, up to its first write, while the
-        replies it owes stay under the outbox bound (the rest once they are sent)."""
-        outbox_bound = self._server._max_frame_bytes
+        replies it owes stay under the outbox bound (the rest once they are sent): a frame,
+        or LARGE_REPLY_BYTES while the node is over its reply budget."""
+        outbox_bound = self._outbox_bound
+        outbox = conn.frames.outbox
         try:
-            while len(conn.frames.outbox) < outbox_bound:
+            while len(outbox) < outbox_bound:
                 frame = self._next_frame(conn)
                 if frame is None:
                     break
@@ -391,8 +421,10 @@ class EventFront:
                 if not self._serve_frame(conn, frame):
                     return  # handed to a thread
                 if conn.is_waiting:
-                    return  # its next frame once the group answered it
-            if conn.peer_closed:
+                    break  # its next frame once the group answered it
+            if len(outbox) > LARGE_REPLY_BYTES:
+                self._count(conn)  # (less is counted once it is left unsent)
+            if conn.peer_closed and not conn.is_waiting:
                 self._finish(conn)
         except MalformedRequestError as exc:
             bad_request_log.warning(
@@ -401,7 +433,7 @@ class EventFront:
             reply = _exception_frame(
                 exc.method, exc.seqid, errors.BadRequestError.code, f"malformed request: {exc}"
             )
-            conn.frames.outbox += reply
+            outbox += reply
             conn.inbox.clear()
             self._finish(conn)
         except MalformedFrameError as exc:
@@ -439,11 +471,23 @@ class EventFront:
         if api in self._grouped_methods:
             self._join_group(conn, api, seqid)
         elif api in self._inline:
+            outbox = frames.outbox
+            start = len(outbox)
             self._dispatcher.answer(api, seqid, proto, proto, conn.role)
+            size = len(outbox) - start
+            if size > LARGE_REPLY_BYTES:
+                if self._budget.is_over():
+                    refusal = self._budget.refusal(api, seqid, size, conn.peer)
+                    del outbox[start:]
+                    outbox += refusal
+                self._count(conn)
+                conn.proto = codec(frames)  # (its buffer grew to the reply's size)
             self._outgoing.append(conn)
         else:
             self._hand_off(conn, frame)
             return False
+        if len(frame) > LARGE_REPLY_BYTES:
+            conn.proto = codec(frames)  # (its buffer grew to the request's size)
         return True
 
     def _join_group(self, conn: _Connection, api: str, seqid: int) -> None:
@@ -596,16 +640,19 @@ class EventFront:
 
     def _hand_off(self, conn: _Connection, frame: bytes) -> None:
         """Serve ``conn`` on a thread of its own from ``frame`` on (the rest of its inbox
-        after it), once the replies it is owed are sent."""
+        after it), once the replies it is owed are sent (counted in the reply budget as the
+        thread's until it sent them)."""
+        owed = bytes(conn.frames.outbox)
+        self._budget.add(len(owed))
         self._forget(conn)
         sock = conn.sock
         pending = frame + bytes(conn.inbox)
         try:
             sock.setblocking(True)  # the kernel timeouts set at admission apply again
-            owed = bytes(conn.frames.outbox)
             self._server._serve_in_thread(sock, conn.peer, Handover(pending, owed, conn.secured))
         except Exception as exc:
             log.warning("could not hand the connection from %s to a thread: %r", conn.peer, exc)
+            self._budget.release(len(owed))
             self._server._forget_connection(sock)
             sock.close()
 
@@ -622,15 +669,35 @@ class EventFront:
             return
         if sent == len(outbox):
             outbox.clear()
+            if conn.held_bytes:
+                self._budget.front_bytes -= conn.held_bytes
+                conn.held_bytes = 0
             if conn.mask == _OUT:
                 self._watch(conn, 0 if conn.peer_closed else _IN)
             if conn.peer_closed or conn.inbox:
                 self._ready.append(conn)
             return
         del outbox[:sent]
+        self._count(conn)
         if conn.mask != _OUT:
             conn.since = now  # the replies must drain within the frame deadline
             self._watch(conn, _OUT)
+
+    def _count(self, conn: _Connection) -> None:
+        """Count ``conn``'s outbox in the reply budget as it is now (see the module's
+        docstring for when)."""
+        size = len(conn.frames.outbox)
+        self._budget.front_bytes += size - conn.held_bytes
+        conn.held_bytes = size
+        self._bound_outboxes()
+
+    def _bound_outboxes(self) -> None:
+        """A connection is served while it owes less than a frame, LARGE_REPLY_BYTES while
+        the node is over its reply budget (set once a round, and as a count changes)."""
+        if self._budget.is_over():
+            self._outbox_bound = LARGE_REPLY_BYTES
+        else:
+            self._outbox_bound = self._server._max_frame_bytes
 
     def _watch(self, conn: _Connection, mask: int) -> None:
         conn.mask = mask
@@ -685,7 +752,11 @@ class EventFront:
             self._close(conn)
 
     def _forget(self, conn: _Connection) -> None:
+        """Serve ``conn`` no more: its replies are dropped (or were handed to a thread)."""
         conn.is_closed = True
+        conn.frames.outbox.clear()  # (a group in flight may still refer to the connection)
+        self._budget.front_bytes -= conn.held_bytes
+        conn.held_bytes = 0
         self._connections.pop(conn.fd, None)
         with contextlib.suppress(OSError, ValueError):  # (gone already: nothing to undo)
             self._poller.unregister(conn.fd)

@@ -14,14 +14,18 @@ import time
 from collections.abc import Callable, Collection
 from typing import Any
 
-from thriftpy2.protocol.cybin import TCyBinaryProtocol  # type: ignore[attr-defined]
 from thriftpy2.thrift import TApplicationException, TMessageType, TType
 from thriftpy2.transport import TTransportException
-from thriftpy2.transport.framed import TCyFramedTransport
 
 from kvstore import errors
 from kvstore.idl import KeyValueService
 from kvstore.rpc import front
+from kvstore.rpc.budget import (
+    DEFAULT_REPLY_BUDGET_BYTES,
+    LARGE_REPLY_BYTES,
+    ReplyBudget,
+    reply_header,
+)
 from kvstore.rpc.framecheck import (
     _I32,
     TLS_HANDSHAKE_START,
@@ -79,15 +83,24 @@ class _FrameReader(Frames):
     pieces. A TLS socket (the kernel's timeouts do not bound a TLS read) has a Python one
     instead (``settimeout``): the frame deadline bounds each of its receives and sends, and
     the idle wait is a poll for the first byte of a request.
+
+    ``write`` sends a reply frame; with a ``budget`` (rpc/budget.py), a large one is counted
+    in it while it is sent, and replaced by UNAVAILABLE if the node is over its budget
+    (unless it answers one of ``exempt``: counted, sent all the same). ``has_grown`` is set
+    after a large frame, either way: the codec's buffers grew to hold it (see front.codec).
     """
 
     __slots__ = (
+        "_budget",
+        "_exempt",
         "_frame_deadline_s",
         "_idle_timeout_s",
         "_is_tls",
         "_max_frame_bytes",
+        "_peer",
         "_pending",
         "_tls_poller",
+        "has_grown",
         "sock",
     )
 
@@ -98,9 +111,17 @@ class _FrameReader(Frames):
         idle_timeout_s: float,
         deadline_s: float,
         pending: bytes = b"",
+        *,
+        budget: ReplyBudget | None = None,
+        exempt: frozenset[str] = frozenset(),
+        peer: str = "",
     ) -> None:
         super().__init__()
         self.sock = sock
+        self._budget = budget
+        self._exempt = exempt
+        self._peer = peer
+        self.has_grown = False
         self._max_frame_bytes = max_frame_bytes
         self._idle_timeout_s = idle_timeout_s
         self._frame_deadline_s = deadline_s
@@ -141,6 +162,8 @@ class _FrameReader(Frames):
         if not 0 < frame_size <= self._max_frame_bytes:
             raise frame_size_error(pending[:2], frame_size)
         total = 4 + frame_size
+        if total > LARGE_REPLY_BYTES:
+            self.has_grown = True
         if len(pending) < total:
             deadline = deadline or time.monotonic() + self._frame_deadline_s
             pending = self._receive_until(pending, total, deadline)
@@ -188,7 +211,26 @@ class _FrameReader(Frames):
         return f"{received} of {size} frame bytes in {self._frame_deadline_s:g} s: too slow"
 
     def write(self, data: bytes) -> None:
-        self.sock.sendall(data)
+        """Send one whole reply frame (TCyFramedTransport writes each in one piece)."""
+        size = len(data)
+        if size <= LARGE_REPLY_BYTES:
+            self.sock.sendall(data)
+            return
+        self.has_grown = True
+        budget = self._budget
+        if budget is None:
+            self.sock.sendall(data)
+            return
+        if not budget.take(size):
+            method, seqid = reply_header(data)
+            if method not in self._exempt:
+                self.sock.sendall(budget.refusal(method, seqid, size, self._peer))
+                return
+            budget.add(size)
+        try:
+            self.sock.sendall(data)
+        finally:
+            budget.release(size)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -364,6 +406,10 @@ class RpcServer:
     ends, so a handler can keep per-connection state in a threading.local; ``is_orderly``
     is True when the peer closed it in order (EOF), not by a reset or an error.
 
+    Replies its clients have not read are bounded by ``reply_budget_bytes`` across the
+    connections (rpc/budget.py): while the node holds more, a large reply (over
+    LARGE_REPLY_BYTES, not to a node-only method) is answered UNAVAILABLE instead.
+
     ``tls`` (a :func:`server_tls_context`): every connection must complete a mutual TLS
     handshake, in its own thread, within ``frame_deadline_s``; a peer whose certificate is
     not a node's may not call ``node_only_methods``; the handler learns the peer's identity
@@ -388,12 +434,15 @@ class RpcServer:
         cluster_secret: bytes | None = None,
         event_front: bool = True,
         inline_methods: Collection[str] = front.INLINE_METHODS,
+        reply_budget_bytes: int = DEFAULT_REPLY_BUDGET_BYTES,
     ) -> None:
         self.host = host
         self.port = port
         self._tls = tls
         self._needs_secret = cluster_secret is not None
         self._dispatcher = _Dispatcher(KeyValueService, handler, node_only_methods, cluster_secret)
+        self._node_only = frozenset(node_only_methods)  # (their replies are never refused)
+        self._reply_budget = ReplyBudget(reply_budget_bytes)
         self._max_frame_bytes = max_frame_bytes
         self._on_disconnect = on_disconnect
         self._listener: socket.socket | None = None
@@ -431,6 +480,11 @@ class RpcServer:
             "this node accepts TLS connections only: connect with TLS (kv, kv-client: "
             "--tls-cert, --tls-key and --tls-ca; kvstore.Client: tls=TlsConfig(...))",
         )
+
+    @property
+    def reply_budget(self) -> ReplyBudget:
+        """The replies the server holds that its clients have not read, and their bound."""
+        return self._reply_budget
 
     @property
     def connection_count(self) -> int:
@@ -582,8 +636,10 @@ class RpcServer:
         is_node = True  # the certificate's role; plaintext: every peer's
         identity = None
         pending = owed = b""
+        unsent_owed = 0  # bytes of ``owed`` counted in the reply budget (by the front)
         if handover is not None:
             pending, owed, secured = handover
+            unsent_owed = len(owed)
             if secured is not None:
                 is_node, identity = secured
         elif self._tls is not None:
@@ -606,20 +662,32 @@ class RpcServer:
         if identity is not None:
             _connection.identity = identity  # for the handler (peer_identity): once, not per call
         reader = _FrameReader(
-            sock, self._max_frame_bytes, self._idle_timeout_s, self._frame_deadline_s, pending
+            sock,
+            self._max_frame_bytes,
+            self._idle_timeout_s,
+            self._frame_deadline_s,
+            pending,
+            budget=self._reply_budget,
+            exempt=self._node_only,
+            peer=peer,
         )
-        proto = TCyBinaryProtocol(TCyFramedTransport(reader))
+        proto = front.codec(reader)
         process = self._dispatcher.process
         is_replication_line = False
         is_orderly = False
         try:
             if owed:
                 sock.sendall(owed)  # (each send within the frame deadline: SO_SNDTIMEO)
+                self._reply_budget.release(unsent_owed)
+                unsent_owed = 0
             while True:
                 check_request(reader.next_frame())
                 if process(proto, proto, role) == REPLICATION_METHOD and not is_replication_line:
                     is_replication_line = True
                     reader.never_idle_out()
+                if reader.has_grown:
+                    proto = front.codec(reader)
+                    reader.has_grown = False
         except TTransportException as exc:
             is_orderly = exc.type == TTransportException.END_OF_FILE
         except ConnectionError:
@@ -644,6 +712,8 @@ class RpcServer:
                 log, "closing the connection from %s after a bad request: %r", peer, exc
             )
         finally:
+            if unsent_owed:
+                self._reply_budget.release(unsent_owed)
             with self._lock:
                 self._connections.discard(sock)
             reader.close()

@@ -159,6 +159,7 @@ class StorageNode:
             node_only_methods=NODE_ONLY_METHODS,
             cluster_secret=config.cluster_secret,
             event_front=config.event_front,
+            reply_budget_bytes=config.limits.reply_budget_bytes,
         )
 
     # ----------------------------------------------------------------- lifecycle
