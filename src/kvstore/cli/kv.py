@@ -178,8 +178,9 @@ def _status(args: argparse.Namespace) -> int:
     rows = [("NODE", "ADDRESS", "ROLE", "EPOCH", "IN-SYNC", "KEYS")]
     for r in reports:
         keys = "-" if r.keys is None else str(r.keys)
+        epoch = "-" if r.keys is None else str(r.epoch)  # (no answer: no epoch either)
         in_sync = "yes" if r.is_in_sync else "no"
-        rows.append((r.name, r.address, r.role, str(r.epoch), in_sync, keys))
+        rows.append((r.name, r.address, r.role, epoch, in_sync, keys))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print(
@@ -189,9 +190,10 @@ def _status(args: argparse.Namespace) -> int:
         print(f"(no node registered under {args.path})")
     elif meta.is_initialized:
         print(f"replication factor {meta.replicas}: {len(meta.in_sync)} in sync")
-    refused = next((r for r in reports if r.error), None)
-    if refused is not None:
-        print(f"({refused.name} refused this connection: {refused.error})")
+    failed = next((r for r in reports if r.error), None)
+    if failed is not None:
+        how = "refused this connection" if failed.role == "forbidden" else "did not answer"
+        print(f"({failed.name} {how}: {failed.error})")
     if any(r.role == "stale" for r in reports):
         print("(stale: a node that stopped; its znode goes when its ZooKeeper session expires)")
     if reports and not is_serving:

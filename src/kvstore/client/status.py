@@ -19,7 +19,8 @@ class NodeReport:
     # What the node says; "unreachable"; "stale": another node (a restarted one) answers at
     # this znode's address, the znode outlives its node until its ZooKeeper session expires;
     # "unknown": it answers but has no status call (the seed's nodes); "forbidden": it
-    # refuses this connection (say, plaintext at a TLS node), ``error`` says why.
+    # refuses this connection (say, plaintext at a TLS node). ``error``: why a node that
+    # may be alive did not answer (None when nothing listens at its address).
     role: str
     epoch: int
     is_in_sync: bool
@@ -64,9 +65,9 @@ def _report(
         return NodeReport(name, address, "unknown", 0, is_in_sync, None)
     except errors.ForbiddenError as exc:
         return NodeReport(name, address, "forbidden", 0, is_in_sync, None, str(exc))
-    except errors.KVError:
-        status = None
-    if status is None:
+    except errors.KVError as exc:  # a timeout, a TLS failure: it may be alive
+        return NodeReport(name, address, "unreachable", 0, is_in_sync, None, str(exc))
+    if status is None:  # nothing listens there
         return NodeReport(name, address, "unreachable", 0, is_in_sync, None)
     if status.node_id and status.node_id != name:
         return NodeReport(name, address, "stale", 0, is_in_sync, None)

@@ -50,9 +50,11 @@ class Connection:
     after CHECK_AFTER_IDLE_S of rest.
 
     ``tls`` (a :func:`client_tls_context`): connect with mutual TLS; the handshake is part
-    of connecting (a failed one is a ConnectError), bounded by ``timeout_ms``. A node that
-    refuses this side's certificate says so only after the handshake (TLS 1.3), so the first
-    call then fails with ConnectionLostError.
+    of connecting (a failed one is a ConnectError), bounded by ``timeout_ms``; a node
+    certificate this side cannot trust is a ForbiddenError (retrying would not help). A node
+    that refuses this side's certificate says so only after the handshake (TLS 1.3): the
+    first call then fails with ForbiddenError if its alert says so, else (it just closed
+    the connection) with ConnectionLostError.
 
     ``secret`` (the cluster secret, bytes): every new connection first proves it
     (rpc/secret.py), as part of connecting: a node that refuses it, or does not know it
@@ -140,6 +142,12 @@ class Connection:
         raw.settimeout(self._timeout_ms / 1000)  # Python timeouts: the kernel's miss TLS reads
         try:
             tls = self._tls.wrap_socket(raw)
+        except ssl.SSLCertVerificationError as exc:  # retrying would not change it
+            raw.close()
+            raise errors.ForbiddenError(
+                f"cannot trust {self.address}'s certificate: {exc.verify_message} (is the "
+                "CA given to this side the cluster's?)"
+            ) from None
         except OSError as exc:
             raw.close()
             hint = ""
@@ -212,6 +220,14 @@ class Connection:
             raise
         except errors.BadRequestError:  # (an argument that does not encode: nothing was sent)
             raise
+        except ssl.SSLError as exc:
+            self.close()
+            if _is_refused_certificate(exc):  # its handshake failed: it read no request
+                raise errors.ForbiddenError(
+                    f"{self.address} refused this side's certificate ({exc.reason}): is it "
+                    "signed by the cluster's CA?"
+                ) from None
+            raise errors.ConnectionLostError(f"{method} to {self.address}: {exc!r}") from None
         except (TTransportException, OSError, EOFError) as exc:
             self.close()
             raise errors.ConnectionLostError(f"{method} to {self.address}: {exc!r}") from None
@@ -330,6 +346,23 @@ def _from_application_error(exc: TApplicationException) -> errors.KVError:
 
 # How OpenSSL reports a handshake the peer cut short or answered with something else.
 _CUT_SHORT = frozenset({"UNEXPECTED_EOF_WHILE_READING", "WRONG_VERSION_NUMBER"})
+
+
+def _is_refused_certificate(exc: ssl.SSLError) -> bool:
+    """Whether the node's TLS alert says it refused this side's certificate (TLS 1.3 tells
+    a client so only as it reads the first reply)."""
+    reason = exc.reason or ""
+    return "ALERT" in reason and any(
+        word in reason
+        for word in (
+            "UNKNOWN_CA",
+            "BAD_CERTIFICATE",
+            "CERTIFICATE_REQUIRED",
+            "DECRYPT_ERROR",
+            "CERTIFICATE_UNKNOWN",
+            "ACCESS_DENIED",
+        )
+    )
 
 
 def probe(address: str, timeout_ms: int, tls: ssl.SSLContext | None = None) -> Any | None:
