@@ -8,6 +8,7 @@ import pty
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from kazoo.client import KazooClient
@@ -78,9 +79,12 @@ def test_put_without_a_value_reads_standard_input_unchanged(cluster: LocalCluste
     assert put.returncode == 0, put.stderr
     with kvstore.Client(cluster.zk_connect, cluster.zk_path, timeout=20) as client:
         assert client.get("doc") == text
+    back = kv(cluster, "get", "-n", "doc")
+    assert (back.returncode, back.stdout) == (0, text)  # byte for byte: no newline added
     not_text = kv(cluster, "put", "doc", stdin=b"\xff\xfe")
     assert not_text.returncode == 64
-    assert "standard input is not UTF-8" in not_text.stderr and "Traceback" not in not_text.stderr
+    assert not_text.stderr.startswith("kv: put: standard input is not UTF-8")
+    assert not_text.stderr.count("\n") == 1  # one line: no usage text
 
 
 def test_put_without_a_value_with_a_terminal_as_input_is_a_usage_error() -> None:
@@ -182,6 +186,10 @@ def test_a_parent_path_that_does_not_exist_is_one_line_and_exit_2(
         ("node", "127.0.0.1", "9000", "h:abc", "/p"),
         ("createznode", "h:abc", "/p"),
         ("client", "h:abc", "/p", "1", "1", "10"),
+        ("createznode", "127.0.0.1:2181", "relative"),
+        ("node", "127.0.0.1", "9000", "127.0.0.1:2181", "/a//b"),
+        ("kv", "--path", "/trailing/", "get", "k"),
+        ("bench", "--keyspace", "1,,2"),
     ],
     ids=[
         "kv-zk",
@@ -191,6 +199,10 @@ def test_a_parent_path_that_does_not_exist_is_one_line_and_exit_2(
         "node-zk",
         "createznode",
         "client",
+        "relative-path",
+        "empty-path-part",
+        "trailing-slash",
+        "empty-list-item",
     ],
 )
 def test_a_malformed_port_or_connect_string_is_a_usage_error(command: tuple[str, ...]) -> None:
@@ -215,3 +227,15 @@ def test_a_key_that_cannot_be_sent_or_is_too_large_fails_at_once_with_exit_64(
         with pytest.raises(kvstore.BadRequestError) as refused:
             client.put("k", 5)  # type: ignore[arg-type]
         assert refused.value.is_definite
+
+
+def test_a_data_dir_that_is_a_file_is_a_usage_error(tmp_path: Path) -> None:
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_text("x")
+    command = ["node", "127.0.0.1", "9000", "127.0.0.1:1", "/p", "--data-dir"]
+    result = subprocess.run(
+        [sys.executable, "-m", "kvstore", *command, str(not_a_directory)],
+        capture_output=True, text=True, timeout=TIMEOUT_S, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert f"--data-dir: {not_a_directory} exists and is not a directory" in result.stderr

@@ -103,6 +103,14 @@ def test_kv_certs_writes_pem_files_with_private_keys_0600(tmp_path: Path) -> Non
         check=True,
     )
     assert (tmp_path / "d" / "node-5.crt").exists()
+    # An existing CA is kept unless --force: certificates signed by it would stop working.
+    ca = (tmp_path / "d" / "ca.crt").read_bytes()
+    again = [sys.executable, "-m", "kvstore", "certs", str(tmp_path / "d")]
+    kept = subprocess.run(again, capture_output=True, text=True, timeout=60, check=False)
+    assert kept.returncode == 1 and "holds a CA already" in kept.stderr
+    assert (tmp_path / "d" / "ca.crt").read_bytes() == ca
+    subprocess.run([*again, "--force"], capture_output=True, timeout=60, check=True)
+    assert (tmp_path / "d" / "ca.crt").read_bytes() != ca
 
 
 def test_a_tls_cluster_serves_the_client_and_kv(
@@ -180,7 +188,7 @@ def test_a_certificate_from_another_ca_is_refused(
     conn = Connection(
         primary_address(tls_cluster), timeout_ms=REFUSAL_TIMEOUT_MS, tls=context(other.node)
     )
-    with pytest.raises(errors.ForbiddenError, match="cannot trust .* certificate"):
+    with pytest.raises(errors.ForbiddenError, match=r"cannot trust .* certificate"):
         conn.call("status")
     # Trusting the cluster's CA, but showing another CA's (node!) certificate: the node refuses.
     forged = TlsConfig(other.node.cert_path, other.node.key_path, str(certs.ca_cert))

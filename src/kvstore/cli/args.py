@@ -83,7 +83,7 @@ def check_replicas_option(parser: argparse.ArgumentParser, *values: int | None) 
 def int_list(text: str) -> tuple[int, ...]:
     """A comma-separated list of positive integers, e.g. ``1,4,16``."""
     try:
-        values = tuple(int(part) for part in text.split(",") if part.strip())
+        values = tuple(int(part) for part in text.split(","))
     except ValueError:
         message = f"expected comma-separated integers, got {text!r}"
         raise argparse.ArgumentTypeError(message) from None
@@ -255,7 +255,20 @@ def add_cluster_arguments(parser: argparse.ArgumentParser, path_help: str) -> No
         type=zk_connect,
         help="ZooKeeper connect string, e.g. 127.0.0.1:2181",
     )
-    parser.add_argument("zk_path", metavar="PATH", help=path_help)
+    parser.add_argument("zk_path", metavar="PATH", type=zk_path, help=path_help)
+
+
+def zk_path(text: str) -> str:
+    """A cluster's parent znode path as ZooKeeper spells it: absolute, no empty, "." or
+    ".." part, no trailing slash (kazoo would quietly mend some, and messages would then
+    name a path that is not the one used)."""
+    parts = text.split("/")
+    if not text.startswith("/") or text == "/" or any(p in ("", ".", "..") for p in parts[1:]):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a znode path: expected an absolute path such as /kvstore "
+            "(no empty, '.' or '..' parts, no trailing slash)"
+        )
+    return text
 
 
 ZK_AUTH_ENV = "KV_ZK_AUTH"

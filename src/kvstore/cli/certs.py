@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 from kvstore.cli.args import new_parser, report_error
 from kvstore.local.certs import DEFAULT_NODE_CERTIFICATES, tls_args, write_certificates
@@ -20,7 +21,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "writes only) and zookeeper.crt/zookeeper.key (for a ZooKeeper TLS port on "
         "127.0.0.1/localhost: its clients check the host name). Private keys are 0600. "
         "For tests and trials: keep ca.key away from the nodes in earnest use.",
-        epilog="exit status: 0 written; 1 DIR cannot be written; 2 bad arguments",
+        epilog="exit status: 0 written; 1 DIR cannot be written, or holds a CA already "
+        "(without --force); 2 bad arguments",
     )
     parser.add_argument("directory", metavar="DIR", help="where to write (created if missing)")
     parser.add_argument(
@@ -31,9 +33,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="how many per-node certificates to write, node-1 to node-N "
         f"(default {DEFAULT_NODE_CERTIFICATES}; 0: only the shared node.crt)",
     )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="write over a CA and certificates already in DIR (nodes and clients holding "
+        "the old ones can no longer connect)",
+    )
     args = parser.parse_args(argv)
     if args.nodes < 0:
         parser.error("--nodes cannot be negative")
+    if not args.force and (Path(args.directory) / "ca.key").exists():
+        report_error(
+            "kv-certs",
+            f"{args.directory} holds a CA already (ca.key): not overwritten, as certificates "
+            "signed by it would stop working; give another DIR, or --force",
+        )
+        return 1
     try:
         files = write_certificates(args.directory, nodes=args.nodes)
     except OSError as exc:

@@ -22,6 +22,7 @@ from kvstore.cli.args import (
     report_error,
     tls_from,
     zk_connect,
+    zk_path,
     zk_tls_from,
 )
 from kvstore.client.client import DEFAULT_PATH, DEFAULT_ZK, Client
@@ -73,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--path",
+        type=zk_path,
         default=os.environ.get("KV_PATH", DEFAULT_PATH),
         help=f"the cluster's parent znode (default $KV_PATH or {DEFAULT_PATH})",
     )
@@ -83,7 +85,14 @@ def _parser() -> argparse.ArgumentParser:
     add_tls_arguments(parser, "the client's")
     add_zk_tls_arguments(parser)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands.add_parser("get", help="print a key's value").add_argument("key")
+    get = commands.add_parser("get", help="print a key's value (and a newline)")
+    get.add_argument("key")
+    get.add_argument(
+        "-n",
+        "--no-newline",
+        action="store_true",
+        help="print the value alone: what kv put stored, byte for byte",
+    )
     put = commands.add_parser("put", help="set a key")
     put.add_argument("key")
     put.add_argument("value", nargs="?", help="the value (default: read standard input to its end)")
@@ -105,9 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.tls = tls_from(parser, args)
     args.zk_tls = zk_tls_from(parser, args)
     logging.getLogger("kazoo").setLevel(logging.CRITICAL)  # our one line says it all
-    if args.command == "put" and args.value is None:
-        args.value = _value_from_stdin(parser)
     try:
+        if args.command == "put" and args.value is None:
+            args.value = _value_from_stdin(parser)
         if args.command == "status":
             return _status(args)
         with Client(
@@ -129,7 +138,9 @@ def _run(kv: Client, args: argparse.Namespace) -> int:
     is_json = args.output == "json"
     if args.command == "get":
         value = kv.get(args.key)
-        if value is not None or is_json:
+        if value is not None and args.no_newline and not is_json:
+            sys.stdout.write(value)
+        elif value is not None or is_json:
             _emit(is_json, {"key": args.key, "value": value}, value or "")
         return EXIT_OK if value is not None else EXIT_NO
     if args.command == "put":
@@ -158,7 +169,10 @@ def _value_from_stdin(parser: argparse.ArgumentParser) -> str:
     try:
         return data.decode()
     except UnicodeDecodeError as exc:
-        parser.error(f"put: standard input is not UTF-8 text ({exc.reason} at byte {exc.start})")
+        raise errors.BadRequestError(
+            f"put: standard input is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+            "values are text"
+        ) from None
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -67,6 +67,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         frame_deadline_s=args.frame_deadline,
         reply_budget_bytes=args.reply_budget_mb * MIB,
     )
+    if (
+        args.data_dir is not None
+        and os.path.exists(args.data_dir)
+        and not os.path.isdir(args.data_dir)
+    ):
+        parser.error(f"--data-dir: {args.data_dir} exists and is not a directory")
     if args.host in ("0.0.0.0", "::") and args.advertise is None:
         parser.error(
             f"bound to every interface ({args.host}): --advertise HOST:PORT names the "
