@@ -72,3 +72,20 @@ def test_client_with_two_processes_ends_by_itself_without_nodes(
     assert "no operation succeeded" in done.stderr
     assert "Successful operations: 0 in" in done.stdout
     assert "UnavailableError=" in done.stdout
+
+
+def test_a_second_run_on_the_same_cluster_logs_what_the_first_left(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
+    """The checker takes every key to start empty: a run logs the values earlier runs left
+    as its starting values, or its reads of them would be reads of values never written."""
+    for run in ("first", "second"):
+        log_path = tmp_path / f"{run}.log"
+        done = _kv(
+            "client", cluster.zk_connect, cluster.zk_path, "2", "2", "50",
+            "--log", str(log_path), timeout_s=2 + GRACE_S,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert ("keys held values already" in done.stdout) == (run == "second"), done.stdout
+        check = _kv("check", str(log_path), timeout_s=GRACE_S)
+        assert check.stdout.startswith("OK"), check.stdout

@@ -10,8 +10,13 @@ import time
 from collections.abc import Callable
 
 from kvstore.bench.procs import run_processes
-from kvstore.bench.workload import BenchResult, LoadClients, Workload, merge
+from kvstore.bench.workload import BenchResult, LoadClients, Workload, key_names, merge
+from kvstore.check.history import WRITE, Event
+from kvstore.client.client import Client
 from kvstore.config import ClientConfig
+
+# The thread id under which starting values are logged (load threads count from 0).
+STARTING_TID = 999_999_999
 
 
 def run(
@@ -43,3 +48,28 @@ def run(
     finally:
         clients.close()
     return merge(workload, elapsed_s, results, began_ns, deadline_ns)
+
+
+def starting_values(config: ClientConfig, keyspace: int, timeout_s: float = 30.0) -> list[Event]:
+    """The workload's keys that hold a value already, as writes completed at time 0 of the
+    run's log (its load then starts later): a checker treats every key as starting empty,
+    so a run on a cluster that earlier runs wrote to would otherwise read values "never
+    written". Raises KVError if the cluster cannot be read."""
+    with Client(
+        config.zk_connect,
+        config.zk_path,
+        timeout=timeout_s,
+        rpc_timeout_ms=config.rpc_timeout_ms,
+        connect_timeout_ms=config.connect_timeout_ms,
+        tls=config.tls,
+        zk_tls=config.zk_tls,
+    ) as client:
+        found = client.get_many(key_names(keyspace))
+    events: list[Event] = []
+    for key, value in found.items():
+        if value:  # (absent and "" are the same to the checker: the starting state)
+            events += [
+                (0, False, STARTING_TID, WRITE, key, value),
+                (0, True, STARTING_TID, WRITE, key, None),
+            ]
+    return events

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from kvstore.bench import load
 from kvstore.bench.clients import CLIENT_KINDS, SHARED_CALL_TIMEOUT_S
 from kvstore.bench.progress import maybe_progress
 from kvstore.bench.workload import Workload, summary_lines
-from kvstore.check.history import write_events
+from kvstore.check.history import Event, write_events
 from kvstore.cli.args import (
     add_cluster_arguments,
     add_load_shape_arguments,
@@ -66,9 +67,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.log != "-" and not _is_writable(Path(args.log)):
         parser.error(f"--log: cannot write {args.log}")  # before the run, not after it
     try:
+        # Before the clock starts: the values earlier runs left (logged as starting values).
+        start_ns = time.monotonic_ns()
+        starting = [] if args.log == "-" else _starting_values(config, args)
         progress = maybe_progress(sys.stdout, args.seconds) if args.procs == 1 else None
         try:
-            result = load.run(workload, config, procs=args.procs, progress=progress)
+            result = load.run(
+                workload, config, start_ns=start_ns, procs=args.procs, progress=progress
+            )
         finally:
             if progress is not None:
                 progress.done()
@@ -79,13 +85,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(line)
     if args.log != "-":
         is_replaced = Path(args.log).exists()
-        write_events(args.log, result.events)
+        write_events(args.log, [*starting, *result.events])
         replaced = ", replacing the previous one" if is_replaced else ""
-        print(f"Execution log: {args.log} ({len(result.events)} events{replaced})")
+        held = f"; {len(starting) // 2} keys held values already" if starting else ""
+        print(f"Execution log: {args.log} ({len(result.events)} events{held}{replaced})")
     if result.successes == 0:  # (the history is written all the same: it may be checked)
         report_error("kv-client", "no operation succeeded: no primary answered during the run")
         return 1
     return 0
+
+
+def _starting_values(config: ClientConfig, args: argparse.Namespace) -> list[Event]:
+    """The values the keys hold before the run (see load.starting_values); none, with a
+    warning, if the cluster does not answer soon (the run then reports how it fares)."""
+    try:
+        return load.starting_values(config, args.keyspace, timeout_s=min(5.0, args.seconds))
+    except errors.KVError as exc:
+        report_error(
+            "kv-client",
+            f"warning: cannot read the keys' values before the run ({exc}); the log takes "
+            "them to start empty, as kv-check does",
+        )
+        return []
 
 
 def _is_writable(path: Path) -> bool:
