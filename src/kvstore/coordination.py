@@ -429,7 +429,21 @@ def _set_meta(zk: KazooClient, path: str, reset: bool, replicas: int | None) -> 
 
 
 def _secure_existing(zk: KazooClient, path: str, auth: str) -> str:
-    """Set the secure ACL on ``path`` and on each of its children."""
+    """Set the secure ACL on ``path`` and on each of its children. Refused while nodes are
+    registered: they have no credentials (a node with credentials refuses an open parent),
+    so the ACL would leave them unable to change the cluster state (no failover, no join)."""
+    members = []
+    for name in zk.get_children(path):
+        with contextlib.suppress(NoNodeError):
+            if name.startswith(MEMBER_PREFIX) and zk.exists(f"{path}/{name}").ephemeralOwner:
+                members.append(name)
+    if members:
+        raise errors.CoordinationError(
+            f"refusing to secure {path}: {len(members)} node(s) are registered under it "
+            f"({', '.join(sorted(members))}); they have no credentials and could no longer "
+            "fail over or join. Stop every node, secure the parent, then start the nodes with "
+            "the credentials (an in-memory cluster loses its data that way: SECURITY.md)"
+        )
     acl = secure_acl(auth)
     zk.set_acls(path, acl)
     secured = 0

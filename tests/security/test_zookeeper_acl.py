@@ -149,16 +149,21 @@ def test_secure_existing_tightens_a_world_writable_parent(
         assert createznode.main(["--zk-auth", AUTH, zk_server.connect_string, zk_path]) == 0
         assert "writable by anyone (--secure-existing" in capsys.readouterr().out
         argv = ["--zk-auth", AUTH, "--secure-existing", zk_server.connect_string, zk_path]
-        assert createznode.main(argv) == 0
-        assert "secured" in capsys.readouterr().out
-        assert perms(anonymous.get_acls(zk_path)[0]) == SECURE
-        assert perms(anonymous.get_acls(f"{zk_path}/{open_node.name}")[0]) == SECURE
-        with pytest.raises(NoAuthError):
-            anonymous.set(zk_path, b"")
-        with pytest.raises(NoAuthError):
-            anonymous.create(f"{zk_path}/node-x", b"127.0.0.1:1")
+        # A node without credentials is registered: securing would lock it out, so refused.
+        assert createznode.main(argv) == 1
+        refusal = capsys.readouterr().err
+        assert f"refusing to secure {zk_path}: 1 node(s) are registered" in refusal
+        assert open_node.name in refusal and "Stop every node" in refusal
+        assert perms(anonymous.get_acls(zk_path)[0]) != SECURE
     finally:
         open_node.close()
+    assert createznode.main(argv) == 0  # (its ephemeral znode went with its session)
+    assert "secured" in capsys.readouterr().out
+    assert perms(anonymous.get_acls(zk_path)[0]) == SECURE
+    with pytest.raises(NoAuthError):
+        anonymous.set(zk_path, b"")
+    with pytest.raises(NoAuthError):
+        anonymous.create(f"{zk_path}/node-x", b"127.0.0.1:1")
 
 
 def test_secure_existing_needs_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
