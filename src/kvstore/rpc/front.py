@@ -778,10 +778,14 @@ _NOT_NOW = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWant
 def _drain(conn: _Connection) -> bytes:
     """What a TLS connection decrypted beyond the last receive (epoll cannot see it)."""
     tls: Any = conn.tls if conn.tls is not None else conn.sock  # (an SSLSocket then)
+    pending = tls.pending()
+    if not pending:  # the usual case: a request is one record (spares 0.45 us a request)
+        return b""
     chunks = []
     with contextlib.suppress(*_NOT_NOW):
-        while pending := tls.pending():
+        while pending:
             chunks.append(conn.receive(pending))
+            pending = tls.pending()
     return b"".join(chunks)
 
 
