@@ -240,7 +240,7 @@ def test_hijack_fails_and_the_secured_cluster_keeps_serving(
         zk_server.connect_string, zk_path, tmp_path, size=2, node_args=["--zk-auth", AUTH]
     )
     try:
-        cluster.start()  # the first node creates the parent itself, with the secure ACL
+        cluster.start()  # kv-createznode with the nodes' credentials: the secure ACL
         assert perms(anonymous.get_acls(zk_path)[0]) == SECURE
         primary = cluster.wait_for("primary").status()
         with kvstore.Client(zk_server.connect_string, zk_path, timeout=10) as kv:
