@@ -1,5 +1,9 @@
 """kv-node: run one storage node (``kv-node HOST PORT ZK_CONNECT PATH``, the original order).
 
+The parent znode PATH must exist (``kv-createznode`` creates it): without it kv-node says
+what to run and exits 1, unless --create-parent asks it to create PATH as kv-createznode
+would with the same credentials.
+
 A node that must start over (deposed, or its session expired while it held no listed copy)
 exits the node object with EXIT_RESTART; this program then re-executes itself with the same
 arguments, so the new node starts from a clean process.
@@ -11,6 +15,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import shlex
 import signal
 import sys
 from collections.abc import Sequence
@@ -96,6 +101,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         logging.getLogger("kv-node").error("cannot serve on %s: %s", config.address, exc)
         return 1
+    except errors.NoClusterError as exc:
+        logging.getLogger("kv-node").error("%s: %s", exc, _no_cluster_advice(args))
+        return 1
     except errors.KVError as exc:
         logging.getLogger("kv-node").error("%s", exc)
         return 1
@@ -107,6 +115,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.flush()
         os.execv(sys.executable, [sys.executable, "-m", "kvstore", "node", *node_args])
     return code
+
+
+def _no_cluster_advice(args: argparse.Namespace) -> str:
+    """What to do about a missing parent znode: the kv-createznode command that creates it
+    with this node's ZooKeeper credentials and TLS (the password itself never shown)."""
+    command = ["kv-createznode"]
+    if args.zk_auth is not None:
+        command += ["--zk-auth", "USER:PASSWORD"]
+    elif args.zk_auth_file is not None:
+        command += ["--zk-auth-file", args.zk_auth_file]
+    # ($KV_ZK_AUTH: kv-createznode reads it as kv-node does)
+    if args.zk_tls_cert is not None:
+        command += ["--zk-tls-cert", args.zk_tls_cert, "--zk-tls-key", args.zk_tls_key]
+        command += ["--zk-tls-ca", args.zk_tls_ca]
+    command += [args.zk_connect, args.zk_path]
+    return f"create the cluster with `{shlex.join(command)}` (or pass --create-parent)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +164,7 @@ def _config(args: argparse.Namespace, limits: Limits, security: _Security) -> No
         zk_tls=security.zk_tls,
         tls=security.tls,
         cluster_secret=security.cluster_secret,
+        create_parent=args.create_parent,
     )
 
 
@@ -157,9 +182,12 @@ def _parser() -> argparse.ArgumentParser:
     parser = new_parser(
         prog="kv-node",
         description="Run a storage node: serve the key-value service on HOST:PORT and register "
-        "under PATH in ZooKeeper. The lowest registered node is the primary, the next the backup.",
+        "under PATH in ZooKeeper. The lowest registered node is the primary, the next the backup. "
+        "PATH must exist: create it first with kv-createznode ZK_CONNECT PATH (or pass "
+        "--create-parent).",
         epilog="exit status: 0 stopped (SIGTERM/SIGINT); 1 cannot serve (port taken, ZooKeeper "
-        "unreachable or refusing the credentials, a parent znode anyone may write although "
+        "unreachable or refusing the credentials, no parent znode PATH, a parent znode anyone "
+        "may write although "
         "this node has credentials, damaged data directory); 2 bad arguments (a cluster "
         "secret file others may read included); "
         "3 DATA LOST (no node holding a complete copy is alive; the message says how to start "
@@ -167,7 +195,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("host", metavar="HOST", help="address to serve on, e.g. 127.0.0.1")
     parser.add_argument("port", metavar="PORT", type=tcp_port, help="TCP port to serve on")
-    add_cluster_arguments(parser, "parent znode, e.g. /kvstore")
+    add_cluster_arguments(
+        parser, "parent znode, e.g. /kvstore, created beforehand by kv-createznode"
+    )
+    parser.add_argument(
+        "--create-parent",
+        action="store_true",
+        help="create PATH if it does not exist, as kv-createznode ZK_CONNECT PATH would with "
+        "the same ZooKeeper credentials and TLS (with --zk-auth: writable only with them), "
+        "instead of refusing to start. A mistyped PATH then starts a new, empty cluster",
+    )
     _add_timing_arguments(parser)
     _add_limit_arguments(parser)
     _add_serving_arguments(parser)

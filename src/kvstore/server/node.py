@@ -26,6 +26,8 @@ Invariants (see coordination.py for the ZooKeeper side):
   primary to rename it, see follower.py for the invariant); only a node holding no
   listed copy (standby, syncing) restarts. A node that finds no live in-sync copy of
   the data says so and exits instead of serving an incomplete store.
+- A node never creates the cluster's parent znode on its own (only --create-parent, at
+  start): it refuses to start without one rather than start a new, empty cluster.
 """
 
 from __future__ import annotations
@@ -212,10 +214,14 @@ class StorageNode:
         if self.store.log is not None:
             threading.Thread(target=self._snapshot_loop, name="snapshots", daemon=True).start()
         try:
+            if config.create_parent and self._coordinator.create_parent():
+                log.warning("created the parent znode %s (--create-parent)", config.zk_path)
+            self._coordinator.require_parent()
             self._coordinator.check_parent_acl(has_auth=config.zk_auth is not None)
             self.name = self._coordinator.register(config.address)
         except errors.CoordinationError:
-            # NoAuth (wrong credentials) or a world-writable parent: kv-node says so, exit 1
+            # No parent (NoClusterError), NoAuth (wrong credentials) or a world-writable
+            # parent: kv-node says so, exit 1
             self._coordinator.close()
             raise
         self.role = Role.STANDBY
