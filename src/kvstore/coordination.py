@@ -16,8 +16,9 @@ Layout under the parent path P (created by ``kv-createznode``, before any node s
   failed backup from the set (by CAS) before it acknowledges writes without it.
 
 Nodes never create P on their own: registering under a missing P fails with
-NoClusterError, for a new P holds a new, empty cluster: a mistyped path must not start a
-second cluster. The one exception is asked for by
+NoClusterError (so does reading it once it is gone), and a node stops rather than
+re-create it, for a new P holds a new, empty cluster: a mistyped path must not start a
+second cluster, nor a deleted one come back empty. The one exception is asked for by
 name: ``kv-node --create-parent`` creates P at its first start, exactly as
 ``kv-createznode`` with the same credentials would (:meth:`Coordinator.create_parent`).
 
@@ -555,7 +556,7 @@ class ClusterView:
     def _read_members(self, prefix: str = MEMBER_PREFIX) -> list[Member]:
         """Children named ``prefix`` + sequence number, lowest first, with their data;
         a child whose data is not ``host:port`` is ignored (and logged once)."""
-        children = self._wait(self.zk.get_children_async(self.path, watch=self._on_members_event))
+        children = self._children(watch=self._on_members_event)
         self._ignored &= set(children)
         names = sorted(
             (n for n in children if n.startswith(prefix) and _sequence(n) >= 0), key=_sequence
@@ -608,7 +609,12 @@ class ClusterView:
             wanted = self._meta_wanted
             if self._meta_seen != wanted:
                 with zookeeper_errors("reading metadata"):
-                    data, stat = self._wait(self.zk.get_async(self.path, watch=self._on_meta_event))
+                    try:
+                        data, stat = self._wait(
+                            self.zk.get_async(self.path, watch=self._on_meta_event)
+                        )
+                    except NoNodeError:
+                        raise self._no_cluster() from None
                 self._meta_state = (ClusterMeta.from_bytes(data), stat.version)
                 self._meta_seen = wanted
             return self._meta_state

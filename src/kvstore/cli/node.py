@@ -6,7 +6,9 @@ would with the same credentials.
 
 A node that must start over (deposed, or its session expired while it held no listed copy)
 exits the node object with EXIT_RESTART; this program then re-executes itself with the same
-arguments, so the new node starts from a clean process.
+arguments plus --restarted, so the new node starts from a clean process. --restarted turns
+--create-parent off: a parent missing then was deleted while the node ran, and re-creating
+it would bring the cluster back new and empty.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from kvstore.cli.args import (
 )
 from kvstore.config import Limits, NodeConfig, TlsConfig
 from kvstore.rpc import load_cluster_secret, parse_address
-from kvstore.server.node import StorageNode
+from kvstore.server.node import PARENT_GONE, StorageNode
 from kvstore.server.roles import EXIT_RESTART
 from kvstore.server.wal import FSYNC_MODES
 
@@ -113,13 +115,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         sys.stdout.flush()
         sys.stderr.flush()
-        os.execv(sys.executable, [sys.executable, "-m", "kvstore", "node", *node_args])
+        again = node_args if args.restarted else [RESTARTED, *node_args]  # (options first)
+        os.execv(sys.executable, [sys.executable, "-m", "kvstore", "node", *again])
     return code
+
+
+RESTARTED = "--restarted"
 
 
 def _no_cluster_advice(args: argparse.Namespace) -> str:
     """What to do about a missing parent znode: the kv-createznode command that creates it
     with this node's ZooKeeper credentials and TLS (the password itself never shown)."""
+    if args.restarted:
+        return PARENT_GONE
     command = ["kv-createznode"]
     if args.zk_auth is not None:
         command += ["--zk-auth", "USER:PASSWORD"]
@@ -164,7 +172,7 @@ def _config(args: argparse.Namespace, limits: Limits, security: _Security) -> No
         zk_tls=security.zk_tls,
         tls=security.tls,
         cluster_secret=security.cluster_secret,
-        create_parent=args.create_parent,
+        create_parent=args.create_parent and not args.restarted,
     )
 
 
@@ -186,8 +194,8 @@ def _parser() -> argparse.ArgumentParser:
         "PATH must exist: create it first with kv-createznode ZK_CONNECT PATH (or pass "
         "--create-parent).",
         epilog="exit status: 0 stopped (SIGTERM/SIGINT); 1 cannot serve (port taken, ZooKeeper "
-        "unreachable or refusing the credentials, no parent znode PATH, a parent znode anyone "
-        "may write although "
+        "unreachable or refusing the credentials, no parent znode PATH or it was deleted while "
+        "the node ran, a parent znode anyone may write although "
         "this node has credentials, damaged data directory); 2 bad arguments (a cluster "
         "secret file others may read included); "
         "3 DATA LOST (no node holding a complete copy is alive; the message says how to start "
@@ -203,8 +211,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="create PATH if it does not exist, as kv-createznode ZK_CONNECT PATH would with "
         "the same ZooKeeper credentials and TLS (with --zk-auth: writable only with them), "
-        "instead of refusing to start. A mistyped PATH then starts a new, empty cluster",
+        "instead of refusing to start. A mistyped PATH then starts a new, empty cluster. "
+        "Only when the node starts: one deleted while the node runs is never re-created "
+        "(the node stops, exit 1)",
     )
+    parser.add_argument(RESTARTED, action="store_true", help=argparse.SUPPRESS)
     _add_timing_arguments(parser)
     _add_limit_arguments(parser)
     _add_serving_arguments(parser)
