@@ -13,6 +13,7 @@ import pytest
 
 import kvstore
 from kvstore.cli import COMMANDS
+from kvstore.cli import node as kv_node
 from kvstore.coordination import ClusterMeta, connect, create_parent
 from kvstore.local.cluster import NodeProcess
 from kvstore.local.processes import free_port
@@ -197,3 +198,18 @@ def test_kv_node_with_create_parent_starts_a_cluster_that_serves(
         assert f"created the parent znode {zk_path} (--create-parent)" in node.log_tail(200)
     finally:
         node.stop()
+
+
+def test_the_missing_parent_line_names_the_nodes_zookeeper_options() -> None:
+    """The kv-createznode command shown carries the node's credential file and ZooKeeper TLS
+    options (quoted for the shell); a restarted node, which found its parent gone, says so."""
+    given = ["127.0.0.1", "9000", "zk1:2181,zk2:2181", "/kvstroe", "--zk-auth-file", "my auth"]
+    given += ["--zk-tls-cert", "c.pem", "--zk-tls-key", "k.pem", "--zk-tls-ca", "ca.pem"]
+    parser = kv_node._parser()
+    assert kv_node._no_cluster_advice(parser.parse_args(given)) == (
+        "create the cluster with `kv-createznode --zk-auth-file 'my auth' --zk-tls-cert c.pem "
+        "--zk-tls-key k.pem --zk-tls-ca ca.pem zk1:2181,zk2:2181 /kvstroe` "
+        "(or pass --create-parent)"
+    )
+    restarted = kv_node._no_cluster_advice(parser.parse_args([kv_node.RESTARTED, *given]))
+    assert restarted.startswith("it was deleted while this node ran")
