@@ -66,7 +66,7 @@ def run_demo(
             )
             option = "" if replicas == 2 else f" --replicas {replicas}"
             created = cluster.create_parent()  # first: nodes refuse to start without it
-            print(f"== kv-createznode{option} {zk.connect_string} {path}: {created}")
+            print(f"== kv-createznode{option}: {created}")
             if replicas != 2:
                 print(f"== {replicas} nodes, {replicas} copies")
         try:
