@@ -57,11 +57,12 @@ def zk_path() -> str:
 def idle_cluster(
     zk_server: ZooKeeperServer, zk_path: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LocalCluster]:
-    """Two node processes, none started yet (nodes create the parent path themselves);
-    whatever the test started is stopped afterwards."""
+    """Two node processes, none started yet, under a parent path created by kv-createznode
+    (nodes refuse to start without it); whatever the test started is stopped afterwards."""
     local = LocalCluster(
         zk_server.connect_string, zk_path, tmp_path_factory.mktemp("nodes"), size=2
     )
+    local.create_parent()
     try:
         yield local
     finally:

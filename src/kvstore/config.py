@@ -83,6 +83,10 @@ class NodeConfig:
     control_tick_s: float = 0.05
     # Compare-and-set attempts of one metadata change before giving up (others keep changing it).
     meta_cas_attempts: int = 20
+    # Create the parent znode when it is missing (kv-node --create-parent), as kv-createznode
+    # would with the node's credentials, instead of refusing to start. Only at start: a node
+    # never re-creates a parent deleted while it ran (coordination.py).
+    create_parent: bool = False
     # host:port registered in ZooKeeper when it differs from the bound one (e.g. 0.0.0.0).
     advertise: str | None = None
     # Prometheus metrics and /healthz on this port (None: off; 0: any free port).

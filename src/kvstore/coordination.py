@@ -1,6 +1,6 @@
 """ZooKeeper: membership and cluster metadata. The only module that imports kazoo.
 
-Layout under the parent path P (created by ``kv-createznode``):
+Layout under the parent path P (created by ``kv-createznode``, before any node starts):
 
 - ``P/node-0000000042`` — one ephemeral sequential znode per live node, data
   ``host:port`` (UTF-8). In a steady state the lowest sequence is the primary and
@@ -14,6 +14,13 @@ Layout under the parent path P (created by ``kv-createznode``):
   change based on the same state. A node takes over as primary only by a CAS
   that bumps the epoch, and only if it is in the in-sync set; a primary drops a
   failed backup from the set (by CAS) before it acknowledges writes without it.
+
+Nodes never create P on their own: registering under a missing P fails with
+NoClusterError (so does reading it once it is gone), and a node stops rather than
+re-create it, for a new P holds a new, empty cluster: a mistyped path must not start a
+second cluster, nor a deleted one come back empty. The one exception is asked for by
+name: ``kv-node --create-parent`` creates P at its first start, exactly as
+``kv-createznode`` with the same credentials would (:meth:`Coordinator.create_parent`).
 
 Access control: given digest credentials (``user:password``), every znode kvstore
 creates (the parent, member znodes) gets :func:`secure_acl` — ALL for that digest
@@ -379,15 +386,13 @@ def create_parent(
     zk = connect(zk_connect, ZK_SESSION_TIMEOUT_S, timeout_s, auth, tls)
     try:
         with zookeeper_errors(f"creating {path}"):
-            try:
-                initial = b"" if replicas is None else ClusterMeta(replicas=replicas).to_bytes()
-                zk.create(path, initial, makepath=True)
+            initial = b"" if replicas is None else ClusterMeta(replicas=replicas).to_bytes()
+            if _create_parent_znode(zk, path, initial, timeout_s):
                 done = ["created" + (" (secure ACL)" if auth else "")]
                 if replicas is not None:
                     done.append(f"replication factor {replicas}")
                 return ", ".join(done)
-            except NodeExistsError:
-                done = ["exists"]
+            done = ["exists"]
             if secure_existing:
                 assert auth is not None
                 done.append(_secure_existing(zk, path, auth))
@@ -401,6 +406,18 @@ def create_parent(
     finally:
         zk.stop()
         zk.close()
+
+
+def _create_parent_znode(zk: KazooClient, path: str, initial: bytes, timeout_s: float) -> bool:
+    """Create the parent ``path`` holding ``initial``, and its missing ancestors, each with
+    the session's default ACL (:func:`secure_acl` if it has credentials, else world-open):
+    what kv-createznode does, and kv-node --create-parent through the same code. False if
+    ``path`` existed (it is left as it is)."""
+    try:
+        zk.create_async(path, initial, makepath=True).get(timeout=timeout_s)
+    except NodeExistsError:
+        return False
+    return True
 
 
 def _set_meta(zk: KazooClient, path: str, reset: bool, replicas: int | None) -> str:
@@ -557,7 +574,7 @@ class ClusterView:
     def _read_members(self, prefix: str = MEMBER_PREFIX) -> list[Member]:
         """Children named ``prefix`` + sequence number, lowest first, with their data;
         a child whose data is not ``host:port`` is ignored (and logged once)."""
-        children = self._wait(self.zk.get_children_async(self.path, watch=self._on_members_event))
+        children = self._children(watch=self._on_members_event)
         self._ignored &= set(children)
         names = sorted(
             (n for n in children if n.startswith(prefix) and _sequence(n) >= 0), key=_sequence
@@ -610,10 +627,32 @@ class ClusterView:
             wanted = self._meta_wanted
             if self._meta_seen != wanted:
                 with zookeeper_errors("reading metadata"):
-                    data, stat = self._wait(self.zk.get_async(self.path, watch=self._on_meta_event))
+                    try:
+                        data, stat = self._wait(
+                            self.zk.get_async(self.path, watch=self._on_meta_event)
+                        )
+                    except NoNodeError:
+                        raise self._no_cluster() from None
                 self._meta_state = (ClusterMeta.from_bytes(data), stat.version)
                 self._meta_seen = wanted
             return self._meta_state
+
+    def _children(self, watch: Callable[[Any], None] | None = None) -> list[str]:
+        """The parent's children (NoClusterError if the parent does not exist)."""
+        try:
+            return list(self._wait(self.zk.get_children_async(self.path, watch=watch)))
+        except NoNodeError:
+            raise self._no_cluster() from None
+
+    def _no_cluster(self) -> errors.NoClusterError:
+        return errors.NoClusterError(
+            f"{self.path} does not exist in ZooKeeper {self.connect_string()}"
+        )
+
+    def connect_string(self) -> str:
+        """The ZooKeeper connect string this view's session uses (hosts and chroot)."""
+        hosts = ",".join(f"{host}:{port}" for host, port in self.zk.hosts)
+        return hosts + (self.zk.chroot or "")
 
     def _wait(self, result: Any) -> Any:
         """Every ZooKeeper request is bounded: kazoo would queue it until reconnected."""
@@ -650,7 +689,9 @@ class Coordinator(ClusterView):
         self._may_have_registered = False  # a create failed without saying whether it landed
 
     def register(self, address: str) -> str:
-        """Create this node's ephemeral sequential znode; safe to retry after an unclear failure."""
+        """Create this node's ephemeral sequential znode; safe to retry after an unclear failure.
+        NoClusterError if the parent does not exist: it is never created here (see the
+        module's docstring), and ZooKeeper's own check makes this one race-free."""
         if self._may_have_registered:
             # The last attempt could not tell (nor find out) whether its create landed:
             # look first, or a retry would leave a second znode at our address.
@@ -659,15 +700,19 @@ class Coordinator(ClusterView):
                 return self._registered(own)
         try:
             with zookeeper_errors(f"registration under {self.path}"):
-                self._wait(self.zk.ensure_path_async(self.path))
-                created = self._wait(
-                    self.zk.create_async(
-                        f"{self.path}/{self.member_prefix}",
-                        address.encode(),
-                        ephemeral=True,
-                        sequence=True,
+                try:
+                    created = self._wait(
+                        self.zk.create_async(
+                            f"{self.path}/{self.member_prefix}",
+                            address.encode(),
+                            ephemeral=True,
+                            sequence=True,
+                        )
                     )
-                )
+                except NoNodeError:  # a definite answer: nothing was created
+                    raise self._no_cluster() from None
+        except errors.NoClusterError:
+            raise
         except errors.CoordinationError:
             # The create may have succeeded with its reply lost: adopt such a znode, never
             # leave a second one behind (it would pose as another member at our address).
@@ -677,6 +722,19 @@ class Coordinator(ClusterView):
                 raise
             return self._registered(own)
         return self._registered(created.rsplit("/", 1)[-1])
+
+    def create_parent(self) -> bool:
+        """Create the parent (``kv-node --create-parent``) as kv-createznode does with this
+        session's credentials (:func:`_create_parent_znode`); False if it existed."""
+        with zookeeper_errors(f"creating {self.path}"):
+            return _create_parent_znode(self.zk, self.path, b"", self.request_timeout_s)
+
+    def require_parent(self) -> None:
+        """NoClusterError unless the parent exists, read after catching up with the
+        ZooKeeper leader (a server that lags may not have applied its creation yet)."""
+        self.sync()
+        if not self.exists():
+            raise self._no_cluster()
 
     def _registered(self, name: str) -> str:
         self._may_have_registered = False
@@ -690,7 +748,7 @@ class Coordinator(ClusterView):
         self.sync()
         session_id = self.zk.client_id[0] if self.zk.client_id else None
         with zookeeper_errors("looking for our own znode"):
-            for name in self._wait(self.zk.get_children_async(self.path)):
+            for name in self._children():
                 try:
                     data, stat = self._wait(self.zk.get_async(f"{self.path}/{name}"))
                 except NoNodeError:
@@ -711,18 +769,14 @@ class Coordinator(ClusterView):
             )
             return
         if not self.exists():
-            return  # register creates it, with the secure ACL
+            return  # register refuses (NoClusterError)
         is_open, acl = self.parent_acl()
         if is_open:
             raise errors.CoordinationError(
                 f"refusing to start: {self.path} is writable by anyone (ACL: {acl}), which "
                 "voids this node's ZooKeeper credentials; secure it first: kv-createznode "
-                f"--zk-auth USER:PASSWORD --secure-existing {self._connect_string()} {self.path}"
+                f"--zk-auth USER:PASSWORD --secure-existing {self.connect_string()} {self.path}"
             )
-
-    def _connect_string(self) -> str:
-        hosts = ",".join(f"{host}:{port}" for host, port in self.zk.hosts)
-        return hosts + (self.zk.chroot or "")
 
     def is_usable(self) -> bool:
         """Connected, with a session: requests can go through now."""

@@ -111,6 +111,12 @@ class CoordinationError(KVError):
     """ZooKeeper is unreachable, or the cluster metadata is not what it must be."""
 
 
+class NoClusterError(CoordinationError):
+    """The cluster's parent znode does not exist: nobody created it (``kv-createznode``
+    does), or it was deleted. A node never re-creates it on its own: that would start a
+    new, empty cluster in its place."""
+
+
 class DeposedError(KVError):
     """This node learnt that another node became primary; it must stop acting as primary."""
 

@@ -11,8 +11,11 @@ from pathlib import Path
 
 import pytest
 
+import kvstore
 from kvstore.cli import COMMANDS
+from kvstore.cli import node as kv_node
 from kvstore.coordination import ClusterMeta, connect, create_parent
+from kvstore.local.cluster import NodeProcess
 from kvstore.local.processes import free_port
 from kvstore.local.zkserver import ZooKeeperServer
 
@@ -152,3 +155,61 @@ def test_a_load_that_no_primary_answered_exits_1(
     assert result.returncode == 1, result.stdout + result.stderr
     assert "no operation succeeded" in result.stderr
     assert log.exists()  # the history is kept all the same
+
+
+@pytest.mark.parametrize(
+    ("options", "shown"),
+    [((), ""), (("--zk-auth", "kv:s3cret"), "--zk-auth USER:PASSWORD ")],
+    ids=["anonymous", "credentials"],
+)
+def test_kv_node_refuses_a_parent_that_does_not_exist(
+    zk_server: ZooKeeperServer, zk_path: str, options: tuple[str, ...], shown: str
+) -> None:
+    """A mistyped PATH must not start a second, empty cluster: one line saying what to run
+    (with the credentials' option, never the password), exit 1, and nothing created."""
+    zk = zk_server.connect_string
+    result = run("node", "127.0.0.1", PORT, zk, zk_path, *options)
+    assert result.returncode == 1, result
+    errors_logged = [line for line in result.stderr.splitlines() if " ERROR " in line]
+    assert len(errors_logged) == 1, result.stderr
+    assert errors_logged[0].endswith(
+        f"kv-node: {zk_path} does not exist in ZooKeeper {zk}: create the cluster with "
+        f"`kv-createznode {shown}{zk} {zk_path}` (or pass --create-parent)"
+    ), errors_logged
+    assert "Traceback" not in result.stderr and "s3cret" not in result.stderr
+    client = connect(zk, 10.0, 10.0)
+    try:
+        assert client.exists(zk_path) is None
+    finally:
+        client.stop()
+        client.close()
+
+
+def test_kv_node_with_create_parent_starts_a_cluster_that_serves(
+    zk_server: ZooKeeperServer, zk_path: str, tmp_path: Path
+) -> None:
+    node = NodeProcess(zk_server.connect_string, zk_path, tmp_path, extra_args=["--create-parent"])
+    try:
+        node.start()
+        node.wait_for_role(["primary"])
+        with kvstore.Client(zk_server.connect_string, zk_path, timeout=10) as kv:
+            kv.put("greeting", "hello")
+            assert kv.get("greeting") == "hello"
+        assert f"created the parent znode {zk_path} (--create-parent)" in node.log_tail(200)
+    finally:
+        node.stop()
+
+
+def test_the_missing_parent_line_names_the_nodes_zookeeper_options() -> None:
+    """The kv-createznode command shown carries the node's credential file and ZooKeeper TLS
+    options (quoted for the shell); a restarted node, which found its parent gone, says so."""
+    given = ["127.0.0.1", "9000", "zk1:2181,zk2:2181", "/kvstroe", "--zk-auth-file", "my auth"]
+    given += ["--zk-tls-cert", "c.pem", "--zk-tls-key", "k.pem", "--zk-tls-ca", "ca.pem"]
+    parser = kv_node._parser()
+    assert kv_node._no_cluster_advice(parser.parse_args(given)) == (
+        "create the cluster with `kv-createznode --zk-auth-file 'my auth' --zk-tls-cert c.pem "
+        "--zk-tls-key k.pem --zk-tls-ca ca.pem zk1:2181,zk2:2181 /kvstroe` "
+        "(or pass --create-parent)"
+    )
+    restarted = kv_node._no_cluster_advice(parser.parse_args([kv_node.RESTARTED, *given]))
+    assert restarted.startswith("it was deleted while this node ran")

@@ -245,7 +245,7 @@ def test_hijack_fails_and_the_secured_cluster_keeps_serving(
         zk_server.connect_string, zk_path, tmp_path, size=2, node_args=["--zk-auth", AUTH]
     )
     try:
-        cluster.start()  # the first node creates the parent itself, with the secure ACL
+        cluster.start()  # kv-createznode with the nodes' credentials: the secure ACL
         assert perms(anonymous.get_acls(zk_path)[0]) == SECURE
         primary = cluster.wait_for("primary").status()
         with kvstore.Client(zk_server.connect_string, zk_path, timeout=10) as kv:
@@ -310,6 +310,34 @@ def keep_serving(kv: kvstore.Client, seconds: float) -> None:
         assert kv.get(f"k{count % 10}") == str(count)
         count += 1
     assert kv.get("before") == "1"
+
+
+def test_create_parent_makes_what_kv_createznode_makes_with_the_same_credentials(
+    zk_server: ZooKeeperServer, zk_path: str, tmp_path: Path
+) -> None:
+    """kv-node --create-parent --zk-auth creates the parent and its missing ancestors just
+    as kv-createznode --zk-auth does: the same ACL (secure) and data on each."""
+    zk = zk_server.connect_string
+    made_by = {"createznode": f"{zk_path}/a/kvstore", "node": f"{zk_path}/b/kvstore"}
+    assert createznode.main(["--zk-auth", AUTH, zk, made_by["createznode"]]) == 0
+    node = NodeProcess(
+        zk, made_by["node"], tmp_path, extra_args=["--create-parent", "--zk-auth", AUTH]
+    )
+    authed = connect(zk, SESSION_S, CONNECT_S, AUTH)  # (ADMIN: sees the digests whole)
+    try:
+        node.start()
+        node.wait_for_role(["primary"])
+        for level in (1, 0):  # the ancestor, then the parent
+            made = {
+                by: authed.get_acls(path.rsplit("/", level)[0])[0] for by, path in made_by.items()
+            }
+            assert made["node"] == made["createznode"], level
+            assert perms(made["node"]) == SECURE
+        assert authed.get(f"{zk_path}/b")[0] == authed.get(f"{zk_path}/a")[0] == b""
+    finally:
+        node.stop()
+        authed.stop()
+        authed.close()
 
 
 def test_nodes_warn_when_anyone_can_write(

@@ -52,3 +52,19 @@ def test_a_retried_registration_adopts_the_znode_whose_reply_and_lookup_were_los
     finally:
         zk.create_async, zk.get_children_async = real_create, real_children  # type: ignore[method-assign]
         coordinator.close()
+
+
+def test_registration_never_creates_the_parent(zk_server: ZooKeeperServer, zk_path: str) -> None:
+    """A missing parent is a definite NoClusterError, also for a retry after an unclear
+    failure (which looks for its own znode first); nothing is created."""
+    zk = connect(zk_server.connect_string, 10.0, 10.0)
+    coordinator = Coordinator(zk, zk_path, lambda: None)
+    try:
+        with pytest.raises(errors.NoClusterError, match=f"{zk_path} does not exist"):
+            coordinator.register(ADDRESS)
+        coordinator._may_have_registered = True  # as after a create whose reply was lost
+        with pytest.raises(errors.NoClusterError):
+            coordinator.register(ADDRESS)
+        assert zk.exists(zk_path) is None
+    finally:
+        coordinator.close()

@@ -197,6 +197,7 @@ def test_no_complete_copy_left_is_reported_not_served(idle_cluster: LocalCluster
 
 def test_primary_whose_session_expired_keeps_its_data(zk_server, zk_path, tmp_path) -> None:
     """The only copy must survive a ZooKeeper session expiry: the primary re-registers."""
+    create_parent(zk_server.connect_string, zk_path)
     node = NodeProcess(
         zk_server.connect_string, zk_path, tmp_path, extra_args=["--session-timeout", "1"]
     )
@@ -245,6 +246,7 @@ def test_a_node_bound_to_every_interface_registers_its_advertised_address(
     node = cluster.nodes[0]
     node.host = "0.0.0.0"
     node.extra_args += ["--advertise", f"127.0.0.1:{node.port}"]
+    cluster.create_parent()
     try:
         node.start()
 

@@ -64,10 +64,11 @@ def run_demo(
                 size=replicas,
                 replicas=None if replicas == 2 else replicas,
             )
+            option = "" if replicas == 2 else f" --replicas {replicas}"
+            created = cluster.create_parent()  # first: nodes refuse to start without it
+            print(f"== kv-createznode{option}: {created}")
             if replicas != 2:
-                print(
-                    f"== kv-createznode --replicas {replicas}: {replicas} nodes, {replicas} copies"
-                )
+                print(f"== {replicas} nodes, {replicas} copies")
         try:
             cluster.start()
             for node in cluster.nodes:

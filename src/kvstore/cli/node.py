@@ -1,8 +1,14 @@
 """kv-node: run one storage node (``kv-node HOST PORT ZK_CONNECT PATH``, the original order).
 
+The parent znode PATH must exist (``kv-createznode`` creates it): without it kv-node says
+what to run and exits 1, unless --create-parent asks it to create PATH as kv-createznode
+would with the same credentials.
+
 A node that must start over (deposed, or its session expired while it held no listed copy)
 exits the node object with EXIT_RESTART; this program then re-executes itself with the same
-arguments, so the new node starts from a clean process.
+arguments plus --restarted, so the new node starts from a clean process. --restarted turns
+--create-parent off: a parent missing then was deleted while the node ran, and re-creating
+it would bring the cluster back new and empty.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import shlex
 import signal
 import sys
 from collections.abc import Sequence
@@ -38,7 +45,7 @@ from kvstore.cli.args import (
 from kvstore.config import MIB, Limits, NodeConfig, TlsConfig
 from kvstore.rpc import load_cluster_secret, parse_address
 from kvstore.rpc.budget import LARGE_REPLY_BYTES
-from kvstore.server.node import StorageNode
+from kvstore.server.node import PARENT_GONE, StorageNode
 from kvstore.server.roles import EXIT_RESTART
 from kvstore.server.wal import FSYNC_MODES
 
@@ -104,6 +111,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         logging.getLogger("kv-node").error("cannot serve on %s: %s", config.address, exc)
         return 1
+    except errors.NoClusterError as exc:
+        logging.getLogger("kv-node").error("%s: %s", exc, _no_cluster_advice(args))
+        return 1
     except errors.KVError as exc:
         logging.getLogger("kv-node").error("%s", exc)
         return 1
@@ -113,8 +123,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         sys.stdout.flush()
         sys.stderr.flush()
-        os.execv(sys.executable, [sys.executable, "-m", "kvstore", "node", *node_args])
+        again = node_args if args.restarted else [RESTARTED, *node_args]  # (options first)
+        os.execv(sys.executable, [sys.executable, "-m", "kvstore", "node", *again])
     return code
+
+
+RESTARTED = "--restarted"
+
+
+def _no_cluster_advice(args: argparse.Namespace) -> str:
+    """What to do about a missing parent znode: the kv-createznode command that creates it
+    with this node's ZooKeeper credentials and TLS (the password itself never shown)."""
+    if args.restarted:
+        return PARENT_GONE
+    command = ["kv-createznode"]
+    if args.zk_auth is not None:
+        command += ["--zk-auth", "USER:PASSWORD"]
+    elif args.zk_auth_file is not None:
+        command += ["--zk-auth-file", args.zk_auth_file]
+    # ($KV_ZK_AUTH: kv-createznode reads it as kv-node does)
+    if args.zk_tls_cert is not None:
+        command += ["--zk-tls-cert", args.zk_tls_cert, "--zk-tls-key", args.zk_tls_key]
+        command += ["--zk-tls-ca", args.zk_tls_ca]
+    command += [args.zk_connect, args.zk_path]
+    return f"create the cluster with `{shlex.join(command)}` (or pass --create-parent)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +180,7 @@ def _config(args: argparse.Namespace, limits: Limits, security: _Security) -> No
         zk_tls=security.zk_tls,
         tls=security.tls,
         cluster_secret=security.cluster_secret,
+        create_parent=args.create_parent and not args.restarted,
     )
 
 
@@ -165,9 +198,12 @@ def _parser() -> argparse.ArgumentParser:
     parser = new_parser(
         prog="kv-node",
         description="Run a storage node: serve the key-value service on HOST:PORT and register "
-        "under PATH in ZooKeeper. The lowest registered node is the primary, the next the backup.",
+        "under PATH in ZooKeeper. The lowest registered node is the primary, the next the backup. "
+        "PATH must exist: create it first with kv-createznode ZK_CONNECT PATH (or pass "
+        "--create-parent).",
         epilog="exit status: 0 stopped (SIGTERM/SIGINT); 1 cannot serve (port taken, ZooKeeper "
-        "unreachable or refusing the credentials, a parent znode anyone may write although "
+        "unreachable or refusing the credentials, no parent znode PATH or it was deleted while "
+        "the node ran, a parent znode anyone may write although "
         "this node has credentials, damaged data directory); 2 bad arguments (a cluster "
         "secret file others may read included); "
         "3 DATA LOST (no node holding a complete copy is alive; the message says how to start "
@@ -175,7 +211,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("host", metavar="HOST", help="address to serve on, e.g. 127.0.0.1")
     parser.add_argument("port", metavar="PORT", type=tcp_port, help="TCP port to serve on")
-    add_cluster_arguments(parser, "parent znode, e.g. /kvstore")
+    add_cluster_arguments(
+        parser, "parent znode, e.g. /kvstore, created beforehand by kv-createznode"
+    )
+    parser.add_argument(
+        "--create-parent",
+        action="store_true",
+        help="create PATH if it does not exist, as kv-createznode ZK_CONNECT PATH would with "
+        "the same ZooKeeper credentials and TLS (with --zk-auth: writable only with them), "
+        "instead of refusing to start. A mistyped PATH then starts a new, empty cluster. "
+        "Only when the node starts: one deleted while the node runs is never re-created "
+        "(the node stops, exit 1)",
+    )
+    parser.add_argument(RESTARTED, action="store_true", help=argparse.SUPPRESS)
     _add_timing_arguments(parser)
     _add_limit_arguments(parser)
     _add_serving_arguments(parser)

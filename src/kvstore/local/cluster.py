@@ -3,6 +3,10 @@
 Nodes run as ``python -m kvstore node ...`` child processes, each with its own log
 file. Readiness is polled through the node's ``status`` RPC, never slept for.
 Processes are stopped and killed only through the PIDs this module started.
+
+As an operator would, a cluster creates its parent znode with ``kv-createznode`` (run with
+the ZooKeeper credentials and TLS options its nodes have) before it starts any node: nodes
+refuse to start without it.
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ from kvstore.coordination import (
     ClusterMeta,
     ClusterView,
     connect,
-    create_parent,
 )
 from kvstore.local.certs import CertificateFiles, tls_args, write_zk_credentials
 from kvstore.local.processes import free_port, terminate, wait_until
@@ -178,6 +181,36 @@ class NodeProcess:
         return "\n".join(text[-lines:])
 
 
+# The options of kv-node that kv-createznode shares (ZooKeeper credentials and TLS), which
+# both read alike; written out in full (or as --option=value) in a node's arguments.
+ZK_OPTIONS = ("--zk-auth", "--zk-auth-file", "--zk-tls-cert", "--zk-tls-key", "--zk-tls-ca")
+
+
+def zk_options(node_args: Sequence[str]) -> list[str]:
+    """The ZooKeeper credentials and TLS options among ``node_args``, with their values."""
+    found: list[str] = []
+    for i, arg in enumerate(node_args):
+        if arg.split("=", 1)[0] in ZK_OPTIONS:
+            found += node_args[i : i + (1 if "=" in arg else 2)]
+    return found
+
+
+def createznode(
+    zk_connect: str, zk_path: str, node_args: Sequence[str] = (), replicas: int | None = None
+) -> str:
+    """Create the parent znode by running kv-createznode, as an operator does before starting
+    the nodes: with the ZooKeeper credentials and TLS options of ``node_args`` (a node's
+    arguments; $KV_ZK_AUTH is inherited like theirs) and ``--replicas`` if given. Returns its
+    line (e.g. ``/kvstore: created``); an existing parent is left as it is (but for the
+    replication factor). CoordinationError with its message if it fails."""
+    options = [*zk_options(node_args), *([] if replicas is None else ["--replicas", str(replicas)])]
+    command = [sys.executable, "-m", "kvstore", "createznode", *options, zk_connect, zk_path]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=CREATE_TIMEOUT_S)
+    if done.returncode != 0:
+        raise errors.CoordinationError(f"kv-createznode failed: {done.stderr.strip()}")
+    return done.stdout.strip()
+
+
 class LocalCluster:
     """A parent znode plus ``size`` node processes; the first started is the primary."""
 
@@ -196,13 +229,14 @@ class LocalCluster:
         """``nodes``: these (e.g. each in a network namespace) instead of ``size`` new ones.
         ``client_tls``: the client certificate loads against this cluster use (and
         ``client_zk_tls`` for ZooKeeper's TLS port). ``replicas``: the replication factor
-        ``start`` creates the parent with (None: the parent's, or the default 2)."""
+        :meth:`create_parent` creates the parent with (None: the parent's, or the default 2)."""
         self.zk_connect = zk_connect
         self.replicas = replicas
         self.zk_path = zk_path
         self.client_tls = client_tls
         self.client_zk_tls = client_zk_tls
         self.log_dir = Path(log_dir)
+        self.created: str | None = None  # kv-createznode's line, once create_parent ran
         self.nodes = (
             list(nodes)
             if nodes is not None
@@ -212,11 +246,20 @@ class LocalCluster:
             ]
         )
 
+    def create_parent(self) -> str:
+        """Create the parent znode as kv-createznode does, with the ZooKeeper options of the
+        first node (:func:`createznode`); call it before starting nodes one by one
+        (``start`` does). Returns kv-createznode's line."""
+        self.created = createznode(
+            self.zk_connect, self.zk_path, self.nodes[0].extra_args, self.replicas
+        )
+        return self.created
+
     def start(self, timeout_s: float = 30.0) -> None:
-        """Start the primary, then the others, and wait until the backups are in sync; the
-        first node creates the parent path (or, with ``replicas``, ``start`` does)."""
-        if self.replicas is not None:
-            create_parent(self.zk_connect, self.zk_path, replicas=self.replicas)
+        """Create the parent (unless :meth:`create_parent` did already), start the primary,
+        then the others, and wait until the backups are in sync."""
+        if self.created is None:
+            self.create_parent()
         first, *rest = self.nodes
         first.start()
         first.wait_for_role(["primary"], timeout_s)
@@ -282,20 +325,16 @@ def secure_cluster(
     kv-createznode's line."""
     auth_file = directory / "zk-auth"
     write_zk_credentials(auth_file)
-    zk_options = [*tls_args(certs.node, "--zk-tls"), "--zk-auth-file", str(auth_file)]
-    command = [sys.executable, "-m", "kvstore", "createznode", *zk_options, zk_connect, zk_path]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=CREATE_TIMEOUT_S)
-    if done.returncode != 0:
-        raise errors.CoordinationError(f"kv-createznode failed: {done.stderr.strip()}")
+    zk_node_options = [*tls_args(certs.node, "--zk-tls"), "--zk-auth-file", str(auth_file)]
     cluster = LocalCluster(
         zk_connect,
         zk_path,
         directory / "nodes",
-        node_args=[*certs.node_args(), *zk_options],
+        node_args=[*certs.node_args(), *zk_node_options],
         client_tls=certs.client,
         client_zk_tls=certs.client,
     )
-    return cluster, done.stdout.strip()
+    return cluster, cluster.create_parent()
 
 
 TLS_OPTIONS = ("--tls-cert", "--tls-key", "--tls-ca")

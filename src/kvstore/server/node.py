@@ -26,6 +26,9 @@ Invariants (see coordination.py for the ZooKeeper side):
   primary to rename it, see follower.py for the invariant); only a node holding no
   listed copy (standby, syncing) restarts. A node that finds no live in-sync copy of
   the data says so and exits instead of serving an incomplete store.
+- A node never creates the cluster's parent znode on its own (only --create-parent, at
+  start): it refuses to start without one, and stops (EXIT_FAILED) when it finds it gone,
+  whatever its role, rather than bring the cluster back new and empty.
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ from kvstore.server.replication import (
     Replicator,
     SenderDelivery,
 )
-from kvstore.server.roles import EXIT_OK, EXIT_RESTART, NodeExit, Role, is_dead
+from kvstore.server.roles import EXIT_FAILED, EXIT_OK, EXIT_RESTART, NodeExit, Role, is_dead
 from kvstore.server.sessions import RequestRecord
 from kvstore.server.storage import FlatRecords, StripedStore
 from kvstore.server.wal import Marker, SyncDelivery, WriteAheadLog
@@ -71,6 +74,10 @@ from kvstore.server.wal import Marker, SyncDelivery, WriteAheadLog
 log = logging.getLogger(__name__)
 
 DISK_WARNING_EVERY_S = 60.0  # a snapshot skipped for lack of space is logged this often
+PARENT_GONE = (
+    "it was deleted while this node ran; stopping rather than re-create it (a new parent "
+    "holds a new, empty cluster). kv-createznode creates one, if that is what you want"
+)
 
 
 class WriteGroup:
@@ -213,10 +220,14 @@ class StorageNode:
         if self.store.log is not None:
             threading.Thread(target=self._snapshot_loop, name="snapshots", daemon=True).start()
         try:
+            if config.create_parent and self._coordinator.create_parent():
+                log.warning("created the parent znode %s (--create-parent)", config.zk_path)
+            self._coordinator.require_parent()
             self._coordinator.check_parent_acl(has_auth=config.zk_auth is not None)
             self.name = self._coordinator.register(config.address)
         except errors.CoordinationError:
-            # NoAuth (wrong credentials) or a world-writable parent: kv-node says so, exit 1
+            # No parent (NoClusterError), NoAuth (wrong credentials) or a world-writable
+            # parent: kv-node says so, exit 1
             self._coordinator.close()
             raise
         self.role = Role.STANDBY
@@ -251,8 +262,9 @@ class StorageNode:
         self.role = Role.STOPPED
         self._stopping.set()
         reason = self._stop_reason
+        code = EXIT_OK if reason is None else reason.code
         log.log(
-            logging.INFO if reason is None or reason.code == EXIT_OK else logging.WARNING,
+            {EXIT_OK: logging.INFO, EXIT_FAILED: logging.ERROR}.get(code, logging.WARNING),
             "node %s stopping: %s",
             self.name,
             reason,
@@ -319,6 +331,8 @@ class StorageNode:
                 self._evaluate()
             except NodeExit:
                 raise
+            except errors.NoClusterError as exc:
+                raise NodeExit(EXIT_FAILED, f"{exc}: {PARENT_GONE}") from None
             except Exception as exc:  # ZooKeeper hiccup, peer down: try again next tick
                 log.warning("control step failed: %r", exc)
                 log.debug("control step failure", exc_info=True)
@@ -385,6 +399,8 @@ class StorageNode:
                 raise NodeExit(EXIT_RESTART, "session expired and another node took over")
             if not self.cas_confirmed(meta.renamed(old_name, new_name), version):
                 raise NodeExit(EXIT_RESTART, "session expired and the metadata changed")
+        except errors.NoClusterError:
+            raise  # the control loop stops the node: a restart could only fail the same way
         except errors.CoordinationError as exc:
             raise NodeExit(EXIT_RESTART, f"session expired; could not re-register: {exc}") from None
         self.name = new_name

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from kvstore.server.storage import StripedStore
 
 EXIT_OK = 0
+EXIT_FAILED = 1  # cannot go on: the reason is logged (e.g. the cluster's parent znode is gone)
 EXIT_DATA_LOST = 3  # not 2: that is a usage error (argparse)
 EXIT_RESTART = 75  # the CLI re-executes the node with the same arguments
 
