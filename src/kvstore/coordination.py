@@ -44,6 +44,7 @@ import contextlib
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -74,6 +75,34 @@ log = logging.getLogger(__name__)
 # its warnings ("Connection dropped: ...") would reach stderr through logging's last-resort
 # handler. A configured application still gets them (records still propagate to its root).
 logging.getLogger("kazoo").addHandler(logging.NullHandler())
+
+
+class _RepeatsFilter(logging.Filter):
+    """Lets a kind of message (its template) through at most once per ``every_s``, saying
+    how many like it were held back: kazoo warns at each reconnect attempt, several times a
+    second while ZooKeeper is down, which buries what the program itself says."""
+
+    def __init__(self, every_s: float) -> None:
+        super().__init__()
+        self._every_s = every_s
+        self._seen: dict[object, tuple[float, int]] = {}  # template -> (passed at, held)
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            passed_at, held = self._seen.get(record.msg, (-self._every_s, 0))
+            if now - passed_at < self._every_s:
+                self._seen[record.msg] = (passed_at, held + 1)
+                return False
+            self._seen[record.msg] = (now, 0)
+        if held:
+            record.msg = f"{record.msg} (and {held} more like it in the last {self._every_s:g} s)"
+        return True
+
+
+KAZOO_REPEATS_EVERY_S = 30.0
+logging.getLogger("kazoo.client").addFilter(_RepeatsFilter(KAZOO_REPEATS_EVERY_S))
 
 MEMBER_PREFIX = "node-"
 DEFAULT_REPLICAS = 2  # the seed's: a primary and one backup
@@ -314,17 +343,22 @@ def zookeeper_errors(what: str) -> Iterator[None]:
         raise errors.CoordinationError(f"ZooKeeper {what} failed: {exc!r}") from None
 
 
+CANCEL_CHECK_S = 0.1  # how often a connect asks whether it is cancelled
+
+
 def connect(
     zk_connect: str,
     session_timeout_s: float,
     connect_timeout_s: float,
     auth: str | None = None,
     tls: TlsConfig | None = None,
+    is_cancelled: Callable[[], bool] | None = None,
 ) -> KazooClient:
     """A started session. With ``auth`` (``user:password``) it authenticates by digest and
     every znode it creates gets :func:`secure_acl`. With ``tls`` it connects to ZooKeeper's
     secure port: this side's certificate, the server's checked against the CA and its
-    host name against the connect string."""
+    host name against the connect string. ``is_cancelled`` (asked a few times a second while
+    it waits): give up early, raising CoordinationError (say, a node asked to stop)."""
     # Reconnect at least once a second: kazoo's default backoff doubles up to 60 s, which
     # would keep a node or client away for long after a short ZooKeeper outage.
     retry = {"max_tries": -1, "delay": 0.1, "max_delay": ZK_RECONNECT_MAX_DELAY_S}
@@ -347,14 +381,19 @@ def connect(
             f"not a ZooKeeper connect string (host:port,...): {zk_connect!r}: {exc}"
         ) from None
     zk = KazooClient(hosts=zk_connect, timeout=session_timeout_s, connection_retry=retry, **secure)
-    try:
-        zk.start(timeout=connect_timeout_s)
-    except KazooTimeoutError:
-        zk.close()
-        over = " over TLS" if tls is not None else ""
-        raise errors.CoordinationError(
-            f"cannot reach ZooKeeper at {zk_connect}{over} within {connect_timeout_s:g} s"
-        ) from None
+    connected = zk.start_async()  # (what zk.start does, waiting in slices to hear a cancel)
+    deadline = time.monotonic() + connect_timeout_s
+    while not connected.wait(min(CANCEL_CHECK_S, max(0.0, deadline - time.monotonic()))):
+        is_given_up = is_cancelled is not None and is_cancelled()
+        if is_given_up or time.monotonic() >= deadline:
+            zk.stop()
+            zk.close()
+            if is_given_up:
+                raise errors.CoordinationError("gave up connecting to ZooKeeper: cancelled")
+            over = " over TLS" if tls is not None else ""
+            raise errors.CoordinationError(
+                f"cannot reach ZooKeeper at {zk_connect}{over} within {connect_timeout_s:g} s"
+            )
     return zk
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ from kvstore.cli import COMMANDS
 from kvstore.cli import node as kv_node
 from kvstore.coordination import ClusterMeta, connect, create_parent
 from kvstore.local.cluster import NodeProcess
-from kvstore.local.processes import free_port
+from kvstore.local.processes import free_port, wait_until
 from kvstore.local.zkserver import ZooKeeperServer
 
 TIMEOUT_S = 60
@@ -213,3 +215,32 @@ def test_the_missing_parent_line_names_the_nodes_zookeeper_options() -> None:
     )
     restarted = kv_node._no_cluster_advice(parser.parse_args([kv_node.RESTARTED, *given]))
     assert restarted.startswith("it was deleted while this node ran")
+
+
+def test_a_node_waiting_for_zookeeper_stops_at_once_and_warns_once(tmp_path: Path) -> None:
+    """SIGTERM while the node waits for an unreachable ZooKeeper (up to its 15 s connect
+    timeout) stops it at once, exit 0; kazoo's warning at each reconnect shows once."""
+    log_path = tmp_path / "node.log"
+    command = [sys.executable, "-m", "kvstore", "node", "127.0.0.1", str(free_port())]
+    with open(log_path, "wb") as log:
+        node = subprocess.Popen(
+            [*command, "127.0.0.1:1", "/x"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_until(
+            lambda: "Connection dropped" in log_path.read_text() or None,
+            30,
+            log_path.read_text,
+        )
+        time.sleep(2)  # (kazoo retries several times a second meanwhile)
+        node.send_signal(signal.SIGTERM)
+        assert node.wait(timeout=5) == 0
+    finally:
+        if node.poll() is None:
+            node.kill()
+            node.wait()
+    output = log_path.read_text()
+    assert output.count("Connection dropped") == 1, output
+    assert "stopping: signal SIGTERM" in output and "Traceback" not in output

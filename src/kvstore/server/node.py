@@ -206,13 +206,20 @@ class StorageNode:
                 ) from None
             self._metrics_server.start()
             log.info("metrics on http://%s:%d/metrics", config.host, self._metrics_server.port)
-        zk = connect(
-            config.zk_connect,
-            config.zk_session_timeout_s,
-            config.zk_connect_timeout_s,
-            config.zk_auth,
-            config.zk_tls,
-        )
+        try:
+            zk = connect(
+                config.zk_connect,
+                config.zk_session_timeout_s,
+                config.zk_connect_timeout_s,
+                config.zk_auth,
+                config.zk_tls,
+                is_cancelled=self._stopping.is_set,
+            )
+        except errors.CoordinationError:
+            if self._stop_reason is None:
+                raise
+            self._shutdown()  # asked to stop while it waited for ZooKeeper
+            return self._stop_reason.code
         self._coordinator = Coordinator(
             zk, config.zk_path, self._wakeup.set, config.zk_request_timeout_s
         )
@@ -266,7 +273,7 @@ class StorageNode:
         log.log(
             {EXIT_OK: logging.INFO, EXIT_FAILED: logging.ERROR}.get(code, logging.WARNING),
             "node %s stopping: %s",
-            self.name,
+            self.name or "(not registered yet)",
             reason,
         )
         with self._backup_lock:  # first: it releases puts waiting for their backups
