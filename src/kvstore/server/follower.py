@@ -46,7 +46,14 @@ from kvstore.rpc import Connection, probe
 from kvstore.server import identity as ident
 from kvstore.server import wal
 from kvstore.server.replication import FLAT_RECORDS, BackupFence
-from kvstore.server.roles import EXIT_DATA_LOST, NodeCore, NodeExit, Role, is_dead
+from kvstore.server.roles import (
+    EXIT_CANNOT_SERVE,
+    EXIT_DATA_LOST,
+    NodeCore,
+    NodeExit,
+    Role,
+    is_dead,
+)
 from kvstore.server.storage import FlatRecords
 
 log = logging.getLogger(__name__)
@@ -428,10 +435,52 @@ class Follower:
         )
 
     def _start_new_cluster(self, meta: ClusterMeta, version: int) -> None:
+        """No cluster under this path yet (a fresh one, or cleared by kv-createznode --reset)
+        and this node is the lowest member: start one, empty. Emptied first, before the CAS
+        that names this node primary (a CAS whose reply is lost is confirmed by the control
+        loop, which must then find nothing from before)."""
         node = self._node
+        coordinator = node.require_coordinator()
+        coordinator.sync()  # a must-be-fresh read: what follows throws data away or exits
+        if coordinator.meta()[1] != version:
+            return  # the metadata moved on (another node started it, say): decide again
+        discarded = self._empty_for_new_cluster()
         meta = meta.alone(1, node.name, node.config.address, node.node_id, node.identity)
-        if self._node.cas_confirmed(meta, version):
-            self._node.become_primary(1, "started a new, empty store", "new")
+        if node.cas_confirmed(meta, version):
+            node.become_primary(1, f"started a new, empty store{discarded}", "new")
+
+    def _empty_for_new_cluster(self) -> str:
+        """Empty the store for a new cluster; what was discarded, for the log line ("" if
+        nothing). Keys kept in a data directory are refused instead (NodeExit, status 1):
+        files on disk are never deleted unasked, and they may be the last copy of what an
+        operator reset by mistake. (A node that *joins* a new cluster needs none of this:
+        its join replaces its store with the primary's copy, see ``_copy``.)"""
+        store = self._node.store
+        keys = len(store)
+        records = sum(len(sessions) for sessions in store.sessions)
+        if store.log is not None:
+            directory = store.log.directory
+            if keys:
+                raise NodeExit(
+                    EXIT_CANNOT_SERVE,
+                    f"refusing to start a new cluster: this node's data directory {directory} "
+                    f"holds {_count(keys, 'key')} of an earlier cluster; a new cluster starts "
+                    f"empty: move {directory} aside (or delete it) and start the node again",
+                )
+            # No key: what the files hold otherwise (exactly-once records, a catch-up point
+            # into an earlier cluster's log, the mark of a join cut short) goes. The empty
+            # store is then a complete copy: this node's disk can recover the new cluster.
+            store.clear()
+            store.forget_touched()
+            store.log.mark_complete()
+        elif keys or records:
+            store.clear()
+            store.forget_touched()
+        if not keys and not records:
+            return ""
+        what = _count(keys, "key") + f" and {_count(records, 'exactly-once record')}"
+        log.warning("discarded %s held from before: a new cluster starts empty", what)
+        return f" (discarded {what} from before)"
 
     def _join(self, meta: ClusterMeta, names: set[str]) -> None:
         if not self._is_primary_serving(meta):
@@ -608,3 +657,7 @@ class Follower:
         if self._is_primary_dead(meta):
             log.warning("primary %s is dead; removing its znode", meta.primary)
             self._node.require_coordinator().remove_member(meta.primary)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

@@ -251,8 +251,11 @@ class StorageNode:
         self.role = Role.STOPPED
         self._stopping.set()
         reason = self._stop_reason
+        code = EXIT_OK if reason is None else reason.code
+        # A restart is routine; any other status but 0 ends the node for good: an error.
+        level = {EXIT_OK: logging.INFO, EXIT_RESTART: logging.WARNING}.get(code, logging.ERROR)
         log.log(
-            logging.INFO if reason is None or reason.code == EXIT_OK else logging.WARNING,
+            level,
             "node %s stopping: %s",
             self.name,
             reason,

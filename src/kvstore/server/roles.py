@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from kvstore.server.storage import StripedStore
 
 EXIT_OK = 0
+EXIT_CANNOT_SERVE = 1  # kv-node's: say why in one line (a data directory it must not use)
 EXIT_DATA_LOST = 3  # not 2: that is a usage error (argparse)
 EXIT_RESTART = 75  # the CLI re-executes the node with the same arguments
 
