@@ -280,7 +280,7 @@ class Follower:
             return
         names = {m.name for m in members}
         if not self._has_live_in_sync_member(meta, members):
-            self._recover_or_give_up(meta, version, names)
+            self._recover_or_give_up(meta, version, members)
             return
         backups = designated_backups(members, meta.primary, meta.replicas)
         if (
@@ -342,11 +342,12 @@ class Follower:
             return True
         return False
 
-    def _recover_or_give_up(self, meta: ClusterMeta, version: int, names: set[str]) -> None:
+    def _recover_or_give_up(self, meta: ClusterMeta, version: int, members: list[Member]) -> None:
         """No member of the in-sync set is alive. Every acknowledged write is on the disk of
         each of them that has a data directory: one of those (this node, if it is one)
         takes over with what it recovered; else wait for one; else the data is lost."""
         durable = meta.durable_members()
+        names = {m.name for m in members}
         node = self._node
         store_log = node.store.log
         is_complete = store_log is not None and store_log.is_complete_copy
@@ -368,6 +369,13 @@ class Follower:
                 )
                 if meta.primary in names:
                     node.require_coordinator().remove_member(meta.primary)
+                # The old in-sync members' znodes outlive them by a session timeout, and the
+                # lowest of them would be the designated backup meanwhile: the cluster would
+                # run on one copy. The primary removes each once it proves it dead (this
+                # node's own former name included: it answers there under its new one).
+                node.remove_once_dead(
+                    [m for m in members if m.name in meta.in_sync and m.name != meta.primary]
+                )
             return
         if durable:
             if not self._is_waiting_logged:

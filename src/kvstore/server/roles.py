@@ -11,7 +11,7 @@ from kvstore.rpc import probe
 
 if TYPE_CHECKING:
     from kvstore.config import NodeConfig
-    from kvstore.coordination import ClusterMeta, Coordinator
+    from kvstore.coordination import ClusterMeta, Coordinator, Member
     from kvstore.server.metrics import NodeMetrics
     from kvstore.server.storage import StripedStore
 
@@ -81,3 +81,6 @@ class NodeCore(Protocol):
     def cas_confirmed(self, wanted: ClusterMeta, version: int) -> bool: ...
 
     def become_primary(self, epoch: int, why: str, kind: str = "takeover") -> None: ...
+
+    def remove_once_dead(self, members: list[Member]) -> None:
+        """As primary, remove these members' znodes once each is proven dead (is_dead)."""
