@@ -6,8 +6,10 @@ per-connection role (rpc/secret.py PeerRole) is checked without sockets too."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -191,3 +193,52 @@ def test_a_cluster_with_the_secret_fails_over_and_stays_linearizable(
     secret_cluster: LocalCluster, tmp_path: Path
 ) -> None:
     kill_the_primary_under_load(secret_cluster, tmp_path, seed=5)  # rejoins proving the secret
+
+
+JOIN_WATCH_S = 6.0  # how long the node that cannot join is watched
+
+
+def test_a_node_that_cannot_join_says_why_once_and_backs_off(
+    secret_cluster: LocalCluster, tmp_path: Path
+) -> None:
+    """Its joins fail for good (another secret): it says why once (again only if the reason
+    changes, or after 30 s), and tries again after a pause that grows to 2 s, not every
+    control tick (50 ms: about 18 refused joins a second, each logged)."""
+    backup = secret_cluster.wait_for("backup")
+    backup.stop()  # the newcomer is the designated backup
+    other = NodeProcess(
+        secret_cluster.zk_connect,
+        secret_cluster.zk_path,
+        tmp_path / "other",
+        extra_args=["--cluster-secret-file", str(write_cluster_secret(tmp_path / "other.key"))],
+    )
+    secret_cluster.nodes.append(other)
+    other.start()
+    wait_until(
+        lambda: "wrong cluster secret" in other.log_tail(100) or None,
+        30,
+        lambda: other.log_tail(100),
+    )
+    primary = secret_cluster.wait_for("primary")
+    refused_before = refused_joins(primary)
+    watched_until = time.monotonic() + JOIN_WATCH_S
+    while time.monotonic() < watched_until:  # (bounded) it stays a standby meanwhile
+        status = other.status()
+        assert status is not None and status.role == "standby", status
+        time.sleep(0.2)
+    logged = other.log_path.read_text().splitlines()
+    reasons = [line for line in logged if "wrong cluster secret" in line]
+    assert len(reasons) == 1, reasons
+    assert f"cannot join primary {primary.status().node_id}" in reasons[0], reasons
+    # Pauses of 0.05, 0.1 ... 1.6, then 2 s: 8 tries in the first 6 s after the first.
+    tried = refused_joins(primary) - refused_before
+    assert tried <= 8, f"{tried} joins refused in {JOIN_WATCH_S} s"
+
+
+def refused_joins(primary: NodeProcess) -> int:
+    """The joins the primary refused for a wrong secret, by its (throttled) log lines."""
+    counts = re.findall(
+        r"refused authenticate: wrong cluster secret \((\d+) refusals\)",
+        primary.log_path.read_text(),
+    )
+    return sum(int(count) for count in counts)

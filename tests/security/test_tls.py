@@ -24,6 +24,7 @@ from kvstore import errors
 from kvstore.config import TlsConfig
 from kvstore.local.certs import CertificateFiles, issue, load_ca, tls_args, write_certificates
 from kvstore.local.cluster import LocalCluster, NodeProcess
+from kvstore.local.processes import wait_until
 from kvstore.local.zkserver import ZooKeeperServer
 from kvstore.rpc import Connection, client_tls_context, own_identity
 
@@ -341,3 +342,31 @@ def test_a_silent_connection_does_not_stall_others(
     finally:
         for sock in silent:
             sock.close()
+
+
+@pytest.mark.parametrize("misfit", ["plaintext", "another CA"])
+def test_a_node_that_cannot_join_a_tls_cluster_says_why_once(
+    tls_cluster: LocalCluster, certs: CertificateFiles, tmp_path: Path, misfit: str
+) -> None:
+    """A plaintext node, or one whose certificate another CA signed, stays a standby: it
+    logs why it cannot join (it used to log nothing and retry every 50 ms), and only once
+    while the reason holds."""
+    backup = tls_cluster.find("backup")
+    assert backup is not None
+    backup.stop()  # the newcomer is the designated backup
+    args = [] if misfit == "plaintext" else tls_args(write_certificates(tmp_path / "other").node)
+    other = NodeProcess(tls_cluster.zk_connect, tls_cluster.zk_path, tmp_path, extra_args=args)
+    tls_cluster.nodes.append(other)
+    other.start()
+    reason = "accepts TLS connections only" if misfit == "plaintext" else "certificate verify"
+
+    def logged() -> list[str]:
+        return [line for line in other.log_tail(200).splitlines() if "cannot join" in line]
+
+    lines = wait_until(lambda: logged() or None, 30, lambda: other.log_tail(100))
+    assert reason in lines[0], lines
+    watched_until = time.monotonic() + 3.0
+    while time.monotonic() < watched_until:  # (bounded) a standby meanwhile, logging no more
+        assert other.is_running(), other.log_tail()
+        time.sleep(0.2)
+    assert len(logged()) == 1, logged()

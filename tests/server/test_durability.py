@@ -158,3 +158,25 @@ def test_a_copy_dropped_from_the_in_sync_set_never_takes_over_with_its_shorter_h
         backup.wait_for_role(["backup"])
     finally:
         cluster.stop()
+
+
+def test_after_a_full_restart_the_backup_rejoins_before_the_old_sessions_expire(
+    zk_server: ZooKeeperServer, zk_path: str, tmp_path: Path
+) -> None:
+    """The old processes' znodes outlive them by a session timeout (30 s here). The node
+    that recovers as primary proves them dead (the restarted nodes answer at their
+    addresses under other names) and removes them, so the other node is the designated
+    backup at once instead of after the old backup's session expired."""
+    cluster = LocalCluster(zk_server.connect_string, zk_path, tmp_path / "logs", size=2)
+    for i, node in enumerate(cluster.nodes):
+        node.extra_args += ["--data-dir", str(tmp_path / f"data-{i}"), "--session-timeout", "30"]
+    try:
+        cluster.start()
+        expected = write_keys(cluster)
+        kill_all_then_start(cluster)
+        # Recovery lets a lower-registered node go first (3 s) and waits out the lease (1 s).
+        cluster.wait_for("backup", timeout_s=12)
+        assert len(cluster.meta().in_sync) == 2
+        assert read_keys(cluster) == expected
+    finally:
+        cluster.stop()

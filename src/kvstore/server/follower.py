@@ -8,6 +8,12 @@
   has the primary forward puts to it, copies the primary's stripes (copies never
   overwrite forwarded entries) and confirms; the primary then adds it to the in-sync set.
 - With no live in-sync copy left, a node exits (DATA LOST) instead of serving.
+- A node that starts a new cluster (no metadata yet, or reset) starts it empty: it discards
+  what it held in memory, and refuses (exits 1) if its data directory holds keys.
+- A join that fails (wrong cluster secret, TLS mismatch, primary not serving) is tried again
+  after a pause doubling from the control tick up to JOIN_RETRY_MAX_S, during which the
+  standby neither probes nor joins; a new epoch or primary ends the pause. Its reason is
+  logged once, and again only when it changes or JOIN_FAILURE_RELOG_S passed.
 
 Sessions are not data. A backup's claim to the data is its name in the in-sync set, not
 its ZooKeeper session. The invariant this relies on:
@@ -46,7 +52,14 @@ from kvstore.rpc import Connection, probe
 from kvstore.server import identity as ident
 from kvstore.server import wal
 from kvstore.server.replication import FLAT_RECORDS, BackupFence
-from kvstore.server.roles import EXIT_DATA_LOST, NodeCore, NodeExit, Role, is_dead
+from kvstore.server.roles import (
+    EXIT_DATA_LOST,
+    EXIT_FAILED,
+    NodeCore,
+    NodeExit,
+    Role,
+    is_dead,
+)
 from kvstore.server.storage import FlatRecords
 
 log = logging.getLogger(__name__)
@@ -60,6 +73,11 @@ RECOVERY_DEFER_S = 3.0
 # first (the primary then stays the lowest child, where the seed's clients look for it).
 TAKEOVER_DEFER_S = 0.5
 DISK_FULL_RETRY_S = 2.0  # a join that failed for a full disk is tried again after this
+# A join that keeps failing (wrong cluster secret, TLS mismatch, primary not serving) is tried
+# again after a pause that doubles from the control tick up to this; a new primary (or epoch)
+# ends it at once, so the join after a failover is as fast as ever.
+JOIN_RETRY_MAX_S = 2.0
+JOIN_FAILURE_RELOG_S = 30.0  # the same reason for failing to join is logged again this often
 
 
 class Follower:
@@ -82,7 +100,13 @@ class Follower:
         lease_s = node.config.lease_s
         wait_s = lease_s if node.store.log is None else node.store.log.lease_to_wait_out(lease_s)
         self._leases_out_at: float | None = time.monotonic() + wait_s
-        self._join_after = 0.0  # no join before (after one failed for a full disk)
+        # Joins that failed in a row against one (epoch, primary), and no standby step (no
+        # probes, no join) before _join_after; the last reason logged, and when.
+        self._join_failures = 0
+        self._join_failed_with: tuple[int, str] | None = None
+        self._join_after = 0.0
+        self._join_failure_logged: tuple[str, float] | None = None
+        self._join_failures_unlogged = 0
         # The join whose batches extend a complete copy: their log positions are recorded.
         self._marking_join: str | None = None
 
@@ -267,20 +291,66 @@ class Follower:
     # ----------------------------------------------------------------- standby role
 
     def evaluate_standby(self, meta: ClusterMeta, version: int, members: list[Member]) -> None:
+        if self._is_join_paused(meta):
+            return
         if not meta.is_initialized:
             if members and members[0].name == self._node.name:
                 self._start_new_cluster(meta, version)
             return
         names = {m.name for m in members}
         if not self._has_live_in_sync_member(meta, members):
-            self._recover_or_give_up(meta, version, names)
+            self._recover_or_give_up(meta, version, members)
             return
         backups = designated_backups(members, meta.primary, meta.replicas)
-        if (
-            any(backup.name == self._node.name for backup in backups)
-            and time.monotonic() >= self._join_after
-        ):
+        if any(backup.name == self._node.name for backup in backups):
             self._join(meta, names)
+
+    def _is_join_paused(self, meta: ClusterMeta) -> bool:
+        """Whether a join failed a moment ago against this same primary: then the standby
+        waits out its pause (probes included: under a TLS mismatch each one costs the primary
+        a refused handshake). Another epoch or primary ends the pause."""
+        if not self._join_failures:
+            return False
+        if (meta.epoch, meta.primary) != self._join_failed_with:
+            self._join_failures, self._join_after = 0, 0.0
+            return False
+        return time.monotonic() < self._join_after
+
+    def _join_failed(self, meta: ClusterMeta, why: str, pause_s: float = 0.0) -> None:
+        """Pause before the next try (doubling up to JOIN_RETRY_MAX_S; at least ``pause_s``)
+        and say why, once: again only if the reason changes or JOIN_FAILURE_RELOG_S passed."""
+        now = time.monotonic()
+        target = (meta.epoch, meta.primary)
+        if target != self._join_failed_with:
+            self._join_failures, self._join_failed_with = 0, target
+        self._join_failures += 1
+        doubled_s = self._node.config.control_tick_s * 2 ** min(self._join_failures - 1, 16)
+        self._join_after = now + max(pause_s, min(doubled_s, JOIN_RETRY_MAX_S))
+        logged = self._join_failure_logged
+        if logged is not None and logged[0] == why and now - logged[1] < JOIN_FAILURE_RELOG_S:
+            self._join_failures_unlogged += 1
+            log.debug("joining %s failed again: %s", meta.primary_address, why)
+            return
+        since = (
+            f"; failed {self._join_failures_unlogged} more times since it was last logged"
+            if self._join_failures_unlogged
+            else ""
+        )
+        log.warning(
+            "cannot join primary %s at %s: %s (trying again after a growing pause, at most %g s%s)",
+            meta.primary,
+            meta.primary_address,
+            why,
+            max(pause_s, JOIN_RETRY_MAX_S),
+            since,
+        )
+        self._join_failure_logged, self._join_failures_unlogged = (why, now), 0
+
+    def _join_succeeded(self) -> None:
+        if self._join_failure_logged is not None:
+            log.info("joining works again (it had failed: %s)", self._join_failure_logged[0])
+        self._join_failures, self._join_after = 0, 0.0
+        self._join_failure_logged, self._join_failures_unlogged = None, 0
 
     def _has_live_in_sync_member(self, meta: ClusterMeta, members: list[Member]) -> bool:
         """Some member of the in-sync set is, or may be, alive and serving.
@@ -335,11 +405,12 @@ class Follower:
             return True
         return False
 
-    def _recover_or_give_up(self, meta: ClusterMeta, version: int, names: set[str]) -> None:
+    def _recover_or_give_up(self, meta: ClusterMeta, version: int, members: list[Member]) -> None:
         """No member of the in-sync set is alive. Every acknowledged write is on the disk of
         each of them that has a data directory: one of those (this node, if it is one)
         takes over with what it recovered; else wait for one; else the data is lost."""
         durable = meta.durable_members()
+        names = {m.name for m in members}
         node = self._node
         store_log = node.store.log
         is_complete = store_log is not None and store_log.is_complete_copy
@@ -361,6 +432,13 @@ class Follower:
                 )
                 if meta.primary in names:
                     node.require_coordinator().remove_member(meta.primary)
+                # The old in-sync members' znodes outlive them by a session timeout, and the
+                # lowest of them would be the designated backup meanwhile: the cluster would
+                # run on one copy. The primary removes each once it proves it dead (this
+                # node's own former name included: it answers there under its new one).
+                node.remove_once_dead(
+                    [m for m in members if m.name in meta.in_sync and m.name != meta.primary]
+                )
             return
         if durable:
             if not self._is_waiting_logged:
@@ -417,7 +495,23 @@ class Follower:
 
     def _is_primary_serving(self, meta: ClusterMeta) -> bool:
         """The node named primary answers at its address, as primary."""
-        return self._answers_as(meta.primary, meta.primary_address, Role.PRIMARY)
+        return self._why_primary_not_serving(meta) is None
+
+    def _why_primary_not_serving(self, meta: ClusterMeta) -> str | None:
+        """None if the node named primary answers at its address as primary; else why not."""
+        try:
+            status = probe(
+                meta.primary_address, self._node.config.probe_timeout_ms, self._node.peer_tls
+            )
+        except errors.KVError as exc:  # a timeout, a TLS mismatch, a refused certificate...
+            return f"its status call failed: {exc}"
+        if status is None:
+            return "nothing listens there (a dead node's znode lasts until its session expires)"
+        if status.node_id != meta.primary:
+            return f"another node ({status.node_id}) answers there"
+        if status.role != Role.PRIMARY.value:
+            return f"it is {status.role}, not primary"
+        return None
 
     def _is_primary_dead(self, meta: ClusterMeta) -> bool:
         return is_dead(
@@ -428,16 +522,60 @@ class Follower:
         )
 
     def _start_new_cluster(self, meta: ClusterMeta, version: int) -> None:
+        """No cluster under this path yet (a fresh one, or cleared by kv-createznode --reset)
+        and this node is the lowest member: start one, empty. Emptied first, before the CAS
+        that names this node primary (a CAS whose reply is lost is confirmed by the control
+        loop, which must then find nothing from before)."""
         node = self._node
+        coordinator = node.require_coordinator()
+        coordinator.sync()  # a must-be-fresh read: what follows throws data away or exits
+        if coordinator.meta()[1] != version:
+            return  # the metadata moved on (another node started it, say): decide again
+        discarded = self._empty_for_new_cluster()
         meta = meta.alone(1, node.name, node.config.address, node.node_id, node.identity)
-        if self._node.cas_confirmed(meta, version):
-            self._node.become_primary(1, "started a new, empty store", "new")
+        if node.cas_confirmed(meta, version):
+            node.become_primary(1, f"started a new, empty store{discarded}", "new")
+
+    def _empty_for_new_cluster(self) -> str:
+        """Empty the store for a new cluster; what was discarded, for the log line ("" if
+        nothing). Keys kept in a data directory are refused instead (NodeExit, status 1):
+        files on disk are never deleted unasked, and they may be the last copy of what an
+        operator reset by mistake. (A node that *joins* a new cluster needs none of this:
+        its join replaces its store with the primary's copy, see ``_copy``.)"""
+        store = self._node.store
+        keys = len(store)
+        records = sum(len(sessions) for sessions in store.sessions)
+        if store.log is not None:
+            directory = store.log.directory
+            if keys:
+                raise NodeExit(
+                    EXIT_FAILED,
+                    f"refusing to start a new cluster: this node's data directory {directory} "
+                    f"holds {_count(keys, 'key')} of an earlier cluster; a new cluster starts "
+                    f"empty: move {directory} aside (or delete it) and start the node again",
+                )
+            # No key: what the files hold otherwise (exactly-once records, a catch-up point
+            # into an earlier cluster's log, the mark of a join cut short) goes. The empty
+            # store is then a complete copy: this node's disk can recover the new cluster.
+            store.clear()
+            store.forget_touched()
+            store.log.mark_complete()
+        elif keys or records:
+            store.clear()
+            store.forget_touched()
+        if not keys and not records:
+            return ""
+        what = _count(keys, "key") + f" and {_count(records, 'exactly-once record')}"
+        log.warning("discarded %s held from before: a new cluster starts empty", what)
+        return f" (discarded {what} from before)"
 
     def _join(self, meta: ClusterMeta, names: set[str]) -> None:
-        if not self._is_primary_serving(meta):
+        why_not = self._why_primary_not_serving(meta)
+        if why_not is not None:
             # Its znode may outlive it by a session timeout. Clearing the store now would
             # throw away a copy on disk that may be the last one (see _recover_or_give_up).
-            self._forget_dead_primary(meta, names)
+            if not self._forget_dead_primary(meta, names):
+                self._join_failed(meta, why_not)
             return
         node = self._node
         node.role = Role.SYNCING
@@ -465,9 +603,9 @@ class Follower:
             if not is_copied:
                 self.fence.close()
                 node.role = Role.STANDBY
-                log.warning("joining %s failed: %s", meta.primary_address, exc)
-                if isinstance(exc, (errors.DiskFullError, OSError)):  # each try costs a copy
-                    self._join_after = time.monotonic() + DISK_FULL_RETRY_S
+                is_disk_full = isinstance(exc, (errors.DiskFullError, OSError))
+                pause_s = DISK_FULL_RETRY_S if is_disk_full else 0.0  # each try costs a copy
+                self._join_failed(meta, str(exc) or repr(exc), pause_s)
                 self._forget_dead_primary(meta, names)
                 return
             # The primary may have listed us and lost only its reply (and then died): a
@@ -482,6 +620,7 @@ class Follower:
         finally:
             conn.close()
         node.role = Role.BACKUP
+        self._join_succeeded()
         node.metrics.transfer_seconds.observe(time.monotonic() - started)
         log.info(
             "in sync with primary %s: %s; %d keys in %.3f s",
@@ -602,9 +741,14 @@ class Follower:
         self._node.metrics.transfer_keys.inc(len(store))
         return join_id, f"full copy of {len(store)} keys"
 
-    def _forget_dead_primary(self, meta: ClusterMeta, names: set[str]) -> None:
-        if meta.primary not in names:
-            return
-        if self._is_primary_dead(meta):
-            log.warning("primary %s is dead; removing its znode", meta.primary)
-            self._node.require_coordinator().remove_member(meta.primary)
+    def _forget_dead_primary(self, meta: ClusterMeta, names: set[str]) -> bool:
+        """Remove the primary's lingering znode if it is proven dead; whether it was."""
+        if meta.primary not in names or not self._is_primary_dead(meta):
+            return False
+        log.warning("primary %s is dead; removing its znode", meta.primary)
+        self._node.require_coordinator().remove_member(meta.primary)
+        return True
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

@@ -270,8 +270,10 @@ class StorageNode:
         self._stopping.set()
         reason = self._stop_reason
         code = EXIT_OK if reason is None else reason.code
+        # A restart is routine; any other status but 0 ends the node for good: an error.
+        level = {EXIT_OK: logging.INFO, EXIT_RESTART: logging.WARNING}.get(code, logging.ERROR)
         log.log(
-            {EXIT_OK: logging.INFO, EXIT_FAILED: logging.ERROR}.get(code, logging.WARNING),
+            level,
             "node %s stopping: %s",
             self.name or "(not registered yet)",
             reason,
@@ -519,10 +521,18 @@ class StorageNode:
         except BackupFailedError as exc:
             self._drop_backup(replicator, f"heartbeat failed: {exc}")
 
+    def remove_once_dead(self, members: list[Member]) -> None:
+        """Remove these members' znodes once each is proven dead (``_remove_dead_backups``;
+        after a recovery from disk: the last in-sync set's, left behind by a full restart)."""
+        with self._dead_backups_lock:
+            self._dead_backups.extend(m for m in members if m.name != self.name)
+        self._wakeup.set()
+
     def _remove_dead_backups(self, members: list[Member]) -> None:
-        """Remove the znodes of dropped backups once they are proven dead (a restarted node
-        answering at the address). Until then, and while their znodes last, ask again every
-        tick: a lingering znode keeps a replacement from being designated backup."""
+        """Remove the znodes of dropped backups (and of ``remove_once_dead``'s members) once
+        they are proven dead (a restarted node answering at the address). Until then, and
+        while their znodes last, ask again every tick: a lingering znode keeps a replacement
+        from being designated backup."""
         names = {m.name for m in members}
         with self._dead_backups_lock:  # drops may append meanwhile
             pending, self._dead_backups = self._dead_backups, []
@@ -531,7 +541,7 @@ class StorageNode:
             if member.name not in names:
                 continue  # its session ended: the znode is gone
             if is_dead(member.name, member.address, self.config.probe_timeout_ms, self.peer_tls):
-                log.info("backup %s (%s) is dead; removing its znode", member.name, member.address)
+                log.info("member %s (%s) is dead; removing its znode", member.name, member.address)
                 self.require_coordinator().remove_member(member.name)
             else:
                 waiting.append(member)

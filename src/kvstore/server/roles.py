@@ -11,12 +11,13 @@ from kvstore.rpc import probe
 
 if TYPE_CHECKING:
     from kvstore.config import NodeConfig
-    from kvstore.coordination import ClusterMeta, Coordinator
+    from kvstore.coordination import ClusterMeta, Coordinator, Member
     from kvstore.server.metrics import NodeMetrics
     from kvstore.server.storage import StripedStore
 
 EXIT_OK = 0
-EXIT_FAILED = 1  # cannot go on: the reason is logged (e.g. the cluster's parent znode is gone)
+EXIT_FAILED = 1  # cannot go on: the reason is logged (parent znode gone, a data directory
+# it must not use for a new cluster)
 EXIT_DATA_LOST = 3  # not 2: that is a usage error (argparse)
 EXIT_RESTART = 75  # the CLI re-executes the node with the same arguments
 
@@ -81,3 +82,6 @@ class NodeCore(Protocol):
     def cas_confirmed(self, wanted: ClusterMeta, version: int) -> bool: ...
 
     def become_primary(self, epoch: int, why: str, kind: str = "takeover") -> None: ...
+
+    def remove_once_dead(self, members: list[Member]) -> None:
+        """As primary, remove these members' znodes once each is proven dead (is_dead)."""

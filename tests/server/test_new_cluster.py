@@ -1,0 +1,191 @@
+"""A node that starts a NEW cluster (a fresh parent path, or one cleared by ``kv-createznode
+--reset``) starts it empty: with a data directory that holds keys of an earlier cluster it
+refuses and exits 1 (the files stay as they are), in memory it discards what it held. A node
+that joins a new cluster as backup has its old store replaced by the primary's copy."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import kvstore
+from kvstore.coordination import create_parent
+from kvstore.local.cluster import LocalCluster, NodeProcess
+from kvstore.local.processes import wait_until
+from kvstore.local.zkserver import ZooKeeperServer
+
+TIMEOUT_S = 30.0
+
+
+def exit_or_primary(node: NodeProcess) -> str:
+    """Poll until the node exits ("exit N") or serves as primary ("primary, K keys")."""
+
+    def outcome() -> str | None:
+        assert node.process is not None
+        code = node.process.poll()
+        if code is not None:
+            return f"exit {code}"
+        status = node.status()
+        if status is not None and status.role == "primary":
+            return f"primary, {status.key_count} keys"
+        return None
+
+    return wait_until(outcome, TIMEOUT_S, lambda: f"neither exit nor primary\n{node.log_tail()}")
+
+
+def last_run(node: NodeProcess) -> str:
+    return node.log_path.read_text().rsplit("--- starting:", 1)[1]
+
+
+def assert_refused(node: NodeProcess, data_dir: Path, keys: int) -> None:
+    assert exit_or_primary(node) == "exit 1", node.log_tail()
+    logged = last_run(node)
+    assert f"data directory {data_dir} holds {keys} keys of an earlier cluster" in logged, logged
+    assert "move" in logged and "Traceback" not in logged, logged
+    assert (data_dir / "node-id").exists()  # nothing was deleted
+    assert any(data_dir.glob("wal-*.log")), sorted(data_dir.iterdir())
+
+
+@pytest.fixture
+def nodes(zk_server: ZooKeeperServer, tmp_path: Path) -> Iterator[list[NodeProcess]]:
+    """Node processes a test appends (stopped at the end)."""
+    started: list[NodeProcess] = []
+    try:
+        yield started
+    finally:
+        for node in started:
+            node.stop()
+
+
+def test_a_data_directory_of_an_earlier_cluster_is_refused_under_a_new_path(
+    zk_server: ZooKeeperServer, zk_path: str, tmp_path: Path, nodes: list[NodeProcess]
+) -> None:
+    zk = zk_server.connect_string
+    data_dir = tmp_path / "data"
+    create_parent(zk, zk_path)
+    node = NodeProcess(zk, zk_path, tmp_path / "logs", extra_args=["--data-dir", str(data_dir)])
+    nodes.append(node)
+    node.start()
+    node.wait_for_role(["primary"])
+    with kvstore.Client(zk, zk_path, timeout=10) as kv:
+        for key in ("a", "b", "c"):
+            kv.put(key, "earlier")
+    node.stop()
+
+    fresh = f"{zk_path}-fresh"
+    create_parent(zk, fresh)
+    node.zk_path = fresh
+    node.start()
+    assert_refused(node, data_dir, 3)
+
+    data_dir.rename(tmp_path / "data-aside")  # as the message says
+    node.start()
+    assert exit_or_primary(node) == "primary, 0 keys"
+    assert "started a new, empty store" in last_run(node)
+    with kvstore.Client(zk, fresh, timeout=10) as kv:
+        assert kv.get("a") is None
+
+
+def test_reset_after_the_newest_disk_was_lost_refuses_the_older_copy(
+    zk_server: ZooKeeperServer, zk_path: str, tmp_path: Path
+) -> None:
+    """The new-user walkthrough: the backup is killed, the primary acknowledges more writes
+    alone, then dies with its disk. After --reset the old backup must not serve its older
+    copy as the "new, empty store" (k=1 although k=2 was acknowledged, a deleted key back)."""
+    zk = zk_server.connect_string
+    create_parent(zk, zk_path)
+    cluster = LocalCluster(zk, zk_path, tmp_path / "logs", size=2)
+    for i, node in enumerate(cluster.nodes):  # short sessions: the dead znodes go soon
+        node.extra_args += ["--data-dir", str(tmp_path / f"data-{i}"), "--session-timeout", "2"]
+    try:
+        cluster.start()
+        primary, backup = cluster.wait_for("primary"), cluster.wait_for("backup")
+        with kvstore.Client(zk, zk_path, timeout=10) as kv:
+            kv.put("k", "1")
+            kv.put("old", "yes")
+            backup.kill()
+            kv.put("k", "2")  # acknowledged by the primary alone
+            assert kv.delete("old")
+        primary.kill()
+        shutil.rmtree(tmp_path / "data-0")  # the primary's disk is lost
+        backup.start()
+        wait_until(
+            lambda: "waiting for one with a data directory" in last_run(backup) or None,
+            TIMEOUT_S,
+            backup.log_tail,
+        )
+        assert create_parent(zk, zk_path, reset=True) == "reset"
+        assert_refused(backup, tmp_path / "data-1", 2)
+
+        (tmp_path / "data-1").rename(tmp_path / "data-1-aside")
+        backup.start()
+        assert exit_or_primary(backup) == "primary, 0 keys"
+        with kvstore.Client(zk, zk_path, timeout=10) as kv:
+            assert kv.get("k") is None
+            assert kv.get("old") is None
+    finally:
+        cluster.stop()
+
+
+def test_a_node_in_memory_that_starts_a_new_cluster_discards_what_it_held(
+    cluster: LocalCluster,
+) -> None:
+    """--reset under a running cluster: the primary is deposed (it restarts empty); the
+    backup, now the lowest member, starts the new cluster: empty, not with its old copy."""
+    with kvstore.Client(cluster.zk_connect, cluster.zk_path, timeout=10) as kv:
+        kv.put("k", "before the reset")
+    backup = cluster.wait_for("backup")
+    assert create_parent(cluster.zk_connect, cluster.zk_path, reset=True) == "reset"
+
+    def new_primary() -> NodeProcess | None:
+        meta = cluster.meta()
+        if not meta.is_initialized:
+            return None
+        for node in cluster.nodes:
+            status = node.status()
+            if status is not None and status.node_id == meta.primary and status.role == "primary":
+                return node
+        return None
+
+    primary = wait_until(new_primary, TIMEOUT_S, cluster.logs)
+    with kvstore.Client(cluster.zk_connect, cluster.zk_path, timeout=10) as kv:
+        assert kv.get("k") is None
+    assert primary is backup, cluster.logs()
+    assert "discarded 1 key" in last_run(primary), last_run(primary)
+
+
+def test_a_backup_joining_a_new_cluster_replaces_its_old_store(
+    zk_server: ZooKeeperServer, zk_path: str, tmp_path: Path, nodes: list[NodeProcess]
+) -> None:
+    """Only the node that starts a new cluster must be empty: one that joins it as backup
+    gets the primary's copy in place of its own (in memory and on disk)."""
+    zk = zk_server.connect_string
+    data_dir = tmp_path / "data"
+    create_parent(zk, zk_path)
+    old = NodeProcess(zk, zk_path, tmp_path / "logs", extra_args=["--data-dir", str(data_dir)])
+    nodes.append(old)
+    old.start()
+    old.wait_for_role(["primary"])
+    with kvstore.Client(zk, zk_path, timeout=10) as kv:
+        kv.put("a", "earlier")
+        kv.put("b", "earlier")
+    old.stop()
+
+    fresh = f"{zk_path}-fresh"
+    create_parent(zk, fresh)
+    first = NodeProcess(zk, fresh, tmp_path / "logs")  # in memory: starts the cluster
+    nodes.append(first)
+    first.start()
+    first.wait_for_role(["primary"])
+    with kvstore.Client(zk, fresh, timeout=10) as kv:
+        kv.put("c", "new")
+    old.zk_path = fresh
+    old.start()
+    assert old.wait_for_role(["backup"]).key_count == 1
+    first.kill()
+    assert exit_or_primary(old) == "primary, 1 keys"
+    with kvstore.Client(zk, fresh, timeout=10) as kv:
+        assert kv.get_many(["a", "b", "c"]) == {"a": None, "b": None, "c": "new"}
