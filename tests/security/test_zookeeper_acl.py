@@ -395,3 +395,30 @@ def test_a_node_with_credentials_refuses_a_world_writable_parent(
 
 def wait_for_log(node: NodeProcess, text: str, timeout_s: float = 10.0) -> None:
     wait_until(lambda: text in node.log_tail(200) or None, timeout_s, node.log_tail)
+
+
+def test_data_lost_names_a_reset_that_works_on_a_secured_parent(
+    zk_server: ZooKeeperServer, zk_path: str, tmp_path: Path
+) -> None:
+    """The DATA LOST line's kv-createznode --reset carries the credentials option (a
+    secured parent refuses a reset without them), never the password itself."""
+    zk = zk_server.connect_string
+    assert createznode.main(["--zk-auth", AUTH, zk, zk_path]) == 0
+    only, newcomer = (
+        NodeProcess(zk, zk_path, tmp_path, extra_args=["--zk-auth", AUTH]) for _ in range(2)
+    )
+    try:
+        only.start()
+        only.wait_for_role(["primary"])
+        with kvstore.Client(zk, zk_path, timeout=20) as kv:
+            kv.put("precious", "data")
+        only.kill()  # the only copy is gone before anyone synced it
+        newcomer.start()
+        assert newcomer.process is not None
+        assert newcomer.process.wait(timeout=60) == 3
+        lost = newcomer.log_tail(50)
+        reset = f"kv-createznode --reset --zk-auth USER:PASSWORD {zk} {zk_path}"
+        assert reset in lost and AUTH not in lost, lost
+    finally:
+        only.stop()
+        newcomer.stop()
