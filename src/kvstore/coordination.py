@@ -78,26 +78,35 @@ logging.getLogger("kazoo").addHandler(logging.NullHandler())
 
 
 class _RepeatsFilter(logging.Filter):
-    """Lets a kind of message (its template) through at most once per ``every_s``, saying
-    how many like it were held back: kazoo warns at each reconnect attempt, several times a
-    second while ZooKeeper is down, which buries what the program itself says."""
+    """Lets the same warning (the same text) through at most once per ``every_s``, saying
+    how many it held back: kazoo warns at each reconnect attempt, several times a second
+    while ZooKeeper is down, which buries what the program itself says. Other levels,
+    warnings with a traceback, and a warning whose text changed (another cause) pass."""
 
     def __init__(self, every_s: float) -> None:
         super().__init__()
         self._every_s = every_s
-        self._seen: dict[object, tuple[float, int]] = {}  # template -> (passed at, held)
+        self._seen: dict[str, tuple[float, int]] = {}  # text -> (passed at, held back)
         self._lock = threading.Lock()
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.WARNING or record.exc_info:
+            return True
+        try:
+            text = record.getMessage()
+        except Exception:  # (a record that does not format: logging reports it itself)
+            return True
         now = time.monotonic()
         with self._lock:
-            passed_at, held = self._seen.get(record.msg, (-self._every_s, 0))
+            passed_at, held = self._seen.get(text, (-self._every_s, 0))
             if now - passed_at < self._every_s:
-                self._seen[record.msg] = (passed_at, held + 1)
+                self._seen[text] = (passed_at, held + 1)
                 return False
-            self._seen[record.msg] = (now, 0)
+            if len(self._seen) > 64:  # (texts vary with addresses: keep it small)
+                self._seen.clear()
+            self._seen[text] = (now, 0)
         if held:
-            record.msg = f"{record.msg} (and {held} more like it in the last {self._every_s:g} s)"
+            record.msg, record.args = f"{text} (and {held} more like it since)", None
         return True
 
 
@@ -384,17 +393,25 @@ def connect(
     connected = zk.start_async()  # (what zk.start does, waiting in slices to hear a cancel)
     deadline = time.monotonic() + connect_timeout_s
     while not connected.wait(min(CANCEL_CHECK_S, max(0.0, deadline - time.monotonic()))):
-        is_given_up = is_cancelled is not None and is_cancelled()
-        if is_given_up or time.monotonic() >= deadline:
+        if is_cancelled is not None and is_cancelled():
+            # (stop joins kazoo's connection thread, which may sit in a connect to a
+            # silent server for a session timeout: the caller need not wait for that)
+            threading.Thread(target=_close_quietly, args=(zk,), daemon=True).start()
+            raise errors.CoordinationError("gave up connecting to ZooKeeper: cancelled")
+        if time.monotonic() >= deadline:
             zk.stop()
             zk.close()
-            if is_given_up:
-                raise errors.CoordinationError("gave up connecting to ZooKeeper: cancelled")
             over = " over TLS" if tls is not None else ""
             raise errors.CoordinationError(
                 f"cannot reach ZooKeeper at {zk_connect}{over} within {connect_timeout_s:g} s"
             )
     return zk
+
+
+def _close_quietly(zk: KazooClient) -> None:
+    with contextlib.suppress(Exception):
+        zk.stop()
+        zk.close()
 
 
 def check_connect_string(zk_connect: str) -> None:

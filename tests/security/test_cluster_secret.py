@@ -232,7 +232,7 @@ def test_a_node_that_cannot_join_says_why_once_and_backs_off(
     assert f"cannot join primary {primary.status().node_id}" in reasons[0], reasons
     # Pauses of 0.05, 0.1 ... 1.6, then 2 s: 8 tries in the first 6 s after the first.
     tried = refused_joins(primary) - refused_before
-    assert tried <= 8, f"{tried} joins refused in {JOIN_WATCH_S} s"
+    assert 2 <= tried <= 8, f"{tried} joins refused in {JOIN_WATCH_S} s"  # (paused, not stuck)
 
 
 def refused_joins(primary: NodeProcess) -> int:

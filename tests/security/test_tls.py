@@ -358,7 +358,7 @@ def test_a_node_that_cannot_join_a_tls_cluster_says_why_once(
     other = NodeProcess(tls_cluster.zk_connect, tls_cluster.zk_path, tmp_path, extra_args=args)
     tls_cluster.nodes.append(other)
     other.start()
-    reason = "accepts TLS connections only" if misfit == "plaintext" else "certificate verify"
+    reason = "accepts TLS connections only" if misfit == "plaintext" else "cannot trust"
 
     def logged() -> list[str]:
         return [line for line in other.log_tail(200).splitlines() if "cannot join" in line]

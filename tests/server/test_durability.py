@@ -160,14 +160,16 @@ def test_a_copy_dropped_from_the_in_sync_set_never_takes_over_with_its_shorter_h
         cluster.stop()
 
 
+@pytest.mark.parametrize("size", [2, 3])
 def test_after_a_full_restart_the_backup_rejoins_before_the_old_sessions_expire(
-    zk_server: ZooKeeperServer, zk_path: str, tmp_path: Path
+    zk_server: ZooKeeperServer, zk_path: str, tmp_path: Path, size: int
 ) -> None:
     """The old processes' znodes outlive them by a session timeout (30 s here). The node
     that recovers as primary proves them dead (the restarted nodes answer at their
     addresses under other names) and removes them, so the other node is the designated
-    backup at once instead of after the old backup's session expired."""
-    cluster = LocalCluster(zk_server.connect_string, zk_path, tmp_path / "logs", size=2)
+    backup at once instead of after the old backup's session expired. With three nodes and
+    two copies, the old standby's znode too (the lowest left, it would be designated)."""
+    cluster = LocalCluster(zk_server.connect_string, zk_path, tmp_path / "logs", size=size)
     for i, node in enumerate(cluster.nodes):
         node.extra_args += ["--data-dir", str(tmp_path / f"data-{i}"), "--session-timeout", "30"]
     try:

@@ -320,10 +320,13 @@ class Follower:
     def _join_failed(self, meta: ClusterMeta, why: str, pause_s: float = 0.0) -> None:
         """Pause before the next try (doubling up to JOIN_RETRY_MAX_S; at least ``pause_s``)
         and say why, once: again only if the reason changes or JOIN_FAILURE_RELOG_S passed."""
+        if self._node.is_stopping:
+            return  # (a join cut short by the node's own stop: nothing to say or wait for)
         now = time.monotonic()
         target = (meta.epoch, meta.primary)
-        if target != self._join_failed_with:
+        if target != self._join_failed_with:  # another primary: its reasons are news
             self._join_failures, self._join_failed_with = 0, target
+            self._join_failure_logged, self._join_failures_unlogged = None, 0
         self._join_failures += 1
         doubled_s = self._node.config.control_tick_s * 2 ** min(self._join_failures - 1, 16)
         self._join_after = now + max(pause_s, min(doubled_s, JOIN_RETRY_MAX_S))
@@ -431,15 +434,16 @@ class Follower:
                     f"recovered from disk as {durable[node.node_id]} of the last in-sync set",
                     "recovery",
                 )
+                # The other members' znodes outlive them by a session timeout, and the lowest
+                # of them would be the designated backup meanwhile: the cluster would run on
+                # one copy. The primary removes each once it proves it dead (this node's own
+                # former name included: it answers there under its new one). Queued first,
+                # so a failure removing the old primary's below does not skip them.
+                node.remove_once_dead(
+                    [m for m in members if m.name not in (node.name, meta.primary)]
+                )
                 if meta.primary in names:
                     node.require_coordinator().remove_member(meta.primary)
-                # The old in-sync members' znodes outlive them by a session timeout, and the
-                # lowest of them would be the designated backup meanwhile: the cluster would
-                # run on one copy. The primary removes each once it proves it dead (this
-                # node's own former name included: it answers there under its new one).
-                node.remove_once_dead(
-                    [m for m in members if m.name in meta.in_sync and m.name != meta.primary]
-                )
             return
         if durable:
             if not self._is_waiting_logged:
@@ -615,8 +619,8 @@ class Follower:
                 node.role = Role.STANDBY
                 is_disk_full = isinstance(exc, (errors.DiskFullError, OSError))
                 pause_s = DISK_FULL_RETRY_S if is_disk_full else 0.0  # each try costs a copy
-                self._join_failed(meta, str(exc) or repr(exc), pause_s)
-                self._forget_dead_primary(meta, names)
+                if not self._forget_dead_primary(meta, names):
+                    self._join_failed(meta, str(exc) or repr(exc), pause_s)
                 return
             # The primary may have listed us and lost only its reply (and then died): a
             # listed copy must neither be wiped nor wait for a dead primary. Stay a backup
