@@ -163,7 +163,11 @@ def test_kv_client_passes_its_client_kind_to_the_workload(
     seen: list[Workload] = []
 
     def fake_run(
-        workload: Workload, config: ClientConfig, procs: int = 1, progress: Any = None
+        workload: Workload,
+        config: ClientConfig,
+        start_ns: int | None = None,
+        procs: int = 1,
+        progress: Any = None,
     ) -> Any:
         seen.append(workload)
         return merge(workload, 1.0, [], 0, 0)
