@@ -26,6 +26,7 @@ from kvstore.cli.args import (
     report_error,
     setup_logging,
 )
+from kvstore.cli.interrupts import Interrupts
 from kvstore.coordination import MAX_REPLICAS
 from kvstore.local.zkserver import ZooKeeperServer
 
@@ -375,6 +376,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.io,
         )
     )
+    with Interrupts("kv-bench") as interrupts:
+        try:
+            return _run(args, matrix)
+        except KeyboardInterrupt:  # (ZooKeeper and the nodes were stopped on the way out)
+            return interrupts.report("stopped the cluster")
+
+
+def _run(args: argparse.Namespace, matrix: Matrix | None) -> int:
     try:
         workdir = session_directory(Path(args.workdir).resolve())
     except OSError as exc:

@@ -16,6 +16,7 @@ from kvstore.cli.args import (
     zk_auth_from,
     zk_tls_from,
 )
+from kvstore.cli.interrupts import Interrupts
 from kvstore.coordination import DEFAULT_REPLICAS, MAX_REPLICAS, create_parent
 
 
@@ -59,18 +60,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     check_replicas_option(parser, args.replicas)
     setup_logging("WARNING", is_quiet=True)
-    try:
-        outcome = create_parent(
-            args.zk_connect,
-            args.zk_path,
-            reset=args.reset,
-            auth=auth,
-            secure_existing=args.secure_existing,
-            tls=zk_tls,
-            replicas=args.replicas,
-        )
-    except errors.KVError as exc:
-        report_error("kv-createznode", exc)
-        return 1
+    with Interrupts("kv-createznode") as interrupts:
+        try:
+            outcome = create_parent(
+                args.zk_connect,
+                args.zk_path,
+                reset=args.reset,
+                auth=auth,
+                secure_existing=args.secure_existing,
+                tls=zk_tls,
+                replicas=args.replicas,
+            )
+        except errors.KVError as exc:
+            report_error("kv-createznode", exc)
+            return 1
+        except KeyboardInterrupt:  # (a change under way may or may not have been made)
+            return interrupts.report()
     print(f"{args.zk_path}: {outcome}")
     return 0

@@ -14,6 +14,7 @@ from kvstore.cli.args import (
     report_error,
     setup_logging,
 )
+from kvstore.cli.interrupts import Interrupts
 from kvstore.coordination import MAX_REPLICAS
 
 
@@ -53,10 +54,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.secure and args.replicas != 2:
         parser.error("--replicas is for the plain demo (--secure runs two nodes)")
     setup_logging("INFO")
-    try:
-        return run_demo(
-            args.seconds, args.threads, args.keyspace, args.workdir, args.secure, args.replicas
-        )
-    except (errors.KVError, OSError) as exc:  # no Java or ZooKeeper, a port taken, ...
-        report_error("kv-demo", exc)
-        return 1
+    with Interrupts("kv-demo") as interrupts:
+        try:
+            return run_demo(
+                args.seconds, args.threads, args.keyspace, args.workdir, args.secure, args.replicas
+            )
+        except (errors.KVError, OSError) as exc:  # no Java or ZooKeeper, a port taken, ...
+            report_error("kv-demo", exc)
+            return 1
+        except KeyboardInterrupt:  # (ZooKeeper and the nodes were stopped on the way out)
+            return interrupts.report("stopped the cluster")

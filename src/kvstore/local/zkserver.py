@@ -10,7 +10,7 @@ Invariants:
 
 * ``start()`` returns only once the server answers ``ruok`` with ``imok``;
   otherwise it stops what it launched and raises :class:`ZooKeeperServerError`
-  with the tail of the log.
+  with the tail of the log (or, interrupted, re-raises).
 * ``stop()`` signals only the process this object started (through its
   ``Popen`` handle), never anything found by name.
 * ``restart()`` keeps the port and the data directory, so persistent znodes and
@@ -222,7 +222,7 @@ class ZooKeeperServer:
         self._finalizer = weakref.finalize(self, terminate, self._process)
         try:
             self._wait_until_ok(timeout_s)
-        except ZooKeeperServerError:
+        except BaseException:  # (Ctrl-C, or a signal a program turned into it, too)
             self.stop()
             raise
 
