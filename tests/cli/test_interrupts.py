@@ -74,13 +74,18 @@ def test_only_the_first_signal_interrupts_and_the_handlers_come_back(
     assert capsys.readouterr().err == "kv-test: interrupted (SIGTERM): stopped\n"
 
 
-def test_a_signal_ignored_before_stays_ignored(capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_held_signal_is_noted_not_raised_and_an_ignored_one_stays_ignored(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     before = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as under nohup
     try:
         with Interrupts("kv-test") as interrupts:
             assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
             os.kill(os.getpid(), signal.SIGHUP)
             assert interrupts.received is None
+            interrupts.hold()
+            os.kill(os.getpid(), signal.SIGINT)
+            assert interrupts.received == signal.SIGINT
             assert interrupts.report() == 130
     finally:
         signal.signal(signal.SIGHUP, before)

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from kvstore import errors
+from kvstore.local.cluster import LocalCluster
 from kvstore.rpc import probe
 
 WAIT_S = 60.0  # for a cluster to come up, or a program to end, on a loaded machine
@@ -203,8 +204,10 @@ def _running(program: Program) -> bool:
     ("program", "args", "line"),
     [
         ("createznode", (), "kv-createznode: interrupted\n"),
+        ("client", ("2", "30", "10", "--log", "LOG"),
+         "kv-client: interrupted: no execution log written\n"),
     ],
-    ids=["kv-createznode"],
+    ids=["kv-createznode", "kv-client"],
 )  # fmt: skip
 def test_ctrl_c_while_waiting_for_zookeeper_is_one_line_and_130(
     tmp_path: Path, start: Callable[..., Program], program: str, args: tuple[str, ...], line: str
@@ -216,3 +219,47 @@ def test_ctrl_c_while_waiting_for_zookeeper_is_one_line_and_130(
     code, out, err = started.finish(signal.SIGINT)
     assert (code, err, out) == (130, line, "")
     assert not log.exists()
+
+
+@pytest.mark.parametrize(
+    ("signum", "procs", "to_group"),
+    [(signal.SIGINT, "1", True), (signal.SIGINT, "2", True), (signal.SIGTERM, "2", False)],
+    ids=["ctrl-c", "ctrl-c-with-2-client-processes", "sigterm-with-2-client-processes"],
+)
+def test_an_interrupted_load_prints_its_summary_and_writes_a_log_that_checks(
+    tmp_path: Path,
+    start: Callable[..., Program],
+    cluster: LocalCluster,
+    signum: signal.Signals,
+    procs: str,
+    to_group: bool,
+) -> None:
+    """Ctrl-C on a terminal reaches the whole process group; SIGTERM (kill, a service
+    manager) the program alone: its client processes must not be left running."""
+    log = tmp_path / "execution.log"
+    primary = cluster.wait_for("primary")
+    program = start(
+        "client", cluster.zk_connect, cluster.zk_path, "4", "60", "100", "--procs", procs,
+        "--log", str(log), new_session=True,
+    )  # fmt: skip
+
+    def writing() -> bool:  # the load runs: keys were written
+        assert program.process.poll() is None, program.err_path.read_text()
+        status = primary.status()
+        return status is not None and status.key_count > 0
+
+    poll(writing, WAIT_S, "the load writing")
+    code, out, err = program.finish(signum, to_group=to_group)
+    name = "" if signum == signal.SIGINT else f" ({signum.name})"
+    assert code == 128 + signum, out + err
+    assert err == f"kv-client: interrupted{name}: the execution log holds the run until then\n"
+    assert "Successful operations:" in out and f"Execution log: {log}" in out
+    # Its client processes stopped before it did; multiprocessing's resource tracker (when
+    # there are some) ends when it sees its parent gone.
+    poll(lambda: not program.left_running(), 10.0, "every process below it ended")
+    check = subprocess.run(
+        [sys.executable, "-m", "kvstore", "check", str(log)],
+        capture_output=True, text=True, timeout=WAIT_S, check=False,
+    )  # fmt: skip
+    assert check.returncode == 0, check.stdout
+    assert check.stdout.startswith("OK (")

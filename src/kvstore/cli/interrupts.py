@@ -15,6 +15,8 @@ Invariants:
 - only the first of these signals interrupts; later ones are ignored until the block is left,
   so the cleanup the first one started is not cut short (each of its steps is bounded: a child
   gets SIGTERM, then SIGKILL after 10 s);
+- after :meth:`Interrupts.hold` a signal interrupts nothing: it is only noted (``received``),
+  for the program to report once it has written what must not be left half-written;
 - a signal that was ignored when the block was entered (``nohup``; SIGINT of a background job)
   stays ignored;
 - ``exit_status`` is 128 + the signal's number (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP), what a
@@ -44,6 +46,7 @@ class Interrupts:
     def __init__(self, prog: str) -> None:
         self.prog = prog
         self.received: signal.Signals | None = None
+        self._is_held = False
         self._previous: dict[signal.Signals, Any] = {}
 
     def __enter__(self) -> Interrupts:
@@ -65,10 +68,15 @@ class Interrupts:
             signal.signal(signum, signal.SIG_DFL if handler is None else handler)
         self._previous.clear()
 
+    def hold(self) -> None:
+        """From now on a signal is only noted in ``received``, not raised."""
+        self._is_held = True
+
     def _interrupt(self, signum: int, _frame: FrameType | None) -> None:
         if self.received is None:
             self.received = signal.Signals(signum)
-            raise KeyboardInterrupt(self.received.name)
+            if not self._is_held:
+                raise KeyboardInterrupt(self.received.name)
 
     @property
     def exit_status(self) -> int:
