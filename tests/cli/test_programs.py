@@ -152,3 +152,35 @@ def test_a_load_that_no_primary_answered_exits_1(
     assert result.returncode == 1, result.stdout + result.stderr
     assert "no operation succeeded" in result.stderr
     assert log.exists()  # the history is kept all the same
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("--replicas", "1", "--seconds", "1"), ("--replicas", "3", "--seconds", "2")],
+    ids=["one-copy", "too-short-for-a-kill"],
+)
+def test_the_demo_announces_no_kill_when_none_will_come(
+    tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    result = run("demo", *args, "--workdir", str(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "; no kill -9: " in result.stdout
+    assert "kill -9 of the primary at" not in result.stdout
+    assert "killed primary" not in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "why"),
+    [
+        (("--faults", "kill-primary", "--seconds", "5"), "give --seconds above 6"),
+        (("--faults", "nemesis", "--seconds", "4"), "give --seconds above 5"),
+        (("--faults", "kill-primary", "--replicas", "1", "--seconds", "7"), "no backup"),
+    ],
+)
+def test_bench_refuses_faults_that_would_never_come(
+    tmp_path: Path, args: tuple[str, ...], why: str
+) -> None:
+    result = run("bench", "--threads", "1", "--keyspace", "10", "--mix", "50/50",
+                 "--value-bytes", "10", *args, "--workdir", str(tmp_path))  # fmt: skip
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert why in result.stderr and not list(tmp_path.iterdir())

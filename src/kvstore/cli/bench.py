@@ -10,9 +10,19 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kvstore import errors
+from kvstore.bench import faults
 from kvstore.bench.baseline import run_compare
 from kvstore.bench.clients import CLIENT_KINDS
-from kvstore.bench.matrix import FAULT_KINDS, IO_KINDS, PLACEMENTS, TRANSPORTS, Matrix, parse_mix
+from kvstore.bench.matrix import (
+    FAULT_KINDS,
+    FIRST_FAULT_S,
+    IO_KINDS,
+    PLACEMENTS,
+    TRANSPORTS,
+    Matrix,
+    parse_mix,
+    why_no_faults,
+)
 from kvstore.bench.session import Session
 from kvstore.bench.storage import STORAGE_KINDS
 from kvstore.cli.args import (
@@ -376,11 +386,35 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.io,
         )
     )
+    if matrix is not None:
+        _check_faults(parser, matrix, args.seconds, args.full)
     with Interrupts("kv-bench") as interrupts:
         try:
             return _run(args, matrix)
         except KeyboardInterrupt:  # (ZooKeeper and the nodes were stopped on the way out)
             return interrupts.report("stopped the cluster")
+
+
+def _check_faults(
+    parser: argparse.ArgumentParser, matrix: Matrix, seconds: float, full: bool
+) -> None:
+    """A usage error for --faults that --seconds leaves no time for, and for a matrix whose
+    every configuration would be left out (kill-primary with one copy, see Session)."""
+    for kind in matrix.faults:
+        if kind not in FIRST_FAULT_S:
+            continue
+        first_s = FIRST_FAULT_S[kind]
+        why = faults.why_no_faults(seconds, first_s)
+        if why is not None:
+            parser.error(
+                f"--faults {kind} with --seconds {seconds:g}: {why} (give --seconds above "
+                f"{first_s + faults.QUIET_END_S:g})"
+            )
+    if all(why_no_faults(scenario, seconds) for scenario in matrix.scenarios(full)):
+        parser.error(
+            "--faults kill-primary with --replicas 1: there is no backup to take over, and "
+            "no other configuration to run"
+        )
 
 
 def _run(args: argparse.Namespace, matrix: Matrix | None) -> int:

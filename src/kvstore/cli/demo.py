@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from kvstore import errors
 from kvstore.bench.demo import run_demo
+from kvstore.bench.faults import QUIET_END_S
 from kvstore.cli.args import (
     check_replicas_option,
     new_parser,
@@ -22,7 +23,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = new_parser(
         prog="kv-demo",
         description="Start a local ZooKeeper and two nodes, run kv-client, kill -9 the primary "
-        "midway and restart it, then print throughput, latency and the kv-check verdict.",
+        "midway and restart it, then print throughput, latency and the kv-check verdict. "
+        "There is no kill with --replicas 1 (it would lose the only copy), nor in a run of "
+        f"{2 * QUIET_END_S:g} s or less (no fault comes in its last {QUIET_END_S:g} s); the "
+        "demo says so when it starts.",
     )
     parser.add_argument(
         "--seconds", type=positive_float, default=20.0, help="benchmark length (default 20)"
