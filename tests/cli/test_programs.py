@@ -40,6 +40,12 @@ def test_help_speaks_to_users(program: str) -> None:
     assert not INTERNAL_NAMES.findall(flat)
 
 
+@pytest.mark.parametrize("program", sorted(COMMANDS))
+def test_help_gives_the_exit_status(program: str) -> None:
+    flat = " ".join(run(program, "--help").stdout.split())
+    assert "exit status: 0 " in flat
+
+
 def test_the_package_lists_its_programs() -> None:
     result = run("--help")
     assert result.returncode == 0

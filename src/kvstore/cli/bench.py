@@ -102,7 +102,12 @@ uniform keys with YCSB's zipfian ones (the --mix letters a, b, c give YCSB's rea
 add --dist zipfian for YCSB's key choice as well), and --rate 2000,8000 runs open-loop
 loads at those targets, with latencies measured from each request's intended start (no
 coordinated omission); 0 is the closed loop.""",
-        epilog="examples:\n"
+        epilog="exit status: 0 every step ran (each row shows its own check verdict: a "
+        "failed check\ndoes not change the exit status); 1 the work directory cannot be "
+        "made, ZooKeeper or a\ncluster did not start, or --java-baseline gave no ratio; 2 bad "
+        "arguments; 130\ninterrupted (Ctrl-C; 143 SIGTERM, 129 SIGHUP) once "
+        "ZooKeeper and the nodes are\nstopped: the JSON holds the rows finished until then.\n\n"
+        "examples:\n"
         "  kv-bench                      # the default one-at-a-time matrix, 15 s each\n"
         "  kv-bench --threads 4 --keyspace 1000 --mix 50/50 --value-bytes 10 --faults none "
         "--procs 1,2,4\n"

@@ -26,6 +26,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Create the parent znode PATH (and its parents) that nodes register under. "
         "Succeeds if it exists already. With credentials (--zk-auth, --zk-auth-file or "
         "$KV_ZK_AUTH) it gets an ACL that lets only them change the cluster (anyone may read).",
+        epilog="exit status: 0 done (created, or it existed; reset, secured, replication "
+        "factor set as asked); 1 ZooKeeper unreachable, or the change refused (not "
+        "authorized; --secure-existing while nodes are registered; metadata under PATH that is "
+        "not a kvstore cluster's); 2 bad arguments; 130 interrupted (Ctrl-C; 143 SIGTERM, 129 "
+        "SIGHUP): a change under way may or may not have been made",
     )
     add_cluster_arguments(parser, "parent znode, e.g. /kvstore")
     parser.add_argument(

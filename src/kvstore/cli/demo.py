@@ -18,6 +18,12 @@ from kvstore.cli.args import (
 from kvstore.cli.interrupts import Interrupts
 from kvstore.coordination import MAX_REPLICAS
 
+EPILOG = """\
+exit status: 0 the history checked linearizable; 1 it did not (violations), or the demo
+could not run (no Java or ZooKeeper, a port taken, ...); 2 bad arguments, or the execution
+log could not be read back; 3 no violation found, but some keys undecided (as kv-check);
+130 interrupted (Ctrl-C; 143 SIGTERM, 129 SIGHUP), once everything it started is stopped."""
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = new_parser(
@@ -27,6 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "There is no kill with --replicas 1 (it would lose the only copy), nor in a run of "
         f"{2 * QUIET_END_S:g} s or less (no fault comes in its last {QUIET_END_S:g} s); the "
         "demo says so when it starts.",
+        epilog=EPILOG,
     )
     parser.add_argument(
         "--seconds", type=positive_float, default=20.0, help="benchmark length (default 20)"

@@ -36,7 +36,6 @@ from typing import Any
 from kvstore.cli.args import report_error
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130: Ctrl-C, as a shell reports it
 
 
 class Interrupts:
