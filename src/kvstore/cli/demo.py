@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 from kvstore import errors
@@ -65,6 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.secure and args.replicas != 2:
         parser.error("--replicas is for the plain demo (--secure runs two nodes)")
     setup_logging("INFO")
+    # Its ZooKeeper sessions' reconnect chatter (kazoo warnings) is not the demo's story: a
+    # failure that matters ends the demo with its own line.
+    logging.getLogger("kazoo").setLevel(logging.ERROR)
     with Interrupts("kv-demo") as interrupts:
         try:
             return run_demo(
