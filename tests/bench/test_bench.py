@@ -4,6 +4,7 @@ results, the longest gap, and how threads are spread over processes."""
 from __future__ import annotations
 
 import pickle
+import threading
 import time
 from array import array
 from collections import Counter
@@ -13,7 +14,9 @@ import pytest
 from kvstore import errors
 from kvstore.bench import procs
 from kvstore.bench.workload import (
+    STOP_GRACE_S,
     Event,
+    LoadClients,
     ThreadResult,
     Workload,
     _worker,
@@ -186,7 +189,7 @@ def _run_worker(workload: Workload, client: _StubClient, seconds: float = 0.05):
     result = ThreadResult()
     start = time.monotonic_ns()
     locator = _StubLocator()
-    _worker(7, workload, client, locator, start, start + int(seconds * 1e9), result)  # type: ignore[arg-type]
+    _worker(7, workload, client, locator, start, [start + int(seconds * 1e9)], result)  # type: ignore[arg-type]
     return result, locator
 
 
@@ -229,3 +232,54 @@ def test_worker_drops_an_indefinite_get() -> None:
     result, _ = _run_worker(workload, _StubClient(failures))
     assert result.indefinite_writes == 0
     assert len(result.events) == 2 * len(result.success_ns)
+
+
+# --------------------------------------------------------------------------- stopping early
+
+
+class _Stuck(_StubClient):
+    """Answers until its ``stuck_at``-th call, which hangs until abort(): its outcome is
+    then unknown, as on a connection closed under a call."""
+
+    def __init__(self, stuck_at: int) -> None:
+        super().__init__()
+        self.stuck_at = stuck_at
+        self.aborted = threading.Event()
+
+    def _maybe_fail(self) -> None:
+        super()._maybe_fail()
+        if self.calls >= self.stuck_at:
+            self.aborted.wait(30)
+            raise errors.ConnectionLostError("closed under the call")
+
+
+class _Clients:
+    """LoadClients' clients: one per thread, each its own stub."""
+
+    def __init__(self, clients: list[_StubClient]) -> None:
+        self.per_thread, self.pacer, self.finishing_s = clients, _StubLocator(), 1.0
+
+    def abort(self) -> None:
+        for client in self.per_thread:
+            if isinstance(client, _Stuck):
+                client.aborted.set()
+
+
+def test_a_run_stopped_early_ends_soon_and_its_history_is_valid() -> None:
+    stuck = _Stuck(stuck_at=50)
+    load = LoadClients.__new__(LoadClients)  # (its clients are the stand-ins above)
+    load.workload = Workload(2, 60.0, 10, write_ratio=1.0, seed=5)
+    load.clients = _Clients([_StubClient(), stuck])
+    stop = threading.Event()
+    began = time.monotonic()
+    start = time.monotonic_ns()
+    threading.Timer(0.2, stop.set).start()
+    results = load.run(start, start + 60 * 10**9, stop=stop)
+    assert time.monotonic() - began < 2 * STOP_GRACE_S + 2  # the stop, then the abort
+    assert stuck.aborted.is_set()
+    free, cut = results
+    assert len(free.events) == 2 * len(free.success_ns) > 0  # every operation answered
+    # The call cut short by the abort: its put stays pending (outcome unknown).
+    assert cut.indefinite_writes == 1
+    assert [e[1] for e in cut.events].count(False) == len(cut.success_ns) + 1
+    assert not cut.events[-1][1]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from kvstore.bench import capacity
+from kvstore.bench import capacity, faults
 from kvstore.bench.matrix import (
     BASELINE,
     Matrix,
@@ -13,6 +15,7 @@ from kvstore.bench.matrix import (
     header,
     parse_mix,
     summarize,
+    why_no_faults,
 )
 
 
@@ -46,6 +49,31 @@ def test_baseline_falls_back_to_the_first_value_of_a_list_without_the_default() 
         Scenario(16, 1000, 50, 10, "none", 1),
         Scenario(8, 1000, 50, 10, "none", 2),
     ]
+
+
+def test_a_configuration_whose_faults_never_come_says_why() -> None:
+    killing, nemesis = (
+        Scenario(4, 1000, 50, 10, "kill-primary", 1),
+        Scenario(4, 1000, 50, 10, "nemesis", 1),
+    )
+    assert why_no_faults(killing, 15.0) is None and why_no_faults(nemesis, 15.0) is None
+    assert why_no_faults(BASELINE, 1.0) is None  # no faults asked: nothing missing
+    # The first kill comes 4 s in, the nemesis's first fault 3 to 5 s in; none in the last 2 s.
+    assert "none fits in 6 s" in str(why_no_faults(killing, 6.0))
+    assert why_no_faults(killing, 6.5) is None
+    assert "none fits in 5 s" in str(why_no_faults(nemesis, 5.0))
+    # A lone copy's primary is never killed (it would lose the store); the nemesis still
+    # restarts ZooKeeper there.
+    alone = dataclasses.replace(killing, replicas=1)
+    assert "no backup" in str(why_no_faults(alone, 15.0))
+    assert why_no_faults(dataclasses.replace(nemesis, replicas=1), 15.0) is None
+
+
+def test_the_demo_kill_fits_when_half_the_run_comes_before_its_last_seconds() -> None:
+    # kv-demo kills at half time: in a run of 2 * QUIET_END_S or less, that is too late.
+    assert faults.why_no_faults(4.0, 2.0, replicas=2) is not None
+    assert faults.why_no_faults(4.2, 2.1, replicas=2) is None
+    assert faults.why_no_faults(20.0, 10.0, replicas=1) is not None
 
 
 def test_scenario_workload_carries_the_mix_and_value_size() -> None:

@@ -61,7 +61,7 @@ def _run_worker(workload: Workload, client: Any) -> tuple[ThreadResult, _Countin
     result = ThreadResult()
     pause = _CountingPause()
     start = time.monotonic_ns()
-    _worker(3, workload, client, pause, start, start + int(0.05 * 1e9), result)
+    _worker(3, workload, client, pause, start, [start + int(0.05 * 1e9)], result)
     return result, pause
 
 

@@ -73,7 +73,7 @@ def _keys_touched(key_dist: str) -> Counter:
     workload.key_sequence()  # drawn before the clock starts, as LoadClients does
     result = ThreadResult()
     start = time.monotonic_ns()
-    _worker(0, workload, _Instant(), _Steady(), start, start + 100_000_000, result)
+    _worker(0, workload, _Instant(), _Steady(), start, [start + 100_000_000], result)
     return Counter(event[4] for event in result.events if event[1])
 
 

@@ -83,7 +83,7 @@ def _latencies_ms(rate: float) -> ThreadResult:
     workload = Workload(1, 0.5, 10, seed=1, rate=rate)
     result = ThreadResult()
     start = time.monotonic_ns()
-    _worker(0, workload, _Slow(0.01), _Steady(), start, start + 500_000_000, result)
+    _worker(0, workload, _Slow(0.01), _Steady(), start, [start + 500_000_000], result)
     result.fold_latencies()
     return result
 
@@ -104,7 +104,7 @@ def test_open_loop_below_capacity_sends_on_schedule() -> None:
     threads = [
         threading.Thread(
             target=_worker,
-            args=(tid, workload, _Slow(0), _Steady(), start, start + 500_000_000, results[tid]),
+            args=(tid, workload, _Slow(0), _Steady(), start, [start + 500_000_000], results[tid]),
         )
         for tid in (0, 1)
     ]

@@ -45,6 +45,12 @@ def test_help_speaks_to_users(program: str) -> None:
     assert not INTERNAL_NAMES.findall(flat)
 
 
+@pytest.mark.parametrize("program", sorted(COMMANDS))
+def test_help_gives_the_exit_status(program: str) -> None:
+    flat = " ".join(run(program, "--help").stdout.split())
+    assert "exit status: 0 " in flat
+
+
 def test_the_package_lists_its_programs() -> None:
     result = run("--help")
     assert result.returncode == 0
@@ -244,3 +250,38 @@ def test_a_node_waiting_for_zookeeper_stops_at_once_and_warns_once(tmp_path: Pat
     output = log_path.read_text()
     assert output.count("Connection dropped") == 1, output
     assert "stopping: signal SIGTERM" in output and "Traceback" not in output
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("--replicas", "1", "--seconds", "1"), ("--replicas", "3", "--seconds", "2")],
+    ids=["one-copy", "too-short-for-a-kill"],
+)
+def test_the_demo_announces_no_kill_when_none_will_come(
+    tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    result = run("demo", *args, "--workdir", str(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "; no kill -9: " in result.stdout
+    assert "kill -9 of the primary at" not in result.stdout
+    assert "killed primary" not in result.stdout
+    # (with --replicas 3 the demo itself creates the parent: its ZooKeeper session too)
+    assert "WARNING" not in result.stdout + result.stderr
+    assert "Connection dropped" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "why"),
+    [
+        (("--faults", "kill-primary", "--seconds", "5"), "give --seconds above 6"),
+        (("--faults", "nemesis", "--seconds", "4"), "give --seconds above 5"),
+        (("--faults", "kill-primary", "--replicas", "1", "--seconds", "7"), "no backup"),
+    ],
+)
+def test_bench_refuses_faults_that_would_never_come(
+    tmp_path: Path, args: tuple[str, ...], why: str
+) -> None:
+    result = run("bench", "--threads", "1", "--keyspace", "10", "--mix", "50/50",
+                 "--value-bytes", "10", *args, "--workdir", str(tmp_path))  # fmt: skip
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert why in result.stderr and not list(tmp_path.iterdir())

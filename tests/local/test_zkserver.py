@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,6 +22,7 @@ from kvstore.local.zkserver import (
     ZooKeeperServerError,
     find_zookeeper_classpath,
     is_ok,
+    is_serving,
 )
 
 WAIT_S = 10.0
@@ -80,6 +83,52 @@ def test_server_answers_imok_on_loopback(zk_server: ZooKeeperServer) -> None:
     assert zk_server.connect_string == f"127.0.0.1:{zk_server.port}"
     assert zk_server.pid is not None
     assert is_ok("127.0.0.1", zk_server.port)
+
+
+def _answering(reply: bytes) -> tuple[socket.socket, threading.Thread]:
+    """A listener on a free loopback port that answers one four-letter word with ``reply``."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def answer() -> None:
+        connection, _ = listener.accept()
+        with connection:
+            connection.recv(4)
+            connection.sendall(reply)
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    return listener, thread
+
+
+@pytest.mark.parametrize(
+    ("reply", "serving"),
+    [
+        (b"This ZooKeeper instance is not currently serving requests\n", False),
+        (b"Zookeeper version: 3.8.0\nLatency min/avg/max: 0/0.0/0\nMode: standalone\n", True),
+    ],
+)
+def test_serving_is_what_srvr_says_not_imok(reply: bytes, serving: bool) -> None:
+    listener, thread = _answering(reply)
+    with listener:
+        assert is_serving("127.0.0.1", listener.getsockname()[1], timeout_s=WAIT_S) is serving
+        thread.join(WAIT_S)
+    assert not is_serving("127.0.0.1", free_port())  # nothing listens there
+
+
+def test_a_session_opened_as_start_returns_is_not_dropped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # ruok's imok comes before the server serves: a session opened then was closed at once
+    # ("ZooKeeperServer not running"), and kazoo logged "Connection dropped" (kv-demo showed it).
+    caplog.set_level(logging.WARNING, logger="kazoo")
+    with ZooKeeperServer(tmp_path / "zookeeper") as server:
+        assert is_serving(server.host, server.port)
+        client = KazooClient(hosts=server.connect_string, timeout=2.0)
+        client.start(timeout=CONNECT_WAIT_S)
+        client.stop()
+        client.close()
+    assert "Connection dropped" not in caplog.text
+    assert "ZooKeeperServer not running" not in server.log_path.read_text()
 
 
 def test_ephemeral_sequential_znode_lives_with_its_session(

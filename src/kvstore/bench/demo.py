@@ -1,5 +1,6 @@
 """The README's main job: local ZooKeeper, two nodes (or N with ``replicas``), kv-client,
-kill -9 of the primary midway.
+kill -9 of the primary midway (announced as it will be: none with one copy, nor in a run too
+short for it, see faults.why_no_faults).
 
 Everything runs on loopback ports chosen free at start and lives under one work
 directory (ZooKeeper data and log, node logs, execution.log). Everything started
@@ -74,16 +75,25 @@ def run_demo(
             for node in cluster.nodes:
                 status = node.status()
                 print(f"== node {node.address}: {status.role if status else '?'}")
-            print(
-                f"== kv-client: {threads} threads, {seconds:g} s, {keyspace} keys; "
-                f"kill -9 of the primary at {seconds / 2:g} s, restarted at once"
-            )
-            workload = Workload(threads, seconds, keyspace)
             half = seconds / 2
+            # Said as it will be: the killer leaves a lone copy alone, and the last seconds.
+            no_kill = faults.why_no_faults(seconds, half, replicas)
+            plan = (
+                f"kill -9 of the primary at {half:g} s, restarted at once"
+                if no_kill is None
+                else f"no kill -9: {no_kill}"
+            )
+            print(f"== kv-client: {threads} threads, {seconds:g} s, {keyspace} keys; {plan}")
+            workload = Workload(threads, seconds, keyspace)
             progress = maybe_progress(sys.stdout, seconds)
             try:
                 result, kills = faults.run_with_kills(
-                    cluster, workload, "primary", (half, half), max_kills=1, progress=progress
+                    cluster,
+                    workload,
+                    "primary",
+                    (half, half),
+                    max_kills=1 if no_kill is None else 0,
+                    progress=progress,
                 )
             finally:
                 if progress is not None:
@@ -92,6 +102,12 @@ def run_demo(
             cluster.stop()
     for at_s, address in kills:
         print(f"== killed primary {address} at {at_s:.1f} s")
+    if not kills and no_kill is None:
+        by_s = seconds - faults.QUIET_END_S
+        print(
+            f"== no kill -9 after all: no backup was in sync before {by_s:g} s (killing the "
+            "primary then would have lost the store)"
+        )
     for line in summary_lines(result):
         print(line)
     log_path = root / "execution.log"

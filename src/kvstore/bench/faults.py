@@ -89,6 +89,22 @@ class Killer:
             self._thread.join(timeout=30)
 
 
+def why_no_faults(seconds: float, first_s: float, replicas: int | None = None) -> str | None:
+    """Why a run of ``seconds`` injects no fault at all when its first fault is due
+    ``first_s`` in at the earliest (a Killer's or a Nemesis's interval): none comes in the
+    last QUIET_END_S. With ``replicas``, for a Killer of the primary on a cluster keeping
+    that many copies: it kills a primary only while a backup is in sync. None: faults come
+    (each when a node holds the role it needs, see Killer._holder)."""
+    if replicas is not None and replicas < 2:
+        return "one copy has no backup to take over (a kill would lose the store)"
+    if first_s >= seconds - QUIET_END_S:
+        return (
+            f"no fault comes in the last {QUIET_END_S:g} s of a run, nor before {first_s:g} s: "
+            f"none fits in {seconds:g} s"
+        )
+    return None
+
+
 def kill_all(cluster: LocalCluster) -> None:
     """kill -9 every running node of ``cluster`` at once (see kill_nodes)."""
     kill_nodes(cluster.nodes)

@@ -10,7 +10,15 @@ import time
 from collections.abc import Callable
 
 from kvstore.bench.procs import run_processes
-from kvstore.bench.workload import BenchResult, LoadClients, Workload, key_names, merge
+from kvstore.bench.workload import (
+    BenchResult,
+    LoadClients,
+    LoadInterrupted,
+    RunInterrupted,
+    Workload,
+    key_names,
+    merge,
+)
 from kvstore.check.history import WRITE, Event
 from kvstore.client.client import Client
 from kvstore.config import ClientConfig
@@ -33,6 +41,10 @@ def run(
     ``procs`` > 1 the threads are spread over that many worker processes. ``on_start``
     is called once the clients are connected, when the clock starts; ``progress`` about
     once a second while it runs (in one process only).
+
+    Ctrl-C (KeyboardInterrupt) once the clock started ends the run early with
+    :class:`LoadInterrupted`, which holds the run until then (see LoadClients.run); before
+    it, or when a worker process's part cannot be had, plain KeyboardInterrupt.
     """
     if min(procs, workload.threads) > 1:
         return run_processes(workload, config, procs, start_ns, on_start)
@@ -43,7 +55,12 @@ def run(
         deadline_ns = began_ns + int(workload.seconds * 1e9)
         if on_start is not None:
             on_start()
-        results = clients.run(start_ns, deadline_ns, progress)
+        try:
+            results = clients.run(start_ns, deadline_ns, progress)
+        except RunInterrupted as interrupted:
+            elapsed_s = (time.monotonic_ns() - began_ns) / 1e9
+            partial = merge(workload, elapsed_s, interrupted.results, began_ns, deadline_ns)
+            raise LoadInterrupted(partial) from interrupted
         elapsed_s = (time.monotonic_ns() - began_ns) / 1e9
     finally:
         clients.close()

@@ -178,6 +178,19 @@ class Matrix:
         return chosen
 
 
+# When each fault kind's first fault comes at the earliest, seconds into a run.
+FIRST_FAULT_S = {"kill-primary": KILL_INTERVAL_S, "nemesis": NEMESIS_INTERVAL_S[0]}
+
+
+def why_no_faults(scenario: Scenario, seconds: float) -> str | None:
+    """Why ``scenario`` would inject none of its faults in a run of ``seconds`` (None: it
+    injects them, or has none): a row named for faults that never came would mislead."""
+    if scenario.faults not in FIRST_FAULT_S:
+        return None
+    replicas = scenario.replicas if scenario.faults == "kill-primary" else None
+    return faults.why_no_faults(seconds, FIRST_FAULT_S[scenario.faults], replicas)
+
+
 def parse_mix(text: str) -> int:
     """'50/50', '95/5', '100/0' (read/write percent), or a YCSB workload letter a, b, c: its
     read share only (YCSB's workloads also choose keys zipfian: that is the ``dist``

@@ -12,6 +12,14 @@ history.
 
 Every wait is bounded: a worker that does not answer in time is given up, and the
 parent kills (by PID) any worker still running after a short join.
+
+Ctrl-C: a worker ignores SIGINT, SIGTERM and SIGHUP, those a terminal or a service manager
+sends the whole process group (blocked while it is spawned, as the standard library does for
+its resource tracker, so none cuts its start-up short either). Its parent stops it:
+interrupted after "go", the parent sends "stop", and each worker ends its run early (see
+LoadClients.run) and sends what it did as its result, so the interrupted load still has its
+whole history. A worker whose parent is gone (its end of the pipe closed) stops likewise,
+and finds nobody to send to; one that outstays its parent's bounds is killed (SIGKILL).
 """
 
 from __future__ import annotations
@@ -19,8 +27,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import multiprocessing
+import signal
+import threading
 import time
 from collections.abc import Callable
+from multiprocessing import resource_tracker
 from typing import Any
 
 from kvstore import errors
@@ -28,6 +39,7 @@ from kvstore.bench.workload import (
     STOP_GRACE_S,
     BenchResult,
     LoadClients,
+    LoadInterrupted,
     ThreadResult,
     Workload,
     combine,
@@ -38,6 +50,7 @@ from kvstore.config import ClientConfig
 THREAD_ID_STRIDE = 1000  # process i uses thread ids from i * stride (at least)
 START_GRACE_S = 30.0  # a worker's start-up (imports), on top of its ZooKeeper connect
 RESULT_GRACE_S = 30.0  # a worker's finishing and sending its results, past the deadline
+WORKER_IGNORES = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}  # its parent stops it
 
 
 def split_threads(threads: int, procs: int) -> list[int]:
@@ -72,10 +85,13 @@ def run_processes(
     on_start: Callable[[], None] | None = None,
 ) -> BenchResult:
     """:func:`kvstore.bench.load.run` over ``procs`` worker processes (spawned, not forked: this
-    process has kazoo threads)."""
+    process has kazoo threads). KeyboardInterrupt after "go" stops the workers early and raises
+    :class:`LoadInterrupted` with their results (plain KeyboardInterrupt before "go", or if a
+    worker's results cannot be had in time)."""
     start_ns = time.monotonic_ns() if start_ns is None else start_ns
     context = multiprocessing.get_context("spawn")
-    workers = []
+    workers: list[tuple[Any, Any]] = []
+    is_going = False
     try:
         for index, part in enumerate(process_workloads(workload, procs)):
             here, there = context.Pipe()
@@ -85,7 +101,7 @@ def run_processes(
                 name=f"kv-client-{index}",
                 daemon=True,
             )
-            process.start()
+            _start_without_terminal_signals(process)
             there.close()
             workers.append((process, here))
         ready_by_ns = time.monotonic_ns() + int((config.zk_connect_timeout_s + START_GRACE_S) * 1e9)
@@ -93,17 +109,54 @@ def run_processes(
             _expect(conn, "ready", ready_by_ns)
         began_ns = time.monotonic_ns()
         deadline_ns = began_ns + int(workload.seconds * 1e9)
+        is_going = True  # (from the first "go" on, a worker may be running)
         for _, conn in workers:
             conn.send(("go", deadline_ns))
         if on_start is not None:
             on_start()
         results_by_ns = deadline_ns + int(RESULT_GRACE_S * 1e9)
         replies = [_expect(conn, "result", results_by_ns) for _, conn in workers]
+    except KeyboardInterrupt as interrupt:
+        stopped = _stopped(workers) if is_going else None
+        if stopped is None:
+            raise
+        partial = _merged(workload, stopped, began_ns, deadline_ns)
+        raise LoadInterrupted(partial) from interrupt
     finally:
         _reap(workers)
+    return _merged(workload, replies, began_ns, deadline_ns)
+
+
+def _merged(workload: Workload, replies: list[Any], began_ns: int, deadline_ns: int) -> BenchResult:
     elapsed_s = (max(finished_ns for _, finished_ns in replies) - began_ns) / 1e9
     results = [ThreadResult.from_wire(wire) for wire, _ in replies]
     return merge(workload, elapsed_s, results, began_ns, deadline_ns)
+
+
+def _start_without_terminal_signals(process: Any) -> None:
+    """Start a worker with WORKER_IGNORES blocked (it inherits the mask, and ignores them
+    before it unblocks them). Here they are held until the start is done, not lost."""
+    # The first start of a process also starts multiprocessing's resource tracker, and
+    # unblocks SIGINT after it (it blocks it around the tracker's start): that comes first.
+    resource_tracker.ensure_running()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_IGNORES)
+    try:
+        process.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _stopped(workers: list[tuple[Any, Any]]) -> list[Any] | None:
+    """Ask every worker to stop now; their results, or None if one does not send them in
+    time (its share of the history missing, the rest is no history)."""
+    for _, conn in workers:
+        with contextlib.suppress(OSError):
+            conn.send(("stop", None))
+    results_by_ns = time.monotonic_ns() + int(RESULT_GRACE_S * 1e9)
+    try:
+        return [_expect(conn, "result", results_by_ns) for _, conn in workers]
+    except errors.KVError:
+        return None
 
 
 def _expect(conn: Any, kind: str, until_ns: int) -> Any:
@@ -139,7 +192,11 @@ def _reap(workers: list[tuple[Any, Any]]) -> None:
 
 
 def _process_main(workload: Workload, config: ClientConfig, start_ns: int, conn: Any) -> None:
-    """A worker process: connect, report ready, run from "go" to its deadline, send results."""
+    """A worker process: connect, report ready, run from "go" to its deadline (or until its
+    parent says "stop" or is gone), send results."""
+    for signum in WORKER_IGNORES:  # the parent stops it (see the module's docstring)
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_IGNORES)
     try:
         clients = LoadClients(workload, config)
     except errors.KVError as exc:
@@ -154,7 +211,12 @@ def _process_main(workload: Workload, config: ClientConfig, start_ns: int, conn:
         kind, deadline_ns = conn.recv()
         if kind != "go":
             return
-        results = clients.run(start_ns, deadline_ns)
+        stop = threading.Event()
+        listen_s = (deadline_ns - time.monotonic_ns()) / 1e9 + RESULT_GRACE_S
+        threading.Thread(
+            target=_stop_when_told, args=(conn, stop, listen_s), name="stop", daemon=True
+        ).start()
+        results = clients.run(start_ns, deadline_ns, stop=stop)
         finished_ns = time.monotonic_ns()
     except (EOFError, OSError):
         return  # the parent is gone or gave up
@@ -162,3 +224,15 @@ def _process_main(workload: Workload, config: ClientConfig, start_ns: int, conn:
         clients.close()
     with contextlib.suppress(OSError):
         conn.send(("result", combine(results).to_wire(), finished_ns))
+
+
+def _stop_when_told(conn: Any, stop: threading.Event, timeout_s: float) -> None:
+    """Set ``stop`` when the parent says "stop" or its end of the pipe closes (within
+    ``timeout_s``; the only reader of ``conn`` once the run started)."""
+    try:
+        if not conn.poll(max(0.0, timeout_s)):
+            return
+        conn.recv()
+    except (EOFError, OSError):
+        pass
+    stop.set()

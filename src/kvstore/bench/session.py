@@ -32,6 +32,7 @@ from kvstore.bench.matrix import (
     header,
     run_scenario,
     summarize,
+    why_no_faults,
 )
 from kvstore.bench.progress import maybe_progress
 
@@ -105,7 +106,13 @@ class Session:
 
     def _run_matrix(self, zk_connect: str, zk_pid: int | None) -> None:
         assert self.matrix is not None
-        scenarios = self.matrix.scenarios(self.full)
+        scenarios = []
+        for scenario in self.matrix.scenarios(self.full):
+            why = why_no_faults(scenario, self.seconds)
+            if why is None:
+                scenarios.append(scenario)
+            else:
+                self.out(f"== left out {scenario.name}: {why}")
         rounds = f", {self.repeat} rounds" if self.repeat > 1 else ""
         self.out(f"== {len(scenarios)} configurations, {self.seconds:g} s each{rounds}")
         artifacts = Artifacts(self.json_path.parent)

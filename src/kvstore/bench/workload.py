@@ -253,10 +253,11 @@ def _worker(
     client: LoadClient,
     locator: Pacer,
     start_ns: int,
-    deadline_ns: int,
+    until: list[int],
     result: ThreadResult,
 ) -> None:
-    """The load generator's hot path: everything it needs is bound to locals up front."""
+    """The load generator's hot path: everything it needs is bound to locals up front.
+    ``until[0]``: the deadline; set to 0, the thread stops before its next operation."""
     rng = random.Random(None if workload.seed is None else workload.seed * 1_000_003 + tid)
     uniform, random_bits = rng.random, rng.getrandbits
     keys, keyspace = key_names(workload.keyspace), workload.keyspace
@@ -267,11 +268,11 @@ def _worker(
     log, succeeded, record = events.append, result.success_ns.append, result.latency_us.append
     get, put = client.get, client.put
     clock, sleep = time.monotonic_ns, time.sleep
-    interval_ns, intended = workload.interval_ns, _first_intended_ns(tid, workload, deadline_ns)
-    while (began := clock()) < deadline_ns:
+    interval_ns, intended = workload.interval_ns, _first_intended_ns(tid, workload, until[0])
+    while (began := clock()) < until[0]:
         if interval_ns:  # open loop: wait for this operation's slot; latency from the slot
             if began < intended:
-                if intended >= deadline_ns:
+                if intended >= until[0]:
                     break
                 sleep((intended - began) / 1e9)
                 began = clock()
@@ -314,7 +315,7 @@ def _mixed_worker(
     client: Any,
     locator: Pacer,
     start_ns: int,
-    deadline_ns: int,
+    until: list[int],
     result: ThreadResult,
 ) -> None:
     """Gets, puts, deletes and compare-and-sets through a client that has them (the shared
@@ -330,11 +331,11 @@ def _mixed_worker(
     cas_below = delete_below + workload.cas_ratio
     last_read: dict[str, str] = {}
     events, clock = result.events, time.monotonic_ns
-    interval_ns, intended = workload.interval_ns, _first_intended_ns(tid, workload, deadline_ns)
-    while (began := clock()) < deadline_ns:
+    interval_ns, intended = workload.interval_ns, _first_intended_ns(tid, workload, until[0])
+    while (began := clock()) < until[0]:
         if interval_ns:
             if began < intended:
-                if intended >= deadline_ns:
+                if intended >= until[0]:
                     break
                 time.sleep((intended - began) / 1e9)
                 began = clock()
@@ -401,11 +402,21 @@ class LoadClients:
         start_ns: int,
         deadline_ns: int,
         progress: Callable[[int, int, float], None] | None = None,
+        stop: threading.Event | None = None,
     ) -> list[ThreadResult]:
         """Run every thread until ``deadline_ns``; returns in bounded time after it.
-        ``progress(successes, failures, elapsed_s)`` is called about once a second."""
+        ``progress(successes, failures, elapsed_s)`` is called about once a second.
+
+        The run ends early when ``stop`` is set (from another thread) or on KeyboardInterrupt
+        (Ctrl-C, or a signal the program turned into one): each thread finishes the operation
+        it is in and starts no other; one still going STOP_GRACE_S later is aborted. What the
+        threads logged is a valid history up to then: an operation cut short keeps only its
+        invocation (pending, outcome unknown), as one that failed indefinitely does. A stopped
+        run returns it; an interrupted one raises :class:`RunInterrupted` with it."""
+        stop = threading.Event() if stop is None else stop
         per_thread, pacer = self.clients.per_thread, self.clients.pacer
         results = [ThreadResult() for _ in per_thread]
+        until = [deadline_ns]  # the threads' deadline; 0 stops them early
         threads = [
             threading.Thread(
                 target=_mixed_worker if self.workload.is_mixed else _worker,
@@ -415,7 +426,7 @@ class LoadClients:
                     client,
                     pacer,
                     start_ns,
-                    deadline_ns,
+                    until,
                     results[i],
                 ),
                 name=f"bench-{i}",
@@ -424,41 +435,92 @@ class LoadClients:
             for i, client in enumerate(per_thread)
         ]
         with gc_paused():
-            for thread in threads:
-                thread.start()
-            if progress is not None:
-                _report_until(threads, results, deadline_ns, progress)
-            # An operation in progress at the deadline may take up to the RPC timeout (and
-            # a reconnect; the shared Client: its retries); past that, abort() ends it.
-            _join_all(threads, deadline_ns + int((self.clients.finishing_s + STOP_GRACE_S) * 1e9))
-            if any(thread.is_alive() for thread in threads):
-                self.clients.abort()
-                _join_all(threads, time.monotonic_ns() + int(STOP_GRACE_S * 1e9))
-        stuck = sum(thread.is_alive() for thread in threads)
-        if stuck:
-            print(
-                f"kv-client: {stuck} thread(s) did not stop; using what they logged so far",
-                file=sys.stderr,
-            )
-            return [_snapshot(result) for result in results]
-        return results
+            try:
+                for thread in threads:
+                    thread.start()
+                _wait_for(threads, results, deadline_ns, stop, progress)
+                if stop.is_set():
+                    self._end_early(threads, until)
+                else:
+                    # An operation in progress at the deadline may take up to the RPC timeout
+                    # (and a reconnect; the shared Client: its retries); past that, abort()
+                    # ends it.
+                    finishing_ns = int((self.clients.finishing_s + STOP_GRACE_S) * 1e9)
+                    _join_all(threads, deadline_ns + finishing_ns)
+                    if any(thread.is_alive() for thread in threads):
+                        self.clients.abort()
+                        _join_all(threads, time.monotonic_ns() + int(STOP_GRACE_S * 1e9))
+            except KeyboardInterrupt as interrupt:
+                self._end_early(threads, until)
+                raise RunInterrupted(_collected(threads, results, is_quiet=True)) from interrupt
+        return _collected(threads, results, is_quiet=stop.is_set())
+
+    def _end_early(self, threads: list[threading.Thread], until: list[int]) -> None:
+        """Stop the threads before their next operation; abort what still runs after
+        STOP_GRACE_S; wait STOP_GRACE_S more (at most) for them to end."""
+        until[0] = 0
+        started = [thread for thread in threads if thread.ident is not None]
+        _join_all(started, time.monotonic_ns() + int(STOP_GRACE_S * 1e9))
+        if any(thread.is_alive() for thread in started):
+            self.clients.abort()
+            _join_all(started, time.monotonic_ns() + int(STOP_GRACE_S * 1e9))
 
     def close(self) -> None:
         self.clients.close()
 
 
-def _report_until(
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or a signal the program turned into it) ended :meth:`LoadClients.run` early;
+    ``results``: what each thread did until then, a valid history."""
+
+    def __init__(self, results: list[ThreadResult]) -> None:
+        super().__init__("interrupted")
+        self.results = results
+
+
+class LoadInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or a signal the program turned into it) ended a whole load early (one process
+    or several, see :func:`kvstore.bench.load.run`); ``result``: the run until then, a valid
+    history (an operation cut short is pending: its outcome unknown)."""
+
+    def __init__(self, result: BenchResult) -> None:
+        super().__init__("interrupted")
+        self.result = result
+
+
+def _collected(
+    threads: list[threading.Thread], results: list[ThreadResult], is_quiet: bool
+) -> list[ThreadResult]:
+    """``results``, copied where a thread still runs (and then said on stderr, unless
+    ``is_quiet``: a run ended early, where threads cut short are expected)."""
+    stuck = sum(thread.is_alive() for thread in threads)
+    if not stuck:
+        return results
+    if not is_quiet:
+        print(
+            f"kv-client: {stuck} thread(s) did not stop; using what they logged so far",
+            file=sys.stderr,
+        )
+    return [_snapshot(result) for result in results]
+
+
+def _wait_for(
     threads: list[threading.Thread],
     results: list[ThreadResult],
     deadline_ns: int,
-    progress: Callable[[int, int, float], None],
+    stop: threading.Event,
+    progress: Callable[[int, int, float], None] | None,
 ) -> None:
-    """Call ``progress`` about once a second until the deadline (or every thread ended)."""
+    """Wait until the deadline, ``stop``, or every thread ended; meanwhile call ``progress``
+    (if any) about once a second."""
     began_ns = time.monotonic_ns()
     while (left_ns := deadline_ns - time.monotonic_ns()) > 0:
-        threads[0].join(timeout=min(1.0, left_ns / 1e9))
+        if stop.wait(timeout=min(1.0, left_ns / 1e9)):
+            return
         if not any(thread.is_alive() for thread in threads):
             return
+        if progress is None:
+            continue
         successes = sum(len(result.success_ns) for result in results)
         try:
             failures = sum(sum(result.failures.values()) for result in results)

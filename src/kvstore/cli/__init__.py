@@ -2,7 +2,10 @@
 
 ``kv``, ``kv-node``, ``kv-client``, ``kv-createznode``, ``kv-check``, ``kv-demo``,
 ``kv-bench`` and ``kv-certs`` are the ``main`` functions of the modules of the same name;
-``python -m kvstore NAME ...`` runs them too (:func:`main`).
+``python -m kvstore NAME ...`` runs them too (:func:`main`). Either way they start through
+:func:`run` (the installed commands through the ``*_command`` functions here), which imports
+the program only then: Ctrl-C while it loads (a few tenths of a second) is the program's one
+line and exit 130 too, not a traceback. This module imports nothing else of kvstore.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+EXIT_INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, as a shell reports it
 COMMANDS = {
     "kv": "read and write keys (get, put, del, cas, mget, status)",
     "node": "run a storage node",
@@ -35,9 +39,59 @@ def main(argv: Sequence[str] | None = None) -> int:
         is_help = bool(args) and args[0] in ("-h", "--help")
         print(_usage(), file=sys.stdout if is_help else sys.stderr)
         return 0 if is_help else 2
-    program = importlib.import_module(f"kvstore.cli.{args[0]}")
-    code: int = program.main(args[1:])
+    return run(args[0], args[1:])
+
+
+def run(command: str, argv: Sequence[str] | None = None) -> int:
+    """Import program ``command`` (a key of COMMANDS) and run its ``main(argv)``. Ctrl-C
+    (KeyboardInterrupt) that the program does not handle itself, while it is imported
+    above all, ends it with "PROG: interrupted" and exit 130."""
+    try:
+        program = importlib.import_module(f"kvstore.cli.{command}")
+        code: int = program.main(argv)
+    except KeyboardInterrupt:
+        print(f"{program_name(command)}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return code
+
+
+def program_name(command: str) -> str:
+    """``kv`` for kv, ``kv-node`` for node, ..."""
+    return "kv" if command == "kv" else f"kv-{command}"
+
+
+# The installed commands (pyproject.toml's [project.scripts]): light to import, unlike the
+# programs' own modules.
+def kv_command() -> int:
+    return run("kv")
+
+
+def node_command() -> int:
+    return run("node")
+
+
+def client_command() -> int:
+    return run("client")
+
+
+def createznode_command() -> int:
+    return run("createznode")
+
+
+def check_command() -> int:
+    return run("check")
+
+
+def demo_command() -> int:
+    return run("demo")
+
+
+def bench_command() -> int:
+    return run("bench")
+
+
+def certs_command() -> int:
+    return run("certs")
 
 
 def _usage() -> str:

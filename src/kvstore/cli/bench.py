@@ -10,9 +10,19 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kvstore import errors
+from kvstore.bench import faults
 from kvstore.bench.baseline import run_compare
 from kvstore.bench.clients import CLIENT_KINDS
-from kvstore.bench.matrix import FAULT_KINDS, IO_KINDS, PLACEMENTS, TRANSPORTS, Matrix, parse_mix
+from kvstore.bench.matrix import (
+    FAULT_KINDS,
+    FIRST_FAULT_S,
+    IO_KINDS,
+    PLACEMENTS,
+    TRANSPORTS,
+    Matrix,
+    parse_mix,
+    why_no_faults,
+)
 from kvstore.bench.session import Session
 from kvstore.bench.storage import STORAGE_KINDS
 from kvstore.cli.args import (
@@ -26,6 +36,7 @@ from kvstore.cli.args import (
     report_error,
     setup_logging,
 )
+from kvstore.cli.interrupts import Interrupts
 from kvstore.coordination import MAX_REPLICAS
 from kvstore.local.zkserver import ZooKeeperServer
 
@@ -91,7 +102,12 @@ uniform keys with YCSB's zipfian ones (the --mix letters a, b, c give YCSB's rea
 add --dist zipfian for YCSB's key choice as well), and --rate 2000,8000 runs open-loop
 loads at those targets, with latencies measured from each request's intended start (no
 coordinated omission); 0 is the closed loop.""",
-        epilog="examples:\n"
+        epilog="exit status: 0 every step ran (each row shows its own check verdict: a "
+        "failed check\ndoes not change the exit status); 1 the work directory cannot be "
+        "made, ZooKeeper or a\ncluster did not start, or --java-baseline gave no ratio; 2 bad "
+        "arguments; 130\ninterrupted (Ctrl-C; 143 SIGTERM, 129 SIGHUP) once "
+        "ZooKeeper and the nodes are\nstopped: the JSON holds the rows finished until then.\n\n"
+        "examples:\n"
         "  kv-bench                      # the default one-at-a-time matrix, 15 s each\n"
         "  kv-bench --threads 4 --keyspace 1000 --mix 50/50 --value-bytes 10 --faults none "
         "--procs 1,2,4\n"
@@ -375,6 +391,38 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.io,
         )
     )
+    if matrix is not None:
+        _check_faults(parser, matrix, args.seconds, args.full)
+    with Interrupts("kv-bench") as interrupts:
+        try:
+            return _run(args, matrix)
+        except KeyboardInterrupt:  # (ZooKeeper and the nodes were stopped on the way out)
+            return interrupts.report("stopped the cluster")
+
+
+def _check_faults(
+    parser: argparse.ArgumentParser, matrix: Matrix, seconds: float, full: bool
+) -> None:
+    """A usage error for --faults that --seconds leaves no time for, and for a matrix whose
+    every configuration would be left out (kill-primary with one copy, see Session)."""
+    for kind in matrix.faults:
+        if kind not in FIRST_FAULT_S:
+            continue
+        first_s = FIRST_FAULT_S[kind]
+        why = faults.why_no_faults(seconds, first_s)
+        if why is not None:
+            parser.error(
+                f"--faults {kind} with --seconds {seconds:g}: {why} (give --seconds above "
+                f"{first_s + faults.QUIET_END_S:g})"
+            )
+    if all(why_no_faults(scenario, seconds) for scenario in matrix.scenarios(full)):
+        parser.error(
+            "--faults kill-primary with --replicas 1: there is no backup to take over, and "
+            "no other configuration to run"
+        )
+
+
+def _run(args: argparse.Namespace, matrix: Matrix | None) -> int:
     try:
         workdir = session_directory(Path(args.workdir).resolve())
     except OSError as exc:

@@ -13,7 +13,7 @@ from kvstore import errors
 from kvstore.bench import load
 from kvstore.bench.clients import CLIENT_KINDS, SHARED_CALL_TIMEOUT_S
 from kvstore.bench.progress import maybe_progress
-from kvstore.bench.workload import Workload, summary_lines
+from kvstore.bench.workload import BenchResult, LoadInterrupted, Workload, summary_lines
 from kvstore.check.history import Event, write_events
 from kvstore.cli.args import (
     add_cluster_arguments,
@@ -28,6 +28,7 @@ from kvstore.cli.args import (
     tls_from,
     zk_tls_from,
 )
+from kvstore.cli.interrupts import Interrupts
 from kvstore.config import ClientConfig
 
 
@@ -66,6 +67,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.log != "-" and not _is_writable(Path(args.log)):
         parser.error(f"--log: cannot write {args.log}")  # before the run, not after it
+    with Interrupts("kv-client") as interrupts:
+        return _run(workload, config, args, interrupts)
+
+
+def _run(
+    workload: Workload, config: ClientConfig, args: argparse.Namespace, interrupts: Interrupts
+) -> int:
+    """The load, its summary and its log. Interrupted (Ctrl-C, SIGTERM, SIGHUP) while the
+    load runs, the run until then is summarized and logged all the same (the operations cut
+    short pending: outcome unknown), then the line and its exit status; interrupted before
+    it ran, nothing is logged."""
+    result: BenchResult | None = None
     try:
         # Before the clock starts: the values earlier runs left (logged as starting values).
         start_ns = time.monotonic_ns()
@@ -75,12 +88,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = load.run(
                 workload, config, start_ns=start_ns, procs=args.procs, progress=progress
             )
+        except LoadInterrupted as interrupted:
+            result = interrupted.result
         finally:
+            interrupts.hold()  # the summary and the log are written whole
             if progress is not None:
                 progress.done()
     except errors.KVError as exc:
         report_error("kv-client", exc)
         return 1
+    except KeyboardInterrupt:
+        if result is None:  # before the load ran, or a client process's part was lost
+            return interrupts.report("" if args.log == "-" else "no execution log written")
     for line in summary_lines(result):
         print(line)
     if args.log != "-":
@@ -89,6 +108,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         replaced = ", replacing the previous one" if is_replaced else ""
         held = f"; {len(starting) // 2} keys held values already" if starting else ""
         print(f"Execution log: {args.log} ({len(result.events)} events{held}{replaced})")
+    if interrupts.received is not None:
+        logged = "" if args.log == "-" else "the execution log holds the run until then"
+        return interrupts.report(logged)
     if result.successes == 0:  # (the history is written all the same: it may be checked)
         report_error("kv-client", "no operation succeeded: no primary answered during the run")
         return 1
@@ -124,7 +146,9 @@ def _parser() -> argparse.ArgumentParser:
         "Closed loop by default (each thread sends its next request when the previous one "
         "answered); --rate makes it open loop.",
         epilog="exit status: 0 done; 1 the cluster could not be reached, or no operation "
-        "succeeded; 2 bad arguments",
+        "succeeded; 2 bad arguments; 130 interrupted (Ctrl-C; 143 SIGTERM, 129 SIGHUP): the "
+        "run until then is summarized and logged (operations cut short as of unknown "
+        "outcome), unless it had not started",
     )
     add_cluster_arguments(parser, "parent znode the nodes registered under")
     parser.add_argument("threads", metavar="THREADS", type=positive_int, help="client threads")

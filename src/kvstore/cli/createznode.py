@@ -16,6 +16,7 @@ from kvstore.cli.args import (
     zk_auth_from,
     zk_tls_from,
 )
+from kvstore.cli.interrupts import Interrupts
 from kvstore.coordination import DEFAULT_REPLICAS, MAX_REPLICAS, create_parent
 
 
@@ -25,6 +26,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Create the parent znode PATH (and its parents) that nodes register under. "
         "Succeeds if it exists already. With credentials (--zk-auth, --zk-auth-file or "
         "$KV_ZK_AUTH) it gets an ACL that lets only them change the cluster (anyone may read).",
+        epilog="exit status: 0 done (created, or it existed; reset, secured, replication "
+        "factor set as asked); 1 ZooKeeper unreachable, or the change refused (not "
+        "authorized; --secure-existing while nodes are registered; metadata under PATH that is "
+        "not a kvstore cluster's); 2 bad arguments; 130 interrupted (Ctrl-C; 143 SIGTERM, 129 "
+        "SIGHUP): a change under way may or may not have been made",
     )
     add_cluster_arguments(parser, "parent znode, e.g. /kvstore")
     parser.add_argument(
@@ -60,18 +66,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     check_replicas_option(parser, args.replicas)
     setup_logging("WARNING", is_quiet=True)
-    try:
-        outcome = create_parent(
-            args.zk_connect,
-            args.zk_path,
-            reset=args.reset,
-            auth=auth,
-            secure_existing=args.secure_existing,
-            tls=zk_tls,
-            replicas=args.replicas,
-        )
-    except errors.KVError as exc:
-        report_error("kv-createznode", exc)
-        return 1
+    with Interrupts("kv-createznode") as interrupts:
+        try:
+            outcome = create_parent(
+                args.zk_connect,
+                args.zk_path,
+                reset=args.reset,
+                auth=auth,
+                secure_existing=args.secure_existing,
+                tls=zk_tls,
+                replicas=args.replicas,
+            )
+        except errors.KVError as exc:
+            report_error("kv-createznode", exc)
+            return 1
+        except KeyboardInterrupt:  # (a change under way may or may not have been made)
+            return interrupts.report()
     print(f"{args.zk_path}: {outcome}")
     return 0

@@ -8,9 +8,9 @@ restarts) all live under ``base_dir``.
 
 Invariants:
 
-* ``start()`` returns only once the server answers ``ruok`` with ``imok``;
-  otherwise it stops what it launched and raises :class:`ZooKeeperServerError`
-  with the tail of the log.
+* ``start()`` returns only once the server serves sessions (``srvr`` gives its state;
+  ``ruok``'s ``imok`` comes before that); otherwise it stops what it launched and raises
+  :class:`ZooKeeperServerError` with the tail of the log (or, interrupted, re-raises).
 * ``stop()`` signals only the process this object started (through its
   ``Popen`` handle), never anything found by name.
 * ``restart()`` keeps the port and the data directory, so persistent znodes and
@@ -23,7 +23,7 @@ quickly once it stops heart-beating.
 With ``tls`` (the server's certificate and key, and the CA its clients' certificates must
 come from; PEM) it listens on a TLS port only (``secureClientPort``, Netty, TLS 1.3, a client
 certificate required): ``connect_string`` then names that port, and the readiness poll
-asks ``ruok`` over TLS, showing the server's own certificate.
+asks ``srvr`` over TLS, showing the server's own certificate.
 
 By default it listens on loopback; ``host`` and ``command_prefix`` (e.g. ``ip netns exec NS``,
 which must exec the server, keeping the PID) run it on an address inside a network namespace:
@@ -120,26 +120,43 @@ def find_java() -> str:
 
 def is_ok(host: str, port: int, timeout_s: float = 0.5, tls: ssl.SSLContext | None = None) -> bool:
     """True if the ZooKeeper server at host:port answers ``ruok`` with ``imok`` (over TLS
-    with ``tls``)."""
+    with ``tls``): it runs, though it may not serve sessions yet (see :func:`is_serving`)."""
+    return _four_letter_word(host, port, b"ruok", timeout_s, tls) == b"imok"
+
+
+def is_serving(
+    host: str, port: int, timeout_s: float = 0.5, tls: ssl.SSLContext | None = None
+) -> bool:
+    """True if the ZooKeeper server at host:port serves sessions: ``srvr`` gives its state
+    (``imok`` comes earlier, and a session opened before this drops at once: kazoo then logs
+    "Connection dropped" and connects again)."""
+    reply = _four_letter_word(host, port, b"srvr", timeout_s, tls)
+    return reply is not None and reply.startswith(b"Zookeeper version")
+
+
+def _four_letter_word(
+    host: str, port: int, word: bytes, timeout_s: float, tls: ssl.SSLContext | None
+) -> bytes | None:
+    """The server's whole reply to ``word`` (up to 64 KiB), None if it cannot be had."""
     try:
         sock = socket.create_connection((host, port), timeout=timeout_s)
     except OSError:
-        return False
+        return None
     try:
         if tls is not None:
             sock = tls.wrap_socket(sock, server_hostname=host)
-        sock.sendall(b"ruok")
+        sock.sendall(word)
         reply = b""
-        while len(reply) < 4:
-            chunk = sock.recv(16)
+        while len(reply) < 65536:
+            chunk = sock.recv(4096)
             if not chunk:
                 break
             reply += chunk
     except OSError:
-        return False
+        return None
     finally:
         sock.close()
-    return reply == b"imok"
+    return reply
 
 
 class ZooKeeperServer:
@@ -196,7 +213,7 @@ class ZooKeeperServer:
         return self._process is not None and self._process.poll() is None
 
     def start(self, timeout_s: float = 30.0) -> None:
-        """Launch the server and return once it answers ``imok``; raise with the log tail if not."""
+        """Launch the server and return once it serves; raise with the log tail if not."""
         if self._process is not None:
             raise ZooKeeperServerError(f"already started (pid {self._process.pid})")
         classpath = find_zookeeper_classpath()
@@ -222,7 +239,7 @@ class ZooKeeperServer:
         self._finalizer = weakref.finalize(self, terminate, self._process)
         try:
             self._wait_until_ok(timeout_s)
-        except ZooKeeperServerError:
+        except BaseException:  # (Ctrl-C, or a signal a program turned into it, too)
             self.stop()
             raise
 
@@ -327,17 +344,17 @@ class ZooKeeperServer:
         tls = self._ruok_tls()
 
         def answered() -> bool | None:
-            if is_ok(self.host, self.port, RUOK_TLS_TIMEOUT_S if tls else 0.5, tls):
+            if is_serving(self.host, self.port, RUOK_TLS_TIMEOUT_S if tls else 0.5, tls):
                 return True
             exit_code = process.poll()
             if exit_code is not None:
-                raise self._start_error(f"exited with status {exit_code} before answering imok")
+                raise self._start_error(f"exited with status {exit_code} before serving")
             return None
 
         try:
             wait_until(answered, timeout_s, lambda: "")
         except TimeoutError:
-            raise self._start_error(f"did not answer imok within {timeout_s:.1f} s") from None
+            raise self._start_error(f"did not serve within {timeout_s:.1f} s") from None
 
     def _start_error(self, what: str) -> ZooKeeperServerError:
         return ZooKeeperServerError(
