@@ -162,11 +162,10 @@ def test_a_wrong_secret_is_refused(secret_cluster: LocalCluster, secret_file: Pa
         right.close()
 
 
-def test_a_node_with_another_secret_cannot_join(
-    secret_cluster: LocalCluster, tmp_path: Path
-) -> None:
-    backup = secret_cluster.wait_for("backup")
-    backup.stop()
+def join_with_another_secret(secret_cluster: LocalCluster, tmp_path: Path) -> NodeProcess:
+    """A node with another cluster secret, started as the designated backup (the backup
+    stopped), once it has said it cannot join."""
+    secret_cluster.wait_for("backup").stop()
     other = NodeProcess(
         secret_cluster.zk_connect,
         secret_cluster.zk_path,
@@ -180,6 +179,13 @@ def test_a_node_with_another_secret_cannot_join(
         30,
         lambda: other.log_tail(100),
     )
+    return other
+
+
+def test_a_node_with_another_secret_cannot_join(
+    secret_cluster: LocalCluster, tmp_path: Path
+) -> None:
+    other = join_with_another_secret(secret_cluster, tmp_path)
     status = other.status()
     assert status is not None and status.role == "standby", status
     primary = secret_cluster.wait_for("primary")
@@ -204,21 +210,7 @@ def test_a_node_that_cannot_join_says_why_once_and_backs_off(
     """Its joins fail for good (another secret): it says why once (again only if the reason
     changes, or after 30 s), and tries again after a pause that grows to 2 s, not every
     control tick (50 ms: about 18 refused joins a second, each logged)."""
-    backup = secret_cluster.wait_for("backup")
-    backup.stop()  # the newcomer is the designated backup
-    other = NodeProcess(
-        secret_cluster.zk_connect,
-        secret_cluster.zk_path,
-        tmp_path / "other",
-        extra_args=["--cluster-secret-file", str(write_cluster_secret(tmp_path / "other.key"))],
-    )
-    secret_cluster.nodes.append(other)
-    other.start()
-    wait_until(
-        lambda: "wrong cluster secret" in other.log_tail(100) or None,
-        30,
-        lambda: other.log_tail(100),
-    )
+    other = join_with_another_secret(secret_cluster, tmp_path)
     primary = secret_cluster.wait_for("primary")
     refused_before = refused_joins(primary)
     watched_until = time.monotonic() + JOIN_WATCH_S

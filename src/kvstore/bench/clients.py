@@ -99,15 +99,7 @@ class SharedClient:
     """``shared`` / ``shared-noeo``: one kvstore.Client for every thread of the process."""
 
     def __init__(self, threads: int, config: ClientConfig, is_exactly_once: bool) -> None:
-        self._client = Client(
-            config.zk_connect,
-            config.zk_path,
-            timeout=SHARED_CALL_TIMEOUT_S,
-            rpc_timeout_ms=config.rpc_timeout_ms,
-            connect_timeout_ms=config.connect_timeout_ms,
-            tls=config.tls,
-            zk_tls=config.zk_tls,
-        )
+        self._client = client_for(config, SHARED_CALL_TIMEOUT_S)
         client: LoadClient = (
             self._client if is_exactly_once else PutsWithoutExactlyOnce(self._client)
         )
@@ -126,6 +118,19 @@ class SharedClient:
 
     def close(self) -> None:
         self._client.close()
+
+
+def client_for(config: ClientConfig, timeout_s: float) -> Client:
+    """The library's Client for the cluster ``config`` names, with its timeouts and TLS."""
+    return Client(
+        config.zk_connect,
+        config.zk_path,
+        timeout=timeout_s,
+        rpc_timeout_ms=config.rpc_timeout_ms,
+        connect_timeout_ms=config.connect_timeout_ms,
+        tls=config.tls,
+        zk_tls=config.zk_tls,
+    )
 
 
 class PutsWithoutExactlyOnce:

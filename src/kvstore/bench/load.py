@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from kvstore.bench.clients import client_for
 from kvstore.bench.procs import run_processes
 from kvstore.bench.workload import (
     BenchResult,
@@ -20,7 +21,6 @@ from kvstore.bench.workload import (
     merge,
 )
 from kvstore.check.history import WRITE, Event
-from kvstore.client.client import Client
 from kvstore.config import ClientConfig
 
 # The thread id under which starting values are logged (load threads count from 0).
@@ -72,15 +72,7 @@ def starting_values(config: ClientConfig, keyspace: int, timeout_s: float = 30.0
     run's log (its load then starts later): a checker treats every key as starting empty,
     so a run on a cluster that earlier runs wrote to would otherwise read values "never
     written". Raises KVError if the cluster cannot be read."""
-    with Client(
-        config.zk_connect,
-        config.zk_path,
-        timeout=timeout_s,
-        rpc_timeout_ms=config.rpc_timeout_ms,
-        connect_timeout_ms=config.connect_timeout_ms,
-        tls=config.tls,
-        zk_tls=config.zk_tls,
-    ) as client:
+    with client_for(config, timeout_s) as client:
         found = client.get_many(key_names(keyspace))
     events: list[Event] = []
     for key, value in found.items():
