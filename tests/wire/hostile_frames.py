@@ -104,6 +104,16 @@ class TrivialHandler:
         return answer
 
 
+def receive_exactly(sock: socket.socket, size: int) -> bytes:
+    """``size`` bytes from ``sock``; AssertionError if the server closes it first."""
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        assert chunk, f"the server closed the connection after {len(data)} of {size} bytes"
+        data += chunk
+    return data
+
+
 def encode_call(method: str, args: tuple[Any, ...], seqid: int = 1) -> bytes:
     """A framed CALL as kvstore's client writes it (thriftpy2's compiled codec)."""
     buffer = TCyMemoryBuffer()

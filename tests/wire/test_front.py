@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from hostile_frames import encode_call
+from hostile_frames import encode_call, receive_exactly
 from thriftpy2.protocol.cybin import TCyBinaryProtocol
 from thriftpy2.thrift import TApplicationException, TMessageType
 from thriftpy2.transport.memory import TCyMemoryBuffer
@@ -85,16 +85,6 @@ def connect(address: tuple[str, int]) -> socket.socket:
     sock.settimeout(BOUND_S)
     tls = _client_tls.get(address)
     return sock if tls is None else tls.wrap_socket(sock)
-
-
-def receive_exactly(sock: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            pytest.fail(f"the node closed the connection after {len(data)} of {size} bytes")
-        data += chunk
-    return data
 
 
 def reply(sock: socket.socket, method: str, seqid: int) -> Any:

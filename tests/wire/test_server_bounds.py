@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 
 import hostile_frames
 import pytest
-from hostile_frames import FREEZE_REQUEST, encode_call, exchange, mutants, serving
+from hostile_frames import FREEZE_REQUEST, encode_call, exchange, mutants, receive_exactly, serving
 from thriftpy2.protocol.cybin import TCyBinaryProtocol
 from thriftpy2.thrift import TApplicationException, TMessageType
 from thriftpy2.transport.memory import TCyMemoryBuffer
@@ -449,15 +449,6 @@ def put_reply_type(sock: socket.socket, seqid: int) -> int:
     ).read_message_begin()
     assert (name, reply_seqid) == ("put", seqid)
     return message_type
-
-
-def receive_exactly(sock: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        assert chunk, "the server closed the connection"
-        data += chunk
-    return data
 
 
 def test_the_front_keeps_one_watch_per_line_and_drops_it_when_the_line_goes() -> None:
