@@ -404,8 +404,10 @@ def test_data_lost_names_a_reset_that_works_on_a_secured_parent(
     secured parent refuses a reset without them), never the password itself."""
     zk = zk_server.connect_string
     assert createznode.main(["--zk-auth", AUTH, zk, zk_path]) == 0
+    # (a short session: the newcomer decides once the dead node's znode is gone)
     only, newcomer = (
-        NodeProcess(zk, zk_path, tmp_path, extra_args=["--zk-auth", AUTH]) for _ in range(2)
+        NodeProcess(zk, zk_path, tmp_path, extra_args=["--zk-auth", AUTH, *session])
+        for session in (["--session-timeout", "2"], [])
     )
     try:
         only.start()

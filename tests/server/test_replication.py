@@ -178,6 +178,7 @@ def test_paused_primary_is_replaced_after_its_lease_and_steps_down(
 def test_no_complete_copy_left_is_reported_not_served(idle_cluster: LocalCluster) -> None:
     cluster = idle_cluster
     only, newcomer = cluster.nodes
+    only.extra_args += ["--session-timeout", "2"]  # the newcomer decides once its znode goes
     only.start()
     only.wait_for_role(["primary"])
     Connection(only.address).call("put", "precious", "data")
