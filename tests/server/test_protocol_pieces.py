@@ -17,7 +17,7 @@ from kvstore.coordination import ClusterMeta, Member, designated_backups
 from kvstore.idl import Change
 from kvstore.local.processes import wait_until
 from kvstore.rpc import MalformedFrameError, RpcServer, _FrameReader, parse_address
-from kvstore.server import identity
+from kvstore.server import follower, identity
 from kvstore.server.handler import NodeHandler, NodeService
 from kvstore.server.replication import BackupFailedError, BackupFence, Replicator
 
@@ -484,3 +484,21 @@ def test_a_polled_batch_queued_when_the_replicator_closes_is_still_signalled() -
     finally:
         backup.permits.release(2)
         server.close()
+
+
+def test_after_a_recovery_only_left_behind_znodes_are_queued_for_removal() -> None:
+    """The old in-sync set's znodes, and those whose address a later member took (the
+    same node restarted), are queued; a live node registered since is not: a queued one is
+    probed every tick while its znode lasts."""
+    members = [
+        Member("node-0000000001", "h:1"),  # old primary (in sync)
+        Member("node-0000000002", "h:2"),  # old backup (in sync)
+        Member("node-0000000003", "h:3"),  # old standby, restarted as node-6
+        Member("node-0000000004", "h:1"),  # restarted: the recovering node
+        Member("node-0000000005", "h:2"),  # restarted
+        Member("node-0000000006", "h:3"),  # restarted
+        Member("node-0000000007", "h:4"),  # a new node, live
+    ]
+    meta = ClusterMeta(1, "node-0000000001", "h:1", ("node-0000000001", "node-0000000002"))
+    left = {m.name for m in follower._left_behind(members, meta)}
+    assert left == {"node-0000000001", "node-0000000002", "node-0000000003"}

@@ -434,13 +434,17 @@ class Follower:
                     f"recovered from disk as {durable[node.node_id]} of the last in-sync set",
                     "recovery",
                 )
-                # The other members' znodes outlive them by a session timeout, and the lowest
+                # The old processes' znodes outlive them by a session timeout, and the lowest
                 # of them would be the designated backup meanwhile: the cluster would run on
                 # one copy. The primary removes each once it proves it dead (this node's own
-                # former name included: it answers there under its new one). Queued first,
-                # so a failure removing the old primary's below does not skip them.
+                # former name included: it answers there under its new one). Queued: the old
+                # in-sync members (dead, or this node would not recover) and any member whose
+                # address a later member took (a restarted node; two live ones cannot share
+                # it), never a live node (each queued one is probed every tick while its
+                # znode lasts). Queued first, so a failure removing the old primary's below
+                # does not skip them.
                 node.remove_once_dead(
-                    [m for m in members if m.name not in (node.name, meta.primary)]
+                    [m for m in _left_behind(members, meta) if m.name != meta.primary]
                 )
                 if meta.primary in names:
                     node.require_coordinator().remove_member(meta.primary)
@@ -762,6 +766,18 @@ class Follower:
         log.warning("primary %s is dead; removing its znode", meta.primary)
         self._node.require_coordinator().remove_member(meta.primary)
         return True
+
+
+def _left_behind(members: list[Member], meta: ClusterMeta) -> list[Member]:
+    """The members a full restart may have left behind: the last in-sync set's, and those
+    whose address a member registered later took (``members`` is lowest first)."""
+    later_addresses: set[str] = set()
+    left = []
+    for member in reversed(members):
+        if member.name in meta.in_sync or member.address in later_addresses:
+            left.append(member)
+        later_addresses.add(member.address)
+    return left
 
 
 def _count(n: int, noun: str) -> str:
