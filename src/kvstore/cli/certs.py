@@ -22,7 +22,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "127.0.0.1/localhost: its clients check the host name). Private keys are 0600. "
         "For tests and trials: keep ca.key away from the nodes in earnest use.",
         epilog="exit status: 0 written; 1 DIR cannot be written, or holds a CA already "
-        "(without --force); 2 bad arguments",
+        "(without --force); 2 bad arguments; 130 interrupted (Ctrl-C)",
     )
     parser.add_argument("directory", metavar="DIR", help="where to write (created if missing)")
     parser.add_argument(

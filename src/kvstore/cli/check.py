@@ -19,7 +19,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "operations involved.",
         epilog="exit status: 0 linearizable; 1 violations; 2 the log cannot be read or "
         "parsed; 3 no violation found, but some keys stayed undecided (a key with very many "
-        "concurrent operations of unknown outcome exhausts the search budget)",
+        "concurrent operations of unknown outcome exhausts the search budget); 130 "
+        "interrupted (Ctrl-C)",
     )
     parser.add_argument("log", metavar="LOG", help="execution log file")
     args = parser.parse_args(argv)

@@ -38,7 +38,8 @@ EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as a shell reports it)
 EPILOG = f"""\
 exit status: {EXIT_OK} done; {EXIT_NO} key missing (get, del, any of mget) or cas did not swap;
 {EXIT_UNAVAILABLE} cluster unreachable, no primary (status: no node answers as primary), or
-timed out; {EXIT_USAGE} bad arguments (a key or value refused for its size or encoding included).
+timed out; {EXIT_USAGE} bad arguments (a key or value refused for its size or encoding included);
+{EXIT_INTERRUPTED} interrupted (Ctrl-C: a write under way may or may not have been applied).
 
 examples:
   kv put greeting hello
