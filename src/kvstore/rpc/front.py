@@ -307,7 +307,6 @@ class EventFront:
         connections = self._connections
         wake_fd = self._wake_in.fileno()
         failed_at = 0.0
-        budget, max_frame_bytes = self._budget, server._max_frame_bytes
         while not self._is_closed:
             events = self._poller.poll(0 if self._ready else tick_s)
             now = time.monotonic()
@@ -320,12 +319,7 @@ class EventFront:
                     else:
                         self._on_reply(fd, mask)
                 ready, self._ready = self._ready, []
-                # (as _bound_outboxes: connection threads may have changed the budget)
-                self._outbox_bound = (
-                    LARGE_REPLY_BYTES
-                    if budget.front_bytes + budget.thread_bytes > budget.budget_bytes
-                    else max_frame_bytes
-                )
+                self._bound_outboxes()  # (connection threads may have changed the budget)
                 for conn in ready:
                     if not conn.is_closed and not conn.is_waiting and conn.mask != _OUT:
                         self._serve_frames(conn)
