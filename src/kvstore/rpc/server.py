@@ -603,6 +603,7 @@ class RpcServer:
         node, and its identity. Raises OSError (ssl.SSLError, TimeoutError) if there is no
         handshake."""
         assert self._tls is not None
+        started = time.monotonic()  # (one frame deadline for the peek and the handshake)
         if not _starts_like_tls(sock, self._frame_deadline_s):
             with contextlib.suppress(OSError):  # a plaintext client: tell it, in plaintext
                 sock.sendall(self._plaintext_refusal)
@@ -612,7 +613,7 @@ class RpcServer:
             self._connections.discard(sock)
             self._connections.add(tls)
         try:
-            _handshake(tls, self._frame_deadline_s)
+            _handshake(tls, self._frame_deadline_s, started)
         except BaseException:
             with self._lock:
                 self._connections.discard(tls)

@@ -105,9 +105,10 @@ def subject_common_name(cert: Any) -> str:
     )
 
 
-def _handshake(tls: ssl.SSLSocket, deadline_s: float) -> None:
-    """Complete a server-side handshake within ``deadline_s`` in all (not per receive)."""
-    deadline = time.monotonic() + deadline_s
+def _handshake(tls: ssl.SSLSocket, deadline_s: float, started: float | None = None) -> None:
+    """Complete a server-side handshake within ``deadline_s`` in all (not per receive),
+    counted from ``started`` (a monotonic time; default now)."""
+    deadline = (time.monotonic() if started is None else started) + deadline_s
     tls.setblocking(False)
     while True:
         try:
