@@ -446,10 +446,7 @@ class LoadClients:
                     # (and a reconnect; the shared Client: its retries); past that, abort()
                     # ends it.
                     finishing_ns = int((self.clients.finishing_s + STOP_GRACE_S) * 1e9)
-                    _join_all(threads, deadline_ns + finishing_ns)
-                    if any(thread.is_alive() for thread in threads):
-                        self.clients.abort()
-                        _join_all(threads, time.monotonic_ns() + int(STOP_GRACE_S * 1e9))
+                    self._join_or_abort(threads, deadline_ns + finishing_ns)
             except KeyboardInterrupt as interrupt:
                 self._end_early(threads, until)
                 raise RunInterrupted(_collected(threads, results, is_quiet=True)) from interrupt
@@ -460,10 +457,15 @@ class LoadClients:
         STOP_GRACE_S; wait STOP_GRACE_S more (at most) for them to end."""
         until[0] = 0
         started = [thread for thread in threads if thread.ident is not None]
-        _join_all(started, time.monotonic_ns() + int(STOP_GRACE_S * 1e9))
-        if any(thread.is_alive() for thread in started):
+        self._join_or_abort(started, time.monotonic_ns() + int(STOP_GRACE_S * 1e9))
+
+    def _join_or_abort(self, threads: list[threading.Thread], deadline_ns: int) -> None:
+        """Wait for the threads until ``deadline_ns``; then abort what still runs and wait
+        STOP_GRACE_S more (at most)."""
+        _join_all(threads, deadline_ns)
+        if any(thread.is_alive() for thread in threads):
             self.clients.abort()
-            _join_all(started, time.monotonic_ns() + int(STOP_GRACE_S * 1e9))
+            _join_all(threads, time.monotonic_ns() + int(STOP_GRACE_S * 1e9))
 
     def close(self) -> None:
         self.clients.close()
