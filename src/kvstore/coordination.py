@@ -43,9 +43,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shlex
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -412,6 +413,24 @@ def _close_quietly(zk: KazooClient) -> None:
     with contextlib.suppress(Exception):
         zk.stop()
         zk.close()
+
+
+def createznode_command(
+    zk_connect: str,
+    path: str,
+    auth_options: Sequence[str] = (),
+    tls: TlsConfig | None = None,
+    *,
+    reset: bool = False,
+) -> str:
+    """The kv-createznode command line (quoted for a shell) that a node's message tells the
+    operator to run, with the node's credential options (never a password: say
+    ``--zk-auth USER:PASSWORD``) and ZooKeeper TLS files."""
+    command = ["kv-createznode", *(["--reset"] if reset else []), *auth_options]
+    if tls is not None:
+        command += ["--zk-tls-cert", tls.cert_path, "--zk-tls-key", tls.key_path]
+        command += ["--zk-tls-ca", tls.ca_path]
+    return shlex.join([*command, zk_connect, path])
 
 
 def check_connect_string(zk_connect: str) -> None:

@@ -17,7 +17,6 @@ import argparse
 import dataclasses
 import logging
 import os
-import shlex
 import signal
 import sys
 from collections.abc import Sequence
@@ -43,6 +42,7 @@ from kvstore.cli.args import (
     zk_tls_from,
 )
 from kvstore.config import MIB, Limits, NodeConfig, TlsConfig
+from kvstore.coordination import createznode_command
 from kvstore.rpc import load_cluster_secret, parse_address
 from kvstore.rpc.budget import LARGE_REPLY_BYTES
 from kvstore.server.node import PARENT_GONE, StorageNode
@@ -136,17 +136,17 @@ def _no_cluster_advice(args: argparse.Namespace) -> str:
     with this node's ZooKeeper credentials and TLS (the password itself never shown)."""
     if args.restarted:
         return PARENT_GONE
-    command = ["kv-createznode"]
+    auth: list[str] = []
     if args.zk_auth is not None:
-        command += ["--zk-auth", "USER:PASSWORD"]
+        auth = ["--zk-auth", "USER:PASSWORD"]
     elif args.zk_auth_file is not None:
-        command += ["--zk-auth-file", args.zk_auth_file]
+        auth = ["--zk-auth-file", args.zk_auth_file]
     # ($KV_ZK_AUTH: kv-createznode reads it as kv-node does)
+    tls = None
     if args.zk_tls_cert is not None:
-        command += ["--zk-tls-cert", args.zk_tls_cert, "--zk-tls-key", args.zk_tls_key]
-        command += ["--zk-tls-ca", args.zk_tls_ca]
-    command += [args.zk_connect, args.zk_path]
-    return f"create the cluster with `{shlex.join(command)}` (or pass --create-parent)"
+        tls = TlsConfig(args.zk_tls_cert, args.zk_tls_key, args.zk_tls_ca)
+    command = createznode_command(args.zk_connect, args.zk_path, auth, tls)
+    return f"create the cluster with `{command}` (or pass --create-parent)"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -41,14 +41,19 @@ that marks the primary's connections); the node's shared state it reaches throug
 from __future__ import annotations
 
 import logging
-import shlex
 import threading
 import time
 import uuid
 from typing import Any
 
 from kvstore import errors
-from kvstore.coordination import ClusterMeta, Coordinator, Member, designated_backups
+from kvstore.coordination import (
+    ClusterMeta,
+    Coordinator,
+    Member,
+    createznode_command,
+    designated_backups,
+)
 from kvstore.rpc import Connection, probe
 from kvstore.server import identity as ident
 from kvstore.server import wal
@@ -465,20 +470,17 @@ class Follower:
         if coordinator.meta()[1] != version:
             return  # the metadata moved on (say, a backup took over): decide again on it
         config = node.config
-        command = ["kv-createznode", "--reset"]
-        if config.zk_auth is not None:  # (the parent's ACL lets only the credentials reset it)
-            command += ["--zk-auth", "USER:PASSWORD"]
-        if config.zk_tls is not None:
-            tls = config.zk_tls
-            command += ["--zk-tls-cert", tls.cert_path, "--zk-tls-key", tls.key_path]
-            command += ["--zk-tls-ca", tls.ca_path]
-        command += [config.zk_connect, config.zk_path]
+        # (the parent's ACL lets only the credentials reset it)
+        auth = ["--zk-auth", "USER:PASSWORD"] if config.zk_auth is not None else []
+        command = createznode_command(
+            config.zk_connect, config.zk_path, auth, config.zk_tls, reset=True
+        )
         raise NodeExit(
             EXIT_DATA_LOST,
             f"DATA LOST: no node holding a complete copy is alive and none of them kept its data "
             f"on disk (in-sync set was {', '.join(meta.in_sync)}; primary {meta.primary} at "
             f"{meta.primary_address}). Refusing to serve an incomplete store. To start over with "
-            f"an EMPTY store run: {shlex.join(command)} (a node whose data directory holds keys "
+            f"an EMPTY store run: {command} (a node whose data directory holds keys "
             "then refuses to start the new cluster until that directory is moved aside)",
         )
 
