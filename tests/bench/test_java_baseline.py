@@ -37,3 +37,36 @@ def test_kv_bench_prints_the_same_run_ratio(tmp_path: Path) -> None:
     assert float(ratio_line.rsplit(" ", 1)[1]) > 0
     logs = list(tmp_path.glob("*/java-baseline.txt"))
     assert logs and "median ours:" in logs[0].read_text()
+
+
+def test_sigterm_stops_the_compare_script_too(tmp_path: Path) -> None:
+    """The script runs nodes, a client and ZooKeeper for minutes: kv-bench stopped by SIGTERM
+    must not leave it running (nor wait for it)."""
+    script = tmp_path / "compare"
+    ran = tmp_path / "ran"
+    script.write_text(
+        "#!/usr/bin/env bash\n"
+        f"trap 'echo cleaned >> {ran}' EXIT\n"
+        f"echo $$ > {ran}\n"
+        "echo 'round 1: started'\n"
+        "sleep 120\n"
+    )
+    script.chmod(0o755)
+    command = [sys.executable, "-m", "kvstore", "bench", "--no-matrix"]
+    command += ["--workdir", str(tmp_path / "work"), "--java-baseline", str(script)]
+    bench = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert bench.stdout is not None
+        for line in bench.stdout:  # (ends at EOF: the test's timeout bounds it)
+            if "round 1: started" in line:
+                break
+        bench.terminate()
+        _, stderr = bench.communicate(timeout=30)
+    finally:
+        bench.kill()
+        bench.wait()
+    assert bench.returncode == 143, stderr
+    assert "Traceback" not in stderr
+    pid, cleaned = ran.read_text().split()
+    assert cleaned == "cleaned"
+    assert not Path(f"/proc/{pid}").exists()

@@ -40,12 +40,30 @@ def run_compare(
         ) as process,
     ):
         assert process.stdout is not None
-        for line in process.stdout:
-            log.write(line)
-            out(f"   {line.rstrip()}")
-            if line.startswith(RATIO_PREFIX):
-                try:
-                    ratio = float(line[len(RATIO_PREFIX) :].split()[0])
-                except (IndexError, ValueError):
-                    ratio = None
+        try:
+            for line in process.stdout:
+                log.write(line)
+                out(f"   {line.rstrip()}")
+                if line.startswith(RATIO_PREFIX):
+                    try:
+                        ratio = float(line[len(RATIO_PREFIX) :].split()[0])
+                    except (IndexError, ValueError):
+                        ratio = None
+        except BaseException:  # Ctrl-C, SIGTERM (cli/interrupts.py): stop it too
+            _stop(process)
+            raise
     return ratio
+
+
+def _stop(process: subprocess.Popen[str]) -> None:
+    """SIGTERM the script (it stops the nodes, client and ZooKeeper it started on its way
+    out), SIGKILL it if it is not gone within STOP_TIMEOUT_S."""
+    process.terminate()
+    try:
+        process.wait(STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+STOP_TIMEOUT_S = 15.0

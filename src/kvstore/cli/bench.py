@@ -38,6 +38,7 @@ from kvstore.cli.args import (
 )
 from kvstore.cli.interrupts import Interrupts
 from kvstore.coordination import MAX_REPLICAS
+from kvstore.local.cluster import NodeExitedError
 from kvstore.local.zkserver import ZooKeeperServer
 
 
@@ -450,6 +451,9 @@ def _run(args: argparse.Namespace, matrix: Matrix | None) -> int:
         with ZooKeeperServer(workdir / "zookeeper") as zk:
             session.restart_zookeeper = zk.restart
             session.run(zk.connect_string, zk.pid)
+    except NodeExitedError as exc:  # (its log says why)
+        report_error("kv-bench", exc.summary)
+        return 1
     except (errors.KVError, TimeoutError) as exc:
         report_error("kv-bench", exc)
         return 1

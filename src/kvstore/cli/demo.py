@@ -18,6 +18,7 @@ from kvstore.cli.args import (
 )
 from kvstore.cli.interrupts import Interrupts
 from kvstore.coordination import MAX_REPLICAS
+from kvstore.local.cluster import NodeExitedError
 
 EPILOG = """\
 exit status: 0 the history checked linearizable; 1 it did not (violations), or the demo
@@ -74,6 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_demo(
                 args.seconds, args.threads, args.keyspace, args.workdir, args.secure, args.replicas
             )
+        except NodeExitedError as exc:  # (its log says why)
+            report_error("kv-demo", exc.summary)
+            return 1
         except (errors.KVError, OSError) as exc:  # no Java or ZooKeeper, a port taken, ...
             report_error("kv-demo", exc)
             return 1

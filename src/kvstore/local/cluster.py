@@ -44,6 +44,17 @@ def redacted(command: Sequence[str]) -> list[str]:
     return shown
 
 
+class NodeExitedError(RuntimeError):
+    """A node's process exited while it was waited for. ``summary``: one line (its address,
+    exit status, its log's last line and where the log is); the message adds the log's tail."""
+
+    def __init__(self, address: str, returncode: int, log_path: Path) -> None:
+        tail = _tail(log_path, 40)
+        last = tail.splitlines()[-1].strip() if tail else "(no output)"
+        self.summary = f"node {address} exited with {returncode}: {last} (log: {log_path})"
+        super().__init__(f"{self.summary}\n{tail}")
+
+
 class NodeProcess:
     """One ``kv-node`` child process on a fixed port (kept across restarts), loopback by default.
 
@@ -161,24 +172,27 @@ class NodeProcess:
         )
 
     def role(self) -> str | None:
-        """The role the node reports now (None: it does not answer); RuntimeError, with its
-        log's tail, if its process exited."""
+        """The role the node reports now (None: it does not answer); NodeExitedError if its
+        process exited."""
         self._raise_if_exited()
         status = self.status()
         return None if status is None else str(status.role)
 
     def _raise_if_exited(self) -> None:
         if self.process is not None and self.process.poll() is not None:
-            raise RuntimeError(
-                f"node {self.address} exited with {self.process.returncode}\n{self.log_tail()}"
-            )
+            raise NodeExitedError(self.address, self.process.returncode, self.log_path)
 
     def log_tail(self, lines: int = 40) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return "(no log)"
-        return "\n".join(text[-lines:])
+        return _tail(self.log_path, lines) or "(no log)"
+
+
+def _tail(log_path: Path, lines: int) -> str:
+    """The last ``lines`` lines of a log ("" if it cannot be read)."""
+    try:
+        text = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join(text[-lines:])
 
 
 # The options of kv-node that kv-createznode shares (ZooKeeper credentials and TLS), which
