@@ -80,6 +80,30 @@ def test_a_snapshot_trims_the_log_and_recovery_replays_what_came_after(tmp_path:
     assert reopened(tmp_path).snapshot() == expected
 
 
+def test_a_snapshot_keeps_each_clients_floor(tmp_path: Path) -> None:
+    """A node that recovers from the snapshot alone (its log trimmed) still refuses a late
+    retry of a request its client had moved past: applying it could apply it twice."""
+    store = durable_store(tmp_path)
+    store.wait_durable(store.apply_change("k", "v5", ("client", 5, True, 5)))
+    store.wait_durable(store.apply_change("k", "v9", ("client", 9, True, 8)))  # past 5..7
+    store.write_snapshot()
+    store.log.close()  # type: ignore[union-attr]
+    again = reopened(tmp_path)
+    assert again.sessions_for("k").outcome("client", 9) is True
+    with pytest.raises(errors.BadRequestError, match="moved past it"):
+        again.sessions_for("k").outcome("client", 6)
+
+
+def test_a_snapshot_record_of_an_earlier_version_reads_without_a_floor() -> None:
+    """``R key client_id seq outcome``, as written before the floor was kept."""
+    body = wal.RECORD + b"".join(len(t).to_bytes(4, "big") + t for t in (b"k", b"client"))
+    body += (3).to_bytes(8, "big") + b"\0"
+    mutation = wal.decode(body)
+    assert (mutation.key, mutation.record, mutation.outcome) == ("k", ("client", 3, 0), False)
+    current = wal.decode(wal.encode_record("k", "client", 3, False, 2)[12:])
+    assert (current.key, current.record, current.outcome) == ("k", ("client", 3, 2), False)
+
+
 def test_a_torn_last_record_is_cut_with_a_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -78,10 +78,12 @@ def encode(key: str, value: str | None, record: ExactlyOnce | None = None) -> by
     return frame(b"".join(parts))
 
 
-def encode_record(key: str, client_id: str, seq: int, outcome: bool) -> bytes:
-    payload = (
-        RECORD + _text(key) + _text(client_id) + _I64.pack(seq) + (b"\1" if outcome else b"\0")
-    )
+def encode_record(key: str, client_id: str, seq: int, outcome: bool, floor: int = 0) -> bytes:
+    """A snapshot's exactly-once record; ``floor``: its client's (see sessions.py), written
+    before the outcome byte, which stays last (a node of an earlier version reads the
+    record without the floor)."""
+    outcome_byte = b"\1" if outcome else b"\0"
+    payload = RECORD + _text(key) + _text(client_id) + _I64X2.pack(seq, floor) + outcome_byte
     return frame(payload)
 
 
@@ -199,9 +201,10 @@ def _decode_other(kind: bytes, body: bytes) -> Mutation:
     if kind == MARKER:
         epoch, position = reader.i64(), reader.i64()
         return Mutation(kind, "", record=(reader.text(), epoch, position))
-    if kind == RECORD:
+    if kind == RECORD:  # (without a floor: written by an earlier version)
         key, client_id, seq = reader.text(), reader.text(), reader.i64()
-        return Mutation(kind, key, record=(client_id, seq, 0), outcome=body[-1:] == b"\1")
+        floor = reader.i64() if reader.offset + 1 < len(body) else 0
+        return Mutation(kind, key, record=(client_id, seq, floor), outcome=body[-1:] == b"\1")
     raise ValueError(f"unknown record kind {kind!r}")
 
 

@@ -387,8 +387,8 @@ class StripedStore:
             for first in range(0, len(items), SNAPSHOT_BULK_ENTRIES):
                 chunk = items[first : first + SNAPSHOT_BULK_ENTRIES]
                 yield wal.encode_bulk([k for k, _ in chunk], [v for _, v in chunk])
-            for key, client_id, seq, outcome, _ in records:
-                yield wal.encode_record(key, client_id, seq, outcome)
+            for key, client_id, seq, outcome, floor in records:
+                yield wal.encode_record(key, client_id, seq, outcome, floor)
 
     def __len__(self) -> int:
         return sum(len(shard) for shard in self._shards)
