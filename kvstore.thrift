@@ -51,6 +51,14 @@ struct Lookup {
   2: optional string value
 }
 
+// A piece of an export (scan): the keys and values of whole lock stripes.
+struct ScanChunk {
+  1: list<string> keys,
+  2: list<string> values,
+  3: i32 next_stripe,       // where the next scan starts; -1 after the last stripe
+  4: i64 epoch              // the primary's: stripes are its own, so a scan spans one primary
+}
+
 struct SyncChunk {
   1: list<string> keys,
   2: list<string> values,
@@ -138,4 +146,11 @@ service KeyValueService {
   void put_once(1: string key, 2: string value, 3: RequestId id);
   bool remove(1: string key, 2: RequestId id);
   bool compare_and_set(1: string key, 2: optional string expected, 3: string value, 4: RequestId id);
+  // Export, a chunk at a time: the keys and values of whole stripes from first_stripe on
+  // (0 to begin), until about max_entries (at least one stripe). Each stripe is copied at
+  // one instant: a key neither written nor deleted during the scan is in it exactly once;
+  // one written meanwhile may or may not be. Continue at next_stripe with the epoch of the
+  // first chunk (0 to begin): stripes are a primary's own, so a primary of another epoch
+  // (after a failover) answers an empty chunk with its epoch, and the scan starts again.
+  ScanChunk scan(1: i32 first_stripe, 2: i32 max_entries, 3: i64 epoch);
 }

@@ -17,6 +17,7 @@ kvstore_thrift: ModuleType = thriftpy2.load(str(IDL_PATH), module_name="kvstore_
 KeyValueService = kvstore_thrift.KeyValueService
 NodeStatus = kvstore_thrift.NodeStatus
 SyncChunk = kvstore_thrift.SyncChunk
+ScanChunk = kvstore_thrift.ScanChunk
 LogChunk = kvstore_thrift.LogChunk
 Change = kvstore_thrift.Change
 Lookup = kvstore_thrift.Lookup

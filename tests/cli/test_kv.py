@@ -101,6 +101,34 @@ def test_put_without_a_value_with_a_terminal_as_input_is_a_usage_error() -> None
     assert "give VALUE, or send it on standard input" in result.stderr
 
 
+def test_dump_then_load_round_trips_every_key(cluster: LocalCluster, tmp_path: Path) -> None:
+    values = {f"k{i}": f"v{i}" for i in range(300)}
+    values |= {"tab\tkey": "line\nbreak", "ключ": "значение ✓", "empty": ""}
+    with kvstore.Client(cluster.zk_connect, cluster.zk_path) as client:
+        for key, value in values.items():
+            client.put(key, value)
+        assert dict(client.scan(chunk_keys=1)) == values  # a stripe or so per call
+        assert sorted(key for key, _ in client.scan()) == sorted(values)  # each once
+    backup = tmp_path / "backup.jsonl"
+    dumped = kv(cluster, "dump", str(backup))
+    assert (dumped.returncode, dumped.stderr) == (0, f"dumped {len(values)} keys to {backup}\n")
+    lines = backup.read_text().splitlines()
+    assert {json.loads(line)["key"]: json.loads(line)["value"] for line in lines} == values
+    assert kv(cluster, "dump").stdout.splitlines() == lines  # standard output alike
+    assert not list(tmp_path.glob(".*partial"))
+    with kvstore.Client(cluster.zk_connect, cluster.zk_path) as client:
+        client.delete("k1")
+        client.put("k2", "changed")
+        loaded = kv(cluster, "load", str(backup))
+        assert (loaded.returncode, loaded.stdout) == (0, f"loaded {len(values)} keys\n")
+        assert client.get_many(values) == values
+    bad = b'{"key": "fresh", "value": "1"}\n{"key": 5, "value": "x"}\n'
+    refused = kv(cluster, "load", stdin=bad)  # (standard input: no FILE)
+    assert refused.returncode == 64
+    assert "standard input line 2" in refused.stderr
+    assert kv(cluster, "get", "fresh").returncode == 1  # every line is checked first
+
+
 def test_status_marks_a_stale_znode_and_exits_2_without_a_primary(cluster: LocalCluster) -> None:
     # A znode whose node died, while another node answers at its address (a restart): the
     # primary removes its own cluster's such znodes within a tick, so one is made by hand.

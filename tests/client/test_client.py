@@ -120,11 +120,18 @@ def test_deletes_and_cas_survive_failover(cluster: LocalCluster) -> None:
         for i in range(0, 50, 2):
             assert kv.delete(f"k{i}")
         assert kv.cas("k1", "v1", "swapped")
+        scan = kv.scan(chunk_keys=1)  # (a stripe or so per call)
+        next(scan)
         fail_over(cluster)
         values = kv.get_many([f"k{i}" for i in range(50)])
+        # the new primary's stripes are not the old one's: the scan cannot go on there
+        with pytest.raises(kvstore.UnavailableError, match="primary changed during the scan"):
+            list(scan)
+        scanned = dict(kv.scan())
     expected = {f"k{i}": (None if i % 2 == 0 else f"v{i}") for i in range(50)}
     expected["k1"] = "swapped"
     assert values == expected
+    assert scanned == {k: v for k, v in expected.items() if v is not None}
 
 
 def test_a_retried_write_gets_its_original_outcome_after_failover(cluster: LocalCluster) -> None:

@@ -11,6 +11,8 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from kvstore import errors
@@ -19,6 +21,7 @@ from kvstore.cli.args import (
     add_zk_tls_arguments,
     new_parser,
     positive_float,
+    positive_int,
     report_error,
     tls_from,
     zk_connect,
@@ -34,6 +37,7 @@ EXIT_NO = 1  # get/del of a missing key, cas that did not swap
 EXIT_UNAVAILABLE = 2  # ZooKeeper unreachable, no primary, timeout
 EXIT_USAGE = 64  # bad arguments (EX_USAGE)
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as a shell reports it)
+LOAD_THREADS = 8
 
 EPILOG = f"""\
 exit status: {EXIT_OK} done; {EXIT_NO} key missing (get, del, any of mget) or cas did not swap;
@@ -48,6 +52,8 @@ examples:
   kv cas counter 2 --expect 1     # set to 2 only if it is 1 (--absent: only if missing)
   kv mget a b c                   # KEY<TAB>VALUE per key; a missing key alone on its line
   kv -o json mget a b c           # {{"a": "1", "b": null, ...}}
+  kv dump backup.jsonl            # every key, a JSON object per line
+  kv load backup.jsonl            # put them back (into this or another cluster)
   kv status"""
 
 
@@ -106,6 +112,35 @@ def _parser() -> argparse.ArgumentParser:
     condition.add_argument("--absent", action="store_true", help="swap only if the key is missing")
     commands.add_parser("mget", help="print several keys").add_argument("keys", nargs="+")
     commands.add_parser("status", help="list the nodes: address, role, epoch, in-sync, keys")
+    dump = commands.add_parser(
+        "dump",
+        help='export every key: a JSON object per line, {"key": ..., "value": ...}',
+        description="Export every key and value, a JSON object per line. Not one instant: a "
+        "key neither written nor deleted during the dump is in it exactly once, one written "
+        "meanwhile may or may not be. A failover during the dump fails it (exit 2): run it "
+        "again.",
+    )
+    dump.add_argument(
+        "file",
+        nargs="?",
+        metavar="FILE",
+        help="write here (whole or not at all: FILE appears once the dump is complete); "
+        "default standard output",
+    )
+    load = commands.add_parser(
+        "load",
+        help="import what kv dump wrote (put every key; the others are left as they are)",
+        description="Put every key of a kv dump file (every line is checked before the "
+        "first put). Exactly-once puts: after a failure, running it again is safe.",
+    )
+    load.add_argument("file", nargs="?", metavar="FILE", help="default standard input")
+    load.add_argument(
+        "--threads",
+        type=positive_int,
+        default=LOAD_THREADS,
+        metavar="N",
+        help=f"puts under way at once (default {LOAD_THREADS})",
+    )
     return parser
 
 
@@ -156,6 +191,10 @@ def _run(kv: Client, args: argparse.Namespace) -> int:
         swapped = kv.cas(args.key, None if args.absent else args.expect, args.value)
         _emit(is_json, {"key": args.key, "swapped": swapped}, "1" if swapped else "0")
         return EXIT_OK if swapped else EXIT_NO
+    if args.command == "dump":
+        return _dump(kv, args.file)
+    if args.command == "load":
+        return _load(kv, _entries(args.file), args.threads, is_json)
     values = kv.get_many(args.keys)
     text = "\n".join(k if v is None else f"{k}\t{v}" for k, v in values.items())
     _emit(is_json, values, text)
@@ -174,6 +213,76 @@ def _value_from_stdin(parser: argparse.ArgumentParser) -> str:
             f"put: standard input is not UTF-8 text ({exc.reason} at byte {exc.start}); "
             "values are text"
         ) from None
+
+
+def _dump(kv: Client, file: str | None) -> int:
+    if file is None or file == "-":
+        for key, value in kv.scan():
+            sys.stdout.write(_dump_line(key, value))
+        return EXIT_OK
+    path = Path(file)
+    partial = path.with_name(f".{path.name}.partial")
+    count = 0
+    try:
+        with partial.open("w", encoding="utf-8") as out:
+            for key, value in kv.scan():
+                out.write(_dump_line(key, value))
+                count += 1
+            out.flush()
+            os.fsync(out.fileno())
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
+    print(f"dumped {count} keys to {path}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _dump_line(key: str, value: str) -> str:
+    return json.dumps({"key": key, "value": value}, ensure_ascii=False) + "\n"
+
+
+def _entries(file: str | None) -> list[tuple[str, str]]:
+    """The (key, value) pairs of a dump, every line checked (BadRequestError names the
+    first bad one)."""
+    if file is None or file == "-":
+        lines = sys.stdin.buffer.read().splitlines()
+        where = "standard input"
+    else:
+        try:
+            lines = Path(file).read_bytes().splitlines()
+        except OSError as exc:
+            raise errors.BadRequestError(f"load: {exc.strerror}: {file}") from None
+        where = file
+    entries = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError as exc:  # (UnicodeDecodeError included)
+            raise errors.BadRequestError(f"load: {where} line {number}: {exc}") from None
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("key"), str)
+            and isinstance(entry.get("value"), str)
+        ):
+            raise errors.BadRequestError(
+                f'load: {where} line {number}: not {{"key": TEXT, "value": TEXT}} '
+                "(what kv dump writes)"
+            )
+        entries.append((entry["key"], entry["value"]))
+    return entries
+
+
+def _load(kv: Client, entries: list[tuple[str, str]], threads: int, is_json: bool) -> int:
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="kv-load")
+    try:
+        for _ in pool.map(lambda entry: kv.put(*entry), entries):
+            pass  # (the first failure is raised here)
+    finally:  # (after a failure or Ctrl-C, the puts not begun are not made)
+        pool.shutdown(cancel_futures=True)
+    _emit(is_json, {"loaded": len(entries)}, f"loaded {len(entries)} keys")
+    return EXIT_OK
 
 
 def _status(args: argparse.Namespace) -> int:

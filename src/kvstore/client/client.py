@@ -34,7 +34,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from kvstore import errors
@@ -59,6 +59,8 @@ _PERMANENT = (
 # clients meanwhile (0.5-0.75 s measured for a million keys), and refuses more than 131,072
 # elements in one request (rpc.MAX_ELEMENTS) and a reply larger than a frame.
 GET_MANY_KEYS = 10_000
+# Entries a scan asks for per call (whole lock stripes: a chunk may hold more).
+SCAN_CHUNK_KEYS = 5_000
 
 
 class Client:
@@ -139,6 +141,28 @@ class Client:
                 half = len(chunk) // 2  # large values: the reply would not fit a frame
                 chunks += [chunk[:half], chunk[half:]]
         return {key: found.get(key) for key in wanted}
+
+    def scan(self, chunk_keys: int = SCAN_CHUNK_KEYS) -> Iterator[tuple[str, str]]:
+        """Every (key, value) of the store, fetched a chunk of lock stripes at a time (for an
+        export or a backup: ``kv dump``). Not one instant: each stripe is copied at one, so a
+        key neither written nor deleted during the scan comes exactly once, and one written
+        meanwhile may or may not come. A failover during the scan raises UnavailableError
+        (the next primary's stripes are not this one's): scan again."""
+        if self._locator.is_seed_cluster:
+            raise errors.UnsupportedError("scan needs kvstore nodes (the seed's have get/put)")
+        stripe, epoch = 0, 0
+        while True:
+            chunk = self._call("scan", (stripe, max(1, chunk_keys), epoch))
+            if epoch and chunk.epoch != epoch:
+                raise errors.UnavailableError(
+                    f"the primary changed during the scan (epoch {epoch} to {chunk.epoch}): "
+                    "scan again"
+                )
+            epoch = chunk.epoch
+            yield from zip(chunk.keys, chunk.values, strict=True)
+            if chunk.next_stripe < 0:
+                return
+            stripe = chunk.next_stripe
 
     def put(self, key: str, value: str) -> None:
         """Set the key's value (exactly once, even when retried across a failover)."""

@@ -54,6 +54,7 @@ class NodeService(Protocol):
     def read(self, key: str) -> str: ...
     def lookup(self, key: str) -> str | None: ...
     def read_many(self, keys: list[str]) -> dict[str, str]: ...
+    def scan(self, first_stripe: int, max_entries: int, max_bytes: int, epoch: int) -> object: ...
     def write_group(self, writes: Sequence[Write]) -> list[bool | Exception]: ...
     def begin_writes(self, writes: Sequence[Write], sync_soon: bool = False) -> Any: ...
     def end_writes(self, group: Any) -> list[bool | Exception]: ...
@@ -147,6 +148,22 @@ class NodeHandler:
                 f"take: ask for fewer keys at a time"
             )
         return found
+
+    def scan(self, first_stripe: int | None, max_entries: int | None, epoch: int | None) -> object:
+        self._node.check_primary()
+        first, most = _required_int(first_stripe), _required_int(max_entries)
+        limit = self._max_reply_bytes
+        # (the stripes copied stop at half a reply's bytes; the last one may add more)
+        chunk: Any = self._unavailable_on_failure(
+            lambda began: self._node.scan(first, most, limit // 2, began), epoch or 0
+        )
+        found = dict(zip(chunk.keys, chunk.values, strict=True))
+        if _most_reply_bytes(found) > limit and (size := _reply_bytes(found)) > limit:
+            raise errors.TooLargeError(
+                f"scan: stripe {first} on takes {size} bytes, over the {limit} a reply may take "
+                "(start the nodes with more --stripes)"
+            )
+        return chunk
 
     def put_once(self, key: object, value: object, request_id: object) -> None:
         self._write_one("put_once", [key, value, request_id])

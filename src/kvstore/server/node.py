@@ -52,7 +52,7 @@ from kvstore.coordination import (
     connect,
     designated_backups,
 )
-from kvstore.idl import Change, KeyValueService, NodeStatus, SyncChunk
+from kvstore.idl import Change, KeyValueService, NodeStatus, ScanChunk, SyncChunk
 from kvstore.rpc import CONNECTION_METHODS, RpcServer, client_tls_context, server_tls_context
 from kvstore.server import catchup
 from kvstore.server import identity as ident
@@ -715,6 +715,22 @@ class StorageNode:
         found = self.store.get_many(keys)
         self.confirm_read()
         return found
+
+    def scan(self, first_stripe: int, max_entries: int, max_bytes: int, epoch: int) -> object:
+        """A chunk of an export: whole stripes from ``first_stripe`` on (see the IDL's scan)."""
+        if epoch not in (0, self.epoch):  # begun on another primary: start again
+            return ScanChunk(keys=[], values=[], next_stripe=0, epoch=self.epoch)
+        epoch = self.epoch
+        if not 0 <= first_stripe < self.store.stripe_count:
+            raise errors.BadRequestError(
+                f"no stripe {first_stripe} on this primary (it has {self.store.stripe_count}): "
+                "a scan continues only on the primary it began on"
+            )
+        keys, values, _, next_stripe = self.store.snapshot_stripes(
+            first_stripe, max(1, max_entries), max_bytes
+        )
+        self.confirm_read()
+        return ScanChunk(keys=keys, values=values, next_stripe=next_stripe, epoch=epoch)
 
     def confirm_read(self) -> None:
         """Vouch for what this node read a moment ago, or raise.
