@@ -4,6 +4,7 @@ replication (deletes, compare-and-set, exactly-once records), retries through ki
 from __future__ import annotations
 
 import os
+import select
 import subprocess
 import sys
 import threading
@@ -312,3 +313,25 @@ def test_an_application_without_logging_gets_no_stray_stderr_lines() -> None:
             assert done.stderr == ""
         else:
             assert "WARNING:kazoo.client:Connection dropped" in done.stderr
+
+
+def test_a_call_into_a_connection_the_node_closed_is_retried_and_applied_once(
+    idle_cluster: LocalCluster,
+) -> None:
+    """A connection in use is not polled for EOF before each call (every call may be
+    repeated): one the node closed meanwhile fails the call's first attempt, and the retry
+    applies it once."""
+    for node in idle_cluster.nodes:
+        node.extra_args += ["--idle-timeout", "0.2"]
+    idle_cluster.start()
+    with kvstore.Client(idle_cluster.zk_connect, idle_cluster.zk_path, timeout=10) as kv:
+        kv.put("n", "0")
+        for i in range(3):
+            sock = kv._local.conn.raw_socket
+            assert sock is not None
+            # the node closes it (idle): EOF waits on it, well within the 1 s after which a
+            # connection at rest is checked before use
+            wait_until(lambda s=sock: select.select([s], [], [], 0)[0] or None, 5.0, "not closed")
+            assert kv.cas("n", str(i), str(i + 1))
+            assert kv._local.conn.raw_socket is not sock  # (a new connection took the retry)
+        assert kv.get("n") == "3"

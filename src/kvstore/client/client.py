@@ -265,7 +265,15 @@ class Client:
         if old is not None and old.address == address:
             return old
         conn = Connection(
-            address, self._config.rpc_timeout_ms, self._config.connect_timeout_ms, tls=self._tls
+            address,
+            self._config.rpc_timeout_ms,
+            self._config.connect_timeout_ms,
+            # Every call to kvstore nodes may be repeated (reads, exactly-once writes): a call
+            # into a connection the node closed is retried, so a connection in use is not
+            # polled for EOF before each call (one system call each), only after a rest.
+            # The seed's put may not be repeated: never write it into a closed connection.
+            is_checked_before_use=self._locator.is_seed_cluster,
+            tls=self._tls,
         )
         with self._lock:
             if self._is_closed:
