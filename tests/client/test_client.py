@@ -3,6 +3,7 @@ replication (deletes, compare-and-set, exactly-once records), retries through ki
 
 from __future__ import annotations
 
+import copy
 import os
 import select
 import subprocess
@@ -67,7 +68,7 @@ def test_threads_write_under_lanes_of_their_own_and_a_nested_write_too(
             method: str, args: tuple[object, ...], is_idempotent: bool = True
         ) -> object:
             if isinstance(args[-1], RequestId):
-                sent.append(args[-1])
+                sent.append(copy.copy(args[-1]))  # (a lane reuses its RequestId)
                 if args[0] == "outer":
                     kv.put("inner", "1")  # a write nested in this one, on the same thread
             return real_call(method, args, is_idempotent)

@@ -211,7 +211,8 @@ class Client:
         lane = lease.lane
         lane.seq = seq = lane.seq + 1
         # Every earlier write of this lane was answered (or given up on): acked_below = seq.
-        request = RequestId(client_id=lane.client_id, seq=seq, acked_below=seq)
+        request = lane.request  # (one per lane, reused: the lane is this call's alone)
+        request.seq = request.acked_below = seq
         lane.is_busy = True
         try:
             return self._call(method, (*args, request))
@@ -301,12 +302,13 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 class _Lane:
     """An exactly-once identity used by one thread at a time: a client id and its last seq."""
 
-    __slots__ = ("client_id", "is_busy", "seq")
+    __slots__ = ("client_id", "is_busy", "request", "seq")
 
     def __init__(self, client_id: str) -> None:
         self.client_id = client_id
         self.seq = 0
         self.is_busy = False  # a write on it is under way
+        self.request = RequestId(client_id=client_id, seq=0, acked_below=0)
 
 
 class _LaneLease:
