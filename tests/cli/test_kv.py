@@ -102,7 +102,7 @@ def test_put_without_a_value_with_a_terminal_as_input_is_a_usage_error() -> None
 
 
 def test_dump_then_load_round_trips_every_key(cluster: LocalCluster, tmp_path: Path) -> None:
-    values = {f"k{i}": f"v{i}" for i in range(300)}
+    values = {f"k{i}": f"v{i}-" + "x" * 300 for i in range(300)}  # (over a pipe's 64 KiB)
     values |= {"tab\tkey": "line\nbreak", "ключ": "значение ✓", "empty": ""}
     with kvstore.Client(cluster.zk_connect, cluster.zk_path) as client:
         for key, value in values.items():
@@ -115,6 +115,18 @@ def test_dump_then_load_round_trips_every_key(cluster: LocalCluster, tmp_path: P
     lines = backup.read_text().splitlines()
     assert {json.loads(line)["key"]: json.loads(line)["value"] for line in lines} == values
     assert kv(cluster, "dump").stdout.splitlines() == lines  # standard output alike
+    env = dict(os.environ, KV_ZK=cluster.zk_connect, KV_PATH=cluster.zk_path)
+    with subprocess.Popen(  # kv dump | head -1
+        [sys.executable, "-m", "kvstore", "kv", "dump"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    ) as head:
+        assert head.stdout is not None and head.stderr is not None
+        assert head.stdout.readline().decode() == lines[0] + "\n"
+        head.stdout.close()
+        assert head.wait(TIMEOUT_S) == 141  # (as cat's, 128 + SIGPIPE)
+        assert head.stderr.read() == b""  # no traceback
     assert not list(tmp_path.glob(".*partial"))
     with kvstore.Client(cluster.zk_connect, cluster.zk_path) as client:
         client.delete("k1")

@@ -11,12 +11,14 @@ line and exit 130 too, not a traceback. This module imports nothing else of kvst
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
 EXIT_INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, as a shell reports it
+EXIT_BROKEN_PIPE = 141  # the output's reader went away: 128 + SIGPIPE, as for cat
 COMMANDS = {
-    "kv": "read and write keys (get, put, del, cas, mget, status)",
+    "kv": "read and write keys (get, put, del, cas, mget, status, dump, load)",
     "node": "run a storage node",
     "client": "run the load generator and write an execution log",
     "createznode": "create the parent znode nodes register under",
@@ -52,6 +54,9 @@ def run(command: str, argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{program_name(command)}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # what read our output stopped reading (kv dump | head): as cat
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (no flush error)
+        return EXIT_BROKEN_PIPE
     return code
 
 

@@ -231,6 +231,8 @@ def _dump(kv: Client, file: str | None) -> int:
             out.flush()
             os.fsync(out.fileno())
         partial.replace(path)
+    except OSError as exc:
+        raise errors.BadRequestError(f"dump: cannot write {path}: {exc.strerror}") from None
     finally:
         partial.unlink(missing_ok=True)
     print(f"dumped {count} keys to {path}", file=sys.stderr)
