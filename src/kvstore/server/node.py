@@ -40,6 +40,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,7 @@ from kvstore.coordination import (
     Member,
     connect,
     designated_backups,
+    new_incarnation,
 )
 from kvstore.idl import Change, KeyValueService, NodeStatus, SyncChunk
 from kvstore.rpc import CONNECTION_METHODS, RpcServer, client_tls_context, server_tls_context
@@ -449,6 +451,20 @@ class StorageNode:
         self._remove_dead_backups(members)
         if len(self._replicators) >= meta.replicas:
             self._let_extra_backups_go(members, meta)
+        self._keep_incarnation(meta)
+
+    def _keep_incarnation(self, meta: ClusterMeta) -> None:
+        """Metadata written by an earlier version has no incarnation id: add one (this
+        node's data directory's, if it records one: it holds this cluster's data; else a new
+        one). Then record the metadata's in the data directory, if it is not there yet."""
+        store_log = self.store.log
+        if meta.incarnation:
+            if store_log is not None and store_log.incarnation != meta.incarnation:
+                store_log.record_incarnation(meta.incarnation)
+            return
+        chosen = (None if store_log is None else store_log.incarnation) or new_incarnation()
+        self._update_meta(lambda m: m if m.incarnation else replace(m, incarnation=chosen))
+        log.info("gave the cluster metadata an incarnation id: %s", chosen)
 
     def _let_extra_backups_go(self, members: list[Member], meta: ClusterMeta) -> None:
         """More backups than the replication factor wants (it went down, or a designated
