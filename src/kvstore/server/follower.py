@@ -639,10 +639,10 @@ class Follower:
                 self._join_failed(meta, why_not)
             return
         node = self._node
+        self._record_incarnation(meta.incarnation)  # (checked: see evaluate_standby)
         node.role = Role.SYNCING
         node.epoch = meta.epoch
         since = None if node.store.log is None else node.store.log.marker
-        self._record_incarnation(meta.incarnation)  # (checked: see evaluate_standby)
         started = time.monotonic()
         is_copied = False
         conn = Connection(
