@@ -22,7 +22,8 @@ struct NodeStatus {
   2: string role,           // starting | standby | syncing | backup | primary | stopped
   3: i64 epoch,             // the primary epoch this node serves under (0: none)
   4: i64 key_count,
-  5: string primary_address // host:port of the primary as this node knows it ("" if unknown)
+  5: string primary_address, // host:port of the primary as this node knows it ("" if unknown)
+  6: optional string durable_id // its data directory's node id (absent: no data directory)
 }
 
 // Exactly-once: a write that carries a RequestId is applied at most once per

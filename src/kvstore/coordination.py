@@ -14,6 +14,12 @@ Layout under the parent path P (created by ``kv-createznode``, before any node s
   change based on the same state. A node takes over as primary only by a CAS
   that bumps the epoch, and only if it is in the in-sync set; a primary drops a
   failed backup from the set (by CAS) before it acknowledges writes without it.
+  The metadata also carries the cluster's *incarnation*: a random id written when the
+  cluster is created (``kv-createznode``, ``--create-parent``, ``--reset``, or a node that
+  starts a new cluster on a parent without one) and kept by every change after. A node
+  records it in its data directory and refuses to join a cluster of another incarnation
+  with data of its own (server/follower.py). Metadata written by an earlier version has
+  none: the first primary of this version adds one (server/node.py).
 
 Nodes never create P on their own: registering under a missing P fails with
 NoClusterError (so does reading it once it is gone), and a node stops rather than
@@ -46,6 +52,7 @@ import logging
 import shlex
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -147,6 +154,9 @@ class ClusterMeta:
     # (name, certificate identity) of in-sync members serving mutual TLS (rpc.tls: the
     # fingerprint of the certificate each showed): who may replicate and join (SECURITY.md).
     identities: tuple[tuple[str, str], ...] = field(default=())
+    # The cluster's incarnation id ("": metadata of an earlier version, or a parent created
+    # by one); a new one per kv-createznode, --create-parent and --reset.
+    incarnation: str = ""
 
     def __post_init__(self) -> None:
         kept = sorted((n, a) for n, a in self.addresses if n in self.in_sync)
@@ -168,7 +178,7 @@ class ClusterMeta:
     ) -> ClusterMeta:
         """``name`` at ``address`` primary of ``epoch``, the only member of the in-sync set
         (``durable``: its durable id, if it keeps a data directory; ``identity``: its
-        certificate's, under TLS); the replication factor is kept."""
+        certificate's, under TLS); the replication factor and the incarnation are kept."""
         ids = ((name, durable),) if durable else ()
         identities = ((name, identity),) if identity else ()
         return ClusterMeta(
@@ -180,6 +190,7 @@ class ClusterMeta:
             ids,
             replicas=self.replicas,
             identities=identities,
+            incarnation=self.incarnation,
         )
 
     def durable_members(self) -> dict[str, str]:
@@ -217,6 +228,8 @@ class ClusterMeta:
         }
         if self.identities:  # only under TLS: plaintext metadata stays as it was
             raw["identities"] = dict(self.identities)
+        if self.incarnation:
+            raw["incarnation"] = self.incarnation
         return json.dumps(raw, sort_keys=True).encode()
 
     @classmethod
@@ -234,6 +247,7 @@ class ClusterMeta:
                 ids=tuple((str(n), str(i)) for n, i in raw.get("ids", {}).items()),
                 replicas=_readable_replicas(raw.get("replicas", DEFAULT_REPLICAS)),
                 identities=tuple((str(n), str(i)) for n, i in raw.get("identities", {}).items()),
+                incarnation=str(raw.get("incarnation", "")),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise errors.CoordinationError(
@@ -272,6 +286,11 @@ class ClusterMeta:
             ids=tuple((new if n == old else n, i) for n, i in self.ids),
             identities=tuple((new if n == old else n, i) for n, i in self.identities),
         )
+
+
+def new_incarnation() -> str:
+    """A fresh cluster incarnation id (random)."""
+    return uuid.uuid4().hex[:16]
 
 
 def durable_id(name: str) -> str | None:
@@ -450,7 +469,8 @@ def create_parent(
     replicas: int | None = None,
 ) -> str:
     """Create ``path`` (and its parents; with ``auth``, with :func:`secure_acl`). With
-    ``reset``, clear its cluster metadata (the replication factor is kept). With
+    ``reset``, clear its cluster metadata (the replication factor is kept; a new incarnation
+    id: a new cluster). A new parent gets an incarnation id too. With
     ``secure_existing`` (needs ``auth``), give an existing parent and its members the secure
     ACL. With ``replicas``, set the replication factor (by compare-and-set: a serving
     primary adapts). Returns what was done."""
@@ -461,7 +481,8 @@ def create_parent(
     zk = connect(zk_connect, ZK_SESSION_TIMEOUT_S, timeout_s, auth, tls)
     try:
         with zookeeper_errors(f"creating {path}"):
-            initial = b"" if replicas is None else ClusterMeta(replicas=replicas).to_bytes()
+            created = ClusterMeta(replicas=replicas or DEFAULT_REPLICAS)
+            initial = replace(created, incarnation=new_incarnation()).to_bytes()
             if _create_parent_znode(zk, path, initial, timeout_s):
                 done = ["created" + (" (secure ACL)" if auth else "")]
                 if replicas is not None:
@@ -496,8 +517,9 @@ def _create_parent_znode(zk: KazooClient, path: str, initial: bytes, timeout_s: 
 
 
 def _set_meta(zk: KazooClient, path: str, reset: bool, replicas: int | None) -> str:
-    """Clear the metadata (``reset``; the replication factor stays) and/or set the
-    replication factor, by compare-and-set on the parent's version (a few tries)."""
+    """Clear the metadata (``reset``; the replication factor stays, the incarnation is new)
+    and/or set the replication factor, by compare-and-set on the parent's version (a few
+    tries)."""
     for _ in range(5):
         data, stat = zk.get(path)
         try:
@@ -506,7 +528,9 @@ def _set_meta(zk: KazooClient, path: str, reset: bool, replicas: int | None) -> 
             if not reset:  # never replace what we cannot read but --reset was not asked for
                 raise
             meta = ClusterMeta()  # not ours (say, a seed cluster's parent): replaced
-        wanted = ClusterMeta(replicas=meta.replicas) if reset else meta
+        wanted = (
+            ClusterMeta(replicas=meta.replicas, incarnation=new_incarnation()) if reset else meta
+        )
         if replicas is not None:
             wanted = replace(wanted, replicas=replicas)
         new = b"" if wanted == ClusterMeta() else wanted.to_bytes()  # as a new parent has
@@ -801,8 +825,9 @@ class Coordinator(ClusterView):
     def create_parent(self) -> bool:
         """Create the parent (``kv-node --create-parent``) as kv-createznode does with this
         session's credentials (:func:`_create_parent_znode`); False if it existed."""
+        initial = ClusterMeta(incarnation=new_incarnation()).to_bytes()
         with zookeeper_errors(f"creating {self.path}"):
-            return _create_parent_znode(self.zk, self.path, b"", self.request_timeout_s)
+            return _create_parent_znode(self.zk, self.path, initial, self.request_timeout_s)
 
     def require_parent(self) -> None:
         """NoClusterError unless the parent exists, read after catching up with the

@@ -257,7 +257,8 @@ def test_a_malformed_port_or_connect_string_is_a_usage_error(command: tuple[str,
 def test_a_key_that_cannot_be_sent_or_is_too_large_fails_at_once_with_exit_64(
     cluster: LocalCluster,
 ) -> None:
-    for key in ("bad\udcffkey", "k" * 5000):  # not UTF-8 (from the shell's bytes); too long
+    # not UTF-8 (from the shell's bytes); too long; empty (an unset "$KEY")
+    for key in ("bad\udcffkey", "k" * 5000, ""):
         started = time.monotonic()
         result = kv(cluster, "--timeout", "20", "put", key, "v")
         assert result.returncode == 64, result.stderr
@@ -267,6 +268,9 @@ def test_a_key_that_cannot_be_sent_or_is_too_large_fails_at_once_with_exit_64(
         with pytest.raises(kvstore.BadRequestError) as refused:
             client.put("k", 5)  # type: ignore[arg-type]
         assert refused.value.is_definite
+        for call in (lambda: client.get(""), lambda: client.cas("", None, "v")):
+            with pytest.raises(kvstore.BadRequestError, match="the key is empty"):
+                call()
 
 
 def test_a_data_dir_that_is_a_file_is_a_usage_error(tmp_path: Path) -> None:

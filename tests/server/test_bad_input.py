@@ -28,6 +28,7 @@ from thriftpy2.transport import TFramedTransportFactory
 
 from kvstore import errors
 from kvstore.config import Limits
+from kvstore.idl import RequestId
 from kvstore.local.cluster import LocalCluster, NodeProcess
 from kvstore.local.zkserver import ZooKeeperServer
 from kvstore.rpc import Connection
@@ -353,6 +354,29 @@ def test_oversized_key_is_too_large(seeded: Seeded) -> None:
     seeded.assert_intact()
     seeded.put("k" * LIMITS.max_key_bytes, "at the limit")  # exactly the limit is accepted
     seeded.assert_intact()
+
+
+def test_an_empty_key_is_a_bad_request(seeded: Seeded) -> None:
+    """Every call that names a key refuses "" (the seed's client never sends one)."""
+    conn = Connection(seeded.primary.address, timeout_ms=CLIENT_TIMEOUT_MS)
+    request = RequestId(client_id="c", seq=1, acked_below=1)
+    calls = [
+        ("put", "", "v"),
+        ("put_once", "", "v", request),
+        ("compare_and_set", "", None, "v", request),
+        ("remove", "", request),
+        ("get", ""),
+        ("lookup", ""),
+        ("get_many", ["alpha", ""]),
+    ]
+    try:
+        for call in calls:
+            with pytest.raises(errors.BadRequestError, match="the key is empty"):
+                conn.call(*call)
+        assert conn.call("get", "alpha") == "1"  # the same connection keeps working
+    finally:
+        conn.close()
+    seeded.assert_intact()  # nothing stored
 
 
 def test_oversized_value_is_too_large(seeded: Seeded) -> None:

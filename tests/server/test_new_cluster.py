@@ -1,18 +1,20 @@
 """A node that starts a NEW cluster (a fresh parent path, or one cleared by ``kv-createznode
 --reset``) starts it empty: with a data directory that holds keys of an earlier cluster it
 refuses and exits 1 (the files stay as they are), in memory it discards what it held. A node
-that joins a new cluster as backup has its old store replaced by the primary's copy."""
+that joins a new cluster as backup has no keys of another cluster in its data directory (it
+refuses and exits 1), and records the id of the cluster (its incarnation) there."""
 
 from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 import kvstore
-from kvstore.coordination import create_parent
+from kvstore.coordination import ClusterMeta, ClusterView, connect, create_parent
 from kvstore.local.cluster import LocalCluster, NodeProcess
 from kvstore.local.processes import wait_until
 from kvstore.local.zkserver import ZooKeeperServer
@@ -34,6 +36,16 @@ def exit_or_primary(node: NodeProcess) -> str:
         return None
 
     return wait_until(outcome, TIMEOUT_S, lambda: f"neither exit nor primary\n{node.log_tail()}")
+
+
+def meta_of(zk_connect: str, path: str) -> ClusterMeta:
+    """The metadata under ``path`` as ZooKeeper holds it now."""
+    zk = connect(zk_connect, 10.0, 10.0)
+    try:
+        return ClusterView(zk, path, lambda: None).meta()[0]
+    finally:
+        zk.stop()
+        zk.close()
 
 
 def last_run(node: NodeProcess) -> str:
@@ -157,11 +169,13 @@ def test_a_node_in_memory_that_starts_a_new_cluster_discards_what_it_held(
     assert "discarded 1 key" in last_run(primary), last_run(primary)
 
 
-def test_a_backup_joining_a_new_cluster_replaces_its_old_store(
+def test_a_data_directory_of_another_cluster_is_refused_as_a_backup(
     zk_server: ZooKeeperServer, zk_path: str, tmp_path: Path, nodes: list[NodeProcess]
 ) -> None:
-    """Only the node that starts a new cluster must be empty: one that joins it as backup
-    gets the primary's copy in place of its own (in memory and on disk)."""
+    """A node pointed at another cluster (a wrong path, or its own after a mistaken --reset)
+    with keys in its data directory must not join it: the join would replace its files with
+    the primary's copy. It exits 1 naming both incarnations, its files untouched; moved
+    aside, it joins empty and the new directory records the cluster's incarnation."""
     zk = zk_server.connect_string
     data_dir = tmp_path / "data"
     create_parent(zk, zk_path)
@@ -173,6 +187,9 @@ def test_a_backup_joining_a_new_cluster_replaces_its_old_store(
         kv.put("a", "earlier")
         kv.put("b", "earlier")
     old.stop()
+    earlier = (data_dir / "incarnation").read_text().strip()
+    assert earlier == meta_of(zk, zk_path).incarnation
+    files = {p.name: p.read_bytes() for p in data_dir.iterdir() if p.name != "lock"}
 
     fresh = f"{zk_path}-fresh"
     create_parent(zk, fresh)
@@ -180,12 +197,61 @@ def test_a_backup_joining_a_new_cluster_replaces_its_old_store(
     nodes.append(first)
     first.start()
     first.wait_for_role(["primary"])
-    with kvstore.Client(zk, fresh, timeout=10) as kv:
-        kv.put("c", "new")
+    incarnation = meta_of(zk, fresh).incarnation
+    assert incarnation not in ("", earlier)
     old.zk_path = fresh
     old.start()
-    assert old.wait_for_role(["backup"]).key_count == 1
-    first.kill()
-    assert exit_or_primary(old) == "primary, 1 keys"
-    with kvstore.Client(zk, fresh, timeout=10) as kv:
-        assert kv.get_many(["a", "b", "c"]) == {"a": None, "b": None, "c": "new"}
+    assert exit_or_primary(old) == "exit 1", old.log_tail()
+    logged = last_run(old)
+    assert f"data directory {data_dir} holds 2 keys of cluster incarnation {earlier}" in logged
+    assert f"{fresh} holds incarnation {incarnation}" in logged and "move" in logged, logged
+    assert {name: (data_dir / name).read_bytes() for name in files} == files  # (+ an empty segment)
+
+    data_dir.rename(tmp_path / "data-aside")
+    old.start()
+    assert old.wait_for_role(["backup"]).key_count == 0
+    assert (data_dir / "incarnation").read_text().strip() == incarnation
+
+
+def test_metadata_of_an_earlier_version_gets_an_incarnation(
+    zk_server: ZooKeeperServer, zk_path: str, tmp_path: Path, nodes: list[NodeProcess]
+) -> None:
+    """A parent created by an earlier kv-createznode (no data) gets an id from the node that
+    starts the cluster; metadata without one (an earlier version's write) gets the primary's
+    back, the one its data directory records."""
+    zk = connect(zk_server.connect_string, 10.0, 10.0)
+    try:
+        zk.create(zk_path, b"")
+        data_dir = tmp_path / "data"
+        node = NodeProcess(
+            zk_server.connect_string, zk_path, tmp_path, extra_args=["--data-dir", str(data_dir)]
+        )
+        nodes.append(node)
+        node.start()
+        node.wait_for_role(["primary"])
+        incarnation = meta_of(zk_server.connect_string, zk_path).incarnation
+        assert incarnation and (data_dir / "incarnation").read_text().strip() == incarnation
+        data, stat = zk.get(zk_path)
+        earlier = replace(ClusterMeta.from_bytes(data), incarnation="")
+        zk.set(zk_path, earlier.to_bytes(), version=stat.version)
+        wait_until(
+            lambda: meta_of(zk_server.connect_string, zk_path).incarnation == incarnation or None,
+            TIMEOUT_S,
+            node.log_tail,
+        )
+    finally:
+        zk.stop()
+        zk.close()
+
+
+def test_kv_createznode_gives_each_new_cluster_an_incarnation(
+    zk_server: ZooKeeperServer, zk_path: str
+) -> None:
+    zk = zk_server.connect_string
+    create_parent(zk, zk_path)
+    created = meta_of(zk, zk_path).incarnation
+    create_parent(zk, zk_path, replicas=3)  # an existing parent keeps its incarnation
+    assert created and meta_of(zk, zk_path).incarnation == created
+    create_parent(zk, zk_path, reset=True)  # a new cluster
+    reset = meta_of(zk, zk_path)
+    assert reset.incarnation not in ("", created) and reset.replicas == 3

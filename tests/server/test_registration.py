@@ -1,7 +1,10 @@
-"""Registration in ZooKeeper when a reply is lost: never a second znode at our address."""
+"""Registration in ZooKeeper: never a second znode at our address (when a reply is lost),
+never a second node under one node id (a copied data directory)."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -9,6 +12,7 @@ from kazoo.exceptions import ConnectionLoss
 
 from kvstore import errors
 from kvstore.coordination import Coordinator, connect
+from kvstore.local.cluster import LocalCluster
 from kvstore.local.zkserver import ZooKeeperServer
 
 ADDRESS = "127.0.0.1:9"
@@ -68,3 +72,25 @@ def test_registration_never_creates_the_parent(zk_server: ZooKeeperServer, zk_pa
         assert zk.exists(zk_path) is None
     finally:
         coordinator.close()
+
+
+def test_a_node_started_from_a_copy_of_a_live_node_s_data_directory_refuses(
+    idle_cluster: LocalCluster, tmp_path: Path
+) -> None:
+    """A copy of a data directory (cp -r) carries its node id: a node started from it while
+    the original's node runs exits 1 with one line, instead of serving under the same id."""
+    first, second = idle_cluster.nodes
+    data_dir = tmp_path / "data"
+    first.extra_args += ["--data-dir", str(data_dir)]
+    first.start()
+    first.wait_for_role(["primary"])
+    shutil.copytree(data_dir, tmp_path / "copy")
+    second.extra_args += ["--data-dir", str(tmp_path / "copy")]
+    second.start()
+    assert second.process is not None
+    assert second.process.wait(timeout=20) == 1, second.log_tail()
+    node_id = (data_dir / "node-id").read_text().strip()
+    logged = second.log_tail()
+    assert f"at {first.address} runs with this node's id {node_id}" in logged, logged
+    assert "Traceback" not in logged
+    assert first.wait_for_role(["primary"]).key_count == 0

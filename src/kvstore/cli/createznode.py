@@ -36,8 +36,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--reset",
         action="store_true",
-        help="also clear the cluster metadata: the next node starts a NEW, EMPTY store (a "
-        "node whose --data-dir holds keys refuses to start it: move that directory aside). "
+        help="also clear the cluster metadata: the next node starts a NEW, EMPTY store, a "
+        "new cluster incarnation (a node whose --data-dir holds keys refuses to start or join "
+        "it: move that directory aside). "
         "Only for when the data is lost anyway (every node holding it died)",
     )
     parser.add_argument(

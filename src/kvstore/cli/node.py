@@ -204,8 +204,9 @@ def _parser() -> argparse.ArgumentParser:
         epilog="exit status: 0 stopped (SIGTERM/SIGINT); 1 cannot serve (port taken, ZooKeeper "
         "unreachable or refusing the credentials, no parent znode PATH or it was deleted while "
         "the node ran, a parent znode anyone may write although "
-        "this node has credentials, damaged data directory or one in use, a data directory "
-        "holding keys when this node would start a new cluster); 2 bad arguments (a cluster "
+        "this node has credentials, damaged data directory or one in use (or a copy of a "
+        "running node's), a data directory holding keys when this node would start a new "
+        "cluster or keys of another cluster incarnation); 2 bad arguments (a cluster "
         "secret file others may read included); "
         "3 DATA LOST (no node holding a complete copy is alive; the message says how to start "
         "over)",

@@ -117,6 +117,7 @@ class Client:
 
     def get(self, key: str) -> str | None:
         """The key's value, or None if it does not exist."""
+        _check_key(key)
         if self._locator.is_seed_cluster:
             value: str = self._call("get", (key,))
             return value or None
@@ -127,6 +128,8 @@ class Client:
         """Every key's value (None for a missing key). Each value is current on its own;
         the result is not a snapshot across keys."""
         wanted = list(keys)
+        for key in wanted:
+            _check_key(key)
         if self._locator.is_seed_cluster:
             return {key: self.get(key) for key in wanted}
         found: dict[str, str] = {}
@@ -166,6 +169,7 @@ class Client:
 
     def put(self, key: str, value: str) -> None:
         """Set the key's value (exactly once, even when retried across a failover)."""
+        _check_key(key)
         if self._locator.is_seed_cluster:
             self._call("put", (key, value), is_idempotent=False)
             return
@@ -173,12 +177,14 @@ class Client:
 
     def delete(self, key: str) -> bool:
         """Delete the key; True if it existed."""
+        _check_key(key)
         result: bool = self._write("remove", key)
         return result
 
     def cas(self, key: str, expected: str | None, value: str) -> bool:
         """Set the key to ``value`` only if its value is ``expected`` (None: only if absent).
         True if it did."""
+        _check_key(key)
         result: bool = self._write("compare_and_set", key, expected, value)
         return result
 
@@ -286,6 +292,12 @@ class Client:
             old.close()
         self._local.conn = conn
         return conn
+
+
+def _check_key(key: str) -> None:
+    """BadRequestError for an empty key, at once: the nodes refuse it (see NodeHandler._key)."""
+    if key == "":
+        raise errors.BadRequestError("the key is empty (a key has at least one character)")
 
 
 _CLIENTS: weakref.WeakSet[Client] = weakref.WeakSet()

@@ -10,6 +10,13 @@
 - With no live in-sync copy left, a node exits (DATA LOST) instead of serving.
 - A node that starts a new cluster (no metadata yet, or reset) starts it empty: it discards
   what it held in memory, and refuses (exits 1) if its data directory holds keys.
+- A data directory holds the data of one cluster incarnation (the id in the metadata,
+  coordination.py): a standby whose directory holds keys recorded for another incarnation
+  exits 1 before it joins or recovers, its files untouched (a join would replace them with
+  the primary's copy: a mistaken ``--reset`` or a wrong path must not destroy a backup's
+  copy unasked). Before a node first changes its files for a cluster (a join, a new
+  cluster) it records that cluster's id there; a directory without an id (new, or written
+  by an earlier version) or without keys adopts the cluster's.
 - A join that fails (wrong cluster secret, TLS mismatch, primary not serving) is tried again
   after a pause doubling from the control tick up to JOIN_RETRY_MAX_S, during which the
   standby neither probes nor joins; a new epoch or primary ends the pause. Its reason is
@@ -44,6 +51,7 @@ import logging
 import threading
 import time
 import uuid
+from dataclasses import replace
 from typing import Any
 
 from kvstore import errors
@@ -53,6 +61,7 @@ from kvstore.coordination import (
     Member,
     createznode_command,
     designated_backups,
+    new_incarnation,
 )
 from kvstore.rpc import Connection, probe
 from kvstore.server import identity as ident
@@ -201,6 +210,8 @@ class Follower:
             self._former_names.clear()
             self._node.role = Role.STANDBY
             return
+        if meta.incarnation:  # (the primary adds one to an earlier version's metadata)
+            self._record_incarnation(meta.incarnation)
         names = {m.name for m in members}
         if meta.primary in names and not self.fence.is_suspect(self._node.config.suspect_after_s):
             self._takeover_deferred_since = None
@@ -303,6 +314,7 @@ class Follower:
             if members and members[0].name == self._node.name:
                 self._start_new_cluster(meta, version)
             return
+        self._refuse_another_incarnation(meta)
         names = {m.name for m in members}
         if not self._has_live_in_sync_member(meta, members):
             self._recover_or_give_up(meta, version, members)
@@ -310,6 +322,31 @@ class Follower:
         backups = designated_backups(members, meta.primary, meta.replicas)
         if any(backup.name == self._node.name for backup in backups):
             self._join(meta, names)
+
+    def _refuse_another_incarnation(self, meta: ClusterMeta) -> None:
+        """NodeExit (status 1) if this node's data directory holds keys of another cluster
+        incarnation than ``meta``'s: joining would replace them, recovering would serve them
+        as this cluster's. Not when either id is unknown (an earlier version's)."""
+        store = self._node.store
+        recorded = None if store.log is None else store.log.incarnation
+        if not meta.incarnation or recorded in (None, meta.incarnation) or not len(store):
+            return
+        assert store.log is not None
+        directory, path = store.log.directory, self._node.config.zk_path
+        raise NodeExit(
+            EXIT_FAILED,
+            f"refusing to join: this node's data directory {directory} holds "
+            f"{_count(len(store), 'key')} of cluster incarnation {recorded}, but {path} holds "
+            f"incarnation {meta.incarnation} (another cluster, or this one after kv-createznode "
+            f"--reset); to join it empty, move {directory} aside (its files are untouched); "
+            f"if {directory} belongs to another cluster, start the node with that cluster's path",
+        )
+
+    def _record_incarnation(self, incarnation: str) -> None:
+        """Before this node's files change for a cluster: they hold its data from now on."""
+        store_log = self._node.store.log
+        if store_log is not None:
+            store_log.record_incarnation(incarnation or None)
 
     def _is_join_paused(self, meta: ClusterMeta) -> bool:
         """Whether a join failed a moment ago against this same primary: then the standby
@@ -481,7 +518,8 @@ class Follower:
             f"on disk (in-sync set was {', '.join(meta.in_sync)}; primary {meta.primary} at "
             f"{meta.primary_address}). Refusing to serve an incomplete store. To start over with "
             f"an EMPTY store run: {command} (a node whose data directory holds keys "
-            "then refuses to start the new cluster until that directory is moved aside)",
+            "then refuses to start or join the new cluster until that directory is moved "
+            "aside)",
         )
 
     def _has_no_lease_out(self) -> bool:
@@ -553,6 +591,9 @@ class Follower:
             return  # the metadata moved on (another node started it, say): decide again
         discarded = self._empty_for_new_cluster()
         meta = meta.alone(1, node.name, node.config.address, node.node_id, node.identity)
+        if not meta.incarnation:  # a parent created by an earlier version
+            meta = replace(meta, incarnation=new_incarnation())
+        self._record_incarnation(meta.incarnation)  # before: it may take writes at once
         if node.cas_confirmed(meta, version):
             node.become_primary(1, f"started a new, empty store{discarded}", "new")
 
@@ -598,6 +639,7 @@ class Follower:
                 self._join_failed(meta, why_not)
             return
         node = self._node
+        self._record_incarnation(meta.incarnation)  # (checked: see evaluate_standby)
         node.role = Role.SYNCING
         node.epoch = meta.epoch
         since = None if node.store.log is None else node.store.log.marker

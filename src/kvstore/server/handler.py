@@ -121,7 +121,7 @@ class NodeHandler:
     def get(self, key: object) -> str:
         self._node.check_primary()
         try:
-            return self._node.read(self._text(key, "key", self._max_key_bytes))
+            return self._node.read(self._key(key))
         except (errors.DeposedError, errors.CoordinationError) as exc:
             raise errors.UnavailableError(f"cannot serve the read: {exc}") from None
 
@@ -230,7 +230,13 @@ class NodeHandler:
         return outcomes
 
     def _key(self, key: object) -> str:
-        return self._text(key, "key", self._max_key_bytes)
+        """A key the store accepts: a UTF-8 string of 1 to max_key_bytes bytes. An empty one
+        is refused: the seed's client never sends one, and it is mostly a mistake (an unset
+        shell variable: ``kv put "$KEY" v``)."""
+        checked = self._text(key, "key", self._max_key_bytes)
+        if not checked:
+            raise errors.BadRequestError("the key is empty (a key has at least one character)")
+        return checked
 
     @staticmethod
     def _unavailable_on_failure(read: Any, argument: Any) -> Any:

@@ -26,6 +26,8 @@ Invariants (see coordination.py for the ZooKeeper side):
   primary to rename it, see follower.py for the invariant); only a node holding no
   listed copy (standby, syncing) restarts. A node that finds no live in-sync copy of
   the data says so and exits instead of serving an incomplete store.
+- A node with a data directory runs under its directory's node id only if no live member
+  answers with that id (a copied directory, ``_refuse_a_twin``): one id, one copy.
 - A node never creates the cluster's parent znode on its own (only --create-parent, at
   start): it refuses to start without one, and stops (EXIT_FAILED) when it finds it gone,
   whatever its role, rather than bring the cluster back new and empty.
@@ -40,6 +42,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +54,16 @@ from kvstore.coordination import (
     Member,
     connect,
     designated_backups,
+    new_incarnation,
 )
 from kvstore.idl import Change, KeyValueService, NodeStatus, ScanChunk, SyncChunk
-from kvstore.rpc import CONNECTION_METHODS, RpcServer, client_tls_context, server_tls_context
+from kvstore.rpc import (
+    CONNECTION_METHODS,
+    RpcServer,
+    client_tls_context,
+    probe,
+    server_tls_context,
+)
 from kvstore.server import catchup
 from kvstore.server import identity as ident
 from kvstore.server.follower import Follower
@@ -232,9 +242,10 @@ class StorageNode:
             self._coordinator.require_parent()
             self._coordinator.check_parent_acl(has_auth=config.zk_auth is not None)
             self.name = self._coordinator.register(config.address)
-        except errors.CoordinationError:
-            # No parent (NoClusterError), NoAuth (wrong credentials) or a world-writable
-            # parent: kv-node says so, exit 1
+            self._refuse_a_twin()
+        except errors.KVError:
+            # No parent (NoClusterError), NoAuth (wrong credentials), a world-writable
+            # parent or a twin: kv-node says so, exit 1 (closing the session drops our znode)
             self._coordinator.close()
             raise
         self.role = Role.STANDBY
@@ -249,6 +260,34 @@ class StorageNode:
             self._shutdown()
         assert self._stop_reason is not None
         return self._stop_reason.code
+
+    def _refuse_a_twin(self) -> None:
+        """DataDirectoryInUseError if a live member runs under this node's id: a copy of its
+        data directory (cp -r) carries its ``node-id``, and two nodes under one id would pass
+        for one copy in the in-sync set (the directory's lock only catches one directory
+        used twice). A member counts if it answers at its address under its own name with
+        our id; one that does not answer proves nothing (and is not waited for)."""
+        if self.node_id is None:
+            return
+        coordinator = self.require_coordinator()
+        config = self.config
+        for member in coordinator.members():
+            if member.name == self.name or member.address == config.address:
+                continue  # (a znode at our address is our own, or a dead process's)
+            try:
+                status = probe(member.address, config.probe_timeout_ms, self.peer_tls)
+            except errors.KVError:
+                continue
+            if status is None or status.node_id != member.name:
+                continue
+            if status.durable_id == self.node_id:
+                directory = config.data_dir
+                raise errors.DataDirectoryInUseError(
+                    f"refusing to start: node {member.name} at {member.address} runs with this "
+                    f"node's id {self.node_id} ({directory}/node-id): {directory} is a copy of "
+                    f"its data directory; give this node a directory of its own (an empty one "
+                    f"is fine: it copies the data from the primary)"
+                )
 
     def stop(self, reason: str = "asked to stop", code: int = EXIT_OK) -> None:
         """Stop serving at once; the control loop winds the node down. Safe from any thread."""
@@ -449,6 +488,20 @@ class StorageNode:
         self._remove_dead_backups(members)
         if len(self._replicators) >= meta.replicas:
             self._let_extra_backups_go(members, meta)
+        self._keep_incarnation(meta)
+
+    def _keep_incarnation(self, meta: ClusterMeta) -> None:
+        """Metadata written by an earlier version has no incarnation id: add one (this
+        node's data directory's, if it records one: it holds this cluster's data; else a new
+        one). Then record the metadata's in the data directory, if it is not there yet."""
+        store_log = self.store.log
+        if meta.incarnation:
+            if store_log is not None and store_log.incarnation != meta.incarnation:
+                store_log.record_incarnation(meta.incarnation)
+            return
+        chosen = (None if store_log is None else store_log.incarnation) or new_incarnation()
+        self._update_meta(lambda m: m if m.incarnation else replace(m, incarnation=chosen))
+        log.info("gave the cluster metadata an incarnation id: %s", chosen)
 
     def _let_extra_backups_go(self, members: list[Member], meta: ClusterMeta) -> None:
         """More backups than the replication factor wants (it went down, or a designated
@@ -965,6 +1018,7 @@ class StorageNode:
             epoch=self.epoch,
             key_count=len(self.store),
             primary_address=self.primary_address,
+            durable_id=self.node_id,
         )
 
 

@@ -2,6 +2,9 @@
 
 Files in the data directory:
 - ``node-id``: this node's stable id (it survives restarts; ZooKeeper names change);
+- ``incarnation``: the id of the cluster whose data the files hold (coordination.py), written
+  before the node first changes them for that cluster; absent in a new directory, one written
+  by an earlier version, or one last synced with a cluster whose metadata has no id;
 - ``lock``: locked (flock) by the node process using the directory, which writes its process
   id into it: a second node given the same directory refuses to start;
 - ``wal-<segment>.log``: log segments, numbered upwards; every mutation is one record;
@@ -110,6 +113,7 @@ FSYNC_MODES = ("always", "batch", "never")
 SNAPSHOT_FILE = "snapshot"
 INCOMPLETE_FILE = "incomplete"
 NODE_ID_FILE = "node-id"
+INCARNATION_FILE = "incarnation"  # the cluster whose data the files hold
 LEASE_FILE = "lease"  # the longest read lease this node may still have out, seconds
 LOCK_FILE = "lock"  # held by the node using the directory (flock), with its process id
 
@@ -135,6 +139,7 @@ class WriteAheadLog:
         self._lock_fd = _lock_directory(directory)
         try:
             self.node_id = self._node_id()
+            self.incarnation = self._recorded_incarnation()
         except BaseException:
             os.close(self._lock_fd)
             raise
@@ -195,6 +200,26 @@ class WriteAheadLog:
         node_id = uuid.uuid4().hex[:12]
         _write_durably(path, node_id.encode() + b"\n")
         return node_id
+
+    def _recorded_incarnation(self) -> str | None:
+        path = self.directory / INCARNATION_FILE
+        try:
+            return path.read_text().strip() or None
+        except FileNotFoundError:
+            return None
+
+    def record_incarnation(self, incarnation: str | None) -> None:
+        """The files hold the data of cluster ``incarnation`` from now on (None: of a cluster
+        whose id is unknown, so the file goes). Durable before it returns."""
+        if incarnation == self.incarnation:
+            return
+        path = self.directory / INCARNATION_FILE
+        if incarnation is None:
+            path.unlink(missing_ok=True)
+            _fsync_directory(self.directory)
+        else:
+            _write_durably(path, incarnation.encode() + b"\n")
+        self.incarnation = incarnation
 
     def segments(self) -> list[int]:
         return sorted(
