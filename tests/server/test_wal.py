@@ -15,7 +15,7 @@ import pytest
 
 from conftest import SmallFilesystems
 from kvstore import errors
-from kvstore.local.processes import free_port
+from kvstore.local.processes import free_port, wait_until
 from kvstore.local.zkserver import ZooKeeperServer
 from kvstore.server import wal
 from kvstore.server.storage import StripedStore
@@ -102,6 +102,44 @@ def test_a_snapshot_record_of_an_earlier_version_reads_without_a_floor() -> None
     assert (mutation.key, mutation.record, mutation.outcome) == ("k", ("client", 3, 0), False)
     current = wal.decode(wal.encode_record("k", "client", 3, False, 2)[12:])
     assert (current.key, current.record, current.outcome) == ("k", ("client", 3, 2), False)
+
+
+def test_a_second_snapshot_waits_for_the_one_being_written(tmp_path: Path) -> None:
+    """The snapshot loop and a joining backup's copy both take snapshots. Two at once shared
+    the temporary file, and the second to finish dropped the segment the first still needed:
+    a backup's files then refused to start (a damaged snapshot) or lacked acknowledged writes."""
+    store = durable_store(tmp_path)
+    fill(store)
+    log = store.log
+    assert log is not None
+    first = log.segment + 1
+    failures: list[Exception] = []
+
+    def snapshot() -> None:
+        try:
+            store.write_snapshot()
+        except Exception as exc:
+            failures.append(exc)
+
+    stripe_lock, _ = store.stripe_for_write("k1")
+    with stripe_lock:  # the first snapshot stops at this stripe, its file half written
+        one = threading.Thread(target=snapshot)
+        one.start()
+        wait_until(lambda: log.segment == first or None, 10, lambda: "no snapshot began")
+        two = threading.Thread(target=snapshot)
+        two.start()
+        two.join(timeout=0.5)  # it must not switch segments meanwhile
+        assert log.segment == first, "a second snapshot began while one was being written"
+        for i in range(1, 100, 3):  # writes that the first snapshot may have missed
+            if store.stripe_for_write(f"k{i}")[0] is not stripe_lock:
+                store.wait_durable(store.put(f"k{i}", "after"))
+    one.join(timeout=10)
+    two.join(timeout=10)
+    assert not failures
+    assert not one.is_alive() and not two.is_alive()
+    expected = store.snapshot()
+    log.close()
+    assert reopened(tmp_path).snapshot() == expected
 
 
 def test_a_torn_last_record_is_cut_with_a_warning(

@@ -376,8 +376,7 @@ class StripedStore:
     def write_snapshot(self) -> None:
         """Snapshot to disk without stopping writes for long, then trim the log."""
         assert self.log is not None
-        first_segment = self.log.start_snapshot()
-        self.log.finish_snapshot(first_segment, self._snapshot_records())
+        self.log.write_snapshot(self._snapshot_records)
 
     def _snapshot_records(self) -> Iterator[bytes]:
         for i in range(self.stripe_count):

@@ -28,6 +28,9 @@ Invariants:
   snapshot (taken stripe by stripe under read locks, after switching to a new segment)
   holds every mutation of the older segments; replaying the newer ones over it gives the
   latest value of every key (per key, the log is in apply order).
+- One snapshot at a time (the snapshot loop and a join's copy both take one): two at
+  once would share the temporary file, and the one that finished second would drop the
+  segment the other still needs, or replace a complete snapshot with an older, partial one.
 - A write is acknowledged only after ``wait_durable`` for its position returned: with
   ``fsync=batch`` concurrent writers share one fsync (group commit); an event loop that
   must not block asks ``sync_soon`` instead, and the log's syncer thread joins that group
@@ -170,6 +173,7 @@ class WriteAheadLog:
         self._free_at_snapshot = 0  # free bytes when the last snapshot was let through
         self._snapshot_failed_at_free: int | None = None  # ... if it failed for room
         self._marker_at_switch: Marker | None = None
+        self._snapshot_lock = threading.Lock()  # held while a snapshot is taken (one at a time)
         # True while the files hold a complete copy of the store as it was when this node
         # was last in sync: after recovery, and after a join completed. A reset (the store
         # was cleared to copy from a primary) makes it False until then.
@@ -478,7 +482,16 @@ class WriteAheadLog:
 
     # ------------------------------------------------------------------ snapshots
 
-    def start_snapshot(self) -> int:
+    def write_snapshot(self, records: Callable[[], Iterator[bytes]]) -> None:
+        """Switch appends to a new segment, write ``records()`` (the store, read after the
+        switch) as the snapshot, then drop the segments it covers; waits for a snapshot
+        already being taken. If it fails (a full disk: DiskFullError) the previous snapshot
+        and every segment stay as they were."""
+        with self._snapshot_lock:
+            first_segment = self._start_snapshot()
+            self._finish_snapshot(first_segment, records())
+
+    def _start_snapshot(self) -> int:
         """Switch appends to a new segment; returns it (the snapshot's first segment)."""
         with self._append_lock:
             self._open_segment(self.segment + 1)
@@ -505,9 +518,8 @@ class WriteAheadLog:
             return None
         return f"{free} bytes free in {self.directory}; a snapshot may need up to {bound}"
 
-    def finish_snapshot(self, first_segment: int, records: Iterator[bytes]) -> None:
-        """Write the snapshot durably, then drop the segments it covers. If it fails (a full
-        disk: DiskFullError) the previous snapshot and every segment stay as they were."""
+    def _finish_snapshot(self, first_segment: int, records: Iterator[bytes]) -> None:
+        """Write the snapshot durably, then drop the segments it covers."""
         temporary = self.directory / (SNAPSHOT_FILE + ".tmp")
         try:
             with open(temporary, "wb") as file:
