@@ -142,6 +142,31 @@ def test_a_second_snapshot_waits_for_the_one_being_written(tmp_path: Path) -> No
     assert reopened(tmp_path).snapshot() == expected
 
 
+@pytest.mark.parametrize("with_snapshot", [False, True], ids=["log", "snapshot+log"])
+def test_a_missing_segment_refuses_to_start(tmp_path: Path, with_snapshot: bool) -> None:
+    """Segments are numbered one after the other: recovering past a missing one would
+    silently drop the writes it held."""
+    store = durable_store(tmp_path)
+    if with_snapshot:
+        store.wait_durable(store.put("before", "snapshot"))
+        store.write_snapshot()
+    for i in range(3):  # each run of the log appends to a new segment
+        store.wait_durable(store.put(f"k{i}", "v"))
+        store.log.close()  # type: ignore[union-attr]
+        store = reopened(tmp_path)
+    segments = store.log.segments()  # type: ignore[union-attr]
+    store.log.close()  # type: ignore[union-attr]
+    gone = segments[1]
+    (tmp_path / f"wal-{gone:08d}.log").unlink()
+    store = StripedStore(8)
+    store.log = WriteAheadLog(tmp_path)
+    with pytest.raises(wal.CorruptLogError, match=f"log segment\\(s\\) {gone} missing"):
+        store.recover()
+    store.log.close()
+    (tmp_path / wal.INCOMPLETE_FILE).write_text("reset\n")  # a reset cut short: thrown away
+    assert reopened(tmp_path).log.is_complete_copy is False  # type: ignore[union-attr]
+
+
 def test_a_torn_last_record_is_cut_with_a_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

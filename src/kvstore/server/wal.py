@@ -243,7 +243,7 @@ class WriteAheadLog:
         new segment."""
         incomplete = self.directory / INCOMPLETE_FILE
         state = incomplete.read_text().strip() if incomplete.exists() else ""
-        for mutation in self._recorded():
+        for mutation in self._recorded(is_checked=state != "reset"):
             if mutation.kind == MARKER:
                 assert mutation.record is not None
                 log_id, epoch, position = mutation.record
@@ -254,20 +254,38 @@ class WriteAheadLog:
             self.marker = None  # a crash in the middle of a reset: no marker holds
         self.is_complete_copy = not state
 
-    def _recorded(self) -> Iterator[Mutation]:
+    def _recorded(self, is_checked: bool) -> Iterator[Mutation]:
+        """``is_checked``: refuse a segment missing between the snapshot and the last one
+        (not after a reset cut short, whose files are thrown away at the next join)."""
         first = 0
         snapshot = self.directory / SNAPSHOT_FILE
+        segments = self.segments()
         if snapshot.exists():
             records = read_records(snapshot, is_torn_tail_allowed=False)
             header = next(records, None)
             if header is None or header.kind != SNAPSHOT_HEADER or header.record is None:
                 raise CorruptLogError(f"{snapshot} has no header; refusing to start")
             first = header.record[1]
+            segments = [s for s in segments if s >= first]
+            if is_checked:
+                self._check_segments(segments, first)
             yield from records
-        segments = [s for s in self.segments() if s >= first]
+        elif is_checked and segments:
+            self._check_segments(segments, segments[0])
         for i, segment in enumerate(segments):
             yield from read_records(self.segment_path(segment), i == len(segments) - 1)
         self._open_segment(max([*segments, first - 1, 0]) + 1)
+
+    def _check_segments(self, segments: list[int], first: int) -> None:
+        """CorruptLogError if a segment from ``first`` (the snapshot's) to the last is missing:
+        segments are numbered one after the other, and a missing one held writes."""
+        if segments and len(segments) != segments[-1] - first + 1:
+            missing = sorted(set(range(first, segments[-1] + 1)) - set(segments))
+            raise CorruptLogError(
+                f"{self.directory}: log segment(s) {', '.join(map(str, missing[:5]))} "
+                f"missing (present: {segments[0]}..{segments[-1]}, snapshot from {first}); "
+                "refusing to start: recovering without them would lose the writes they held"
+            )
 
     def _open_segment(self, segment: int) -> None:
         fd = os.open(self.segment_path(segment), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
