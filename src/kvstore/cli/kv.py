@@ -274,8 +274,7 @@ def _entries(file: str | None) -> list[tuple[str, str]]:
             )
         if not entry["key"]:  # (an earlier version stored one; the nodes refuse it now)
             raise errors.BadRequestError(
-                f"load: {where} line {number}: the key is empty (a key has at least one "
-                "character)"
+                f"load: {where} line {number}: the key is empty (a key has at least one character)"
             )
         entries.append((entry["key"], entry["value"]))
     return entries
