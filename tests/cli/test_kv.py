@@ -139,6 +139,11 @@ def test_dump_then_load_round_trips_every_key(cluster: LocalCluster, tmp_path: P
     assert refused.returncode == 64
     assert "standard input line 2" in refused.stderr
     assert kv(cluster, "get", "fresh").returncode == 1  # every line is checked first
+    empty_key = b'{"key": "fresh", "value": "1"}\n{"key": "", "value": "x"}\n'
+    refused = kv(cluster, "load", stdin=empty_key)  # (an earlier version stored one)
+    assert refused.returncode == 64
+    assert "standard input line 2: the key is empty" in refused.stderr
+    assert kv(cluster, "get", "fresh").returncode == 1
 
 
 def test_status_marks_a_stale_znode_and_exits_2_without_a_primary(cluster: LocalCluster) -> None:

@@ -336,3 +336,20 @@ def test_a_call_into_a_connection_the_node_closed_is_retried_and_applied_once(
             assert kv.cas("n", str(i), str(i + 1))
             assert kv._local.conn.raw_socket is not sock  # (a new connection took the retry)
         assert kv.get("n") == "3"
+
+
+def test_a_scan_of_multibyte_values_fits_each_reply(idle_cluster: LocalCluster) -> None:
+    """A scan's chunk is bounded by its bytes, not its characters: values of 3-byte
+    characters (27 MB in all) come in chunks that each fit a reply (it was refused as
+    TooLargeError: the chunk was cut at half a reply's worth of characters)."""
+    first = idle_cluster.nodes[0]
+    first.start()
+    first.wait_for_role(["primary"])
+    value = "漢" * 20_000  # 60,000 bytes
+    keys = [f"k{i}" for i in range(450)]
+    with kvstore.Client(idle_cluster.zk_connect, idle_cluster.zk_path, timeout=60) as kv:
+        for key in keys:
+            kv.put(key, value)
+        found = dict(kv.scan())
+    assert sorted(found) == sorted(keys)
+    assert set(found.values()) == {value}

@@ -272,6 +272,10 @@ def _entries(file: str | None) -> list[tuple[str, str]]:
                 f'load: {where} line {number}: not {{"key": TEXT, "value": TEXT}} '
                 "(what kv dump writes)"
             )
+        if not entry["key"]:  # (an earlier version stored one; the nodes refuse it now)
+            raise errors.BadRequestError(
+                f"load: {where} line {number}: the key is empty (a key has at least one character)"
+            )
         entries.append((entry["key"], entry["value"]))
     return entries
 

@@ -779,8 +779,10 @@ class StorageNode:
                 f"no stripe {first_stripe} on this primary (it has {self.store.stripe_count}): "
                 "a scan continues only on the primary it began on"
             )
+        # snapshot_stripes counts characters, and one takes up to 4 bytes in UTF-8: counting
+        # against a quarter of max_bytes keeps a chunk of CJK text or emoji within a reply.
         keys, values, _, next_stripe = self.store.snapshot_stripes(
-            first_stripe, max(1, max_entries), max_bytes
+            first_stripe, max(1, max_entries), max(1, max_bytes // 4)
         )
         self.confirm_read()
         return ScanChunk(keys=keys, values=values, next_stripe=next_stripe, epoch=epoch)
