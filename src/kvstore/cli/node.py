@@ -104,8 +104,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     node.server.set_connection_bounds(
         limits.max_connections, limits.idle_timeout_s, limits.frame_deadline_s
     )
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda s, _f: node.stop(f"signal {signal.Signals(s).name}"))
+    # SIGHUP too (its terminal closed): an orderly stop, not the default's abrupt death,
+    # which leaves the znode to its session timeout and says nothing. Unless ignored (nohup).
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        if signal.getsignal(signum) != signal.SIG_IGN:
+            signal.signal(signum, lambda s, _f: node.stop(f"signal {signal.Signals(s).name}"))
     try:
         code = node.run()
     except OSError as exc:
@@ -198,12 +201,14 @@ def _parser() -> argparse.ArgumentParser:
     parser = new_parser(
         prog="kv-node",
         description="Run a storage node: serve the key-value service on HOST:PORT and register "
-        "under PATH in ZooKeeper. The lowest registered node is the primary, the next the backup. "
-        "PATH must exist: create it first with kv-createznode ZK_CONNECT PATH (or pass "
-        "--create-parent).",
-        epilog="exit status: 0 stopped (SIGTERM/SIGINT); 1 cannot serve (port taken, ZooKeeper "
-        "unreachable or refusing the credentials, no parent znode PATH or it was deleted while "
-        "the node ran, a parent znode anyone may write although "
+        "under PATH in ZooKeeper. The lowest registered node is the primary, the next N - 1 "
+        "its backups (N: the replication factor, kv-createznode --replicas, default 2), any "
+        "further ones standbys. PATH must exist: create it first with kv-createznode "
+        "ZK_CONNECT PATH (or pass --create-parent).",
+        epilog="exit status: 0 stopped (SIGTERM, SIGINT or SIGHUP: an orderly stop); 1 cannot "
+        "serve (port taken, ZooKeeper unreachable or refusing the credentials, no parent "
+        "znode PATH or it was deleted while the node ran, a parent znode anyone may write "
+        "although "
         "this node has credentials, damaged data directory or one in use, a data directory "
         "holding keys when this node would start a new cluster); 2 bad arguments (a cluster "
         "secret file others may read included); "
