@@ -105,13 +105,28 @@ def test_kv_certs_writes_pem_files_with_private_keys_0600(tmp_path: Path) -> Non
     )
     assert (tmp_path / "d" / "node-5.crt").exists()
     # An existing CA is kept unless --force: certificates signed by it would stop working.
-    ca = (tmp_path / "d" / "ca.crt").read_bytes()
-    again = [sys.executable, "-m", "kvstore", "certs", str(tmp_path / "d")]
+    # Only the certificates DIR lacks are written, signed by it (a node added to a running
+    # cluster needs one; before, kv-certs refused, and --force replaced the CA).
+    d = tmp_path / "d"
+    before = {path.name: path.read_bytes() for path in d.iterdir()}
+    again = [sys.executable, "-m", "kvstore", "certs", str(d)]
     kept = subprocess.run(again, capture_output=True, text=True, timeout=60, check=False)
-    assert kept.returncode == 1 and "holds a CA already" in kept.stderr
-    assert (tmp_path / "d" / "ca.crt").read_bytes() == ca
+    assert kept.returncode == 0 and "nothing written" in kept.stdout, kept.stderr
+    added = subprocess.run(
+        [*again, "--nodes", "6"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert added.returncode == 0 and "node-6.crt" in added.stdout, added.stderr
+    assert {path.name: path.read_bytes() for path in d.iterdir() if path.name in before} == before
+    ca = x509.load_pem_x509_certificate(before["ca.crt"])
+    node_6 = x509.load_pem_x509_certificate((d / "node-6.crt").read_bytes())
+    node_6.verify_directly_issued_by(ca)
+    assert node_6.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+    (d / "client.crt").unlink()  # a key without its certificate: not overwritten
+    lone = subprocess.run(again, capture_output=True, text=True, timeout=60, check=False)
+    assert lone.returncode == 1 and "client" in lone.stderr
+    assert (d / "client.key").read_bytes() == before["client.key"]
     subprocess.run([*again, "--force"], capture_output=True, timeout=60, check=True)
-    assert (tmp_path / "d" / "ca.crt").read_bytes() != ca
+    assert (d / "ca.crt").read_bytes() != before["ca.crt"]
 
 
 def test_a_tls_cluster_serves_the_client_and_kv(
