@@ -54,10 +54,12 @@ from typing import Any
 from kazoo.client import KazooClient, KazooState
 from kazoo.exceptions import (
     BadVersionError,
+    ConnectionLoss,
     KazooException,
     NoAuthError,
     NodeExistsError,
     NoNodeError,
+    SessionExpiredError,
 )
 from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.hosts import collect_hosts
@@ -350,7 +352,19 @@ def zookeeper_errors(what: str) -> Iterator[None]:
             "none or wrong ones were given"
         ) from None
     except (KazooException, KazooTimeoutError) as exc:
-        raise errors.CoordinationError(f"ZooKeeper {what} failed: {exc!r}") from None
+        raise errors.CoordinationError(f"ZooKeeper {what} failed: {_plain(exc)}") from None
+
+
+def _plain(exc: Exception) -> str:
+    """kazoo's failure in words for a log line (its repr is for programmers)."""
+    if isinstance(exc, KazooTimeoutError):
+        return "no answer in time (is ZooKeeper down or unreachable?)"
+    if isinstance(exc, ConnectionLoss):
+        return "the connection to ZooKeeper was lost"
+    if isinstance(exc, SessionExpiredError):
+        return "the ZooKeeper session expired"
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 CANCEL_CHECK_S = 0.1  # how often a connect asks whether it is cancelled
