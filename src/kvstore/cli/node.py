@@ -211,7 +211,8 @@ def _parser() -> argparse.ArgumentParser:
         "although "
         "this node has credentials, damaged data directory or one in use, a data directory "
         "holding keys when this node would start a new cluster); 2 bad arguments (a cluster "
-        "secret file others may read included); "
+        "secret file others may read, --tls-* files that do not load or a certificate "
+        "expired or not yet valid included); "
         "3 DATA LOST (no node holding a complete copy is alive; the message says how to start "
         "over)",
     )
