@@ -79,9 +79,20 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("KV_PATH", DEFAULT_PATH),
         help=f"the cluster's parent znode (default $KV_PATH or {DEFAULT_PATH})",
     )
-    parser.add_argument("-o", "--output", choices=("text", "json"), default="text")
     parser.add_argument(
-        "--timeout", type=positive_float, default=5.0, metavar="S", help="per command (default 5)"
+        "-o",
+        "--output",
+        choices=("text", "json"),
+        default="text",
+        help="text (default: values as they are, a table for status) or json (one JSON "
+        "document, for scripts)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=positive_float,
+        default=5.0,
+        metavar="S",
+        help="seconds a command may take, retries through a failover included (default 5)",
     )
     add_tls_arguments(parser, "the client's")
     add_zk_tls_arguments(parser)
