@@ -848,9 +848,17 @@ class Coordinator(ClusterView):
 
     def check_parent_acl(self, has_auth: bool) -> None:
         """Before registering: without credentials, warn that anyone may change this
-        cluster's ZooKeeper state. With credentials, raise CoordinationError if the parent
-        exists and lets anyone write: that voids the protection the credentials give."""
+        cluster's ZooKeeper state, or raise CoordinationError if the parent is secured (only
+        credentials may register under it: say so, rather than warn of the opposite before
+        NoAuth). With credentials, raise CoordinationError if the parent exists and lets
+        anyone write: that voids the protection the credentials give."""
         if not has_auth:
+            if self.exists() and not self.parent_acl()[0]:
+                raise errors.CoordinationError(
+                    f"{self.path} is writable only with the cluster's ZooKeeper credentials "
+                    "(its ACL), and this node has none: start it with --zk-auth-file FILE "
+                    "(or --zk-auth USER:PASSWORD, or $KV_ZK_AUTH)"
+                )
             log.warning(
                 "no ZooKeeper credentials (--zk-auth): the cluster's state under %s is "
                 "writable by anyone who can reach ZooKeeper (they can depose the primary)",
