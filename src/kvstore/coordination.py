@@ -481,6 +481,7 @@ def create_parent(
                 if replicas is not None:
                     done.append(f"replication factor {replicas}")
                 return ", ".join(done)
+        with zookeeper_errors(f"changing the existing {path}"):  # (not "creating": it exists)
             done = ["exists"]
             if secure_existing:
                 assert auth is not None

@@ -177,6 +177,11 @@ def test_secure_existing_tightens_a_world_writable_parent(
         anonymous.set(zk_path, b"")
     with pytest.raises(NoAuthError):
         anonymous.create(f"{zk_path}/node-x", b"127.0.0.1:1")
+    # Changing the secured parent without the credentials: refused, and said as a change
+    # (it used to say "creating", of a parent that exists).
+    assert createznode.main(["--replicas", "3", zk_server.connect_string, zk_path]) == 1
+    refusal = capsys.readouterr().err
+    assert f"changing the existing {zk_path} refused: not authorized" in refusal, refusal
 
 
 def test_secure_existing_needs_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
