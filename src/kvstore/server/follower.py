@@ -195,7 +195,14 @@ class Follower:
             coordinator.sync()  # the primary added us just before join_done returned
             meta, version = coordinator.meta()
         if not self.is_listed(meta):
-            log.warning("no longer in sync with the primary (epoch %d); rejoining", meta.epoch)
+            if meta.epoch != self._node.epoch:
+                why = f"a new primary took over (epoch {meta.epoch})"
+            else:  # a failed batch, or let go: more backups than the replication factor
+                why = (
+                    f"the primary dropped this node from its in-sync set (epoch {meta.epoch}, "
+                    f"replication factor {meta.replicas})"
+                )
+            log.warning("no longer a backup: %s; standby, joining again when designated", why)
             self._takeover_deferred_since = None
             self.fence.close()
             self._former_names.clear()
