@@ -222,7 +222,10 @@ def _status(args: argparse.Namespace) -> int:
         print(f"({failed.name} {how}: {failed.error})")
     if any(r.role == "stale" for r in reports):
         print("(stale: a node that stopped; its znode goes when its ZooKeeper session expires)")
-    if reports and not is_serving:
+    if reports and all(r.role == "forbidden" for r in reports):
+        # (Whether the cluster serves others is unknown: its nodes refused this client.)
+        print("no node answers this client: each refused its connection (see above)")
+    elif reports and not is_serving:
         print("no node answers as primary: the cluster cannot serve now")
     return exit_status
 
