@@ -277,14 +277,15 @@ def _add_limit_arguments(parser: argparse.ArgumentParser) -> None:
         type=positive_int,
         default=1024,
         metavar="N",
-        help="largest key accepted (default 1024)",
+        help="largest key accepted, in bytes (default 1024; give every node the same)",
     )
     parser.add_argument(
         "--max-value-bytes",
         type=positive_int,
         default=1024 * 1024,
         metavar="N",
-        help="largest value accepted (default 1 MiB)",
+        help="largest value accepted, in bytes (default 1 MiB = 1048576; give every node "
+        "the same: replication batches are sized by the primary's limit)",
     )
     bounds = Limits()
     parser.add_argument(
@@ -328,7 +329,8 @@ def _add_limit_arguments(parser: argparse.ArgumentParser) -> None:
         type=positive_int,
         default=256,
         metavar="N",
-        help="number of lock stripes (default 256)",
+        help="how many locks the keys are spread over (default 256): writes to keys of "
+        "different stripes go on in parallel; nodes of one cluster may differ",
     )
 
 
