@@ -297,5 +297,12 @@ def test_a_backup_let_go_by_a_lower_replication_factor_says_why(
         )
         assert "dropped this node from its in-sync set" in line, line
         assert "replication factor 2" in line, line
+        # ... and, as a standby, why it does not join (once: not at every control step).
+        wait_until(
+            lambda: "standby: the replication factor is 2" in let_go.log_path.read_text() or None,
+            10,
+            let_go.log_tail,
+        )
+        assert let_go.log_path.read_text().count("standby: the replication factor") == 1
     finally:
         cluster.stop()

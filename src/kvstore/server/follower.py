@@ -113,6 +113,7 @@ class Follower:
         self._join_after = 0.0
         self._join_failure_logged: tuple[str, float] | None = None
         self._join_failures_unlogged = 0
+        self._waiting_said: tuple[int, str, int] | None = None  # (epoch, primary, replicas)
         # The join whose batches extend a complete copy: their log positions are recorded.
         self._marking_join: str | None = None
 
@@ -317,6 +318,21 @@ class Follower:
         backups = designated_backups(members, meta.primary, meta.replicas)
         if any(backup.name == self._node.name for backup in backups):
             self._join(meta, names)
+        else:
+            self._say_waiting(meta)
+
+    def _say_waiting(self, meta: ClusterMeta) -> None:
+        """Say once (again for another epoch, primary or factor) why this standby does not
+        join: otherwise its log ends at "serving on", which reads like a node stuck."""
+        said = (meta.epoch, meta.primary, meta.replicas)
+        if said != self._waiting_said:
+            self._waiting_said = said
+            log.info(
+                "standby: the replication factor is %d and the primary's %d backup(s) "
+                "registered before this node; it joins when one leaves or the factor is raised",
+                meta.replicas,
+                meta.replicas - 1,
+            )
 
     def _is_join_paused(self, meta: ClusterMeta) -> bool:
         """Whether a join failed a moment ago against this same primary: then the standby
