@@ -61,10 +61,12 @@ from typing import Any
 from kazoo.client import KazooClient, KazooState
 from kazoo.exceptions import (
     BadVersionError,
+    ConnectionLoss,
     KazooException,
     NoAuthError,
     NodeExistsError,
     NoNodeError,
+    SessionExpiredError,
 )
 from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.hosts import collect_hosts
@@ -369,7 +371,19 @@ def zookeeper_errors(what: str) -> Iterator[None]:
             "none or wrong ones were given"
         ) from None
     except (KazooException, KazooTimeoutError) as exc:
-        raise errors.CoordinationError(f"ZooKeeper {what} failed: {exc!r}") from None
+        raise errors.CoordinationError(f"ZooKeeper {what} failed: {_plain(exc)}") from None
+
+
+def _plain(exc: Exception) -> str:
+    """kazoo's failure in words for a log line (its repr is for programmers)."""
+    if isinstance(exc, KazooTimeoutError):
+        return "no answer in time (is ZooKeeper down or unreachable?)"
+    if isinstance(exc, ConnectionLoss):
+        return "the connection to ZooKeeper was lost"
+    if isinstance(exc, SessionExpiredError):
+        return "the ZooKeeper session expired"
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 CANCEL_CHECK_S = 0.1  # how often a connect asks whether it is cancelled
@@ -488,6 +502,7 @@ def create_parent(
                 if replicas is not None:
                     done.append(f"replication factor {replicas}")
                 return ", ".join(done)
+        with zookeeper_errors(f"changing the existing {path}"):  # (not "creating": it exists)
             done = ["exists"]
             if secure_existing:
                 assert auth is not None
@@ -859,9 +874,17 @@ class Coordinator(ClusterView):
 
     def check_parent_acl(self, has_auth: bool) -> None:
         """Before registering: without credentials, warn that anyone may change this
-        cluster's ZooKeeper state. With credentials, raise CoordinationError if the parent
-        exists and lets anyone write: that voids the protection the credentials give."""
+        cluster's ZooKeeper state, or raise CoordinationError if the parent is secured (only
+        credentials may register under it: say so, rather than warn of the opposite before
+        NoAuth). With credentials, raise CoordinationError if the parent exists and lets
+        anyone write: that voids the protection the credentials give."""
         if not has_auth:
+            if self.exists() and not self.parent_acl()[0]:
+                raise errors.CoordinationError(
+                    f"{self.path} is writable only with the cluster's ZooKeeper credentials "
+                    "(its ACL), and this node has none: start it with --zk-auth-file FILE "
+                    "(or --zk-auth USER:PASSWORD, or $KV_ZK_AUTH)"
+                )
             log.warning(
                 "no ZooKeeper credentials (--zk-auth): the cluster's state under %s is "
                 "writable by anyone who can reach ZooKeeper (they can depose the primary)",

@@ -223,9 +223,13 @@ def test_the_missing_parent_line_names_the_nodes_zookeeper_options() -> None:
     assert restarted.startswith("it was deleted while this node ran")
 
 
-def test_a_node_waiting_for_zookeeper_stops_at_once_and_warns_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_node_waiting_for_zookeeper_stops_at_once_and_warns_once(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
     """SIGTERM while the node waits for an unreachable ZooKeeper (up to its 15 s connect
-    timeout) stops it at once, exit 0; kazoo's warning at each reconnect shows once."""
+    timeout) stops it at once, exit 0; kazoo's warning at each reconnect shows once. SIGHUP
+    (the node's terminal closed) stops it the same way (it used to die at once, silently)."""
     log_path = tmp_path / "node.log"
     command = [sys.executable, "-m", "kvstore", "node", "127.0.0.1", str(free_port())]
     with open(log_path, "wb") as log:
@@ -241,7 +245,7 @@ def test_a_node_waiting_for_zookeeper_stops_at_once_and_warns_once(tmp_path: Pat
             log_path.read_text,
         )
         time.sleep(2)  # (kazoo retries several times a second meanwhile)
-        node.send_signal(signal.SIGTERM)
+        node.send_signal(signum)
         assert node.wait(timeout=5) == 0
     finally:
         if node.poll() is None:
@@ -249,7 +253,7 @@ def test_a_node_waiting_for_zookeeper_stops_at_once_and_warns_once(tmp_path: Pat
             node.wait()
     output = log_path.read_text()
     assert output.count("Connection dropped") == 1, output
-    assert "stopping: signal SIGTERM" in output and "Traceback" not in output
+    assert f"stopping: signal {signum.name}" in output and "Traceback" not in output
 
 
 @pytest.mark.parametrize(

@@ -127,13 +127,26 @@ def test_node_with_wrong_password_exits_with_a_clear_error(
     auth_file = tmp_path / "zk-auth"
     auth_file.write_text("kvstore:wrong\n")
     command = [sys.executable, "-m", "kvstore", "node", "127.0.0.1", str(free_port())]
-    command += [zk_server.connect_string, zk_path, "--zk-auth-file", str(auth_file)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=NODE_EXIT_TIMEOUT_S)
+    command += [zk_server.connect_string, zk_path]
+    result = subprocess.run(
+        [*command, "--zk-auth-file", str(auth_file)],
+        capture_output=True,
+        text=True,
+        timeout=NODE_EXIT_TIMEOUT_S,
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 1, output
     assert "not authorized (NoAuth)" in output
     assert "--zk-auth" in output
     assert "Traceback" not in output
+    # Without credentials: the parent is secured, so say so (before: a warning that anyone
+    # may write the cluster's state, then NoAuth).
+    result = subprocess.run(command, capture_output=True, text=True, timeout=NODE_EXIT_TIMEOUT_S)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "writable by anyone" not in output and "Traceback" not in output, output
+    assert "writable only with the cluster's ZooKeeper credentials" in output, output
+    assert "--zk-auth-file" in output
 
 
 def test_secure_existing_tightens_a_world_writable_parent(
@@ -164,6 +177,11 @@ def test_secure_existing_tightens_a_world_writable_parent(
         anonymous.set(zk_path, b"")
     with pytest.raises(NoAuthError):
         anonymous.create(f"{zk_path}/node-x", b"127.0.0.1:1")
+    # Changing the secured parent without the credentials: refused, and said as a change
+    # (it used to say "creating", of a parent that exists).
+    assert createznode.main(["--replicas", "3", zk_server.connect_string, zk_path]) == 1
+    refusal = capsys.readouterr().err
+    assert f"changing the existing {zk_path} refused: not authorized" in refusal, refusal
 
 
 def test_secure_existing_needs_credentials(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -67,6 +67,10 @@ def test_a_restarted_backup_replays_only_the_writes_it_missed(
             kv.put(f"k{i}", f"v{i}-" + "x" * 100)
         backup.kill()
         write_missed(kv)
+    # The primary said in words why it dropped the backup (not a repr of thriftpy2's
+    # "TTransportException(type=4, message='TSocket read 0 bytes')").
+    dropped = [line for line in log_since(primary, 0).splitlines() if "dropped backup" in line]
+    assert dropped and all("Exception(" not in line for line in dropped), dropped
     primary_offset = len(primary.log_path.read_text(errors="replace"))
     lines = restart_and_wait(backup)
 

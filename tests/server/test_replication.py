@@ -262,3 +262,47 @@ def test_a_node_bound_to_every_interface_registers_its_advertised_address(
             assert kv.get("k") == "v"
     finally:
         cluster.stop()
+
+
+def test_a_backup_let_go_by_a_lower_replication_factor_says_why(
+    zk_server: ZooKeeperServer, zk_path: str, tmp_path: Path
+) -> None:
+    """kv-createznode --replicas 2 on a serving 3-copy cluster: one backup is let go, and its
+    log says so (it used to say "no longer in sync with the primary; rejoining", which
+    reads like a fault, and it stays a standby)."""
+    cluster = LocalCluster(
+        zk_server.connect_string, zk_path, tmp_path / "nodes", size=3, replicas=3
+    )
+    try:
+        cluster.start()
+        backups = [node for node in cluster.nodes if node.role() == "backup"]
+        assert len(backups) == 2, cluster.logs()
+        create_parent(zk_server.connect_string, zk_path, replicas=2)
+        let_go = wait_until(
+            lambda: next((node for node in backups if node.role() == "standby"), None),
+            20,
+            cluster.logs,
+        )
+        line = wait_until(
+            lambda: next(
+                (
+                    text
+                    for text in let_go.log_path.read_text().splitlines()
+                    if "no longer a backup" in text
+                ),
+                None,
+            ),
+            10,
+            let_go.log_tail,
+        )
+        assert "dropped this node from its in-sync set" in line, line
+        assert "replication factor 2" in line, line
+        # ... and, as a standby, why it does not join (once: not at every control step).
+        wait_until(
+            lambda: "standby: the replication factor is 2" in let_go.log_path.read_text() or None,
+            10,
+            let_go.log_tail,
+        )
+        assert let_go.log_path.read_text().count("standby: the replication factor") == 1
+    finally:
+        cluster.stop()

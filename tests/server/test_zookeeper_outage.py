@@ -15,6 +15,7 @@ from kvstore.check import checker
 from kvstore.check.history import format_event, parse_log
 from kvstore.config import ClientConfig
 from kvstore.local.cluster import LocalCluster
+from kvstore.local.processes import wait_until
 from kvstore.local.zkserver import ZooKeeperServer
 
 SECONDS = 8.0
@@ -84,5 +85,21 @@ def test_an_outage_longer_than_every_session_loses_nothing(tmp_path: Path, zk_pa
                 cluster.wait_for("primary", 60)
                 assert kv.get_many(list(keys)) == keys
                 cluster.wait_for("backup", 60)  # and it heals without a person
+
+                def read_logs() -> dict[str, str]:
+                    return {node.address: node.log_path.read_text() for node in cluster.nodes}
+
+                wait_until(
+                    lambda: all("works again" in t for t in read_logs().values()) or None,
+                    10,
+                    lambda: "\n".join(read_logs().values()),
+                )
+                logs = read_logs()
         finally:
             cluster.stop()
+    # The log says what happened in plain lines: the failure once (not every few seconds,
+    # not as a repr of kazoo's exception), and that it works again.
+    for address, text in logs.items():
+        assert "KazooTimeoutError" not in text and "Traceback" not in text, text
+        assert text.count("control step failed: ") <= 4, text
+        assert "control step works again" in text, f"{address}:\n{text}"

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import logging
 import math
 import os
 import sys
+from pathlib import Path
 from typing import Any
+
+from cryptography import x509
 
 from kvstore.bench.keys import KEY_DISTRIBUTIONS, ZIPFIAN_THETA
 from kvstore.config import TlsConfig
@@ -359,11 +363,44 @@ def _tls_files(
         return None
     if cert is None or key is None or ca is None:
         parser.error(f"{prefix}-cert, {prefix}-key and {prefix}-ca go together")
+    for option, path in ((f"{prefix}-cert", cert), (f"{prefix}-key", key), (f"{prefix}-ca", ca)):
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:  # (ssl's own message names no file)
+            parser.error(f"{option} {path}: {exc.strerror or exc}")
     try:
         client_tls_context(cert, key, ca)
     except (OSError, ValueError) as exc:
-        parser.error(f"cannot load the {prefix}-* files: {exc}")
+        hint = ""
+        if "KEY_VALUES_MISMATCH" in str(exc):
+            hint = f" ({prefix}-key {key} is not the key of {prefix}-cert {cert})"
+        parser.error(f"cannot load the {prefix}-* files: {exc}{hint}")
+    for option, path in ((f"{prefix}-cert", cert), (f"{prefix}-ca", ca)):
+        problem = _validity_problem(path)
+        if problem is not None:
+            parser.error(f"{option} {path}: {problem}")
     return TlsConfig(cert, key, ca)
+
+
+def _validity_problem(path: str) -> str | None:
+    """Why the (first) certificate in ``path`` is not valid now, None if it is: every peer
+    would refuse it, so a program had better say so when it starts than retry for ever."""
+    try:
+        certificate = x509.load_pem_x509_certificate(Path(path).read_bytes())
+    except (OSError, ValueError):
+        return None  # (loaded by ssl all the same: leave the verdict to it)
+    now = datetime.datetime.now(datetime.UTC)
+    minute = "%Y-%m-%d %H:%M UTC"
+    if certificate.not_valid_after_utc < now:
+        return (
+            f"the certificate expired on {certificate.not_valid_after_utc.strftime(minute)}: "
+            "every peer refuses it; issue a new one"
+        )
+    if certificate.not_valid_before_utc > now:
+        since = certificate.not_valid_before_utc.strftime(minute)
+        return f"the certificate is valid only from {since} (is this machine's clock right?)"
+    return None
 
 
 def report_error(prog: str, exc: BaseException | str) -> None:

@@ -79,8 +79,9 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="""\
 Benchmark kvstore on this machine. Starts its own ZooKeeper (loopback, free port) and, for
-every configuration, a fresh 2-node cluster under a new parent path; runs the kv-client
-workload against it, checks the merged history for linearizability and prints one table row:
+every configuration, a fresh cluster (2 nodes, N with --replicas N) under a new parent path;
+runs the kv-client workload against it, checks the merged history for linearizability and
+prints one table row:
 throughput, latency p50/p99/p99.9 (HDR histogram), the longest gap between successful
 responses, failures, writes with unknown outcome, kills, the checker's verdict, and the CPU
 used (in cores) by the client, the primary, the backup and the whole machine. On a terminal a

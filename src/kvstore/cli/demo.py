@@ -30,7 +30,8 @@ log could not be read back; 3 no violation found, but some keys undecided (as kv
 def main(argv: Sequence[str] | None = None) -> int:
     parser = new_parser(
         prog="kv-demo",
-        description="Start a local ZooKeeper and two nodes, run kv-client, kill -9 the primary "
+        description="Start a local ZooKeeper and two nodes (N with --replicas N), run "
+        "kv-client, kill -9 the primary "
         "midway and restart it, then print throughput, latency and the kv-check verdict. "
         "There is no kill with --replicas 1 (it would lose the only copy), nor in a run of "
         f"{2 * QUIET_END_S:g} s or less (no fault comes in its last {QUIET_END_S:g} s); the "

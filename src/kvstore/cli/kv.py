@@ -85,9 +85,20 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("KV_PATH", DEFAULT_PATH),
         help=f"the cluster's parent znode (default $KV_PATH or {DEFAULT_PATH})",
     )
-    parser.add_argument("-o", "--output", choices=("text", "json"), default="text")
     parser.add_argument(
-        "--timeout", type=positive_float, default=5.0, metavar="S", help="per command (default 5)"
+        "-o",
+        "--output",
+        choices=("text", "json"),
+        default="text",
+        help="text (default: values as they are, a table for status) or json (one JSON "
+        "document, for scripts)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=positive_float,
+        default=5.0,
+        metavar="S",
+        help="seconds a command may take, retries through a failover included (default 5)",
     )
     add_tls_arguments(parser, "the client's")
     add_zk_tls_arguments(parser)
@@ -326,7 +337,10 @@ def _status(args: argparse.Namespace) -> int:
         print(f"({failed.name} {how}: {failed.error})")
     if any(r.role == "stale" for r in reports):
         print("(stale: a node that stopped; its znode goes when its ZooKeeper session expires)")
-    if reports and not is_serving:
+    if reports and all(r.role == "forbidden" for r in reports):
+        # (Whether the cluster serves others is unknown: its nodes refused this client.)
+        print("no node answers this client: each refused its connection (see above)")
+    elif reports and not is_serving:
         print("no node answers as primary: the cluster cannot serve now")
     return exit_status
 

@@ -104,8 +104,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     node.server.set_connection_bounds(
         limits.max_connections, limits.idle_timeout_s, limits.frame_deadline_s
     )
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda s, _f: node.stop(f"signal {signal.Signals(s).name}"))
+    # SIGHUP too (its terminal closed): an orderly stop, not the default's abrupt death,
+    # which leaves the znode to its session timeout and says nothing. Unless ignored (nohup).
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        if signal.getsignal(signum) != signal.SIG_IGN:
+            signal.signal(signum, lambda s, _f: node.stop(f"signal {signal.Signals(s).name}"))
     try:
         code = node.run()
     except OSError as exc:
@@ -198,16 +201,18 @@ def _parser() -> argparse.ArgumentParser:
     parser = new_parser(
         prog="kv-node",
         description="Run a storage node: serve the key-value service on HOST:PORT and register "
-        "under PATH in ZooKeeper. The lowest registered node is the primary, the next the backup. "
-        "PATH must exist: create it first with kv-createznode ZK_CONNECT PATH (or pass "
-        "--create-parent).",
-        epilog="exit status: 0 stopped (SIGTERM/SIGINT); 1 cannot serve (port taken, ZooKeeper "
-        "unreachable or refusing the credentials, no parent znode PATH or it was deleted while "
-        "the node ran, a parent znode anyone may write although "
-        "this node has credentials, damaged data directory or one in use (or a copy of a "
-        "running node's), a data directory holding keys when this node would start a new "
+        "under PATH in ZooKeeper. The lowest registered node is the primary, the next N - 1 "
+        "its backups (N: the replication factor, kv-createznode --replicas, default 2), any "
+        "further ones standbys. PATH must exist: create it first with kv-createznode "
+        "ZK_CONNECT PATH (or pass --create-parent).",
+        epilog="exit status: 0 stopped (SIGTERM, SIGINT or SIGHUP: an orderly stop); 1 cannot "
+        "serve (port taken, ZooKeeper unreachable or refusing the credentials, no parent "
+        "znode PATH or it was deleted while the node ran, a parent znode anyone may write "
+        "although this node has credentials, damaged data directory or one in use (or a copy "
+        "of a running node's), a data directory holding keys when this node would start a new "
         "cluster or keys of another cluster incarnation); 2 bad arguments (a cluster "
-        "secret file others may read included); "
+        "secret file others may read, --tls-* files that do not load or a certificate "
+        "expired or not yet valid included); "
         "3 DATA LOST (no node holding a complete copy is alive; the message says how to start "
         "over)",
     )
@@ -272,14 +277,15 @@ def _add_limit_arguments(parser: argparse.ArgumentParser) -> None:
         type=positive_int,
         default=1024,
         metavar="N",
-        help="largest key accepted (default 1024)",
+        help="largest key accepted, in bytes (default 1024; give every node the same)",
     )
     parser.add_argument(
         "--max-value-bytes",
         type=positive_int,
         default=1024 * 1024,
         metavar="N",
-        help="largest value accepted (default 1 MiB)",
+        help="largest value accepted, in bytes (default 1 MiB = 1048576; give every node "
+        "the same: replication batches are sized by the primary's limit)",
     )
     bounds = Limits()
     parser.add_argument(
@@ -323,7 +329,8 @@ def _add_limit_arguments(parser: argparse.ArgumentParser) -> None:
         type=positive_int,
         default=256,
         metavar="N",
-        help="number of lock stripes (default 256)",
+        help="how many locks the keys are spread over (default 256): writes to keys of "
+        "different stripes go on in parallel; nodes of one cluster may differ",
     )
 
 

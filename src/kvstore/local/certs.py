@@ -108,12 +108,56 @@ def write_certificates(
     )
     _write_key(files.directory / "ca.key", ca_key)
     files.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    issue(files, "node", ca_cert, ca_key, unit=NODE_UNIT)
-    for number in range(1, nodes + 1):
-        issue(files, f"node-{number}", ca_cert, ca_key, unit=NODE_UNIT)
-    issue(files, "client", ca_cert, ca_key)
-    issue(files, "zookeeper", ca_cert, ca_key, hosts=ZOOKEEPER_HOSTS)
+    for name in certificate_names(nodes):
+        _issue_named(files, name, ca_cert, ca_key)
     return files
+
+
+def certificate_names(nodes: int) -> list[str]:
+    """The certificates write_certificates issues: node, node-1 .. node-``nodes``, client,
+    zookeeper."""
+    return ["node", *(f"node-{number}" for number in range(1, nodes + 1)), "client", "zookeeper"]
+
+
+def add_certificates(directory: Path | str, nodes: int) -> list[str]:
+    """Issue, with the CA already in ``directory``, each certificate of
+    :func:`certificate_names` that it lacks (say ``node-4`` for a node added to the
+    cluster); never touch one that exists. Returns the names written. Raises OSError if the
+    CA cannot be read, ValueError if a certificate's key is there without it (or the
+    reverse)."""
+    files = CertificateFiles(Path(directory))
+    folder = files.directory
+    halves = {
+        name: ((folder / f"{name}.crt").exists(), (folder / f"{name}.key").exists())
+        for name in certificate_names(nodes)
+    }
+    lone = [name for name, (has_cert, has_key) in halves.items() if has_cert != has_key]
+    if lone:
+        raise ValueError(
+            f"{', '.join(lone)}: a certificate without its key or a key without its "
+            "certificate; move it aside first"
+        )
+    missing = [name for name, (has_cert, _) in halves.items() if not has_cert]
+    if missing:
+        ca_cert, ca_key = load_ca(files)
+        for name in missing:
+            _issue_named(files, name, ca_cert, ca_key)
+    return missing
+
+
+def _issue_named(
+    files: CertificateFiles,
+    name: str,
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+) -> None:
+    """Issue one of certificate_names: a node's (OU=node), the client's or ZooKeeper's."""
+    if name == "zookeeper":
+        issue(files, name, ca_cert, ca_key, hosts=ZOOKEEPER_HOSTS)
+    elif name == "client":
+        issue(files, name, ca_cert, ca_key)
+    else:
+        issue(files, name, ca_cert, ca_key, unit=NODE_UNIT)
 
 
 def issue(
@@ -158,7 +202,8 @@ def load_ca(files: CertificateFiles) -> tuple[x509.Certificate, ec.EllipticCurve
     """The CA written by write_certificates (to issue more certificates with it)."""
     cert = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
     key = serialization.load_pem_private_key((files.directory / "ca.key").read_bytes(), None)
-    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{files.directory / 'ca.key'} is not the EC key kv-certs writes")
     return cert, key
 
 

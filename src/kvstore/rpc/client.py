@@ -227,10 +227,10 @@ class Connection:
                     f"{self.address} refused this side's certificate ({exc.reason}): is it "
                     "signed by the cluster's CA?"
                 ) from None
-            raise errors.ConnectionLostError(f"{method} to {self.address}: {exc!r}") from None
+            raise errors.ConnectionLostError(f"{method} to {self.address}: {_lost(exc)}") from None
         except (TTransportException, OSError, EOFError) as exc:
             self.close()
-            raise errors.ConnectionLostError(f"{method} to {self.address}: {exc!r}") from None
+            raise errors.ConnectionLostError(f"{method} to {self.address}: {_lost(exc)}") from None
         except Exception as exc:  # undecodable reply
             self.close()
             raise errors.ProtocolError(f"{method} to {self.address}: {exc!r}") from None
@@ -342,6 +342,26 @@ def _from_application_error(exc: TApplicationException) -> errors.KVError:
         # The handler crashed before or after applying: the outcome is unknown.
         return errors.ProtocolError(f"node internal error: {message}")
     return errors.from_code(exc.type, message)
+
+
+def _lost(exc: BaseException) -> str:
+    """A broken connection in words, for the log lines and errors that carry it (a repr of
+    thriftpy2's or ssl's exception says little to an operator)."""
+    if isinstance(exc, TTransportException):
+        if exc.type == TTransportException.END_OF_FILE:
+            return "the other side closed the connection"
+        if exc.type == TTransportException.TIMED_OUT:
+            return "no reply in time"
+        return f"the connection failed ({exc.message})"
+    if isinstance(exc, (EOFError, BrokenPipeError, ssl.SSLEOFError)):
+        return "the other side closed the connection"
+    if isinstance(exc, TimeoutError):
+        return "no reply in time"
+    if isinstance(exc, ConnectionResetError):
+        return "the other side reset the connection"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return repr(exc)
 
 
 # How OpenSSL reports a handshake the peer cut short or answered with something else.

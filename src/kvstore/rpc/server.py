@@ -42,6 +42,7 @@ from kvstore.rpc.secret import CHALLENGE_METHOD, CONNECTION_METHODS, PeerRole
 from kvstore.rpc.tls import (
     NODE_UNIT,
     _handshake,
+    close_refused,
     is_node_certificate,
     peer_certificate_identity,
     subject_common_name,
@@ -614,10 +615,13 @@ class RpcServer:
             self._connections.add(tls)
         try:
             _handshake(tls, self._frame_deadline_s, started)
-        except BaseException:
+        except BaseException as exc:
             with self._lock:
                 self._connections.discard(tls)
-            tls.close()
+            if isinstance(exc, ssl.SSLError):  # refused: let the peer read why
+                close_refused(tls)
+            else:
+                tls.close()
             raise
         cert = tls.getpeercert()
         is_node = is_node_certificate(cert)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import select
+import socket
 import ssl
 import time
 from typing import Any
@@ -103,6 +104,37 @@ def subject_common_name(cert: Any) -> str:
         for name, value in rdn
         if name == "commonName"
     )
+
+
+REFUSAL_LINGER_S = 0.5  # how long a refused handshake's connection waits for the peer's EOF
+REFUSAL_DRAIN_BYTES = 256 * 1024
+
+
+def close_refused(tls: ssl.SSLSocket, linger_s: float = REFUSAL_LINGER_S) -> None:
+    """Close a connection whose handshake this side refused (say, a certificate from another
+    CA) so that the peer reads the alert OpenSSL sent. Under TLS 1.3 the client counts its
+    handshake done before the server has checked its certificate, and sends its request at
+    once: closed with that request unread, the connection is reset (RST), and the peer's
+    kernel drops the alert before its client reads it, which then sees only an EOF (a third
+    of the time on loopback). So: stop sending, read (and drop) what arrives until the peer
+    closes, at most ``linger_s`` and REFUSAL_DRAIN_BYTES, then close."""
+    try:
+        tls.shutdown(socket.SHUT_WR)  # (drops the TLS layer: reads below are plain bytes)
+        deadline = time.monotonic() + linger_s
+        drained = 0
+        while drained < REFUSAL_DRAIN_BYTES:
+            left_s = deadline - time.monotonic()
+            if left_s <= 0:
+                break
+            tls.settimeout(left_s)
+            chunk = tls.recv(65536)
+            if not chunk:
+                break
+            drained += len(chunk)
+    except OSError:
+        pass
+    finally:
+        tls.close()
 
 
 def _handshake(tls: ssl.SSLSocket, deadline_s: float, started: float | None = None) -> None:

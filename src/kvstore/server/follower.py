@@ -122,6 +122,7 @@ class Follower:
         self._join_after = 0.0
         self._join_failure_logged: tuple[str, float] | None = None
         self._join_failures_unlogged = 0
+        self._waiting_said: tuple[int, str, int] | None = None  # (epoch, primary, replicas)
         # The join whose batches extend a complete copy: their log positions are recorded.
         self._marking_join: str | None = None
 
@@ -204,7 +205,14 @@ class Follower:
             coordinator.sync()  # the primary added us just before join_done returned
             meta, version = coordinator.meta()
         if not self.is_listed(meta):
-            log.warning("no longer in sync with the primary (epoch %d); rejoining", meta.epoch)
+            if meta.epoch != self._node.epoch:
+                why = f"a new primary took over (epoch {meta.epoch})"
+            else:  # a failed batch, or let go: more backups than the replication factor
+                why = (
+                    f"the primary dropped this node from its in-sync set (epoch {meta.epoch}, "
+                    f"replication factor {meta.replicas})"
+                )
+            log.warning("no longer a backup: %s; standby, joining again when designated", why)
             self._takeover_deferred_since = None
             self.fence.close()
             self._former_names.clear()
@@ -322,6 +330,21 @@ class Follower:
         backups = designated_backups(members, meta.primary, meta.replicas)
         if any(backup.name == self._node.name for backup in backups):
             self._join(meta, names)
+        else:
+            self._say_waiting(meta)
+
+    def _say_waiting(self, meta: ClusterMeta) -> None:
+        """Say once (again for another epoch, primary or factor) why this standby does not
+        join: otherwise its log ends at "serving on", which reads like a node stuck."""
+        said = (meta.epoch, meta.primary, meta.replicas)
+        if said != self._waiting_said:
+            self._waiting_said = said
+            log.info(
+                "standby: the replication factor is %d and the primary's %d backup(s) "
+                "registered before this node; it joins when one leaves or the factor is raised",
+                meta.replicas,
+                meta.replicas - 1,
+            )
 
     def _refuse_another_incarnation(self, meta: ClusterMeta) -> None:
         """NodeExit (status 1) if this node's data directory holds keys of another cluster

@@ -66,6 +66,7 @@ from kvstore.rpc import (
 )
 from kvstore.server import catchup
 from kvstore.server import identity as ident
+from kvstore.server.failurelog import FailureLog
 from kvstore.server.follower import Follower
 from kvstore.server.handler import NODE_ONLY_METHODS, NodeHandler, Write
 from kvstore.server.metrics import MetricsServer, NodeMetrics, NodeState, instrument
@@ -370,6 +371,7 @@ class StorageNode:
                     log.warning("heartbeat step failed: %r", exc)
 
     def _control_loop(self) -> None:
+        failures = FailureLog(log, "control step")  # (ZooKeeper away: a few lines, not one a tick)
         while True:
             self._wakeup.wait(self.config.control_tick_s)
             self._wakeup.clear()
@@ -382,9 +384,11 @@ class StorageNode:
             except errors.NoClusterError as exc:
                 raise NodeExit(EXIT_FAILED, f"{exc}: {PARENT_GONE}") from None
             except Exception as exc:  # ZooKeeper hiccup, peer down: try again next tick
-                log.warning("control step failed: %r", exc)
+                failures.failed(str(exc) if isinstance(exc, errors.KVError) else repr(exc))
                 log.debug("control step failure", exc_info=True)
                 time.sleep(self.config.control_tick_s)
+            else:
+                failures.succeeded()
 
     def _evaluate(self) -> None:
         coordinator = self.require_coordinator()
