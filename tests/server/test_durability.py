@@ -13,7 +13,7 @@ from kazoo.client import KazooClient
 import kvstore
 from kvstore.bench import faults
 from kvstore.coordination import ClusterMeta
-from kvstore.local.cluster import LocalCluster
+from kvstore.local.cluster import LocalCluster, NodeProcess
 from kvstore.local.processes import wait_until
 from kvstore.local.zkserver import ZooKeeperServer
 
@@ -157,6 +157,53 @@ def test_a_copy_dropped_from_the_in_sync_set_never_takes_over_with_its_shorter_h
             assert kv.get_many(keys) == dict.fromkeys(keys, "new")
         backup.wait_for_role(["backup"])
     finally:
+        cluster.stop()
+
+
+def test_a_copy_of_a_data_directory_never_takes_over_for_the_node_it_was_copied_from(
+    zk_server: ZooKeeperServer, zk_path: str, tmp_path: Path
+) -> None:
+    """The backup is stopped, its directory copied (``cp -a``), and it is restarted; then
+    writes are acknowledged by both and every node is killed. A third node started from the
+    copy carries the backup's old id but not those writes: it must wait for the last in-sync
+    set instead of taking over as the backup (each listing gives a node a new id)."""
+    cluster = LocalCluster(zk_server.connect_string, zk_path, tmp_path / "logs", size=2)
+    for i, node in enumerate(cluster.nodes):  # short sessions: the dead znodes go soon
+        node.extra_args += ["--data-dir", str(tmp_path / f"data-{i}"), "--session-timeout", "2"]
+    copy = NodeProcess(
+        zk_server.connect_string,
+        zk_path,
+        tmp_path / "logs",
+        extra_args=["--data-dir", str(tmp_path / "copy"), "--session-timeout", "2"],
+    )
+    try:
+        cluster.start()
+        backup = cluster.wait_for("backup")
+        keys = [f"k{i}" for i in range(50)]
+        with kvstore.Client(cluster.zk_connect, cluster.zk_path, timeout=10) as kv:
+            for key in keys:
+                kv.put(key, "old")
+            backup.stop()
+            shutil.copytree(tmp_path / f"data-{cluster.nodes.index(backup)}", tmp_path / "copy")
+            backup.start()
+            backup.wait_for_role(["backup"])
+            for key in keys:
+                kv.put(key, "new")
+        faults.kill_all(cluster)
+        copy.start()
+        wait_until(
+            lambda: "waiting for one with a data directory" in copy.log_path.read_text() or None,
+            30,
+            lambda: f"the copy never waited for the last in-sync set\n{copy.log_tail()}",
+        )
+        status = copy.status()
+        assert status is not None and status.role != "primary", status
+        backup.start()
+        assert cluster.wait_for("primary") is backup
+        with kvstore.Client(cluster.zk_connect, cluster.zk_path, timeout=30) as kv:
+            assert kv.get_many(keys) == dict.fromkeys(keys, "new")
+    finally:
+        copy.stop()
         cluster.stop()
 
 

@@ -484,19 +484,21 @@ class Follower:
         store_log = node.store.log
         is_complete = store_log is not None and store_log.is_complete_copy
         others = names - set(meta.in_sync)  # the listed ones are dead (their znodes linger)
+        listed_as = next((durable[i] for i in node.node_ids if i in durable), None)
         if (
             is_complete
-            and node.node_id in durable
+            and listed_as is not None
             and not self._defers_to_lower(others)
             and self._has_no_lease_out()
         ):
+            node.new_node_id()  # (a copy of the directory from before is not this node)
             new_meta = meta.alone(
                 meta.epoch + 1, node.name, node.config.address, node.node_id, node.identity
             )
             if node.cas_confirmed(new_meta, version):
                 node.become_primary(
                     new_meta.epoch,
-                    f"recovered from disk as {durable[node.node_id]} of the last in-sync set",
+                    f"recovered from disk as {listed_as} of the last in-sync set",
                     "recovery",
                 )
                 # The old processes' znodes outlive them by a session timeout, and the lowest
@@ -663,6 +665,7 @@ class Follower:
             return
         node = self._node
         self._record_incarnation(meta.incarnation)  # (checked: see evaluate_standby)
+        node.new_node_id()  # listed under a new one: a copy of the directory is not this node
         node.role = Role.SYNCING
         node.epoch = meta.epoch
         since = None if node.store.log is None else node.store.log.marker

@@ -142,7 +142,8 @@ class StorageNode:
         self._dead_backups_lock = threading.Lock()  # drops append from several threads
         self._coordinator: Coordinator | None = None
         self._session_lost_at: float | None = None
-        self.node_id: str | None = None  # stable across restarts, with a data directory
+        # With a data directory: kept across restarts, new for each listing (wal.new_node_id)
+        self.node_id: str | None = None
         self.metrics = NodeMetrics(self._metrics_state)
         # Per-request and per-batch observations cost a few µs each: only when scraped.
         self._is_metered = config.metrics_port is not None
@@ -469,6 +470,17 @@ class StorageNode:
             if coordinator.meta()[0] == wanted:
                 return True
             raise
+
+    def new_node_id(self) -> None:
+        """A new durable id for this node's data directory, before it is listed anew (see
+        wal.new_node_id); nothing without a data directory."""
+        if self.store.log is not None:
+            self.node_id = self.store.log.new_node_id()
+
+    @property
+    def node_ids(self) -> frozenset[str]:
+        """The ids the metadata may list this node's data directory under (none in memory)."""
+        return frozenset() if self.store.log is None else self.store.log.node_ids
 
     def become_primary(self, epoch: int, why: str, kind: str = "takeover") -> None:
         """Serve as primary of ``epoch``; ``kind`` (takeover, recovery, new, confirmed)

@@ -65,7 +65,7 @@ class NodeCore(Protocol):
     role: Role
     epoch: int
     name: str
-    node_id: str | None  # stable across restarts: the node has a data directory
+    node_id: str | None  # with a data directory: kept across restarts, new for each listing
     peer_tls: Any  # the TLS context of the node's calls to other nodes (None: plaintext)
     peer_secret: bytes | None  # the cluster secret its calls to other nodes prove (None: none)
     identity: str | None  # its certificate's identity (server/identity.py; None: no TLS)
@@ -78,6 +78,9 @@ class NodeCore(Protocol):
         """Run the control loop's next step now."""
 
     def require_coordinator(self) -> Coordinator: ...
+    def new_node_id(self) -> None: ...
+    @property
+    def node_ids(self) -> frozenset[str]: ...
 
     def cas_confirmed(self, wanted: ClusterMeta, version: int) -> bool: ...
 

@@ -116,6 +116,8 @@ FSYNC_MODES = ("always", "batch", "never")
 SNAPSHOT_FILE = "snapshot"
 INCOMPLETE_FILE = "incomplete"
 NODE_ID_FILE = "node-id"
+FORMER_IDS_FILE = "node-id.former"  # ids this directory had before (newest first)
+FORMER_IDS_KEPT = 8
 INCARNATION_FILE = "incarnation"  # the cluster whose data the files hold
 LEASE_FILE = "lease"  # the longest read lease this node may still have out, seconds
 LOCK_FILE = "lock"  # held by the node using the directory (flock), with its process id
@@ -142,6 +144,7 @@ class WriteAheadLog:
         self._lock_fd = _lock_directory(directory)
         try:
             self.node_id = self._node_id()
+            self.former_ids = self._recorded_former_ids()
             self.incarnation = self._recorded_incarnation()
         except BaseException:
             os.close(self._lock_fd)
@@ -203,6 +206,32 @@ class WriteAheadLog:
             return path.read_text().strip()
         node_id = uuid.uuid4().hex[:12]
         _write_durably(path, node_id.encode() + b"\n")
+        return node_id
+
+    def _recorded_former_ids(self) -> list[str]:
+        try:
+            return (self.directory / FORMER_IDS_FILE).read_text().split()[:FORMER_IDS_KEPT]
+        except FileNotFoundError:
+            return []
+
+    @property
+    def node_ids(self) -> frozenset[str]:
+        """Every id a cluster's metadata may list this directory under: its current one and
+        those it had before (see ``new_node_id``)."""
+        return frozenset([self.node_id, *self.former_ids])
+
+    def new_node_id(self) -> str:
+        """Give the directory a new id before the node is listed again (it joins, or takes
+        over after recovering from disk). A copy of the directory made before (``cp -a``
+        while the node was stopped) keeps an older id, so after an outage of every node it
+        is not taken for this node, whose later writes it lacks: a cluster lists a node
+        under its newest id. The ids it had stay its own (the last FORMER_IDS_KEPT, for a
+        listing under one of them that was not replaced yet). Durable before it returns."""
+        former = [self.node_id, *self.former_ids][:FORMER_IDS_KEPT]
+        _write_durably(self.directory / FORMER_IDS_FILE, "".join(f"{i}\n" for i in former).encode())
+        node_id = uuid.uuid4().hex[:12]
+        _write_durably(self.directory / NODE_ID_FILE, node_id.encode() + b"\n")
+        self.node_id, self.former_ids = node_id, former
         return node_id
 
     def _recorded_incarnation(self) -> str | None:
