@@ -121,6 +121,27 @@ def test_the_seed_clients_rule_finds_the_primary_and_the_metadata_keeps_the_ids(
         kill_all_then_start(durable_cluster)
 
 
+def assert_waits_for_the_last_in_sync_set(node: NodeProcess) -> None:
+    """``node`` says it waits for a disk of the last in-sync set, and serves as no primary."""
+    wait_until(
+        lambda: "waiting for one with a data directory" in node.log_path.read_text() or None,
+        30,
+        lambda: f"{node.address} never waited for the last in-sync set\n{node.log_tail()}",
+    )
+    status = node.status()
+    assert status is not None and status.role != "primary", status
+
+
+def assert_takes_over_with_every_write(
+    cluster: LocalCluster, node: NodeProcess, keys: list[str]
+) -> None:
+    """``node``, a member of the last in-sync set, started: it takes over with every key."""
+    node.start()
+    assert cluster.wait_for("primary") is node
+    with kvstore.Client(cluster.zk_connect, cluster.zk_path, timeout=30) as kv:
+        assert kv.get_many(keys) == dict.fromkeys(keys, "new")
+
+
 def test_a_copy_dropped_from_the_in_sync_set_never_takes_over_with_its_shorter_history(
     zk_server: ZooKeeperServer, zk_path: str, tmp_path: Path
 ) -> None:
@@ -144,17 +165,8 @@ def test_a_copy_dropped_from_the_in_sync_set_never_takes_over_with_its_shorter_h
         assert seed_rule_primary_and_meta(cluster)[1].in_sync == (primary.status().node_id,)
         primary.kill()
         backup.start()
-        wait_until(
-            lambda: "waiting for one with a data directory" in backup.log_path.read_text() or None,
-            30,
-            lambda: f"the old backup never waited for the primary's disk\n{backup.log_tail()}",
-        )
-        status = backup.status()
-        assert status is not None and status.role != "primary", status
-        primary.start()
-        assert cluster.wait_for("primary") is primary
-        with kvstore.Client(cluster.zk_connect, cluster.zk_path, timeout=30) as kv:
-            assert kv.get_many(keys) == dict.fromkeys(keys, "new")
+        assert_waits_for_the_last_in_sync_set(backup)
+        assert_takes_over_with_every_write(cluster, primary, keys)
         backup.wait_for_role(["backup"])
     finally:
         cluster.stop()
@@ -191,17 +203,8 @@ def test_a_copy_of_a_data_directory_never_takes_over_for_the_node_it_was_copied_
                 kv.put(key, "new")
         faults.kill_all(cluster)
         copy.start()
-        wait_until(
-            lambda: "waiting for one with a data directory" in copy.log_path.read_text() or None,
-            30,
-            lambda: f"the copy never waited for the last in-sync set\n{copy.log_tail()}",
-        )
-        status = copy.status()
-        assert status is not None and status.role != "primary", status
-        backup.start()
-        assert cluster.wait_for("primary") is backup
-        with kvstore.Client(cluster.zk_connect, cluster.zk_path, timeout=30) as kv:
-            assert kv.get_many(keys) == dict.fromkeys(keys, "new")
+        assert_waits_for_the_last_in_sync_set(copy)
+        assert_takes_over_with_every_write(cluster, backup, keys)
     finally:
         copy.stop()
         cluster.stop()
