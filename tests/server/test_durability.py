@@ -16,6 +16,7 @@ from kvstore.coordination import ClusterMeta
 from kvstore.local.cluster import LocalCluster, NodeProcess
 from kvstore.local.processes import wait_until
 from kvstore.local.zkserver import ZooKeeperServer
+from kvstore.server.wal import WriteAheadLog
 
 KEYS = 300
 
@@ -205,6 +206,41 @@ def test_a_copy_of_a_data_directory_never_takes_over_for_the_node_it_was_copied_
         copy.start()
         assert_waits_for_the_last_in_sync_set(copy)
         assert_takes_over_with_every_write(cluster, backup, keys)
+    finally:
+        copy.stop()
+        cluster.stop()
+
+
+def test_a_copy_of_a_data_directory_never_takes_over_for_the_node_that_started_the_cluster(
+    zk_server: ZooKeeperServer, zk_path: str, tmp_path: Path
+) -> None:
+    """The directory is copied before its node first starts the cluster (a new cluster lists
+    its first primary without a join): the copy, empty, must not take over for it."""
+    cluster = LocalCluster(zk_server.connect_string, zk_path, tmp_path / "logs", size=1)
+    (node,) = cluster.nodes
+    node.extra_args += ["--data-dir", str(tmp_path / "data-0"), "--session-timeout", "2"]
+    WriteAheadLog(tmp_path / "data-0").close()  # the directory and its id, as a node's first run
+    shutil.copytree(tmp_path / "data-0", tmp_path / "copy")
+    copy = NodeProcess(
+        zk_server.connect_string,
+        zk_path,
+        tmp_path / "logs",
+        extra_args=["--data-dir", str(tmp_path / "copy"), "--session-timeout", "2"],
+    )
+    try:
+        cluster.start()
+        cluster.wait_for("primary")
+        with kvstore.Client(cluster.zk_connect, cluster.zk_path, timeout=10) as kv:
+            kv.put("k", "v")
+        faults.kill_all(cluster)
+        copy.start()
+        wait_until(
+            lambda: "waiting for one with a data directory" in copy.log_path.read_text() or None,
+            30,
+            lambda: f"the copy never waited for the last in-sync set\n{copy.log_tail()}",
+        )
+        status = copy.status()
+        assert status is not None and status.role != "primary", status
     finally:
         copy.stop()
         cluster.stop()

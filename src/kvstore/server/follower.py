@@ -615,6 +615,7 @@ class Follower:
         if coordinator.meta()[1] != version:
             return  # the metadata moved on (another node started it, say): decide again
         discarded = self._empty_for_new_cluster()
+        node.new_node_id()  # listed under a new one: a copy of the directory is not this node
         meta = meta.alone(1, node.name, node.config.address, node.node_id, node.identity)
         if not meta.incarnation:  # a parent created by an earlier version
             meta = replace(meta, incarnation=new_incarnation())
