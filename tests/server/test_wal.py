@@ -557,6 +557,20 @@ def test_a_snapshot_of_single_records_still_recovers(tmp_path: Path) -> None:
     assert store.sessions_for("k1").outcome("client", 3) is True
 
 
+def test_a_new_node_id_keeps_the_ones_before_as_the_directorys_own(tmp_path: Path) -> None:
+    """Each listing takes a new id (a copy of the directory made before keeps an older one);
+    the last FORMER_IDS_KEPT stay this directory's, across restarts."""
+    log = WriteAheadLog(tmp_path)
+    first = log.node_id
+    ids = [first] + [log.new_node_id() for _ in range(wal.FORMER_IDS_KEPT + 1)]
+    assert len(set(ids)) == len(ids)
+    assert log.node_ids == frozenset(ids[-wal.FORMER_IDS_KEPT - 1 :])  # the oldest one gone
+    log.close()
+    again = WriteAheadLog(tmp_path)
+    assert (again.node_id, again.node_ids) == (ids[-1], log.node_ids)
+    again.close()
+
+
 def test_a_data_directory_serves_one_node_at_a_time(tmp_path: Path) -> None:
     first = WriteAheadLog(tmp_path)
     with pytest.raises(errors.DataDirectoryInUseError, match=f"process {os.getpid()}"):

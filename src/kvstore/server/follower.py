@@ -666,7 +666,6 @@ class Follower:
             return
         node = self._node
         self._record_incarnation(meta.incarnation)  # (checked: see evaluate_standby)
-        node.new_node_id()  # listed under a new one: a copy of the directory is not this node
         node.role = Role.SYNCING
         node.epoch = meta.epoch
         since = None if node.store.log is None else node.store.log.marker
@@ -738,6 +737,10 @@ class Follower:
         """``since``: (log_epoch, log_id, log_position) of an incremental catch-up."""
         lease_ms = int(self.fence.lease_s * 1000)
         node = self._node
+        # Listed under a new id: a copy of the directory is not this node. Taken only now,
+        # the copy already marked incomplete: a join that fails before cannot use up the
+        # ids kept (a listing under an earlier one may still count).
+        node.new_node_id()
         log_fields = since or (None, None, None)
         conn.call(
             "join",

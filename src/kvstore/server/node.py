@@ -474,8 +474,18 @@ class StorageNode:
     def new_node_id(self) -> None:
         """A new durable id for this node's data directory, before it is listed anew (see
         wal.new_node_id); nothing without a data directory."""
-        if self.store.log is not None:
+        if self.store.log is None:
+            return
+        try:
             self.node_id = self.store.log.new_node_id()
+        except OSError as exc:  # (a full disk, say: the node goes on under its id)
+            log.warning(
+                "could not give %s a new id (%s): still %s, so a copy of the directory made "
+                "before could be taken for this node after an outage of every node",
+                self.store.log.directory,
+                exc.strerror or exc,
+                self.node_id,
+            )
 
     @property
     def node_ids(self) -> frozenset[str]:

@@ -227,7 +227,7 @@ class WriteAheadLog:
         is not taken for this node, whose later writes it lacks: a cluster lists a node
         under its newest id. The ids it had stay its own (the last FORMER_IDS_KEPT, for a
         listing under one of them that was not replaced yet). Durable before it returns."""
-        former = [self.node_id, *self.former_ids][:FORMER_IDS_KEPT]
+        former = list(dict.fromkeys([self.node_id, *self.former_ids]))[:FORMER_IDS_KEPT]
         _write_durably(self.directory / FORMER_IDS_FILE, "".join(f"{i}\n" for i in former).encode())
         node_id = uuid.uuid4().hex[:12]
         _write_durably(self.directory / NODE_ID_FILE, node_id.encode() + b"\n")
