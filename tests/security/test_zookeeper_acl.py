@@ -126,6 +126,7 @@ def test_node_with_wrong_password_exits_with_a_clear_error(
     create_parent(zk_server.connect_string, zk_path, timeout_s=CONNECT_S, auth=AUTH)
     auth_file = tmp_path / "zk-auth"
     auth_file.write_text("kvstore:wrong\n")
+    auth_file.chmod(0o600)
     command = [sys.executable, "-m", "kvstore", "node", "127.0.0.1", str(free_port())]
     command += [zk_server.connect_string, zk_path]
     result = subprocess.run(
@@ -200,6 +201,10 @@ def test_credentials_come_from_option_file_or_environment(
     assert zk_auth_from(parser, parser.parse_args([])) is None
     assert zk_auth_from(parser, parser.parse_args(["--zk-auth", "u:p:q"])) == "u:p:q"
     (tmp_path / "auth").write_text("file:pw\n")
+    (tmp_path / "auth").chmod(0o640)  # a password others may read: refused, as ssh would
+    with pytest.raises(SystemExit):
+        zk_auth_from(parser, parser.parse_args(["--zk-auth-file", str(tmp_path / "auth")]))
+    (tmp_path / "auth").chmod(0o600)
     assert zk_auth_from(parser, parser.parse_args(["--zk-auth-file", str(tmp_path / "auth")]))
     monkeypatch.setenv("KV_ZK_AUTH", "env:pw")
     assert zk_auth_from(parser, parser.parse_args([])) == "env:pw"

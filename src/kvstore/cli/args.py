@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import os
+import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -291,7 +292,8 @@ def add_zk_auth_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--zk-auth-file",
         metavar="FILE",
-        help="read USER:PASSWORD for --zk-auth from the first line of FILE",
+        help="read USER:PASSWORD for --zk-auth from the first line of FILE (private to its "
+        "owner: chmod 600)",
     )
 
 
@@ -299,11 +301,19 @@ def zk_auth_from(parser: argparse.ArgumentParser, args: argparse.Namespace) -> s
     """The credentials from --zk-auth, --zk-auth-file or $KV_ZK_AUTH (in that order)."""
     auth = args.zk_auth
     if args.zk_auth_file:
+        path = args.zk_auth_file
         try:
-            with open(args.zk_auth_file, encoding="utf-8") as file:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+            if mode & 0o077:  # (as for the cluster secret, and as ssh refuses such a key)
+                parser.error(
+                    f"--zk-auth-file: {path} is accessible by group or others (mode "
+                    f"{mode:04o}): the ZooKeeper password must be private to its owner "
+                    f"(chmod 600 {path})"
+                )
+            with open(path, encoding="utf-8") as file:
                 auth = file.readline().strip()
         except OSError as exc:
-            parser.error(f"--zk-auth-file: {exc.strerror}: {args.zk_auth_file}")
+            parser.error(f"--zk-auth-file: {exc.strerror}: {path}")
     if auth is None:
         auth = os.environ.get(ZK_AUTH_ENV) or None
     if auth is not None:
