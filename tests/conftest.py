@@ -1,6 +1,6 @@
 """Shared pytest fixtures: one real ZooKeeper per test session, a fresh parent path per test,
-and clusters: a fresh one per test (``cluster``), or one a module's tests share, each handed
-it as a fresh one would be (``shared_cluster``, see shared_clusters.py).
+and clusters: a fresh one per test (``cluster``), or one that tests share, each handed it as a
+fresh one would be (``shared_cluster``, see shared_clusters.py).
 
 When a test that used ZooKeeper fails, the tail of the ZooKeeper log is attached
 to its report (shown by pytest as a "zookeeper log" section).
@@ -163,7 +163,7 @@ def cluster(idle_cluster: LocalCluster) -> LocalCluster:
     return idle_cluster
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def _shared_plain_cluster(
     zk_server: ZooKeeperServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[SharedCluster]:
@@ -181,8 +181,8 @@ def _shared_plain_cluster(
 @pytest.fixture
 def shared_cluster(_shared_plain_cluster: SharedCluster) -> LocalCluster:
     """Like ``cluster`` (a primary and a synced backup, an empty store), but the same node
-    processes serve the module's other tests that ask for it (SharedCluster): for tests that
-    leave both nodes serving in their roles."""
+    processes serve every test of the session that asks for it (SharedCluster): for tests
+    that leave both nodes serving in their roles."""
     return _shared_plain_cluster.hand_out()
 
 

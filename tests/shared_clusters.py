@@ -1,5 +1,5 @@
-"""A cluster the tests of one module share (not a test module: conftest.py and test modules
-import it; tests/ is on sys.path through conftest.py)."""
+"""A cluster that tests share (not a test module: conftest.py and test modules import it;
+tests/ is on sys.path through conftest.py)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from kvstore.local.cluster import LocalCluster, NodeProcess
 
 
 class SharedCluster:
-    """A cluster one module's tests share, handed to each as a fresh one would be: every node
-    serving (one primary, the others synced backups) with an empty store. A test may write to
-    it; one that leaves it otherwise (a node stopped or exited, or in another role, or keys
-    that cannot be deleted) gets it replaced, under a new parent path, before the next test. So
-    no test depends on another's, and the module starts one cluster instead of one a test
-    (each start: a kv-createznode and a node process per node, 1.5 to 3 s)."""
+    """A cluster tests share (a module's, or the session's), handed to each as a fresh one
+    would be: every node serving (one primary, the others synced backups) with an empty
+    store. A test may write to it; one that leaves it otherwise (a node stopped or exited, or
+    in another role, or keys that cannot be deleted) gets it replaced, under a new parent
+    path, before the next test. So no test depends on another's, and one cluster starts
+    instead of one a test (each start: a kv-createznode and a process per node, 1.5 to 3 s)."""
 
     RESET_TIMEOUT_S = 30.0
 
