@@ -1,4 +1,6 @@
-"""Shared pytest fixtures: one real ZooKeeper per test session, a fresh parent path per test.
+"""Shared pytest fixtures: one real ZooKeeper per test session, a fresh parent path per test,
+and clusters: a fresh one per test (``cluster``), or one that tests share, each handed it as a
+fresh one would be (``shared_cluster``, see shared_clusters.py).
 
 When a test that used ZooKeeper fails, the tail of the ZooKeeper log is attached
 to its report (shown by pytest as a "zookeeper log" section).
@@ -21,6 +23,7 @@ import pytest
 from kvstore.local.certs import write_cluster_secret
 from kvstore.local.cluster import LocalCluster
 from kvstore.local.zkserver import ZooKeeperServer
+from shared_clusters import SharedCluster
 
 ZK_LOG_LINES = 60
 NODE_LOG_LINES = 60
@@ -158,6 +161,29 @@ def cluster(idle_cluster: LocalCluster) -> LocalCluster:
     """Two real node processes under a fresh parent path: a primary and a synced backup."""
     idle_cluster.start()
     return idle_cluster
+
+
+@pytest.fixture(scope="session")
+def _shared_plain_cluster(
+    zk_server: ZooKeeperServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SharedCluster]:
+    shared = SharedCluster(
+        lambda zk_path: LocalCluster(
+            zk_server.connect_string, zk_path, tmp_path_factory.mktemp("shared-nodes")
+        )
+    )
+    try:
+        yield shared
+    finally:
+        shared.stop()
+
+
+@pytest.fixture
+def shared_cluster(_shared_plain_cluster: SharedCluster) -> LocalCluster:
+    """Like ``cluster`` (a primary and a synced backup, an empty store), but the same node
+    processes serve every test of the session that asks for it (SharedCluster): for tests
+    that leave both nodes serving in their roles."""
+    return _shared_plain_cluster.hand_out()
 
 
 def _run_on_a_terminal(args: Sequence[str], timeout_s: float) -> tuple[int, str]:

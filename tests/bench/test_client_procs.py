@@ -34,11 +34,11 @@ def _kv(*args: str, timeout_s: float) -> subprocess.CompletedProcess[str]:
 
 
 def test_client_with_two_processes_writes_one_checkable_log(
-    cluster: LocalCluster, tmp_path: Path
+    shared_cluster: LocalCluster, tmp_path: Path
 ) -> None:
     log_path = tmp_path / "execution.log"
     done = _kv(
-        "client", cluster.zk_connect, cluster.zk_path, "4", str(SECONDS), "100",
+        "client", shared_cluster.zk_connect, shared_cluster.zk_path, "4", str(SECONDS), "100",
         "--procs", "2", "--log", str(log_path), timeout_s=SECONDS + GRACE_S,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
@@ -75,14 +75,14 @@ def test_client_with_two_processes_ends_by_itself_without_nodes(
 
 
 def test_a_second_run_on_the_same_cluster_logs_what_the_first_left(
-    cluster: LocalCluster, tmp_path: Path
+    shared_cluster: LocalCluster, tmp_path: Path
 ) -> None:
     """The checker takes every key to start empty: a run logs the values earlier runs left
     as its starting values, or its reads of them would be reads of values never written."""
     for run in ("first", "second"):
         log_path = tmp_path / f"{run}.log"
         done = _kv(
-            "client", cluster.zk_connect, cluster.zk_path, "2", "2", "50",
+            "client", shared_cluster.zk_connect, shared_cluster.zk_path, "2", "2", "50",
             "--log", str(log_path), timeout_s=2 + GRACE_S,
         )  # fmt: skip
         assert done.returncode == 0, done.stdout + done.stderr

@@ -42,11 +42,11 @@ def _client(cluster: LocalCluster, *args: str) -> str:
 
 @pytest.mark.parametrize("procs", [1, 2])
 def test_rate_keeps_the_achieved_rate_near_the_target(
-    cluster: LocalCluster, tmp_path: Path, procs: int
+    shared_cluster: LocalCluster, tmp_path: Path, procs: int
 ) -> None:
     target = 600  # with 2 processes: 400 ops/s for the one with 2 threads, 200 for the other
     out = _client(
-        cluster, "3", str(SECONDS), "100", "--rate", str(target), "--dist", "zipfian",
+        shared_cluster, "3", str(SECONDS), "100", "--rate", str(target), "--dist", "zipfian",
         "--procs", str(procs), "--log", str(tmp_path / "execution.log"),
     )  # fmt: skip
     match = re.search(r"Successful operations: (\d+) in ([\d.]+) s", out)

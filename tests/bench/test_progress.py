@@ -47,10 +47,10 @@ def test_progress_is_labelled_when_asked() -> None:
 
 
 def test_kv_client_shows_progress_on_a_real_terminal_only(
-    cluster: LocalCluster, on_a_terminal: Callable[[list[str], float], tuple[int, str]]
+    shared_cluster: LocalCluster, on_a_terminal: Callable[[list[str], float], tuple[int, str]]
 ) -> None:
-    args = [sys.executable, "-m", "kvstore", "client", cluster.zk_connect, cluster.zk_path,
-            "2", "3", "100", "--log", "-"]  # fmt: skip
+    args = [sys.executable, "-m", "kvstore", "client", shared_cluster.zk_connect,
+            shared_cluster.zk_path, "2", "3", "100", "--log", "-"]  # fmt: skip
     code, output = on_a_terminal(args, TIMEOUT_S)
     assert code == 0, output
     assert PROGRESS.search(output), output

@@ -1,4 +1,6 @@
-"""The kv command against a live cluster: round trips, exit codes, JSON, status, errors."""
+"""The kv command against a live cluster: round trips, exit codes, JSON, status, errors.
+
+The tests that leave both nodes serving share one cluster (conftest's ``shared_cluster``)."""
 
 from __future__ import annotations
 
@@ -40,48 +42,48 @@ def kv(
     )
 
 
-def test_round_trip_and_exit_codes(cluster: LocalCluster) -> None:
-    assert kv(cluster, "put", "greeting", "hello").returncode == 0
-    got = kv(cluster, "get", "greeting")
+def test_round_trip_and_exit_codes(shared_cluster: LocalCluster) -> None:
+    assert kv(shared_cluster, "put", "greeting", "hello").returncode == 0
+    got = kv(shared_cluster, "get", "greeting")
     assert (got.returncode, got.stdout) == (0, "hello\n")
-    missing = kv(cluster, "get", "nothing")
+    missing = kv(shared_cluster, "get", "nothing")
     assert (missing.returncode, missing.stdout, missing.stderr) == (1, "", "")
-    assert kv(cluster, "del", "greeting").returncode == 0
-    assert kv(cluster, "get", "greeting").returncode == 1
-    assert kv(cluster, "del", "greeting").returncode == 1
-    assert kv(cluster, "cas", "n", "1", "--absent").returncode == 0
-    assert kv(cluster, "cas", "n", "2", "--expect", "9").returncode == 1
-    assert kv(cluster, "cas", "n", "2", "--expect", "1").returncode == 0
-    assert kv(cluster, "get", "n").stdout == "2\n"
+    assert kv(shared_cluster, "del", "greeting").returncode == 0
+    assert kv(shared_cluster, "get", "greeting").returncode == 1
+    assert kv(shared_cluster, "del", "greeting").returncode == 1
+    assert kv(shared_cluster, "cas", "n", "1", "--absent").returncode == 0
+    assert kv(shared_cluster, "cas", "n", "2", "--expect", "9").returncode == 1
+    assert kv(shared_cluster, "cas", "n", "2", "--expect", "1").returncode == 0
+    assert kv(shared_cluster, "get", "n").stdout == "2\n"
 
 
-def test_json_output_parses(cluster: LocalCluster) -> None:
-    kv(cluster, "put", "a", "1")
-    values = json.loads(kv(cluster, "-o", "json", "mget", "a", "b").stdout)
+def test_json_output_parses(shared_cluster: LocalCluster) -> None:
+    kv(shared_cluster, "put", "a", "1")
+    values = json.loads(kv(shared_cluster, "-o", "json", "mget", "a", "b").stdout)
     assert values == {"a": "1", "b": None}
-    missing = kv(cluster, "-o", "json", "get", "b")
+    missing = kv(shared_cluster, "-o", "json", "get", "b")
     assert missing.returncode == 1
     assert json.loads(missing.stdout) == {"key": "b", "value": None}
 
 
-def test_mget_text_shows_a_missing_key_alone_and_exits_1(cluster: LocalCluster) -> None:
-    kv(cluster, "put", "a", "1")
-    kv(cluster, "put", "empty", "")
-    some = kv(cluster, "mget", "a", "empty", "missing")
+def test_mget_text_shows_a_missing_key_alone_and_exits_1(shared_cluster: LocalCluster) -> None:
+    kv(shared_cluster, "put", "a", "1")
+    kv(shared_cluster, "put", "empty", "")
+    some = kv(shared_cluster, "mget", "a", "empty", "missing")
     assert (some.returncode, some.stdout) == (1, "a\t1\nempty\t\nmissing\n")
-    every = kv(cluster, "mget", "a", "empty")
+    every = kv(shared_cluster, "mget", "a", "empty")
     assert (every.returncode, every.stdout) == (0, "a\t1\nempty\t\n")
 
 
-def test_put_without_a_value_reads_standard_input_unchanged(cluster: LocalCluster) -> None:
+def test_put_without_a_value_reads_standard_input_unchanged(shared_cluster: LocalCluster) -> None:
     text = "line one\nzwei: \u00fc\n" + "x" * 300_000  # over what argv takes in one argument
-    put = kv(cluster, "put", "doc", stdin=text.encode())
+    put = kv(shared_cluster, "put", "doc", stdin=text.encode())
     assert put.returncode == 0, put.stderr
-    with kvstore.Client(cluster.zk_connect, cluster.zk_path, timeout=20) as client:
+    with kvstore.Client(shared_cluster.zk_connect, shared_cluster.zk_path, timeout=20) as client:
         assert client.get("doc") == text
-    back = kv(cluster, "get", "-n", "doc")
+    back = kv(shared_cluster, "get", "-n", "doc")
     assert (back.returncode, back.stdout) == (0, text)  # byte for byte: no newline added
-    not_text = kv(cluster, "put", "doc", stdin=b"\xff\xfe")
+    not_text = kv(shared_cluster, "put", "doc", stdin=b"\xff\xfe")
     assert not_text.returncode == 64
     assert not_text.stderr.startswith("kv: put: standard input is not UTF-8")
     assert not_text.stderr.count("\n") == 1  # one line: no usage text
@@ -101,7 +103,8 @@ def test_put_without_a_value_with_a_terminal_as_input_is_a_usage_error() -> None
     assert "give VALUE, or send it on standard input" in result.stderr
 
 
-def test_dump_then_load_round_trips_every_key(cluster: LocalCluster, tmp_path: Path) -> None:
+def test_dump_then_load_round_trips_every_key(shared_cluster: LocalCluster, tmp_path: Path) -> None:
+    cluster = shared_cluster
     values = {f"k{i}": f"v{i}-" + "x" * 300 for i in range(300)}  # (over a pipe's 64 KiB)
     values |= {"tab\tkey": "line\nbreak", "ключ": "значение ✓", "empty": ""}
     with kvstore.Client(cluster.zk_connect, cluster.zk_path) as client:
@@ -171,12 +174,12 @@ def test_status_marks_a_stale_znode_and_exits_2_without_a_primary(cluster: Local
     assert kv(cluster, "-o", "json", "status").returncode == 2
 
 
-def test_status_lists_both_nodes(cluster: LocalCluster) -> None:
-    kv(cluster, "put", "a", "1")
-    nodes = json.loads(kv(cluster, "-o", "json", "status").stdout)
+def test_status_lists_both_nodes(shared_cluster: LocalCluster) -> None:
+    kv(shared_cluster, "put", "a", "1")
+    nodes = json.loads(kv(shared_cluster, "-o", "json", "status").stdout)
     assert sorted(n["role"] for n in nodes) == ["backup", "primary"]
     assert all(n["is_in_sync"] and n["keys"] == 1 for n in nodes)
-    table = kv(cluster, "status").stdout.splitlines()
+    table = kv(shared_cluster, "status").stdout.splitlines()
     assert table[0].split() == ["NODE", "ADDRESS", "ROLE", "EPOCH", "IN-SYNC", "KEYS"]
     assert len(table) == 4
     assert table[3] == "replication factor 2: 2 in sync"
@@ -260,16 +263,16 @@ def test_a_malformed_port_or_connect_string_is_a_usage_error(command: tuple[str,
 
 
 def test_a_key_that_cannot_be_sent_or_is_too_large_fails_at_once_with_exit_64(
-    cluster: LocalCluster,
+    shared_cluster: LocalCluster,
 ) -> None:
     # not UTF-8 (from the shell's bytes); too long; empty (an unset "$KEY")
     for key in ("bad\udcffkey", "k" * 5000, ""):
         started = time.monotonic()
-        result = kv(cluster, "--timeout", "20", "put", key, "v")
+        result = kv(shared_cluster, "--timeout", "20", "put", key, "v")
         assert result.returncode == 64, result.stderr
         assert time.monotonic() - started < 10  # not retried until the timeout
         assert result.stderr.startswith("kv: ") and "Traceback" not in result.stderr
-    with kvstore.Client(cluster.zk_connect, cluster.zk_path, timeout=20) as client:
+    with kvstore.Client(shared_cluster.zk_connect, shared_cluster.zk_path, timeout=20) as client:
         with pytest.raises(kvstore.BadRequestError) as refused:
             client.put("k", 5)  # type: ignore[arg-type]
         assert refused.value.is_definite

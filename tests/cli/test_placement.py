@@ -48,15 +48,17 @@ def test_auto_respects_a_placement_made_by_someone_else(own_affinity: set[int]) 
 
 
 @needs_two_cpus
-def test_a_node_started_by_default_runs_on_one_cpu(cluster: LocalCluster) -> None:
-    for node in cluster.nodes:
+def test_a_node_started_by_default_runs_on_one_cpu(shared_cluster: LocalCluster) -> None:
+    for node in shared_cluster.nodes:
         assert node.pid is not None
         assert len(os.sched_getaffinity(node.pid)) == 1, node.log_tail()
 
 
-def test_a_local_clusters_nodes_run_every_thread_under_sched_batch(cluster: LocalCluster) -> None:
+def test_a_local_clusters_nodes_run_every_thread_under_sched_batch(
+    shared_cluster: LocalCluster,
+) -> None:
     """(kv-node's default is the kernel's; a local cluster's nodes share a CPU, see cluster.py)"""
-    for node in cluster.nodes:
+    for node in shared_cluster.nodes:
         assert node.pid is not None
         policies = set()
         for tid in os.listdir(f"/proc/{node.pid}/task"):

@@ -229,7 +229,7 @@ def test_ctrl_c_while_waiting_for_zookeeper_is_one_line_and_130(
 def test_an_interrupted_load_prints_its_summary_and_writes_a_log_that_checks(
     tmp_path: Path,
     start: Callable[..., Program],
-    cluster: LocalCluster,
+    shared_cluster: LocalCluster,
     signum: signal.Signals,
     procs: str,
     to_group: bool,
@@ -237,10 +237,10 @@ def test_an_interrupted_load_prints_its_summary_and_writes_a_log_that_checks(
     """Ctrl-C on a terminal reaches the whole process group; SIGTERM (kill, a service
     manager) the program alone: its client processes must not be left running."""
     log = tmp_path / "execution.log"
-    primary = cluster.wait_for("primary")
+    primary = shared_cluster.wait_for("primary")
     program = start(
-        "client", cluster.zk_connect, cluster.zk_path, "4", "60", "100", "--procs", procs,
-        "--log", str(log), new_session=True,
+        "client", shared_cluster.zk_connect, shared_cluster.zk_path, "4", "60", "100",
+        "--procs", procs, "--log", str(log), new_session=True,
     )  # fmt: skip
 
     def writing() -> bool:  # the load runs: keys were written

@@ -1,5 +1,8 @@
 """kvstore.Client against real node processes and a real ZooKeeper: the store API, its
-replication (deletes, compare-and-set, exactly-once records), retries through kill -9."""
+replication (deletes, compare-and-set, exactly-once records), retries through kill -9.
+
+The tests that leave both nodes serving share one cluster (conftest's ``shared_cluster``);
+those that kill a node have one of their own."""
 
 from __future__ import annotations
 
@@ -36,8 +39,8 @@ def fail_over(cluster: LocalCluster) -> str:
     return new.address
 
 
-def test_round_trip_tells_missing_from_empty(cluster: LocalCluster) -> None:
-    with kvstore.Client(cluster.zk_connect, cluster.zk_path, timeout=5) as kv:
+def test_round_trip_tells_missing_from_empty(shared_cluster: LocalCluster) -> None:
+    with kvstore.Client(shared_cluster.zk_connect, shared_cluster.zk_path, timeout=5) as kv:
         assert kv.get("nothing") is None
         kv.put("empty", "")
         assert kv.get("empty") == ""
@@ -55,12 +58,12 @@ def test_round_trip_tells_missing_from_empty(cluster: LocalCluster) -> None:
 
 
 def test_threads_write_under_lanes_of_their_own_and_a_nested_write_too(
-    cluster: LocalCluster,
+    shared_cluster: LocalCluster,
 ) -> None:
     """Each thread's writes carry its own lane id with acked_below = seq; a write made from
     inside another (as a signal handler or a finalizer could) gets a lane of its own, so
     it cannot make the primary forget the outer write's record while that one may retry."""
-    with kvstore.Client(cluster.zk_connect, cluster.zk_path, timeout=5) as kv:
+    with kvstore.Client(shared_cluster.zk_connect, shared_cluster.zk_path, timeout=5) as kv:
         sent: list[RequestId] = []
         real_call = kv._call
 
@@ -92,8 +95,8 @@ def test_threads_write_under_lanes_of_their_own_and_a_nested_write_too(
     assert all(r.acked_below == r.seq for r in sent)
 
 
-def test_a_forked_child_writes_under_another_id(cluster: LocalCluster) -> None:
-    with kvstore.Client(cluster.zk_connect, cluster.zk_path, timeout=5) as kv:
+def test_a_forked_child_writes_under_another_id(shared_cluster: LocalCluster) -> None:
+    with kvstore.Client(shared_cluster.zk_connect, shared_cluster.zk_path, timeout=5) as kv:
         kv.put("before-fork", "1")
         reader, writer = os.pipe()
         pid = os.fork()
@@ -107,8 +110,8 @@ def test_a_forked_child_writes_under_another_id(cluster: LocalCluster) -> None:
         assert child_id and child_id != kv.client_id
 
 
-def test_permanent_errors_are_raised_at_once(cluster: LocalCluster) -> None:
-    with kvstore.Client(cluster.zk_connect, cluster.zk_path, timeout=5) as kv:
+def test_permanent_errors_are_raised_at_once(shared_cluster: LocalCluster) -> None:
+    with kvstore.Client(shared_cluster.zk_connect, shared_cluster.zk_path, timeout=5) as kv:
         began = time.monotonic()
         with pytest.raises(kvstore.TooLargeError):
             kv.put("x" * 5000, "v")
@@ -227,12 +230,12 @@ def test_backup_joining_while_deletes_run_ends_identical(
 
 
 def test_seed_rule_when_the_parent_has_no_metadata(
-    cluster: LocalCluster, zk_server: ZooKeeperServer
+    shared_cluster: LocalCluster, zk_server: ZooKeeperServer
 ) -> None:
-    """A parent znode without kvstore metadata (a cluster of the seed's nodes) is read
+    """A parent znode without kvstore metadata (a shared_cluster of the seed's nodes) is read
     with the seed's rule: the lowest child is the primary. Get and put only."""
-    primary = cluster.wait_for("primary").address
-    seed_path = cluster.zk_path + "-seed"
+    primary = shared_cluster.wait_for("primary").address
+    seed_path = shared_cluster.zk_path + "-seed"
     zk = connect(zk_server.connect_string, 10.0, 10.0)
     try:
         zk.ensure_path(seed_path)
@@ -247,20 +250,22 @@ def test_seed_rule_when_the_parent_has_no_metadata(
     finally:
         zk.stop()
         zk.close()
-    with kvstore.Client(cluster.zk_connect, cluster.zk_path, timeout=5) as kv:
+    with kvstore.Client(shared_cluster.zk_connect, shared_cluster.zk_path, timeout=5) as kv:
         wait_until(lambda: kv.get("seed-key"), 5, lambda: "the seed-rule put is not there")
 
 
-def test_a_get_many_whose_reply_would_not_fit_a_frame_is_refused(cluster: LocalCluster) -> None:
+def test_a_get_many_whose_reply_would_not_fit_a_frame_is_refused(
+    shared_cluster: LocalCluster,
+) -> None:
     """A few hundred bytes naming many large values must not make the node build (and hold
     for a client that never reads) a reply of any size; the library asks for fewer."""
     big = "x" * (1 << 20)  # the largest value a node takes by default
     keys = [f"big{i}" for i in range(17)]  # 17 MiB together: more than a 16 MiB frame
-    with kvstore.Client(cluster.zk_connect, cluster.zk_path, timeout=30) as kv:
+    with kvstore.Client(shared_cluster.zk_connect, shared_cluster.zk_path, timeout=30) as kv:
         for key in keys:
             kv.put(key, big)
         assert kv.get_many(keys) == dict.fromkeys(keys, big)  # (asked for in parts)
-    primary = cluster.wait_for("primary")
+    primary = shared_cluster.wait_for("primary")
     conn = Connection(primary.address, 30_000)
     try:
         with pytest.raises(kvstore.TooLargeError, match="ask for fewer keys"):
@@ -270,9 +275,11 @@ def test_a_get_many_whose_reply_would_not_fit_a_frame_is_refused(cluster: LocalC
         conn.close()
 
 
-def test_get_many_of_more_keys_than_a_request_may_hold_is_split(cluster: LocalCluster) -> None:
+def test_get_many_of_more_keys_than_a_request_may_hold_is_split(
+    shared_cluster: LocalCluster,
+) -> None:
     keys = [f"many{i}" for i in range(MAX_ELEMENTS + 10_000)]  # one request would be refused
-    with kvstore.Client(cluster.zk_connect, cluster.zk_path, timeout=30) as kv:
+    with kvstore.Client(shared_cluster.zk_connect, shared_cluster.zk_path, timeout=30) as kv:
         kv.put(keys[-1], "last")
         found = kv.get_many(keys)
     assert len(found) == len(keys)
@@ -285,8 +292,8 @@ def test_a_timeout_must_be_a_positive_number(timeout: float) -> None:
         kvstore.Client("127.0.0.1:1", "/x", timeout=timeout)
 
 
-def test_a_closed_client_says_so_at_once(cluster: LocalCluster) -> None:
-    kv = kvstore.Client(cluster.zk_connect, cluster.zk_path, timeout=30)
+def test_a_closed_client_says_so_at_once(shared_cluster: LocalCluster) -> None:
+    kv = kvstore.Client(shared_cluster.zk_connect, shared_cluster.zk_path, timeout=30)
     kv.put("k", "v")
     kv.close()
     started = time.monotonic()

@@ -30,6 +30,7 @@ from kvstore.local.cluster import LocalCluster, NodeProcess
 from kvstore.local.processes import wait_until
 from kvstore.local.zkserver import ZooKeeperServer
 from kvstore.rpc import Connection, client_tls_context, own_identity
+from shared_clusters import SharedCluster
 
 CLIENT_TIMEOUT_S = 10.0
 REFUSAL_TIMEOUT_MS = 2000
@@ -44,23 +45,54 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> CertificateFiles:
     return write_certificates(tmp_path_factory.mktemp("certs"))
 
 
+def tls_nodes(
+    zk_connect: str, zk_path: str, log_dir: Path, certs: CertificateFiles
+) -> LocalCluster:
+    """A primary and a backup (not started) serving mutual TLS, each with a certificate of its
+    own (node-1, node-2: two identities); its loads use the client certificate. The shared
+    node certificate: secure_cluster's."""
+    nodes = [
+        NodeProcess(zk_connect, zk_path, log_dir, extra_args=tls_args(node))
+        for node in (certs.node_numbered(1), certs.node_numbered(2))
+    ]
+    return LocalCluster(zk_connect, zk_path, log_dir, nodes=nodes, client_tls=certs.client)
+
+
 @pytest.fixture
 def tls_cluster(
     zk_server: ZooKeeperServer, zk_path: str, tmp_path: Path, certs: CertificateFiles
 ) -> Iterator[LocalCluster]:
-    """A primary and a synced backup serving mutual TLS, each with a certificate of its own
-    (node-1, node-2: two identities). The shared node certificate: secure_cluster's."""
-    log_dir = tmp_path / "nodes"
-    nodes = [
-        NodeProcess(zk_server.connect_string, zk_path, log_dir, extra_args=tls_args(node))
-        for node in (certs.node_numbered(1), certs.node_numbered(2))
-    ]
-    local = LocalCluster(zk_server.connect_string, zk_path, log_dir, nodes=nodes)
+    """tls_nodes, started: a primary and a synced backup, for this test alone."""
+    local = tls_nodes(zk_server.connect_string, zk_path, tmp_path / "nodes", certs)
     try:
         local.start()
         yield local
     finally:
         local.stop()
+
+
+@pytest.fixture(scope="module")
+def _shared_tls_nodes(
+    zk_server: ZooKeeperServer,
+    certs: CertificateFiles,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[SharedCluster]:
+    shared = SharedCluster(
+        lambda zk_path: tls_nodes(
+            zk_server.connect_string, zk_path, tmp_path_factory.mktemp("tls-nodes"), certs
+        )
+    )
+    try:
+        yield shared
+    finally:
+        shared.stop()
+
+
+@pytest.fixture
+def shared_tls_cluster(_shared_tls_nodes: SharedCluster) -> LocalCluster:
+    """Like tls_cluster, but the module's tests that leave both nodes serving share it (with
+    an empty store for each: shared_clusters.py)."""
+    return _shared_tls_nodes.hand_out()
 
 
 def client(cluster: LocalCluster, tls: TlsConfig, timeout: float = CLIENT_TIMEOUT_S) -> Any:
@@ -192,9 +224,9 @@ def test_tls_files_that_cannot_work_are_one_line_naming_the_file(
 
 
 def test_a_tls_cluster_serves_the_client_and_kv(
-    tls_cluster: LocalCluster, certs: CertificateFiles
+    shared_tls_cluster: LocalCluster, certs: CertificateFiles
 ) -> None:
-    with client(tls_cluster, certs.client) as kv_client:
+    with client(shared_tls_cluster, certs.client) as kv_client:
         kv_client.put("k", "v1")
         assert kv_client.get("k") == "v1"
         assert kv_client.cas("k", "v1", "v2")
@@ -202,23 +234,23 @@ def test_a_tls_cluster_serves_the_client_and_kv(
         assert kv_client.get_many(["k", "none"]) == {"k": "v2", "none": None}
         assert kv_client.delete("k")
         assert kv_client.get("k") is None
-    assert kv(tls_cluster, certs.client, "put", "greeting", "hello").returncode == 0
-    got = kv(tls_cluster, certs.client, "get", "greeting")
+    assert kv(shared_tls_cluster, certs.client, "put", "greeting", "hello").returncode == 0
+    got = kv(shared_tls_cluster, certs.client, "get", "greeting")
     assert (got.returncode, got.stdout) == (0, "hello\n"), got.stderr
-    nodes = json.loads(kv(tls_cluster, certs.client, "-o", "json", "status").stdout)
+    nodes = json.loads(kv(shared_tls_cluster, certs.client, "-o", "json", "status").stdout)
     assert sorted(n["role"] for n in nodes) == ["backup", "primary"]
     assert all(n["is_in_sync"] and n["keys"] == 1 for n in nodes)
 
 
 def test_plaintext_to_a_tls_port_is_refused(
-    tls_cluster: LocalCluster, certs: CertificateFiles
+    shared_tls_cluster: LocalCluster, certs: CertificateFiles
 ) -> None:
-    address = primary_address(tls_cluster)
+    address = primary_address(shared_tls_cluster)
     with pytest.raises(errors.ForbiddenError, match="accepts TLS connections only"):
         Connection(address, timeout_ms=REFUSAL_TIMEOUT_MS).call("status")
     # The cluster without TLS options at all: kv cannot read it, and says why at once.
-    command = [sys.executable, "-m", "kvstore", "kv", "--zk", tls_cluster.zk_connect]
-    command += ["--path", tls_cluster.zk_path, "--timeout", "30", "get", "k"]
+    command = [sys.executable, "-m", "kvstore", "kv", "--zk", shared_tls_cluster.zk_connect]
+    command += ["--path", shared_tls_cluster.zk_path, "--timeout", "30", "get", "k"]
     started = time.monotonic()
     done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2, done
@@ -230,7 +262,7 @@ def test_plaintext_to_a_tls_port_is_refused(
     assert "refused this connection: this node accepts TLS connections only" in status.stdout
     # It does not claim the cluster cannot serve: it serves, just not this client.
     assert "cannot serve" not in status.stdout and "each refused" in status.stdout, status.stdout
-    with client(tls_cluster, certs.client) as kv_client:
+    with client(shared_tls_cluster, certs.client) as kv_client:
         kv_client.put("still", "serving")
 
 
@@ -247,33 +279,35 @@ def test_tls_to_a_plaintext_node_names_the_mismatch(
 
 
 def test_no_client_certificate_is_refused(
-    tls_cluster: LocalCluster, certs: CertificateFiles
+    shared_tls_cluster: LocalCluster, certs: CertificateFiles
 ) -> None:
     anonymous = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     anonymous.check_hostname = False
     anonymous.load_verify_locations(str(certs.ca_cert))  # trusts the node, shows no certificate
-    conn = Connection(primary_address(tls_cluster), timeout_ms=REFUSAL_TIMEOUT_MS, tls=anonymous)
+    conn = Connection(
+        primary_address(shared_tls_cluster), timeout_ms=REFUSAL_TIMEOUT_MS, tls=anonymous
+    )
     with pytest.raises(errors.KVError):  # (the node just closes it: no proof, no hint)
         conn.call("put", "sneaky", "value")
     conn.close()
-    with client(tls_cluster, certs.client) as kv_client:
+    with client(shared_tls_cluster, certs.client) as kv_client:
         assert kv_client.get("sneaky") is None
 
 
 def test_a_certificate_from_another_ca_is_refused(
-    tls_cluster: LocalCluster, certs: CertificateFiles, tmp_path: Path
+    shared_tls_cluster: LocalCluster, certs: CertificateFiles, tmp_path: Path
 ) -> None:
     other = write_certificates(tmp_path / "other", ca_name="another CA")
     # Its own CA on the client side: the node's certificate fails the client's check.
     conn = Connection(
-        primary_address(tls_cluster), timeout_ms=REFUSAL_TIMEOUT_MS, tls=context(other.node)
+        primary_address(shared_tls_cluster), timeout_ms=REFUSAL_TIMEOUT_MS, tls=context(other.node)
     )
     with pytest.raises(errors.ForbiddenError, match=r"cannot trust .* certificate"):
         conn.call("status")
     # Trusting the cluster's CA, but showing another CA's (node!) certificate: the node refuses.
     forged = TlsConfig(other.node.cert_path, other.node.key_path, str(certs.ca_cert))
     conn = Connection(
-        primary_address(tls_cluster), timeout_ms=REFUSAL_TIMEOUT_MS, tls=context(forged)
+        primary_address(shared_tls_cluster), timeout_ms=REFUSAL_TIMEOUT_MS, tls=context(forged)
     )
     with pytest.raises(errors.ForbiddenError, match="refused this side's certificate"):
         conn.call("put", "forged", "value")
@@ -288,20 +322,20 @@ def test_a_certificate_from_another_ca_is_refused(
     # Neither is retried until the timeout: both say so at once.
     for tls in (other.node, forged):
         started = time.monotonic()
-        with pytest.raises(errors.ForbiddenError), client(tls_cluster, tls, timeout=30) as c:
+        with pytest.raises(errors.ForbiddenError), client(shared_tls_cluster, tls, timeout=30) as c:
             c.get("forged")
         assert time.monotonic() - started < 20
-    with client(tls_cluster, certs.client) as kv_client:
+    with client(shared_tls_cluster, certs.client) as kv_client:
         assert kv_client.get("forged") is None
 
 
 def test_a_client_certificate_may_not_replicate_or_join(
-    tls_cluster: LocalCluster, certs: CertificateFiles
+    shared_tls_cluster: LocalCluster, certs: CertificateFiles
 ) -> None:
-    with client(tls_cluster, certs.client) as kv_client:
+    with client(shared_tls_cluster, certs.client) as kv_client:
         kv_client.put("k", "before")
-        address = primary_address(tls_cluster)
-        epoch = tls_cluster.nodes[0].status().epoch
+        address = primary_address(shared_tls_cluster)
+        epoch = shared_tls_cluster.nodes[0].status().epoch
         conn = Connection(address, timeout_ms=REFUSAL_TIMEOUT_MS, tls=context(certs.client))
         with pytest.raises(errors.ForbiddenError, match="nodes only"):
             conn.call("join", epoch, "node-9999999999", "join-x", 1000)
@@ -322,8 +356,8 @@ def test_a_client_certificate_may_not_replicate_or_join(
         other.close()
         kv_client.put("k", "after")
         assert kv_client.get("k") == "after"
-    backup = tls_cluster.find("backup")
-    assert backup is not None and backup.status().key_count == 1, tls_cluster.logs()
+    backup = shared_tls_cluster.find("backup")
+    assert backup is not None and backup.status().key_count == 1, shared_tls_cluster.logs()
 
 
 def identity(tls: TlsConfig) -> str:
@@ -360,17 +394,17 @@ def test_failover_under_tls(tls_cluster: LocalCluster, certs: CertificateFiles) 
 
 
 def test_another_node_certificate_may_not_replicate_or_join_as_the_backup(
-    tls_cluster: LocalCluster, certs: CertificateFiles
+    shared_tls_cluster: LocalCluster, certs: CertificateFiles
 ) -> None:
     """node-3 is a node (OU=node, same CA) but neither the primary nor its backup: the
     backup refuses its replicate_batch before looking at the epoch and join id, and the
     primary refuses its join (and the rest of a join) in the listed backup's name, which
     would otherwise strip the in-sync backup. The cluster stays whole and serving."""
-    with client(tls_cluster, certs.client) as kv_client:
+    with client(shared_tls_cluster, certs.client) as kv_client:
         kv_client.put("k", "before")
-        meta = tls_cluster.meta()
+        meta = shared_tls_cluster.meta()
         backup_name = next(n for n in meta.in_sync if n != meta.primary)
-        primary, backup = primary_address(tls_cluster), tls_cluster.find("backup")
+        primary, backup = primary_address(shared_tls_cluster), shared_tls_cluster.find("backup")
         assert backup is not None
         third = context(certs.node_numbered(3))
 
@@ -405,17 +439,17 @@ def test_another_node_certificate_may_not_replicate_or_join_as_the_backup(
                 to_primary.call(method, meta.epoch, *args)
         to_primary.close()
 
-        assert tls_cluster.meta().in_sync == meta.in_sync  # nobody was stripped
+        assert shared_tls_cluster.meta().in_sync == meta.in_sync  # nobody was stripped
         kv_client.put("k", "after")
         assert kv_client.get("k") == "after"
     assert backup.status().key_count == 1
-    assert "dropped backup" not in tls_cluster.logs(200)
+    assert "dropped backup" not in shared_tls_cluster.logs(200)
 
 
 def test_a_silent_connection_does_not_stall_others(
-    tls_cluster: LocalCluster, certs: CertificateFiles
+    shared_tls_cluster: LocalCluster, certs: CertificateFiles
 ) -> None:
-    primary = tls_cluster.find("primary")
+    primary = shared_tls_cluster.find("primary")
     assert primary is not None
     silent = [socket.create_connection((primary.host, primary.port)) for _ in range(4)]
     try:

@@ -3,7 +3,9 @@
 Every test first stores a few keys through the primary, sends one kind of bad
 input (raw bytes on the port, or well-formed calls with bad arguments), then
 checks with fresh connections that the primary still returns every key and that
-the backup still holds as many keys. Every wait is bounded.
+the backup still holds as many keys. The tests share one cluster, handed to each
+empty with both nodes serving (conftest's SharedCluster: one that a test broke is
+replaced). Every wait is bounded.
 """
 
 from __future__ import annotations
@@ -102,8 +104,10 @@ class Seeded:
 
 
 @pytest.fixture
-def seeded(cluster: LocalCluster) -> Seeded:
-    state = Seeded(cluster)
+def seeded(shared_cluster: LocalCluster) -> Seeded:
+    """The module's cluster (conftest's SharedCluster: empty, both nodes serving), ENTRIES
+    stored through its primary."""
+    state = Seeded(shared_cluster)
     for key, value in ENTRIES.items():
         state.put(key, value)
     state.assert_intact()

@@ -36,13 +36,15 @@ def inversions(dump: dict[str, str]) -> list[str]:
     return found
 
 
-def test_dump_is_a_consistent_cut_across_stripes(cluster: LocalCluster) -> None:
+def test_dump_is_a_consistent_cut_across_stripes(shared_cluster: LocalCluster) -> None:
     stop = threading.Event()
     errors: list[BaseException] = []
 
     def write_chain(writer: int) -> None:
         try:
-            with kvstore.Client(cluster.zk_connect, cluster.zk_path, timeout=30) as kv:
+            with kvstore.Client(
+                shared_cluster.zk_connect, shared_cluster.zk_path, timeout=30
+            ) as kv:
                 for round_ in range(1_000_000):
                     for index in range(CHAIN_KEYS):
                         if stop.is_set():
@@ -54,7 +56,7 @@ def test_dump_is_a_consistent_cut_across_stripes(cluster: LocalCluster) -> None:
     writers = [threading.Thread(target=write_chain, args=(w,)) for w in range(WRITERS)]
     for thread in writers:
         thread.start()
-    primary = cluster.wait_for("primary")
+    primary = shared_cluster.wait_for("primary")
     conn = Connection(primary.address, timeout_ms=10_000)
     seen: list[str] = []
     try:

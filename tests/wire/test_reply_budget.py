@@ -60,6 +60,13 @@ def not_reading(port: int, request: bytes) -> socket.socket:
     return sock
 
 
+def wait_for_an_answer(sock: socket.socket) -> None:
+    """Block until the node began answering on ``sock`` (served or refused its first
+    request), within the socket's timeout; a peek: nothing is read, its window stays shut."""
+    header = sock.recv(4, socket.MSG_PEEK | socket.MSG_WAITALL)
+    assert len(header) == 4, f"the node began an answer with {len(header)} bytes, then stopped"
+
+
 def receive_frame(sock: socket.socket) -> bytes:
     """The next frame's body (its message header first)."""
     size = int.from_bytes(receive_exactly(sock, 4), "big")
@@ -242,6 +249,11 @@ def test_clients_that_never_read_cannot_make_the_node_hold_their_replies(
         before = rss_bytes(pid)
         for _ in range(UNREAD_CONNECTIONS):
             hostile.append(not_reading(port, request))
+        # Each arrives through the accept thread: the probe's get_many, on a connection
+        # served already, could overtake them, and while its 8 MiB reply is sent every one
+        # of theirs is refused (over the budget): nothing left held, no refusal to see.
+        for sock in hostile:
+            wait_for_an_answer(sock)
         refused = first_refusal(
             lambda: probe.call("get_many", KEYS), 100, lambda i: time.sleep(0.05 * (i > 0))
         )

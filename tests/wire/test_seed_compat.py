@@ -144,8 +144,8 @@ def _assert_refused(call: Any, code: int, *words: str) -> TApplicationException:
     return exc
 
 
-def test_put_get_dump_round_trip_on_primary(cluster: LocalCluster, connect: Any) -> None:
-    primary, backup = _nodes(cluster)
+def test_put_get_dump_round_trip_on_primary(shared_cluster: LocalCluster, connect: Any) -> None:
+    primary, backup = _nodes(shared_cluster)
     client = connect(primary)
     assert client.get("never-put") == ""
     for key, value in ENTRIES.items():
@@ -159,8 +159,10 @@ def test_put_get_dump_round_trip_on_primary(cluster: LocalCluster, connect: Any)
     assert _key_count(backup) == len(expected)
 
 
-def test_get_put_dump_on_backup_raise_not_primary(cluster: LocalCluster, connect: Any) -> None:
-    primary, backup = _nodes(cluster)
+def test_get_put_dump_on_backup_raise_not_primary(
+    shared_cluster: LocalCluster, connect: Any
+) -> None:
+    primary, backup = _nodes(shared_cluster)
     connect(primary).put("existing", "before")
     client = connect(backup)
     code = errors.NotPrimaryError.code
@@ -178,8 +180,10 @@ def test_get_put_dump_on_backup_raise_not_primary(cluster: LocalCluster, connect
     assert _key_count(backup) == 1
 
 
-def test_seed_replicate_without_epoch_is_refused(cluster: LocalCluster, connect: Any) -> None:
-    primary, backup = _nodes(cluster)
+def test_seed_replicate_without_epoch_is_refused(
+    shared_cluster: LocalCluster, connect: Any
+) -> None:
+    primary, backup = _nodes(shared_cluster)
     on_primary = connect(primary)
     on_primary.put("existing", "before")
     code = errors.StaleEpochError.code
@@ -194,8 +198,8 @@ def test_seed_replicate_without_epoch_is_refused(cluster: LocalCluster, connect:
     assert _key_count(primary) == 1
 
 
-def test_node_keeps_serving_after_refusals(cluster: LocalCluster, connect: Any) -> None:
-    primary, backup = _nodes(cluster)
+def test_node_keeps_serving_after_refusals(shared_cluster: LocalCluster, connect: Any) -> None:
+    primary, backup = _nodes(shared_cluster)
     on_primary = connect(primary)
     on_backup = connect(backup)
     for round_number in range(3):
