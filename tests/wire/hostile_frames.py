@@ -39,6 +39,7 @@ from kvstore.idl import (
     Lookup,
     NodeStatus,
     RequestId,
+    ScanChunk,
     SyncChunk,
 )
 
@@ -74,6 +75,7 @@ SAMPLE_ARGS: dict[str, tuple[Any, ...]] = {
     "put_once": ("key-1", "value-1", _ID),
     "remove": ("key-1", _ID),
     "compare_and_set": ("key-1", "old", "new", _ID),
+    "scan": (0, 100, 7),
 }
 
 
@@ -92,6 +94,7 @@ class TrivialHandler:
             "get_many": {"a": "v"},
             "remove": True,
             "compare_and_set": False,
+            "scan": ScanChunk([], [], -1, 7),
         }
         if name not in SAMPLE_ARGS:
             raise AttributeError(name)
