@@ -153,9 +153,8 @@ class NodeHandler:
         self._node.check_primary()
         first, most = _required_int(first_stripe), _required_int(max_entries)
         limit = self._max_reply_bytes
-        # (the stripes copied stop at half a reply's bytes; the last one may add more)
         chunk: Any = self._unavailable_on_failure(
-            lambda began: self._node.scan(first, most, limit // 2, began), epoch or 0
+            lambda began: self._node.scan(first, most, limit, began), epoch or 0
         )
         found = dict(zip(chunk.keys, chunk.values, strict=True))
         if _most_reply_bytes(found) > limit and (size := _reply_bytes(found)) > limit:

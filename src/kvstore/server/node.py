@@ -796,7 +796,8 @@ class StorageNode:
         return found
 
     def scan(self, first_stripe: int, max_entries: int, max_bytes: int, epoch: int) -> object:
-        """A chunk of an export: whole stripes from ``first_stripe`` on (see the IDL's scan)."""
+        """A chunk of an export: whole stripes from ``first_stripe`` on (see the IDL's scan),
+        for a reply of at most ``max_bytes``."""
         if epoch not in (0, self.epoch):  # begun on another primary: start again
             return ScanChunk(keys=[], values=[], next_stripe=0, epoch=self.epoch)
         epoch = self.epoch
@@ -805,10 +806,11 @@ class StorageNode:
                 f"no stripe {first_stripe} on this primary (it has {self.store.stripe_count}): "
                 "a scan continues only on the primary it began on"
             )
-        # snapshot_stripes counts characters, and one takes up to 4 bytes in UTF-8: counting
-        # against a quarter of max_bytes keeps a chunk of CJK text or emoji within a reply.
+        # snapshot_stripes counts characters (up to 4 bytes each in UTF-8) and stops only
+        # once past its bound, the last stripe adding as much again: an eighth of the reply's
+        # bytes keeps a chunk of CJK text or emoji within it (the handler checks the rest).
         keys, values, _, next_stripe = self.store.snapshot_stripes(
-            first_stripe, max(1, max_entries), max(1, max_bytes // 4)
+            first_stripe, max(1, max_entries), max(1, max_bytes // 8)
         )
         self.confirm_read()
         return ScanChunk(keys=keys, values=values, next_stripe=next_stripe, epoch=epoch)
