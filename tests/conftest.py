@@ -23,7 +23,7 @@ import pytest
 from kvstore.local.certs import write_cluster_secret
 from kvstore.local.cluster import LocalCluster
 from kvstore.local.zkserver import ZooKeeperServer
-from shared_clusters import SharedCluster
+from shared_clusters import SharedCluster, shared_for_a_scope
 
 ZK_LOG_LINES = 60
 NODE_LOG_LINES = 60
@@ -167,15 +167,11 @@ def cluster(idle_cluster: LocalCluster) -> LocalCluster:
 def _shared_plain_cluster(
     zk_server: ZooKeeperServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[SharedCluster]:
-    shared = SharedCluster(
+    yield from shared_for_a_scope(
         lambda zk_path: LocalCluster(
             zk_server.connect_string, zk_path, tmp_path_factory.mktemp("shared-nodes")
         )
     )
-    try:
-        yield shared
-    finally:
-        shared.stop()
 
 
 @pytest.fixture

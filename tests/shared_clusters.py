@@ -4,7 +4,7 @@ tests/ is on sys.path through conftest.py)."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import kvstore
 from kvstore.local.cluster import LocalCluster, NodeProcess
@@ -72,3 +72,13 @@ class SharedCluster:
 def _key_count(node: NodeProcess) -> int | None:
     status = node.status(timeout_ms=5000)
     return None if status is None else int(status.key_count)
+
+
+def shared_for_a_scope(make: Callable[[str], LocalCluster]) -> Iterator[SharedCluster]:
+    """The body of a session- or module-scoped fixture: a SharedCluster of ``make``'s
+    clusters, stopped at the end of the scope."""
+    shared = SharedCluster(make)
+    try:
+        yield shared
+    finally:
+        shared.stop()

@@ -30,7 +30,7 @@ from kvstore.local.cluster import LocalCluster, NodeProcess
 from kvstore.local.processes import wait_until
 from kvstore.local.zkserver import ZooKeeperServer
 from kvstore.rpc import Connection, client_tls_context, own_identity
-from shared_clusters import SharedCluster
+from shared_clusters import SharedCluster, shared_for_a_scope
 
 CLIENT_TIMEOUT_S = 10.0
 REFUSAL_TIMEOUT_MS = 2000
@@ -77,15 +77,11 @@ def _shared_tls_nodes(
     certs: CertificateFiles,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[SharedCluster]:
-    shared = SharedCluster(
+    yield from shared_for_a_scope(
         lambda zk_path: tls_nodes(
             zk_server.connect_string, zk_path, tmp_path_factory.mktemp("tls-nodes"), certs
         )
     )
-    try:
-        yield shared
-    finally:
-        shared.stop()
 
 
 @pytest.fixture
