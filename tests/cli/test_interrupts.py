@@ -90,3 +90,20 @@ def test_a_held_signal_is_noted_not_raised_and_an_ignored_one_stays_ignored(
     finally:
         signal.signal(signal.SIGHUP, before)
     assert capsys.readouterr().err == "kv-test: interrupted\n"
+
+
+def test_a_failure_after_a_signal_is_the_interruption_and_before_it_an_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """kv-bench once exited 1 with "ZooKeeper checking the parent path failed" on SIGTERM:
+    its cleanup stopped ZooKeeper under a call in flight, and that error replaced the
+    interruption."""
+    with Interrupts("kv-test") as interrupts:
+        assert interrupts.report_failure(OSError("no ZooKeeper"), "stopped") == 1
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # (the handler runs first)
+        assert interrupts.report_failure(OSError("connection closed"), "stopped") == 143
+    assert capsys.readouterr().err == (
+        "kv-test: no ZooKeeper\nkv-test: interrupted (SIGTERM): stopped\n"
+    )

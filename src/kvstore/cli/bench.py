@@ -397,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check_faults(parser, matrix, args.seconds, args.full)
     with Interrupts("kv-bench") as interrupts:
         try:
-            return _run(args, matrix)
+            return _run(args, matrix, interrupts)
         except KeyboardInterrupt:  # (ZooKeeper and the nodes were stopped on the way out)
             return interrupts.report("stopped the cluster")
 
@@ -424,7 +424,7 @@ def _check_faults(
         )
 
 
-def _run(args: argparse.Namespace, matrix: Matrix | None) -> int:
+def _run(args: argparse.Namespace, matrix: Matrix | None, interrupts: Interrupts) -> int:
     try:
         workdir = session_directory(Path(args.workdir).resolve())
     except OSError as exc:
@@ -453,11 +453,9 @@ def _run(args: argparse.Namespace, matrix: Matrix | None) -> int:
             session.restart_zookeeper = zk.restart
             session.run(zk.connect_string, zk.pid)
     except NodeExitedError as exc:  # (its log says why)
-        report_error("kv-bench", exc.summary)
-        return 1
+        return interrupts.report_failure(exc.summary, "stopped the cluster")
     except (errors.KVError, TimeoutError) as exc:
-        report_error("kv-bench", exc)
-        return 1
+        return interrupts.report_failure(exc, "stopped the cluster")
     if args.java_baseline is not None:
         return _java_baseline(args.java_baseline, args.seconds, args.java_rounds, workdir)
     return 0

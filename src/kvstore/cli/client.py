@@ -94,9 +94,8 @@ def _run(
             interrupts.hold()  # the summary and the log are written whole
             if progress is not None:
                 progress.done()
-    except errors.KVError as exc:
-        report_error("kv-client", exc)
-        return 1
+    except errors.KVError as exc:  # (after a signal: the interruption's, nothing logged)
+        return interrupts.report_failure(exc, "" if args.log == "-" else "no execution log written")
     except KeyboardInterrupt:
         if result is None:  # before the load ran, or a client process's part was lost
             return interrupts.report("" if args.log == "-" else "no execution log written")

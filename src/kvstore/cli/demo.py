@@ -13,7 +13,6 @@ from kvstore.cli.args import (
     new_parser,
     positive_float,
     positive_int,
-    report_error,
     setup_logging,
 )
 from kvstore.cli.interrupts import Interrupts
@@ -77,10 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.seconds, args.threads, args.keyspace, args.workdir, args.secure, args.replicas
             )
         except NodeExitedError as exc:  # (its log says why)
-            report_error("kv-demo", exc.summary)
-            return 1
+            return interrupts.report_failure(exc.summary, "stopped the cluster")
         except (errors.KVError, OSError) as exc:  # no Java or ZooKeeper, a port taken, ...
-            report_error("kv-demo", exc)
-            return 1
+            return interrupts.report_failure(exc, "stopped the cluster")
         except KeyboardInterrupt:  # (ZooKeeper and the nodes were stopped on the way out)
             return interrupts.report("stopped the cluster")

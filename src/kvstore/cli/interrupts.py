@@ -87,3 +87,12 @@ class Interrupts:
         named = "" if self.received in (None, signal.SIGINT) else f" ({self.received.name})"
         report_error(self.prog, f"interrupted{named}" + (f": {what}" if what else ""))
         return self.exit_status
+
+    def report_failure(self, error: BaseException | str, what: str = "") -> int:
+        """A failure the run ended with: once a signal came, it is the interruption's (the
+        cleanup it started stopped what the run was using, ZooKeeper or a node, under a call
+        in flight), reported as :meth:`report`; else the error's one line and exit status 1."""
+        if self.received is not None:
+            return self.report(what)
+        report_error(self.prog, error)
+        return 1
