@@ -666,7 +666,6 @@ class Follower:
             return
         node = self._node
         self._record_incarnation(meta.incarnation)  # (checked: see evaluate_standby)
-        node.role = Role.SYNCING
         node.epoch = meta.epoch
         since = None if node.store.log is None else node.store.log.marker
         started = time.monotonic()
@@ -681,6 +680,7 @@ class Follower:
         )
         try:
             conn.open()  # first: its certificate (TLS) is the primary identity the join pins
+            node.role = Role.SYNCING  # (not before: a refused connection leaves it a standby)
             joined = None if since is None else self._catch_up(conn, meta, since)
             if joined is None:
                 joined = self._copy(conn, meta)
