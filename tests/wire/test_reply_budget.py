@@ -233,8 +233,9 @@ def test_clients_that_never_read_cannot_make_the_node_hold_their_replies(
 ) -> None:
     """32 connections each ask for two 8 MiB get_many replies and never read them: the
     node grows by tens of MiB (its budget, the replies it builds before it refuses them,
-    the allocator's arenas: 5 to 82 MiB measured), not by 32 x 12 MiB or more (512 MiB with
-    the event front, 805 MiB with a thread per connection, measured without the budget); a
+    the allocator's arenas: 5 to 169 MiB measured, the most under a CPU hog), not by
+    32 x 12 MiB or more (512 MiB with the event front, 805 MiB with a thread per connection,
+    measured without the budget: the bound of 256 MiB sits halfway); a
     further large request is refused UNAVAILABLE, a small get and put are served at once,
     and once the connections are gone large replies are served again."""
     pid = node.pid
@@ -258,7 +259,7 @@ def test_clients_that_never_read_cannot_make_the_node_hold_their_replies(
             lambda: probe.call("get_many", KEYS), 100, lambda i: time.sleep(0.05 * (i > 0))
         )
         grown = rss_bytes(pid) - before
-        assert grown < 160 * MIB, f"the node grew by {grown / MIB:.0f} MiB"
+        assert grown < 256 * MIB, f"the node grew by {grown / MIB:.0f} MiB"
         assert refused is not None, "a large reply was served past the budget"
         match = BUSY.fullmatch(refused.message)
         assert match is not None, refused.message
