@@ -838,10 +838,14 @@ class StorageNode:
         with self._backup_lock:
             if replicator not in self._replicators:
                 return  # already dropped (or replaced) by another thread
+            was_in_sync = replicator.is_in_sync
             self._retire_backup(replicator)
-        log.warning(
-            "dropped backup %s (%s): %s", replicator.backup.name, replicator.backup.address, reason
-        )
+        backup = replicator.backup
+        if was_in_sync:
+            log.warning("dropped backup %s (%s): %s", backup.name, backup.address, reason)
+        else:  # no copy anyone counts on: after each failover a backup that asked to catch
+            # up and must copy the store instead starts a second join and refuses the first's
+            log.info("backup %s (%s) left its join: %s", backup.name, backup.address, reason)
         with self._dead_backups_lock:
             self._dead_backups.append(replicator.backup)
         self._wakeup.set()
