@@ -16,7 +16,7 @@ import pytest
 from kazoo.client import KazooClient
 
 import kvstore
-from kvstore.local.cluster import LocalCluster
+from kvstore.local.cluster import LocalCluster, NodeProcess
 from kvstore.local.zkserver import ZooKeeperServer
 
 TIMEOUT_S = 60
@@ -153,6 +153,10 @@ def test_status_marks_a_stale_znode_and_exits_2_without_a_primary(cluster: Local
     # A znode whose node died, while another node answers at its address (a restart): the
     # primary removes its own cluster's such znodes within a tick, so one is made by hand.
     backup = next(n for n in cluster.nodes if n is not cluster.wait_for("primary"))
+    standby = NodeProcess(cluster.zk_connect, cluster.zk_path, cluster.log_dir)
+    cluster.nodes.append(standby)  # (a third node: it waits, and has joined no epoch yet)
+    standby.start()
+    standby.wait_for_role(["standby"])
     zk = KazooClient(hosts=cluster.zk_connect)
     zk.start(timeout=TIMEOUT_S)
     try:
@@ -160,9 +164,11 @@ def test_status_marks_a_stale_znode_and_exits_2_without_a_primary(cluster: Local
             f"{cluster.zk_path}/node-", backup.address.encode(), ephemeral=True, sequence=True
         )
         nodes = json.loads(kv(cluster, "-o", "json", "status").stdout)
-        assert sorted(n["role"] for n in nodes) == ["backup", "primary", "stale"]
+        assert sorted(n["role"] for n in nodes) == ["backup", "primary", "stale", "standby"]
         table = kv(cluster, "status")
         assert table.returncode == 0 and "(stale: a node that stopped" in table.stdout
+        row = next(line.split() for line in table.stdout.splitlines() if "standby" in line)
+        assert row[2:] == ["standby", "-", "no", "0"], table.stdout  # no epoch 0 shown
     finally:
         zk.stop()
         zk.close()

@@ -319,7 +319,8 @@ def _status(args: argparse.Namespace) -> int:
     rows = [("NODE", "ADDRESS", "ROLE", "EPOCH", "IN-SYNC", "KEYS")]
     for r in reports:
         keys = "-" if r.keys is None else str(r.keys)
-        epoch = "-" if r.keys is None else str(r.epoch)  # (no answer: no epoch either)
+        # (no answer: no epoch either; epoch 0: a standby that has joined none yet)
+        epoch = "-" if r.keys is None or r.epoch == 0 else str(r.epoch)
         in_sync = "yes" if r.is_in_sync else "no"
         rows.append((r.name, r.address, r.role, epoch, in_sync, keys))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
