@@ -102,6 +102,9 @@ class NodeConfig:
     # ZooKeeper digest credentials "user:password": the node authenticates with them and
     # every znode it creates is writable only by them (readable by anyone). None: world-open.
     zk_auth: str | None = field(default=None, repr=False)
+    # How it was given them, as options for the kv-createznode commands its messages print
+    # (["--zk-auth-file", PATH], or ["--zk-auth", "USER:PASSWORD"]: never the password).
+    zk_auth_options: tuple[str, ...] = ()
     # Mutual TLS for the node's port and its own calls to other nodes (None: plaintext).
     tls: TlsConfig | None = None
     # TLS to ZooKeeper's secure port (None: plaintext).

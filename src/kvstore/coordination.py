@@ -872,12 +872,15 @@ class Coordinator(ClusterView):
                     return str(name)
         return None
 
-    def check_parent_acl(self, has_auth: bool) -> None:
+    def check_parent_acl(
+        self, has_auth: bool, auth_options: Sequence[str] = (), tls: TlsConfig | None = None
+    ) -> None:
         """Before registering: without credentials, warn that anyone may change this
         cluster's ZooKeeper state, or raise CoordinationError if the parent is secured (only
         credentials may register under it: say so, rather than warn of the opposite before
         NoAuth). With credentials, raise CoordinationError if the parent exists and lets
-        anyone write: that voids the protection the credentials give."""
+        anyone write: that voids the protection the credentials give (``auth_options``,
+        ``tls``: the node's, for the command that message prints)."""
         if not has_auth:
             if self.exists() and not self.parent_acl()[0]:
                 raise errors.CoordinationError(
@@ -895,10 +898,11 @@ class Coordinator(ClusterView):
             return  # register refuses (NoClusterError)
         is_open, acl = self.parent_acl()
         if is_open:
+            options = [*(auth_options or ("--zk-auth", "USER:PASSWORD")), "--secure-existing"]
+            command = createznode_command(self.connect_string(), self.path, options, tls)
             raise errors.CoordinationError(
                 f"refusing to start: {self.path} is writable by anyone (ACL: {acl}), which "
-                "voids this node's ZooKeeper credentials; secure it first: kv-createznode "
-                f"--zk-auth USER:PASSWORD --secure-existing {self.connect_string()} {self.path}"
+                f"voids this node's ZooKeeper credentials; secure it first: {command}"
             )
 
     def is_usable(self) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -398,6 +399,17 @@ def test_a_node_with_credentials_refuses_a_world_writable_parent(
     fix = f"--secure-existing {zk_server.connect_string} {zk_path}"
     assert fix in errors_logged[0]
     assert "Traceback" not in output and AUTH not in output
+    # Given a file, the command it prints names that file (not --zk-auth USER:PASSWORD).
+    auth_file = tmp_path / "zk-auth"
+    auth_file.write_text(AUTH)
+    auth_file.chmod(0o600)
+    without_env = {k: v for k, v in os.environ.items() if k != "KV_ZK_AUTH"}
+    result = subprocess.run(
+        [*command, "--zk-auth-file", str(auth_file)],
+        capture_output=True, text=True, timeout=NODE_EXIT_TIMEOUT_S, env=without_env,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert f"--zk-auth-file {auth_file} {fix}" in result.stdout + result.stderr
     view = connect(zk_server.connect_string, SESSION_S, CONNECT_S)
     try:
         assert view.get_children(zk_path) == []  # it registered nothing

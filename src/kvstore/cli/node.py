@@ -139,17 +139,21 @@ def _no_cluster_advice(args: argparse.Namespace) -> str:
     with this node's ZooKeeper credentials and TLS (the password itself never shown)."""
     if args.restarted:
         return PARENT_GONE
-    auth: list[str] = []
-    if args.zk_auth is not None:
-        auth = ["--zk-auth", "USER:PASSWORD"]
-    elif args.zk_auth_file is not None:
-        auth = ["--zk-auth-file", args.zk_auth_file]
-    # ($KV_ZK_AUTH: kv-createznode reads it as kv-node does)
     tls = None
     if args.zk_tls_cert is not None:
         tls = TlsConfig(args.zk_tls_cert, args.zk_tls_key, args.zk_tls_ca)
-    command = createznode_command(args.zk_connect, args.zk_path, auth, tls)
+    command = createznode_command(args.zk_connect, args.zk_path, _auth_options(args), tls)
     return f"create the cluster with `{command}` (or pass --create-parent)"
+
+
+def _auth_options(args: argparse.Namespace) -> tuple[str, ...]:
+    """The node's ZooKeeper credential options as the commands it prints repeat them (no
+    password; $KV_ZK_AUTH needs none: kv-createznode reads it as kv-node does)."""
+    if args.zk_auth is not None:
+        return ("--zk-auth", "USER:PASSWORD")
+    if args.zk_auth_file is not None:
+        return ("--zk-auth-file", args.zk_auth_file)
+    return ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,6 +184,7 @@ def _config(args: argparse.Namespace, limits: Limits, security: _Security) -> No
         fsync=args.fsync,
         snapshot_every_bytes=args.snapshot_every_mb * 1024 * 1024,
         zk_auth=security.zk_auth,
+        zk_auth_options=_auth_options(args),
         zk_tls=security.zk_tls,
         tls=security.tls,
         cluster_secret=security.cluster_secret,

@@ -533,9 +533,8 @@ class Follower:
             return  # the metadata moved on (say, a backup took over): decide again on it
         config = node.config
         # (the parent's ACL lets only the credentials reset it)
-        auth = ["--zk-auth", "USER:PASSWORD"] if config.zk_auth is not None else []
         command = createznode_command(
-            config.zk_connect, config.zk_path, auth, config.zk_tls, reset=True
+            config.zk_connect, config.zk_path, config.zk_auth_options, config.zk_tls, reset=True
         )
         raise NodeExit(
             EXIT_DATA_LOST,

@@ -242,7 +242,9 @@ class StorageNode:
             if config.create_parent and self._coordinator.create_parent():
                 log.warning("created the parent znode %s (--create-parent)", config.zk_path)
             self._coordinator.require_parent()
-            self._coordinator.check_parent_acl(has_auth=config.zk_auth is not None)
+            self._coordinator.check_parent_acl(
+                config.zk_auth is not None, config.zk_auth_options, config.zk_tls
+            )
             self.name = self._coordinator.register(config.address)
             self._refuse_a_twin()
         except errors.KVError:
