@@ -175,6 +175,52 @@ def test_paused_primary_is_replaced_after_its_lease_and_steps_down(
     assert client.get("a", retry_s=RETRY_S) == "2"
 
 
+def test_a_dropped_backup_that_joined_again_is_not_probed_for_ever(
+    cluster: LocalCluster,
+) -> None:
+    """The primary probes a dropped backup each control tick until it is proven dead (its
+    znode then goes). One that joined again is alive: it was probed about 20 times a second
+    for as long as it lived (each probe a connection, left in TIME_WAIT by the primary)."""
+    primary = cluster.wait_for("primary")
+    backup = cluster.wait_for("backup")
+    assert backup.pid is not None
+    stop = threading.Event()
+
+    def writes() -> None:  # (bounded) the primary drops the backup on a failed batch
+        with kvstore.Client(cluster.zk_connect, cluster.zk_path, timeout=RETRY_S) as kv:
+            for i in range(100_000):
+                if stop.is_set():
+                    return
+                kv.put(f"k{i % 50}", str(i))
+
+    writer = threading.Thread(target=writes, name="writes")
+    writer.start()
+    os.kill(backup.pid, signal.SIGSTOP)
+    try:
+        poll(lambda: "dropped backup" in primary.log_path.read_text(), what="backup dropped")
+    finally:
+        os.kill(backup.pid, signal.SIGCONT)
+        stop.set()
+        writer.join(RETRY_S)
+    # (Its own status said "backup" until it noticed the drop: the primary says it is back.)
+    poll(lambda: primary.log_path.read_text().count(" is in sync ") >= 2, what="rejoined")
+    before = connections_to(backup.port)
+    time.sleep(2)  # (what is measured is the absence of probes over a while)
+    probes = connections_to(backup.port) - before
+    # (The primary's lines to it may open just after its join: a few. Probes made ~40.)
+    assert len(probes) <= 4, f"{len(probes)} new connections to the rejoined backup in 2 s"
+
+
+def connections_to(port: int) -> set[str]:
+    """This host's TCP connections to ``port``, open or closed lately (TIME_WAIT lasts a
+    minute), each by its local address."""
+    lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return {
+        fields[1] for fields in map(str.split, lines)
+        if int(fields[2].rsplit(":", 1)[1], 16) == port
+    }  # fmt: skip
+
+
 def test_no_complete_copy_left_is_reported_not_served(idle_cluster: LocalCluster) -> None:
     cluster = idle_cluster
     only, newcomer = cluster.nodes

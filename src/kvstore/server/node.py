@@ -617,10 +617,13 @@ class StorageNode:
         names = {m.name for m in members}
         with self._dead_backups_lock:  # drops may append meanwhile
             pending, self._dead_backups = self._dead_backups, []
-        waiting = []
-        for member in pending:
-            if member.name not in names:
-                continue  # its session ended: the znode is gone
+        # A dropped backup that joined again is alive: probing it every tick for as long as
+        # it lives (as this did) proves nothing. (Each drop appends: once per name.)
+        joined = {name for replicator in self._replicators for name in replicator.names}
+        waiting: list[Member] = []
+        for member in dict.fromkeys(pending):
+            if member.name not in names or member.name in joined:
+                continue  # its session ended (the znode is gone), or it is back
             if is_dead(member.name, member.address, self.config.probe_timeout_ms, self.peer_tls):
                 log.info("member %s (%s) is dead; removing its znode", member.name, member.address)
                 self.require_coordinator().remove_member(member.name)
