@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from kvstore.local.certs import write_cluster_secret
-from kvstore.local.cluster import LocalCluster
+from kvstore.local.cluster import LocalCluster, NodeProcess
 from kvstore.local.zkserver import ZooKeeperServer
 from shared_clusters import SharedCluster, shared_for_a_scope
 
@@ -37,6 +37,17 @@ def pytest_configure(config: pytest.Config) -> None:
         raise KeyboardInterrupt("SIGTERM")
 
     signal.signal(signal.SIGTERM, interrupt)
+    _give_the_workers_nodes_a_cpu_each()
+
+
+def _give_the_workers_nodes_a_cpu_each() -> None:
+    """Under pytest-xdist (scripts/test), worker N's nodes run on CPU N (modulo the CPUs).
+    kv-node's --cpu auto picks by port, and free ports are odd: on two CPUs every node of
+    both workers would share CPU 1, each worker's tests slowing the other's."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    allowed = sorted(os.sched_getaffinity(0))
+    if worker.startswith("gw") and len(allowed) > 1 and len(allowed) == os.cpu_count():
+        NodeProcess.default_args = ("--cpu", str(allowed[int(worker[2:]) % len(allowed)]))
 
 
 @pytest.fixture(scope="session")

@@ -61,7 +61,12 @@ class NodeProcess:
     ``command_prefix`` runs it through another program, e.g. ``ip netns exec NS`` to start it
     inside a network namespace (bound to ``host``, an address there: give ``port`` then, as no
     free port can be looked up from here). The prefix must exec the node, keeping the PID.
+
+    ``default_args`` (a class attribute) go before each node's own arguments, which can
+    override them: the test suite's workers give their nodes a CPU each (tests/conftest.py).
     """
+
+    default_args: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -107,6 +112,7 @@ class NodeProcess:
             # CPUs all of them get the same one), where SCHED_BATCH stops them preempting
             # each other (BENCHMARKS.md).
             *([] if "--sched" in self.extra_args else ["--sched", "batch"]),
+            *self.default_args,
             *self.extra_args,
         ]
         with open(self.log_path, "ab") as log:
