@@ -12,14 +12,16 @@ from typing import Any, cast
 import pytest
 
 from kvstore import errors
-from kvstore.config import Limits
+from kvstore.config import Limits, NodeConfig
 from kvstore.coordination import ClusterMeta, Member, designated_backups
 from kvstore.idl import Change
 from kvstore.local.processes import wait_until
 from kvstore.rpc import MalformedFrameError, RpcServer, _FrameReader, parse_address
 from kvstore.server import follower, identity
 from kvstore.server.handler import NodeHandler, NodeService
+from kvstore.server.node import StorageNode
 from kvstore.server.replication import BackupFailedError, BackupFence, Replicator
+from kvstore.server.roles import Role
 
 
 def frame(body: bytes) -> bytes:
@@ -502,3 +504,17 @@ def test_after_a_recovery_only_left_behind_znodes_are_queued_for_removal() -> No
     meta = ClusterMeta(1, "node-0000000001", "h:1", ("node-0000000001", "node-0000000002"))
     left = {m.name for m in follower._left_behind(members, meta)}
     assert left == {"node-0000000001", "node-0000000002", "node-0000000003"}
+
+
+def test_a_stopping_node_stays_stopped_whatever_a_control_step_under_way_sets() -> None:
+    """A join or a takeover on the control loop used to overwrite the STOPPED that stop() set
+    from another thread (a stopping node then said standby, backup, even primary)."""
+    node = StorageNode(NodeConfig("127.0.0.1", 1, "127.0.0.1:1", "/x"))
+    node.role = Role.STANDBY
+    assert node.role is Role.STANDBY
+    node.stop("a test")
+    for role in (Role.SYNCING, Role.BACKUP, Role.PRIMARY):
+        node.role = role
+        assert node.role is Role.STOPPED
+    with pytest.raises(errors.UnavailableError, match="is stopping"):
+        node.check_primary()

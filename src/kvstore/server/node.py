@@ -127,7 +127,8 @@ class StorageNode:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
         self.store = StripedStore(config.stripe_count)
-        self.role = Role.STARTING
+        self._stopping = threading.Event()  # set once, when the node starts to stop
+        self._role = Role.STARTING
         self.epoch = 0
         self.name = ""
         self.primary_address = ""
@@ -136,7 +137,6 @@ class StorageNode:
         self._replicators: tuple[Replicator, ...] = ()
         self._backup_lock = threading.Lock()
         self._wakeup = threading.Event()
-        self._stopping = threading.Event()  # set once, when the node starts to stop
         self._stop_reason: NodeExit | None = None
         self._dead_backups: list[Member] = []
         self._dead_backups_lock = threading.Lock()  # drops append from several threads
@@ -293,12 +293,24 @@ class StorageNode:
                     f"is fine: it copies the data from the primary)"
                 )
 
+    @property
+    def role(self) -> Role:
+        return self._role
+
+    @role.setter
+    def role(self, role: Role) -> None:
+        """Once stopping, a node stays stopped: a control step under way on another thread
+        (a join, a takeover) must not bring it back as standby, backup or primary."""
+        self._role = role
+        if self._stopping.is_set():  # (stop sets it before the role: either way, STOPPED)
+            self._role = Role.STOPPED
+
     def stop(self, reason: str = "asked to stop", code: int = EXIT_OK) -> None:
         """Stop serving at once; the control loop winds the node down. Safe from any thread."""
-        self.role = Role.STOPPED
         if self._stop_reason is None:
             self._stop_reason = NodeExit(code, reason)
         self._stopping.set()
+        self.role = Role.STOPPED
         self._wakeup.set()
 
     @property
@@ -309,8 +321,8 @@ class StorageNode:
         self._wakeup.set()
 
     def _shutdown(self) -> None:
-        self.role = Role.STOPPED
         self._stopping.set()
+        self.role = Role.STOPPED
         reason = self._stop_reason
         code = EXIT_OK if reason is None else reason.code
         # A restart is routine; any other status but 0 ends the node for good: an error.
@@ -1019,8 +1031,8 @@ class StorageNode:
         raise errors.UnavailableError(f"join {join_id} is not in progress (it was reset)")
 
     def check_primary(self, epoch: int | None = None) -> None:
-        if self.role != Role.PRIMARY:
-            if self.role == Role.STOPPED:
+        if self._role is not Role.PRIMARY:  # (every request: the attribute, not the property)
+            if self._role is Role.STOPPED:
                 raise errors.UnavailableError(f"node {self.name} is stopping")
             hint = (
                 f" {errors.NOT_PRIMARY_HINT}{self.primary_address}" if self.primary_address else ""
