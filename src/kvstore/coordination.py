@@ -49,6 +49,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import shlex
 import threading
 import time
@@ -458,11 +459,12 @@ def createznode_command(
 ) -> str:
     """The kv-createznode command line (quoted for a shell) that a node's message tells the
     operator to run, with the node's credential options (never a password: say
-    ``--zk-auth USER:PASSWORD``) and ZooKeeper TLS files."""
+    ``--zk-auth USER:PASSWORD``) and ZooKeeper TLS files (absolute paths: the operator's
+    shell may be in another directory than the node)."""
     command = ["kv-createznode", *(["--reset"] if reset else []), *auth_options]
     if tls is not None:
-        command += ["--zk-tls-cert", tls.cert_path, "--zk-tls-key", tls.key_path]
-        command += ["--zk-tls-ca", tls.ca_path]
+        cert, key, ca = map(os.path.abspath, (tls.cert_path, tls.key_path, tls.ca_path))
+        command += ["--zk-tls-cert", cert, "--zk-tls-key", key, "--zk-tls-ca", ca]
     return shlex.join([*command, zk_connect, path])
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import socket
@@ -210,17 +211,25 @@ def test_kv_node_with_create_parent_starts_a_cluster_that_serves(
 
 def test_the_missing_parent_line_names_the_nodes_zookeeper_options() -> None:
     """The kv-createznode command shown carries the node's credential file and ZooKeeper TLS
-    options (quoted for the shell); a restarted node, which found its parent gone, says so."""
+    options (absolute, quoted for the shell); a restarted node, which found its parent gone,
+    says so."""
     given = ["127.0.0.1", "9000", "zk1:2181,zk2:2181", "/kvstroe", "--zk-auth-file", "my auth"]
     given += ["--zk-tls-cert", "c.pem", "--zk-tls-key", "k.pem", "--zk-tls-ca", "ca.pem"]
     parser = kv_node._parser()
-    assert kv_node._no_cluster_advice(parser.parse_args(given)) == (
-        "create the cluster with `kv-createznode --zk-auth-file 'my auth' --zk-tls-cert c.pem "
-        "--zk-tls-key k.pem --zk-tls-ca ca.pem zk1:2181,zk2:2181 /kvstroe` "
-        "(or pass --create-parent)"
+    args = parser.parse_args(given)
+    auth = kv_node._auth_options(args, has_auth=True)
+    here = os.getcwd()
+    assert kv_node._no_cluster_advice(args, auth) == (
+        f"create the cluster with `kv-createznode --zk-auth-file '{here}/my auth' "
+        f"--zk-tls-cert {here}/c.pem --zk-tls-key {here}/k.pem --zk-tls-ca {here}/ca.pem "
+        "zk1:2181,zk2:2181 /kvstroe` (or pass --create-parent)"
     )
-    restarted = kv_node._no_cluster_advice(parser.parse_args([kv_node.RESTARTED, *given]))
-    assert restarted.startswith("it was deleted while this node ran")
+    restarted = parser.parse_args([kv_node.RESTARTED, *given])
+    assert kv_node._no_cluster_advice(restarted, auth).startswith("it was deleted while")
+    # Credentials from $KV_ZK_AUTH (or --zk-auth): the placeholder, never the password.
+    anonymous = parser.parse_args(given[:4])
+    assert kv_node._auth_options(anonymous, has_auth=True) == ("--zk-auth", "USER:PASSWORD")
+    assert kv_node._auth_options(anonymous, has_auth=False) == ()
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])

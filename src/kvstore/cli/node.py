@@ -115,7 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("kv-node").error("cannot serve on %s: %s", config.address, exc)
         return 1
     except errors.NoClusterError as exc:
-        logging.getLogger("kv-node").error("%s: %s", exc, _no_cluster_advice(args))
+        advice = _no_cluster_advice(args, config.zk_auth_options)
+        logging.getLogger("kv-node").error("%s: %s", exc, advice)
         return 1
     except errors.KVError as exc:
         logging.getLogger("kv-node").error("%s", exc)
@@ -134,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 RESTARTED = "--restarted"
 
 
-def _no_cluster_advice(args: argparse.Namespace) -> str:
+def _no_cluster_advice(args: argparse.Namespace, auth_options: Sequence[str]) -> str:
     """What to do about a missing parent znode: the kv-createznode command that creates it
     with this node's ZooKeeper credentials and TLS (the password itself never shown)."""
     if args.restarted:
@@ -142,18 +143,18 @@ def _no_cluster_advice(args: argparse.Namespace) -> str:
     tls = None
     if args.zk_tls_cert is not None:
         tls = TlsConfig(args.zk_tls_cert, args.zk_tls_key, args.zk_tls_ca)
-    command = createznode_command(args.zk_connect, args.zk_path, _auth_options(args), tls)
+    command = createznode_command(args.zk_connect, args.zk_path, auth_options, tls)
     return f"create the cluster with `{command}` (or pass --create-parent)"
 
 
-def _auth_options(args: argparse.Namespace) -> tuple[str, ...]:
-    """The node's ZooKeeper credential options as the commands it prints repeat them (no
-    password; $KV_ZK_AUTH needs none: kv-createznode reads it as kv-node does)."""
-    if args.zk_auth is not None:
-        return ("--zk-auth", "USER:PASSWORD")
+def _auth_options(args: argparse.Namespace, has_auth: bool) -> tuple[str, ...]:
+    """The node's ZooKeeper credential options as the commands it prints repeat them: its
+    file (absolute: the operator's shell may be elsewhere), else the placeholder
+    ``--zk-auth USER:PASSWORD`` for credentials given by option or $KV_ZK_AUTH (never the
+    password); none without credentials."""
     if args.zk_auth_file is not None:
-        return ("--zk-auth-file", args.zk_auth_file)
-    return ()
+        return ("--zk-auth-file", os.path.abspath(args.zk_auth_file))
+    return ("--zk-auth", "USER:PASSWORD") if has_auth else ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,7 +185,7 @@ def _config(args: argparse.Namespace, limits: Limits, security: _Security) -> No
         fsync=args.fsync,
         snapshot_every_bytes=args.snapshot_every_mb * 1024 * 1024,
         zk_auth=security.zk_auth,
-        zk_auth_options=_auth_options(args),
+        zk_auth_options=_auth_options(args, security.zk_auth is not None),
         zk_tls=security.zk_tls,
         tls=security.tls,
         cluster_secret=security.cluster_secret,
