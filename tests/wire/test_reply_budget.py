@@ -146,6 +146,9 @@ def test_large_replies_past_the_budget_are_refused_and_the_count_is_exact(
     def one_more(i: int) -> None:  # every other one moves to a thread (owing replies)
         request = gets if i % 2 == 0 else [*gets[:2], encode_call("status", ()), *gets[2:]]
         hostile.append(not_reading(server.port, b"".join(request)))
+        # Served before the probe asks (else, under load, 24 of them could still be waiting
+        # for a turn with little held: it failed so once on two busy CPUs).
+        wait_for_an_answer(hostile[-1])
 
     try:
         assert probe.call("get", "big") == BIG  # (under the budget: served)
