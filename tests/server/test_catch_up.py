@@ -7,15 +7,13 @@ the backup takes over, and its ``dump`` must equal the primary's last one.
 
 from __future__ import annotations
 
-import contextlib
 import re
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import kvstore
+from cluster_load import writes_meanwhile
 from kvstore.bench import faults, storage
 from kvstore.local.cluster import LocalCluster, NodeProcess
 from kvstore.local.processes import wait_until
@@ -121,28 +119,6 @@ def test_a_backup_copies_the_store_when_the_primary_log_was_trimmed(
     # The join it gave up for a copy is no in-sync backup the primary lost: no warning.
     assert "dropped backup" not in primary_lines, primary_lines
     assert_backup_holds(cluster, primary, backup)
-
-
-@contextlib.contextmanager
-def writes_meanwhile(cluster: LocalCluster) -> Iterator[None]:
-    """Puts from another thread (bounded: at most 100,000, until the block is left)."""
-    done = threading.Event()
-
-    def write() -> None:
-        with kvstore.Client(cluster.zk_connect, cluster.zk_path, timeout=10) as kv:
-            for i in range(100_000):
-                if done.is_set():
-                    return
-                kv.put(f"meanwhile{i % 100}", str(i))
-
-    writer = threading.Thread(target=write, name="writes-meanwhile")
-    writer.start()
-    try:
-        yield
-    finally:
-        done.set()
-        writer.join(30)
-    assert not writer.is_alive()
 
 
 def test_a_copy_from_another_history_is_replaced_not_caught_up(

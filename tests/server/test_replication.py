@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 import kvstore
+from cluster_load import writes_meanwhile
 from kvstore import errors
 from kvstore.client.locator import KVClient, PrimaryLocator
 from kvstore.config import ClientConfig
@@ -184,24 +185,12 @@ def test_a_dropped_backup_that_joined_again_is_not_probed_for_ever(
     primary = cluster.wait_for("primary")
     backup = cluster.wait_for("backup")
     assert backup.pid is not None
-    stop = threading.Event()
-
-    def writes() -> None:  # (bounded) the primary drops the backup on a failed batch
-        with kvstore.Client(cluster.zk_connect, cluster.zk_path, timeout=RETRY_S) as kv:
-            for i in range(100_000):
-                if stop.is_set():
-                    return
-                kv.put(f"k{i % 50}", str(i))
-
-    writer = threading.Thread(target=writes, name="writes")
-    writer.start()
-    os.kill(backup.pid, signal.SIGSTOP)
-    try:
-        poll(lambda: "dropped backup" in primary.log_path.read_text(), what="backup dropped")
-    finally:
-        os.kill(backup.pid, signal.SIGCONT)
-        stop.set()
-        writer.join(RETRY_S)
+    with writes_meanwhile(cluster, RETRY_S):  # the primary drops it on a failed batch
+        os.kill(backup.pid, signal.SIGSTOP)
+        try:
+            poll(lambda: "dropped backup" in primary.log_path.read_text(), what="backup dropped")
+        finally:
+            os.kill(backup.pid, signal.SIGCONT)
     # (Its own status said "backup" until it noticed the drop: the primary says it is back.)
     poll(lambda: primary.log_path.read_text().count(" is in sync ") >= 2, what="rejoined")
     before = connections_to(backup.port)
