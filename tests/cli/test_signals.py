@@ -49,13 +49,29 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def is_alive(pid: int) -> bool:
-    """Running (a zombie has ended: only its exit status waits to be collected)."""
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command's name (state first), or None."""
     try:
         with open(f"/proc/{pid}/stat") as file:
-            return file.read().rsplit(")", 1)[1].split()[0] != "Z"
+            return file.read().rsplit(")", 1)[1].split()
     except OSError:
+        return None
+
+
+def start_time(pid: int) -> str | None:
+    """When ``pid`` started (clock ticks since boot): with the PID, names one process even
+    once PIDs wrap (two xdist workers start many)."""
+    fields = _stat(pid)
+    return None if fields is None else fields[19]
+
+
+def is_alive(pid: int, started: str | None = None) -> bool:
+    """Running (a zombie has ended: only its exit status waits to be collected), and the
+    process that started at ``started`` if given (not another one under a reused PID)."""
+    fields = _stat(pid)
+    if fields is None or (started is not None and fields[19] != started):
         return False
+    return fields[0] != "Z"
 
 
 def poll(condition: Callable[[], Any], timeout_s: float, what: str) -> Any:
@@ -82,7 +98,7 @@ class Program:
                 stderr=err,
                 start_new_session=new_session,  # a process group of its own, as on a terminal
             )
-        self.seen: list[int] = []
+        self.seen: dict[int, str] = {}  # PID: its start time
 
     @property
     def pid(self) -> int:
@@ -90,8 +106,11 @@ class Program:
 
     def record(self) -> list[int]:
         """Note the processes below it now (to check later that none outlives it)."""
-        self.seen += [pid for pid in descendants(self.pid) if pid not in self.seen]
-        return self.seen
+        for pid in descendants(self.pid):
+            started = start_time(pid)
+            if pid not in self.seen and started is not None:
+                self.seen[pid] = started
+        return list(self.seen)
 
     def finish(self, signum: int, to_group: bool = False) -> tuple[int, str, str]:
         """Send ``signum`` (to its process group: as a terminal does), wait for the end;
@@ -105,7 +124,7 @@ class Program:
         return code, self.out_path.read_text(), self.err_path.read_text()
 
     def left_running(self) -> list[int]:
-        return [pid for pid in self.seen if is_alive(pid)]
+        return [pid for pid, started in self.seen.items() if is_alive(pid, started)]
 
     def kill_leftovers(self) -> None:
         if self.process.poll() is None:
