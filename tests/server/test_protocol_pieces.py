@@ -7,6 +7,7 @@ import select
 import socket
 import threading
 import time
+import types
 from typing import Any, cast
 
 import pytest
@@ -518,3 +519,39 @@ def test_a_stopping_node_stays_stopped_whatever_a_control_step_under_way_sets() 
         assert node.role is Role.STOPPED
     with pytest.raises(errors.UnavailableError, match="is stopping"):
         node.check_primary()
+
+
+class _CoordinatorNamingUsPrimary:
+    """What a stopping primary's control step read in a nemesis run: metadata naming it
+    primary (it had just dropped its backups), a live session."""
+
+    is_session_lost = False
+
+    def __init__(self, name: str) -> None:
+        self.meta_now = ClusterMeta(epoch=3, primary=name, in_sync=(name,))
+        self.members_now = [Member(name, "127.0.0.1:1")]
+
+    def meta(self) -> tuple[ClusterMeta, int]:
+        return self.meta_now, 7
+
+    def members(self) -> list[Member]:
+        return self.members_now
+
+
+def test_a_control_step_under_way_when_the_node_stops_decides_nothing() -> None:
+    """SIGTERM (stop, from the signal's thread) came while the control loop read the
+    metadata: the step went on, found the role not primary, and as a standby ended in DATA
+    LOST (exit 3) instead of the clean stop (found by a fault campaign)."""
+    node = StorageNode(NodeConfig("127.0.0.1", 1, "127.0.0.1:1", "/x"))
+    node.name = "node-0000000002"
+    node._coordinator = cast(Any, _CoordinatorNamingUsPrimary(node.name))
+    decided: list[str] = []
+    node._follower = cast(Any, types.SimpleNamespace(
+        evaluate_standby=lambda *_: decided.append("standby"),
+        evaluate_backup=lambda *_: decided.append("backup"),
+        is_former_name=lambda _: False,
+    ))  # fmt: skip
+    node.role = Role.PRIMARY
+    node.stop("signal SIGTERM")
+    node._evaluate()
+    assert decided == [] and node.role is Role.STOPPED

@@ -259,7 +259,9 @@ class StorageNode:
         try:
             self._control_loop()
         except NodeExit as exc:
-            self._stop_reason = exc
+            # A decision taken after a stop was asked (say DATA LOST, by a control step under
+            # way as SIGTERM came) does not replace why the node stops.
+            self._stop_reason = self._stop_reason or exc
         finally:
             self._shutdown()
         assert self._stop_reason is not None
@@ -423,14 +425,17 @@ class StorageNode:
             and self.cas_confirmed(meta.renamed(meta.primary, self.name), version)
         ):
             meta, version = coordinator.meta()
+        if self.role is Role.STOPPED:
+            return  # stop() came from another thread meanwhile: a stopping node decides nothing
         if self.role != Role.PRIMARY and meta.primary == self.name:
             # Only this node writes its own name as primary: a CAS whose reply was lost.
             self.become_primary(meta.epoch, "the metadata names this node primary", "confirmed")
-        if self.role == Role.PRIMARY:
+        role = self.role  # (STOPPED from here on if a stop comes now: see the role setter)
+        if role == Role.PRIMARY:
             self._evaluate_primary(meta, members)
-        elif self.role == Role.BACKUP:
+        elif role == Role.BACKUP:
             self._follower.evaluate_backup(meta, version, members)
-        else:
+        elif role is not Role.STOPPED:  # (a stopping node is no standby: no recovery, no join)
             self._follower.evaluate_standby(meta, version, members)
 
     def _register_again(self, coordinator: Coordinator) -> list[Member]:
