@@ -71,6 +71,8 @@ from kazoo.exceptions import (
 )
 from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.hosts import collect_hosts
+from kazoo.protocol.connection import ConnectionHandler
+from kazoo.protocol.serialization import Connect
 from kazoo.security import ACL, READ_ACL_UNSAFE, Permissions, make_digest_acl
 
 from kvstore import errors
@@ -388,6 +390,31 @@ def _plain(exc: Exception) -> str:
 
 
 CANCEL_CHECK_S = 0.1  # how often a connect asks whether it is cancelled
+
+
+def _bound_the_session_handshake() -> None:
+    """kazoo waits for the reply to each connection attempt's session handshake for the
+    session timeout divided by the number of ZooKeeper hosts (10 s with one server), and has
+    no option for it. An attempt that connected while ZooKeeper restarted and got no answer
+    then held a node's reconnect so long that its session expired (RELIABILITY.md); a server
+    that is up answers in milliseconds. The handshake now waits a third of the session
+    timeout (at least 1 s, at most kazoo's wait), so the next attempt (the reconnect retry,
+    within a second) still comes in time to keep the session."""
+    invoke = getattr(ConnectionHandler, "_invoke", None)
+    if invoke is None or getattr(invoke, "bounds_the_handshake", False):
+        return  # (another kazoo: left as it is)
+
+    def bounded(self: Any, timeout: float, request: Any, xid: Any = None) -> Any:
+        if isinstance(request, Connect):
+            session_s = self.client._session_timeout / 1000.0
+            timeout = min(timeout, max(1.0, session_s / 3))
+        return invoke(self, timeout, request, xid)
+
+    bounded.bounds_the_handshake = True  # type: ignore[attr-defined]
+    ConnectionHandler._invoke = bounded
+
+
+_bound_the_session_handshake()
 
 
 def connect(

@@ -4,16 +4,22 @@ than the nodes' sessions loses no acknowledged write and the cluster heals by it
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import threading
 import time
 from pathlib import Path
 
+import pytest
+
 import kvstore
+from kvstore import errors
 from kvstore.bench import load
 from kvstore.bench.workload import Workload
 from kvstore.check import checker
 from kvstore.check.history import format_event, parse_log
 from kvstore.config import ClientConfig
+from kvstore.coordination import connect
 from kvstore.local.cluster import LocalCluster
 from kvstore.local.processes import wait_until
 from kvstore.local.zkserver import ZooKeeperServer
@@ -103,3 +109,28 @@ def test_an_outage_longer_than_every_session_loses_nothing(tmp_path: Path, zk_pa
         assert "KazooTimeoutError" not in text and "Traceback" not in text, text
         assert text.count("control step failed: ") <= 4, text
         assert "control step works again" in text, f"{address}:\n{text}"
+
+
+def test_a_session_handshake_without_an_answer_is_given_up_in_a_third_of_the_session() -> None:
+    """A server that takes the connection but never answers the handshake (as ZooKeeper
+    did once while it restarted) held kazoo's attempt for the whole session timeout divided
+    by the hosts (3 s here), so the session expired before a second attempt. Now each
+    attempt waits a third of it (1 s), then the next one comes."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    attempts: list[socket.socket] = []
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):  # (closed at the end)
+            for _ in range(100):  # bounded
+                attempts.append(listener.accept()[0])  # kept open, never answered
+
+    threading.Thread(target=accept, name="silent-zookeeper", daemon=True).start()
+    port = listener.getsockname()[1]
+    try:
+        with pytest.raises(errors.CoordinationError, match="cannot reach ZooKeeper"):
+            connect(f"127.0.0.1:{port}", session_timeout_s=3.0, connect_timeout_s=2.5)
+        assert len(attempts) >= 2, f"{len(attempts)} handshake attempts in 2.5 s"
+    finally:
+        listener.close()
+        for sock in attempts:
+            sock.close()
