@@ -69,7 +69,7 @@ from kazoo.exceptions import (
     NoNodeError,
     SessionExpiredError,
 )
-from kazoo.handlers.threading import KazooTimeoutError
+from kazoo.handlers.threading import KazooTimeoutError, SequentialThreadingHandler
 from kazoo.hosts import collect_hosts
 from kazoo.protocol.connection import ConnectionHandler
 from kazoo.protocol.serialization import Connect
@@ -392,29 +392,44 @@ def _plain(exc: Exception) -> str:
 CANCEL_CHECK_S = 0.1  # how often a connect asks whether it is cancelled
 
 
-def _bound_the_session_handshake() -> None:
-    """kazoo waits for the reply to each connection attempt's session handshake for the
-    session timeout divided by the number of ZooKeeper hosts (10 s with one server), and has
-    no option for it. An attempt that connected while ZooKeeper restarted and got no answer
-    then held a node's reconnect so long that its session expired (RELIABILITY.md); a server
-    that is up answers in milliseconds. The handshake now waits a third of the session
-    timeout (at least 1 s, at most kazoo's wait), so the next attempt (the reconnect retry,
-    within a second) still comes in time to keep the session."""
-    invoke = getattr(ConnectionHandler, "_invoke", None)
-    if invoke is None or getattr(invoke, "bounds_the_handshake", False):
-        return  # (another kazoo: left as it is)
+def _attempt_s(session_s: float) -> float:
+    """How long one attempt to reach a ZooKeeper server may take (its TCP and TLS connect,
+    then its session handshake): a third of the session timeout, at least 1 s."""
+    return max(1.0, session_s / 3)
 
-    def bounded(self: Any, timeout: float, request: Any, xid: Any = None) -> Any:
+
+def _bound_each_connection_attempt() -> None:
+    """kazoo gives each attempt to reach a server the whole session timeout for its connect
+    and, divided by the number of hosts, for its session handshake (10 s each with one
+    server), and has no option for either. An attempt that connected while ZooKeeper
+    restarted and got no handshake reply then held a node's reconnect until its session
+    expired (RELIABILITY.md); a host of an ensemble that drops packets would do the same
+    with the connect. A server that is up answers both in milliseconds. Each now waits
+    :func:`_attempt_s` (at most kazoo's own wait), so the next attempt (the reconnect
+    retry, within a second) still comes in time to keep the session. Another kazoo without
+    these methods is left as it is."""
+    invoke = getattr(ConnectionHandler, "_invoke", None)
+    create = getattr(SequentialThreadingHandler, "create_connection", None)
+    if invoke is None or create is None or getattr(invoke, "is_bounded", False):
+        return
+
+    def bounded_invoke(self: Any, timeout: float, request: Any, xid: Any = None) -> Any:
         if isinstance(request, Connect):
-            session_s = self.client._session_timeout / 1000.0
-            timeout = min(timeout, max(1.0, session_s / 3))
+            timeout = min(timeout, _attempt_s(self.client._session_timeout / 1000.0))
         return invoke(self, timeout, request, xid)
 
-    bounded.bounds_the_handshake = True  # type: ignore[attr-defined]
-    ConnectionHandler._invoke = bounded
+    def bounded_create(self: Any, *args: Any, **kwargs: Any) -> Any:
+        timeout = kwargs.get("timeout")  # (kazoo passes the session timeout)
+        if timeout is not None:
+            kwargs["timeout"] = min(timeout, _attempt_s(timeout))
+        return create(self, *args, **kwargs)
+
+    bounded_invoke.is_bounded = True  # type: ignore[attr-defined]
+    ConnectionHandler._invoke = bounded_invoke
+    SequentialThreadingHandler.create_connection = bounded_create
 
 
-_bound_the_session_handshake()
+_bound_each_connection_attempt()
 
 
 def connect(

@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
+from kazoo.handlers import utils as kazoo_utils
+from kazoo.handlers.threading import SequentialThreadingHandler
 
 import kvstore
 from kvstore import errors
@@ -134,3 +136,23 @@ def test_a_session_handshake_without_an_answer_is_given_up_in_a_third_of_the_ses
         listener.close()
         for sock in attempts:
             sock.close()
+
+
+def test_a_connect_to_a_zookeeper_host_is_given_a_third_of_the_session(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """kazoo gives its TCP (and TLS) connect the whole session timeout: a host of an
+    ensemble that drops packets would hold an attempt until the session expired. (A
+    dropped SYN needs a network namespace to make; what kazoo is asked for is checked.)"""
+    asked: list[float] = []
+
+    def record(_module: object, *_args: object, timeout: float, **_kwargs: object) -> None:
+        asked.append(timeout)
+        raise OSError("not connecting in this test")
+
+    monkeypatch.setattr(kazoo_utils, "create_tcp_connection", record)
+    handler = SequentialThreadingHandler()
+    for session_s in (9.0, 2.0):
+        with pytest.raises(OSError):
+            handler.create_connection(address=("127.0.0.1", 1), timeout=session_s)
+    assert asked == [3.0, 1.0]
