@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -25,11 +26,24 @@ def wait_until(found: Callable[[], T | None], timeout_s: float, failure: Callabl
     raise TimeoutError(failure())
 
 
+_HANDED_OUT: set[tuple[str, int]] = set()
+_HANDED_OUT_LOCK = threading.Lock()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free on ``host`` a moment ago (bind to port 0, read it, close)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A TCP port that was free on ``host`` a moment ago (bind to port 0, read it, close),
+    and never handed out before by this process: the kernel picks port 0's port at random,
+    so two calls before either port is bound (the nodes of one cluster are given theirs
+    before any starts) could get the same one (a 4-node test cluster once did)."""
+    with _HANDED_OUT_LOCK:
+        for _ in range(1000):  # bounded: thousands of ports are free
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.bind((host, 0))
+                port = int(sock.getsockname()[1])
+            if (host, port) not in _HANDED_OUT:
+                _HANDED_OUT.add((host, port))
+                return port
+    raise OSError(f"no port on {host} that this process has not handed out already")
 
 
 def terminate(process: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
