@@ -66,3 +66,26 @@ def test_transport_and_io_are_dimensions_of_the_matrix_the_options_and_the_summa
     assert rows[1]["name"].endswith(f"-{kinds[1]}") and rows[0]["name"] != rows[1]["name"]
     ratio = f"{kinds[1]}/{kinds[0]} ops/s 0.75, p50 1.00, p99 1.00"
     assert any(line.endswith(ratio) for line in summarize(rows))
+
+
+def test_a_run_with_deletes_and_compare_and_sets_sends_them_and_its_history_checks(
+    zk_server: ZooKeeperServer, tmp_path: Path
+) -> None:
+    """kv-bench --delete-ratio/--cas-ratio (issue 8: the benchmark runs a mix with them and
+    still prints a verdict); they come out of the mix's writes and need the shared Client."""
+    scenario = Scenario(4, 20, 50, 10, "none", 1, client="shared")
+    row = run_scenario(
+        zk_server.connect_string, zk_server.pid, scenario, 2.0, tmp_path,
+        delete_ratio=0.1, cas_ratio=0.2,
+    )  # fmt: skip
+    assert row["check"] == "OK" and row["failures"] == 0
+    assert row["deletes"] > 0 and row["compare_and_sets"] > row["deletes"], row
+    parser = bench_cli._parser()
+    for wrong in (
+        ["--delete-ratio", "0.1"],  # per-thread clients
+        ["--client", "shared", "--mix", "95/5", "--cas-ratio", "0.1"],  # 5 % writes only
+    ):
+        args = parser.parse_args(wrong)
+        matrix = Matrix(client=args.client, read_percent=args.mix)
+        with pytest.raises(SystemExit):
+            bench_cli._check_deletes_and_cas(parser, matrix, args.delete_ratio, args.cas_ratio)

@@ -29,6 +29,7 @@ import re
 import shutil
 import statistics
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,7 @@ from kvstore.bench.procstat import CpuMeter
 from kvstore.bench.workload import BenchResult, Workload
 from kvstore.check import checker
 from kvstore.check.checker import check_events
-from kvstore.check.history import write_events
+from kvstore.check.history import CAS, DELETE, write_events
 from kvstore.local.certs import write_certificates
 from kvstore.local.cluster import LocalCluster
 
@@ -85,18 +86,27 @@ class Scenario:
             + ("" if self.io == "events" else f"-{self.io}")
         )
 
-    def workload(self, seconds: float, zipfian_theta: float = ZIPFIAN_THETA) -> Workload:
-        write_ratio = (100 - self.read_percent) / 100
+    def workload(
+        self,
+        seconds: float,
+        zipfian_theta: float = ZIPFIAN_THETA,
+        delete_ratio: float = 0.0,
+        cas_ratio: float = 0.0,
+    ) -> Workload:
+        """``delete_ratio``, ``cas_ratio``: shares of all operations, out of the writes."""
+        write_ratio = (100 - self.read_percent) / 100 - delete_ratio - cas_ratio
         return Workload(
             self.threads,
             seconds,
             self.keyspace,
-            write_ratio,
+            max(0.0, write_ratio),
             self.value_bytes,
             client=self.client,
             key_dist=self.dist,
             zipfian_theta=zipfian_theta,
             rate=self.rate,
+            delete_ratio=delete_ratio,
+            cas_ratio=cas_ratio,
         )
 
 
@@ -216,10 +226,14 @@ def run_scenario(
     restart_zookeeper: Callable[[], None] | None = None,
     zipfian_theta: float = ZIPFIAN_THETA,
     progress: Callable[[int, int, float], None] | None = None,
+    delete_ratio: float = 0.0,
+    cas_ratio: float = 0.0,
 ) -> dict[str, Any]:
     """Run one configuration on a fresh cluster; its table row (a dict). The nemesis
     restarts ZooKeeper among its faults when ``restart_zookeeper`` is given; ``progress``
-    is called about once a second while the load runs (one client process only)."""
+    is called about once a second while the load runs (one client process only);
+    ``delete_ratio`` and ``cas_ratio`` (shares of all operations, out of the writes) need
+    the shared Client, and the row then counts the deletes and compare-and-sets sent."""
     node_args = list(_PLACEMENT_ARGS[scenario.placement])
     if scenario.io != "events":
         node_args += ["--io", scenario.io]
@@ -242,7 +256,7 @@ def run_scenario(
         cluster.client_tls = certs.client
     elif scenario.transport != "plain":
         raise ValueError(f"unknown transport {scenario.transport!r} (expected one of {TRANSPORTS})")
-    workload = scenario.workload(seconds, zipfian_theta)
+    workload = scenario.workload(seconds, zipfian_theta, delete_ratio, cas_ratio)
     kills: list[tuple[float, str]] = []
     injected: list[tuple[float, str, str]] = []
     own_cpus = os.sched_getaffinity(0)
@@ -306,6 +320,10 @@ def run_scenario(
     row["data_dir"] = str(data_dir) if data_dir else None
     if scenario.dist == "zipfian":
         row["zipfian_theta"] = zipfian_theta
+    if delete_ratio or cas_ratio:
+        sent = Counter(event[3] for event in result.events if not event[1])
+        row.update(delete_ratio=delete_ratio, cas_ratio=cas_ratio)
+        row.update(deletes=sent[DELETE], compare_and_sets=sent[CAS])
     responses = [t for t, is_response, *_ in result.events if is_response]
     row["throughput_per_s"] = per_window(responses, seconds, 1.0)
     row["throughput_per_100ms"] = per_window(responses, seconds, 0.1)

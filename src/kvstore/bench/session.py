@@ -53,6 +53,8 @@ class Session:
     apache_accelerated: bool = False
     repeat: int = 1
     zipfian_theta: float = ZIPFIAN_THETA
+    delete_ratio: float = 0.0  # of all operations, out of the writes (--client shared)
+    cas_ratio: float = 0.0
     out: Callable[[str], None] = print
     progress_stream: TextIO | None = None  # a live progress line there, if it is a terminal
     restart_zookeeper: Callable[[], None] | None = None  # for the nemesis
@@ -67,6 +69,12 @@ class Session:
             "rows": [],
         }
         self.out(f"== source {self.report['source']}, {os.cpu_count()} CPUs")
+        if self.delete_ratio or self.cas_ratio:
+            self.report.update(delete_ratio=self.delete_ratio, cas_ratio=self.cas_ratio)
+            self.out(
+                f"== deletes {self.delete_ratio:.0%} and compare-and-sets {self.cas_ratio:.0%} "
+                "of all operations, out of each mix's writes"
+            )
         if self.matrix is not None:
             self._run_matrix(zk_connect, zk_pid)
         if self.apache_procs:
@@ -155,6 +163,8 @@ class Session:
                 self.restart_zookeeper,
                 self.zipfian_theta,
                 progress,
+                self.delete_ratio,
+                self.cas_ratio,
             )
         finally:
             if progress is not None:

@@ -120,7 +120,9 @@ coordinated omission); 0 is the closed loop.""",
         "  kv-bench --no-matrix --memory-keys 1000000 --transfer-keys 100000\n"
         "  kv-bench --no-matrix --apache-client --apache-procs 1,2\n"
         "  kv-bench --threads 4 --keyspace 1000 --mix a --value-bytes 10 --faults none "
-        "--dist zipfian --rate 2000,5000,10000",
+        "--dist zipfian --rate 2000,5000,10000\n"
+        "  kv-bench --threads 4 --keyspace 100 --mix 50/50 --value-bytes 10 --faults nemesis "
+        "--client shared --delete-ratio 0.1 --cas-ratio 0.2 --seconds 60",
     )
     _add_matrix_arguments(parser)
     _add_session_arguments(parser)
@@ -153,6 +155,15 @@ def _add_matrix_arguments(parser: argparse.ArgumentParser) -> None:
         "of YCSB's workloads A, B, C: 50, 95, 100 %%; for their zipfian key choice add "
         "--dist zipfian) (default 50/50,95/5,100/0)",
     )
+    for kind, what in (("delete", "a delete"), ("cas", "a compare-and-set")):
+        parser.add_argument(
+            f"--{kind}-ratio",
+            type=_share,
+            default=0.0,
+            metavar="P",
+            help=f"share of all operations that are {what} (taken out of each mix's writes, "
+            "like kv-client's; needs --client shared; default 0)",
+        )
     parser.add_argument(
         "--value-bytes",
         type=int_list,
@@ -395,11 +406,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if matrix is not None:
         _check_faults(parser, matrix, args.seconds, args.full)
+        _check_deletes_and_cas(parser, matrix, args.delete_ratio, args.cas_ratio)
     with Interrupts("kv-bench") as interrupts:
         try:
             return _run(args, matrix, interrupts)
         except KeyboardInterrupt:  # (ZooKeeper and the nodes were stopped on the way out)
             return interrupts.report("stopped the cluster")
+
+
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be within 0 and 1, got {text}")
+    return value
+
+
+def _check_deletes_and_cas(
+    parser: argparse.ArgumentParser, matrix: Matrix, delete_ratio: float, cas_ratio: float
+) -> None:
+    """Deletes and compare-and-sets come out of the writes, and need the shared Client."""
+    if not delete_ratio and not cas_ratio:
+        return
+    if set(matrix.client) != {"shared"}:
+        parser.error("--delete-ratio and --cas-ratio need --client shared (and no other)")
+    for read_percent in matrix.read_percent:
+        if (100 - read_percent) / 100 < delete_ratio + cas_ratio - 1e-9:
+            parser.error(
+                f"--mix {read_percent}/{100 - read_percent} leaves {100 - read_percent} % "
+                f"writes, fewer than the deletes and compare-and-sets asked for "
+                f"({(delete_ratio + cas_ratio) * 100:g} %)"
+            )
 
 
 def _check_faults(
@@ -444,6 +483,8 @@ def _run(args: argparse.Namespace, matrix: Matrix | None, interrupts: Interrupts
         apache_accelerated=args.apache_accelerated,
         repeat=args.repeat,
         zipfian_theta=args.zipfian_theta,
+        delete_ratio=args.delete_ratio,
+        cas_ratio=args.cas_ratio,
         out=lambda line: print(line, flush=True),
         progress_stream=sys.stdout,
     )
