@@ -5,6 +5,7 @@ Units are in the names: *_s seconds, *_ms milliseconds, *_bytes bytes.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 MIB = 1024 * 1024
@@ -102,9 +103,8 @@ class NodeConfig:
     # ZooKeeper digest credentials "user:password": the node authenticates with them and
     # every znode it creates is writable only by them (readable by anyone). None: world-open.
     zk_auth: str | None = field(default=None, repr=False)
-    # How it was given them, as options for the kv-createznode commands its messages print
-    # (["--zk-auth-file", PATH], or ["--zk-auth", "USER:PASSWORD"]: never the password).
-    zk_auth_options: tuple[str, ...] = ()
+    # The file they were read from (--zk-auth-file), if any: see zk_auth_options.
+    zk_auth_file: str | None = None
     # Mutual TLS for the node's port and its own calls to other nodes (None: plaintext).
     tls: TlsConfig | None = None
     # TLS to ZooKeeper's secure port (None: plaintext).
@@ -133,6 +133,16 @@ class NodeConfig:
         """What the node registers and other nodes and clients dial: ``advertise`` if
         given, else the address it binds."""
         return self.advertise or f"{self.host}:{self.port}"
+
+    @property
+    def zk_auth_options(self) -> tuple[str, ...]:
+        """The credential options of the kv-createznode commands the node's messages print:
+        its --zk-auth-file (absolute: the operator's shell may be in another directory),
+        else ``--zk-auth USER:PASSWORD`` for credentials given otherwise (never the
+        password), none without credentials."""
+        if self.zk_auth_file is not None:
+            return ("--zk-auth-file", os.path.abspath(self.zk_auth_file))
+        return ("--zk-auth", "USER:PASSWORD") if self.zk_auth is not None else ()
 
 
 @dataclass(frozen=True, slots=True)

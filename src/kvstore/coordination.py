@@ -942,7 +942,7 @@ class Coordinator(ClusterView):
             return  # register refuses (NoClusterError)
         is_open, acl = self.parent_acl()
         if is_open:
-            options = [*(auth_options or ("--zk-auth", "USER:PASSWORD")), "--secure-existing"]
+            options = [*auth_options, "--secure-existing"]
             command = createznode_command(self.connect_string(), self.path, options, tls)
             raise errors.CoordinationError(
                 f"refusing to start: {self.path} is writable by anyone (ACL: {acl}), which "

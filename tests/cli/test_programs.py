@@ -17,6 +17,7 @@ import pytest
 import kvstore
 from kvstore.cli import COMMANDS
 from kvstore.cli import node as kv_node
+from kvstore.config import NodeConfig
 from kvstore.coordination import ClusterMeta, connect, create_parent
 from kvstore.local.cluster import NodeProcess
 from kvstore.local.processes import free_port, wait_until
@@ -217,7 +218,7 @@ def test_the_missing_parent_line_names_the_nodes_zookeeper_options() -> None:
     given += ["--zk-tls-cert", "c.pem", "--zk-tls-key", "k.pem", "--zk-tls-ca", "ca.pem"]
     parser = kv_node._parser()
     args = parser.parse_args(given)
-    auth = kv_node._auth_options(args, has_auth=True)
+    auth = node_config(zk_auth="u:p", zk_auth_file=args.zk_auth_file).zk_auth_options
     here = os.getcwd()
     assert kv_node._no_cluster_advice(args, auth) == (
         f"create the cluster with `kv-createznode --zk-auth-file '{here}/my auth' "
@@ -227,9 +228,13 @@ def test_the_missing_parent_line_names_the_nodes_zookeeper_options() -> None:
     restarted = parser.parse_args([kv_node.RESTARTED, *given])
     assert kv_node._no_cluster_advice(restarted, auth).startswith("it was deleted while")
     # Credentials from $KV_ZK_AUTH (or --zk-auth): the placeholder, never the password.
-    anonymous = parser.parse_args(given[:4])
-    assert kv_node._auth_options(anonymous, has_auth=True) == ("--zk-auth", "USER:PASSWORD")
-    assert kv_node._auth_options(anonymous, has_auth=False) == ()
+    assert node_config(zk_auth="u:p").zk_auth_options == ("--zk-auth", "USER:PASSWORD")
+    assert node_config().zk_auth_options == ()
+
+
+def node_config(zk_auth: str | None = None, zk_auth_file: str | None = None) -> NodeConfig:
+    return NodeConfig("127.0.0.1", 9000, "zk1:2181", "/kvstroe", zk_auth=zk_auth,
+                      zk_auth_file=zk_auth_file)  # fmt: skip
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])

@@ -147,16 +147,6 @@ def _no_cluster_advice(args: argparse.Namespace, auth_options: Sequence[str]) ->
     return f"create the cluster with `{command}` (or pass --create-parent)"
 
 
-def _auth_options(args: argparse.Namespace, has_auth: bool) -> tuple[str, ...]:
-    """The node's ZooKeeper credential options as the commands it prints repeat them: its
-    file (absolute: the operator's shell may be elsewhere), else the placeholder
-    ``--zk-auth USER:PASSWORD`` for credentials given by option or $KV_ZK_AUTH (never the
-    password); none without credentials."""
-    if args.zk_auth_file is not None:
-        return ("--zk-auth-file", os.path.abspath(args.zk_auth_file))
-    return ("--zk-auth", "USER:PASSWORD") if has_auth else ()
-
-
 @dataclasses.dataclass(frozen=True)
 class _Security:
     """The node's credentials, from its options."""
@@ -185,7 +175,7 @@ def _config(args: argparse.Namespace, limits: Limits, security: _Security) -> No
         fsync=args.fsync,
         snapshot_every_bytes=args.snapshot_every_mb * 1024 * 1024,
         zk_auth=security.zk_auth,
-        zk_auth_options=_auth_options(args, security.zk_auth is not None),
+        zk_auth_file=args.zk_auth_file,
         zk_tls=security.zk_tls,
         tls=security.tls,
         cluster_secret=security.cluster_secret,
