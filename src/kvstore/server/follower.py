@@ -219,7 +219,7 @@ class Follower:
             self._node.role = Role.STANDBY
             return
         if meta.incarnation:  # (the primary adds one to an earlier version's metadata)
-            self._record_incarnation(meta.incarnation)
+            self._node.record_incarnation(meta.incarnation)
         names = {m.name for m in members}
         if meta.primary in names and not self.fence.is_suspect(self._node.config.suspect_after_s):
             self._takeover_deferred_since = None
@@ -364,12 +364,6 @@ class Follower:
             f"--reset); to join it empty, move {directory} aside (its files are untouched); "
             f"if {directory} belongs to another cluster, start the node with that cluster's path",
         )
-
-    def _record_incarnation(self, incarnation: str) -> None:
-        """Before this node's files change for a cluster: they hold its data from now on."""
-        store_log = self._node.store.log
-        if store_log is not None:
-            store_log.record_incarnation(incarnation or None)
 
     def _is_join_paused(self, meta: ClusterMeta) -> bool:
         """Whether a join failed a moment ago against this same primary: then the standby
@@ -618,7 +612,7 @@ class Follower:
         meta = meta.alone(1, node.name, node.config.address, node.node_id, node.identity)
         if not meta.incarnation:  # a parent created by an earlier version
             meta = replace(meta, incarnation=new_incarnation())
-        self._record_incarnation(meta.incarnation)  # before: it may take writes at once
+        self._node.record_incarnation(meta.incarnation)  # before: it may take writes at once
         if node.cas_confirmed(meta, version):
             node.become_primary(1, f"started a new, empty store{discarded}", "new")
 
@@ -664,7 +658,7 @@ class Follower:
                 self._join_failed(meta, why_not)
             return
         node = self._node
-        self._record_incarnation(meta.incarnation)  # (checked: see evaluate_standby)
+        self._node.record_incarnation(meta.incarnation)  # (checked: see evaluate_standby)
         node.epoch = meta.epoch
         since = None if node.store.log is None else node.store.log.marker
         started = time.monotonic()

@@ -506,6 +506,12 @@ class StorageNode:
                 self.node_id,
             )
 
+    def record_incarnation(self, incarnation: str) -> None:
+        """Before this node's files change for a cluster: they hold the data of cluster
+        ``incarnation`` from now on ("": one whose id is unknown); nothing in memory."""
+        if self.store.log is not None:
+            self.store.log.record_incarnation(incarnation or None)
+
     @property
     def node_ids(self) -> frozenset[str]:
         """The ids the metadata may list this node's data directory under (none in memory)."""
@@ -539,11 +545,10 @@ class StorageNode:
         """Metadata written by an earlier version has no incarnation id: add one (this
         node's data directory's, if it records one: it holds this cluster's data; else a new
         one). Then record the metadata's in the data directory, if it is not there yet."""
-        store_log = self.store.log
         if meta.incarnation:
-            if store_log is not None and store_log.incarnation != meta.incarnation:
-                store_log.record_incarnation(meta.incarnation)
+            self.record_incarnation(meta.incarnation)
             return
+        store_log = self.store.log
         chosen = (None if store_log is None else store_log.incarnation) or new_incarnation()
         self._update_meta(lambda m: m if m.incarnation else replace(m, incarnation=chosen))
         log.info("gave the cluster metadata an incarnation id: %s", chosen)
@@ -631,9 +636,11 @@ class StorageNode:
         they are proven dead (a restarted node answering at the address). Until then, and
         while their znodes last, ask again every tick: a lingering znode keeps a replacement
         from being designated backup."""
-        names = {m.name for m in members}
         with self._dead_backups_lock:  # drops may append meanwhile
             pending, self._dead_backups = self._dead_backups, []
+        if not pending:
+            return
+        names = {m.name for m in members}
         # A dropped backup that joined again is alive: probing it every tick for as long as
         # it lives (as this did) proves nothing. (Each drop appends: once per name.)
         joined = {name for replicator in self._replicators for name in replicator.names}
