@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 import kvstore
-from kvstore.coordination import ClusterMeta, ClusterView, connect, create_parent
-from kvstore.local.cluster import LocalCluster, NodeProcess
+from kvstore.coordination import ClusterMeta, connect, create_parent
+from kvstore.local.cluster import LocalCluster, NodeProcess, read_meta
 from kvstore.local.processes import wait_until
 from kvstore.local.zkserver import ZooKeeperServer
 
@@ -36,16 +36,6 @@ def exit_or_primary(node: NodeProcess) -> str:
         return None
 
     return wait_until(outcome, TIMEOUT_S, lambda: f"neither exit nor primary\n{node.log_tail()}")
-
-
-def meta_of(zk_connect: str, path: str) -> ClusterMeta:
-    """The metadata under ``path`` as ZooKeeper holds it now."""
-    zk = connect(zk_connect, 10.0, 10.0)
-    try:
-        return ClusterView(zk, path, lambda: None).meta()[0]
-    finally:
-        zk.stop()
-        zk.close()
 
 
 def last_run(node: NodeProcess) -> str:
@@ -188,7 +178,7 @@ def test_a_data_directory_of_another_cluster_is_refused_as_a_backup(
         kv.put("b", "earlier")
     old.stop()
     earlier = (data_dir / "incarnation").read_text().strip()
-    assert earlier == meta_of(zk, zk_path).incarnation
+    assert earlier == read_meta(zk, zk_path).incarnation
     files = {p.name: p.read_bytes() for p in data_dir.iterdir() if p.name != "lock"}
 
     fresh = f"{zk_path}-fresh"
@@ -197,7 +187,7 @@ def test_a_data_directory_of_another_cluster_is_refused_as_a_backup(
     nodes.append(first)
     first.start()
     first.wait_for_role(["primary"])
-    incarnation = meta_of(zk, fresh).incarnation
+    incarnation = read_meta(zk, fresh).incarnation
     assert incarnation not in ("", earlier)
     old.zk_path = fresh
     old.start()
@@ -229,13 +219,13 @@ def test_metadata_of_an_earlier_version_gets_an_incarnation(
         nodes.append(node)
         node.start()
         node.wait_for_role(["primary"])
-        incarnation = meta_of(zk_server.connect_string, zk_path).incarnation
+        incarnation = read_meta(zk_server.connect_string, zk_path).incarnation
         assert incarnation and (data_dir / "incarnation").read_text().strip() == incarnation
         data, stat = zk.get(zk_path)
         earlier = replace(ClusterMeta.from_bytes(data), incarnation="")
         zk.set(zk_path, earlier.to_bytes(), version=stat.version)
         wait_until(
-            lambda: meta_of(zk_server.connect_string, zk_path).incarnation == incarnation or None,
+            lambda: read_meta(zk_server.connect_string, zk_path).incarnation == incarnation or None,
             TIMEOUT_S,
             node.log_tail,
         )
@@ -249,9 +239,9 @@ def test_kv_createznode_gives_each_new_cluster_an_incarnation(
 ) -> None:
     zk = zk_server.connect_string
     create_parent(zk, zk_path)
-    created = meta_of(zk, zk_path).incarnation
+    created = read_meta(zk, zk_path).incarnation
     create_parent(zk, zk_path, replicas=3)  # an existing parent keeps its incarnation
-    assert created and meta_of(zk, zk_path).incarnation == created
+    assert created and read_meta(zk, zk_path).incarnation == created
     create_parent(zk, zk_path, reset=True)  # a new cluster
-    reset = meta_of(zk, zk_path)
+    reset = read_meta(zk, zk_path)
     assert reset.incarnation not in ("", created) and reset.replicas == 3

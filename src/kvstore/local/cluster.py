@@ -215,6 +215,17 @@ def zk_options(node_args: Sequence[str]) -> list[str]:
     return found
 
 
+def read_meta(zk_connect: str, zk_path: str, zk_tls: TlsConfig | None = None) -> ClusterMeta:
+    """The metadata under ``zk_path`` as ZooKeeper holds it now (read anonymously: anyone
+    may)."""
+    zk = connect(zk_connect, ZK_SESSION_TIMEOUT_S, META_TIMEOUT_S, tls=zk_tls)
+    try:
+        return ClusterView(zk, zk_path, lambda: None).meta()[0]
+    finally:
+        zk.stop()
+        zk.close()
+
+
 def createznode(
     zk_connect: str, zk_path: str, node_args: Sequence[str] = (), replicas: int | None = None
 ) -> str:
@@ -295,13 +306,8 @@ class LocalCluster:
         )
 
     def meta(self) -> ClusterMeta:
-        """The cluster metadata as ZooKeeper holds it now (read anonymously: anyone may)."""
-        zk = connect(self.zk_connect, ZK_SESSION_TIMEOUT_S, META_TIMEOUT_S, tls=self.client_zk_tls)
-        try:
-            return ClusterView(zk, self.zk_path, lambda: None).meta()[0]
-        finally:
-            zk.stop()
-            zk.close()
+        """The cluster metadata as ZooKeeper holds it now."""
+        return read_meta(self.zk_connect, self.zk_path, self.client_zk_tls)
 
     def client_config(self) -> ClientConfig:
         """How a client (a load, a test) reaches this cluster."""
