@@ -18,8 +18,6 @@ from typing import Any
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 import kvstore
@@ -29,7 +27,7 @@ from kvstore.local.certs import CertificateFiles, issue, load_ca, tls_args, writ
 from kvstore.local.cluster import LocalCluster, NodeProcess
 from kvstore.local.processes import wait_until
 from kvstore.local.zkserver import ZooKeeperServer
-from kvstore.rpc import Connection, client_tls_context, own_identity
+from kvstore.rpc import NODE_UNIT, Connection, client_tls_context, own_identity
 from shared_clusters import SharedCluster, shared_for_a_scope
 
 CLIENT_TIMEOUT_S = 10.0
@@ -160,37 +158,12 @@ def test_kv_certs_writes_pem_files_with_private_keys_0600(tmp_path: Path) -> Non
     assert (d / "ca.crt").read_bytes() != before["ca.crt"]
 
 
-def _expired_node_certificate(certs: CertificateFiles, directory: Path) -> TlsConfig:
+def _expired_node_certificate(certs: CertificateFiles) -> TlsConfig:
     """A node certificate from the cluster's CA whose validity ended a month ago."""
     ca_cert, ca_key = load_ca(certs)
-    key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
-    subject = x509.Name(
-        [
-            x509.NameAttribute(NameOID.COMMON_NAME, "kvstore expired"),
-            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "node"),
-        ]
-    )
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=400))
-        .not_valid_after(now - datetime.timedelta(days=30))
-        .sign(ca_key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "expired.crt", directory / "expired.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return TlsConfig(str(cert_path), str(key_path), certs.node.ca_path)
+    ended = (now - datetime.timedelta(days=400), now - datetime.timedelta(days=30))
+    return issue(certs, "expired", ca_cert, ca_key, unit=NODE_UNIT, valid=ended)
 
 
 def test_tls_files_that_cannot_work_are_one_line_naming_the_file(
@@ -202,7 +175,7 @@ def test_tls_files_that_cannot_work_are_one_line_naming_the_file(
     a missing file's line did not name it."""
     node_1, node_2 = certs.node_numbered(1), certs.node_numbered(2)
     cases = {
-        "the certificate expired on": _expired_node_certificate(certs, tmp_path),
+        "the certificate expired on": _expired_node_certificate(certs),
         f"--tls-cert {tmp_path / 'none.crt'}: No such file": TlsConfig(
             str(tmp_path / "none.crt"), node_1.key_path, node_1.ca_path
         ),

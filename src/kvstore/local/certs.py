@@ -167,16 +167,18 @@ def issue(
     ca_key: ec.EllipticCurvePrivateKey,
     unit: str | None = None,
     hosts: tuple[str, ...] = (),
+    valid: tuple[datetime.datetime, datetime.datetime] | None = None,
 ) -> TlsConfig:
     """Write ``name``.crt/.key signed by the CA, with OU=``unit`` if given, and ``hosts``
-    (IP addresses or DNS names) as subject alternative names, for peers that check them."""
+    (IP addresses or DNS names) as subject alternative names, for peers that check them;
+    ``valid``: from when until when (default: from now for VALID_DAYS)."""
     key = ec.generate_private_key(ec.SECP256R1())
     attributes = [x509.NameAttribute(NameOID.COMMON_NAME, f"kvstore {name}")]
     if unit is not None:
         attributes.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, unit))
     usage = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
     builder = (
-        _builder(x509.Name(attributes), ca_cert.subject, key.public_key())
+        _builder(x509.Name(attributes), ca_cert.subject, key.public_key(), valid)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_key_usage(is_ca=False), critical=True)
         .add_extension(x509.ExtendedKeyUsage(usage), critical=False)
@@ -207,16 +209,25 @@ def load_ca(files: CertificateFiles) -> tuple[x509.Certificate, ec.EllipticCurve
     return cert, key
 
 
-def _builder(subject: x509.Name, issuer: x509.Name, public_key: object) -> x509.CertificateBuilder:
+def _builder(
+    subject: x509.Name,
+    issuer: x509.Name,
+    public_key: object,
+    valid: tuple[datetime.datetime, datetime.datetime] | None = None,
+) -> x509.CertificateBuilder:
     now = datetime.datetime.now(datetime.UTC)
+    since, until = valid or (
+        now - datetime.timedelta(minutes=5),
+        now + datetime.timedelta(days=VALID_DAYS),
+    )
     return (
         x509.CertificateBuilder()
         .subject_name(subject)
         .issuer_name(issuer)
         .public_key(public_key)  # type: ignore[arg-type]
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
+        .not_valid_before(since)
+        .not_valid_after(until)
     )
 
 
