@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from kvstore import errors
 from kvstore.cli.args import (
@@ -228,17 +228,13 @@ def _value_from_stdin(parser: argparse.ArgumentParser) -> str:
 
 def _dump(kv: Client, file: str | None) -> int:
     if file is None or file == "-":
-        for key, value in kv.scan():
-            sys.stdout.write(_dump_line(key, value))
+        _write_dump(kv, sys.stdout)
         return EXIT_OK
     path = Path(file)
     partial = path.with_name(f".{path.name}.partial")
-    count = 0
     try:
         with partial.open("w", encoding="utf-8") as out:
-            for key, value in kv.scan():
-                out.write(_dump_line(key, value))
-                count += 1
+            count = _write_dump(kv, out)
             out.flush()
             os.fsync(out.fileno())
         partial.replace(path)
@@ -250,8 +246,13 @@ def _dump(kv: Client, file: str | None) -> int:
     return EXIT_OK
 
 
-def _dump_line(key: str, value: str) -> str:
-    return json.dumps({"key": key, "value": value}, ensure_ascii=False) + "\n"
+def _write_dump(kv: Client, out: TextIO) -> int:
+    """Every key and value as a JSON object per line; how many."""
+    count = 0
+    for key, value in kv.scan():
+        out.write(json.dumps({"key": key, "value": value}, ensure_ascii=False) + "\n")
+        count += 1
+    return count
 
 
 def _entries(file: str | None) -> list[tuple[str, str]]:
