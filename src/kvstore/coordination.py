@@ -525,10 +525,12 @@ def create_parent(
     secure_existing: bool = False,
     tls: TlsConfig | None = None,
     replicas: int | None = None,
+    force: bool = False,
 ) -> str:
     """Create ``path`` (and its parents; with ``auth``, with :func:`secure_acl`). With
     ``reset``, clear its cluster metadata (the replication factor is kept; a new incarnation
-    id: a new cluster). A new parent gets an incarnation id too. With
+    id: a new cluster); refused while nodes are registered under it, unless ``force``. A new
+    parent gets an incarnation id too. With
     ``secure_existing`` (needs ``auth``), give an existing parent and its members the secure
     ACL. With ``replicas``, set the replication factor (by compare-and-set: a serving
     primary adapts). Returns what was done."""
@@ -553,6 +555,8 @@ def create_parent(
                 done.append(_secure_existing(zk, path, auth))
             elif auth is not None and _is_world_writable(zk.get_acls(path)[0]):
                 done.append("but writable by anyone (--secure-existing tightens it)")
+            if reset and not force:
+                _refuse_reset_under_nodes(zk, path)
             if reset or replicas is not None:
                 done.append(_set_meta(zk, path, reset, replicas))
             if reset:
@@ -603,15 +607,34 @@ def _set_meta(zk: KazooClient, path: str, reset: bool, replicas: int | None) -> 
     raise errors.CoordinationError(f"the metadata of {path} kept changing; try again")
 
 
-def _secure_existing(zk: KazooClient, path: str, auth: str) -> str:
-    """Set the secure ACL on ``path`` and on each of its children. Refused while nodes are
-    registered: they have no credentials (a node with credentials refuses an open parent),
-    so the ACL would leave them unable to change the cluster state (no failover, no join)."""
+def _registered_members(zk: KazooClient, path: str) -> list[str]:
+    """The names of the nodes registered under ``path`` now (live member znodes), sorted."""
     members = []
     for name in zk.get_children(path):
         with contextlib.suppress(NoNodeError):
             if name.startswith(MEMBER_PREFIX) and zk.exists(f"{path}/{name}").ephemeralOwner:
                 members.append(name)
+    return sorted(members)
+
+
+def _refuse_reset_under_nodes(zk: KazooClient, path: str) -> None:
+    """A reset under registered nodes would discard the store they serve (an in-memory one
+    for good): refused, unless forced. After DATA LOST the nodes have stopped already."""
+    members = _registered_members(zk, path)
+    if members:
+        raise errors.CoordinationError(
+            f"refusing to reset {path}: {len(members)} node(s) are registered under it "
+            f"({', '.join(members)}), so the cluster may be serving: a reset would make it a "
+            "new, EMPTY cluster (in-memory nodes lose their data for good). Stop every node "
+            "first, or add --force if that is what you want"
+        )
+
+
+def _secure_existing(zk: KazooClient, path: str, auth: str) -> str:
+    """Set the secure ACL on ``path`` and on each of its children. Refused while nodes are
+    registered: they have no credentials (a node with credentials refuses an open parent),
+    so the ACL would leave them unable to change the cluster state (no failover, no join)."""
+    members = _registered_members(zk, path)
     if members:
         raise errors.CoordinationError(
             f"refusing to secure {path}: {len(members)} node(s) are registered under it "

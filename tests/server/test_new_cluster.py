@@ -7,6 +7,8 @@ refuses and exits 1), and records the id of the cluster (its incarnation) there.
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -119,7 +121,8 @@ def test_reset_after_the_newest_disk_was_lost_refuses_the_older_copy(
             TIMEOUT_S,
             backup.log_tail,
         )
-        assert create_parent(zk, zk_path, reset=True) == "reset"
+        # (the backup is registered, waiting: the operator insists)
+        assert create_parent(zk, zk_path, reset=True, force=True) == "reset"
         assert_refused(backup, tmp_path / "data-1", 2)
 
         (tmp_path / "data-1").rename(tmp_path / "data-1-aside")
@@ -135,12 +138,23 @@ def test_reset_after_the_newest_disk_was_lost_refuses_the_older_copy(
 def test_a_node_in_memory_that_starts_a_new_cluster_discards_what_it_held(
     cluster: LocalCluster,
 ) -> None:
-    """--reset under a running cluster: the primary is deposed (it restarts empty); the
-    backup, now the lowest member, starts the new cluster: empty, not with its old copy."""
+    """--reset under a running cluster is refused (it would discard the store), --force
+    does it: the primary is deposed (it restarts empty, saying why); the backup, now the
+    lowest member, starts the new cluster: empty, not with its old copy."""
     with kvstore.Client(cluster.zk_connect, cluster.zk_path, timeout=10) as kv:
         kv.put("k", "before the reset")
     backup = cluster.wait_for("backup")
-    assert create_parent(cluster.zk_connect, cluster.zk_path, reset=True) == "reset"
+    old_primary = cluster.wait_for("primary")
+    refused = subprocess.run(
+        [sys.executable, "-m", "kvstore", "createznode", "--reset", cluster.zk_connect,
+         cluster.zk_path],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert refused.returncode == 1, refused
+    assert "refusing to reset" in refused.stderr and "--force" in refused.stderr, refused
+    with kvstore.Client(cluster.zk_connect, cluster.zk_path, timeout=10) as kv:
+        assert kv.get("k") == "before the reset"  # nothing changed
+    assert create_parent(cluster.zk_connect, cluster.zk_path, reset=True, force=True) == "reset"
 
     def new_primary() -> NodeProcess | None:
         meta = cluster.meta()
@@ -156,6 +170,7 @@ def test_a_node_in_memory_that_starts_a_new_cluster_discards_what_it_held(
     with kvstore.Client(cluster.zk_connect, cluster.zk_path, timeout=10) as kv:
         assert kv.get("k") is None
     assert primary is backup, cluster.logs()
+    assert "the cluster metadata was reset" in old_primary.log_path.read_text()
     assert "discarded 1 key" in last_run(primary), last_run(primary)
 
 

@@ -28,8 +28,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "$KV_ZK_AUTH) it gets an ACL that lets only them change the cluster (anyone may read).",
         epilog="exit status: 0 done (created, or it existed; reset, secured, replication "
         "factor set as asked); 1 ZooKeeper unreachable, or the change refused (not "
-        "authorized; --secure-existing while nodes are registered; metadata under PATH that is "
-        "not a kvstore cluster's); 2 bad arguments; 130 interrupted (Ctrl-C; 143 SIGTERM, 129 "
+        "authorized; --secure-existing, or --reset without --force, while nodes are "
+        "registered; metadata under PATH that is not a kvstore cluster's); 2 bad arguments; 130 interrupted (Ctrl-C; 143 SIGTERM, 129 "
         "SIGHUP): a change under way may or may not have been made",
     )
     add_cluster_arguments(parser, "parent znode, e.g. /kvstore")
@@ -39,7 +39,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also clear the cluster metadata: the next node starts a NEW, EMPTY store, a "
         "new cluster incarnation (a node whose --data-dir holds keys refuses to start or join "
         "it: move that directory aside). "
-        "Only for when the data is lost anyway (every node holding it died)",
+        "Only for when the data is lost anyway (every node holding it died): refused while "
+        "nodes are registered under PATH, unless --force",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="with --reset: reset even while nodes are registered (a serving cluster becomes "
+        "a new, empty one; its nodes restart into it)",
     )
     parser.add_argument(
         "--replicas",
@@ -65,6 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(
             "--secure-existing needs credentials (--zk-auth, --zk-auth-file or $KV_ZK_AUTH)"
         )
+    if args.force and not args.reset:
+        parser.error("--force goes with --reset")
     check_replicas_option(parser, args.replicas)
     setup_logging("WARNING", is_quiet=True)
     with Interrupts("kv-createznode") as interrupts:
@@ -77,6 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 secure_existing=args.secure_existing,
                 tls=zk_tls,
                 replicas=args.replicas,
+                force=args.force,
             )
         except errors.KVError as exc:
             report_error("kv-createznode", exc)

@@ -535,7 +535,7 @@ class StorageNode:
 
     def _evaluate_primary(self, meta: ClusterMeta, members: list[Member]) -> None:
         if meta.epoch != self.epoch or meta.primary != self.name:
-            raise NodeExit(EXIT_RESTART, f"deposed: epoch {meta.epoch} primary is {meta.primary}")
+            raise NodeExit(EXIT_RESTART, _deposed(meta))
         self._remove_dead_backups(members)
         if len(self._replicators) >= meta.replicas:
             self._let_extra_backups_go(members, meta)
@@ -896,7 +896,7 @@ class StorageNode:
             coordinator.refresh()
             meta, version = coordinator.meta()
             if meta.epoch != self.epoch or meta.primary != self.name:
-                self.stop(f"deposed: epoch {meta.epoch} primary is {meta.primary}", EXIT_RESTART)
+                self.stop(_deposed(meta), EXIT_RESTART)
                 raise errors.DeposedError("this node is no longer the primary")
             wanted = change(meta)
             if wanted == meta or coordinator.compare_and_set(wanted, version):
@@ -1120,3 +1120,12 @@ def _renamed_in_sync(meta: ClusterMeta, old: str, new: str) -> ClusterMeta:
 
 def _tls_files(tls: TlsConfig) -> tuple[str, str, str]:
     return tls.cert_path, tls.key_path, tls.ca_path
+
+
+def _deposed(meta: ClusterMeta) -> str:
+    """Why a primary steps down, seeing ``meta`` (the metadata no longer names it)."""
+    if not meta.is_initialized:
+        return (
+            "deposed: the cluster metadata was reset (kv-createznode --reset): a new, empty cluster"
+        )
+    return f"deposed: epoch {meta.epoch} primary is {meta.primary}"
