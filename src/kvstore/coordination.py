@@ -212,6 +212,13 @@ class ClusterMeta:
     def is_initialized(self) -> bool:
         return self.epoch > 0
 
+    @property
+    def is_kvstore(self) -> bool:
+        """Whether this is a kvstore cluster's metadata: a primary was named, or the parent
+        was created (or reset) by kv-createznode or --create-parent, which give it an
+        incarnation id. False for a seed cluster's parent (no metadata)."""
+        return self.is_initialized or bool(self.incarnation)
+
     def address_of(self, name: str) -> str | None:
         """Where the in-sync member ``name`` served when it was listed (None: not recorded)."""
         return dict(self.addresses).get(name)

@@ -16,6 +16,7 @@ import pytest
 from kazoo.client import KazooClient
 
 import kvstore
+from kvstore.coordination import create_parent
 from kvstore.local.cluster import LocalCluster, NodeProcess
 from kvstore.local.zkserver import ZooKeeperServer
 
@@ -177,7 +178,12 @@ def test_status_marks_a_stale_znode_and_exits_2_without_a_primary(cluster: Local
     dead = kv(cluster, "status")  # (their znodes outlive them until their sessions expire)
     assert dead.returncode == 2, dead.stdout
     assert "no node answers as primary" in dead.stdout
-    assert kv(cluster, "-o", "json", "status").returncode == 2
+    # Still listed in sync by the metadata, but neither counted as such nor given an epoch.
+    assert ": 0 in sync and serving" in dead.stdout, dead.stdout
+    assert "(listed in sync but not serving: node-" in dead.stdout, dead.stdout
+    dead_json = kv(cluster, "-o", "json", "status")
+    assert dead_json.returncode == 2
+    assert all(n["epoch"] is None for n in json.loads(dead_json.stdout)), dead_json.stdout
 
 
 def test_status_lists_both_nodes(shared_cluster: LocalCluster) -> None:
@@ -185,10 +191,11 @@ def test_status_lists_both_nodes(shared_cluster: LocalCluster) -> None:
     nodes = json.loads(kv(shared_cluster, "-o", "json", "status").stdout)
     assert sorted(n["role"] for n in nodes) == ["backup", "primary"]
     assert all(n["is_in_sync"] and n["keys"] == 1 for n in nodes)
+    assert len({n["epoch"] for n in nodes}) == 1 and nodes[0]["epoch"] >= 1
     table = kv(shared_cluster, "status").stdout.splitlines()
     assert table[0].split() == ["NODE", "ADDRESS", "ROLE", "EPOCH", "IN-SYNC", "KEYS"]
     assert len(table) == 4
-    assert table[3] == "replication factor 2: 2 in sync"
+    assert table[3] == "replication factor 2: 2 in sync and serving"
 
 
 def test_unreachable_zookeeper_is_one_line_and_exit_2() -> None:
@@ -297,3 +304,20 @@ def test_a_data_dir_that_is_a_file_is_a_usage_error(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 2
     assert f"--data-dir: {not_a_directory} exists and is not a directory" in result.stderr
+
+
+def test_a_new_cluster_without_a_primary_yet_is_waited_for_not_taken_for_a_seed_one(
+    zk_server: ZooKeeperServer, zk_path: str
+) -> None:
+    """Between kv-createznode and the first node taking the primary role, the parent holds
+    kvstore metadata without a primary: calls wait for one (until their timeout) instead of
+    failing at once as if the nodes were the seed's (which have no delete, cas or scan)."""
+    create_parent(zk_server.connect_string, zk_path)
+    for args in (("del", "a"), ("cas", "a", "1", "--absent"), ("dump",), ("get", "a")):
+        result = kv(None, "--path", zk_path, "--timeout", "1", *args, zk=zk_server.connect_string)
+        assert result.returncode == 2, (args, result)
+        assert "seed" not in result.stderr and "no primary" in result.stderr, (args, result)
+    with kvstore.Client(zk_server.connect_string, zk_path, timeout=0.5) as client:
+        with pytest.raises(kvstore.DeadlineExceededError, match="no primary") as failed:
+            client.delete("a")
+        assert failed.value.is_definite

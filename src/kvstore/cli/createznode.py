@@ -29,8 +29,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         epilog="exit status: 0 done (created, or it existed; reset, secured, replication "
         "factor set as asked); 1 ZooKeeper unreachable, or the change refused (not "
         "authorized; --secure-existing, or --reset without --force, while nodes are "
-        "registered; metadata under PATH that is not a kvstore cluster's); 2 bad arguments; 130 interrupted (Ctrl-C; 143 SIGTERM, 129 "
-        "SIGHUP): a change under way may or may not have been made",
+        "registered; metadata under PATH that is not a kvstore cluster's); 2 bad arguments; "
+        "130 interrupted (Ctrl-C; 143 SIGTERM, 129 SIGHUP): a change under way may or may "
+        "not have been made",
     )
     add_cluster_arguments(parser, "parent znode, e.g. /kvstore")
     parser.add_argument(

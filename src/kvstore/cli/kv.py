@@ -29,7 +29,7 @@ from kvstore.cli.args import (
     zk_tls_from,
 )
 from kvstore.client.client import DEFAULT_PATH, DEFAULT_ZK, Client
-from kvstore.client.status import cluster_state
+from kvstore.client.status import SERVING_ROLES, cluster_state
 from kvstore.config import ClientConfig
 
 EXIT_OK = 0
@@ -320,8 +320,7 @@ def _status(args: argparse.Namespace) -> int:
     rows = [("NODE", "ADDRESS", "ROLE", "EPOCH", "IN-SYNC", "KEYS")]
     for r in reports:
         keys = "-" if r.keys is None else str(r.keys)
-        # (no answer: no epoch either; epoch 0: a standby that has joined none yet)
-        epoch = "-" if r.keys is None or r.epoch == 0 else str(r.epoch)
+        epoch = "-" if r.serving_epoch is None else str(r.serving_epoch)
         in_sync = "yes" if r.is_in_sync else "no"
         rows.append((r.name, r.address, r.role, epoch, in_sync, keys))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -332,7 +331,11 @@ def _status(args: argparse.Namespace) -> int:
     if not reports:
         print(f"(no node registered under {args.path})")
     elif meta.is_initialized:
-        print(f"replication factor {meta.replicas}: {len(meta.in_sync)} in sync")
+        serving = {r.name for r in reports if r.is_in_sync and r.role in SERVING_ROLES}
+        print(f"replication factor {meta.replicas}: {len(serving)} in sync and serving")
+        absent = sorted(set(meta.in_sync) - serving)
+        if absent:  # (the primary drops them within a second or so, or it is gone itself)
+            print(f"(listed in sync but not serving: {', '.join(absent)})")
     failed = next((r for r in reports if r.error), None)
     if failed is not None:
         how = "refused this connection" if failed.role == "forbidden" else "did not answer"

@@ -96,7 +96,7 @@ class PrimaryLocator:
 
     def _read(self) -> None:
         meta, _ = self._view.meta()
-        if meta.is_initialized:
+        if meta.is_kvstore:  # (no primary yet in a new cluster: "", wait for one)
             address, is_seed = meta.primary_address, False
         else:  # no kvstore metadata: the seed's rule
             address, is_seed = self._view.lowest_child_address(), True
@@ -136,8 +136,9 @@ class PrimaryLocator:
 
     @property
     def is_seed_cluster(self) -> bool:
-        """True while the parent znode carries no kvstore metadata (seed nodes, or a new
-        cluster whose first node has not taken the primary role yet)."""
+        """True while the parent znode carries no kvstore metadata (seed nodes; or a cluster
+        created by an earlier version of kv-createznode whose first node has not taken the
+        primary role yet)."""
         return self._is_seed
 
     def refresh(self) -> None:

@@ -27,8 +27,22 @@ class NodeReport:
     keys: int | None
     error: str | None = None
 
+    @property
+    def serving_epoch(self) -> int | None:
+        """The epoch it serves under as primary or backup (None otherwise: a standby's is
+        the last one it served under, or 0)."""
+        return self.epoch if self.role in SERVING_ROLES and self.epoch else None
+
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """For ``kv -o json status``: ``epoch`` is null unless it serves (see
+        ``serving_epoch``); ``is_in_sync``: the metadata lists it in sync (a node that stopped
+        stays listed until the primary drops it): check ``role`` too."""
+        fields = asdict(self)
+        fields["epoch"] = self.serving_epoch
+        return fields
+
+
+SERVING_ROLES = ("primary", "backup")
 
 
 def cluster_state(
