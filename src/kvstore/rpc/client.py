@@ -355,7 +355,7 @@ def _lost(exc: BaseException) -> str:
         return f"the connection failed ({exc.message})"
     if isinstance(exc, (EOFError, BrokenPipeError, ssl.SSLEOFError)):
         return "the other side closed the connection"
-    if isinstance(exc, TimeoutError):
+    if isinstance(exc, (TimeoutError, BlockingIOError)):  # (a kernel timeout: EAGAIN)
         return "no reply in time"
     if isinstance(exc, ConnectionResetError):
         return "the other side reset the connection"
