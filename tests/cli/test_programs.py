@@ -109,6 +109,17 @@ def test_timings_that_do_not_nest_are_a_usage_error() -> None:
     assert "lease" in result.stderr
 
 
+@pytest.mark.parametrize(
+    "options", [("--fsync", "always"), ("--snapshot-every-mb", "1"), ("--fsync", "batch")]
+)
+def test_disk_options_without_a_data_directory_are_a_usage_error(options: tuple[str, ...]) -> None:
+    """An operator who asks for fsyncs but forgets --data-dir must not get a node that keeps
+    nothing on disk without a word."""
+    result = run("node", "127.0.0.1", PORT, "127.0.0.1:1", "/x", *options)
+    assert result.returncode == 2
+    assert f"{options[0]} need --data-dir" in result.stderr, result.stderr
+
+
 def test_binding_every_interface_needs_an_advertised_address() -> None:
     result = run("node", "0.0.0.0", PORT, "127.0.0.1:1", "/x")
     assert result.returncode == 2

@@ -49,6 +49,9 @@ from kvstore.server.node import PARENT_GONE, StorageNode
 from kvstore.server.roles import EXIT_RESTART
 from kvstore.server.wal import FSYNC_MODES
 
+DEFAULT_FSYNC = "batch"
+DEFAULT_SNAPSHOT_EVERY_MB = 64
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     node_args = list(sys.argv[1:] if argv is None else argv)
@@ -80,6 +83,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         and not os.path.isdir(args.data_dir)
     ):
         parser.error(f"--data-dir: {args.data_dir} exists and is not a directory")
+    if args.data_dir is None:
+        given = [
+            o
+            for o, v in (("--fsync", args.fsync), ("--snapshot-every-mb", args.snapshot_every_mb))
+            if v is not None
+        ]
+        if given:  # (a node an operator believes durable would keep nothing on disk)
+            parser.error(
+                f"{' and '.join(given)} need --data-dir: without it the store lives in memory only"
+            )
     if args.host in ("0.0.0.0", "::") and args.advertise is None:
         parser.error(
             f"bound to every interface ({args.host}): --advertise HOST:PORT names the "
@@ -172,8 +185,8 @@ def _config(args: argparse.Namespace, limits: Limits, security: _Security) -> No
         event_front=args.io == "events",
         advertise=args.advertise,
         data_dir=args.data_dir,
-        fsync=args.fsync,
-        snapshot_every_bytes=args.snapshot_every_mb * 1024 * 1024,
+        fsync=args.fsync or DEFAULT_FSYNC,
+        snapshot_every_bytes=(args.snapshot_every_mb or DEFAULT_SNAPSHOT_EVERY_MB) * MIB,
         zk_auth=security.zk_auth,
         zk_auth_file=args.zk_auth_file,
         zk_tls=security.zk_tls,
@@ -372,7 +385,6 @@ def _add_durability_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fsync",
         choices=FSYNC_MODES,
-        default="batch",
         help="with --data-dir, when a write reaches the disk before it is acknowledged: "
         "always (an fsync inside each append, shared with no other; a group of writes the "
         "front received together, or a replicated batch, is one append), batch (default: "
@@ -383,9 +395,9 @@ def _add_durability_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--snapshot-every-mb",
         type=positive_int,
-        default=64,
         metavar="MB",
-        help="with --data-dir, snapshot and trim the log after this much log (default 64)",
+        help="with --data-dir, snapshot and trim the log after this much log (default "
+        f"{DEFAULT_SNAPSHOT_EVERY_MB})",
     )
 
 
