@@ -161,8 +161,9 @@ def _add_matrix_arguments(parser: argparse.ArgumentParser) -> None:
             type=_share,
             default=0.0,
             metavar="P",
-            help=f"share of all operations that are {what} (taken out of each mix's writes, "
-            "like kv-client's; needs --client shared; default 0)",
+            help=f"share of all operations that are {what} (taken out of each mix's writes: "
+            "the read share stays the mix's, where kv-client's --delete-ratio and --cas-ratio "
+            "add to its --write-ratio; needs --client shared; default 0)",
         )
     parser.add_argument(
         "--value-bytes",

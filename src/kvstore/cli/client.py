@@ -176,7 +176,8 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         metavar="P",
-        help="probability that an operation is a delete (default 0; needs --client shared)",
+        help="probability that an operation is a delete (default 0; needs --client shared). "
+        "It adds to --write-ratio: reads get what the three leave",
     )
     parser.add_argument(
         "--cas-ratio",
