@@ -169,7 +169,8 @@ def _expired_node_certificate(certs: CertificateFiles) -> TlsConfig:
 def test_tls_files_that_cannot_work_are_one_line_naming_the_file(
     certs: CertificateFiles, tmp_path: Path
 ) -> None:
-    """An expired certificate, a missing file, a key of another certificate: kv-node (and
+    """An expired certificate, a missing file, a key of another certificate, a file of the
+    wrong kind: kv-node (and
     kv) say which file and why when they start, exit 2. Before, an expired certificate
     started a node that retried its join for ever, logging SSL reprs every few seconds, and
     a missing file's line did not name it."""
@@ -181,6 +182,14 @@ def test_tls_files_that_cannot_work_are_one_line_naming_the_file(
         ),
         "is not the key of --tls-cert": TlsConfig(
             node_1.cert_path, node_2.key_path, node_1.ca_path
+        ),
+        f"--tls-cert {node_1.key_path} is not a PEM certificate": TlsConfig(
+            node_1.key_path,
+            node_1.key_path,
+            node_1.ca_path,  # (a key given as the certificate)
+        ),
+        f"--tls-key {node_1.cert_path} is not a PEM private key": TlsConfig(
+            node_1.cert_path, node_1.cert_path, node_1.ca_path
         ),
     }
     programs = {2: ["node", "127.0.0.1", "1", "127.0.0.1:1", "/x"], 64: ["kv", "status"]}

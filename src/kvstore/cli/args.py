@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 
 from kvstore.bench.keys import KEY_DISTRIBUTIONS, ZIPFIAN_THETA
 from kvstore.config import TlsConfig
@@ -385,12 +387,31 @@ def _tls_files(
         hint = ""
         if "KEY_VALUES_MISMATCH" in str(exc):
             hint = f" ({prefix}-key {key} is not the key of {prefix}-cert {cert})"
+        else:  # (ssl's message names no file: find the one that is not what it should be)
+            hint = _unreadable_pem(prefix, cert, key, ca)
         parser.error(f"cannot load the {prefix}-* files: {exc}{hint}")
     for option, path in ((f"{prefix}-cert", cert), (f"{prefix}-ca", ca)):
         problem = _validity_problem(path)
         if problem is not None:
             parser.error(f"{option} {path}: {problem}")
     return TlsConfig(cert, key, ca)
+
+
+def _unreadable_pem(prefix: str, cert: str, key: str, ca: str) -> str:
+    """ " (OPTION FILE is not ...)" for the first file that is not the PEM it should be, or
+    "" if each one reads as such."""
+    for option, path in ((f"{prefix}-cert", cert), (f"{prefix}-ca", ca)):
+        try:
+            x509.load_pem_x509_certificate(Path(path).read_bytes())
+        except (OSError, ValueError):
+            return f" ({option} {path} is not a PEM certificate)"
+    try:
+        serialization.load_pem_private_key(Path(key).read_bytes(), password=None)
+    except TypeError:  # (it wants a password)
+        return f" ({prefix}-key {key} is encrypted: give a key without a passphrase)"
+    except (OSError, ValueError, UnsupportedAlgorithm):
+        return f" ({prefix}-key {key} is not a PEM private key)"
+    return ""
 
 
 def _validity_problem(path: str) -> str | None:
