@@ -354,7 +354,7 @@ class EventFront:
             try:
                 sock.setblocking(False)
                 is_node = True if secured is None else secured[0]
-                role = PeerRole(is_node, self._needs_secret)
+                role = PeerRole(is_node, self._needs_secret, peer)
                 conn = _Connection(sock, peer, role, now, secured)
                 self._poller.register(conn.fd, _IN)
             except (OSError, ValueError) as exc:

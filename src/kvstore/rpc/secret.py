@@ -79,11 +79,12 @@ class PeerRole:
     reaches the handler by rpc.server.peer_identity.)
     """
 
-    __slots__ = ("_nonce", "is_node", "is_node_certificate", "needs_secret")
+    __slots__ = ("_nonce", "is_node", "is_node_certificate", "needs_secret", "peer")
 
-    def __init__(self, is_node_certificate: bool, needs_secret: bool) -> None:
+    def __init__(self, is_node_certificate: bool, needs_secret: bool, peer: str = "") -> None:
         self.is_node_certificate = is_node_certificate
         self.needs_secret = needs_secret
+        self.peer = peer  # host:port of the other side, for log lines
         self.is_node = is_node_certificate and not needs_secret
         self._nonce = b""
 

@@ -355,19 +355,19 @@ class _Dispatcher:
             else:
                 result.success = peer.authenticate(self._secret, args.client_nonce, args.proof)
         except errors.KVError as exc:
-            self._log_refusal(api, exc)
+            self._log_refusal(api, exc, peer.peer)
             failure = TApplicationException(exc.code, str(exc))
             self._send(oprot, api, TMessageType.EXCEPTION, failure, seqid)
             return ""
         self._send(oprot, api, TMessageType.REPLY, result, seqid)
         return api
 
-    def _log_refusal(self, api: str, exc: errors.KVError) -> None:
+    def _log_refusal(self, api: str, exc: errors.KVError, peer: str) -> None:
         """At most one line a second: a misconfigured node retries many times a second."""
         self._refused_count += 1
         now = time.monotonic()
         if now - self._refusal_logged_at >= 1.0:
-            log.warning("refused %s: %s (%d refusals)", api, exc, self._refused_count)
+            log.warning("refused %s from %s: %s (%d refusals)", api, peer, exc, self._refused_count)
             self._refusal_logged_at, self._refused_count = now, 0
 
     @staticmethod
@@ -663,7 +663,7 @@ class RpcServer:
                 self._front.add(sock, peer, (is_node, identity))
                 self._forget_this_thread()
                 return
-        role = PeerRole(is_node, self._needs_secret)  # plaintext without a secret: a node
+        role = PeerRole(is_node, self._needs_secret, peer)  # plaintext, no secret: a node
         if identity is not None:
             _connection.identity = identity  # for the handler (peer_identity): once, not per call
         reader = _FrameReader(
