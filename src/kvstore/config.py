@@ -92,6 +92,8 @@ class NodeConfig:
     advertise: str | None = None
     # Prometheus metrics and /healthz on this port (None: off; 0: any free port).
     metrics_port: int | None = None
+    # The address the metrics port binds (None: the node's host).
+    metrics_host: str | None = None
     # Serve the clients' data calls on one event-driven thread (rpc/front.py), else every
     # connection on a thread of its own.
     event_front: bool = True

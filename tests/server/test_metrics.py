@@ -5,12 +5,14 @@ from __future__ import annotations
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import kvstore
-from kvstore.local.cluster import LocalCluster
+from kvstore.coordination import create_parent
+from kvstore.local.cluster import LocalCluster, NodeProcess
 from kvstore.local.processes import free_port
 from kvstore.local.zkserver import ZooKeeperServer
 
@@ -83,3 +85,27 @@ def test_healthz_names_the_role(metered_cluster: tuple[LocalCluster, dict[str, i
     assert scrape(ports[primary.address], "/healthz") == (200, "primary\n")
     assert scrape(ports[backup.address], "/healthz") == (200, "backup\n")
     assert scrape(ports[primary.address], "/nothing")[0] == 404
+
+
+def test_metrics_bind_the_metrics_host_when_given(
+    zk_server: ZooKeeperServer, zk_path: str, tmp_path: Path
+) -> None:
+    """--metrics-host puts the unauthenticated metrics port on another address than the
+    service's (SECURITY.md): here 127.0.0.2, and nothing on the node's 127.0.0.1."""
+    port = free_port("127.0.0.2")
+    create_parent(zk_server.connect_string, zk_path)
+    node = NodeProcess(
+        zk_server.connect_string,
+        zk_path,
+        tmp_path,
+        extra_args=["--metrics-port", str(port), "--metrics-host", "127.0.0.2"],
+    )
+    try:
+        node.start()
+        node.wait_for_role(["primary"])
+        with urllib.request.urlopen(f"http://127.0.0.2:{port}/healthz", timeout=TIMEOUT_S) as r:
+            assert (r.status, r.read()) == (200, b"primary\n")
+        with pytest.raises(urllib.error.URLError):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=TIMEOUT_S)
+    finally:
+        node.stop()

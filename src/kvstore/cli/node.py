@@ -182,6 +182,7 @@ def _config(args: argparse.Namespace, limits: Limits, security: _Security) -> No
         zk_session_timeout_s=args.session_timeout,
         lease_s=args.lease,
         metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
         event_front=args.io == "events",
         advertise=args.advertise,
         data_dir=args.data_dir,
@@ -361,6 +362,13 @@ def _add_serving_arguments(parser: argparse.ArgumentParser) -> None:
         help="serve Prometheus metrics at http://HOST:PORT/metrics and a health check at "
         "/healthz (200 while serving a role, 503 while starting or stopping); 0 picks a "
         "free port (logged). Default: off (it costs a few µs per request)",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        default=None,
+        metavar="ADDRESS",
+        help="the address the metrics port binds (default: HOST), e.g. 127.0.0.1 for a local "
+        "monitoring agent: the metrics port has no authentication",
     )
     parser.add_argument(
         "--io",

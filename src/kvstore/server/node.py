@@ -210,14 +210,15 @@ class StorageNode:
         self.server.start()
         config = self.config
         if config.metrics_port is not None:
+            host = config.metrics_host or config.host
             try:
-                self._metrics_server = MetricsServer(config.host, config.metrics_port, self.metrics)
+                self._metrics_server = MetricsServer(host, config.metrics_port, self.metrics)
             except OSError as exc:  # (the caller names the service's address)
                 raise errors.UnavailableError(
-                    f"cannot serve metrics on {config.host}:{config.metrics_port}: {exc}"
+                    f"cannot serve metrics on {host}:{config.metrics_port}: {exc}"
                 ) from None
             self._metrics_server.start()
-            log.info("metrics on http://%s:%d/metrics", config.host, self._metrics_server.port)
+            log.info("metrics on http://%s:%d/metrics", host, self._metrics_server.port)
         try:
             zk = connect(
                 config.zk_connect,
