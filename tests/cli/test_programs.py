@@ -278,6 +278,7 @@ def test_a_node_waiting_for_zookeeper_stops_at_once_and_warns_once(
             node.wait()
     output = log_path.read_text()
     assert output.count("Connection dropped") == 1, output
+    assert "connecting to ZooKeeper at 127.0.0.1:1 (giving up after 15 s)" in output, output
     assert f"stopping: signal {signum.name}" in output and "Traceback" not in output
 
 

@@ -219,6 +219,11 @@ class StorageNode:
                 ) from None
             self._metrics_server.start()
             log.info("metrics on http://%s:%d/metrics", host, self._metrics_server.port)
+        log.info(
+            "connecting to ZooKeeper at %s (giving up after %g s)",
+            config.zk_connect,
+            config.zk_connect_timeout_s,
+        )
         try:
             zk = connect(
                 config.zk_connect,
