@@ -513,10 +513,16 @@ class Follower:
         if durable:
             if not self._is_waiting_logged:
                 self._is_waiting_logged = True
+                own = set(node.node_ids)  # (its own former name, when it restarted)
                 log.warning(
                     "no in-sync node is alive; waiting for one with a data directory to come "
                     "back: %s",
-                    ", ".join(sorted(durable.values())),
+                    ", ".join(
+                        sorted(
+                            f"{name} (this node before its restart)" if i in own else name
+                            for i, name in durable.items()
+                        )
+                    ),
                 )
             return
         if self._is_any_listed_member_silent(meta, names):

@@ -254,7 +254,9 @@ def scan(
             return
         raise CorruptLogError(
             f"{where} is damaged at offset {offset} ({problem}); refusing to start. Move the "
-            f"data directory aside to start this node empty (it then copies from the primary)"
+            "data directory aside to start this node empty: it then copies the store from the "
+            "primary, if another node holds it (if none does, keep the directory: it holds the "
+            "data, up to the damage)"
         )
 
 
