@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
 import subprocess
 import sys
 import time
@@ -143,6 +144,20 @@ def test_dump_then_load_round_trips_every_key(shared_cluster: LocalCluster, tmp_
     assert refused.returncode == 64
     assert "standard input line 2" in refused.stderr
     assert kv(cluster, "get", "fresh").returncode == 1  # every line is checked first
+    too_large = (
+        b'{"key": "LA", "value": "a"}\n{"key": "LB", "value": "%s"}\n{"key": "LC", "value": "c"}\n'
+        % (
+            b"x" * (2 << 20)  # over the nodes' 1 MiB: only the node knows its limit
+        )
+    )
+    stopped = kv(cluster, "load", "--threads", "1", stdin=too_large)
+    assert stopped.returncode == 64, stopped
+    said = re.search(r"\(key 'LB', entry 2 of 3\); (\d) keys were loaded", stopped.stderr)
+    assert said is not None, stopped.stderr
+    with kvstore.Client(cluster.zk_connect, cluster.zk_path) as client:
+        there = client.get_many(["LA", "LB", "LC"])  # (LC: begun before the stop, or not)
+    assert there["LA"] == "a" and there["LB"] is None, there
+    assert int(said[1]) == sum(value is not None for value in there.values()), (said, there)
     empty_key = b'{"key": "fresh", "value": "1"}\n{"key": "", "value": "x"}\n'
     refused = kv(cluster, "load", stdin=empty_key)  # (an earlier version stored one)
     assert refused.returncode == 64

@@ -141,8 +141,10 @@ def _parser() -> argparse.ArgumentParser:
     load = commands.add_parser(
         "load",
         help="import what kv dump wrote (put every key; the others are left as they are)",
-        description="Put every key of a kv dump file (every line is checked before the "
-        "first put). Exactly-once puts: after a failure, running it again is safe.",
+        description="Put every key of a kv dump file (every line's form is checked before "
+        "the first put; a put the nodes refuse, say a value over their limit, stops it with "
+        "the key and how many were loaded). Exactly-once puts: after a failure, running it "
+        "again is safe.",
     )
     load.add_argument("file", nargs="?", metavar="FILE", help="default standard input")
     load.add_argument(
@@ -293,10 +295,26 @@ def _entries(file: str | None) -> list[tuple[str, str]]:
 
 
 def _load(kv: Client, entries: list[tuple[str, str]], threads: int, is_json: bool) -> int:
+    loaded: list[None] = []  # (one per put done: list.append is atomic)
+
+    def put(entry: tuple[str, str]) -> None:
+        kv.put(*entry)
+        loaded.append(None)
+
     pool = ThreadPoolExecutor(threads, thread_name_prefix="kv-load")
+    position = 0
     try:
-        for _ in pool.map(lambda entry: kv.put(*entry), entries):
-            pass  # (the first failure is raised here)
+        for _ in pool.map(put, entries):
+            position += 1  # (the first failure, in the file's order, is raised here)
+    except errors.KVError as exc:
+        pool.shutdown(cancel_futures=True)  # (the puts under way end first)
+        key = entries[position][0]
+        exc.args = (
+            f"load: {exc} (key {key!r:.80}, entry {position + 1} of {len(entries)}); "
+            f"{len(loaded)} keys were loaded: fix the file and load it again (loading the same "
+            "keys again is safe)",
+        )
+        raise
     finally:  # (after a failure or Ctrl-C, the puts not begun are not made)
         pool.shutdown(cancel_futures=True)
     _emit(is_json, {"loaded": len(entries)}, f"loaded {len(entries)} keys")
