@@ -211,11 +211,15 @@ def test_status_lists_both_nodes(shared_cluster: LocalCluster) -> None:
     assert table[0].split() == ["NODE", "ADDRESS", "ROLE", "EPOCH", "IN-SYNC", "KEYS"]
     assert len(table) == 4
     assert table[3] == "replication factor 2: 2 in sync and serving"
+    after = kv(shared_cluster, "status", "-o", "json")  # (the options go after the command too)
+    assert sorted(n["role"] for n in json.loads(after.stdout)) == ["backup", "primary"]
 
 
 def test_unreachable_zookeeper_is_one_line_and_exit_2() -> None:
     result = kv(None, "--timeout", "1", "get", "k", zk="127.0.0.1:1")
     assert result.returncode == 2
+    after = kv(None, "get", "k", "--zk", "127.0.0.1:1", "--timeout", "1")
+    assert (after.returncode, after.stderr) == (2, result.stderr), after
     assert result.stdout == ""
     assert result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith("kv: ") and "Traceback" not in result.stderr

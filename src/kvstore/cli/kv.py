@@ -72,38 +72,24 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         parser_class=_Parser,
     )
-    parser.add_argument(
-        "--zk",
-        type=zk_connect,
-        default=os.environ.get("KV_ZK", DEFAULT_ZK),
-        metavar="HOSTS",
-        help=f"ZooKeeper connect string (default $KV_ZK or {DEFAULT_ZK})",
-    )
-    parser.add_argument(
-        "--path",
-        type=zk_path,
-        default=os.environ.get("KV_PATH", DEFAULT_PATH),
-        help=f"the cluster's parent znode (default $KV_PATH or {DEFAULT_PATH})",
-    )
-    parser.add_argument(
-        "-o",
-        "--output",
-        choices=("text", "json"),
-        default="text",
-        help="text (default: values as they are, a table for status) or json (one JSON "
-        "document, for scripts)",
-    )
-    parser.add_argument(
-        "--timeout",
-        type=positive_float,
-        default=5.0,
-        metavar="S",
-        help="seconds a command may take, retries through a failover included (default 5)",
+    _add_common_arguments(parser)
+    parser.set_defaults(
+        zk=os.environ.get("KV_ZK", DEFAULT_ZK),
+        path=os.environ.get("KV_PATH", DEFAULT_PATH),
+        output="text",
+        timeout=5.0,
     )
     add_tls_arguments(parser, "the client's")
     add_zk_tls_arguments(parser)
+    # The same options after the command too (kv status -o json): set only where given.
+    common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    _add_common_arguments(common)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    get = commands.add_parser("get", help="print a key's value (and a newline)")
+
+    def command(name: str, **options: Any) -> argparse.ArgumentParser:
+        return commands.add_parser(name, parents=[common], **options)
+
+    get = command("get", help="print a key's value (and a newline)")
     get.add_argument("key")
     get.add_argument(
         "-n",
@@ -111,19 +97,19 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the value alone: what kv put stored, byte for byte",
     )
-    put = commands.add_parser("put", help="set a key")
+    put = command("put", help="set a key")
     put.add_argument("key")
     put.add_argument("value", nargs="?", help="the value (default: read standard input to its end)")
-    commands.add_parser("del", help="delete a key").add_argument("key")
-    cas = commands.add_parser("cas", help="compare-and-set: set only if the value is as expected")
+    command("del", help="delete a key").add_argument("key")
+    cas = command("cas", help="compare-and-set: set only if the value is as expected")
     cas.add_argument("key")
     cas.add_argument("value", help="the new value")
     condition = cas.add_mutually_exclusive_group(required=True)
     condition.add_argument("--expect", metavar="OLD", help="swap only if the value is OLD")
     condition.add_argument("--absent", action="store_true", help="swap only if the key is missing")
-    commands.add_parser("mget", help="print several keys").add_argument("keys", nargs="+")
-    commands.add_parser("status", help="list the nodes: address, role, epoch, in-sync, keys")
-    dump = commands.add_parser(
+    command("mget", help="print several keys").add_argument("keys", nargs="+")
+    command("status", help="list the nodes: address, role, epoch, in-sync, keys")
+    dump = command(
         "dump",
         help='export every key: a JSON object per line, {"key": ..., "value": ...}',
         description="Export every key and value, a JSON object per line. Not one instant: a "
@@ -138,7 +124,7 @@ def _parser() -> argparse.ArgumentParser:
         help="write here (whole or not at all: FILE appears once the dump is complete); "
         "default standard output",
     )
-    load = commands.add_parser(
+    load = command(
         "load",
         help="import what kv dump wrote (put every key; the others are left as they are)",
         description="Put every key of a kv dump file (every line's form is checked before "
@@ -155,6 +141,34 @@ def _parser() -> argparse.ArgumentParser:
         help=f"puts under way at once (default {LOAD_THREADS})",
     )
     return parser
+
+
+def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """--zk, --path, -o and --timeout: before the command, or after it."""
+    parser.add_argument(
+        "--zk",
+        type=zk_connect,
+        metavar="HOSTS",
+        help=f"ZooKeeper connect string (default $KV_ZK or {DEFAULT_ZK})",
+    )
+    parser.add_argument(
+        "--path",
+        type=zk_path,
+        help=f"the cluster's parent znode (default $KV_PATH or {DEFAULT_PATH})",
+    )
+    parser.add_argument(
+        "-o",
+        "--output",
+        choices=("text", "json"),
+        help="text (default: values as they are, a table for status) or json (one JSON "
+        "document, for scripts)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=positive_float,
+        metavar="S",
+        help="seconds a command may take, retries through a failover included (default 5)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
