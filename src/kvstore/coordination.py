@@ -482,9 +482,8 @@ def connect(
             # silent server for a session timeout: the caller need not wait for that)
             threading.Thread(target=_close_quietly, args=(zk,), daemon=True).start()
             raise errors.CoordinationError("gave up connecting to ZooKeeper: cancelled")
-        if time.monotonic() >= deadline:
-            zk.stop()
-            zk.close()
+        if time.monotonic() >= deadline:  # (closed meanwhile, as above: the time is up)
+            threading.Thread(target=_close_quietly, args=(zk,), daemon=True).start()
             over = " over TLS" if tls is not None else ""
             raise errors.CoordinationError(
                 f"cannot reach ZooKeeper at {zk_connect}{over} within {connect_timeout_s:g} s"

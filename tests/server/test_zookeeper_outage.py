@@ -138,6 +138,32 @@ def test_a_session_handshake_without_an_answer_is_given_up_in_a_third_of_the_ses
             sock.close()
 
 
+def test_giving_up_on_zookeeper_takes_the_connect_timeout_not_the_attempt_under_way() -> None:
+    """kv --timeout 5 took 7 s against a paused ZooKeeper: at the deadline, connect closed
+    the client first, which waited for kazoo's attempt under way (a third of the session).
+    It gives up at the deadline now (the client closes in the background)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):  # (closed at the end)
+            for _ in range(10):  # bounded
+                held.append(listener.accept()[0])  # a handshake never answered
+
+    threading.Thread(target=accept, name="paused-zookeeper", daemon=True).start()
+    try:
+        began = time.monotonic()
+        with pytest.raises(errors.CoordinationError, match="within 1 s"):
+            # (an attempt waits 3 s here: a third of the session)
+            connect(f"127.0.0.1:{listener.getsockname()[1]}", 9.0, connect_timeout_s=1.0)
+        took = time.monotonic() - began
+        assert took < 2.0, f"gave up after {took:.1f} s, not at the 1 s asked for"
+    finally:
+        listener.close()
+        for sock in held:
+            sock.close()
+
+
 def test_a_connect_to_a_zookeeper_host_is_given_a_third_of_the_session(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
