@@ -340,3 +340,24 @@ def test_a_new_cluster_without_a_primary_yet_is_waited_for_not_taken_for_a_seed_
         with pytest.raises(kvstore.DeadlineExceededError, match="no primary") as failed:
             client.delete("a")
         assert failed.value.is_definite
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"), [("KV_ZK", ""), ("KV_PATH", "relative"), ("KV_PATH", "")]
+)
+def test_a_bad_environment_default_is_named(variable: str, value: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "kvstore", "kv", "get", "k"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, variable: value},
+        timeout=TIMEOUT_S,
+        check=False,
+    )
+    assert result.returncode == 64
+    assert f"kv: error: ${variable}: " in result.stderr, result.stderr
+
+
+def test_a_timeout_that_is_no_number_is_said_so() -> None:
+    result = kv(None, "--timeout", "abc", "get", "k")
+    assert result.returncode == 64 and "--timeout: not a number: 'abc'" in result.stderr

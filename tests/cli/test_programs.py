@@ -53,6 +53,11 @@ def test_help_gives_the_exit_status(program: str) -> None:
     assert "exit status: 0 " in flat
 
 
+def test_an_unknown_program_is_named() -> None:
+    result = run("frob")
+    assert result.returncode == 2 and "no program 'frob'" in result.stderr
+
+
 def test_the_package_lists_its_programs() -> None:
     result = run("--help")
     assert result.returncode == 0

@@ -40,6 +40,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args or args[0] not in COMMANDS:
         is_help = bool(args) and args[0] in ("-h", "--help")
         print(_usage(), file=sys.stdout if is_help else sys.stderr)
+        if args and not is_help:
+            print(f"kvstore: no program {args[0]!r} (see the list above)", file=sys.stderr)
         return 0 if is_help else 2
     return run(args[0], args[1:])
 

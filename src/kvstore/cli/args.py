@@ -63,14 +63,20 @@ def setup_logging(level: str, is_quiet: bool = False, log_format: str = "text") 
 
 
 def positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:  # (argparse would name the function: "invalid positive_int value")
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
 
 
 def positive_float(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not 0 < value < math.inf:  # (nan and inf too)
         raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
     return value

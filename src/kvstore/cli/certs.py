@@ -79,10 +79,15 @@ def _add_missing(directory: str, nodes: int) -> int:
         return 1
     if not written:
         print(
-            f"{directory}/ holds a CA and every certificate asked for: nothing written "
+            f"{_shown(directory)} holds a CA and every certificate asked for: nothing written "
             "(--nodes N adds node-N; --force replaces everything)"
         )
         return 0
     files = " ".join(f"{name}.crt {name}.key" for name in written)
-    print(f"kept the CA in {directory}/; wrote {files}, signed by it")
+    print(f"kept the CA in {_shown(directory)}; wrote {files}, signed by it")
     return 0
+
+
+def _shown(directory: str) -> str:
+    """The directory as a message shows it: one slash at its end (certs, certs/: certs/)."""
+    return directory.rstrip("/") + "/"

@@ -73,12 +73,7 @@ def _parser() -> argparse.ArgumentParser:
         parser_class=_Parser,
     )
     _add_common_arguments(parser)
-    parser.set_defaults(
-        zk=os.environ.get("KV_ZK", DEFAULT_ZK),
-        path=os.environ.get("KV_PATH", DEFAULT_PATH),
-        output="text",
-        timeout=5.0,
-    )
+    parser.set_defaults(output="text", timeout=5.0)  # (--zk, --path: main, from the env)
     add_tls_arguments(parser, "the client's")
     add_zk_tls_arguments(parser)
     # The same options after the command too (kv status -o json): set only where given.
@@ -174,6 +169,15 @@ def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    for option, variable, default, check in (
+        ("zk", "KV_ZK", DEFAULT_ZK, zk_connect),
+        ("path", "KV_PATH", DEFAULT_PATH, zk_path),
+    ):
+        if getattr(args, option) is None:
+            try:
+                setattr(args, option, check(os.environ.get(variable, default)))
+            except argparse.ArgumentTypeError as exc:
+                parser.error(f"${variable}: {exc}")
     args.tls = tls_from(parser, args)
     args.zk_tls = zk_tls_from(parser, args)
     logging.getLogger("kazoo").setLevel(logging.CRITICAL)  # our one line says it all
