@@ -51,6 +51,7 @@ import json
 import logging
 import os
 import shlex
+import socket
 import threading
 import time
 import uuid
@@ -624,16 +625,35 @@ def _registered_members(zk: KazooClient, path: str) -> list[str]:
 
 
 def _refuse_reset_under_nodes(zk: KazooClient, path: str) -> None:
-    """A reset under registered nodes would discard the store they serve (an in-memory one
-    for good): refused, unless forced. After DATA LOST the nodes have stopped already."""
-    members = _registered_members(zk, path)
-    if members:
+    """A reset under running nodes would discard the store they serve (an in-memory one
+    for good): refused, unless forced. A registered node counts as running if something
+    takes a connection at its address (a node killed a moment ago keeps its znode until its
+    ZooKeeper session expires; after DATA LOST the nodes have stopped already)."""
+    running = []
+    for name in _registered_members(zk, path):
+        with contextlib.suppress(NoNodeError):
+            address = zk.get(f"{path}/{name}")[0].decode(errors="replace")
+            if _takes_connections(address):
+                running.append(f"{name} at {address}")
+    if running:
         raise errors.CoordinationError(
-            f"refusing to reset {path}: {len(members)} node(s) are registered under it "
-            f"({', '.join(members)}), so the cluster may be serving: a reset would make it a "
-            "new, EMPTY cluster (in-memory nodes lose their data for good). Stop every node "
-            "first, or add --force if that is what you want"
+            f"refusing to reset {path}: {len(running)} registered node(s) answer at their "
+            f"address ({', '.join(running)}), so the cluster may be serving: a reset would "
+            "make it a new, EMPTY cluster (in-memory nodes lose their data for good). Stop "
+            "every node first, or add --force if that is what you want"
         )
+
+
+def _takes_connections(address: str, timeout_s: float = 1.0) -> bool:
+    """Whether a TCP connection to ``address`` (host:port) opens within ``timeout_s``."""
+    host, _, port = address.rpartition(":")
+    if not port.isdigit():
+        return False
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True
 
 
 def _secure_existing(zk: KazooClient, path: str, auth: str) -> str:

@@ -195,7 +195,7 @@ def test_status_marks_a_stale_znode_and_exits_2_without_a_primary(cluster: Local
     assert "no node answers as primary" in dead.stdout
     # Still listed in sync by the metadata, but neither counted as such nor given an epoch.
     assert ": 0 in sync and serving" in dead.stdout, dead.stdout
-    assert "(listed in sync but not serving: node-" in dead.stdout, dead.stdout
+    assert "(listed in sync, not answering as primary or backup: node-" in dead.stdout
     dead_json = kv(cluster, "-o", "json", "status")
     assert dead_json.returncode == 2
     assert all(n["epoch"] is None for n in json.loads(dead_json.stdout)), dead_json.stdout

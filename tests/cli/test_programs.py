@@ -122,7 +122,12 @@ def test_disk_options_without_a_data_directory_are_a_usage_error(options: tuple[
     nothing on disk without a word."""
     result = run("node", "127.0.0.1", PORT, "127.0.0.1:1", "/x", *options)
     assert result.returncode == 2
-    assert f"{options[0]} need --data-dir" in result.stderr, result.stderr
+    assert f"{options[0]} needs --data-dir" in result.stderr, result.stderr
+
+
+def test_a_metrics_host_without_a_metrics_port_is_a_usage_error() -> None:
+    result = run("node", "127.0.0.1", PORT, "127.0.0.1:1", "/x", "--metrics-host", "127.0.0.1")
+    assert result.returncode == 2 and "--metrics-host needs --metrics-port" in result.stderr
 
 
 def test_binding_every_interface_needs_an_advertised_address() -> None:

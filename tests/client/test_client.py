@@ -18,7 +18,7 @@ import pytest
 
 import kvstore
 from kvstore.bench.faults import Killer
-from kvstore.coordination import connect
+from kvstore.coordination import connect, create_parent
 from kvstore.idl import RequestId
 from kvstore.local.cluster import LocalCluster
 from kvstore.local.processes import wait_until
@@ -252,6 +252,28 @@ def test_seed_rule_when_the_parent_has_no_metadata(
         zk.close()
     with kvstore.Client(shared_cluster.zk_connect, shared_cluster.zk_path, timeout=5) as kv:
         wait_until(lambda: kv.get("seed-key"), 5, lambda: "the seed-rule put is not there")
+
+
+def test_seed_nodes_under_a_parent_made_by_kv_createznode_are_found_by_the_seed_rule(
+    shared_cluster: LocalCluster, zk_server: ZooKeeperServer
+) -> None:
+    """kv-createznode gives a new parent kvstore metadata (an incarnation id) and no primary:
+    the seed's nodes registering under it name none either. Get and put still find the
+    lowest node (the seed's rule); a write only kvstore nodes serve waits for a primary."""
+    primary = shared_cluster.wait_for("primary").address
+    seed_path = shared_cluster.zk_path + "-seed-made-by-us"
+    create_parent(zk_server.connect_string, seed_path)
+    zk = connect(zk_server.connect_string, 10.0, 10.0)
+    try:
+        zk.create(f"{seed_path}/node", primary.encode(), ephemeral=True, sequence=True)
+        with kvstore.Client(zk_server.connect_string, seed_path, timeout=1) as kv:
+            kv.put("seed-key-2", "seed-value")
+            assert kv.get("seed-key-2") == "seed-value"
+            with pytest.raises(kvstore.DeadlineExceededError, match="no primary yet"):
+                kv.delete("seed-key-2")
+    finally:
+        zk.stop()
+        zk.close()
 
 
 def test_a_get_many_whose_reply_would_not_fit_a_frame_is_refused(

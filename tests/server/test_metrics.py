@@ -105,7 +105,8 @@ def test_metrics_bind_the_metrics_host_when_given(
         node.wait_for_role(["primary"])
         with urllib.request.urlopen(f"http://127.0.0.2:{port}/healthz", timeout=TIMEOUT_S) as r:
             assert (r.status, r.read()) == (200, b"primary\n")
-        with pytest.raises(urllib.error.URLError):
+        with pytest.raises(urllib.error.URLError) as refused:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=TIMEOUT_S)
+        assert isinstance(refused.value.reason, ConnectionRefusedError), refused.value
     finally:
         node.stop()

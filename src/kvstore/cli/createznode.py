@@ -28,8 +28,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "$KV_ZK_AUTH) it gets an ACL that lets only them change the cluster (anyone may read).",
         epilog="exit status: 0 done (created, or it existed; reset, secured, replication "
         "factor set as asked); 1 ZooKeeper unreachable, or the change refused (not "
-        "authorized; --secure-existing, or --reset without --force, while nodes are "
-        "registered; metadata under PATH that is not a kvstore cluster's); 2 bad arguments; "
+        "authorized; --secure-existing while nodes are registered, --reset without --force "
+        "while one runs; metadata under PATH that is not a kvstore cluster's); 2 bad arguments; "
         "130 interrupted (Ctrl-C; 143 SIGTERM, 129 SIGHUP): a change under way may or may "
         "not have been made",
     )
@@ -41,13 +41,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "new cluster incarnation (a node whose --data-dir holds keys refuses to start or join "
         "it: move that directory aside). "
         "Only for when the data is lost anyway (every node holding it died): refused while "
-        "nodes are registered under PATH, unless --force",
+        "a node registered under PATH answers at its address, unless --force",
     )
     parser.add_argument(
         "--force",
         action="store_true",
-        help="with --reset: reset even while nodes are registered (a serving cluster becomes "
-        "a new, empty one; its nodes restart into it)",
+        help="with --reset: reset even while nodes run (a serving cluster becomes a new, "
+        "empty one: its in-memory nodes restart into it empty, one whose data directory "
+        "holds keys refuses to and exits 1)",
     )
     parser.add_argument(
         "--replicas",

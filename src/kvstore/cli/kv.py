@@ -319,6 +319,11 @@ def _load(kv: Client, entries: list[tuple[str, str]], threads: int, is_json: boo
         kv.put(*entry)
         loaded.append(None)
 
+    def advice(exc: errors.KVError) -> str:
+        if isinstance(exc, (errors.TooLargeError, errors.BadRequestError)):
+            return "fix the file and load it again"
+        return "load it again"
+
     pool = ThreadPoolExecutor(threads, thread_name_prefix="kv-load")
     position = 0
     try:
@@ -329,8 +334,8 @@ def _load(kv: Client, entries: list[tuple[str, str]], threads: int, is_json: boo
         key = entries[position][0]
         exc.args = (
             f"load: {exc} (key {key!r:.80}, entry {position + 1} of {len(entries)}); "
-            f"{len(loaded)} keys were loaded: fix the file and load it again (loading the same "
-            "keys again is safe)",
+            f"{len(loaded)} keys were loaded: {advice(exc)} (loading the same keys again is "
+            "safe)",
         )
         raise
     finally:  # (after a failure or Ctrl-C, the puts not begun are not made)
@@ -344,8 +349,9 @@ def _status(args: argparse.Namespace) -> int:
         args.zk, args.path, zk_connect_timeout_s=args.timeout, tls=args.tls, zk_tls=args.zk_tls
     )
     meta, reports = cluster_state(config)
-    # Serving needs a primary (the seed's nodes have no status: there, any node answering).
-    if meta.is_initialized:
+    # Serving needs a primary (the seed's nodes have no status: there, any node answering;
+    # a new kvstore cluster has no primary yet: not serving).
+    if meta.is_kvstore:
         is_serving = any(r.role == "primary" for r in reports)
     else:
         is_serving = any(r.role not in ("unreachable", "stale") for r in reports)
@@ -371,7 +377,7 @@ def _status(args: argparse.Namespace) -> int:
         print(f"replication factor {meta.replicas}: {len(serving)} in sync and serving")
         absent = sorted(set(meta.in_sync) - serving)
         if absent:  # (the primary drops them within a second or so, or it is gone itself)
-            print(f"(listed in sync but not serving: {', '.join(absent)})")
+            print(f"(listed in sync, not answering as primary or backup: {', '.join(absent)})")
     failed = next((r for r in reports if r.error), None)
     if failed is not None:
         how = "refused this connection" if failed.role == "forbidden" else "did not answer"

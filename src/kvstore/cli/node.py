@@ -90,9 +90,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             if v is not None
         ]
         if given:  # (a node an operator believes durable would keep nothing on disk)
+            verb = "needs" if len(given) == 1 else "need"
             parser.error(
-                f"{' and '.join(given)} need --data-dir: without it the store lives in memory only"
+                f"{' and '.join(given)} {verb} --data-dir: without it the store lives in "
+                "memory only"
             )
+    if args.metrics_host is not None and args.metrics_port is None:
+        parser.error("--metrics-host needs --metrics-port (the metrics are off without it)")
     if args.host in ("0.0.0.0", "::") and args.advertise is None:
         parser.error(
             f"bound to every interface ({args.host}): --advertise HOST:PORT names the "

@@ -55,6 +55,8 @@ _PERMANENT = (
 )
 
 
+_SEED_METHODS = frozenset({"get", "put"})  # what the seed's nodes serve
+
 # Keys per get_many call: a node decodes and reads a call in one go, holding up its other
 # clients meanwhile (0.5-0.75 s measured for a million keys), and refuses more than 131,072
 # elements in one request (rpc.MAX_ELEMENTS) and a reply larger than a frame.
@@ -151,8 +153,6 @@ class Client:
         key neither written nor deleted during the scan comes exactly once, and one written
         meanwhile may or may not come. A failover during the scan raises UnavailableError
         (the next primary's stripes are not this one's): scan again."""
-        if self._locator.is_seed_cluster:
-            raise errors.UnsupportedError("scan needs kvstore nodes (the seed's have get/put)")
         stripe, epoch = 0, 0
         while True:
             chunk = self._call("scan", (stripe, max(1, chunk_keys), epoch))
@@ -205,8 +205,6 @@ class Client:
     # ------------------------------------------------------------------ retries
 
     def _write(self, method: str, *args: Any) -> Any:
-        if self._locator.is_seed_cluster:
-            raise errors.UnsupportedError(f"{method} needs kvstore nodes (the seed's have get/put)")
         lease: _LaneLease | None = getattr(self._local, "lane", None)
         if lease is None:
             lease = self._local.lane = _LaneLease(self)
@@ -252,7 +250,14 @@ class Client:
                 self._locator.wait_for_change(generation, min(RETRY_PAUSE_S, remaining_s))
 
     def _call_once(self, method: str, args: tuple[Any, ...]) -> Any:
-        address = self._locator.primary_address()
+        locator = self._locator
+        if method not in _SEED_METHODS and locator.is_seed_cluster:
+            if locator.is_new_cluster:  # (retried: the first primary comes soon)
+                raise errors.UnavailableError(
+                    "no primary yet: the cluster's first node has not taken the primary role"
+                )
+            raise errors.UnsupportedError(f"{method} needs kvstore nodes (the seed's have get/put)")
+        address = locator.primary_address()
         if not address:
             raise errors.UnavailableError("no primary registered in ZooKeeper")
         conn = self._connection(address)

@@ -56,6 +56,7 @@ class PrimaryLocator:
         self._generation = 0
         self._address = ""
         self._is_seed = False
+        self._is_new = False
         self._is_closed = False
         self._moved_callbacks: list[weakref.WeakMethod[Callable[[str], None]]] = []
         self._stale = threading.Event()
@@ -96,9 +97,10 @@ class PrimaryLocator:
 
     def _read(self) -> None:
         meta, _ = self._view.meta()
-        if meta.is_kvstore:  # (no primary yet in a new cluster: "", wait for one)
+        self._is_new = meta.is_kvstore and not meta.is_initialized
+        if meta.is_initialized:
             address, is_seed = meta.primary_address, False
-        else:  # no kvstore metadata: the seed's rule
+        else:  # no primary named (seed nodes, or a new cluster's first one): the seed's rule
             address, is_seed = self._view.lowest_child_address(), True
         previous = self._address
         self._address, self._is_seed = address, is_seed
@@ -136,10 +138,17 @@ class PrimaryLocator:
 
     @property
     def is_seed_cluster(self) -> bool:
-        """True while the parent znode carries no kvstore metadata (seed nodes; or a cluster
-        created by an earlier version of kv-createznode whose first node has not taken the
-        primary role yet)."""
+        """True while the parent znode names no primary: a cluster of the seed's nodes, or a
+        new kvstore cluster whose first node has not taken the primary role yet (then
+        ``is_new_cluster`` too, unless an earlier version of kv-createznode made it)."""
         return self._is_seed
+
+    @property
+    def is_new_cluster(self) -> bool:
+        """True while the parent holds kvstore metadata (kv-createznode's) but names no
+        primary yet. The seed's nodes may register under such a parent too: only get and
+        put can tell, and they work either way (the seed's rule finds the lowest node)."""
+        return self._is_new
 
     def refresh(self) -> None:
         """Re-read the primary from ZooKeeper, in the background."""

@@ -367,7 +367,13 @@ class _Dispatcher:
         self._refused_count += 1
         now = time.monotonic()
         if now - self._refusal_logged_at >= 1.0:
-            log.warning("refused %s from %s: %s (%d refusals)", api, peer, exc, self._refused_count)
+            log.warning(
+                "refused %s: %s (%d refusals since the last such line; the latest from %s)",
+                api,
+                exc,
+                self._refused_count,
+                peer,
+            )
             self._refusal_logged_at, self._refused_count = now, 0
 
     @staticmethod
