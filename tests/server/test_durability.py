@@ -179,6 +179,9 @@ def test_a_copy_dropped_from_the_in_sync_set_never_takes_over_with_its_shorter_h
         assert_waits_for_the_last_in_sync_set(backup)
         assert_takes_over_with_every_write(cluster, primary, keys)
         backup.wait_for_role(["backup"])
+        # The old backup registered first, but answers with a directory outside the last
+        # in-sync set: it cannot recover, so the primary did not wait 3 s for it to.
+        assert "letting a node registered before" not in primary.log_path.read_text()
     finally:
         cluster.stop()
 

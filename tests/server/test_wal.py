@@ -80,6 +80,20 @@ def test_a_snapshot_trims_the_log_and_recovery_replays_what_came_after(tmp_path:
     assert reopened(tmp_path).snapshot() == expected
 
 
+def test_a_snapshot_cut_short_by_a_crash_is_removed_when_the_node_starts(tmp_path: Path) -> None:
+    """A kill -9 while a snapshot is written leaves its temporary file (up to the store's
+    size, never read): the next start removes it and recovers from what was complete."""
+    store = durable_store(tmp_path)
+    fill(store)
+    store.write_snapshot()
+    expected = store.snapshot()
+    store.log.close()  # type: ignore[union-attr]
+    leftover = tmp_path / "snapshot.tmp"
+    leftover.write_bytes(b"half a snapshot " * 1000)
+    assert reopened(tmp_path).snapshot() == expected
+    assert not leftover.exists()
+
+
 def test_a_snapshot_keeps_each_clients_floor(tmp_path: Path) -> None:
     """A node that recovers from the snapshot alone (its log trimmed) still refuses a late
     retry of a request its client had moved past: applying it could apply it twice."""

@@ -477,12 +477,13 @@ class Follower:
         node = self._node
         store_log = node.store.log
         is_complete = store_log is not None and store_log.is_complete_copy
-        others = names - set(meta.in_sync)  # the listed ones are dead (their znodes linger)
+        listed = set(meta.in_sync)  # (dead: their znodes linger)
+        others = [m for m in members if m.name not in listed]
         listed_as = next((durable[i] for i in node.node_ids if i in durable), None)
         if (
             is_complete
             and listed_as is not None
-            and not self._defers_to_lower(others)
+            and not self._defers_to_lower(others, durable)
             and self._has_no_lease_out()
         ):
             node.new_node_id()  # (a copy of the directory from before is not this node)
@@ -562,18 +563,31 @@ class Follower:
             log.info("waiting out the read lease this node may have granted before it restarted")
         return False
 
-    def _defers_to_lower(self, names: set[str]) -> bool:
+    def _defers_to_lower(self, others: list[Member], durable: dict[str, str]) -> bool:
         """Whether to let a live member registered before this node recover first (for
         RECOVERY_DEFER_S): if it holds a copy it becomes primary as the lowest child.
-        ``names``: members other than the listed ones (found dead, their znodes linger)."""
+        ``others``: members other than the listed ones (found dead, their znodes linger);
+        ``durable``: the listed members' durable ids. One that answers without such an id (a
+        stale backup, a node without a data directory) cannot recover: not waited for."""
         own = Member(self._node.name, "").sequence
-        if not any(0 <= Member(name, "").sequence < own for name in names):
+        if not any(0 <= m.sequence < own and self._may_recover(m, durable) for m in others):
             return False
         now = time.monotonic()
         if self._deferring_since is None:
             self._deferring_since = now
             log.info("letting a node registered before this one recover first")
         return now - self._deferring_since < RECOVERY_DEFER_S
+
+    def _may_recover(self, member: Member, durable: dict[str, str]) -> bool:
+        """Whether ``member`` may hold a listed member's data directory: it answers with one
+        of ``durable``'s ids, or does not answer yet (a node still loading its store)."""
+        try:
+            status = probe(member.address, self._node.config.probe_timeout_ms, self._node.peer_tls)
+        except errors.KVError:
+            return True
+        if status is None:
+            return True  # (not listening yet)
+        return bool(status.durable_id) and status.durable_id in durable
 
     def _is_primary_serving(self, meta: ClusterMeta) -> bool:
         """The node named primary answers at its address, as primary."""

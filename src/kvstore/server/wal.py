@@ -143,6 +143,9 @@ class WriteAheadLog:
         directory.mkdir(parents=True, exist_ok=True)
         self._lock_fd = _lock_directory(directory)
         try:
+            # A snapshot being written when the node died: up to a store's size, never read.
+            with contextlib.suppress(FileNotFoundError):
+                (directory / (SNAPSHOT_FILE + ".tmp")).unlink()
             self.node_id = self._node_id()
             self.former_ids = self._recorded_former_ids()
             self.incarnation = self._recorded_incarnation()
