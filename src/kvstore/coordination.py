@@ -51,7 +51,6 @@ import json
 import logging
 import os
 import shlex
-import socket
 import threading
 import time
 import uuid
@@ -474,7 +473,13 @@ def connect(
         raise errors.BadRequestError(
             f"not a ZooKeeper connect string (host:port,...): {zk_connect!r}: {exc}"
         ) from None
-    zk = KazooClient(hosts=zk_connect, timeout=session_timeout_s, connection_retry=retry, **secure)
+    zk = KazooClient(
+        hosts=zk_connect,
+        timeout=session_timeout_s,
+        connection_retry=retry,
+        logger=_MutableLog(logging.getLogger("kazoo.client")),
+        **secure,
+    )
     connected = zk.start_async()  # (what zk.start does, waiting in slices to hear a cancel)
     deadline = time.monotonic() + connect_timeout_s
     while not connected.wait(min(CANCEL_CHECK_S, max(0.0, deadline - time.monotonic()))):
@@ -493,9 +498,23 @@ def connect(
 
 
 def _close_quietly(zk: KazooClient) -> None:
+    """Close a client given up on, on a thread of its own (the caller goes on, and its
+    process may exit meanwhile): muted, since a daemon thread writing to stderr while the
+    interpreter exits can abort it."""
+    if isinstance(zk.logger, _MutableLog):
+        zk.logger.is_muted = True
     with contextlib.suppress(Exception):
         zk.stop()
         zk.close()
+
+
+class _MutableLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """A kazoo client's logger (its connection thread logs through it) that can be muted."""
+
+    is_muted = False
+
+    def isEnabledFor(self, level: int) -> bool:
+        return not self.is_muted and self.logger.isEnabledFor(level)
 
 
 def createznode_command(
@@ -533,11 +552,13 @@ def create_parent(
     tls: TlsConfig | None = None,
     replicas: int | None = None,
     force: bool = False,
+    is_running: Callable[[str], bool] | None = None,
 ) -> str:
     """Create ``path`` (and its parents; with ``auth``, with :func:`secure_acl`). With
     ``reset``, clear its cluster metadata (the replication factor is kept; a new incarnation
-    id: a new cluster); refused while nodes are registered under it, unless ``force``. A new
-    parent gets an incarnation id too. With
+    id: a new cluster); refused while nodes are registered under it, unless ``force`` (only
+    those ``is_running(address)`` says run count, if given). A new parent gets an
+    incarnation id too. With
     ``secure_existing`` (needs ``auth``), give an existing parent and its members the secure
     ACL. With ``replicas``, set the replication factor (by compare-and-set: a serving
     primary adapts). Returns what was done."""
@@ -563,7 +584,7 @@ def create_parent(
             elif auth is not None and _is_world_writable(zk.get_acls(path)[0]):
                 done.append("but writable by anyone (--secure-existing tightens it)")
             if reset and not force:
-                _refuse_reset_under_nodes(zk, path)
+                _refuse_reset_under_nodes(zk, path, is_running)
             if reset or replicas is not None:
                 done.append(_set_meta(zk, path, reset, replicas))
             if reset:
@@ -624,16 +645,19 @@ def _registered_members(zk: KazooClient, path: str) -> list[str]:
     return sorted(members)
 
 
-def _refuse_reset_under_nodes(zk: KazooClient, path: str) -> None:
+def _refuse_reset_under_nodes(
+    zk: KazooClient, path: str, is_running: Callable[[str], bool] | None
+) -> None:
     """A reset under running nodes would discard the store they serve (an in-memory one
-    for good): refused, unless forced. A registered node counts as running if something
-    takes a connection at its address (a node killed a moment ago keeps its znode until its
-    ZooKeeper session expires; after DATA LOST the nodes have stopped already)."""
+    for good): refused, unless forced. A registered node counts as running if
+    ``is_running(its address)`` (None: every registered one): a node killed a moment ago
+    keeps its znode until its ZooKeeper session expires, and after DATA LOST the nodes have
+    stopped already."""
     running = []
     for name in _registered_members(zk, path):
         with contextlib.suppress(NoNodeError):
             address = zk.get(f"{path}/{name}")[0].decode(errors="replace")
-            if _takes_connections(address):
+            if is_running is None or is_running(address):
                 running.append(f"{name} at {address}")
     if running:
         raise errors.CoordinationError(
@@ -642,18 +666,6 @@ def _refuse_reset_under_nodes(zk: KazooClient, path: str) -> None:
             "make it a new, EMPTY cluster (in-memory nodes lose their data for good). Stop "
             "every node first, or add --force if that is what you want"
         )
-
-
-def _takes_connections(address: str, timeout_s: float = 1.0) -> bool:
-    """Whether a TCP connection to ``address`` (host:port) opens within ``timeout_s``."""
-    host, _, port = address.rpartition(":")
-    if not port.isdigit():
-        return False
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
-    except OSError:
-        return False
-    return True
 
 
 def _secure_existing(zk: KazooClient, path: str, auth: str) -> str:

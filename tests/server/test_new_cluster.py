@@ -260,3 +260,17 @@ def test_kv_createznode_gives_each_new_cluster_an_incarnation(
     create_parent(zk, zk_path, reset=True)  # a new cluster
     reset = read_meta(zk, zk_path)
     assert reset.incarnation not in ("", created) and reset.replicas == 3
+
+
+def test_a_reset_right_after_every_node_died_is_not_refused(cluster: LocalCluster) -> None:
+    """Killed nodes keep their znodes until their ZooKeeper sessions expire (10 s): the
+    reset that DATA LOST prints must not be refused for them, only for nodes that run."""
+    for node in cluster.nodes:
+        node.kill()
+    reset = subprocess.run(
+        [sys.executable, "-m", "kvstore", "createznode", "--reset", cluster.zk_connect,
+         cluster.zk_path],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert reset.returncode == 0 and reset.stdout.startswith("/"), reset
+    assert not cluster.meta().is_initialized

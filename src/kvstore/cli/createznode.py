@@ -18,6 +18,7 @@ from kvstore.cli.args import (
 )
 from kvstore.cli.interrupts import Interrupts
 from kvstore.coordination import DEFAULT_REPLICAS, MAX_REPLICAS, create_parent
+from kvstore.rpc import takes_connections
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -89,6 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 tls=zk_tls,
                 replicas=args.replicas,
                 force=args.force,
+                is_running=takes_connections,
             )
         except errors.KVError as exc:
             report_error("kv-createznode", exc)

@@ -53,6 +53,7 @@ from kvstore.rpc.client import (
     Connection,
     parse_address,
     probe,
+    takes_connections,
 )
 from kvstore.rpc.framecheck import (
     MAX_ELEMENTS,
@@ -110,4 +111,5 @@ __all__ = [
     "probe",
     "server_tls_context",
     "short_identity",
+    "takes_connections",
 ]

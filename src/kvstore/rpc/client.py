@@ -385,6 +385,17 @@ def _is_refused_certificate(exc: ssl.SSLError) -> bool:
     )
 
 
+def takes_connections(address: str, timeout_s: float = 1.0) -> bool:
+    """Whether a TCP connection to ``address`` (host:port) opens within ``timeout_s``: some
+    process serves there (whatever it speaks: TLS, another node)."""
+    try:
+        host, port = parse_address(address)
+        socket.create_connection((host.strip("[]"), port), timeout=timeout_s).close()
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def probe(address: str, timeout_ms: int, tls: ssl.SSLContext | None = None) -> Any | None:
     """Ask a node for its status. None if nothing listens there (connection refused).
 
