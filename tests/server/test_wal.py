@@ -181,6 +181,26 @@ def test_a_missing_segment_refuses_to_start(tmp_path: Path, with_snapshot: bool)
     assert reopened(tmp_path).log.is_complete_copy is False  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize("with_snapshot", [False, True], ids=["log", "snapshot+log"])
+def test_a_missing_newest_segment_refuses_to_start(tmp_path: Path, with_snapshot: bool) -> None:
+    """A gap shows between the segments present; a lost newest one (or every one after the
+    snapshot) only against the directory's record of the newest it opened: recovering
+    without it would lose every write it held, silently (an operator found 200 keys gone)."""
+    store = durable_store(tmp_path)
+    if with_snapshot:
+        store.wait_durable(store.put("before", "snapshot"))
+        store.write_snapshot()
+    store.wait_durable(store.put("k", "v"))
+    newest = store.log.segment  # type: ignore[union-attr]
+    store.log.close()  # type: ignore[union-attr]
+    (tmp_path / f"wal-{newest:08d}.log").unlink()
+    store = StripedStore(8)
+    store.log = WriteAheadLog(tmp_path)
+    with pytest.raises(wal.CorruptLogError, match=f"log segment\\(s\\) {newest} missing"):
+        store.recover()
+    store.log.close()
+
+
 def test_a_torn_last_record_is_cut_with_a_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

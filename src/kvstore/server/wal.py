@@ -115,6 +115,7 @@ log = logging.getLogger(__name__)
 FSYNC_MODES = ("always", "batch", "never")
 SNAPSHOT_FILE = "snapshot"
 INCOMPLETE_FILE = "incomplete"
+NEWEST_SEGMENT_FILE = "newest-segment"  # the highest segment number the log has opened
 NODE_ID_FILE = "node-id"
 FORMER_IDS_FILE = "node-id.former"  # ids this directory had before (newest first)
 FORMER_IDS_KEPT = 8
@@ -304,6 +305,8 @@ class WriteAheadLog:
             yield from records
         elif is_checked and segments:
             self._check_segments(segments, segments[0])
+        if is_checked:
+            self._check_newest_segment(segments, first)
         for i, segment in enumerate(segments):
             yield from read_records(self.segment_path(segment), i == len(segments) - 1)
         self._open_segment(max([*segments, first - 1, 0]) + 1)
@@ -319,9 +322,31 @@ class WriteAheadLog:
                 "refusing to start: recovering without them would lose the writes they held"
             )
 
+    def _check_newest_segment(self, segments: list[int], first: int) -> None:
+        """CorruptLogError if the newest segment the log opened is gone (its writes with it):
+        a gap shows between the segments present, a lost last one only against this record
+        (absent in a directory of an earlier version: not checked)."""
+        try:
+            newest = int((self.directory / NEWEST_SEGMENT_FILE).read_text())
+        except (FileNotFoundError, ValueError):
+            return
+        present = segments[-1] if segments else max(first - 1, 0)  # (segments count from 1)
+        if present < newest:
+            missing = ", ".join(map(str, range(present + 1, newest + 1)[:5]))
+            raise CorruptLogError(
+                f"{self.directory}: log segment(s) {missing} missing (the newest this "
+                f"directory wrote is {newest}, the newest present {present}); refusing "
+                "to start: recovering without them would lose the writes they held"
+            )
+
     def _open_segment(self, segment: int) -> None:
         fd = os.open(self.segment_path(segment), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         _fsync_directory(self.directory)
+        # Recorded once the segment exists for good: a crash before leaves the older number,
+        # which the segments present satisfy. Best effort (a full disk): an older number
+        # only checks less.
+        with contextlib.suppress(OSError):
+            _write_durably(self.directory / NEWEST_SEGMENT_FILE, f"{segment}\n".encode())
         old, old_segment = self._fd, self.segment
         self._fd, self.segment = fd, segment
         self._segment_bytes = os.fstat(fd).st_size
