@@ -20,6 +20,8 @@ import kvstore
 from kvstore.coordination import create_parent
 from kvstore.local.cluster import LocalCluster, NodeProcess
 from kvstore.local.zkserver import ZooKeeperServer
+from kvstore.server.storage import StripedStore
+from kvstore.server.wal import WriteAheadLog
 
 TIMEOUT_S = 60
 
@@ -361,3 +363,27 @@ def test_a_bad_environment_default_is_named(variable: str, value: str) -> None:
 def test_a_timeout_that_is_no_number_is_said_so() -> None:
     result = kv(None, "--timeout", "abc", "get", "k")
     assert result.returncode == 64 and "--timeout: not a number: 'abc'" in result.stderr
+
+
+def test_dump_reads_a_stopped_nodes_data_directory_without_zookeeper(tmp_path: Path) -> None:
+    """The way out when no cluster serves a directory's data any more (its parent znode
+    lost, a reset, a directory moved aside): its keys as that node held them."""
+    directory = tmp_path / "data"
+    store = StripedStore(8)
+    store.log = WriteAheadLog(directory)
+    store.recover()
+    for i in range(20):
+        store.wait_durable(store.put(f"k{i}", f"v{i}"))
+    store.write_snapshot()  # (the snapshot and the log after it, both read)
+    store.wait_durable(store.apply_change("k3", None))
+    store.wait_durable(store.put("k4", "changed"))
+    expected = {f"k{i}": f"v{i}" for i in range(20) if i != 3} | {"k4": "changed"}
+    busy = kv(None, "dump", "--data-dir", str(directory), zk="127.0.0.1:1")
+    assert busy.returncode == 2 and "in use by another node" in busy.stderr, busy
+    store.log.close()
+    dumped = kv(None, "dump", "--data-dir", str(directory), zk="127.0.0.1:1")  # (no ZooKeeper)
+    assert dumped.returncode == 0, dumped
+    lines = [json.loads(line) for line in dumped.stdout.splitlines()]
+    assert {entry["key"]: entry["value"] for entry in lines} == expected
+    empty = kv(None, "dump", "--data-dir", str(tmp_path / "none"))
+    assert empty.returncode == 64 and "holds no node's data" in empty.stderr, empty

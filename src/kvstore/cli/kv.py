@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TextIO
@@ -31,6 +31,8 @@ from kvstore.cli.args import (
 from kvstore.client.client import DEFAULT_PATH, DEFAULT_ZK, Client
 from kvstore.client.status import SERVING_ROLES, cluster_state
 from kvstore.config import ClientConfig
+from kvstore.server.storage import StripedStore
+from kvstore.server.wal import SNAPSHOT_FILE, WriteAheadLog
 
 EXIT_OK = 0
 EXIT_NO = 1  # get/del of a missing key, cas that did not swap
@@ -116,8 +118,16 @@ def _parser() -> argparse.ArgumentParser:
         "file",
         nargs="?",
         metavar="FILE",
-        help="write here (whole or not at all: FILE appears once the dump is complete); "
-        "default standard output",
+        help="write here (whole or not at all: FILE appears once the dump is complete, "
+        "replacing one that exists); default standard output",
+    )
+    dump.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="read a STOPPED node's data directory instead of the cluster (no ZooKeeper): its "
+        "keys as that node last held them, to rescue data a cluster cannot serve any more "
+        "(a lost parent znode, a reset, a directory moved aside). Adds an empty log segment "
+        "to DIR, as a node's start does",
     )
     load = command(
         "load",
@@ -186,6 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.value = _value_from_stdin(parser)
         if args.command == "status":
             return _status(args)
+        if args.command == "dump" and args.data_dir is not None:
+            return _dump(_stored_pairs(args.data_dir), args.file)
         with Client(
             args.zk, args.path, timeout=args.timeout, tls=args.tls, zk_tls=args.zk_tls
         ) as kv:
@@ -223,7 +235,7 @@ def _run(kv: Client, args: argparse.Namespace) -> int:
         _emit(is_json, {"key": args.key, "swapped": swapped}, "1" if swapped else "0")
         return EXIT_OK if swapped else EXIT_NO
     if args.command == "dump":
-        return _dump(kv, args.file)
+        return _dump(kv.scan(), args.file)
     if args.command == "load":
         return _load(kv, _entries(args.file), args.threads, is_json)
     values = kv.get_many(args.keys)
@@ -246,15 +258,15 @@ def _value_from_stdin(parser: argparse.ArgumentParser) -> str:
         ) from None
 
 
-def _dump(kv: Client, file: str | None) -> int:
+def _dump(pairs: Iterable[tuple[str, str]], file: str | None) -> int:
     if file is None or file == "-":
-        _write_dump(kv, sys.stdout)
+        _write_dump(pairs, sys.stdout)
         return EXIT_OK
     path = Path(file)
     partial = path.with_name(f".{path.name}.partial")
     try:
         with partial.open("w", encoding="utf-8") as out:
-            count = _write_dump(kv, out)
+            count = _write_dump(pairs, out)
             out.flush()
             os.fsync(out.fileno())
         partial.replace(path)
@@ -266,13 +278,35 @@ def _dump(kv: Client, file: str | None) -> int:
     return EXIT_OK
 
 
-def _write_dump(kv: Client, out: TextIO) -> int:
+def _write_dump(pairs: Iterable[tuple[str, str]], out: TextIO) -> int:
     """Every key and value as a JSON object per line; how many."""
     count = 0
-    for key, value in kv.scan():
+    for key, value in pairs:
         out.write(json.dumps({"key": key, "value": value}, ensure_ascii=False) + "\n")
         count += 1
     return count
+
+
+def _stored_pairs(directory: str) -> Iterator[tuple[str, str]]:
+    """The keys and values a stopped node's data directory holds, recovered as the node
+    would (DataDirectoryInUseError while a node uses it; CorruptLogError if damaged)."""
+    path = Path(directory)
+    has_data = (path / SNAPSHOT_FILE).exists() or any(path.glob("wal-*"))
+    if not path.is_dir() or not has_data:
+        raise errors.BadRequestError(f"dump: {directory} holds no node's data (no log or snapshot)")
+    store = StripedStore()
+    store.log = WriteAheadLog(path, fsync="never")
+    try:
+        store.recover()
+        if not store.log.is_complete_copy:
+            print(
+                f"kv: {directory} holds an incomplete copy (a join or catch-up was cut short): "
+                "keys may be missing or older",
+                file=sys.stderr,
+            )
+    finally:
+        store.log.close()
+    yield from sorted(store.snapshot().items())
 
 
 def _entries(file: str | None) -> list[tuple[str, str]]:

@@ -361,7 +361,8 @@ class Follower:
             f"refusing to join: this node's data directory {directory} holds "
             f"{_count(len(store), 'key')} of cluster incarnation {recorded}, but {path} holds "
             f"incarnation {meta.incarnation} (another cluster, or this one after kv-createznode "
-            f"--reset); to join it empty, move {directory} aside (its files are untouched); "
+            f"--reset); to join it empty, move {directory} aside (its files are untouched; "
+            "kv dump --data-dir exports its keys); "
             f"if {directory} belongs to another cluster, start the node with that cluster's path",
         )
 
@@ -652,7 +653,8 @@ class Follower:
                     EXIT_FAILED,
                     f"refusing to start a new cluster: this node's data directory {directory} "
                     f"holds {_count(keys, 'key')} of an earlier cluster; a new cluster starts "
-                    f"empty: move {directory} aside (or delete it) and start the node again",
+                    f"empty: move {directory} aside and start the node again (kv dump --data-dir "
+                    "exports its keys, for kv load into the new cluster)",
                 )
             # No key: what the files hold otherwise (exactly-once records, a catch-up point
             # into an earlier cluster's log, the mark of a join cut short) goes. The empty
