@@ -558,10 +558,10 @@ def create_parent(
     ``reset``, clear its cluster metadata (the replication factor is kept; a new incarnation
     id: a new cluster); refused while nodes are registered under it, unless ``force`` (only
     those ``is_running(address)`` says run count, if given). A new parent gets an
-    incarnation id too. With
-    ``secure_existing`` (needs ``auth``), give an existing parent and its members the secure
-    ACL. With ``replicas``, set the replication factor (by compare-and-set: a serving
-    primary adapts). Returns what was done."""
+    incarnation id too. With ``secure_existing`` (needs ``auth``), give an existing parent
+    and its members the secure ACL (refused as a reset is, without ``force``). With
+    ``replicas``, set the replication factor (by compare-and-set: a serving primary
+    adapts). Returns what was done."""
     if secure_existing and auth is None:
         raise errors.CoordinationError("securing an existing parent needs credentials")
     if replicas is not None:
@@ -580,7 +580,7 @@ def create_parent(
             done = ["exists"]
             if secure_existing:
                 assert auth is not None
-                done.append(_secure_existing(zk, path, auth))
+                done.append(_secure_existing(zk, path, auth, is_running))
             elif auth is not None and _is_world_writable(zk.get_acls(path)[0]):
                 done.append("but writable by anyone (--secure-existing tightens it)")
             if reset and not force:
@@ -653,12 +653,7 @@ def _refuse_reset_under_nodes(
     ``is_running(its address)`` (None: every registered one): a node killed a moment ago
     keeps its znode until its ZooKeeper session expires, and after DATA LOST the nodes have
     stopped already."""
-    running = []
-    for name in _registered_members(zk, path):
-        with contextlib.suppress(NoNodeError):
-            address = zk.get(f"{path}/{name}")[0].decode(errors="replace")
-            if is_running is None or is_running(address):
-                running.append(f"{name} at {address}")
+    running = _running_members(zk, path, is_running)
     if running:
         raise errors.CoordinationError(
             f"refusing to reset {path}: {len(running)} registered node(s) answer at their "
@@ -668,15 +663,33 @@ def _refuse_reset_under_nodes(
         )
 
 
-def _secure_existing(zk: KazooClient, path: str, auth: str) -> str:
-    """Set the secure ACL on ``path`` and on each of its children. Refused while nodes are
-    registered: they have no credentials (a node with credentials refuses an open parent),
-    so the ACL would leave them unable to change the cluster state (no failover, no join)."""
-    members = _registered_members(zk, path)
+def _running_members(
+    zk: KazooClient, path: str, is_running: Callable[[str], bool] | None
+) -> list[str]:
+    """ "NAME at ADDRESS" of each registered node ``is_running(ADDRESS)`` says runs (None:
+    each registered one). A node killed a moment ago keeps its znode until its ZooKeeper
+    session expires: only a check at its address tells."""
+    running = []
+    for name in _registered_members(zk, path):
+        with contextlib.suppress(NoNodeError):
+            address = zk.get(f"{path}/{name}")[0].decode(errors="replace")
+            if is_running is None or is_running(address):
+                running.append(f"{name} at {address}")
+    return running
+
+
+def _secure_existing(
+    zk: KazooClient, path: str, auth: str, is_running: Callable[[str], bool] | None
+) -> str:
+    """Set the secure ACL on ``path`` and on each of its children. Refused while nodes run
+    (see ``_running_members``): they have no credentials (a node with credentials refuses an
+    open parent), so the ACL would leave them unable to change the cluster state (no
+    failover, no join)."""
+    members = _running_members(zk, path, is_running)
     if members:
         raise errors.CoordinationError(
-            f"refusing to secure {path}: {len(members)} node(s) are registered under it "
-            f"({', '.join(sorted(members))}); they have no credentials and could no longer "
+            f"refusing to secure {path}: {len(members)} registered node(s) answer at their "
+            f"address ({', '.join(members)}); they have no credentials and could no longer "
             "fail over or join. Stop every node, secure the parent, then start the nodes with "
             "the credentials (an in-memory cluster loses its data that way: SECURITY.md)"
         )

@@ -154,7 +154,7 @@ def test_dump_then_load_round_trips_every_key(shared_cluster: LocalCluster, tmp_
     )
     stopped = kv(cluster, "load", "--threads", "1", stdin=too_large)
     assert stopped.returncode == 64, stopped
-    said = re.search(r"\(key 'LB', entry 2 of 3\); (\d) keys were loaded", stopped.stderr)
+    said = re.search(r"\(key 'LB', entry 2 of 3\); keys loaded: (\d);", stopped.stderr)
     assert said is not None, stopped.stderr
     with kvstore.Client(cluster.zk_connect, cluster.zk_path) as client:
         there = client.get_many(["LA", "LB", "LC"])  # (LC: begun before the stop, or not)

@@ -162,6 +162,8 @@ def test_createznode_sets_the_replication_factor_and_reset_keeps_it(zk_server, z
     finally:
         client.stop()
         client.close()
+    one = run("createznode", "--replicas", "1", zk, zk_path)
+    assert one.returncode == 0 and "one copy, no backup" in one.stderr, one
     refused = run("createznode", "--replicas", "0", zk, zk_path)
     assert refused.returncode == 2 and "--replicas must be 1 to" in refused.stderr
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -158,7 +159,9 @@ def test_secure_existing_tightens_a_world_writable_parent(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     assert createznode.main([zk_server.connect_string, zk_path]) == 0
-    open_node = register(zk_server, zk_path, "127.0.0.1:9", None)
+    listener = socket.create_server(("127.0.0.1", 0))  # (a node that runs: it listens)
+    address = f"127.0.0.1:{listener.getsockname()[1]}"
+    open_node = register(zk_server, zk_path, address, None)
     try:
         anonymous.set(zk_path, b"")  # world-open, as the seed's
         assert createznode.main(["--zk-auth", AUTH, zk_server.connect_string, zk_path]) == 0
@@ -167,10 +170,13 @@ def test_secure_existing_tightens_a_world_writable_parent(
         # A node without credentials is registered: securing would lock it out, so refused.
         assert createznode.main(argv) == 1
         refusal = capsys.readouterr().err
-        assert f"refusing to secure {zk_path}: 1 node(s) are registered" in refusal
+        assert f"refusing to secure {zk_path}: 1 registered node(s) answer" in refusal
         assert open_node.name in refusal and "Stop every node" in refusal
         assert perms(anonymous.get_acls(zk_path)[0]) != SECURE
+        listener.close()  # stopped (killed: its znode lingers until its session expires)
+        assert createznode.main(argv) == 0, capsys.readouterr().err
     finally:
+        listener.close()
         open_node.close()
     assert createznode.main(argv) == 0  # (its ephemeral znode went with its session)
     assert "secured" in capsys.readouterr().out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 from kvstore import errors
@@ -98,4 +99,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:  # (a change under way may or may not have been made)
             return interrupts.report()
     print(f"{args.zk_path}: {outcome}")
+    if args.replicas == 1:  # (allowed, and sometimes meant: but never silently)
+        print(
+            "kv-createznode: replication factor 1: one copy, no backup; losing the primary "
+            "stops the cluster, and without --data-dir loses its data",
+            file=sys.stderr,
+        )
     return 0

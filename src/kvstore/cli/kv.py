@@ -368,8 +368,7 @@ def _load(kv: Client, entries: list[tuple[str, str]], threads: int, is_json: boo
         key = entries[position][0]
         exc.args = (
             f"load: {exc} (key {key!r:.80}, entry {position + 1} of {len(entries)}); "
-            f"{len(loaded)} keys were loaded: {advice(exc)} (loading the same keys again is "
-            "safe)",
+            f"keys loaded: {len(loaded)}; {advice(exc)} (loading the same keys again is safe)",
         )
         raise
     finally:  # (after a failure or Ctrl-C, the puts not begun are not made)
