@@ -201,6 +201,20 @@ def test_a_missing_newest_segment_refuses_to_start(tmp_path: Path, with_snapshot
     store.log.close()
 
 
+def test_starts_that_write_nothing_leave_no_segment_behind(tmp_path: Path) -> None:
+    """Each start opens a segment for its appends; one that appended nothing removes it
+    when it closes. A node refused at every start (systemd restarts it every 5 s) left one
+    empty segment per start."""
+    store = durable_store(tmp_path)
+    store.wait_durable(store.put("k", "v"))
+    store.log.close()  # type: ignore[union-attr]
+    segments = sorted(tmp_path.glob("wal-*.log"))
+    for _ in range(3):
+        reopened(tmp_path).log.close()  # type: ignore[union-attr]
+    assert sorted(tmp_path.glob("wal-*.log")) == segments
+    assert reopened(tmp_path).snapshot() == {"k": "v"}
+
+
 def test_a_torn_last_record_is_cut_with_a_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

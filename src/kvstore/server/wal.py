@@ -172,6 +172,7 @@ class WriteAheadLog:
         self._bytes_at_switch = 0  # bytes_since_snapshot when the last snapshot began
         self.segment = max(self.segments(), default=0)
         self._fd = -1
+        self._recovered_segment = -1  # the one recovery opened (for appends)
         self._segment_bytes = 0  # size of the current segment file
         self.log_id = uuid.uuid4().hex[:16]  # this instance (positions count from 0 in it)
         self._segment_starts: dict[int, int] = {}  # segments opened by it -> first position
@@ -310,6 +311,7 @@ class WriteAheadLog:
         for i, segment in enumerate(segments):
             yield from read_records(self.segment_path(segment), i == len(segments) - 1)
         self._open_segment(max([*segments, first - 1, 0]) + 1)
+        self._recovered_segment = self.segment
 
     def _check_segments(self, segments: list[int], first: int) -> None:
         """CorruptLogError if a segment from ``first`` (the snapshot's) to the last is missing:
@@ -735,16 +737,38 @@ class WriteAheadLog:
         with self._append_lock:
             try:
                 if self._fd >= 0:
+                    is_unused = self._is_unused_segment()
                     try:
                         if self.fsync_mode != "never":
                             os.fsync(self._fd)
                     finally:
                         os.close(self._fd)
                         self._fd = -1
+                    if is_unused:
+                        self._drop_unused_segment()
             finally:
                 if self._lock_fd >= 0:
                     os.close(self._lock_fd)  # (releases the directory)
                     self._lock_fd = -1
+
+    def _is_unused_segment(self) -> bool:
+        """Whether the segment open is the empty one recovery opened, nothing appended since
+        (a node refused to start, or stopped idle)."""
+        return (
+            self.segment == self._recovered_segment
+            and self._appended == 0
+            and self._segment_starts == {self.segment: 0}
+            and os.fstat(self._fd).st_size == 0
+        )
+
+    def _drop_unused_segment(self) -> None:
+        """Remove the empty segment recovery opened: a node refused at every start (restarted
+        by systemd every few seconds) would leave one per start. The newest segment recorded
+        goes back to the one before, which the segments present satisfy (recovery checked)."""
+        with contextlib.suppress(OSError):
+            _write_durably(self.directory / NEWEST_SEGMENT_FILE, f"{self.segment - 1}\n".encode())
+            self.segment_path(self.segment).unlink()
+            _fsync_directory(self.directory)
 
 
 class SyncDelivery:
