@@ -170,13 +170,7 @@ def test_a_missing_segment_refuses_to_start(tmp_path: Path, with_snapshot: bool)
         store = reopened(tmp_path)
     segments = store.log.segments()  # type: ignore[union-attr]
     store.log.close()  # type: ignore[union-attr]
-    gone = segments[1]
-    (tmp_path / f"wal-{gone:08d}.log").unlink()
-    store = StripedStore(8)
-    store.log = WriteAheadLog(tmp_path)
-    with pytest.raises(wal.CorruptLogError, match=f"log segment\\(s\\) {gone} missing"):
-        store.recover()
-    store.log.close()
+    assert_refused_without_segment(tmp_path, segments[1])
     (tmp_path / wal.INCOMPLETE_FILE).write_text("reset\n")  # a reset cut short: thrown away
     assert reopened(tmp_path).log.is_complete_copy is False  # type: ignore[union-attr]
 
@@ -193,10 +187,15 @@ def test_a_missing_newest_segment_refuses_to_start(tmp_path: Path, with_snapshot
     store.wait_durable(store.put("k", "v"))
     newest = store.log.segment  # type: ignore[union-attr]
     store.log.close()  # type: ignore[union-attr]
-    (tmp_path / f"wal-{newest:08d}.log").unlink()
+    assert_refused_without_segment(tmp_path, newest)
+
+
+def assert_refused_without_segment(directory: Path, segment: int) -> None:
+    """Delete ``segment``: recovery must refuse, naming it."""
+    (directory / f"wal-{segment:08d}.log").unlink()
     store = StripedStore(8)
-    store.log = WriteAheadLog(tmp_path)
-    with pytest.raises(wal.CorruptLogError, match=f"log segment\\(s\\) {newest} missing"):
+    store.log = WriteAheadLog(directory)
+    with pytest.raises(wal.CorruptLogError, match=f"log segment\\(s\\) {segment} missing"):
         store.recover()
     store.log.close()
 
