@@ -304,41 +304,34 @@ class WriteAheadLog:
             if is_checked:
                 self._check_segments(segments, first)
             yield from records
-        elif is_checked and segments:
-            self._check_segments(segments, segments[0])
-        if is_checked:
-            self._check_newest_segment(segments, first)
+        elif is_checked:
+            self._check_segments(segments, None)
         for i, segment in enumerate(segments):
             yield from read_records(self.segment_path(segment), i == len(segments) - 1)
         self._open_segment(max([*segments, first - 1, 0]) + 1)
         self._recovered_segment = self.segment
 
-    def _check_segments(self, segments: list[int], first: int) -> None:
-        """CorruptLogError if a segment from ``first`` (the snapshot's) to the last is missing:
-        segments are numbered one after the other, and a missing one held writes."""
-        if segments and len(segments) != segments[-1] - first + 1:
-            missing = sorted(set(range(first, segments[-1] + 1)) - set(segments))
+    def _check_segments(self, segments: list[int], first: int | None) -> None:
+        """CorruptLogError if a segment is missing from ``first`` (the snapshot's; None: the
+        first present) to the newest this directory opened (NEWEST_SEGMENT_FILE; in a
+        directory of an earlier version, which has none, the last present): segments are
+        numbered one after the other, and a missing one held writes."""
+        try:
+            recorded = int((self.directory / NEWEST_SEGMENT_FILE).read_text())
+        except (FileNotFoundError, ValueError):
+            recorded = 0
+        newest = max([*segments[-1:], recorded])
+        if not newest:
+            return  # (no segment, none recorded)
+        start = first if first is not None else (segments[0] if segments else newest)
+        missing = sorted(set(range(start, newest + 1)) - set(segments))
+        if missing:
+            present = f"{segments[0]}..{segments[-1]}" if segments else "none"
             raise CorruptLogError(
                 f"{self.directory}: log segment(s) {', '.join(map(str, missing[:5]))} "
-                f"missing (present: {segments[0]}..{segments[-1]}, snapshot from {first}); "
-                "refusing to start: recovering without them would lose the writes they held"
-            )
-
-    def _check_newest_segment(self, segments: list[int], first: int) -> None:
-        """CorruptLogError if the newest segment the log opened is gone (its writes with it):
-        a gap shows between the segments present, a lost last one only against this record
-        (absent in a directory of an earlier version: not checked)."""
-        try:
-            newest = int((self.directory / NEWEST_SEGMENT_FILE).read_text())
-        except (FileNotFoundError, ValueError):
-            return
-        present = segments[-1] if segments else max(first - 1, 0)  # (segments count from 1)
-        if present < newest:
-            missing = ", ".join(map(str, range(present + 1, newest + 1)[:5]))
-            raise CorruptLogError(
-                f"{self.directory}: log segment(s) {missing} missing (the newest this "
-                f"directory wrote is {newest}, the newest present {present}); refusing "
-                "to start: recovering without them would lose the writes they held"
+                f"missing (present: {present}, the newest written {newest}"
+                + ("" if first is None else f", snapshot from {first}")
+                + "); refusing to start: recovering without them would lose the writes they held"
             )
 
     def _open_segment(self, segment: int) -> None:
@@ -754,12 +747,7 @@ class WriteAheadLog:
     def _is_unused_segment(self) -> bool:
         """Whether the segment open is the empty one recovery opened, nothing appended since
         (a node refused to start, or stopped idle)."""
-        return (
-            self.segment == self._recovered_segment
-            and self._appended == 0
-            and self._segment_starts == {self.segment: 0}
-            and os.fstat(self._fd).st_size == 0
-        )
+        return self._appended == 0 and self._segment_starts == {self._recovered_segment: 0}
 
     def _drop_unused_segment(self) -> None:
         """Remove the empty segment recovery opened: a node refused at every start (restarted
