@@ -635,16 +635,6 @@ def _set_meta(zk: KazooClient, path: str, reset: bool, replicas: int | None) -> 
     raise errors.CoordinationError(f"the metadata of {path} kept changing; try again")
 
 
-def _registered_members(zk: KazooClient, path: str) -> list[str]:
-    """The names of the nodes registered under ``path`` now (live member znodes), sorted."""
-    members = []
-    for name in zk.get_children(path):
-        with contextlib.suppress(NoNodeError):
-            if name.startswith(MEMBER_PREFIX) and zk.exists(f"{path}/{name}").ephemeralOwner:
-                members.append(name)
-    return sorted(members)
-
-
 def _refuse_reset_under_nodes(
     zk: KazooClient, path: str, is_running: Callable[[str], bool] | None
 ) -> None:
@@ -666,14 +656,18 @@ def _refuse_reset_under_nodes(
 def _running_members(
     zk: KazooClient, path: str, is_running: Callable[[str], bool] | None
 ) -> list[str]:
-    """ "NAME at ADDRESS" of each registered node ``is_running(ADDRESS)`` says runs (None:
-    each registered one). A node killed a moment ago keeps its znode until its ZooKeeper
-    session expires: only a check at its address tells."""
+    """ "NAME at ADDRESS" of each node registered under ``path`` (a live member znode) that
+    ``is_running(ADDRESS)`` says runs (None: each registered one). A node killed a moment
+    ago keeps its znode until its ZooKeeper session expires: only a check at its address
+    tells."""
     running = []
-    for name in _registered_members(zk, path):
+    for name in sorted(zk.get_children(path)):
+        if not name.startswith(MEMBER_PREFIX):
+            continue
         with contextlib.suppress(NoNodeError):
-            address = zk.get(f"{path}/{name}")[0].decode(errors="replace")
-            if is_running is None or is_running(address):
+            data, stat = zk.get(f"{path}/{name}")
+            address = data.decode(errors="replace")
+            if stat.ephemeralOwner and (is_running is None or is_running(address)):
                 running.append(f"{name} at {address}")
     return running
 
