@@ -251,7 +251,7 @@ class Client:
 
     def _call_once(self, method: str, args: tuple[Any, ...]) -> Any:
         locator = self._locator
-        if method not in _SEED_METHODS and locator.is_seed_cluster:
+        if locator.is_seed_cluster and method not in _SEED_METHODS:  # (hot path: one read)
             if locator.is_new_cluster:  # (retried: the first primary comes soon)
                 raise errors.UnavailableError(
                     "no primary yet: the cluster's first node has not taken the primary role"
