@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from kvstore import errors
 from kvstore.cli.args import (
@@ -49,8 +50,10 @@ from kvstore.server.node import PARENT_GONE, StorageNode
 from kvstore.server.roles import EXIT_RESTART
 from kvstore.server.wal import FSYNC_MODES
 
-DEFAULT_FSYNC = "batch"
-DEFAULT_SNAPSHOT_EVERY_MB = 64
+
+def _config_default(name: str) -> Any:
+    """NodeConfig's default for ``name`` (options whose absence is checked have none)."""
+    return next(f.default for f in dataclasses.fields(NodeConfig) if f.name == name)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -190,8 +193,12 @@ def _config(args: argparse.Namespace, limits: Limits, security: _Security) -> No
         event_front=args.io == "events",
         advertise=args.advertise,
         data_dir=args.data_dir,
-        fsync=args.fsync or DEFAULT_FSYNC,
-        snapshot_every_bytes=(args.snapshot_every_mb or DEFAULT_SNAPSHOT_EVERY_MB) * MIB,
+        fsync=args.fsync or _config_default("fsync"),
+        snapshot_every_bytes=(
+            args.snapshot_every_mb * MIB
+            if args.snapshot_every_mb
+            else _config_default("snapshot_every_bytes")
+        ),
         zk_auth=security.zk_auth,
         zk_auth_file=args.zk_auth_file,
         zk_tls=security.zk_tls,
@@ -409,7 +416,7 @@ def _add_durability_arguments(parser: argparse.ArgumentParser) -> None:
         type=positive_int,
         metavar="MB",
         help="with --data-dir, snapshot and trim the log after this much log (default "
-        f"{DEFAULT_SNAPSHOT_EVERY_MB})",
+        f"{_config_default('snapshot_every_bytes') // MIB})",
     )
 
 
