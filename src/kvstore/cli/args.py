@@ -82,6 +82,17 @@ def positive_float(text: str) -> float:
     return value
 
 
+def share(text: str) -> float:
+    """A share (a probability): a number from 0 to 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be within 0 and 1, got {text}")
+    return value
+
+
 def check_replicas_option(parser: argparse.ArgumentParser, *values: int | None) -> None:
     """A usage error (exit 2) unless every ``--replicas`` value given is a replication
     factor kvstore supports (kv-createznode, kv-demo and kv-bench say it alike)."""

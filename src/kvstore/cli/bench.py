@@ -35,6 +35,7 @@ from kvstore.cli.args import (
     positive_int,
     report_error,
     setup_logging,
+    share,
 )
 from kvstore.cli.interrupts import Interrupts
 from kvstore.coordination import MAX_REPLICAS
@@ -158,7 +159,7 @@ def _add_matrix_arguments(parser: argparse.ArgumentParser) -> None:
     for kind, what in (("delete", "a delete"), ("cas", "a compare-and-set")):
         parser.add_argument(
             f"--{kind}-ratio",
-            type=_share,
+            type=share,
             default=0.0,
             metavar="P",
             help=f"share of all operations that are {what} (taken out of each mix's writes: "
@@ -413,16 +414,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args, matrix, interrupts)
         except KeyboardInterrupt:  # (ZooKeeper and the nodes were stopped on the way out)
             return interrupts.report("stopped the cluster")
-
-
-def _share(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be within 0 and 1, got {text}")
-    return value
 
 
 def _check_deletes_and_cas(

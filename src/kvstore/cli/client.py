@@ -25,6 +25,7 @@ from kvstore.cli.args import (
     positive_int,
     report_error,
     setup_logging,
+    share,
     tls_from,
     zk_tls_from,
 )
@@ -37,8 +38,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     tls = tls_from(parser, args)
     zk_tls = zk_tls_from(parser, args)
-    if not 0.0 <= args.write_ratio <= 1.0:
-        parser.error("--write-ratio must be within [0, 1]")
     setup_logging("WARNING", is_quiet=True)
     try:
         workload = Workload(
@@ -166,14 +165,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--write-ratio",
-        type=float,
+        type=share,
         default=0.5,
         metavar="P",
         help="probability that an operation is a put (default 0.5)",
     )
     parser.add_argument(
         "--delete-ratio",
-        type=float,
+        type=share,
         default=0.0,
         metavar="P",
         help="probability that an operation is a delete (default 0; needs --client shared). "
@@ -181,7 +180,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--cas-ratio",
-        type=float,
+        type=share,
         default=0.0,
         metavar="P",
         help="probability that an operation is a compare-and-set of the value this thread "

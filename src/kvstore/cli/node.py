@@ -52,7 +52,8 @@ from kvstore.server.wal import FSYNC_MODES
 
 
 def _config_default(name: str) -> Any:
-    """NodeConfig's default for ``name`` (options whose absence is checked have none)."""
+    """NodeConfig's default for ``name``: --fsync and --snapshot-every-mb have no argparse
+    default of their own (giving them without --data-dir is refused)."""
     return next(f.default for f in dataclasses.fields(NodeConfig) if f.name == name)
 
 
