@@ -30,8 +30,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "$KV_ZK_AUTH) it gets an ACL that lets only them change the cluster (anyone may read).",
         epilog="exit status: 0 done (created, or it existed; reset, secured, replication "
         "factor set as asked); 1 ZooKeeper unreachable, or the change refused (not "
-        "authorized; --secure-existing while nodes are registered, --reset without --force "
-        "while one runs; metadata under PATH that is not a kvstore cluster's); 2 bad arguments; "
+        "authorized; --secure-existing, or --reset without --force, while a registered "
+        "node runs; metadata under PATH that is not a kvstore cluster's); 2 bad arguments; "
         "130 interrupted (Ctrl-C; 143 SIGTERM, 129 SIGHUP): a change under way may or may "
         "not have been made",
     )

@@ -40,6 +40,7 @@ EXIT_UNAVAILABLE = 2  # ZooKeeper unreachable, no primary, timeout
 EXIT_USAGE = 64  # bad arguments (EX_USAGE)
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as a shell reports it)
 LOAD_THREADS = 8
+DEFAULT_TIMEOUT_S = 5.0
 
 EPILOG = f"""\
 exit status: {EXIT_OK} done; {EXIT_NO} key missing (get, del, any of mget) or cas did not swap;
@@ -75,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
         parser_class=_Parser,
     )
     _add_common_arguments(parser)
-    parser.set_defaults(output="text", timeout=5.0)  # (--zk, --path: main, from the env)
+    parser.set_defaults(output="text", timeout=DEFAULT_TIMEOUT_S)  # (--zk, --path: in main)
     add_tls_arguments(parser, "the client's")
     add_zk_tls_arguments(parser)
     # The same options after the command too (kv status -o json): set only where given.
@@ -172,7 +173,8 @@ def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
         "--timeout",
         type=positive_float,
         metavar="S",
-        help="seconds a command may take, retries through a failover included (default 5)",
+        help="seconds a command may take, retries through a failover included (default "
+        f"{DEFAULT_TIMEOUT_S:g})",
     )
 
 
