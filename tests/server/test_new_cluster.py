@@ -145,11 +145,7 @@ def test_a_node_in_memory_that_starts_a_new_cluster_discards_what_it_held(
         kv.put("k", "before the reset")
     backup = cluster.wait_for("backup")
     old_primary = cluster.wait_for("primary")
-    refused = subprocess.run(
-        [sys.executable, "-m", "kvstore", "createznode", "--reset", cluster.zk_connect,
-         cluster.zk_path],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    refused = kv_createznode_reset(cluster)
     assert refused.returncode == 1, refused
     assert "refusing to reset" in refused.stderr and "--force" in refused.stderr, refused
     with kvstore.Client(cluster.zk_connect, cluster.zk_path, timeout=10) as kv:
@@ -267,10 +263,14 @@ def test_a_reset_right_after_every_node_died_is_not_refused(cluster: LocalCluste
     reset that DATA LOST prints must not be refused for them, only for nodes that run."""
     for node in cluster.nodes:
         node.kill()
-    reset = subprocess.run(
-        [sys.executable, "-m", "kvstore", "createznode", "--reset", cluster.zk_connect,
-         cluster.zk_path],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    reset = kv_createznode_reset(cluster)
     assert reset.returncode == 0 and reset.stdout.startswith("/"), reset
     assert not cluster.meta().is_initialized
+
+
+def kv_createznode_reset(cluster: LocalCluster) -> subprocess.CompletedProcess[str]:
+    """``kv-createznode --reset`` of the cluster's parent, as an operator runs it."""
+    command = ["createznode", "--reset", cluster.zk_connect, cluster.zk_path]
+    return subprocess.run(
+        [sys.executable, "-m", "kvstore", *command], capture_output=True, text=True, timeout=60
+    )

@@ -8,6 +8,7 @@ import contextlib
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -118,49 +119,43 @@ def test_a_session_handshake_without_an_answer_is_given_up_in_a_third_of_the_ses
     did once while it restarted) held kazoo's attempt for the whole session timeout divided
     by the hosts (3 s here), so the session expired before a second attempt. Now each
     attempt waits a third of it (1 s), then the next one comes."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    attempts: list[socket.socket] = []
-
-    def accept() -> None:
-        with contextlib.suppress(OSError):  # (closed at the end)
-            for _ in range(100):  # bounded
-                attempts.append(listener.accept()[0])  # kept open, never answered
-
-    threading.Thread(target=accept, name="silent-zookeeper", daemon=True).start()
-    port = listener.getsockname()[1]
-    try:
+    with silent_server() as (port, attempts):
         with pytest.raises(errors.CoordinationError, match="cannot reach ZooKeeper"):
             connect(f"127.0.0.1:{port}", session_timeout_s=3.0, connect_timeout_s=2.5)
         assert len(attempts) >= 2, f"{len(attempts)} handshake attempts in 2.5 s"
-    finally:
-        listener.close()
-        for sock in attempts:
-            sock.close()
 
 
 def test_giving_up_on_zookeeper_takes_the_connect_timeout_not_the_attempt_under_way() -> None:
     """kv --timeout 5 took 7 s against a paused ZooKeeper: at the deadline, connect closed
     the client first, which waited for kazoo's attempt under way (a third of the session).
     It gives up at the deadline now (the client closes in the background)."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    held: list[socket.socket] = []
-
-    def accept() -> None:
-        with contextlib.suppress(OSError):  # (closed at the end)
-            for _ in range(10):  # bounded
-                held.append(listener.accept()[0])  # a handshake never answered
-
-    threading.Thread(target=accept, name="paused-zookeeper", daemon=True).start()
-    try:
+    with silent_server() as (port, _):
         began = time.monotonic()
         with pytest.raises(errors.CoordinationError, match="within 1 s"):
             # (an attempt waits 3 s here: a third of the session)
-            connect(f"127.0.0.1:{listener.getsockname()[1]}", 9.0, connect_timeout_s=1.0)
+            connect(f"127.0.0.1:{port}", 9.0, connect_timeout_s=1.0)
         took = time.monotonic() - began
         assert took < 2.0, f"gave up after {took:.1f} s, not at the 1 s asked for"
+
+
+@contextlib.contextmanager
+def silent_server() -> Iterator[tuple[int, list[socket.socket]]]:
+    """A loopback port that takes connections and never answers (a ZooKeeper paused or
+    restarting): yields the port and the connections it took (kept open until the end)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    taken: list[socket.socket] = []
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):  # (closed at the end)
+            for _ in range(100):  # bounded
+                taken.append(listener.accept()[0])
+
+    threading.Thread(target=accept, name="silent-zookeeper", daemon=True).start()
+    try:
+        yield listener.getsockname()[1], taken
     finally:
         listener.close()
-        for sock in held:
+        for sock in taken:
             sock.close()
 
 
