@@ -381,8 +381,10 @@ def test_dump_reads_a_stopped_nodes_data_directory_without_zookeeper(tmp_path: P
     busy = kv(None, "dump", "--data-dir", str(directory), zk="127.0.0.1:1")
     assert busy.returncode == 2 and "in use by another node" in busy.stderr, busy
     store.log.close()
+    files = sorted(directory.glob("wal-*"))
     dumped = kv(None, "dump", "--data-dir", str(directory), zk="127.0.0.1:1")  # (no ZooKeeper)
     assert dumped.returncode == 0, dumped
+    assert sorted(directory.glob("wal-*")) == files  # (read, not written to)
     lines = [json.loads(line) for line in dumped.stdout.splitlines()]
     assert {entry["key"]: entry["value"] for entry in lines} == expected
     empty = kv(None, "dump", "--data-dir", str(tmp_path / "none"))

@@ -127,8 +127,8 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="read a STOPPED node's data directory instead of the cluster (no ZooKeeper): its "
         "keys as that node last held them, to rescue data a cluster cannot serve any more "
-        "(a lost parent znode, a reset, a directory moved aside). Adds an empty log segment "
-        "to DIR, as a node's start does",
+        "(a lost parent znode, a reset, a directory moved aside). Its log files are left as "
+        "they were",
     )
     load = command(
         "load",
