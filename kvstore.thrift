@@ -23,7 +23,8 @@ struct NodeStatus {
   3: i64 epoch,             // the primary epoch this node serves under (0: none)
   4: i64 key_count,
   5: string primary_address, // host:port of the primary as this node knows it ("" if unknown)
-  6: optional string durable_id // its data directory's node id (absent: no data directory)
+  6: optional string durable_id, // its data directory's node id (absent: no data directory)
+  7: optional string incarnation // the cluster incarnation it last served (absent: none yet)
 }
 
 // Exactly-once: a write that carries a RequestId is applied at most once per

@@ -300,6 +300,16 @@ class ClusterMeta:
         )
 
 
+def is_member(status: Any, name: str, incarnation: str) -> bool:
+    """Whether the node that answered with ``status`` is member ``name`` of the cluster
+    incarnation ``incarnation``. Names are unique only under one parent znode: another
+    cluster's first node is node-0000000000 too, so a node that says it served another
+    incarnation is not this one's member ("" on either side: unknown, not told apart)."""
+    if status.node_id != name:
+        return False
+    return not (incarnation and status.incarnation and status.incarnation != incarnation)
+
+
 def new_incarnation() -> str:
     """A fresh cluster incarnation id (random)."""
     return uuid.uuid4().hex[:16]

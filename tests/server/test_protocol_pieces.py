@@ -14,8 +14,8 @@ import pytest
 
 from kvstore import errors
 from kvstore.config import Limits, NodeConfig
-from kvstore.coordination import ClusterMeta, Member, designated_backups
-from kvstore.idl import Change
+from kvstore.coordination import ClusterMeta, Member, designated_backups, is_member
+from kvstore.idl import Change, NodeStatus
 from kvstore.local.processes import wait_until
 from kvstore.rpc import MalformedFrameError, RpcServer, _FrameReader, parse_address
 from kvstore.server import follower, identity
@@ -189,6 +189,18 @@ def test_a_renamed_backup_is_dropped_under_every_name_it_may_be_listed_under() -
     assert replicator.names == ("node-0000000001", "node-0000000003")
     meta = ClusterMeta(1, "node-0000000000", "127.0.0.1:8", ("node-0000000000", "node-0000000003"))
     assert meta.without_in_sync(*replicator.names).in_sync == ("node-0000000000",)
+
+
+def test_a_node_of_another_cluster_incarnation_is_not_a_member_of_the_same_name() -> None:
+    """Names repeat across parents (every cluster's first node is node-0000000000): the
+    incarnation a node reports tells them apart; one not known on either side does not."""
+    status = NodeStatus(node_id="node-0000000000", role="primary", incarnation="abc")
+    assert is_member(status, "node-0000000000", "abc")
+    assert not is_member(status, "node-0000000000", "def")
+    assert not is_member(status, "node-0000000001", "abc")
+    assert is_member(status, "node-0000000000", "")  # (metadata of an earlier version)
+    unknown = NodeStatus(node_id="node-0000000000", role="standby")  # none served yet
+    assert is_member(unknown, "node-0000000000", "abc")
 
 
 def test_parse_address() -> None:

@@ -231,6 +231,33 @@ def test_no_complete_copy_left_is_reported_not_served(idle_cluster: LocalCluster
     assert Connection(newcomer.address).call("get", "precious") == ""
 
 
+def test_another_cluster_at_the_last_copys_address_is_no_copy(
+    idle_cluster: LocalCluster, tmp_path: Path
+) -> None:
+    """The only copy died and a node of another cluster now serves at its address (its
+    port reused): that node is no copy of this cluster's data, so the newcomer says DATA
+    LOST instead of waiting for it for ever (their incarnations differ)."""
+    cluster = idle_cluster
+    only, newcomer = cluster.nodes
+    only.extra_args += ["--session-timeout", "2"]  # the newcomer decides once its znode goes
+    only.start()
+    only.wait_for_role(["primary"])
+    Connection(only.address).call("put", "precious", "data")
+    only.kill()
+    other_path = f"{cluster.zk_path}-other"
+    create_parent(cluster.zk_connect, other_path)
+    stranger = NodeProcess(cluster.zk_connect, other_path, tmp_path, port=only.port)
+    try:
+        stranger.start()
+        assert stranger.wait_for_role(["primary"]).epoch >= 1  # (as high as the dead one's)
+        newcomer.start()
+        assert newcomer.process is not None
+        assert newcomer.process.wait(timeout=30) == EXIT_DATA_LOST
+        assert "DATA LOST" in newcomer.log_path.read_text()
+    finally:
+        stranger.stop()
+
+
 def test_primary_whose_session_expired_keeps_its_data(zk_server, zk_path, tmp_path) -> None:
     """The only copy must survive a ZooKeeper session expiry: the primary re-registers."""
     create_parent(zk_server.connect_string, zk_path)

@@ -8,7 +8,7 @@ from typing import Any
 from kvstore import errors
 from kvstore.client.locator import tls_context
 from kvstore.config import ClientConfig
-from kvstore.coordination import ClusterMeta, ClusterView, connect
+from kvstore.coordination import ClusterMeta, ClusterView, connect, is_member
 from kvstore.rpc import probe
 
 
@@ -16,11 +16,12 @@ from kvstore.rpc import probe
 class NodeReport:
     name: str
     address: str
-    # What the node says; "unreachable"; "stale": another node (a restarted one) answers at
-    # this znode's address, the znode outlives its node until its ZooKeeper session expires;
-    # "unknown": it answers but has no status call (the seed's nodes); "forbidden": it
-    # refuses this connection (say, plaintext at a TLS node). ``error``: why a node that
-    # may be alive did not answer (None when nothing listens at its address).
+    # What the node says; "unreachable"; "stale": another node (a restarted one, or one of
+    # another cluster) answers at this znode's address, the znode outlives its node until its
+    # ZooKeeper session expires; "unknown": it answers but has no status call (the seed's
+    # nodes); "forbidden": it refuses this connection (say, plaintext at a TLS node).
+    # ``error``: why a node that may be alive did not answer (None when nothing listens at
+    # its address).
     role: str
     epoch: int
     is_in_sync: bool
@@ -66,13 +67,11 @@ def cluster_state(
         zk.stop()
         zk.close()
     tls = tls_context(config.tls)
-    return meta, [_report(m.name, m.address, meta.in_sync, probe_timeout_ms, tls) for m in members]
+    return meta, [_report(m.name, m.address, meta, probe_timeout_ms, tls) for m in members]
 
 
-def _report(
-    name: str, address: str, in_sync: tuple[str, ...], timeout_ms: int, tls: Any
-) -> NodeReport:
-    is_in_sync = name in in_sync
+def _report(name: str, address: str, meta: ClusterMeta, timeout_ms: int, tls: Any) -> NodeReport:
+    is_in_sync = name in meta.in_sync
     try:
         status = probe(address, timeout_ms, tls)
     except errors.ProtocolError:  # it answered, but not with a status
@@ -83,6 +82,6 @@ def _report(
         return NodeReport(name, address, "unreachable", 0, is_in_sync, None, str(exc))
     if status is None:  # nothing listens there
         return NodeReport(name, address, "unreachable", 0, is_in_sync, None)
-    if status.node_id and status.node_id != name:
+    if status.node_id and not is_member(status, name, meta.incarnation):
         return NodeReport(name, address, "stale", 0, is_in_sync, None)
     return NodeReport(name, address, status.role, status.epoch, is_in_sync, status.key_count)

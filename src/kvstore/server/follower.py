@@ -61,6 +61,7 @@ from kvstore.coordination import (
     Member,
     createznode_command,
     designated_backups,
+    is_member,
     new_incarnation,
 )
 from kvstore.rpc import Connection, probe
@@ -253,7 +254,7 @@ class Follower:
             if m.name in meta.in_sync
             and m.name != meta.primary
             and 0 <= m.sequence < own
-            and self._answers_as(m.name, m.address, Role.BACKUP)
+            and self._answers_as(m.name, m.address, Role.BACKUP, meta.incarnation)
         ]
         if not lower:
             return False
@@ -262,13 +263,17 @@ class Follower:
             log.info("primary suspected: letting %s take over first", lower[0].name)
         return now - self._takeover_deferred_since < TAKEOVER_DEFER_S
 
-    def _answers_as(self, name: str, address: str, role: Role) -> bool:
-        """The node ``name`` answers at ``address``, in ``role``."""
+    def _answers_as(self, name: str, address: str, role: Role, incarnation: str) -> bool:
+        """The node ``name`` (of cluster ``incarnation``) answers at ``address``, in ``role``."""
         try:
             status = probe(address, self._node.config.probe_timeout_ms, self._node.peer_tls)
         except errors.KVError:
             return False
-        return status is not None and status.node_id == name and status.role == role.value
+        return (
+            status is not None
+            and is_member(status, name, incarnation)
+            and status.role == role.value
+        )
 
     def _ask_rename(self, meta: ClusterMeta) -> None:
         """Ask the primary to list our current name in place of a former one (at most
@@ -429,18 +434,19 @@ class Follower:
         timeout_ms, tls = self._node.config.probe_timeout_ms, self._node.peer_tls
         for name in meta.in_sync:
             if name in addresses:
-                if not is_dead(name, addresses[name], timeout_ms, tls):
+                if not is_dead(name, addresses[name], timeout_ms, tls, meta.incarnation):
                     return True
-            elif self._listed_status(meta.address_of(name), meta.epoch) == "copy":
+            elif self._listed_status(meta.address_of(name), meta) == "copy":
                 return True
         # Metadata written before addresses were recorded: the named primary answering.
         return self._is_primary_serving(meta)
 
-    def _listed_status(self, address: str | None, epoch: int) -> str:
+    def _listed_status(self, address: str | None, meta: ClusterMeta) -> str:
         """What answers at the address of a listed member that has no znode: "copy" (a node
-        holding a copy of ``epoch``, or of a later one: our metadata is stale), "silent" (no
-        answer in time: paused or cut off, not gone) or "gone" (nothing listens there, or a
-        node without a copy; also when no address was recorded)."""
+        holding a copy of ``meta``'s epoch, or of a later one: our metadata is stale), "silent"
+        (no answer in time: paused or cut off, not gone) or "gone" (nothing listens there, a
+        node without a copy, or one serving another cluster incarnation; also when no address
+        was recorded)."""
         if not address:
             return "gone"
         try:
@@ -450,13 +456,17 @@ class Follower:
         if status is None:
             return "gone"
         is_holder = status.role in (Role.BACKUP.value, Role.PRIMARY.value)
-        return "copy" if is_holder and status.epoch >= epoch else "gone"
+        is_other_cluster = bool(meta.incarnation and status.incarnation) and (
+            status.incarnation != meta.incarnation
+        )
+        is_copy = is_holder and status.epoch >= meta.epoch and not is_other_cluster
+        return "copy" if is_copy else "gone"
 
     def _is_any_listed_member_silent(self, meta: ClusterMeta, names: set[str]) -> bool:
         """A listed member without a znode does not answer: it may hold the only copy."""
         for name in meta.in_sync:
             address = meta.address_of(name)
-            if name in names or self._listed_status(address, meta.epoch) != "silent":
+            if name in names or self._listed_status(address, meta) != "silent":
                 continue
             if address not in self._silent_logged:
                 self._silent_logged.add(address or "")
@@ -606,6 +616,8 @@ class Follower:
             return "nothing listens there (a dead node's znode lasts until its session expires)"
         if status.node_id != meta.primary:
             return f"another node ({status.node_id}) answers there"
+        if not is_member(status, meta.primary, meta.incarnation):
+            return f"a node of another cluster (incarnation {status.incarnation}) answers there"
         if status.role != Role.PRIMARY.value:
             return f"it is {status.role}, not primary"
         return None
@@ -616,6 +628,7 @@ class Follower:
             meta.primary_address,
             self._node.config.probe_timeout_ms,
             tls=self._node.peer_tls,
+            incarnation=meta.incarnation,
         )
 
     def _start_new_cluster(self, meta: ClusterMeta, version: int) -> None:

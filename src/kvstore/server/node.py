@@ -54,6 +54,7 @@ from kvstore.coordination import (
     Member,
     connect,
     designated_backups,
+    is_member,
     new_incarnation,
 )
 from kvstore.idl import Change, KeyValueService, NodeStatus, ScanChunk, SyncChunk
@@ -77,7 +78,14 @@ from kvstore.server.replication import (
     Replicator,
     SenderDelivery,
 )
-from kvstore.server.roles import EXIT_FAILED, EXIT_OK, EXIT_RESTART, NodeExit, Role, is_dead
+from kvstore.server.roles import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_RESTART,
+    NodeExit,
+    Role,
+    is_dead,
+)
 from kvstore.server.sessions import RequestRecord
 from kvstore.server.storage import FlatRecords, StripedStore
 from kvstore.server.wal import Marker, SyncDelivery, WriteAheadLog
@@ -144,6 +152,9 @@ class StorageNode:
         self._session_lost_at: float | None = None
         # With a data directory: kept across restarts, new for each listing (wal.new_node_id)
         self.node_id: str | None = None
+        # The cluster incarnation it last served or joined ("": none yet), in its status: a
+        # node of another cluster at a listed member's address is no copy of this one's data.
+        self.incarnation = ""
         self.metrics = NodeMetrics(self._metrics_state)
         # Per-request and per-batch observations cost a few µs each: only when scraped.
         self._is_metered = config.metrics_port is not None
@@ -290,7 +301,7 @@ class StorageNode:
                 status = probe(member.address, config.probe_timeout_ms, self.peer_tls)
             except errors.KVError:
                 continue
-            if status is None or status.node_id != member.name:
+            if status is None or not is_member(status, member.name, self.incarnation):
                 continue
             if status.durable_id == self.node_id:
                 directory = config.data_dir
@@ -514,7 +525,8 @@ class StorageNode:
 
     def record_incarnation(self, incarnation: str) -> None:
         """Before this node's files change for a cluster: they hold the data of cluster
-        ``incarnation`` from now on ("": one whose id is unknown); nothing in memory."""
+        ``incarnation`` from now on ("": one whose id is unknown), and so do its memory's."""
+        self.incarnation = incarnation
         if self.store.log is not None:
             self.store.log.record_incarnation(incarnation or None)
 
@@ -654,7 +666,13 @@ class StorageNode:
         for member in dict.fromkeys(pending):
             if member.name not in names or member.name in joined:
                 continue  # its session ended (the znode is gone), or it is back
-            if is_dead(member.name, member.address, self.config.probe_timeout_ms, self.peer_tls):
+            if is_dead(
+                member.name,
+                member.address,
+                self.config.probe_timeout_ms,
+                self.peer_tls,
+                self.incarnation,
+            ):
                 log.info("member %s (%s) is dead; removing its znode", member.name, member.address)
                 self.require_coordinator().remove_member(member.name)
             else:
@@ -1088,6 +1106,7 @@ class StorageNode:
             key_count=len(self.store),
             primary_address=self.primary_address,
             durable_id=self.node_id,
+            incarnation=self.incarnation or None,
         )
 
 

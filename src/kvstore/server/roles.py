@@ -7,6 +7,7 @@ import enum
 from typing import TYPE_CHECKING, Any, Protocol
 
 from kvstore import errors
+from kvstore.coordination import is_member
 from kvstore.rpc import probe
 
 if TYPE_CHECKING:
@@ -37,14 +38,17 @@ class NodeExit(Exception):
         self.code = code
 
 
-def is_dead(name: str, address: str, timeout_ms: int, tls: Any = None) -> bool:
-    """True only if no process serves ``name`` at ``address`` any more.
+def is_dead(
+    name: str, address: str, timeout_ms: int, tls: Any = None, incarnation: str = ""
+) -> bool:
+    """True only if no process serves ``name`` (of cluster ``incarnation``) at ``address``
+    any more.
 
-    Proof is another node id answering there (nodes never share a port: no SO_REUSEPORT),
-    or the node itself saying it stopped. A refused connection is *not* proof: a firewall
-    rejecting the prober produces it too while the node goes on serving (on a lease) — and
-    even where believing it costs no safety, deleting a live node's znode strands it (the
-    partition tests found that). A timeout proves nothing: the node may be paused.
+    Proof is another node answering there (nodes never share a port: no SO_REUSEPORT; see
+    is_member), or the node itself saying it stopped. A refused connection is *not* proof: a
+    firewall rejecting the prober produces it too while the node goes on serving (on a
+    lease) — and even where believing it costs no safety, deleting a live node's znode
+    strands it (the partition tests found that). A timeout proves nothing: the node may be paused.
     """
     if not address:
         return False
@@ -54,7 +58,7 @@ def is_dead(name: str, address: str, timeout_ms: int, tls: Any = None) -> bool:
         return False
     if status is None:
         return False
-    return status.node_id != name or status.role == Role.STOPPED.value
+    return not is_member(status, name, incarnation) or status.role == Role.STOPPED.value
 
 
 class NodeCore(Protocol):
