@@ -553,7 +553,7 @@ class StorageNode:
 
     def _evaluate_primary(self, meta: ClusterMeta, members: list[Member]) -> None:
         if meta.epoch != self.epoch or meta.primary != self.name:
-            raise NodeExit(EXIT_RESTART, _deposed(meta))
+            raise NodeExit(EXIT_RESTART, _deposed(meta, self.incarnation))
         self._remove_dead_backups(members)
         if len(self._replicators) >= meta.replicas:
             self._let_extra_backups_go(members, meta)
@@ -920,7 +920,7 @@ class StorageNode:
             coordinator.refresh()
             meta, version = coordinator.meta()
             if meta.epoch != self.epoch or meta.primary != self.name:
-                self.stop(_deposed(meta), EXIT_RESTART)
+                self.stop(_deposed(meta, self.incarnation), EXIT_RESTART)
                 raise errors.DeposedError("this node is no longer the primary")
             wanted = change(meta)
             if wanted == meta or coordinator.compare_and_set(wanted, version):
@@ -1147,9 +1147,12 @@ def _tls_files(tls: TlsConfig) -> tuple[str, str, str]:
     return tls.cert_path, tls.key_path, tls.ca_path
 
 
-def _deposed(meta: ClusterMeta) -> str:
-    """Why a primary steps down, seeing ``meta`` (the metadata no longer names it)."""
-    if not meta.is_initialized:
+def _deposed(meta: ClusterMeta, incarnation: str) -> str:
+    """Why a primary of cluster ``incarnation`` steps down, seeing ``meta`` (the metadata
+    no longer names it). A reset gives the metadata a new incarnation: seen as such even
+    once a new primary serves it."""
+    is_reset = bool(incarnation and meta.incarnation and meta.incarnation != incarnation)
+    if not meta.is_initialized or is_reset:
         return (
             "deposed: the cluster metadata was reset (kv-createznode --reset): a new, empty cluster"
         )
