@@ -387,7 +387,8 @@ def zookeeper_errors(what: str) -> Iterator[None]:
     except NoAuthError:
         raise errors.CoordinationError(
             f"ZooKeeper {what} refused: not authorized (NoAuth). These znodes are writable "
-            "only with the cluster's credentials (--zk-auth USER:PASSWORD or $KV_ZK_AUTH); "
+            "only with the cluster's credentials (--zk-auth-file FILE, --zk-auth USER:PASSWORD "
+            "or $KV_ZK_AUTH); "
             "none or wrong ones were given"
         ) from None
     except (KazooException, KazooTimeoutError) as exc:

@@ -415,13 +415,13 @@ def _status(args: argparse.Namespace) -> int:
             print(f"(listed in sync, not answering as primary or backup: {', '.join(absent)})")
     failed = next((r for r in reports if r.error), None)
     if failed is not None:
-        how = "refused this connection" if failed.role == "forbidden" else "did not answer"
+        how = "failed the TLS check" if failed.role == "forbidden" else "did not answer"
         print(f"({failed.name} {how}: {failed.error})")
     if any(r.role == "stale" for r in reports):
         print("(stale: a node that stopped; its znode goes when its ZooKeeper session expires)")
     if reports and all(r.role == "forbidden" for r in reports):
         # (Whether the cluster serves others is unknown: its nodes refused this client.)
-        print("no node answers this client: each refused its connection (see above)")
+        print("no node answers this client: each connection failed the TLS check (see above)")
     elif reports and not is_serving:
         print("no node answers as primary: the cluster cannot serve now")
     return exit_status

@@ -19,7 +19,8 @@ class NodeReport:
     # What the node says; "unreachable"; "stale": another node (a restarted one, or one of
     # another cluster) answers at this znode's address, the znode outlives its node until its
     # ZooKeeper session expires; "unknown": it answers but has no status call (the seed's
-    # nodes); "forbidden": it refuses this connection (say, plaintext at a TLS node).
+    # nodes); "forbidden": the connection failed the TLS check, on either side (plaintext
+    # at a TLS node, a certificate one side does not trust).
     # ``error``: why a node that may be alive did not answer (None when nothing listens at
     # its address).
     role: str
