@@ -484,11 +484,12 @@ def connect(
         raise errors.BadRequestError(
             f"not a ZooKeeper connect string (host:port,...): {zk_connect!r}: {exc}"
         ) from None
+    kazoo_log = _MutableLog(logging.getLogger("kazoo.client"))
     zk = KazooClient(
         hosts=zk_connect,
         timeout=session_timeout_s,
         connection_retry=retry,
-        logger=_MutableLog(logging.getLogger("kazoo.client")),
+        logger=kazoo_log,
         **secure,
     )
     connected = zk.start_async()  # (what zk.start does, waiting in slices to hear a cancel)
@@ -502,8 +503,9 @@ def connect(
         if time.monotonic() >= deadline:  # (closed meanwhile, as above: the time is up)
             threading.Thread(target=_close_quietly, args=(zk,), daemon=True).start()
             over = " over TLS" if tls is not None else ""
+            why = _why_unreached(kazoo_log.last_problem, tls is not None)
             raise errors.CoordinationError(
-                f"cannot reach ZooKeeper at {zk_connect}{over} within {connect_timeout_s:g} s"
+                f"cannot reach ZooKeeper at {zk_connect}{over} within {connect_timeout_s:g} s{why}"
             )
     return zk
 
@@ -520,12 +522,37 @@ def _close_quietly(zk: KazooClient) -> None:
 
 
 class _MutableLog(logging.LoggerAdapter):  # type: ignore[type-arg]
-    """A kazoo client's logger (its connection thread logs through it) that can be muted."""
+    """A kazoo client's logger (its connection thread logs through it) that can be muted,
+    and keeps its last warning: why the last connection attempt failed, if it said."""
 
     is_muted = False
+    last_problem = ""
 
     def isEnabledFor(self, level: int) -> bool:
         return not self.is_muted and self.logger.isEnabledFor(level)
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        if level >= logging.WARNING:
+            try:
+                self.last_problem = str(msg) % args if args else str(msg)
+            except (TypeError, ValueError):
+                self.last_problem = str(msg)
+        super().log(level, msg, *args, **kwargs)
+
+
+def _why_unreached(problem: str, is_tls: bool) -> str:
+    """What to add to "cannot reach ZooKeeper": kazoo's last reason, and a hint where the
+    reason is the one a TLS-only port gives a plaintext client (it closes the connection)."""
+    if not problem:
+        return " (no answer: nothing reached it, or it did not reply)"
+    reason = problem.removeprefix("Connection dropped: ")
+    hint = ""
+    if not is_tls and "connection broken" in reason:
+        hint = (
+            " (a ZooKeeper port that serves TLS only ends plaintext connections so: if this "
+            "is one, give the --zk-tls-ca/--zk-tls-cert/--zk-tls-key options)"
+        )
+    return f": {reason}{hint}"
 
 
 def createznode_command(

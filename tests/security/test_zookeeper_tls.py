@@ -57,8 +57,9 @@ def test_only_tls_sessions_with_a_certificate_from_the_ca_get_in(
     zk_tls_server: ZooKeeperServer, certs: CertificateFiles, tmp_path: Path
 ) -> None:
     hosts = zk_tls_server.connect_string
-    with pytest.raises(errors.CoordinationError, match="cannot reach ZooKeeper"):
+    with pytest.raises(errors.CoordinationError, match="cannot reach ZooKeeper") as plain:
         connect(hosts, 10.0, REFUSED_WITHIN_S)  # plaintext
+    assert "connection broken" in str(plain.value) and "--zk-tls-ca" in str(plain.value)
     refused(KazooClient(hosts=hosts, use_ssl=True, ca=str(certs.ca_cert)))  # no certificate
     other = write_certificates(tmp_path / "other", ca_name="another CA")
     stranger = TlsConfig(other.node.cert_path, other.node.key_path, str(certs.ca_cert))
