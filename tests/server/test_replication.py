@@ -210,18 +210,29 @@ def connections_to(port: int) -> set[str]:
     }  # fmt: skip
 
 
-def test_no_complete_copy_left_is_reported_not_served(idle_cluster: LocalCluster) -> None:
-    cluster = idle_cluster
+def kill_the_only_copy(cluster: LocalCluster) -> tuple[NodeProcess, NodeProcess]:
+    """The first node, primary alone, takes a put and is killed before anyone synced it
+    (its znode goes 2 s later); returns it and the second node, not started yet."""
     only, newcomer = cluster.nodes
     only.extra_args += ["--session-timeout", "2"]  # the newcomer decides once its znode goes
     only.start()
     only.wait_for_role(["primary"])
     Connection(only.address).call("put", "precious", "data")
-    only.kill()  # the only copy is gone before anyone synced it
+    only.kill()
+    return only, newcomer
+
+
+def says_data_lost(newcomer: NodeProcess) -> None:
     newcomer.start()
     assert newcomer.process is not None
     assert newcomer.process.wait(timeout=30) == EXIT_DATA_LOST
     assert "DATA LOST" in newcomer.log_path.read_text()
+
+
+def test_no_complete_copy_left_is_reported_not_served(idle_cluster: LocalCluster) -> None:
+    cluster = idle_cluster
+    only, newcomer = kill_the_only_copy(cluster)
+    says_data_lost(newcomer)
 
     assert create_parent(cluster.zk_connect, cluster.zk_path, reset=True) == "reset"
     newcomer.start()
@@ -238,22 +249,14 @@ def test_another_cluster_at_the_last_copys_address_is_no_copy(
     port reused): that node is no copy of this cluster's data, so the newcomer says DATA
     LOST instead of waiting for it for ever (their incarnations differ)."""
     cluster = idle_cluster
-    only, newcomer = cluster.nodes
-    only.extra_args += ["--session-timeout", "2"]  # the newcomer decides once its znode goes
-    only.start()
-    only.wait_for_role(["primary"])
-    Connection(only.address).call("put", "precious", "data")
-    only.kill()
+    only, newcomer = kill_the_only_copy(cluster)
     other_path = f"{cluster.zk_path}-other"
     create_parent(cluster.zk_connect, other_path)
     stranger = NodeProcess(cluster.zk_connect, other_path, tmp_path, port=only.port)
     try:
         stranger.start()
         assert stranger.wait_for_role(["primary"]).epoch >= 1  # (as high as the dead one's)
-        newcomer.start()
-        assert newcomer.process is not None
-        assert newcomer.process.wait(timeout=30) == EXIT_DATA_LOST
-        assert "DATA LOST" in newcomer.log_path.read_text()
+        says_data_lost(newcomer)
     finally:
         stranger.stop()
 
