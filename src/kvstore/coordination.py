@@ -364,9 +364,15 @@ def secure_acl(auth: str) -> list[ACL]:
     return [make_digest_acl(user, password, all=True), *READ_ACL_UNSAFE]
 
 
+# ACL schemes that grant to whoever connects, without credentials: world:anyone, and ip
+# (any session from a matching address; ip:0.0.0.0/0 is everyone, like world:anyone).
+_OPEN_SCHEMES = frozenset({"world", "ip"})
+
+
 def _is_world_writable(acls: list[ACL]) -> bool:
-    """Whether anyone at all may do more than read (world:anyone beyond READ)."""
-    return any(acl.id.scheme == "world" and acl.perms & ~Permissions.READ for acl in acls)
+    """Whether a session without credentials may do more than read (world:anyone, or an
+    ip:ADDRESS entry, beyond READ)."""
+    return any(acl.id.scheme in _OPEN_SCHEMES and acl.perms & ~Permissions.READ for acl in acls)
 
 
 def is_address(text: str) -> bool:

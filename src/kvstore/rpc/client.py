@@ -381,6 +381,10 @@ def _is_refused_certificate(exc: ssl.SSLError) -> bool:
             "DECRYPT_ERROR",
             "CERTIFICATE_UNKNOWN",
             "ACCESS_DENIED",
+            # a certificate that expired (or was revoked) after this side started
+            "CERTIFICATE_EXPIRED",
+            "CERTIFICATE_REVOKED",
+            "UNSUPPORTED_CERTIFICATE",
         )
     )
 
