@@ -27,6 +27,7 @@ from kvstore.server.handler import NODE_ONLY_METHODS
 TIMEOUT_MS = 2000
 ARG_ERROR_TIMEOUT_S = 60
 SECRET = b"0123456789abcdef0123456789abcdef"
+NODE_AT = "127.0.0.1:9090"  # the address a node advertises, which callers dial
 
 
 # ----------------------------------------------------------------- without sockets
@@ -37,30 +38,41 @@ def test_a_connection_is_a_node_only_after_a_right_proof_for_a_fresh_nonce() -> 
     assert not role.is_node
     client_nonce = new_nonce()
     with pytest.raises(errors.ForbiddenError, match="fresh"):
-        role.authenticate(SECRET, client_nonce, b"x" * 32)  # no challenge yet
+        role.authenticate(SECRET, client_nonce, b"x" * 32, NODE_AT)  # no challenge yet
     nonce = role.challenge()
     with pytest.raises(errors.ForbiddenError, match="wrong cluster secret"):
         role.authenticate(
-            SECRET, client_nonce, prove(b"another secret!!", b"caller", nonce, client_nonce)
+            SECRET,
+            client_nonce,
+            prove(b"another secret!!", b"caller", nonce, client_nonce, NODE_AT),
+            NODE_AT,
         )
     assert not role.is_node
     with pytest.raises(errors.ForbiddenError, match="fresh"):  # the nonce is used up
-        role.authenticate(SECRET, client_nonce, prove(SECRET, b"caller", nonce, client_nonce))
+        role.authenticate(
+            SECRET, client_nonce, prove(SECRET, b"caller", nonce, client_nonce, NODE_AT), NODE_AT
+        )
     nonce = role.challenge()
     # The node's own answer for this nonce is no caller's proof.
     with pytest.raises(errors.ForbiddenError):
-        role.authenticate(SECRET, client_nonce, prove(SECRET, b"node", nonce, client_nonce))
+        role.authenticate(
+            SECRET, client_nonce, prove(SECRET, b"node", nonce, client_nonce, NODE_AT), NODE_AT
+        )
     nonce = role.challenge()
-    answer = role.authenticate(SECRET, client_nonce, prove(SECRET, b"caller", nonce, client_nonce))
+    answer = role.authenticate(
+        SECRET, client_nonce, prove(SECRET, b"caller", nonce, client_nonce, NODE_AT), NODE_AT
+    )
     assert role.is_node
-    assert answer == prove(SECRET, b"node", nonce, client_nonce)
+    assert answer == prove(SECRET, b"node", nonce, client_nonce, NODE_AT)
     assert len(nonce) == NONCE_BYTES
 
 
 def test_the_secret_does_not_make_a_client_certificate_a_node() -> None:
     role = PeerRole(is_node_certificate=False, needs_secret=True)
     nonce, client_nonce = role.challenge(), new_nonce()
-    role.authenticate(SECRET, client_nonce, prove(SECRET, b"caller", nonce, client_nonce))
+    role.authenticate(
+        SECRET, client_nonce, prove(SECRET, b"caller", nonce, client_nonce, NODE_AT), NODE_AT
+    )
     assert not role.is_node
     assert "certificate is a client's" in role.refusal("join", "node")
     assert PeerRole(is_node_certificate=True, needs_secret=False).is_node  # the seed's mode
@@ -74,6 +86,36 @@ def test_a_caller_refuses_a_node_that_does_not_know_the_secret() -> None:
 
     with pytest.raises(errors.ForbiddenError, match="does not know the cluster secret"):
         authenticate_connection(impostor, SECRET, "127.0.0.1:1")
+
+
+def test_an_exchange_relayed_through_another_address_proves_nothing() -> None:
+    """A process at another address (a dead member's, which a node still dials) passes the
+    caller's messages on to a live node and back: the caller's proof names the address it
+    dialed, so the live node refuses it, and the live node's answer would not satisfy the
+    caller either (found by an attack campaign: with v1 proofs the relay made the attacker's
+    connection a node's)."""
+    live = PeerRole(is_node_certificate=True, needs_secret=True)
+    answers: list[bytes] = []
+
+    def relay(method: str, *args: bytes) -> bytes:
+        if method == "auth_challenge":
+            return live.challenge()
+        answers.append(live.authenticate(SECRET, *args, NODE_AT))
+        return answers[-1]
+
+    with pytest.raises(errors.ForbiddenError, match="another address"):
+        authenticate_connection(relay, SECRET, "127.0.0.1:9091")  # the relay's address
+    assert not live.is_node and not answers
+    nonce, client_nonce = live.challenge(), new_nonce()
+    proof_for_relay = prove(SECRET, b"caller", nonce, client_nonce, "127.0.0.1:9091")
+    with pytest.raises(errors.ForbiddenError):
+        live.authenticate(SECRET, client_nonce, proof_for_relay, NODE_AT)
+    # The node's answer names its own address: a caller that dialed elsewhere rejects it.
+    nonce, client_nonce = live.challenge(), new_nonce()
+    answer = live.authenticate(
+        SECRET, client_nonce, prove(SECRET, b"caller", nonce, client_nonce, NODE_AT), NODE_AT
+    )
+    assert answer != prove(SECRET, b"node", nonce, client_nonce, "127.0.0.1:9091")
 
 
 def test_the_secret_file_must_be_private_and_long_enough(tmp_path: Path) -> None:
@@ -190,7 +232,8 @@ def test_a_node_with_another_secret_cannot_join(
     assert status is not None and status.role == "standby", status
     primary = secret_cluster.wait_for("primary")
     assert re.search(
-        r"refused authenticate: wrong cluster secret \(\d+ refusals since the last such line; "
+        r"refused authenticate: wrong cluster secret, or a proof made for another address than "
+        r"\S+ \(\d+ refusals since the last such line; "
         r"the latest from 127\.0\.0\.1:\d+\)",
         primary.log_tail(100),
     ), primary.log_tail(100)
@@ -234,7 +277,8 @@ def test_a_node_that_cannot_join_says_why_once_and_backs_off(
 def refused_joins(primary: NodeProcess) -> int:
     """The joins the primary refused for a wrong secret, by its (throttled) log lines."""
     counts = re.findall(
-        r"refused authenticate: wrong cluster secret \((\d+) refusals since",
+        r"refused authenticate: wrong cluster secret, or a proof made for another address than "
+        r"\S+ \((\d+) refusals since",
         primary.log_path.read_text(),
     )
     return sum(int(count) for count in counts)

@@ -5,15 +5,21 @@ Exchange (two calls, right after connecting; see kvstore.thrift):
 
 1. ``auth_challenge()``: the node answers a fresh random nonce for this connection.
 2. ``authenticate(client_nonce, proof)`` with ``proof = prove(secret, CALLER, nonce,
-   client_nonce)``: the node checks it (constant-time) and answers its own
-   ``prove(secret, NODE, nonce, client_nonce)``, which the caller checks in turn. From then
-   on the node treats the connection as a node's: it may call the node-only methods.
+   client_nonce, address)``, ``address`` the host:port the caller dialed: the node checks
+   it (constant-time) against its own advertised address and answers its own
+   ``prove(secret, NODE, nonce, client_nonce, address)``, which the caller checks in turn.
+   From then on the node treats the connection as a node's: it may call the node-only
+   methods.
 
 Invariants: a nonce serves one ``authenticate`` attempt only (right or wrong), so a proof
 seen on the wire is worth nothing on another connection; the two proofs differ by their
-role label, so a node's answer cannot be played back as a caller's proof; the secret never
-travels. What it does not do: protect the connection afterwards. Someone who can alter
-traffic on the wire can take over an authenticated connection; use TLS against that.
+role label, so a node's answer cannot be played back as a caller's proof; both name the
+address the caller dialed, so an exchange cannot be relayed: a process at another address
+(say a dead member's, which a node still dials) that passes a node's messages on to a live
+node and back proves nothing to either (the proofs name its address, not the live node's);
+the secret never travels. What it does not do: protect the connection afterwards. Someone
+who can alter traffic on the wire can take over an authenticated connection; use TLS
+against that.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ NONCE_BYTES = 32
 MIN_SECRET_BYTES = 16
 CALLER = b"caller"
 NODE = b"node"
-_LABEL = b"kvstore cluster secret v1\0"
+_LABEL = b"kvstore cluster secret v2\0"
 
 
 def load_cluster_secret(path: str) -> bytes:
@@ -64,9 +70,10 @@ def new_nonce() -> bytes:
     return secrets.token_bytes(NONCE_BYTES)
 
 
-def prove(secret: bytes, role: bytes, nonce: bytes, client_nonce: bytes) -> bytes:
-    """HMAC-SHA256 over the role label and both nonces (fixed lengths: no ambiguity)."""
-    message = _LABEL + role + b"\0" + nonce + client_nonce
+def prove(secret: bytes, role: bytes, nonce: bytes, client_nonce: bytes, address: str) -> bytes:
+    """HMAC-SHA256 over the role label, both nonces (fixed lengths: no ambiguity) and the
+    address the caller dialed (the node's advertised host:port)."""
+    message = _LABEL + role + b"\0" + nonce + client_nonce + address.encode()
     return hmac.new(secret, message, hashlib.sha256).digest()
 
 
@@ -92,9 +99,12 @@ class PeerRole:
         self._nonce = new_nonce()
         return self._nonce
 
-    def authenticate(self, secret: bytes | None, client_nonce: Any, proof: Any) -> bytes:
-        """Check the caller's proof for this connection's nonce (used up either way); the
-        node's own proof. ForbiddenError if it does not hold."""
+    def authenticate(
+        self, secret: bytes | None, client_nonce: Any, proof: Any, address: str
+    ) -> bytes:
+        """Check the caller's proof for this connection's nonce (used up either way) and
+        this node's advertised ``address``; the node's own proof. ForbiddenError if it does
+        not hold."""
         nonce, self._nonce = self._nonce, b""
         if secret is None:
             raise errors.ForbiddenError("this node has no cluster secret (--cluster-secret-file)")
@@ -102,11 +112,13 @@ class PeerRole:
             raise errors.ForbiddenError(f"{AUTHENTICATE_METHOD} needs a fresh {CHALLENGE_METHOD}")
         if not (isinstance(client_nonce, bytes) and len(client_nonce) == NONCE_BYTES):
             raise errors.ForbiddenError(f"the caller's nonce must be {NONCE_BYTES} bytes")
-        expected = prove(secret, CALLER, nonce, client_nonce)
+        expected = prove(secret, CALLER, nonce, client_nonce, address)
         if not (isinstance(proof, bytes) and hmac.compare_digest(proof, expected)):
-            raise errors.ForbiddenError("wrong cluster secret")
+            raise errors.ForbiddenError(
+                f"wrong cluster secret, or a proof made for another address than {address}"
+            )
         self.is_node = self.is_node_certificate
-        return prove(secret, NODE, nonce, client_nonce)
+        return prove(secret, NODE, nonce, client_nonce, address)
 
     def refusal(self, method: str, node_unit: str) -> str:
         """Why this connection may not call the node-only ``method``."""
@@ -122,11 +134,13 @@ class PeerRole:
 
 
 def authenticate_connection(call: Any, secret: bytes, address: str) -> None:
-    """The caller's side, over ``call(method, *args)`` on a new connection: prove the
-    secret, and check that the node knows it too. ForbiddenError if either fails."""
+    """The caller's side, over ``call(method, *args)`` on a new connection to ``address``:
+    prove the secret, and check that the node there knows it too. ForbiddenError if either
+    fails."""
     nonce = call(CHALLENGE_METHOD)
     client_nonce = new_nonce()
-    answer = call(AUTHENTICATE_METHOD, client_nonce, prove(secret, CALLER, nonce, client_nonce))
-    expected = prove(secret, NODE, nonce, client_nonce)
+    proof = prove(secret, CALLER, nonce, client_nonce, address)
+    answer = call(AUTHENTICATE_METHOD, client_nonce, proof)
+    expected = prove(secret, NODE, nonce, client_nonce, address)
     if not (isinstance(answer, bytes) and hmac.compare_digest(answer, expected)):
         raise errors.ForbiddenError(f"{address} does not know the cluster secret")

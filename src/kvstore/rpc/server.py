@@ -270,6 +270,7 @@ class _Dispatcher:
             raise ValueError(f"node-only methods not in the service: {sorted(unknown)}")
         self._node_only = frozenset(node_only)
         self._secret = secret
+        self.own_address = ""  # the node's advertised host:port, which secret proofs name
         self._refused_count = 0  # authentications refused since the last line logged
         self._refusal_logged_at = 0.0
         self._connection_methods = {
@@ -353,7 +354,9 @@ class _Dispatcher:
             if api == CHALLENGE_METHOD:
                 result.success = peer.challenge()
             else:
-                result.success = peer.authenticate(self._secret, args.client_nonce, args.proof)
+                result.success = peer.authenticate(
+                    self._secret, args.client_nonce, args.proof, self.own_address
+                )
         except errors.KVError as exc:
             self._log_refusal(api, exc, peer.peer)
             failure = TApplicationException(exc.code, str(exc))
@@ -422,7 +425,9 @@ class RpcServer:
     not a node's may not call ``node_only_methods``; the handler learns the peer's identity
     (its certificate's fingerprint) from :func:`peer_identity`. ``cluster_secret``: a
     connection may call them only once it authenticated with the secret (rpc/secret.py;
-    under TLS, and with a node's certificate). With neither, every peer may call anything.
+    under TLS, and with a node's certificate) for ``advertised_address``, the host:port
+    other nodes dial (default: the one it binds). With neither, every peer may call
+    anything.
     """
 
     def __init__(
@@ -439,6 +444,7 @@ class RpcServer:
         tls: ssl.SSLContext | None = None,
         node_only_methods: Collection[str] = (),
         cluster_secret: bytes | None = None,
+        advertised_address: str | None = None,
         event_front: bool = True,
         inline_methods: Collection[str] = front.INLINE_METHODS,
         reply_budget_bytes: int = DEFAULT_REPLY_BUDGET_BYTES,
@@ -448,6 +454,7 @@ class RpcServer:
         self._tls = tls
         self._needs_secret = cluster_secret is not None
         self._dispatcher = _Dispatcher(KeyValueService, handler, node_only_methods, cluster_secret)
+        self._advertised_address = advertised_address
         self._node_only = frozenset(node_only_methods)  # (their replies are never refused)
         self._reply_budget = ReplyBudget(reply_budget_bytes)
         self._max_frame_bytes = max_frame_bytes
@@ -509,6 +516,7 @@ class RpcServer:
             listener.close()
             raise
         self.port = listener.getsockname()[1]
+        self._dispatcher.own_address = self._advertised_address or f"{self.host}:{self.port}"
         self._listener = listener
 
     def start(self) -> None:

@@ -188,6 +188,7 @@ class StorageNode:
             tls=None if tls is None else server_tls_context(*_tls_files(tls)),
             node_only_methods=NODE_ONLY_METHODS,
             cluster_secret=config.cluster_secret,
+            advertised_address=config.address,
             event_front=config.event_front,
             reply_budget_bytes=config.limits.reply_budget_bytes,
         )
