@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -154,4 +155,44 @@ def test_plaintext_and_anonymous_peers_are_refused(
         anonymous.load_verify_locations(str(certs.ca_cert))
         with pytest.raises(errors.KVError):
             connect(server.port, anonymous, connections).call("get", "k")
+        assert connect(server.port, context(certs.client), connections).call("get", "k") == "v"
+
+
+def test_silent_connections_park_at_most_max_handshakes_threads(
+    certs: CertificateFiles, connections: list[rpc.Connection]
+) -> None:
+    """Each TLS connection waits for its handshake on a thread: a flood of silent ones
+    beyond MAX_HANDSHAKES is closed at once instead of parking a thread each (a thousand
+    that woke together at their deadline cost a primary its lease). Connections already
+    served go on, and new ones get in once the silent ones are gone."""
+    tls = context(certs.node, server=True)
+    with serving(tls=tls, frame_deadline_s=60, idle_timeout_s=60) as server:
+        served = connect(server.port, context(certs.client), connections)
+        assert served.call("get", "k") == "v"
+        threads_before = threading.active_count()
+        silent = [
+            socket.create_connection(("127.0.0.1", server.port))
+            for _ in range(rpc.server.MAX_HANDSHAKES)
+        ]
+        try:
+            wait_until(
+                lambda: threading.active_count() >= threads_before + len(silent) or None,
+                BOUND_S,
+                lambda: f"{threading.active_count() - threads_before} handshake threads",
+            )
+            with socket.create_connection(("127.0.0.1", server.port)) as one_more:
+                assert closed_after(one_more) < 2.0  # not at the frame deadline (60 s)
+            assert threading.active_count() <= threads_before + len(silent)
+            started = time.monotonic()
+            assert served.call("get", "k") == "v"
+            assert time.monotonic() - started < 1.0
+        finally:
+            for sock in silent:
+                sock.close()
+        # (the silent ones' threads see EOF and end: the next connection gets in)
+        wait_until(
+            lambda: threading.active_count() <= threads_before or None,
+            BOUND_S,
+            lambda: f"{threading.active_count() - threads_before} handshake threads left",
+        )
         assert connect(server.port, context(certs.client), connections).call("get", "k") == "v"

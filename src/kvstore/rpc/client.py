@@ -152,7 +152,10 @@ class Connection:
             raw.close()
             hint = ""
             if isinstance(exc, ssl.SSLEOFError) or getattr(exc, "reason", None) in _CUT_SHORT:
-                hint = " (a node that does not serve TLS ends the handshake so: see its log)"
+                hint = (
+                    " (the node ended the handshake: it does not serve TLS, or it refuses new "
+                    "connections for now (too many): see its log)"
+                )
             raise errors.ConnectError(f"no TLS connection to {self.address}: {exc}{hint}") from None
         self.peer_identity = identity = peer_certificate_identity(tls)
         expected = self.expected_identity

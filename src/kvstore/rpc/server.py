@@ -392,6 +392,12 @@ ConnectionHook = Callable[[bool], None]  # called with is_orderly: the peer clos
 DEFAULT_MAX_CONNECTIONS = 1024
 DEFAULT_IDLE_TIMEOUT_S = 300.0
 DEFAULT_FRAME_DEADLINE_S = 10.0
+# TLS connections whose handshake is under way at once (each waits on a thread of its own,
+# for at most the frame deadline); one more is closed at once. A flood of silent connections
+# otherwise parked a thread each, up to the connection limit: a thousand threads woke
+# together at their deadline and held the interpreter long enough for the primary to lose
+# its lease (an attack campaign made a TLS cluster fail over so, 4 runs out of 4).
+MAX_HANDSHAKES = 64
 # close() waits at most this long for the accept and connection threads to end (a handler
 # still running, e.g. a put waiting for its backup, ends when its call returns).
 CLOSE_JOIN_S = 2.0
@@ -466,6 +472,7 @@ class RpcServer:
         self._is_closed = False
         self._refused_count = 0
         self._refusal_logged_at = 0.0
+        self._handshakes = 0  # TLS connections admitted whose handshake is not over
         self.set_connection_bounds(max_connections, idle_timeout_s, frame_deadline_s)
         self._front: front.EventFront | None = None
         if event_front and front.is_available():
@@ -554,24 +561,40 @@ class RpcServer:
                     sock.close()
 
     def _admit(self, sock: socket.socket, peer: str) -> None:
+        is_tls = self._tls is not None
         with self._lock:
             if self._is_closed:
                 sock.close()
                 return
-            is_admitted = len(self._connections) < self._max_connections
-            if is_admitted:
+            why_not = None
+            if len(self._connections) >= self._max_connections:
+                why_not = f"{self._max_connections} open, the limit"
+            elif is_tls and self._handshakes >= MAX_HANDSHAKES:
+                why_not = f"{MAX_HANDSHAKES} TLS handshakes under way, the limit"
+            else:
                 self._connections.add(sock)
-        if not is_admitted:
-            self._refuse(sock, peer)
+                self._handshakes += is_tls
+        if why_not is not None:
+            self._refuse(sock, peer, why_not)
             return
         # Under TLS the reader bounds receives itself (settimeout); a kernel receive timeout
         # would still fire on the blocking socket of a replication line that never idles out.
         idle_timeout_s = 0.0 if self._tls is not None else self._idle_timeout_s
         _configure_connection(sock, idle_timeout_s, self._frame_deadline_s)
-        if self._front is not None and self._tls is None:
+        if self._front is not None and not is_tls:
             self._front.add(sock, peer)
-        else:  # (under TLS the thread hands it to the front after the handshake)
+        elif not is_tls:
             self._serve_in_thread(sock, peer)
+        else:  # (the thread hands it to the front after the handshake)
+            try:
+                self._serve_in_thread(sock, peer)
+            except BaseException:
+                self._end_handshake()
+                raise
+
+    def _end_handshake(self) -> None:
+        with self._lock:
+            self._handshakes -= 1
 
     def _serve_in_thread(
         self, sock: socket.socket, peer: str, handover: front.Handover | None = None
@@ -589,11 +612,13 @@ class RpcServer:
                 self._threads.discard(thread)
             raise
 
-    def _refuse(self, sock: socket.socket, peer: str) -> None:
-        """Answer UNAVAILABLE without waiting on the peer, then close."""
+    def _refuse(self, sock: socket.socket, peer: str, why: str) -> None:
+        """Answer UNAVAILABLE without waiting on the peer, then close. Under TLS just close:
+        a TLS client would read a plaintext answer as a broken handshake."""
         try:
             sock.setblocking(False)
-            sock.send(self._refusal)
+            if self._tls is None:
+                sock.send(self._refusal)
             # Closing over unread bytes would reset the line, which may discard the refusal.
             with contextlib.suppress(OSError):
                 sock.recv(65536)
@@ -606,10 +631,7 @@ class RpcServer:
         if now - self._refusal_logged_at >= 1.0:
             self._refusal_logged_at = now
             log.warning(
-                "refused %d connection(s) (latest from %s): %d open, the limit",
-                self._refused_count,
-                peer,
-                self._max_connections,
+                "refused %d connection(s) (latest from %s): %s", self._refused_count, peer, why
             )
             self._refused_count = 0
 
@@ -673,6 +695,8 @@ class RpcServer:
                 sock.close()
                 self._forget_this_thread()
                 return
+            finally:
+                self._end_handshake()
             if self._front is not None:  # the front serves it from here on
                 self._front.add(sock, peer, (is_node, identity))
                 self._forget_this_thread()
