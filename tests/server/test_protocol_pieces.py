@@ -579,3 +579,35 @@ def test_a_late_retry_in_a_group_fails_alone_not_the_writes_grouped_with_it() ->
     assert isinstance(outcomes[1], errors.BadRequestError)
     assert "moved past it" in str(outcomes[1])
     assert (node.store.get("other"), node.store.get("k"), node.store.get("k2")) == ("v", "6", "w")
+
+
+class _CoordinatorWithMeta:
+    """Metadata that does not move (a DATA LOST decision reads it once more)."""
+
+    is_session_lost = False
+
+    def __init__(self, meta: ClusterMeta) -> None:
+        self.meta_now = meta
+
+    def sync(self) -> None:
+        pass
+
+    def meta(self) -> tuple[ClusterMeta, int]:
+        return self.meta_now, 7
+
+
+def test_a_listed_primary_that_resumes_between_two_probes_is_no_data_loss() -> None:
+    """The only in-sync member (the primary) was paused past its ZooKeeper session: a
+    restarted empty node found it silent (no live in-sync member), then probed it again
+    to decide whether to wait, just as it resumed and answered as the primary of the
+    epoch. That answer was taken as "gone" and the node exited with DATA LOST, telling the
+    operator to reset the cluster, while the primary went on serving every key (found by a
+    fault campaign: SIGSTOP of the primary for 2.95 s, session timeout 2 s)."""
+    node = StorageNode(NodeConfig("127.0.0.1", 1, "127.0.0.1:1", "/x"))
+    node.name = "node-0000000015"
+    meta = ClusterMeta(7, "node-0000000014", "h:1", ("node-0000000014",))
+    node._coordinator = cast(Any, _CoordinatorWithMeta(meta))
+    statuses = iter(["silent", "copy"])  # paused at the first probe, serving at the second
+    node._follower._listed_status = lambda address, epoch: next(statuses)  # type: ignore
+    assert not node._follower._has_live_in_sync_member(meta, [])
+    node._follower._recover_or_give_up(meta, 7, [])  # raised NodeExit (DATA LOST) before

@@ -453,10 +453,17 @@ class Follower:
         return "copy" if is_holder and status.epoch >= epoch else "gone"
 
     def _is_any_listed_member_silent(self, meta: ClusterMeta, names: set[str]) -> bool:
-        """A listed member without a znode does not answer: it may hold the only copy."""
+        """A listed member without a znode does not answer: it may hold the only copy. Or it
+        answers holding a copy: it was silent a moment ago (paused past its session) and
+        resumed since; decide again on the next step rather than say DATA LOST."""
         for name in meta.in_sync:
             address = meta.address_of(name)
-            if name in names or self._listed_status(address, meta.epoch) != "silent":
+            if name in names:
+                continue
+            status = self._listed_status(address, meta.epoch)
+            if status == "copy":
+                return True
+            if status != "silent":
                 continue
             if address not in self._silent_logged:
                 self._silent_logged.add(address or "")
