@@ -462,11 +462,18 @@ class Follower:
         is_copy = is_holder and status.epoch >= meta.epoch and not is_other_cluster
         return "copy" if is_copy else "gone"
 
-    def _is_any_listed_member_silent(self, meta: ClusterMeta, names: set[str]) -> bool:
-        """A listed member without a znode does not answer: it may hold the only copy."""
+    def _waits_for_a_listed_member(self, meta: ClusterMeta, names: set[str]) -> bool:
+        """Whether to wait rather than say DATA LOST: a listed member without a znode does
+        not answer (it may hold the only copy), or answers holding a copy (silent a moment
+        ago, paused past its session, and resumed since: decide again on the next step)."""
         for name in meta.in_sync:
             address = meta.address_of(name)
-            if name in names or self._listed_status(address, meta) != "silent":
+            if name in names:
+                continue
+            answer = self._listed_status(address, meta)
+            if answer == "copy":
+                return True
+            if answer != "silent":
                 continue
             if address not in self._silent_logged:
                 self._silent_logged.add(address or "")
@@ -537,7 +544,7 @@ class Follower:
                     ),
                 )
             return
-        if self._is_any_listed_member_silent(meta, names):
+        if self._waits_for_a_listed_member(meta, names):
             return
         coordinator = node.require_coordinator()
         coordinator.sync()

@@ -723,7 +723,11 @@ class StorageNode:
         unchanged: list[int] = []
         for i, (key, value, request, is_conditional, expected) in enumerate(group.writes):
             if request is not None:
-                prior = store.sessions_for(key).outcome(request[0], request[1])
+                try:
+                    prior = store.sessions_for(key).outcome(request[0], request[1])
+                except errors.BadRequestError as exc:  # a late retry: it fails alone, not
+                    outcomes[i] = exc  # the other clients' writes grouped with it
+                    continue
                 if prior is not None:
                     outcomes[i] = prior
                     continue
