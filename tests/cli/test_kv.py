@@ -389,3 +389,8 @@ def test_dump_reads_a_stopped_nodes_data_directory_without_zookeeper(tmp_path: P
     assert {entry["key"]: entry["value"] for entry in lines} == expected
     empty = kv(None, "dump", "--data-dir", str(tmp_path / "none"))
     assert empty.returncode == 64 and "holds no node's data" in empty.stderr, empty
+
+
+def test_a_timeout_past_the_exactly_once_records_is_refused() -> None:
+    result = kv(None, "--timeout", "600", "put", "k", "v", zk="127.0.0.1:1")
+    assert result.returncode == 64 and "exactly-once" in result.stderr

@@ -7,8 +7,10 @@ those that kill a node have one of their own."""
 from __future__ import annotations
 
 import copy
+import gc
 import os
 import select
+import signal
 import subprocess
 import sys
 import threading
@@ -382,3 +384,123 @@ def test_a_scan_of_multibyte_values_fits_each_reply(idle_cluster: LocalCluster) 
         found = dict(kv.scan())
     assert sorted(found) == sorted(keys)
     assert set(found.values()) == {value}
+
+
+def test_threads_that_end_take_their_connections_with_them(shared_cluster: LocalCluster) -> None:
+    """A process that starts a thread per task must not keep a connection per thread it ever
+    ran: the node refuses connections past --max-connections (1024), every client's."""
+    with kvstore.Client(shared_cluster.zk_connect, shared_cluster.zk_path, timeout=10) as kv:
+        kv.put("k", "v")
+        for _ in range(50):
+            thread = threading.Thread(target=kv.get, args=("k",))
+            thread.start()
+            thread.join()
+        gc.collect()
+        assert len(kv._connections) <= 1  # (the main thread's)
+        assert kv.get("k") == "v"
+
+
+def test_close_during_a_write_says_it_may_have_been_applied(cluster: LocalCluster) -> None:
+    """close() from another thread ends a write under way; the write may still be applied
+    (here it is, once the stalled backup resumes), so the error must not say definite."""
+    backup = cluster.wait_for("backup")
+    assert backup.pid is not None
+    kv = kvstore.Client(cluster.zk_connect, cluster.zk_path, timeout=30)
+    kv.put("k", "old")
+    raised: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            kv.put("k", "new")
+        except kvstore.KVError as exc:
+            raised.append(exc)
+
+    os.kill(backup.pid, signal.SIGSTOP)
+    try:
+        writer = threading.Thread(target=write)
+        writer.start()
+        time.sleep(0.3)  # (the put waits for the stopped backup)
+        kv.close()
+        writer.join(10)
+    finally:
+        os.kill(backup.pid, signal.SIGCONT)
+    assert len(raised) == 1 and isinstance(raised[0], kvstore.UnavailableError)
+    assert raised[0].is_definite is False
+    with kvstore.Client(cluster.zk_connect, cluster.zk_path, timeout=20) as other:
+        assert wait_until(lambda: other.get("k") == "new" or None, 10.0, "not applied")
+
+
+def test_a_forked_child_follows_a_failover(cluster: LocalCluster) -> None:
+    """The parent's ZooKeeper session does not work in a child (its threads stay behind):
+    the child opens its own, so it finds the new primary (the old one stays dead: no node
+    there names the new one in a NotPrimary answer)."""
+    with kvstore.Client(cluster.zk_connect, cluster.zk_path, timeout=10) as kv:
+        kv.put("k", "v")
+        go_read, go_write = os.pipe()
+        reader, writer = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: read once, wait for the failover, read again
+            code = 1
+            try:
+                kv.get("k")
+                os.read(go_read, 1)
+                code = 0 if kv.get("k") == "v" else 1
+            finally:
+                os.write(writer, bytes([code]))
+                os._exit(0)
+        old = cluster.wait_for("primary")
+        old.kill()
+        assert cluster.wait_for("primary").address != old.address
+        os.write(go_write, b"x")
+        assert os.read(reader, 1) == b"\x00"
+        os.waitpid(pid, 0)
+
+
+def test_a_forked_child_closes_at_once_and_leaves_the_parent_alone(
+    shared_cluster: LocalCluster,
+) -> None:
+    """A child's close() neither waits for the parent's ZooKeeper threads (not in the child)
+    nor shuts the sockets it inherited, which the parent goes on using."""
+    with kvstore.Client(shared_cluster.zk_connect, shared_cluster.zk_path, timeout=5) as kv:
+        kv.put("k", "v")
+        parent_socket = kv._local.conn.raw_socket
+        assert parent_socket is not None
+        reader, writer = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            is_quick = False
+            try:
+                began = time.monotonic()
+                kv.close()
+                is_quick = time.monotonic() - began < 2
+            finally:
+                os.write(writer, bytes([is_quick]))
+                os._exit(0)
+        assert os.read(reader, 1) == b"\x01"
+        os.waitpid(pid, 0)
+        assert not select.select([parent_socket], [], [], 0)[0]  # (not shut by the child)
+
+
+def test_keys_must_be_str(shared_cluster: LocalCluster) -> None:
+    """bytes would travel as their text, so get_many would look the answer up under another
+    key and report a stored key missing."""
+    with kvstore.Client(shared_cluster.zk_connect, shared_cluster.zk_path, timeout=5) as kv:
+        kv.put("bk", "v")
+        for call in (
+            lambda: kv.get_many([b"bk"]),
+            lambda: kv.get(b"bk"),
+            lambda: kv.put(b"bk", "w"),
+            lambda: kv.get_many("bk"),
+        ):
+            with pytest.raises(kvstore.BadRequestError):
+                call()
+        assert kv.get("bk") == "v"
+
+
+def test_a_timeout_must_end_before_the_exactly_once_records_expire() -> None:
+    from kvstore.client.client import MAX_TIMEOUT_S
+    from kvstore.server.sessions import DEFAULT_TTL_S
+
+    assert MAX_TIMEOUT_S < DEFAULT_TTL_S
+    with pytest.raises(ValueError, match="exactly-once"):
+        kvstore.Client("127.0.0.1:1", "/x", timeout=MAX_TIMEOUT_S + 1)

@@ -28,7 +28,7 @@ from kvstore.cli.args import (
     zk_path,
     zk_tls_from,
 )
-from kvstore.client.client import DEFAULT_PATH, DEFAULT_ZK, Client
+from kvstore.client.client import DEFAULT_PATH, DEFAULT_ZK, MAX_TIMEOUT_S, Client
 from kvstore.client.status import SERVING_ROLES, cluster_state
 from kvstore.config import ClientConfig
 from kvstore.server.storage import StripedStore
@@ -190,6 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 setattr(args, option, check(os.environ.get(variable, default)))
             except argparse.ArgumentTypeError as exc:
                 parser.error(f"${variable}: {exc}")
+    if args.timeout > MAX_TIMEOUT_S:
+        parser.error(f"--timeout: at most {MAX_TIMEOUT_S:g} s (exactly-once records expire)")
     args.tls = tls_from(parser, args)
     args.zk_tls = zk_tls_from(parser, args)
     logging.getLogger("kazoo").setLevel(logging.CRITICAL)  # our one line says it all

@@ -45,6 +45,10 @@ from kvstore.rpc import Connection
 
 DEFAULT_ZK = "127.0.0.1:2181"
 DEFAULT_PATH = "/kvstore"
+# The longest timeout: a write is retried for its whole timeout, and the nodes keep its
+# exactly-once record for 5 minutes after its lane last wrote to the key's stripe
+# (server/sessions.py DEFAULT_TTL_S). A retry after the record expired would be applied again.
+MAX_TIMEOUT_S = 240.0
 RETRY_PAUSE_S = 0.05  # at most this long between attempts (sooner when ZooKeeper reports a change)
 _PERMANENT = (
     errors.TooLargeError,
@@ -87,6 +91,12 @@ class Client:
     ) -> None:
         if not 0 < timeout < math.inf:
             raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+        if timeout > MAX_TIMEOUT_S:
+            raise ValueError(
+                f"timeout must be at most {MAX_TIMEOUT_S:g} s, got {timeout!r}: the nodes keep a "
+                "write's exactly-once record for 5 minutes, and a retry after it expired "
+                "could apply the write twice"
+            )
         self.timeout = timeout
         self._config = ClientConfig(
             zk,
@@ -99,8 +109,6 @@ class Client:
         )
         self._tls = tls_context(tls)  # before ZooKeeper: a bad file fails at once
         self._locator = PrimaryLocator(self._config)
-        self._connections: list[Connection] = []
-        self._lock = threading.Lock()
         self._new_identity()
         _CLIENTS.add(self)
         self._is_closed = False
@@ -109,7 +117,12 @@ class Client:
     def _new_identity(self) -> None:
         """A fresh client id, no lanes and no per-thread connections (at start, and in a
         child after fork: parent and child must never write under the same id and
-        sequence numbers, nor share a connection)."""
+        sequence numbers, nor share a connection: a child's close() must not shut the
+        parent's sockets, which it inherited)."""
+        self._lock = threading.Lock()  # (one another thread held at the fork stays held)
+        # Every thread's connection, held weakly: the thread's own storage holds it (with a
+        # _ConnectionCloser), so a thread that ends takes its connection with it.
+        self._connections: weakref.WeakSet[Connection] = weakref.WeakSet()
         self.client_id = uuid.uuid4().hex
         self._free_lanes: list[_Lane] = []
         self._next_lane = itertools.count(1).__next__
@@ -129,6 +142,8 @@ class Client:
     def get_many(self, keys: Iterable[str]) -> dict[str, str | None]:
         """Every key's value (None for a missing key). Each value is current on its own;
         the result is not a snapshot across keys."""
+        if isinstance(keys, str):  # (a str is an iterable of keys, one per character)
+            raise errors.BadRequestError("get_many takes a list of keys, not a str")
         wanted = list(keys)
         for key in wanted:
             _check_key(key)
@@ -191,10 +206,12 @@ class Client:
     def close(self) -> None:
         with self._lock:
             self._is_closed = True
-            connections, self._connections = self._connections, []
+            connections = list(self._connections)
+            self._connections = weakref.WeakSet()
         for conn in connections:
             conn.shut()  # (a call under way fails instead of reconnecting)
-        self._locator.close()
+        if not isinstance(self._locator, _LocatorAfterFork):  # (nothing to close in a child)
+            self._locator.close()
 
     def __enter__(self) -> Client:
         return self
@@ -230,7 +247,13 @@ class Client:
         may_be_applied = False
         while True:
             if self._is_closed:  # (nothing to wait for: it will not open again)
-                raise errors.UnavailableError("the client is closed")
+                if not may_be_applied:
+                    raise errors.UnavailableError("the client is closed")
+                closed = errors.UnavailableError(
+                    f"the client was closed during {method}: it may have been applied"
+                )
+                closed.is_definite = False  # (an earlier attempt may have been applied)
+                raise closed
             generation = self._locator.generation
             try:
                 return self._call_once(method, args)
@@ -267,7 +290,7 @@ class Client:
         """ZooKeeper names a new primary: calls still waiting on the old one end now (and
         are retried there, exactly-once) instead of at their timeout."""
         with self._lock:
-            stale = [conn for conn in self._connections if conn.address != address]
+            stale = [conn for conn in list(self._connections) if conn.address != address]
         for conn in stale:
             conn.close()
 
@@ -291,16 +314,21 @@ class Client:
             if self._is_closed:
                 raise errors.UnavailableError("the client is closed")
             if old is not None:
-                self._connections.remove(old)
-            self._connections.append(conn)
+                self._connections.discard(old)
+            self._connections.add(conn)
         if old is not None:
             old.close()
         self._local.conn = conn
+        self._local.closer = _ConnectionCloser(conn)  # (the old one's closes the old again)
         return conn
 
 
 def _check_key(key: str) -> None:
-    """BadRequestError for an empty key, at once: the nodes refuse it (see NodeHandler._key)."""
+    """BadRequestError for an empty key, at once: the nodes refuse it (see NodeHandler._key);
+    and for a key that is not a str (bytes would be sent as their text, so that get_many
+    would look its answer up under another key: found, yet reported missing)."""
+    if not isinstance(key, str):
+        raise errors.BadRequestError(f"a key is a str, not {type(key).__name__}: {key!r:.60}")
     if key == "":
         raise errors.BadRequestError("the key is empty (a key has at least one character)")
 
@@ -311,9 +339,48 @@ _CLIENTS: weakref.WeakSet[Client] = weakref.WeakSet()
 def _after_fork_in_child() -> None:
     for client in list(_CLIENTS):
         client._new_identity()
+        # The parent's ZooKeeper session lives on in the parent: its threads are not here, so
+        # this child would never hear of a failover (and closing it would wait 10 s for them).
+        client._locator = _LocatorAfterFork(client)  # type: ignore[assignment]
+
+
+class _LocatorAfterFork:
+    """Stands in for the parent's PrimaryLocator in a forked child: the first use opens a
+    ZooKeeper session of the child's own (a CoordinationError if it cannot)."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        client = self._client
+        with client._lock:
+            locator = client._locator
+            if isinstance(locator, _LocatorAfterFork):
+                if client._is_closed:
+                    raise errors.UnavailableError("the client is closed")
+                locator = client._locator = PrimaryLocator(client._config)
+                locator.on_primary_moved(client._leave_old_primary)
+        return getattr(locator, name)
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class _ConnectionCloser:
+    """Closes a thread's connection when the thread ends (its storage goes): a process that
+    keeps starting threads would otherwise keep one open connection per thread it ever ran,
+    until the node refuses new ones. Only in the process that opened it: a forked child
+    drops its copies of the parent's connections without shutting the parent's sockets."""
+
+    __slots__ = ("conn", "pid")
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.pid = os.getpid()
+
+    def __del__(self) -> None:
+        if os.getpid() == self.pid:
+            self.conn.close()
 
 
 class _Lane:
