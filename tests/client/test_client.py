@@ -118,6 +118,13 @@ def test_permanent_errors_are_raised_at_once(shared_cluster: LocalCluster) -> No
         with pytest.raises(kvstore.TooLargeError):
             kv.put("x" * 5000, "v")
         assert time.monotonic() - began < 4  # not retried until the timeout
+        # Over the frame limit the node closes the connection unread (it was retried as a
+        # lost connection until the timeout, then reported as maybe applied).
+        began = time.monotonic()
+        with pytest.raises(kvstore.TooLargeError, match="frame limit") as too_large:
+            kv.put("big", "x" * (20 << 20))
+        assert time.monotonic() - began < 4 and too_large.value.is_definite
+        assert kv.get("big") is None
 
 
 def test_deletes_and_cas_survive_failover(cluster: LocalCluster) -> None:

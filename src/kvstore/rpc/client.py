@@ -18,6 +18,7 @@ from thriftpy2.transport import TSocket, TTransportException
 from thriftpy2.transport.framed import TCyFramedTransport
 
 from kvstore import errors
+from kvstore.config import Limits
 from kvstore.idl import KeyValueService
 from kvstore.rpc.secret import authenticate_connection
 from kvstore.rpc.tls import peer_certificate_identity, short_identity
@@ -33,6 +34,29 @@ def parse_address(address: str) -> tuple[str, int]:
 
 
 # --------------------------------------------------------------------------- client
+
+# A node closes the connection, unread, on a frame longer than its limit (16 MiB unless its
+# --max-key-bytes/--max-value-bytes ask for more): a send of a longer request that fails so
+# is reported as too large, at once, instead of retried as a lost connection.
+DEFAULT_MAX_FRAME_BYTES = Limits().max_frame_bytes
+
+
+class _FrameTooLargeError(Exception):
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.size = size
+
+
+class _Socket(TSocket):  # type: ignore[misc]
+    """thriftpy2's TSocket; a failed send of a frame over the default limit says so."""
+
+    def write(self, buf: bytes) -> None:
+        try:
+            self.sock.sendall(buf)
+        except OSError:
+            if len(buf) > DEFAULT_MAX_FRAME_BYTES:
+                raise _FrameTooLargeError(len(buf)) from None
+            raise
 
 
 class Connection:
@@ -110,7 +134,7 @@ class Connection:
             _set_kernel_timeout(raw, self._timeout_ms)
         else:
             raw = self._secure(raw)
-        self._socket = TSocket(sock=raw)
+        self._socket = _Socket(sock=raw)
         self._poller = select.poll()
         self._poller.register(raw, select.POLLIN | select.POLLPRI)
         self._client = TCyBinaryProtocol(TCyFramedTransport(self._socket))
@@ -223,6 +247,13 @@ class Connection:
             raise
         except errors.BadRequestError:  # (an argument that does not encode: nothing was sent)
             raise
+        except _FrameTooLargeError as exc:  # (the node closed the line on a frame it never read)
+            self.close()
+            raise errors.TooLargeError(
+                f"{method}: the request is {exc.size:,} bytes and {self.address} closed the "
+                f"connection while it was sent: over a node's frame limit "
+                f"({DEFAULT_MAX_FRAME_BYTES >> 20} MiB unless its --max-value-bytes asks for more)"
+            ) from None
         except ssl.SSLError as exc:
             self.close()
             if _is_refused_certificate(exc):  # its handshake failed: it read no request
