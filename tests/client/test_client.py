@@ -127,6 +127,36 @@ def test_permanent_errors_are_raised_at_once(shared_cluster: LocalCluster) -> No
         assert kv.get("big") is None
 
 
+def test_a_call_ends_at_its_timeout_not_at_the_rpc_timeout(idle_cluster: LocalCluster) -> None:
+    """A paused primary (no backup to take over): a call with a timeout below the RPC
+    timeout (2 s) ends at its own, and a retry near the deadline is bounded by what is left
+    of it (each attempt waited the whole RPC timeout, so a call could run 2.5 s over)."""
+    only = idle_cluster.nodes[0]
+    only.start()
+    only.wait_for_role(["primary"])
+    with kvstore.Client(idle_cluster.zk_connect, idle_cluster.zk_path, timeout=5) as kv:
+        kv.put("k", "v")
+    assert only.pid is not None
+    short = kvstore.Client(idle_cluster.zk_connect, idle_cluster.zk_path, timeout=0.3)
+    # 3 s: a first attempt of 2 s, then one bounded by the 1 s left (not another 2 s).
+    longer = kvstore.Client(idle_cluster.zk_connect, idle_cluster.zk_path, timeout=3)
+    with short, longer:
+        assert short.get("k") == "v" and longer.get("k") == "v"  # (located before the pause)
+        os.kill(only.pid, signal.SIGSTOP)
+        try:
+            for call, bound_s in (
+                (lambda: short.get("k"), 1.0),
+                (lambda: short.put("k", "w"), 1.0),
+                (lambda: longer.put("k", "w"), 3.7),
+            ):
+                began = time.monotonic()
+                with pytest.raises(kvstore.DeadlineExceededError):
+                    call()
+                assert time.monotonic() - began < bound_s
+        finally:
+            os.kill(only.pid, signal.SIGCONT)
+
+
 def test_deletes_and_cas_survive_failover(cluster: LocalCluster) -> None:
     with kvstore.Client(cluster.zk_connect, cluster.zk_path, timeout=10) as kv:
         for i in range(50):

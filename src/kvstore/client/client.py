@@ -72,10 +72,11 @@ SCAN_CHUNK_KEYS = 5_000
 class Client:
     """A thread-safe client of one kvstore cluster.
 
-    ``timeout`` (seconds) bounds each call, retries included. ``tls`` connects to the
-    nodes with mutual TLS (a client certificate from the cluster's CA: it may read and
-    write, not replicate); ``zk_tls`` to ZooKeeper's secure port. Use as a context
-    manager, or call :meth:`close`.
+    ``timeout`` (seconds, at most MAX_TIMEOUT_S) bounds each call, retries included:
+    no attempt waits longer than what is left of it (one that opens a connection may add
+    the connect timeout, 0.5 s). ``tls`` connects to the nodes with mutual TLS (a client
+    certificate from the cluster's CA: it may read and write, not replicate); ``zk_tls`` to
+    ZooKeeper's secure port. Use as a context manager, or call :meth:`close`.
     """
 
     def __init__(
@@ -108,6 +109,12 @@ class Client:
             zk_tls=zk_tls,
         )
         self._tls = tls_context(tls)  # before ZooKeeper: a bad file fails at once
+        # Each attempt's bounds: none longer than the whole call's (a shorter one near the
+        # deadline, see _call_within).
+        limit_ms = max(1, int(timeout * 1000))
+        self._rpc_timeout_ms = min(rpc_timeout_ms, limit_ms)
+        self._connect_timeout_ms = min(connect_timeout_ms, limit_ms)
+        self._rpc_timeout_s = self._rpc_timeout_ms / 1000
         self._locator = PrimaryLocator(self._config)
         self._new_identity()
         _CLIENTS.add(self)
@@ -244,6 +251,7 @@ class Client:
         """Call ``method`` on the primary, retrying until the timeout. ``is_idempotent``:
         the call may be repeated (reads, and writes that carry a request id)."""
         deadline = time.monotonic() + self.timeout
+        remaining_s = self.timeout
         may_be_applied = False
         while True:
             if self._is_closed:  # (nothing to wait for: it will not open again)
@@ -256,7 +264,7 @@ class Client:
                 raise closed
             generation = self._locator.generation
             try:
-                return self._call_once(method, args)
+                return self._call_once(method, args, remaining_s)
             except _PERMANENT:
                 raise
             except errors.KVError as exc:
@@ -271,8 +279,9 @@ class Client:
                         last_error=exc,
                     ) from None
                 self._locator.wait_for_change(generation, min(RETRY_PAUSE_S, remaining_s))
+                remaining_s = max(0.001, deadline - time.monotonic())
 
-    def _call_once(self, method: str, args: tuple[Any, ...]) -> Any:
+    def _call_once(self, method: str, args: tuple[Any, ...], remaining_s: float) -> Any:
         locator = self._locator
         if locator.is_seed_cluster and method not in _SEED_METHODS:  # (hot path: one read)
             if locator.is_new_cluster:  # (retried: the first primary comes soon)
@@ -284,7 +293,21 @@ class Client:
         if not address:
             raise errors.UnavailableError("no primary registered in ZooKeeper")
         conn = self._connection(address)
-        return self._locator.call_primary(conn, method, args)
+        if remaining_s < self._rpc_timeout_s:  # (rare: a retry near the deadline)
+            return self._call_within(conn, method, args, remaining_s)
+        return locator.call_primary(conn, method, args)
+
+    def _call_within(
+        self, conn: Connection, method: str, args: tuple[Any, ...], remaining_s: float
+    ) -> Any:
+        """One attempt bounded by what is left of the call's timeout, not the usual RPC
+        timeout (else a call could run over its timeout by up to that much)."""
+        limit_ms = max(1, int(remaining_s * 1000))
+        conn.set_timeouts(limit_ms, min(self._connect_timeout_ms, limit_ms))
+        try:
+            return self._locator.call_primary(conn, method, args)
+        finally:
+            conn.set_timeouts(self._rpc_timeout_ms, self._connect_timeout_ms)
 
     def _leave_old_primary(self, address: str) -> None:
         """ZooKeeper names a new primary: calls still waiting on the old one end now (and
@@ -301,8 +324,8 @@ class Client:
             return old
         conn = Connection(
             address,
-            self._config.rpc_timeout_ms,
-            self._config.connect_timeout_ms,
+            self._rpc_timeout_ms,
+            self._connect_timeout_ms,
             # Every call to kvstore nodes may be repeated (reads, exactly-once writes): a call
             # into a connection the node closed is retried, so a connection in use is not
             # polled for EOF before each call (one system call each), only after a rest.

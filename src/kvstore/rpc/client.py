@@ -117,6 +117,18 @@ class Connection:
         self._seqid = 0
         self._used_at = 0.0
 
+    def set_timeouts(self, timeout_ms: int, connect_timeout_ms: int) -> None:
+        """Bound each receive and send (and connect) from now on, on the open connection too."""
+        self._timeout_ms, self._connect_timeout_ms = timeout_ms, connect_timeout_ms
+        sock = self.raw_socket
+        if sock is None:
+            return
+        with contextlib.suppress(OSError):  # (closed meanwhile: the next open applies them)
+            if self._tls is None:
+                _set_kernel_timeout(sock, timeout_ms)
+            else:
+                sock.settimeout(timeout_ms / 1000)
+
     def open(self) -> None:
         if self._is_shut:
             raise errors.ConnectError(f"connection to {self.address} was shut")
