@@ -21,6 +21,9 @@ class KVError(Exception):
         super().__init__(message or self.__class__.__name__)
         self.message = message
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.message!r}, is_definite={self.is_definite})"
+
 
 class NotPrimaryError(KVError):
     """A get/put reached a non-primary node. ``primary_address`` may hint the right one."""

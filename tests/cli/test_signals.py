@@ -241,6 +241,25 @@ def test_ctrl_c_while_waiting_for_zookeeper_is_one_line_and_130(
 
 
 @pytest.mark.parametrize(
+    ("signum", "line"),
+    [
+        (signal.SIGINT, "kv: interrupted\n"),
+        (signal.SIGTERM, "kv: interrupted (SIGTERM)\n"),
+        (signal.SIGHUP, "kv: interrupted (SIGHUP)\n"),
+    ],
+    ids=["SIGINT", "SIGTERM", "SIGHUP"],
+)
+def test_kv_interrupted_while_waiting_for_zookeeper_is_one_line_and_128_plus_the_signal(
+    start: Callable[..., Program], signum: signal.Signals, line: str
+) -> None:
+    """(SIGTERM and SIGHUP ended kv silently, by the signal's default action.)"""
+    started = start("kv", "--zk", "127.0.0.1:1", "--timeout", "60", "get", "k")
+    poll(lambda: _running(started), WAIT_S, "connecting to ZooKeeper")
+    code, out, err = started.finish(signum)
+    assert (code, err, out) == (128 + signum, line, "")
+
+
+@pytest.mark.parametrize(
     ("signum", "procs", "to_group"),
     [(signal.SIGINT, "1", True), (signal.SIGINT, "2", True), (signal.SIGTERM, "2", False)],
     ids=["ctrl-c", "ctrl-c-with-2-client-processes", "sigterm-with-2-client-processes"],

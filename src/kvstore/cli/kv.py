@@ -28,6 +28,7 @@ from kvstore.cli.args import (
     zk_path,
     zk_tls_from,
 )
+from kvstore.cli.interrupts import Interrupts
 from kvstore.client.client import DEFAULT_PATH, DEFAULT_ZK, MAX_TIMEOUT_S, Client
 from kvstore.client.status import SERVING_ROLES, cluster_state
 from kvstore.config import ClientConfig
@@ -38,7 +39,6 @@ EXIT_OK = 0
 EXIT_NO = 1  # get/del of a missing key, cas that did not swap
 EXIT_UNAVAILABLE = 2  # ZooKeeper unreachable, no primary, timeout
 EXIT_USAGE = 64  # bad arguments (EX_USAGE)
-EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as a shell reports it)
 LOAD_THREADS = 8
 DEFAULT_TIMEOUT_S = 5.0
 
@@ -46,7 +46,8 @@ EPILOG = f"""\
 exit status: {EXIT_OK} done; {EXIT_NO} key missing (get, del, any of mget) or cas did not swap;
 {EXIT_UNAVAILABLE} cluster unreachable, no primary (status: no node answers as primary), or
 timed out; {EXIT_USAGE} bad arguments (a key or value refused for its size or encoding included);
-{EXIT_INTERRUPTED} interrupted (Ctrl-C: a write under way may or may not have been applied).
+128 + the signal when interrupted (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP: a write under way
+may or may not have been applied).
 
 examples:
   kv put greeting hello
@@ -195,26 +196,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.tls = tls_from(parser, args)
     args.zk_tls = zk_tls_from(parser, args)
     logging.getLogger("kazoo").setLevel(logging.CRITICAL)  # our one line says it all
-    try:
-        if args.command == "put" and args.value is None:
-            args.value = _value_from_stdin(parser)
-        if args.command == "status":
-            return _status(args)
-        if args.command == "dump" and args.data_dir is not None:
-            return _dump(_stored_pairs(args.data_dir), args.file)
-        with Client(
-            args.zk, args.path, timeout=args.timeout, tls=args.tls, zk_tls=args.zk_tls
-        ) as kv:
-            return _run(kv, args)
-    except (errors.BadRequestError, errors.TooLargeError) as exc:  # the arguments refused
-        report_error("kv", exc)
-        return EXIT_USAGE
-    except errors.KVError as exc:
-        report_error("kv", exc)
-        return EXIT_UNAVAILABLE
-    except KeyboardInterrupt:  # Ctrl-C: a write under way may or may not have been applied
-        report_error("kv", "interrupted")
-        return EXIT_INTERRUPTED
+    # (SIGTERM and SIGHUP as Ctrl-C: one line, 128 + the signal; an unfinished dump is
+    # not left behind)
+    with Interrupts("kv") as interrupts:
+        try:
+            if args.command == "put" and args.value is None:
+                args.value = _value_from_stdin(parser)
+            if args.command == "status":
+                return _status(args)
+            if args.command == "dump" and args.data_dir is not None:
+                return _dump(_stored_pairs(args.data_dir), args.file)
+            with Client(
+                args.zk, args.path, timeout=args.timeout, tls=args.tls, zk_tls=args.zk_tls
+            ) as kv:
+                return _run(kv, args)
+        except (errors.BadRequestError, errors.TooLargeError) as exc:  # the arguments refused
+            report_error("kv", exc)
+            return EXIT_USAGE
+        except errors.KVError as exc:
+            report_error("kv", exc)
+            return EXIT_UNAVAILABLE
+        except KeyboardInterrupt:  # a write under way may or may not have been applied
+            return interrupts.report()
 
 
 def _run(kv: Client, args: argparse.Namespace) -> int:

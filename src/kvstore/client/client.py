@@ -39,7 +39,7 @@ from typing import Any
 
 from kvstore import errors
 from kvstore.client.locator import PrimaryLocator, tls_context
-from kvstore.config import ClientConfig, TlsConfig
+from kvstore.config import ClientConfig, Limits, TlsConfig
 from kvstore.idl import RequestId
 from kvstore.rpc import Connection
 
@@ -49,6 +49,8 @@ DEFAULT_PATH = "/kvstore"
 # exactly-once record for 5 minutes after its lane last wrote to the key's stripe
 # (server/sessions.py DEFAULT_TTL_S). A retry after the record expired would be applied again.
 MAX_TIMEOUT_S = 240.0
+# The nodes' frame limit unless their --max-value-bytes ask for more.
+_MAX_FRAME_BYTES = Limits().max_frame_bytes
 RETRY_PAUSE_S = 0.05  # at most this long between attempts (sooner when ZooKeeper reports a change)
 _PERMANENT = (
     errors.TooLargeError,
@@ -220,6 +222,13 @@ class Client:
         if not isinstance(self._locator, _LocatorAfterFork):  # (nothing to close in a child)
             self._locator.close()
 
+    def __repr__(self) -> str:
+        state = "closed" if self._is_closed else f"timeout={self.timeout:g}"
+        return (
+            f"<kvstore.Client {self._config.zk_connect} {self._config.zk_path} {state} "
+            f"id={self.client_id}>"
+        )
+
     def __enter__(self) -> Client:
         return self
 
@@ -332,6 +341,7 @@ class Client:
             # The seed's put may not be repeated: never write it into a closed connection.
             is_checked_before_use=self._locator.is_seed_cluster,
             tls=self._tls,
+            max_frame_bytes=_MAX_FRAME_BYTES,
         )
         with self._lock:
             if self._is_closed:

@@ -18,7 +18,6 @@ from thriftpy2.transport import TSocket, TTransportException
 from thriftpy2.transport.framed import TCyFramedTransport
 
 from kvstore import errors
-from kvstore.config import Limits
 from kvstore.idl import KeyValueService
 from kvstore.rpc.secret import authenticate_connection
 from kvstore.rpc.tls import peer_certificate_identity, short_identity
@@ -35,12 +34,6 @@ def parse_address(address: str) -> tuple[str, int]:
 
 # --------------------------------------------------------------------------- client
 
-# A node closes the connection, unread, on a frame longer than its limit (16 MiB unless its
-# --max-key-bytes/--max-value-bytes ask for more): a send of a longer request that fails so
-# is reported as too large, at once, instead of retried as a lost connection.
-DEFAULT_MAX_FRAME_BYTES = Limits().max_frame_bytes
-
-
 class _FrameTooLargeError(Exception):
     def __init__(self, size: int) -> None:
         super().__init__(size)
@@ -48,13 +41,16 @@ class _FrameTooLargeError(Exception):
 
 
 class _Socket(TSocket):  # type: ignore[misc]
-    """thriftpy2's TSocket; a failed send of a frame over the default limit says so."""
+    """thriftpy2's TSocket; a failed send of a frame over ``frame_limit`` says so (a node
+    closes the connection, unread, on a frame longer than its limit)."""
+
+    frame_limit: int | None = None
 
     def write(self, buf: bytes) -> None:
         try:
             self.sock.sendall(buf)
         except OSError:
-            if len(buf) > DEFAULT_MAX_FRAME_BYTES:
+            if self.frame_limit is not None and len(buf) > self.frame_limit:
                 raise _FrameTooLargeError(len(buf)) from None
             raise
 
@@ -89,6 +85,10 @@ class Connection:
     the node showed on the current connection (None before connecting, or in plaintext).
     ``expected_identity``: under TLS, every new connection must show that one, else it is
     closed before anything is sent and the call fails with ForbiddenError (None: any node).
+
+    ``max_frame_bytes``: the nodes' frame limit. A request longer than it whose send fails
+    (the node closed the connection unread) is a TooLargeError, not retried; None: such a
+    failure is a lost connection like any other.
     """
 
     def __init__(
@@ -100,8 +100,10 @@ class Connection:
         tls: ssl.SSLContext | None = None,
         secret: bytes | None = None,
         expected_identity: str | None = None,
+        max_frame_bytes: int | None = None,
     ) -> None:
         self.address = address
+        self._max_frame_bytes = max_frame_bytes
         self.expected_identity = expected_identity
         self.peer_identity: str | None = None
         self._tls = tls
@@ -147,6 +149,7 @@ class Connection:
         else:
             raw = self._secure(raw)
         self._socket = _Socket(sock=raw)
+        self._socket.frame_limit = self._max_frame_bytes
         self._poller = select.poll()
         self._poller.register(raw, select.POLLIN | select.POLLPRI)
         self._client = TCyBinaryProtocol(TCyFramedTransport(self._socket))
@@ -263,8 +266,8 @@ class Connection:
             self.close()
             raise errors.TooLargeError(
                 f"{method}: the request is {exc.size:,} bytes and {self.address} closed the "
-                f"connection while it was sent: over a node's frame limit "
-                f"({DEFAULT_MAX_FRAME_BYTES >> 20} MiB unless its --max-value-bytes asks for more)"
+                f"connection while it was sent: over the nodes' frame limit ({exc.size:,} > "
+                f"{self._max_frame_bytes:,} bytes unless their --max-value-bytes ask for more)"
             ) from None
         except ssl.SSLError as exc:
             self.close()
