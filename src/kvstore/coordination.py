@@ -582,8 +582,12 @@ def createznode_command(
 
 def check_connect_string(zk_connect: str) -> None:
     """Raise ValueError unless ``zk_connect`` reads as a ZooKeeper connect string
-    (``host:port,...``, optionally ``/chroot``), as kazoo reads it."""
-    collect_hosts(zk_connect)
+    (``host:port,...``, optionally ``/chroot``), as kazoo reads it. Whitespace is no part
+    of a host name (kazoo would try to resolve "bad host" until the connect deadline)."""
+    hosts, _ = collect_hosts(zk_connect)
+    for host, _port in hosts:
+        if not host or any(c.isspace() for c in host):
+            raise ValueError(f"not a host name: {host!r}")
 
 
 def create_parent(
