@@ -250,10 +250,11 @@ def test_every_program_has_version(program: str) -> None:
 def test_a_parent_path_that_does_not_exist_is_one_line_and_exit_2(
     zk_server: ZooKeeperServer,
 ) -> None:
-    result = kv(None, "--path", "/no-such-parent", "get", "k", zk=zk_server.connect_string)
-    assert (result.returncode, result.stdout) == (2, "")
-    assert "does not exist: create it with kv-createznode" in result.stderr
-    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    for command in (("get", "k"), ("status",)):
+        result = kv(None, "--path", "/no-such-parent", *command, zk=zk_server.connect_string)
+        assert (result.returncode, result.stdout) == (2, "")
+        assert "does not exist: create it with kv-createznode" in result.stderr, command
+        assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     with pytest.raises(kvstore.CoordinationError, match="does not exist"):
         kvstore.Client(zk_server.connect_string, "/no-such-parent", timeout=5)
 

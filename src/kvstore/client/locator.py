@@ -19,7 +19,7 @@ from typing import Any
 
 from kvstore import errors
 from kvstore.config import ClientConfig, TlsConfig
-from kvstore.coordination import ClusterView, connect
+from kvstore.coordination import ClusterView, connect, createznode_command
 from kvstore.rpc import Connection, client_tls_context
 
 REFRESH_RETRY_S = 0.2  # between attempts to re-read the primary while ZooKeeper is away
@@ -65,10 +65,7 @@ class PrimaryLocator:
         )
         if not self._view.exists():
             self.close()  # (needs what is set above)
-            raise errors.CoordinationError(
-                f"{config.zk_path} does not exist: create it with "
-                f"kv-createznode {config.zk_connect} {config.zk_path}"
-            )
+            raise no_parent_error(config)
         with contextlib.suppress(errors.KVError):
             self._read()  # the first look-up, before anyone asks
         threading.Thread(target=self._refresh_loop, name="kv-locator", daemon=True).start()
@@ -241,3 +238,9 @@ class KVClient:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+def no_parent_error(config: ClientConfig) -> errors.CoordinationError:
+    """The parent path does not exist: say which command creates it."""
+    command = createznode_command(config.zk_connect, config.zk_path)
+    return errors.CoordinationError(f"{config.zk_path} does not exist: create it with {command}")

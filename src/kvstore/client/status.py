@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from kvstore import errors
-from kvstore.client.locator import tls_context
+from kvstore.client.locator import no_parent_error, tls_context
 from kvstore.config import ClientConfig
 from kvstore.coordination import ClusterMeta, ClusterView, connect, is_member
 from kvstore.rpc import probe
@@ -61,7 +61,7 @@ def cluster_state(
     try:
         view = ClusterView(zk, config.zk_path, lambda: None, config.zk_request_timeout_s)
         if not view.exists():
-            raise errors.CoordinationError(f"{config.zk_path} does not exist")
+            raise no_parent_error(config)
         meta, _ = view.meta()
         members = view.members()
     finally:
