@@ -62,6 +62,7 @@ from typing import Any
 from kazoo.client import KazooClient, KazooState
 from kazoo.exceptions import (
     BadVersionError,
+    ConnectionClosedError,
     ConnectionLoss,
     KazooException,
     NoAuthError,
@@ -398,7 +399,13 @@ def zookeeper_errors(what: str) -> Iterator[None]:
             "none or wrong ones were given"
         ) from None
     except (KazooException, KazooTimeoutError) as exc:
-        raise errors.CoordinationError(f"ZooKeeper {what} failed: {_plain(exc)}") from None
+        failure = errors.CoordinationError(f"ZooKeeper {what} failed: {_plain(exc)}")
+        failure.is_transient = isinstance(exc, _TRANSIENT)
+        raise failure from None
+
+
+# Failures of the connection or session, not answers: trying again may work.
+_TRANSIENT = (ConnectionLoss, SessionExpiredError, KazooTimeoutError, ConnectionClosedError)
 
 
 def _plain(exc: Exception) -> str:

@@ -111,7 +111,11 @@ class ProtocolError(KVError):
 
 
 class CoordinationError(KVError):
-    """ZooKeeper is unreachable, or the cluster metadata is not what it must be."""
+    """ZooKeeper is unreachable, or the cluster metadata is not what it must be.
+    ``is_transient``: the connection or session was lost on the way (trying again may
+    work), not an answer."""
+
+    is_transient = False
 
 
 class NoClusterError(CoordinationError):

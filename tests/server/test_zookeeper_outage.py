@@ -11,6 +11,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import kazoo.exceptions
+import kazoo.handlers.threading
 import pytest
 from kazoo.handlers import utils as kazoo_utils
 from kazoo.handlers.threading import SequentialThreadingHandler
@@ -22,7 +24,7 @@ from kvstore.bench.workload import Workload
 from kvstore.check import checker
 from kvstore.check.history import format_event, parse_log
 from kvstore.config import ClientConfig
-from kvstore.coordination import connect
+from kvstore.coordination import connect, zookeeper_errors
 from kvstore.local.cluster import LocalCluster
 from kvstore.local.processes import wait_until
 from kvstore.local.zkserver import ZooKeeperServer
@@ -177,3 +179,25 @@ def test_a_connect_to_a_zookeeper_host_is_given_a_third_of_the_session(
         with pytest.raises(OSError):
             handler.create_connection(address=("127.0.0.1", 1), timeout=session_s)
     assert asked == [3.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    ("failure", "is_transient"),
+    [
+        (kazoo.exceptions.ConnectionLoss(), True),
+        (kazoo.exceptions.SessionExpiredError(), True),
+        (kazoo.exceptions.ConnectionClosedError(), True),
+        (kazoo.handlers.threading.KazooTimeoutError(), True),
+        (kazoo.exceptions.NoAuthError(), False),
+        (kazoo.exceptions.BadArgumentsError(), False),
+    ],
+)
+def test_a_lost_connection_or_session_is_transient_an_answer_is_not(
+    failure: Exception, is_transient: bool
+) -> None:
+    """kv-node tries its start-up steps again (check the parent, register) on a transient
+    failure until the connect deadline: a node started during a ZooKeeper blip whose
+    session expired on the way exited for good (fault campaign)."""
+    with pytest.raises(errors.CoordinationError) as raised, zookeeper_errors("registration"):
+        raise failure
+    assert raised.value.is_transient == is_transient

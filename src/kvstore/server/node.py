@@ -93,6 +93,7 @@ from kvstore.server.wal import Marker, SyncDelivery, WriteAheadLog
 log = logging.getLogger(__name__)
 
 DISK_WARNING_EVERY_S = 60.0  # a snapshot skipped for lack of space is logged this often
+ZK_RETRY_PAUSE_S = 0.5  # between attempts to check the parent and register, ZooKeeper away
 PARENT_GONE = (
     "it was deleted while this node ran; stopping rather than re-create it (a new parent "
     "holds a new, empty cluster). kv-createznode creates one, if that is what you want"
@@ -257,17 +258,11 @@ class StorageNode:
         if self.store.log is not None:
             threading.Thread(target=self._snapshot_loop, name="snapshots", daemon=True).start()
         try:
-            if config.create_parent and self._coordinator.create_parent():
-                log.warning("created the parent znode %s (--create-parent)", config.zk_path)
-            self._coordinator.require_parent()
-            self._coordinator.check_parent_acl(
-                config.zk_auth is not None, config.zk_auth_options, config.zk_tls
-            )
-            self.name = self._coordinator.register(config.address)
-            self._refuse_a_twin()
+            self._join_zookeeper()
         except errors.KVError:
             # No parent (NoClusterError), NoAuth (wrong credentials), a world-writable
-            # parent or a twin: kv-node says so, exit 1 (closing the session drops our znode)
+            # parent, a twin, or ZooKeeper lost until the connect deadline: kv-node says
+            # so, exit 1 (closing the session drops our znode)
             self._coordinator.close()
             raise
         self.role = Role.STANDBY
@@ -284,6 +279,30 @@ class StorageNode:
             self._shutdown()
         assert self._stop_reason is not None
         return self._stop_reason.code
+
+    def _join_zookeeper(self) -> None:
+        """Check the parent and register. A connection or session lost on the way (a
+        ZooKeeper blip as the node starts) is tried again until the connect deadline;
+        registering is safe to repeat (Coordinator.register)."""
+        config, coordinator = self.config, self.require_coordinator()
+        deadline = time.monotonic() + config.zk_connect_timeout_s
+        while True:
+            try:
+                if config.create_parent and coordinator.create_parent():
+                    log.warning("created the parent znode %s (--create-parent)", config.zk_path)
+                coordinator.require_parent()
+                coordinator.check_parent_acl(
+                    config.zk_auth is not None, config.zk_auth_options, config.zk_tls
+                )
+                self.name = coordinator.register(config.address)
+                self._refuse_a_twin()
+                return
+            except errors.CoordinationError as exc:
+                if not exc.is_transient or time.monotonic() >= deadline:
+                    raise
+                log.warning("%s; trying again", exc)
+                if self._stopping.wait(ZK_RETRY_PAUSE_S):
+                    raise
 
     def _refuse_a_twin(self) -> None:
         """DataDirectoryInUseError if a live member runs under this node's id: a copy of its
