@@ -34,6 +34,7 @@ def parse_address(address: str) -> tuple[str, int]:
 
 # --------------------------------------------------------------------------- client
 
+
 class _FrameTooLargeError(Exception):
     def __init__(self, size: int) -> None:
         super().__init__(size)
