@@ -24,7 +24,7 @@ struct NodeStatus {
   4: i64 key_count,
   5: string primary_address, // host:port of the primary as this node knows it ("" if unknown)
   6: optional string durable_id, // its data directory's node id (absent: no data directory)
-  7: optional string incarnation // the cluster incarnation it last served (absent: none yet)
+  7: optional string incarnation // the cluster incarnation it serves (absent: none, a standby)
 }
 
 // Exactly-once: a write that carries a RequestId is applied at most once per

@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 import types
+from dataclasses import replace
 from typing import Any, cast
 
 import pytest
@@ -623,3 +624,24 @@ def test_a_listed_primary_that_resumes_between_two_probes_is_no_data_loss() -> N
     node._follower._listed_status = lambda address, epoch: next(statuses)  # type: ignore
     assert not node._follower._has_live_in_sync_member(meta, [])
     node._follower._recover_or_give_up(meta, 7, [])  # raised NodeExit (DATA LOST) before
+
+
+def test_a_standby_reports_no_incarnation_after_the_cluster_was_reset() -> None:
+    """A backup of incarnation X that the reset (a new incarnation Y) leaves a standby
+    keeps X in memory: reported in its status, it made kv status call this live member of
+    the new cluster "stale" (and any probe take it for another cluster's node)."""
+    node = StorageNode(NodeConfig("127.0.0.1", 1, "127.0.0.1:1", "/x"))
+    node.name = "node-0000000001"
+    old = ClusterMeta(4, "node-0000000000", "h:1", (node.name, "node-0000000000"))
+    old = replace(old, incarnation="X" * 16)
+    node.role, node.epoch = Role.BACKUP, 4
+    node._coordinator = cast(Any, _CoordinatorWithMeta(old))
+    node.record_incarnation(old.incarnation)
+    assert node.status().incarnation == old.incarnation  # (a backup of X says so)
+    reset = ClusterMeta(incarnation="Y" * 16)
+    node._coordinator = cast(Any, _CoordinatorWithMeta(reset))
+    node._follower.evaluate_backup(reset, 7, [])
+    assert node.role is Role.STANDBY
+    status = node.status()
+    assert status.incarnation is None
+    assert is_member(status, node.name, reset.incarnation)

@@ -260,6 +260,9 @@ class StorageNode:
         try:
             self._join_zookeeper()
         except errors.KVError:
+            if self._stop_reason is not None:  # asked to stop while ZooKeeper was away
+                self._shutdown()
+                return self._stop_reason.code
             # No parent (NoClusterError), NoAuth (wrong credentials), a world-writable
             # parent, a twin, or ZooKeeper lost until the connect deadline: kv-node says
             # so, exit 1 (closing the session drops our znode)
@@ -282,19 +285,23 @@ class StorageNode:
 
     def _join_zookeeper(self) -> None:
         """Check the parent and register. A connection or session lost on the way (a
-        ZooKeeper blip as the node starts) is tried again until the connect deadline;
-        registering is safe to repeat (Coordinator.register)."""
+        ZooKeeper blip as the node starts) is tried again until the connect deadline; an
+        attempt that failed may have registered (Coordinator.register adopts that znode),
+        one that succeeded is not repeated (a second znode would pose as another member at
+        this address for as long as the session lasts)."""
         config, coordinator = self.config, self.require_coordinator()
         deadline = time.monotonic() + config.zk_connect_timeout_s
+        name = ""
         while True:
             try:
-                if config.create_parent and coordinator.create_parent():
-                    log.warning("created the parent znode %s (--create-parent)", config.zk_path)
-                coordinator.require_parent()
-                coordinator.check_parent_acl(
-                    config.zk_auth is not None, config.zk_auth_options, config.zk_tls
-                )
-                self.name = coordinator.register(config.address)
+                if not name:
+                    if config.create_parent and coordinator.create_parent():
+                        log.warning("created the parent znode %s (--create-parent)", config.zk_path)
+                    coordinator.require_parent()
+                    coordinator.check_parent_acl(
+                        config.zk_auth is not None, config.zk_auth_options, config.zk_tls
+                    )
+                    self.name = name = coordinator.register(config.address)
                 self._refuse_a_twin()
                 return
             except errors.CoordinationError as exc:
@@ -1130,8 +1137,14 @@ class StorageNode:
             key_count=len(self.store),
             primary_address=self.primary_address,
             durable_id=self.node_id,
-            incarnation=self.incarnation or None,
+            # Only while it holds this cluster's copy: a standby keeps the incarnation it last
+            # served, which after a reset is no longer its cluster's (kv status called such
+            # a live standby "stale").
+            incarnation=(self.incarnation or None) if self.role in _HOLDS_A_COPY else None,
         )
+
+
+_HOLDS_A_COPY = (Role.SYNCING, Role.BACKUP, Role.PRIMARY)
 
 
 def _takes_line(replicator: Replicator, tickets: list[Any]) -> bool:
