@@ -393,10 +393,12 @@ DEFAULT_MAX_CONNECTIONS = 1024
 DEFAULT_IDLE_TIMEOUT_S = 300.0
 DEFAULT_FRAME_DEADLINE_S = 10.0
 # TLS connections whose handshake is under way at once (each waits on a thread of its own,
-# for at most the frame deadline); one more is closed at once. A flood of silent connections
-# otherwise parked a thread each, up to the connection limit: a thousand threads woke
-# together at their deadline and held the interpreter long enough for the primary to lose
-# its lease (an attack campaign made a TLS cluster fail over so, 4 runs out of 4).
+# for at most the frame deadline); one more cuts the oldest of them. A flood of silent
+# connections otherwise parked a thread each, up to the connection limit: a thousand threads
+# woke together at their deadline and held the interpreter long enough for the primary to
+# lose its lease (an attack campaign made a TLS cluster fail over so, 4 runs out of 4).
+# Cutting the oldest, not refusing the newest: a real handshake takes milliseconds, so a
+# flood of silent connections cuts its own, not the nodes' and clients' new connections.
 MAX_HANDSHAKES = 64
 # close() waits at most this long for the accept and connection threads to end (a handler
 # still running, e.g. a put waiting for its backup, ends when its call returns).
@@ -472,7 +474,11 @@ class RpcServer:
         self._is_closed = False
         self._refused_count = 0
         self._refusal_logged_at = 0.0
-        self._handshakes = 0  # TLS connections admitted whose handshake is not over
+        # TLS connections whose handshake is not over, oldest first: the admitted socket,
+        # and the one to shut to cut it (the TLS socket once wrapped).
+        self._handshaking: dict[socket.socket, socket.socket] = {}
+        self._cut_count = 0
+        self._cut_logged_at = 0.0
         self.set_connection_bounds(max_connections, idle_timeout_s, frame_deadline_s)
         self._front: front.EventFront | None = None
         if event_front and front.is_available():
@@ -562,39 +568,59 @@ class RpcServer:
 
     def _admit(self, sock: socket.socket, peer: str) -> None:
         is_tls = self._tls is not None
+        oldest = None
         with self._lock:
             if self._is_closed:
                 sock.close()
                 return
-            why_not = None
-            if len(self._connections) >= self._max_connections:
-                why_not = f"{self._max_connections} open, the limit"
-            elif is_tls and self._handshakes >= MAX_HANDSHAKES:
-                why_not = f"{MAX_HANDSHAKES} TLS handshakes under way, the limit"
-            else:
+            is_admitted = len(self._connections) < self._max_connections
+            if is_admitted:
                 self._connections.add(sock)
-                self._handshakes += is_tls
-        if why_not is not None:
-            self._refuse(sock, peer, why_not)
+                if is_tls:
+                    if len(self._handshaking) >= MAX_HANDSHAKES:
+                        oldest = self._handshaking.pop(next(iter(self._handshaking)))
+                    self._handshaking[sock] = sock
+        if not is_admitted:
+            self._refuse(sock, peer, f"{self._max_connections} open, the limit")
             return
-        # Under TLS the reader bounds receives itself (settimeout); a kernel receive timeout
-        # would still fire on the blocking socket of a replication line that never idles out.
-        idle_timeout_s = 0.0 if self._tls is not None else self._idle_timeout_s
-        _configure_connection(sock, idle_timeout_s, self._frame_deadline_s)
-        if self._front is not None and not is_tls:
-            self._front.add(sock, peer)
-        elif not is_tls:
-            self._serve_in_thread(sock, peer)
-        else:  # (the thread hands it to the front after the handshake)
-            try:
+        if oldest is not None:
+            self._cut_handshake(oldest, peer)
+        try:
+            # Under TLS the reader bounds receives itself (settimeout); a kernel receive
+            # timeout would still fire on the blocking socket of a replication line that
+            # never idles out.
+            idle_timeout_s = 0.0 if is_tls else self._idle_timeout_s
+            _configure_connection(sock, idle_timeout_s, self._frame_deadline_s)
+            if self._front is not None and not is_tls:
+                self._front.add(sock, peer)
+            else:  # (under TLS the thread hands it to the front after the handshake)
                 self._serve_in_thread(sock, peer)
-            except BaseException:
-                self._end_handshake()
-                raise
+        except BaseException:
+            self._end_handshake(sock)
+            raise
 
-    def _end_handshake(self) -> None:
+    def _end_handshake(self, sock: socket.socket) -> None:
+        """``sock`` (as admitted) is past its handshake, or gone."""
         with self._lock:
-            self._handshakes -= 1
+            self._handshaking.pop(sock, None)
+
+    def _cut_handshake(self, sock: socket.socket, peer: str) -> None:
+        """Cut a handshake under way (its thread then fails it and ends); log it at most
+        once a second."""
+        with contextlib.suppress(OSError):  # (closed meanwhile)
+            sock.shutdown(socket.SHUT_RDWR)
+        self._cut_count += 1
+        now = time.monotonic()
+        if now - self._cut_logged_at >= 1.0:
+            self._cut_logged_at = now
+            log.warning(
+                "cut %d TLS handshake(s) under way, the oldest of %d, for newer connections "
+                "(the latest from %s): a flood of connections that send nothing?",
+                self._cut_count,
+                MAX_HANDSHAKES,
+                peer,
+            )
+            self._cut_count = 0
 
     def _serve_in_thread(
         self, sock: socket.socket, peer: str, handover: front.Handover | None = None
@@ -647,6 +673,8 @@ class RpcServer:
             raise ConnectionError("a plaintext request; this node accepts TLS connections only")
         tls = self._tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         with self._lock:  # wrapping detached ``sock``: close() must cut the TLS socket
+            if sock in self._handshaking:  # (and so must cutting the handshake)
+                self._handshaking[sock] = tls
             self._connections.discard(sock)
             self._connections.add(tls)
         try:
@@ -684,6 +712,7 @@ class RpcServer:
             if secured is not None:
                 is_node, identity = secured
         elif self._tls is not None:
+            admitted = sock
             try:
                 sock, is_node, identity = self._secure(sock, peer)
             except (OSError, ValueError) as exc:
@@ -696,7 +725,7 @@ class RpcServer:
                 self._forget_this_thread()
                 return
             finally:
-                self._end_handshake()
+                self._end_handshake(admitted)
             if self._front is not None:  # the front serves it from here on
                 self._front.add(sock, peer, (is_node, identity))
                 self._forget_this_thread()
