@@ -35,7 +35,7 @@ from kvstore.errors import (
     UnsupportedError,
 )
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 # A library logs, the application decides where to (no last-resort stderr lines).
 logging.getLogger(__name__).addHandler(logging.NullHandler())

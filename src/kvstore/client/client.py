@@ -49,8 +49,6 @@ DEFAULT_PATH = "/kvstore"
 # exactly-once record for 5 minutes after its lane last wrote to the key's stripe
 # (server/sessions.py DEFAULT_TTL_S). A retry after the record expired would be applied again.
 MAX_TIMEOUT_S = 240.0
-# The nodes' frame limit unless their --max-value-bytes ask for more.
-_MAX_FRAME_BYTES = Limits().max_frame_bytes
 RETRY_PAUSE_S = 0.05  # at most this long between attempts (sooner when ZooKeeper reports a change)
 _PERMANENT = (
     errors.TooLargeError,
@@ -78,7 +76,10 @@ class Client:
     no attempt waits longer than what is left of it (one that opens a connection may add
     the connect timeout, 0.5 s). ``tls`` connects to the nodes with mutual TLS (a client
     certificate from the cluster's CA: it may read and write, not replicate); ``zk_tls`` to
-    ZooKeeper's secure port. Use as a context manager, or call :meth:`close`.
+    ZooKeeper's secure port. ``max_value_bytes``: the nodes' ``--max-value-bytes`` where it
+    was raised (a request over their frame limit is refused at once, TooLargeError, as the
+    node closes the connection unread; it tells this side the limit). Use as a context
+    manager, or call :meth:`close`.
     """
 
     def __init__(
@@ -91,6 +92,7 @@ class Client:
         connect_timeout_ms: int = 500,
         tls: TlsConfig | None = None,
         zk_tls: TlsConfig | None = None,
+        max_value_bytes: int = Limits().max_value_bytes,
     ) -> None:
         if not 0 < timeout < math.inf:
             raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
@@ -111,6 +113,9 @@ class Client:
             zk_tls=zk_tls,
         )
         self._tls = tls_context(tls)  # before ZooKeeper: a bad file fails at once
+        self._max_frame_bytes = Limits.for_sizes(
+            Limits().max_key_bytes, max_value_bytes
+        ).max_frame_bytes
         # Each attempt's bounds: none longer than the whole call's (a shorter one near the
         # deadline, see _call_within).
         limit_ms = max(1, int(timeout * 1000))
@@ -341,7 +346,7 @@ class Client:
             # The seed's put may not be repeated: never write it into a closed connection.
             is_checked_before_use=self._locator.is_seed_cluster,
             tls=self._tls,
-            max_frame_bytes=_MAX_FRAME_BYTES,
+            max_frame_bytes=self._max_frame_bytes,
         )
         with self._lock:
             if self._is_closed:
