@@ -229,6 +229,33 @@ def says_data_lost(newcomer: NodeProcess) -> None:
     assert "DATA LOST" in newcomer.log_path.read_text()
 
 
+def test_a_standby_replaces_a_killed_backup_before_its_session_expires(
+    zk_server: ZooKeeperServer, zk_path: str, tmp_path: Path
+) -> None:
+    """A backup killed -9 leaves its znode for its session timeout (30 s here), and the
+    standby behind it is designated only once it goes. Nothing listens at the dead
+    backup's address: the primary removes its znode at once (it waited for the session,
+    a proof of death being another node answering there), and the standby joins."""
+    cluster = LocalCluster(zk_server.connect_string, zk_path, tmp_path / "nodes", size=3)
+    primary, *others = cluster.nodes
+    for node in others:
+        node.extra_args += ["--session-timeout", "30"]
+    try:
+        cluster.start()
+        backup = cluster.wait_for("backup")
+        standby = next(node for node in others if node is not backup)
+        assert standby.role() == "standby", cluster.logs()
+        Connection(primary.address).call("put", "k", "v")
+        backup.kill()
+        wait_until(lambda: standby.role() == "backup" or None, 10, cluster.logs)
+        assert Connection(standby.address).call("status").key_count == 1
+        assert "is gone (nothing listens at its address); removing its znode" in (
+            primary.log_path.read_text()
+        )
+    finally:
+        cluster.stop()
+
+
 def test_no_complete_copy_left_is_reported_not_served(idle_cluster: LocalCluster) -> None:
     cluster = idle_cluster
     only, newcomer = kill_the_only_copy(cluster)

@@ -84,7 +84,6 @@ from kvstore.server.roles import (
     EXIT_RESTART,
     NodeExit,
     Role,
-    is_dead,
 )
 from kvstore.server.sessions import RequestRecord
 from kvstore.server.storage import FlatRecords, StripedStore
@@ -678,9 +677,12 @@ class StorageNode:
 
     def _remove_dead_backups(self, members: list[Member]) -> None:
         """Remove the znodes of dropped backups (and of ``remove_once_dead``'s members) once
-        they are proven dead (a restarted node answering at the address). Until then, and
-        while their znodes last, ask again every tick: a lingering znode keeps a replacement
-        from being designated backup."""
+        they are gone: another node (a restarted one) or the node itself, stopped, answers
+        at the address, or nothing listens there (the process died: a crash, kill -9).
+        Until then, and while their znodes last, ask again every tick: a lingering znode
+        keeps a replacement from being designated backup. (A refusal is no proof of death
+        to the standbys: a firewall rejecting probes looks the same. Here it costs nothing
+        if the node lives: its znode gone, it registers again and waits as a standby.)"""
         with self._dead_backups_lock:  # drops may append meanwhile
             pending, self._dead_backups = self._dead_backups, []
         if not pending:
@@ -693,19 +695,29 @@ class StorageNode:
         for member in dict.fromkeys(pending):
             if member.name not in names or member.name in joined:
                 continue  # its session ended (the znode is gone), or it is back
-            if is_dead(
-                member.name,
-                member.address,
-                self.config.probe_timeout_ms,
-                self.peer_tls,
-                self.incarnation,
-            ):
-                log.info("member %s (%s) is dead; removing its znode", member.name, member.address)
+            why = self._why_gone(member)
+            if why is not None:
+                log.info("member %s (%s) %s; removing its znode", member.name, member.address, why)
                 self.require_coordinator().remove_member(member.name)
             else:
                 waiting.append(member)
         with self._dead_backups_lock:
             self._dead_backups.extend(waiting)
+
+    def _why_gone(self, member: Member) -> str | None:
+        """Why ``member`` no longer serves at its address (None: it may, or does not
+        answer in time: paused or cut off)."""
+        try:
+            status = probe(member.address, self.config.probe_timeout_ms, self.peer_tls)
+        except errors.KVError:
+            return None
+        if status is None:
+            return "is gone (nothing listens at its address)"
+        if not is_member(status, member.name, self.incarnation):
+            return f"is gone ({status.node_id} answers at its address)"
+        if status.role == Role.STOPPED.value:
+            return "stopped"
+        return None
 
     def write_group(self, writes: Sequence[Write]) -> list[bool | Exception]:
         """The primary's deletes (value None), puts and compare-and-sets (``is_conditional``:
