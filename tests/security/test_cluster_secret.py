@@ -21,7 +21,14 @@ from kvstore.local.certs import write_cluster_secret
 from kvstore.local.cluster import LocalCluster, NodeProcess
 from kvstore.local.processes import free_port, wait_until
 from kvstore.rpc import Connection, load_cluster_secret
-from kvstore.rpc.secret import NONCE_BYTES, PeerRole, authenticate_connection, new_nonce, prove
+from kvstore.rpc.secret import (
+    NONCE_BYTES,
+    PeerRole,
+    accept_v1_proofs,
+    authenticate_connection,
+    new_nonce,
+    prove,
+)
 from kvstore.server.handler import NODE_ONLY_METHODS
 
 TIMEOUT_MS = 2000
@@ -116,6 +123,33 @@ def test_an_exchange_relayed_through_another_address_proves_nothing() -> None:
         SECRET, client_nonce, prove(SECRET, b"caller", nonce, client_nonce, NODE_AT), NODE_AT
     )
     assert answer != prove(SECRET, b"node", nonce, client_nonce, "127.0.0.1:9091")
+
+
+def test_proofs_of_0_2_count_only_while_upgrading() -> None:
+    """0.2's exchange names no address. A node refuses it, unless started with
+    --cluster-secret-upgrade (accept_v1_proofs), which lets 0.2 and 0.3 nodes authenticate
+    each other while a cluster is upgraded one node at a time; this version's proofs work
+    either way."""
+
+    def exchange(role: PeerRole, version: int) -> None:
+        def call(method: str, *args: bytes) -> bytes:
+            if method == "auth_challenge":
+                return role.challenge()
+            return role.authenticate(SECRET, *args, NODE_AT)
+
+        authenticate_connection(call, SECRET, NODE_AT, version)
+
+    with pytest.raises(errors.ForbiddenError):
+        exchange(PeerRole(is_node_certificate=True, needs_secret=True), 1)
+    accept_v1_proofs(True)
+    try:
+        for version in (1, 2):
+            role = PeerRole(is_node_certificate=True, needs_secret=True)
+            exchange(role, version)  # (the caller checked the node's answer)
+            assert role.is_node
+    finally:
+        accept_v1_proofs(False)
+    exchange(PeerRole(is_node_certificate=True, needs_secret=True), 2)
 
 
 def test_the_secret_file_must_be_private_and_long_enough(tmp_path: Path) -> None:

@@ -46,6 +46,7 @@ from kvstore.config import MIB, Limits, NodeConfig, TlsConfig
 from kvstore.coordination import createznode_command
 from kvstore.rpc import load_cluster_secret, parse_address
 from kvstore.rpc.budget import LARGE_REPLY_BYTES
+from kvstore.rpc.secret import accept_v1_proofs
 from kvstore.server.node import PARENT_GONE, StorageNode
 from kvstore.server.roles import EXIT_RESTART
 from kvstore.server.wal import FSYNC_MODES
@@ -105,6 +106,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(
             f"bound to every interface ({args.host}): --advertise HOST:PORT names the "
             "address other nodes and clients reach this node at"
+        )
+    if args.cluster_secret_upgrade and args.cluster_secret_file is None:
+        parser.error("--cluster-secret-upgrade needs --cluster-secret-file")
+    accept_v1_proofs(args.cluster_secret_upgrade)
+    if args.cluster_secret_upgrade:
+        logging.getLogger("kv-node").warning(
+            "accepting 0.2's proofs of the cluster secret too (--cluster-secret-upgrade): "
+            "restart this node without it once every node runs this version"
         )
     try:
         secret = (
@@ -268,6 +277,14 @@ def _parser() -> argparse.ArgumentParser:
         "replication, join and state transfer, and this node proves it on its own calls to "
         "other nodes. Authenticates nodes without TLS (with TLS, both are required). Every "
         "node of the cluster needs the same one",
+    )
+    parser.add_argument(
+        "--cluster-secret-upgrade",
+        action="store_true",
+        help="only while a cluster with --cluster-secret-file is upgraded from 0.2, one node "
+        "at a time: also accept 0.2's proofs of the secret, and use them with a node that "
+        "refuses this version's (0.2's name no address, so an exchange could be relayed: "
+        "restart every node without this option once all run this version)",
     )
     _add_process_arguments(parser)
     return parser

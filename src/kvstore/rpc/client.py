@@ -19,7 +19,7 @@ from thriftpy2.transport.framed import TCyFramedTransport
 
 from kvstore import errors
 from kvstore.idl import KeyValueService
-from kvstore.rpc.secret import authenticate_connection
+from kvstore.rpc.secret import accepts_v1_proofs, authenticate_connection
 from kvstore.rpc.tls import peer_certificate_identity, short_identity
 
 log = logging.getLogger(__name__)
@@ -133,6 +133,19 @@ class Connection:
                 sock.settimeout(timeout_ms / 1000)
 
     def open(self) -> None:
+        self._connect()
+        if self._secret is None:
+            return
+        try:
+            self._authenticate(self._secret, 2)
+        except errors.ForbiddenError:
+            if not accepts_v1_proofs():
+                raise
+            # (upgrading from 0.2: a node of that version knows only its proofs)
+            self._connect()
+            self._authenticate(self._secret, 1)
+
+    def _connect(self) -> None:
         if self._is_shut:
             raise errors.ConnectError(f"connection to {self.address} was shut")
         try:
@@ -155,11 +168,10 @@ class Connection:
         self._poller.register(raw, select.POLLIN | select.POLLPRI)
         self._client = TCyBinaryProtocol(TCyFramedTransport(self._socket))
         self._used_at = time.monotonic()  # a call right after an explicit open reuses it
-        if self._secret is not None:
-            self._authenticate(self._secret)
 
-    def _authenticate(self, secret: bytes) -> None:
-        """Prove the cluster secret on the new connection (closed if that fails)."""
+    def _authenticate(self, secret: bytes, version: int) -> None:
+        """Prove the cluster secret on the new connection (closed if that fails), with the
+        exchange of ``version`` (rpc/secret.py)."""
 
         def call(method: str, *args: Any) -> Any:
             try:
@@ -168,7 +180,7 @@ class Connection:
                 raise _from_application_error(exc) from None
 
         try:
-            authenticate_connection(call, secret, self.address)
+            authenticate_connection(call, secret, self.address, version)
         except errors.ForbiddenError:
             self.close()
             raise

@@ -17,7 +17,10 @@ role label, so a node's answer cannot be played back as a caller's proof; both n
 address the caller dialed, so an exchange cannot be relayed: a process at another address
 (say a dead member's, which a node still dials) that passes a node's messages on to a live
 node and back proves nothing to either (the proofs name its address, not the live node's);
-the secret never travels. What it does not do: protect the connection afterwards. Someone
+the secret never travels. While a cluster is upgraded from 0.2 (kv-node
+``--cluster-secret-upgrade``, see accept_v1_proofs) 0.2's exchange, which names no
+address, is accepted too, and tried with a node that refuses ours. What it does not do:
+protect the connection afterwards. Someone
 who can alter traffic on the wire can take over an authenticated connection; use TLS
 against that.
 """
@@ -41,6 +44,8 @@ MIN_SECRET_BYTES = 16
 CALLER = b"caller"
 NODE = b"node"
 _LABEL = b"kvstore cluster secret v2\0"
+_LABEL_V1 = b"kvstore cluster secret v1\0"  # 0.2's proofs: no address
+_accepts_v1 = False  # see accept_v1_proofs
 
 
 def load_cluster_secret(path: str) -> bytes:
@@ -75,6 +80,25 @@ def prove(secret: bytes, role: bytes, nonce: bytes, client_nonce: bytes, address
     address the caller dialed (the node's advertised host:port)."""
     message = _LABEL + role + b"\0" + nonce + client_nonce + address.encode()
     return hmac.new(secret, message, hashlib.sha256).digest()
+
+
+def _prove_v1(secret: bytes, role: bytes, nonce: bytes, client_nonce: bytes) -> bytes:
+    """0.2's proof: the label and both nonces, no address (relayable)."""
+    message = _LABEL_V1 + role + b"\0" + nonce + client_nonce
+    return hmac.new(secret, message, hashlib.sha256).digest()
+
+
+def accept_v1_proofs(is_accepted: bool) -> None:
+    """For this process: accept 0.2's proofs (no address: an exchange can be relayed) from
+    callers, and prove with them to a node that refuses ours. Only while a cluster with a
+    secret is upgraded from 0.2 one node at a time (kv-node --cluster-secret-upgrade);
+    then restart each node without it."""
+    global _accepts_v1
+    _accepts_v1 = is_accepted
+
+
+def accepts_v1_proofs() -> bool:
+    return _accepts_v1
 
 
 class PeerRole:
@@ -112,13 +136,20 @@ class PeerRole:
             raise errors.ForbiddenError(f"{AUTHENTICATE_METHOD} needs a fresh {CHALLENGE_METHOD}")
         if not (isinstance(client_nonce, bytes) and len(client_nonce) == NONCE_BYTES):
             raise errors.ForbiddenError(f"the caller's nonce must be {NONCE_BYTES} bytes")
-        expected = prove(secret, CALLER, nonce, client_nonce, address)
-        if not (isinstance(proof, bytes) and hmac.compare_digest(proof, expected)):
+        if not isinstance(proof, bytes):
+            proof = b""
+        if hmac.compare_digest(proof, prove(secret, CALLER, nonce, client_nonce, address)):
+            answer = prove(secret, NODE, nonce, client_nonce, address)
+        elif _accepts_v1 and hmac.compare_digest(
+            proof, _prove_v1(secret, CALLER, nonce, client_nonce)
+        ):
+            answer = _prove_v1(secret, NODE, nonce, client_nonce)
+        else:
             raise errors.ForbiddenError(
                 f"wrong cluster secret, or a proof made for another address than {address}"
             )
         self.is_node = self.is_node_certificate
-        return prove(secret, NODE, nonce, client_nonce, address)
+        return answer
 
     def refusal(self, method: str, node_unit: str) -> str:
         """Why this connection may not call the node-only ``method``."""
@@ -133,14 +164,18 @@ class PeerRole:
         )
 
 
-def authenticate_connection(call: Any, secret: bytes, address: str) -> None:
+def authenticate_connection(call: Any, secret: bytes, address: str, version: int = 2) -> None:
     """The caller's side, over ``call(method, *args)`` on a new connection to ``address``:
     prove the secret, and check that the node there knows it too. ForbiddenError if either
-    fails."""
+    fails. ``version`` 1: 0.2's exchange (see accept_v1_proofs)."""
     nonce = call(CHALLENGE_METHOD)
     client_nonce = new_nonce()
-    proof = prove(secret, CALLER, nonce, client_nonce, address)
+    if version == 1:
+        proof = _prove_v1(secret, CALLER, nonce, client_nonce)
+        expected = _prove_v1(secret, NODE, nonce, client_nonce)
+    else:
+        proof = prove(secret, CALLER, nonce, client_nonce, address)
+        expected = prove(secret, NODE, nonce, client_nonce, address)
     answer = call(AUTHENTICATE_METHOD, client_nonce, proof)
-    expected = prove(secret, NODE, nonce, client_nonce, address)
     if not (isinstance(answer, bytes) and hmac.compare_digest(answer, expected)):
         raise errors.ForbiddenError(f"{address} does not know the cluster secret")
