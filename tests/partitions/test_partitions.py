@@ -260,8 +260,9 @@ def scenario(
 
 # The reject case found a bug (now fixed): on a reset the primary dropped the backup, took the
 # refused probe as proof of death and deleted the live backup's znode; the backup, a standby
-# absent from the members, was never designated again. Now a refusal proves nothing there
-# either, and a standby whose znode vanished registers again.
+# absent from the members, was never designated again. Now a standby whose znode vanished
+# registers again (and the primary may remove a dropped backup's znode on a refusal: a
+# crashed backup is replaced at once; here the rejected backup registers again and rejoins).
 @pytest.mark.parametrize("mode", ["drop", "reject"])
 def test_primary_backup_cut(
     network: netns.NamespaceNetwork, ns_cluster: LocalCluster, tmp_path: Path, mode: str

@@ -244,7 +244,7 @@ def test_a_standby_replaces_a_killed_backup_before_its_session_expires(
         cluster.start()
         backup = cluster.wait_for("backup")
         standby = next(node for node in others if node is not backup)
-        assert standby.role() == "standby", cluster.logs()
+        standby.wait_for_role(["standby"])  # (it may still be starting)
         Connection(primary.address).call("put", "k", "v")
         backup.kill()
         wait_until(lambda: standby.role() == "backup" or None, 10, cluster.logs)

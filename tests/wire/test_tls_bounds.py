@@ -158,14 +158,22 @@ def test_plaintext_and_anonymous_peers_are_refused(
         assert connect(server.port, context(certs.client), connections).call("get", "k") == "v"
 
 
+@pytest.mark.parametrize("first_bytes", [b"", b"\x16"], ids=["silent", "hello-then-silent"])
 def test_silent_connections_park_at_most_max_handshakes_threads(
-    certs: CertificateFiles, connections: list[rpc.Connection]
+    certs: CertificateFiles,
+    connections: list[rpc.Connection],
+    first_bytes: bytes,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Each TLS connection waits for its handshake on a thread: past MAX_HANDSHAKES a new
     connection cuts the oldest handshake instead of parking one more thread (a thousand
     that woke together at their deadline cost a primary its lease). A flood of silent
     connections so cuts its own: a real client's handshake gets through meanwhile, and
-    connections already served go on."""
+    connections already served go on. (A connection that sent the first byte of a TLS
+    handshake is wrapped: cutting it killed its thread with an AttributeError, leaving a
+    thread object behind per cut.)"""
+    died: list[threading.ExceptHookArgs] = []
+    monkeypatch.setattr(threading, "excepthook", died.append)
     tls = context(certs.node, server=True)
     with serving(tls=tls, frame_deadline_s=60, idle_timeout_s=60) as server:
         served = connect(server.port, context(certs.client), connections)
@@ -175,6 +183,8 @@ def test_silent_connections_park_at_most_max_handshakes_threads(
             socket.create_connection(("127.0.0.1", server.port))
             for _ in range(rpc.server.MAX_HANDSHAKES)
         ]
+        for sock in silent:
+            sock.sendall(first_bytes)
         try:
             wait_until(  # (every one admitted, its handshake under way)
                 lambda: len(server._handshaking) >= len(silent) or None,
@@ -193,9 +203,11 @@ def test_silent_connections_park_at_most_max_handshakes_threads(
         finally:
             for sock in silent:
                 sock.close()
-        # (the silent ones' threads see EOF and end)
+        # (the silent ones' threads see EOF and end, each forgotten by the server)
         wait_until(
             lambda: threading.active_count() <= threads_before or None,
             BOUND_S,
             lambda: f"{threading.active_count() - threads_before} handshake threads left",
         )
+        assert not died, [str(hook.exc_value) for hook in died]
+        assert len(server._threads) <= 2  # (the accept thread, at most one ending)

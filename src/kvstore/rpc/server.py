@@ -608,7 +608,9 @@ class RpcServer:
         """Cut a handshake under way (its thread then fails it and ends); log it at most
         once a second."""
         with contextlib.suppress(OSError):  # (closed meanwhile)
-            sock.shutdown(socket.SHUT_RDWR)
+            # The socket's own shutdown, also for a TLS one: SSLSocket.shutdown drops its
+            # SSL object first, and the handshake thread then died of an AttributeError.
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
         self._cut_count += 1
         now = time.monotonic()
         if now - self._cut_logged_at >= 1.0:
@@ -673,12 +675,16 @@ class RpcServer:
             raise ConnectionError("a plaintext request; this node accepts TLS connections only")
         tls = self._tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         with self._lock:  # wrapping detached ``sock``: close() must cut the TLS socket
-            if sock in self._handshaking:  # (and so must cutting the handshake)
+            is_cut = sock not in self._handshaking  # (cut as it was wrapped: shut too late)
+            if not is_cut:  # (and so must cutting the handshake)
                 self._handshaking[sock] = tls
             self._connections.discard(sock)
             self._connections.add(tls)
         try:
+            if is_cut:
+                raise ConnectionError("cut for a newer connection (too many handshakes)")
             _handshake(tls, self._frame_deadline_s, started)
+            self._end_handshake(sock)  # (done: not to be cut from now on)
         except BaseException as exc:
             with self._lock:
                 self._connections.discard(tls)
@@ -715,7 +721,8 @@ class RpcServer:
             admitted = sock
             try:
                 sock, is_node, identity = self._secure(sock, peer)
-            except (OSError, ValueError) as exc:
+            except Exception as exc:  # (OSError, ValueError; anything else the ssl module
+                # raises for a handshake cut under it must end this connection, not the thread)
                 bad_request_log.warning(
                     log, "refused a connection from %s: no TLS handshake: %s", peer, exc
                 )

@@ -692,17 +692,25 @@ class StorageNode:
         # it lives (as this did) proves nothing. (Each drop appends: once per name.)
         joined = {name for replicator in self._replicators for name in replicator.names}
         waiting: list[Member] = []
-        for member in dict.fromkeys(pending):
-            if member.name not in names or member.name in joined:
-                continue  # its session ended (the znode is gone), or it is back
-            why = self._why_gone(member)
-            if why is not None:
+        unasked = list(dict.fromkeys(pending))
+        try:
+            while unasked:
+                member = unasked.pop(0)
+                if member.name not in names or member.name in joined:
+                    continue  # its session ended (the znode is gone), or it is back
+                why = self._why_gone(member)
+                if why is None:
+                    waiting.append(member)
+                    continue
                 log.info("member %s (%s) %s; removing its znode", member.name, member.address, why)
-                self.require_coordinator().remove_member(member.name)
-            else:
-                waiting.append(member)
-        with self._dead_backups_lock:
-            self._dead_backups.extend(waiting)
+                try:
+                    self.require_coordinator().remove_member(member.name)
+                except BaseException:
+                    waiting.append(member)
+                    raise
+        finally:  # (after a ZooKeeper error the rest is asked again next tick, not dropped)
+            with self._dead_backups_lock:
+                self._dead_backups.extend(waiting + unasked)
 
     def _why_gone(self, member: Member) -> str | None:
         """Why ``member`` no longer serves at its address (None: it may, or does not

@@ -47,8 +47,9 @@ def is_dead(
     Proof is another node answering there (nodes never share a port: no SO_REUSEPORT; see
     is_member), or the node itself saying it stopped. A refused connection is *not* proof: a
     firewall rejecting the prober produces it too while the node goes on serving (on a
-    lease) — and even where believing it costs no safety, deleting a live node's znode
-    strands it (the partition tests found that). A timeout proves nothing: the node may be paused.
+    lease). A timeout proves nothing: the node may be paused. (The primary removes the
+    znode of a backup it dropped on a refusal as well, StorageNode._why_gone: there a live
+    node only loses its place, and registers again.)
     """
     if not address:
         return False
