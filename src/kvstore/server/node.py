@@ -292,6 +292,12 @@ class StorageNode:
         deadline = time.monotonic() + config.zk_connect_timeout_s
         name = ""
         while True:
+            if coordinator.is_session_lost:
+                # A session expired during an attempt: what it registered went with it, and
+                # this new one is ours (the control loop would take the flag for a session
+                # lost while serving and restart the node, empty, at its first step).
+                coordinator.is_session_lost = False  # (a loss from now on sets it again)
+                self.name = name = ""
             try:
                 if not name:
                     if config.create_parent and coordinator.create_parent():
