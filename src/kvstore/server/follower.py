@@ -620,7 +620,10 @@ class Follower:
         except errors.KVError as exc:  # a timeout, a TLS mismatch, a refused certificate...
             return f"its status call failed: {exc}"
         if status is None:
-            return "nothing listens there (a dead node's znode lasts until its session expires)"
+            return (
+                "nothing accepts connections there (a dead node's znode lasts until its "
+                "session expires), or a firewall rejects this node's"
+            )
         if status.node_id != meta.primary:
             return f"another node ({status.node_id}) answers there"
         if not is_member(status, meta.primary, meta.incarnation):
