@@ -267,6 +267,7 @@ class Client:
         deadline = time.monotonic() + self.timeout
         remaining_s = self.timeout
         may_be_applied = False
+        first_error: errors.KVError | None = None  # (the last attempt's may be cut short)
         while True:
             if self._is_closed:  # (nothing to wait for: it will not open again)
                 if not may_be_applied:
@@ -285,10 +286,15 @@ class Client:
                 may_be_applied = may_be_applied or not exc.is_definite
                 if may_be_applied and not is_idempotent:
                     raise
+                first_error = first_error or exc
                 remaining_s = deadline - time.monotonic()
                 if remaining_s <= 0:
+                    why = f"{exc}"
+                    if f"{first_error}" != why:  # (bounded by the deadline, the last attempt
+                        # may only have timed out: the first says what went wrong)
+                        why += f" (the first attempt: {first_error})"
                     raise errors.DeadlineExceededError(
-                        f"{method} did not succeed within {self.timeout:g} s: {exc}",
+                        f"{method} did not succeed within {self.timeout:g} s: {why}",
                         is_definite=not may_be_applied,
                         last_error=exc,
                     ) from None
