@@ -23,8 +23,8 @@ from kvstore.local.processes import free_port, wait_until
 from kvstore.rpc import Connection, load_cluster_secret
 from kvstore.rpc.secret import (
     NONCE_BYTES,
+    ClusterSecret,
     PeerRole,
-    accept_v1_proofs,
     authenticate_connection,
     new_nonce,
     prove,
@@ -127,29 +127,26 @@ def test_an_exchange_relayed_through_another_address_proves_nothing() -> None:
 
 def test_proofs_of_0_2_count_only_while_upgrading() -> None:
     """0.2's exchange names no address. A node refuses it, unless started with
-    --cluster-secret-upgrade (accept_v1_proofs), which lets 0.2 and 0.3 nodes authenticate
+    --cluster-secret-upgrade (ClusterSecret.for_upgrade), which lets 0.2 and 0.3 nodes authenticate
     each other while a cluster is upgraded one node at a time; this version's proofs work
     either way."""
 
-    def exchange(role: PeerRole, version: int) -> None:
+    def exchange(role: PeerRole, secret: bytes, version: int) -> None:
         def call(method: str, *args: bytes) -> bytes:
             if method == "auth_challenge":
                 return role.challenge()
-            return role.authenticate(SECRET, *args, NODE_AT)
+            return role.authenticate(secret, *args, NODE_AT)
 
-        authenticate_connection(call, SECRET, NODE_AT, version)
+        authenticate_connection(call, secret, NODE_AT, version)
 
     with pytest.raises(errors.ForbiddenError):
-        exchange(PeerRole(is_node_certificate=True, needs_secret=True), 1)
-    accept_v1_proofs(True)
-    try:
-        for version in (1, 2):
-            role = PeerRole(is_node_certificate=True, needs_secret=True)
-            exchange(role, version)  # (the caller checked the node's answer)
-            assert role.is_node
-    finally:
-        accept_v1_proofs(False)
-    exchange(PeerRole(is_node_certificate=True, needs_secret=True), 2)
+        exchange(PeerRole(is_node_certificate=True, needs_secret=True), SECRET, 1)
+    upgrading = ClusterSecret.for_upgrade(SECRET)
+    for version in (1, 2):
+        role = PeerRole(is_node_certificate=True, needs_secret=True)
+        exchange(role, upgrading, version)  # (the caller checked the node's answer)
+        assert role.is_node
+    exchange(PeerRole(is_node_certificate=True, needs_secret=True), SECRET, 2)
 
 
 def test_the_secret_file_must_be_private_and_long_enough(tmp_path: Path) -> None:

@@ -46,7 +46,7 @@ from kvstore.config import MIB, Limits, NodeConfig, TlsConfig
 from kvstore.coordination import createznode_command
 from kvstore.rpc import load_cluster_secret, parse_address
 from kvstore.rpc.budget import LARGE_REPLY_BYTES
-from kvstore.rpc.secret import accept_v1_proofs
+from kvstore.rpc.secret import ClusterSecret
 from kvstore.server.node import PARENT_GONE, StorageNode
 from kvstore.server.roles import EXIT_RESTART
 from kvstore.server.wal import FSYNC_MODES
@@ -109,7 +109,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     if args.cluster_secret_upgrade and args.cluster_secret_file is None:
         parser.error("--cluster-secret-upgrade needs --cluster-secret-file")
-    accept_v1_proofs(args.cluster_secret_upgrade)
     if args.cluster_secret_upgrade:
         logging.getLogger("kv-node").warning(
             "accepting 0.2's proofs of the cluster secret too (--cluster-secret-upgrade): "
@@ -121,6 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.cluster_secret_file is None
             else load_cluster_secret(args.cluster_secret_file)
         )
+        if secret is not None and args.cluster_secret_upgrade:
+            secret = ClusterSecret.for_upgrade(secret)
         security = _Security(zk_auth, zk_tls_from(parser, args), tls_from(parser, args), secret)
         config = _config(args, limits, security)
     except ValueError as exc:

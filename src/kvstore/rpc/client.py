@@ -19,7 +19,7 @@ from thriftpy2.transport.framed import TCyFramedTransport
 
 from kvstore import errors
 from kvstore.idl import KeyValueService
-from kvstore.rpc.secret import accepts_v1_proofs, authenticate_connection
+from kvstore.rpc.secret import accepts_v1, authenticate_connection
 from kvstore.rpc.tls import peer_certificate_identity, short_identity
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ class Connection:
         try:
             self._authenticate(self._secret, 2)
         except errors.ForbiddenError:
-            if not accepts_v1_proofs():
+            if not accepts_v1(self._secret):
                 raise
             # (upgrading from 0.2: a node of that version knows only its proofs)
             self._connect()

@@ -18,11 +18,10 @@ address the caller dialed, so an exchange cannot be relayed: a process at anothe
 (say a dead member's, which a node still dials) that passes a node's messages on to a live
 node and back proves nothing to either (the proofs name its address, not the live node's);
 the secret never travels. While a cluster is upgraded from 0.2 (kv-node
-``--cluster-secret-upgrade``, see accept_v1_proofs) 0.2's exchange, which names no
-address, is accepted too, and tried with a node that refuses ours. What it does not do:
-protect the connection afterwards. Someone
-who can alter traffic on the wire can take over an authenticated connection; use TLS
-against that.
+``--cluster-secret-upgrade``: a ClusterSecret that ``accepts_v1``) 0.2's exchange, which
+names no address, is accepted too, and tried with a node that refuses ours. What it does
+not do: protect the connection afterwards. Someone who can alter traffic on the wire can
+take over an authenticated connection; use TLS against that.
 """
 
 from __future__ import annotations
@@ -43,9 +42,27 @@ NONCE_BYTES = 32
 MIN_SECRET_BYTES = 16
 CALLER = b"caller"
 NODE = b"node"
-_LABEL = b"kvstore cluster secret v2\0"
-_LABEL_V1 = b"kvstore cluster secret v1\0"  # 0.2's proofs: no address
-_accepts_v1 = False  # see accept_v1_proofs
+_LABELS = {1: b"kvstore cluster secret v1\0", 2: b"kvstore cluster secret v2\0"}
+
+
+class ClusterSecret(bytes):
+    """The secret's bytes; ``accepts_v1``: also 0.2's exchange (no address: an exchange can
+    be relayed), accepted from callers and tried with a node that refuses ours. Only while
+    a cluster with a secret is upgraded from 0.2 one node at a time (kv-node
+    --cluster-secret-upgrade); then each node is restarted without it. Plain bytes are a
+    secret that does not."""
+
+    accepts_v1 = False
+
+    @classmethod
+    def for_upgrade(cls, secret: bytes) -> ClusterSecret:
+        upgrading = cls(secret)
+        upgrading.accepts_v1 = True
+        return upgrading
+
+
+def accepts_v1(secret: bytes) -> bool:
+    return getattr(secret, "accepts_v1", False)
 
 
 def load_cluster_secret(path: str) -> bytes:
@@ -75,30 +92,15 @@ def new_nonce() -> bytes:
     return secrets.token_bytes(NONCE_BYTES)
 
 
-def prove(secret: bytes, role: bytes, nonce: bytes, client_nonce: bytes, address: str) -> bytes:
+def prove(
+    secret: bytes, role: bytes, nonce: bytes, client_nonce: bytes, address: str, version: int = 2
+) -> bytes:
     """HMAC-SHA256 over the role label, both nonces (fixed lengths: no ambiguity) and the
-    address the caller dialed (the node's advertised host:port)."""
-    message = _LABEL + role + b"\0" + nonce + client_nonce + address.encode()
+    address the caller dialed (the node's advertised host:port); ``version`` 1: 0.2's
+    proof, without the address."""
+    named = address.encode() if version == 2 else b""
+    message = _LABELS[version] + role + b"\0" + nonce + client_nonce + named
     return hmac.new(secret, message, hashlib.sha256).digest()
-
-
-def _prove_v1(secret: bytes, role: bytes, nonce: bytes, client_nonce: bytes) -> bytes:
-    """0.2's proof: the label and both nonces, no address (relayable)."""
-    message = _LABEL_V1 + role + b"\0" + nonce + client_nonce
-    return hmac.new(secret, message, hashlib.sha256).digest()
-
-
-def accept_v1_proofs(is_accepted: bool) -> None:
-    """For this process: accept 0.2's proofs (no address: an exchange can be relayed) from
-    callers, and prove with them to a node that refuses ours. Only while a cluster with a
-    secret is upgraded from 0.2 one node at a time (kv-node --cluster-secret-upgrade);
-    then restart each node without it."""
-    global _accepts_v1
-    _accepts_v1 = is_accepted
-
-
-def accepts_v1_proofs() -> bool:
-    return _accepts_v1
 
 
 class PeerRole:
@@ -138,18 +140,15 @@ class PeerRole:
             raise errors.ForbiddenError(f"the caller's nonce must be {NONCE_BYTES} bytes")
         if not isinstance(proof, bytes):
             proof = b""
-        if hmac.compare_digest(proof, prove(secret, CALLER, nonce, client_nonce, address)):
-            answer = prove(secret, NODE, nonce, client_nonce, address)
-        elif _accepts_v1 and hmac.compare_digest(
-            proof, _prove_v1(secret, CALLER, nonce, client_nonce)
-        ):
-            answer = _prove_v1(secret, NODE, nonce, client_nonce)
-        else:
-            raise errors.ForbiddenError(
-                f"wrong cluster secret, or a proof made for another address than {address}"
-            )
-        self.is_node = self.is_node_certificate
-        return answer
+        for version in (2, 1) if accepts_v1(secret) else (2,):
+            if hmac.compare_digest(
+                proof, prove(secret, CALLER, nonce, client_nonce, address, version)
+            ):
+                self.is_node = self.is_node_certificate
+                return prove(secret, NODE, nonce, client_nonce, address, version)
+        raise errors.ForbiddenError(
+            f"wrong cluster secret, or a proof made for another address than {address}"
+        )
 
     def refusal(self, method: str, node_unit: str) -> str:
         """Why this connection may not call the node-only ``method``."""
@@ -167,15 +166,11 @@ class PeerRole:
 def authenticate_connection(call: Any, secret: bytes, address: str, version: int = 2) -> None:
     """The caller's side, over ``call(method, *args)`` on a new connection to ``address``:
     prove the secret, and check that the node there knows it too. ForbiddenError if either
-    fails. ``version`` 1: 0.2's exchange (see accept_v1_proofs)."""
+    fails. ``version`` 1: 0.2's exchange (see ClusterSecret)."""
     nonce = call(CHALLENGE_METHOD)
     client_nonce = new_nonce()
-    if version == 1:
-        proof = _prove_v1(secret, CALLER, nonce, client_nonce)
-        expected = _prove_v1(secret, NODE, nonce, client_nonce)
-    else:
-        proof = prove(secret, CALLER, nonce, client_nonce, address)
-        expected = prove(secret, NODE, nonce, client_nonce, address)
+    proof = prove(secret, CALLER, nonce, client_nonce, address, version)
     answer = call(AUTHENTICATE_METHOD, client_nonce, proof)
+    expected = prove(secret, NODE, nonce, client_nonce, address, version)
     if not (isinstance(answer, bytes) and hmac.compare_digest(answer, expected)):
         raise errors.ForbiddenError(f"{address} does not know the cluster secret")
