@@ -304,10 +304,14 @@ class ClusterMeta:
 def is_member(status: Any, name: str, incarnation: str) -> bool:
     """Whether the node that answered with ``status`` is member ``name`` of the cluster
     incarnation ``incarnation``. Names are unique only under one parent znode: another
-    cluster's first node is node-0000000000 too, so a node that says it served another
-    incarnation is not this one's member ("" on either side: unknown, not told apart)."""
-    if status.node_id != name:
-        return False
+    cluster's first node is node-0000000000 too (see serves_incarnation)."""
+    return status.node_id == name and serves_incarnation(status, incarnation)
+
+
+def serves_incarnation(status: Any, incarnation: str) -> bool:
+    """Whether the node that answered with ``status`` may serve cluster ``incarnation``: not
+    if it says it serves another ("" on either side, or a node holding no copy, which
+    reports none: unknown, not told apart)."""
     return not (incarnation and status.incarnation and status.incarnation != incarnation)
 
 

@@ -63,6 +63,7 @@ from kvstore.coordination import (
     designated_backups,
     is_member,
     new_incarnation,
+    serves_incarnation,
 )
 from kvstore.rpc import Connection, probe
 from kvstore.server import identity as ident
@@ -456,10 +457,11 @@ class Follower:
         if status is None:
             return "gone"
         is_holder = status.role in (Role.BACKUP.value, Role.PRIMARY.value)
-        is_other_cluster = bool(meta.incarnation and status.incarnation) and (
-            status.incarnation != meta.incarnation
+        is_copy = (
+            is_holder
+            and status.epoch >= meta.epoch
+            and serves_incarnation(status, meta.incarnation)
         )
-        is_copy = is_holder and status.epoch >= meta.epoch and not is_other_cluster
         return "copy" if is_copy else "gone"
 
     def _waits_for_a_listed_member(self, meta: ClusterMeta, names: set[str]) -> bool:
@@ -626,7 +628,7 @@ class Follower:
             )
         if status.node_id != meta.primary:
             return f"another node ({status.node_id}) answers there"
-        if not is_member(status, meta.primary, meta.incarnation):
+        if not serves_incarnation(status, meta.incarnation):
             return f"a node of another cluster (incarnation {status.incarnation}) answers there"
         if status.role != Role.PRIMARY.value:
             return f"it is {status.role}, not primary"

@@ -84,6 +84,7 @@ from kvstore.server.roles import (
     EXIT_RESTART,
     NodeExit,
     Role,
+    why_gone,
 )
 from kvstore.server.sessions import RequestRecord
 from kvstore.server.storage import FlatRecords, StripedStore
@@ -701,37 +702,30 @@ class StorageNode:
         unasked = list(dict.fromkeys(pending))
         try:
             while unasked:
-                member = unasked.pop(0)
-                if member.name not in names or member.name in joined:
-                    continue  # its session ended (the znode is gone), or it is back
-                why = self._why_gone(member)
-                if why is None:
-                    waiting.append(member)
-                    continue
-                log.info("member %s (%s) %s; removing its znode", member.name, member.address, why)
-                try:
-                    self.require_coordinator().remove_member(member.name)
-                except BaseException:
-                    waiting.append(member)
-                    raise
+                member = unasked[0]
+                if member.name in names and member.name not in joined:  # (else its session
+                    # ended, the znode gone with it, or it is back)
+                    why = why_gone(
+                        member.name,
+                        member.address,
+                        self.config.probe_timeout_ms,
+                        self.peer_tls,
+                        self.incarnation,
+                    )
+                    if why is None:
+                        waiting.append(member)
+                    else:
+                        log.info(
+                            "member %s (%s) is gone (%s); removing its znode",
+                            member.name,
+                            member.address,
+                            why,
+                        )
+                        self.require_coordinator().remove_member(member.name)
+                del unasked[0]
         finally:  # (after a ZooKeeper error the rest is asked again next tick, not dropped)
             with self._dead_backups_lock:
                 self._dead_backups.extend(waiting + unasked)
-
-    def _why_gone(self, member: Member) -> str | None:
-        """Why ``member`` no longer serves at its address (None: it may, or does not
-        answer in time: paused or cut off)."""
-        try:
-            status = probe(member.address, self.config.probe_timeout_ms, self.peer_tls)
-        except errors.KVError:
-            return None
-        if status is None:
-            return "is gone (nothing listens at its address)"
-        if not is_member(status, member.name, self.incarnation):
-            return f"is gone ({status.node_id} answers at its address)"
-        if status.role == Role.STOPPED.value:
-            return "stopped"
-        return None
 
     def write_group(self, writes: Sequence[Write]) -> list[bool | Exception]:
         """The primary's deletes (value None), puts and compare-and-sets (``is_conditional``:

@@ -38,28 +38,43 @@ class NodeExit(Exception):
         self.code = code
 
 
+NOTHING_LISTENS = "nothing listens at its address"
+
+
+def why_gone(
+    name: str, address: str, timeout_ms: int, tls: Any = None, incarnation: str = ""
+) -> str | None:
+    """Why no process serves ``name`` (of cluster ``incarnation``) at ``address`` any more,
+    as far as one probe tells: another node answers there (nodes never share a port: no
+    SO_REUSEPORT; see is_member), the node itself says it stopped, or NOTHING_LISTENS
+    there (a refused connection). None: it answers as itself, or not in time (it may be
+    paused), or no address is known."""
+    if not address:
+        return None
+    try:
+        status = probe(address, timeout_ms, tls)
+    except errors.KVError:
+        return None
+    if status is None:
+        return NOTHING_LISTENS
+    if not is_member(status, name, incarnation):
+        return f"{status.node_id} answers at its address"
+    if status.role == Role.STOPPED.value:
+        return "it stopped"
+    return None
+
+
 def is_dead(
     name: str, address: str, timeout_ms: int, tls: Any = None, incarnation: str = ""
 ) -> bool:
     """True only if no process serves ``name`` (of cluster ``incarnation``) at ``address``
-    any more.
-
-    Proof is another node answering there (nodes never share a port: no SO_REUSEPORT; see
-    is_member), or the node itself saying it stopped. A refused connection is *not* proof: a
-    firewall rejecting the prober produces it too while the node goes on serving (on a
-    lease). A timeout proves nothing: the node may be paused. (The primary removes the
-    znode of a backup it dropped on a refusal as well, StorageNode._why_gone: there a live
-    node only loses its place, and registers again.)
+    any more: see why_gone. A refused connection is *not* proof here: a firewall rejecting
+    the prober produces it too while the node goes on serving (on a lease). (The primary
+    takes it as enough to remove the znode of a backup it dropped, StorageNode.
+    _remove_dead_backups: there a live node only loses its place, and registers again.)
     """
-    if not address:
-        return False
-    try:
-        status = probe(address, timeout_ms, tls)
-    except errors.KVError:
-        return False
-    if status is None:
-        return False
-    return not is_member(status, name, incarnation) or status.role == Role.STOPPED.value
+    reason = why_gone(name, address, timeout_ms, tls, incarnation)
+    return reason is not None and reason != NOTHING_LISTENS
 
 
 class NodeCore(Protocol):
