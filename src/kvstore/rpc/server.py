@@ -32,6 +32,7 @@ from kvstore.rpc.framecheck import (
     MalformedFrameError,
     MalformedRequestError,
     _exception_frame,
+    _ThrottledLog,
     bad_request_log,
     check_request,
     frame_size_error,
@@ -472,13 +473,11 @@ class RpcServer:
         self._threads: set[threading.Thread] = set()  # accept + connection threads, to join
         self._lock = threading.Lock()
         self._is_closed = False
-        self._refused_count = 0
-        self._refusal_logged_at = 0.0
+        self._refusal_log = _ThrottledLog("connections refused")
         # TLS connections whose handshake is not over, oldest first: the admitted socket,
         # and the one to shut to cut it (the TLS socket once wrapped).
         self._handshaking: dict[socket.socket, socket.socket] = {}
-        self._cut_count = 0
-        self._cut_logged_at = 0.0
+        self._cut_log = _ThrottledLog("handshakes cut")
         self.set_connection_bounds(max_connections, idle_timeout_s, frame_deadline_s)
         self._front: front.EventFront | None = None
         if event_front and front.is_available():
@@ -581,7 +580,7 @@ class RpcServer:
                         oldest = self._handshaking.pop(next(iter(self._handshaking)))
                     self._handshaking[sock] = sock
         if not is_admitted:
-            self._refuse(sock, peer, f"{self._max_connections} open, the limit")
+            self._refuse(sock, peer)
             return
         if oldest is not None:
             self._cut_handshake(oldest, peer)
@@ -605,24 +604,18 @@ class RpcServer:
             self._handshaking.pop(sock, None)
 
     def _cut_handshake(self, sock: socket.socket, peer: str) -> None:
-        """Cut a handshake under way (its thread then fails it and ends); log it at most
-        once a second."""
+        """Cut a handshake under way (its thread then fails it and ends)."""
         with contextlib.suppress(OSError):  # (closed meanwhile)
             # The socket's own shutdown, also for a TLS one: SSLSocket.shutdown drops its
             # SSL object first, and the handshake thread then died of an AttributeError.
             socket.socket.shutdown(sock, socket.SHUT_RDWR)
-        self._cut_count += 1
-        now = time.monotonic()
-        if now - self._cut_logged_at >= 1.0:
-            self._cut_logged_at = now
-            log.warning(
-                "cut %d TLS handshake(s) under way, the oldest of %d, for newer connections "
-                "(the latest from %s): a flood of connections that send nothing?",
-                self._cut_count,
-                MAX_HANDSHAKES,
-                peer,
-            )
-            self._cut_count = 0
+        self._cut_log.warning(
+            log,
+            "cut the oldest of %d TLS handshakes under way for a connection from %s: a flood "
+            "of connections that send nothing?",
+            MAX_HANDSHAKES,
+            peer,
+        )
 
     def _serve_in_thread(
         self, sock: socket.socket, peer: str, handover: front.Handover | None = None
@@ -640,7 +633,7 @@ class RpcServer:
                 self._threads.discard(thread)
             raise
 
-    def _refuse(self, sock: socket.socket, peer: str, why: str) -> None:
+    def _refuse(self, sock: socket.socket, peer: str) -> None:
         """Answer UNAVAILABLE without waiting on the peer, then close. Under TLS just close:
         a TLS client would read a plaintext answer as a broken handshake."""
         try:
@@ -654,14 +647,9 @@ class RpcServer:
             pass
         finally:
             sock.close()
-        self._refused_count += 1
-        now = time.monotonic()
-        if now - self._refusal_logged_at >= 1.0:
-            self._refusal_logged_at = now
-            log.warning(
-                "refused %d connection(s) (latest from %s): %s", self._refused_count, peer, why
-            )
-            self._refused_count = 0
+        self._refusal_log.warning(
+            log, "refused a connection from %s: %d open, the limit", peer, self._max_connections
+        )
 
     def _secure(self, sock: socket.socket, peer: str) -> tuple[socket.socket, bool, str | None]:
         """The TLS socket over ``sock`` once the handshake is done, whether the peer is a
