@@ -437,6 +437,22 @@ def test_threads_that_end_take_their_connections_with_them(shared_cluster: Local
         assert kv.get("k") == "v"
 
 
+# System call numbers of read and recvfrom, by machine (/proc/PID/task/TID/syscall).
+_RECEIVE_SYSCALLS = {"x86_64": {"0", "45"}, "aarch64": {"63", "207"}}
+
+
+def receiving(thread: threading.Thread) -> bool:
+    """Whether ``thread`` is blocked in a receive (a call sent, its reply awaited)."""
+    numbers = _RECEIVE_SYSCALLS.get(os.uname().machine)
+    if numbers is None:
+        pytest.skip(f"receive system call numbers of {os.uname().machine} not known here")
+    try:
+        with open(f"/proc/self/task/{thread.native_id}/syscall") as file:
+            return file.read().split()[0] in numbers
+    except OSError:  # (ended meanwhile)
+        return False
+
+
 def test_close_during_a_write_says_it_may_have_been_applied(cluster: LocalCluster) -> None:
     """close() from another thread ends a write under way; the write may still be applied
     (here it is, once the stalled backup resumes), so the error must not say definite."""
@@ -456,7 +472,8 @@ def test_close_during_a_write_says_it_may_have_been_applied(cluster: LocalCluste
     try:
         writer = threading.Thread(target=write)
         writer.start()
-        time.sleep(0.3)  # (the put waits for the stopped backup)
+        # (the put went out and waits for its reply, which waits for the stopped backup)
+        wait_until(lambda: receiving(writer) or None, 10.0, "the put was never sent")
         kv.close()
         writer.join(10)
     finally:
