@@ -399,8 +399,7 @@ def zookeeper_errors(what: str) -> Iterator[None]:
         raise errors.CoordinationError(
             f"ZooKeeper {what} refused: not authorized (NoAuth). These znodes are writable "
             "only with the cluster's credentials (--zk-auth-file FILE, --zk-auth USER:PASSWORD "
-            "or $KV_ZK_AUTH); "
-            "none or wrong ones were given"
+            "or $KV_ZK_AUTH); none or wrong ones were given"
         ) from None
     except (KazooException, KazooTimeoutError) as exc:
         failure = errors.CoordinationError(f"ZooKeeper {what} failed: {_plain(exc)}")
@@ -698,10 +697,8 @@ def _refuse_reset_under_nodes(
     zk: KazooClient, path: str, is_running: Callable[[str], bool] | None
 ) -> None:
     """A reset under running nodes would discard the store they serve (an in-memory one
-    for good): refused, unless forced. A registered node counts as running if
-    ``is_running(its address)`` (None: every registered one): a node killed a moment ago
-    keeps its znode until its ZooKeeper session expires, and after DATA LOST the nodes have
-    stopped already."""
+    for good): refused, unless forced, while a registered node runs (``_running_members``;
+    after DATA LOST the nodes have stopped already)."""
     running = _running_members(zk, path, is_running)
     if running:
         raise errors.CoordinationError(
