@@ -338,10 +338,8 @@ class WriteAheadLog:
         fd = os.open(self.segment_path(segment), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         _fsync_directory(self.directory)
         # Recorded once the segment exists for good: a crash before leaves the older number,
-        # which the segments present satisfy. Best effort (a full disk): an older number
-        # only checks less.
-        with contextlib.suppress(OSError):
-            _write_durably(self.directory / NEWEST_SEGMENT_FILE, f"{segment}\n".encode())
+        # which the segments present satisfy.
+        self._record_newest_segment(segment)
         old, old_segment = self._fd, self.segment
         self._fd, self.segment = fd, segment
         self._segment_bytes = os.fstat(fd).st_size
@@ -753,10 +751,19 @@ class WriteAheadLog:
         """Remove the empty segment recovery opened: a node refused at every start (restarted
         by systemd every few seconds) would leave one per start. The newest segment recorded
         goes back to the one before, which the segments present satisfy (recovery checked)."""
-        with contextlib.suppress(OSError):
-            _write_durably(self.directory / NEWEST_SEGMENT_FILE, f"{self.segment - 1}\n".encode())
-            self.segment_path(self.segment).unlink()
-            _fsync_directory(self.directory)
+        if self._record_newest_segment(self.segment - 1):
+            with contextlib.suppress(OSError):
+                self.segment_path(self.segment).unlink()
+                _fsync_directory(self.directory)
+
+    def _record_newest_segment(self, segment: int) -> bool:
+        """Write NEWEST_SEGMENT_FILE, best effort (a full disk: an older number only checks
+        less); whether it was written."""
+        try:
+            _write_durably(self.directory / NEWEST_SEGMENT_FILE, f"{segment}\n".encode())
+        except OSError:
+            return False
+        return True
 
 
 class SyncDelivery:
