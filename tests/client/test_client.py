@@ -69,14 +69,12 @@ def test_threads_write_under_lanes_of_their_own_and_a_nested_write_too(
         sent: list[RequestId] = []
         real_call = kv._call
 
-        def spying_call(
-            method: str, args: tuple[object, ...], is_idempotent: bool = True
-        ) -> object:
+        def spying_call(method: str, args: tuple[object, ...], **kwargs: object) -> object:
             if isinstance(args[-1], RequestId):
                 sent.append(copy.copy(args[-1]))  # (a lane reuses its RequestId)
                 if args[0] == "outer":
                     kv.put("inner", "1")  # a write nested in this one, on the same thread
-            return real_call(method, args, is_idempotent)
+            return real_call(method, args, **kwargs)
 
         kv._call = spying_call  # type: ignore[method-assign]
         kv.put("outer", "1")
@@ -347,6 +345,27 @@ def test_get_many_of_more_keys_than_a_request_may_hold_is_split(
     assert found[keys[-1]] == "last" and found[keys[0]] is None
 
 
+def test_get_many_in_chunks_is_bounded_by_one_timeout(
+    shared_cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The timeout bounds the whole get_many, not each chunk of it: five slow chunks of
+    0.3 s each under a 1 s timeout end at the timeout, not after 1.5 s."""
+    monkeypatch.setattr("kvstore.client.client.GET_MANY_KEYS", 2)
+    with kvstore.Client(shared_cluster.zk_connect, shared_cluster.zk_path, timeout=1) as kv:
+        assert kv.get_many(["a", "b", "c"]) == dict.fromkeys("abc")  # (quick: all of it)
+        real_call_once = kv._call_once
+
+        def slow_call_once(method: str, args: tuple[object, ...], remaining_s: float) -> object:
+            time.sleep(min(0.3, remaining_s))
+            return real_call_once(method, args, remaining_s)
+
+        monkeypatch.setattr(kv, "_call_once", slow_call_once)
+        started = time.monotonic()
+        with pytest.raises(kvstore.DeadlineExceededError, match="get_many did not succeed"):
+            kv.get_many([f"slow{i}" for i in range(10)])
+        assert time.monotonic() - started < 1.25
+
+
 @pytest.mark.parametrize("timeout", [0, -1, float("nan"), float("inf")])
 def test_a_timeout_must_be_a_positive_number(timeout: float) -> None:
     with pytest.raises(ValueError, match="timeout must be"):
@@ -558,3 +577,4 @@ def test_a_timeout_must_end_before_the_exactly_once_records_expire() -> None:
     assert MAX_TIMEOUT_S < DEFAULT_TTL_S
     with pytest.raises(ValueError, match="exactly-once"):
         kvstore.Client("127.0.0.1:1", "/x", timeout=MAX_TIMEOUT_S + 1)
+

@@ -161,14 +161,15 @@ class Client:
         wanted = list(keys)
         for key in wanted:
             _check_key(key)
+        deadline = time.monotonic() + self.timeout  # (the whole call's, not each chunk's)
         if self._locator.is_seed_cluster:
-            return {key: self.get(key) for key in wanted}
+            return {key: self._call("get", (key,), deadline=deadline) or None for key in wanted}
         found: dict[str, str] = {}
         chunks = [wanted[i : i + GET_MANY_KEYS] for i in range(0, len(wanted), GET_MANY_KEYS)]
         while chunks:  # (a node serves one call at a time)
             chunk = chunks.pop()
             try:
-                found.update(self._call("get_many", (chunk,)))
+                found.update(self._call("get_many", (chunk,), deadline=deadline))
             except errors.TooLargeError:
                 if len(chunk) == 1:  # (cannot be: a frame holds the largest key and value)
                     raise
@@ -261,11 +262,26 @@ class Client:
         finally:
             lane.is_busy = False
 
-    def _call(self, method: str, args: tuple[Any, ...], is_idempotent: bool = True) -> Any:
-        """Call ``method`` on the primary, retrying until the timeout. ``is_idempotent``:
-        the call may be repeated (reads, and writes that carry a request id)."""
-        deadline = time.monotonic() + self.timeout
-        remaining_s = self.timeout
+    def _call(
+        self,
+        method: str,
+        args: tuple[Any, ...],
+        is_idempotent: bool = True,
+        deadline: float | None = None,
+    ) -> Any:
+        """Call ``method`` on the primary, retrying until the timeout (or ``deadline``, a
+        ``time.monotonic()`` instant: a call made of several). ``is_idempotent``: the call
+        may be repeated (reads, and writes that carry a request id)."""
+        if deadline is None:
+            deadline = time.monotonic() + self.timeout
+        remaining_s = deadline - time.monotonic()
+        if remaining_s <= 0:  # (a later part of a call made of several)
+            raise errors.DeadlineExceededError(
+                f"{method} did not succeed within {self.timeout:g} s: "
+                "its earlier parts took it all",
+                is_definite=True,
+                last_error=None,
+            )
         may_be_applied = False
         first_error: errors.KVError | None = None  # (the last attempt's may be cut short)
         while True:
