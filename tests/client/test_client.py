@@ -11,6 +11,7 @@ import gc
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +21,8 @@ import pytest
 
 import kvstore
 from kvstore.bench.faults import Killer
+from kvstore.client.status import cluster_state
+from kvstore.config import ClientConfig
 from kvstore.coordination import connect, create_parent
 from kvstore.idl import RequestId
 from kvstore.local.cluster import LocalCluster
@@ -578,3 +581,25 @@ def test_a_timeout_must_end_before_the_exactly_once_records_expire() -> None:
     with pytest.raises(ValueError, match="exactly-once"):
         kvstore.Client("127.0.0.1:1", "/x", timeout=MAX_TIMEOUT_S + 1)
 
+
+def test_status_probes_every_node_at_once(zk_server: ZooKeeperServer, zk_path: str) -> None:
+    """Four registered nodes that accept a connection and never answer (paused ones) cost
+    ``kv status`` one probe timeout, not four."""
+    create_parent(zk_server.connect_string, zk_path)
+    silent = [socket.create_server(("127.0.0.1", 0)) for _ in range(4)]
+    zk = connect(zk_server.connect_string, 10, 10)
+    try:
+        for listener in silent:
+            host, port = listener.getsockname()
+            zk.create(f"{zk_path}/node-", f"{host}:{port}".encode(), ephemeral=True, sequence=True)
+        started = time.monotonic()
+        _, reports = cluster_state(ClientConfig(zk_server.connect_string, zk_path), 1000)
+        took = time.monotonic() - started
+        assert [r.role for r in reports] == ["unreachable"] * 4
+        assert all(r.error and "no reply in time" in r.error for r in reports), reports
+        assert took < 2.5, took  # one after another: at least 4 s
+    finally:
+        zk.stop()
+        zk.close()
+        for listener in silent:
+            listener.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -45,6 +46,7 @@ class NodeReport:
 
 
 SERVING_ROLES = ("primary", "backup")
+MAX_PROBES_AT_ONCE = 32
 
 
 def cluster_state(
@@ -68,7 +70,14 @@ def cluster_state(
         zk.stop()
         zk.close()
     tls = tls_context(config.tls)
-    return meta, [_report(m.name, m.address, meta, probe_timeout_ms, tls) for m in members]
+    if not members:
+        return meta, []
+    # All at once: a paused or silent node costs the probe timeout once, not once per node.
+    with ThreadPoolExecutor(min(len(members), MAX_PROBES_AT_ONCE)) as pool:
+        reports = pool.map(
+            lambda m: _report(m.name, m.address, meta, probe_timeout_ms, tls), members
+        )
+        return meta, list(reports)
 
 
 def _report(name: str, address: str, meta: ClusterMeta, timeout_ms: int, tls: Any) -> NodeReport:
