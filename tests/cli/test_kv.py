@@ -8,8 +8,10 @@ import json
 import os
 import pty
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -395,3 +397,42 @@ def test_dump_reads_a_stopped_nodes_data_directory_without_zookeeper(tmp_path: P
 def test_a_timeout_past_the_exactly_once_records_is_refused() -> None:
     result = kv(None, "--timeout", "600", "put", "k", "v", zk="127.0.0.1:1")
     assert result.returncode == 64 and "exactly-once" in result.stderr
+
+
+def test_max_value_bytes_tells_a_large_put_cut_off_from_one_too_large(
+    zk_server: ZooKeeperServer, zk_path: str, tmp_path: Path
+) -> None:
+    """Nodes with a raised --max-value-bytes accept a value over the default frame limit
+    (16 MiB). A send of it that fails for another reason (here: the primary paused, the
+    send times out) is retried when kv is told the nodes' limit; without it kv takes the
+    failed send for the nodes refusing the frame, and gives up at once."""
+    raised = str(24 * 1024 * 1024)
+    local = LocalCluster(
+        zk_server.connect_string,
+        zk_path,
+        tmp_path / "nodes",
+        node_args=["--max-value-bytes", raised],
+    )
+    big = b"v" * (17 * 1024 * 1024)
+    try:
+        local.start()
+        primary = local.wait_for("primary")
+        assert primary.pid is not None
+        os.kill(primary.pid, signal.SIGSTOP)
+        resume = threading.Timer(3, os.kill, (primary.pid, signal.SIGCONT))
+        try:
+            refused = kv(local, "--timeout", "20", "put", "big", stdin=big)
+            assert refused.returncode == 64, refused.stderr
+            assert "frame limit" in refused.stderr, refused.stderr
+            resume.start()  # (kv's first send times out meanwhile: its RPC timeout is 2 s)
+            retried = kv(
+                local, "--max-value-bytes", raised, "--timeout", "30", "put", "big", stdin=big
+            )
+        finally:
+            resume.cancel()
+            os.kill(primary.pid, signal.SIGCONT)
+        assert retried.returncode == 0, retried.stderr
+        stored = kv(local, "--max-value-bytes", raised, "get", "big", "-n")
+        assert stored.returncode == 0 and len(stored.stdout) == len(big)
+    finally:
+        local.stop()

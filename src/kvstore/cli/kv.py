@@ -31,7 +31,7 @@ from kvstore.cli.args import (
 from kvstore.cli.interrupts import Interrupts
 from kvstore.client.client import DEFAULT_PATH, DEFAULT_ZK, MAX_TIMEOUT_S, Client
 from kvstore.client.status import SERVING_ROLES, cluster_state
-from kvstore.config import ClientConfig
+from kvstore.config import ClientConfig, Limits
 from kvstore.server.storage import StripedStore
 from kvstore.server.wal import SNAPSHOT_FILE, WriteAheadLog
 
@@ -77,7 +77,9 @@ def _parser() -> argparse.ArgumentParser:
         parser_class=_Parser,
     )
     _add_common_arguments(parser)
-    parser.set_defaults(output="text", timeout=DEFAULT_TIMEOUT_S)  # (--zk, --path: in main)
+    parser.set_defaults(
+        output="text", timeout=DEFAULT_TIMEOUT_S, max_value_bytes=Limits().max_value_bytes
+    )  # (--zk, --path: in main)
     add_tls_arguments(parser, "the client's")
     add_zk_tls_arguments(parser)
     # The same options after the command too (kv status -o json): set only where given.
@@ -171,6 +173,14 @@ def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
         "document, for scripts)",
     )
     parser.add_argument(
+        "--max-value-bytes",
+        type=positive_int,
+        metavar="N",
+        help="the nodes' --max-value-bytes where it was raised (default "
+        f"{Limits().max_value_bytes}, theirs): a large put whose send fails is then retried, "
+        "not taken for one over their limit",
+    )
+    parser.add_argument(
         "--timeout",
         type=positive_float,
         metavar="S",
@@ -207,7 +217,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.command == "dump" and args.data_dir is not None:
                 return _dump(_stored_pairs(args.data_dir), args.file)
             with Client(
-                args.zk, args.path, timeout=args.timeout, tls=args.tls, zk_tls=args.zk_tls
+                args.zk,
+                args.path,
+                timeout=args.timeout,
+                tls=args.tls,
+                zk_tls=args.zk_tls,
+                max_value_bytes=args.max_value_bytes,
             ) as kv:
                 return _run(kv, args)
         except (errors.BadRequestError, errors.TooLargeError) as exc:  # the arguments refused
