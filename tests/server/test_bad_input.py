@@ -165,6 +165,16 @@ def raw_connect(node: NodeProcess) -> socket.socket:
     return sock
 
 
+def recv_exactly(sock: socket.socket, size: int) -> bytes:
+    received = b""
+    while len(received) < size:
+        chunk = sock.recv(size - len(received))
+        if not chunk:
+            pytest.fail(f"the node closed the connection after {len(received)} of {size} bytes")
+        received += chunk
+    return received
+
+
 def wait_closed_by_peer(sock: socket.socket, timeout_s: float = SOCKET_TIMEOUT_S) -> bytes:
     """Read until the node closes the connection (EOF or reset); fail if it does not in time."""
     deadline = time.monotonic() + timeout_s
@@ -326,6 +336,22 @@ def test_unknown_method_answers_and_connection_keeps_working(
             client.nosuch()
         assert caught.value.type == TApplicationException.UNKNOWN_METHOD
         assert client.get("alpha") == "1"  # the same connection answers the next call
+    seeded.assert_intact()
+
+
+def test_an_unknown_method_with_a_huge_name_gets_a_short_answer(seeded: Seeded) -> None:
+    """The answer names the method only as far as errors show it: a name of a megabyte
+    must not make the node write back a megabyte."""
+    with raw_connect(seeded.primary) as sock:
+        sock.sendall(frame(call_header("n" * 1_000_000) + bytes([T_STOP])))
+        size = struct.unpack("!i", recv_exactly(sock, 4))[0]
+        assert 0 < size < 1024, size
+        answer = recv_exactly(sock, size)
+        assert b"unknown method nnnn" in answer
+        get = field(T_STRING, 1) + thrift_string(b"alpha") + bytes([T_STOP])
+        sock.sendall(frame(call_header("get") + get))
+        size = struct.unpack("!i", recv_exactly(sock, 4))[0]
+        assert recv_exactly(sock, size).endswith(thrift_string(b"1") + bytes([T_STOP]))
     seeded.assert_intact()
 
 

@@ -310,7 +310,8 @@ class _Dispatcher:
             unknown = TApplicationException(
                 TApplicationException.UNKNOWN_METHOD, f"unknown method {shown_name(api)}"
             )
-            self._send(oprot, api, TMessageType.EXCEPTION, unknown, seqid)
+            # (named as errors show it: a megabyte of name is not worth a megabyte of answer)
+            self._send(oprot, shown_name(api), TMessageType.EXCEPTION, unknown, seqid)
             return ""
         args = self.read_args(api, iprot)
         try:
