@@ -80,6 +80,14 @@ def test_a_log_that_is_not_utf8_is_one_line_and_exit_2(tmp_path: Path) -> None:
     assert "is not an execution log" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_log_that_cannot_be_read_or_parsed_is_one_line_on_stderr(tmp_path: Path) -> None:
+    (tmp_path / "bad.log").write_text("1\tINV\t1\tR\tk\nnonsense\n")
+    for log, why in (("missing.log", "cannot read"), ("bad.log", "line 2: malformed log line")):
+        result = run("check", str(tmp_path / log))
+        assert result.returncode == 2 and result.stdout == "", result
+        assert result.stderr.startswith(f"kv-check: {why}"), result.stderr
+
+
 @pytest.mark.parametrize("value", ["nan", "inf", "-1", "0"])
 def test_a_timeout_must_be_a_positive_number(value: str) -> None:
     assert run("kv", "--timeout", value, "get", "k").returncode == 64

@@ -225,9 +225,14 @@ def check_file(path: StrPath, max_search_steps: int = DEFAULT_MAX_SEARCH_STEPS) 
 
 
 def run_check(
-    path: StrPath, out: TextIO | None = None, max_search_steps: int = DEFAULT_MAX_SEARCH_STEPS
+    path: StrPath,
+    out: TextIO | None = None,
+    max_search_steps: int = DEFAULT_MAX_SEARCH_STEPS,
+    err: TextIO | None = None,
+    error_prefix: str = "ERROR: ",
 ) -> int:
-    """Check a log and print the verdict to ``out`` (default stdout); returns the exit code.
+    """Check a log and print the verdict to ``out`` (default stdout), or why it cannot be
+    read to ``err`` (default ``out``) after ``error_prefix``; returns the exit code.
 
     Exit codes: 0 (EXIT_OK) linearizable; 1 (EXIT_VIOLATIONS) violations found (whether or not
     some keys are also undecided); 2 (EXIT_UNREADABLE) the log cannot be read or parsed;
@@ -237,7 +242,8 @@ def run_check(
     try:
         result = check_file(path, max_search_steps)
     except (OSError, LogFormatError) as error:
-        print(f"ERROR: {error}", file=out)
+        why = f"cannot read {path}: {error.strerror}" if isinstance(error, OSError) else error
+        print(f"{error_prefix}{why}", file=out if err is None else err)
         return EXIT_UNREADABLE
     if result.is_ok:
         print(f"OK ({result.op_count} operations, {result.key_count} keys)", file=out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 from kvstore import errors
@@ -25,7 +26,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("log", metavar="LOG", help="execution log file")
     args = parser.parse_args(argv)
     try:
-        return run_check(args.log)
+        # (a log it cannot read: one line on stderr, as every program here says it gives up)
+        return run_check(args.log, err=sys.stderr, error_prefix="kv-check: ")
     except (OSError, errors.KVError) as exc:
         report_error("kv-check", exc)
         return 2
