@@ -403,9 +403,9 @@ def test_max_value_bytes_tells_a_large_put_cut_off_from_one_too_large(
     zk_server: ZooKeeperServer, zk_path: str, tmp_path: Path
 ) -> None:
     """Nodes with a raised --max-value-bytes accept a value over the default frame limit
-    (16 MiB). A send of it that fails for another reason (here: the primary paused, the
-    send times out) is retried when kv is told the nodes' limit; without it kv takes the
-    failed send for the nodes refusing the frame, and gives up at once."""
+    (16 MiB). A send of it that fails for another reason (here: the nodes paused, the send
+    times out) is retried when kv is told the nodes' limit; without it kv takes the failed
+    send for the nodes refusing the frame, and gives up at once."""
     raised = str(24 * 1024 * 1024)
     local = LocalCluster(
         zk_server.connect_string,
@@ -416,21 +416,30 @@ def test_max_value_bytes_tells_a_large_put_cut_off_from_one_too_large(
     big = b"v" * (17 * 1024 * 1024)
     try:
         local.start()
-        primary = local.wait_for("primary")
-        assert primary.pid is not None
-        os.kill(primary.pid, signal.SIGSTOP)
-        resume = threading.Timer(3, os.kill, (primary.pid, signal.SIGCONT))
+        local.wait_for("primary")
+        local.wait_for("backup")
+        pids = [node.pid for node in local.nodes if node.pid is not None]
+        assert len(pids) == 2
+
+        def resume() -> None:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+
+        # Both paused: the backup cannot take over meanwhile (kv would find it serving).
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        resuming = threading.Timer(3, resume)
         try:
             refused = kv(local, "--timeout", "20", "put", "big", stdin=big)
             assert refused.returncode == 64, refused.stderr
             assert "frame limit" in refused.stderr, refused.stderr
-            resume.start()  # (kv's first send times out meanwhile: its RPC timeout is 2 s)
+            resuming.start()  # (kv's first send times out meanwhile: its RPC timeout is 2 s)
             retried = kv(
                 local, "--max-value-bytes", raised, "--timeout", "30", "put", "big", stdin=big
             )
         finally:
-            resume.cancel()
-            os.kill(primary.pid, signal.SIGCONT)
+            resuming.cancel()
+            resume()
         assert retried.returncode == 0, retried.stderr
         stored = kv(local, "--max-value-bytes", raised, "get", "big", "-n")
         assert stored.returncode == 0 and len(stored.stdout) == len(big)
