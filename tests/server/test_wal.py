@@ -641,3 +641,16 @@ def test_a_second_kv_node_on_a_data_directory_in_use_refuses_to_start(
     assert started.returncode == 1
     assert f"in use by another node (process {os.getpid()})" in started.stderr
     assert "Traceback" not in started.stderr
+
+
+def test_flat_records_of_a_backup_batch_are_logged_and_recovered(tmp_path: Path) -> None:
+    """put_many logs the exactly-once records that travel flat beside a batch's entries
+    (only with a log: in memory it records them without building a tuple for each)."""
+    store = durable_store(tmp_path)
+    store.wait_durable(store.put_many(["a", "b"], ["1", "2"], (["", "lane-1"], [0, 7], [0, 6])))
+    assert store.log is not None
+    store.log.close()
+    again = reopened(tmp_path)
+    assert again.snapshot() == {"a": "1", "b": "2"}
+    assert again.sessions_for("b").outcome("lane-1", 7) is True
+    assert sum(len(table) for table in again.sessions) == 1

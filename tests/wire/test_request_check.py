@@ -10,6 +10,7 @@ import logging
 import random
 import struct
 import time
+from typing import Any
 
 import pytest
 from hostile_frames import FREEZE_REQUEST, SAMPLE_ARGS, encode_call, mutate, valid_frames
@@ -19,7 +20,7 @@ from thriftpy2.protocol.cybin import TCyBinaryProtocol
 from thriftpy2.thrift import TType
 from thriftpy2.transport.memory import TCyMemoryBuffer
 
-from kvstore.idl import KeyValueService
+from kvstore.idl import KeyValueService, RequestId
 from kvstore.rpc import (
     CONNECTION_METHODS,
     MAX_ELEMENTS,
@@ -28,7 +29,7 @@ from kvstore.rpc import (
     MalformedRequestError,
     check_request,
 )
-from kvstore.rpc.framecheck import NAME_SHOWN, _ThrottledLog
+from kvstore.rpc.framecheck import NAME_SHOWN, ParsedRequestId, _ThrottledLog, parse_write
 
 T_BOOL, T_BYTE, T_I32, T_STRING, T_STRUCT, T_MAP, T_LIST = 2, 3, 8, 11, 12, 13, 15
 SENTINEL = b"<end of frame>"
@@ -275,3 +276,88 @@ def test_bad_request_warnings_are_logged_at_most_once_a_second(
     assert caplog.records[-1].getMessage() == (
         "refused request 100 (and 99 more bad requests in the last second)"
     )
+
+
+# --------------------------------------------------------------------------- parse_write
+
+
+def decoded(frame: bytes) -> tuple[str, int, list[Any]]:
+    """(method, seqid, arguments) as the server's general path reads them."""
+    proto = TCyBinaryProtocol(TCyMemoryBuffer(frame[4:]))
+    method, _, seqid = proto.read_message_begin()
+    args = getattr(KeyValueService, f"{method}_args")()
+    args.read(proto)
+    values = [getattr(args, name) for _, name, *_ in args.thrift_spec.values()]
+    if isinstance(values[-1], RequestId):
+        request = values[-1]
+        values[-1] = (request.client_id, request.seq, request.acked_below)
+    return method, seqid, values
+
+
+def parsed(frame: bytes) -> tuple[str, int, list[Any]] | None:
+    result = parse_write(frame)
+    if result is None:
+        return None
+    method, seqid, args = result
+    if isinstance(args[-1], ParsedRequestId):
+        args[-1] = tuple(args[-1])
+    return method, seqid, args
+
+
+@pytest.mark.parametrize(
+    ("method", "args"),
+    [
+        ("put", ("key-1", "value-1")),
+        ("put", ("ключ", "")),
+        ("put", ("k", "v" * 100_000)),
+        ("put_once", ("key-1", "value-1", RequestId(client_id="c-1", seq=9, acked_below=8))),
+        ("put_once", ("k", "", RequestId(client_id="c", seq=-(2**63), acked_below=2**63 - 1))),
+        ("put_once", ("k", "ü" * 1000, RequestId(client_id="c" * 128, seq=0, acked_below=0))),
+    ],
+)
+def test_the_usual_writes_are_parsed_as_the_general_path_reads_them(
+    method: str, args: tuple[Any, ...]
+) -> None:
+    frame = encode_call(method, args, seqid=12345)
+    check_request(frame)
+    assert parsed(frame) == decoded(frame)
+
+
+@pytest.mark.parametrize(
+    ("method", "args"),
+    [
+        ("put_once", ("key-1", "value-1", None)),  # no RequestId: the general path
+        ("put_once", ("key-1", "value-1", RequestId(client_id="c", seq=1))),  # one unset
+        ("get", ("key-1",)),
+        ("remove", ("key-1", RequestId(client_id="c", seq=1, acked_below=1))),
+    ],
+)
+def test_other_requests_are_left_to_the_general_path(method: str, args: tuple[Any, ...]) -> None:
+    assert parse_write(encode_call(method, args)) is None
+
+
+def test_invalid_utf8_is_left_to_the_general_path() -> None:
+    frame = encode_call("put", ("key-1", "value-1")).replace(b"value-1", b"value\xff1")
+    assert parse_write(frame) is None
+
+
+@settings(
+    max_examples=1000,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(method=st.sampled_from(["put", "put_once"]), seed=st.integers(0, 2**32 - 1))
+def test_what_parse_write_accepts_passes_the_check_and_decodes_alike(
+    method: str, seed: int
+) -> None:
+    """parse_write stands in for check_request and the decoder: whatever it accepts (the
+    frame reader has matched the length header to the frame) they accept, with the same
+    arguments."""
+    frame = mutate(random.Random(seed), VALID_FRAMES[method])
+    frame = struct.pack("!i", len(frame) - 4) + frame[4:]
+    result = parsed(frame)
+    if result is None:
+        return
+    check_request(frame)
+    assert result == decoded(frame)

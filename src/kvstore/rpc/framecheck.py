@@ -7,7 +7,7 @@ import logging
 import struct
 import threading
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from thriftpy2.thrift import TMessageType, TType
 
@@ -383,3 +383,71 @@ _ARGUMENTS: dict[bytes, _Fields] = {
     name.encode(): _fields(getattr(KeyValueService, f"{name}_args").thrift_spec)
     for name in KeyValueService.thrift_services
 }
+
+
+# --------------------------------------------------------------------------- the common writes
+
+# A put_once and a put, the writes clients send most, laid out as every Thrift binary-protocol
+# client writes them (strict header, fields in id order, all of put_once's RequestId set), are
+# checked and decoded in one pass here: the general check walks a put_once's nested RequestId
+# with two more calls, and thriftpy2 builds it through its Python __init__, so that decoding
+# a put_once cost 5.0 us against 2.9 for a put (timeit) and most of what exactly-once added to
+# a write on the primary. Anything else (another layout, invalid UTF-8) goes the general way.
+_PUT_ONCE = _HEADER.pack(_CALL_V1, 8) + b"put_once"
+_PUT = _HEADER.pack(_CALL_V1, 3) + b"put"
+_KEY, _VALUE, _REQUEST_ID = b"\x0b\x00\x01", b"\x0b\x00\x02", b"\x0c\x00\x03"
+_CLIENT_ID = b"\x0b\x00\x01"
+# After the client id: seq (i64, field 2), acked_below (i64, field 3), the RequestId's STOP
+# and the arguments' STOP.
+_SEQS = struct.Struct("!3sq3sq2s")
+_SEQ, _ACKED, _TWO_STOPS = b"\x0a\x00\x02", b"\x0a\x00\x03", b"\x00\x00"
+
+
+class ParsedRequestId(NamedTuple):
+    """A put_once's RequestId as ``parse_write`` reads it (the attributes of the IDL's)."""
+
+    client_id: str
+    seq: int
+    acked_below: int
+
+
+def parse_write(frame: bytes) -> tuple[str, int, list[Any]] | None:
+    """(method, seqid, arguments) of a framed put_once or put in the usual layout (see above),
+    exactly as ``check_request`` would pass it and thriftpy2 decode it; None for anything
+    else, which the caller checks and decodes the general way."""
+    if frame.startswith(_PUT_ONCE, 4):
+        api, pos = "put_once", 24
+    elif frame.startswith(_PUT, 4):
+        api, pos = "put", 19
+    else:
+        return None
+    end = len(frame)
+    try:
+        seqid = _unpack_i32(frame, pos - 4)[0]
+        if not frame.startswith(_KEY, pos):
+            return None
+        length = _unpack_i32(frame, pos + 3)[0]
+        start, pos = pos + 7, pos + 7 + length
+        if length < 0 or pos > end or not frame.startswith(_VALUE, pos):
+            return None
+        key = frame[start:pos].decode()
+        length = _unpack_i32(frame, pos + 3)[0]
+        start, pos = pos + 7, pos + 7 + length
+        if length < 0 or pos > end:
+            return None
+        value = frame[start:pos].decode()
+        if api == "put":
+            return (api, seqid, [key, value]) if pos + 1 == end and frame[pos] == 0 else None
+        if not frame.startswith(_REQUEST_ID, pos) or not frame.startswith(_CLIENT_ID, pos + 3):
+            return None
+        length = _unpack_i32(frame, pos + 6)[0]
+        start, pos = pos + 10, pos + 10 + length
+        if length < 0 or pos + 24 != end:
+            return None
+        client_id = frame[start:pos].decode()
+        seq_field, seq, acked_field, acked_below, stops = _SEQS.unpack_from(frame, pos)
+    except (UnicodeDecodeError, IndexError, struct.error):
+        return None
+    if seq_field != _SEQ or acked_field != _ACKED or stops != _TWO_STOPS:
+        return None
+    return api, seqid, [key, value, ParsedRequestId(client_id, seq, acked_below)]

@@ -66,6 +66,7 @@ from kvstore.rpc.framecheck import (
     bad_request_log,
     check_request,
     frame_size_error,
+    parse_write,
 )
 from kvstore.rpc.secret import PeerRole
 
@@ -411,9 +412,13 @@ class EventFront:
                 frame = self._next_frame(conn)
                 if frame is None:
                     break
-                check_request(frame)
-                if not self._serve_frame(conn, frame):
-                    return  # handed to a thread
+                parsed = parse_write(frame)  # (a put_once or put: checked and decoded at once)
+                if parsed is not None and parsed[0] in self._grouped_methods:
+                    self._join_group(conn, *parsed)
+                else:
+                    check_request(frame)
+                    if not self._serve_frame(conn, frame):
+                        return  # handed to a thread
                 if conn.is_waiting:
                     break  # its next frame once the group answered it
             if len(outbox) > LARGE_REPLY_BYTES:
@@ -484,10 +489,14 @@ class EventFront:
             conn.proto = codec(frames)  # (its buffer grew to the request's size)
         return True
 
-    def _join_group(self, conn: _Connection, api: str, seqid: int) -> None:
+    def _join_group(
+        self, conn: _Connection, api: str, seqid: int, args: list[Any] | None = None
+    ) -> None:
+        """Add a write to the newest group; ``args``: its arguments if decoded already."""
         dispatcher, grouped = self._dispatcher, self._grouped
         assert grouped is not None
-        args = dispatcher.read_args(api, conn.proto)
+        if args is None:
+            args = dispatcher.read_args(api, conn.proto)
         try:
             write = grouped.prepare(api, args)
         except errors.KVError as exc:

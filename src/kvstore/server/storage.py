@@ -80,6 +80,38 @@ class StripedStore:
         for."""
         if not keys:  # a heartbeat
             return 0
+        taken = self.lock_stripes(keys)
+        try:
+            # (read under the locks: a join sets it under every stripe's lock)
+            shards, sessions, touched = self._shards, self.sessions, self._touched
+            count = self.stripe_count
+            position = 0
+            if self.log is not None:  # (without one, no record tuple per write to log)
+                position = self._log_many(keys, values, records)
+            if records is None:
+                for key, value in zip(keys, values, strict=True):
+                    i = hash(key) % count
+                    shards[i][key] = value
+                    if touched is not None:
+                        touched[i].add(key)
+                return position
+            clients, seqs, acked = records
+            for key, value, client_id, seq, acked_below in zip(
+                keys, values, clients, seqs, acked, strict=True
+            ):
+                i = hash(key) % count
+                shards[i][key] = value
+                if touched is not None:
+                    touched[i].add(key)
+                if client_id:
+                    sessions[i].record(key, client_id, seq, True, acked_below)
+        finally:
+            self.unlock_stripes(taken)
+        return position
+
+    def _log_many(self, keys: list[str], values: list[str], records: FlatRecords | None) -> int:
+        """Log ``put_many``'s writes in one append (its stripe locks held); the position to
+        wait for. Raises what stopped them (none is applied then)."""
         if records is None:
             logged: list[RequestRecord | None] = [None] * len(keys)
         else:
@@ -87,23 +119,9 @@ class StripedStore:
                 (client_id, seq, acked_below) if client_id else None
                 for client_id, seq, acked_below in zip(*records, strict=True)
             ]
-        taken = self.lock_stripes(keys)
-        try:
-            # (read under the locks: a join sets it under every stripe's lock)
-            shards, sessions, touched = self._shards, self.sessions, self._touched
-            count = self.stripe_count
-            positions, failure = self.log_writes(list(zip(keys, values, logged, strict=True)))
-            if failure is not None:
-                raise failure
-            for key, value, record in zip(keys, values, logged, strict=True):
-                i = hash(key) % count
-                shards[i][key] = value
-                if touched is not None:
-                    touched[i].add(key)
-                if record is not None:
-                    sessions[i].record(key, record[0], record[1], True, record[2])
-        finally:
-            self.unlock_stripes(taken)
+        positions, failure = self.log_writes(list(zip(keys, values, logged, strict=True)))
+        if failure is not None:
+            raise failure
         return positions[-1] if positions else 0
 
     def log_write(self, key: str, value: str | None, record: RequestRecord | None = None) -> int:
