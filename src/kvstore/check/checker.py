@@ -242,7 +242,11 @@ def run_check(
     try:
         result = check_file(path, max_search_steps)
     except (OSError, LogFormatError) as error:
-        why = f"cannot read {path}: {error.strerror}" if isinstance(error, OSError) else error
+        why = (
+            f"cannot read {path}: {error.strerror or error}"
+            if isinstance(error, OSError)
+            else error
+        )
         print(f"{error_prefix}{why}", file=out if err is None else err)
         return EXIT_UNREADABLE
     if result.is_ok:
