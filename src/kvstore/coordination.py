@@ -130,6 +130,7 @@ logging.getLogger("kazoo.client").addFilter(_RepeatsFilter(KAZOO_REPEATS_EVERY_S
 MEMBER_PREFIX = "node-"
 DEFAULT_REPLICAS = 2  # the seed's: a primary and one backup
 MAX_REPLICAS = 9
+ZOOKEEPER_OWN = "/zookeeper"  # ZooKeeper's own znodes (quotas, config): no cluster's parent
 
 
 @dataclass(frozen=True, slots=True)
@@ -624,6 +625,7 @@ def create_parent(
         raise errors.CoordinationError("securing an existing parent needs credentials")
     if replicas is not None:
         check_replicas(replicas)
+    check_cluster_parent(path, b"", 0)  # (before anything is created: not ZooKeeper's own)
     zk = connect(zk_connect, ZK_SESSION_TIMEOUT_S, timeout_s, auth, tls)
     try:
         with zookeeper_errors(f"creating {path}"):
@@ -635,6 +637,11 @@ def create_parent(
                     done.append(f"replication factor {replicas}")
                 return ", ".join(done)
         with zookeeper_errors(f"changing the existing {path}"):  # (not "creating": it exists)
+            data, stat = zk.get(path)
+            if reset:  # (what it holds is replaced, but never ZooKeeper's or a node's znode)
+                check_cluster_parent(path, b"", stat.ephemeralOwner)
+            else:
+                check_cluster_parent(path, data, stat.ephemeralOwner)
             done = ["exists"]
             if secure_existing:
                 assert auth is not None
@@ -651,6 +658,29 @@ def create_parent(
     finally:
         zk.stop()
         zk.close()
+
+
+def check_cluster_parent(path: str, data: bytes, ephemeral_owner: int) -> None:
+    """NotAClusterError unless the existing znode ``path`` (holding ``data``) can be a
+    cluster's parent: empty (a new one, or the seed's) or holding kvstore metadata, not
+    ephemeral (a node's registration: it can have no children), not ZooKeeper's own."""
+    if path == ZOOKEEPER_OWN or path.startswith(ZOOKEEPER_OWN + "/"):
+        raise errors.NotAClusterError(
+            f"{path} belongs to ZooKeeper itself: choose another path, such as /kvstore"
+        )
+    if ephemeral_owner:
+        raise errors.NotAClusterError(
+            f"{path} is an ephemeral znode (a node's registration?), not a cluster's parent: "
+            "give the parent path, such as /kvstore"
+        )
+    try:
+        ClusterMeta.from_bytes(data)
+    except errors.CoordinationError:
+        raise errors.NotAClusterError(
+            f"{path} holds data that is not a kvstore cluster's metadata ({len(data)} bytes, "
+            f"starting {data[:20]!r}): choose another path, or make it a new cluster's "
+            "parent with kv-createznode --reset"
+        ) from None
 
 
 def _create_parent_znode(zk: KazooClient, path: str, initial: bytes, timeout_s: float) -> bool:
@@ -1014,10 +1044,16 @@ class Coordinator(ClusterView):
 
     def require_parent(self) -> None:
         """NoClusterError unless the parent exists, read after catching up with the
-        ZooKeeper leader (a server that lags may not have applied its creation yet)."""
+        ZooKeeper leader (a server that lags may not have applied its creation yet);
+        NotAClusterError if it is no cluster's parent (:func:`check_cluster_parent`)."""
+        check_cluster_parent(self.path, b"", 0)  # (not ZooKeeper's own, whether it exists)
         self.sync()
-        if not self.exists():
-            raise self._no_cluster()
+        with zookeeper_errors("reading the parent path"):
+            try:
+                data, stat = self._wait(self.zk.get_async(self.path))
+            except NoNodeError:
+                raise self._no_cluster() from None
+        check_cluster_parent(self.path, data, stat.ephemeralOwner)
 
     def _registered(self, name: str) -> str:
         self._may_have_registered = False

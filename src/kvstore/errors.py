@@ -124,6 +124,12 @@ class NoClusterError(CoordinationError):
     new, empty cluster in its place."""
 
 
+class NotAClusterError(CoordinationError):
+    """The parent path exists but is no cluster's parent: a znode holding other data, a
+    node's (ephemeral) registration, or ZooKeeper's own ``/zookeeper``. Nodes refuse to
+    register under it, and kv-createznode to adopt it."""
+
+
 class DeposedError(KVError):
     """This node learnt that another node became primary; it must stop acting as primary."""
 

@@ -176,6 +176,40 @@ def test_createznode_sets_the_replication_factor_and_reset_keeps_it(zk_server, z
     assert refused.returncode == 2 and "--replicas must be 1 to" in refused.stderr
 
 
+def test_a_znode_that_is_no_clusters_parent_is_refused_by_createznode_and_node(
+    zk_server: ZooKeeperServer, zk_path: str
+) -> None:
+    """A path holding other data, a node's ephemeral registration and ZooKeeper's own
+    /zookeeper are no cluster's parent: kv-createznode exits 1 instead of saying "exists",
+    and a node exits 1 at once instead of retrying forever (or serving under /zookeeper)."""
+    zk = zk_server.connect_string
+    client = connect(zk, 10.0, 10.0)
+    try:
+        client.create(zk_path, b"hello")
+        ephemeral = client.create(f"{zk_path}-member", b"127.0.0.1:1", ephemeral=True)
+        for path, why in (
+            (zk_path, "holds data that is not a kvstore cluster's metadata"),
+            (ephemeral, "is an ephemeral znode"),
+            ("/zookeeper", "belongs to ZooKeeper itself"),
+            ("/zookeeper/kv", "belongs to ZooKeeper itself"),
+        ):
+            made = run("createznode", zk, path)
+            assert made.returncode == 1 and why in made.stderr, made
+            started = time.monotonic()
+            node = run("node", "127.0.0.1", PORT, zk, path)
+            assert node.returncode == 1 and why in node.stderr, node
+            assert "Traceback" not in node.stderr
+            assert time.monotonic() - started < 30  # (not its connect deadline over and over)
+        assert client.get(zk_path)[0] == b"hello"
+        assert sorted(client.get_children("/zookeeper")) == ["config", "quota"]  # no node there
+        reset = run("createznode", "--reset", zk, zk_path)  # asked for: it becomes a parent
+        assert reset.returncode == 0, reset
+        assert ClusterMeta.from_bytes(client.get(zk_path)[0]).epoch == 0
+    finally:
+        client.stop()
+        client.close()
+
+
 def test_a_metrics_port_in_use_is_named_as_such() -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
