@@ -95,18 +95,28 @@ def test_put_without_a_value_reads_standard_input_unchanged(shared_cluster: Loca
     assert not_text.stderr.count("\n") == 1  # one line: no usage text
 
 
-def test_put_without_a_value_with_a_terminal_as_input_is_a_usage_error() -> None:
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (("put", "k"), "give VALUE, or send it on standard input"),
+        (("load",), "give FILE, or send the dump on standard input"),
+        (("load", "-"), "give FILE, or send the dump on standard input"),
+    ],
+)
+def test_reading_standard_input_from_a_terminal_is_a_usage_error(
+    args: tuple[str, ...], said: str
+) -> None:
     master, slave = pty.openpty()  # would wait for the user's typing, if it read it
     try:
         result = subprocess.run(
-            [sys.executable, "-m", "kvstore", "kv", "--zk", "127.0.0.1:1", "put", "k"],
+            [sys.executable, "-m", "kvstore", "kv", "--zk", "127.0.0.1:1", *args],
             stdin=slave, capture_output=True, text=True, timeout=TIMEOUT_S, check=False,
         )  # fmt: skip
     finally:
         os.close(slave)
         os.close(master)
     assert result.returncode == 64, result.stderr
-    assert "give VALUE, or send it on standard input" in result.stderr
+    assert said in result.stderr
 
 
 def test_dump_then_load_round_trips_every_key(shared_cluster: LocalCluster, tmp_path: Path) -> None:

@@ -212,6 +212,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             if args.command == "put" and args.value is None:
                 args.value = _value_from_stdin(parser)
+            if args.command == "load" and args.file in (None, "-") and _is_terminal(sys.stdin):
+                parser.error("load: give FILE, or send the dump on standard input (kv load < FILE)")
             if args.command == "status":
                 return _status(args)
             if args.command == "dump" and args.data_dir is not None:
@@ -266,9 +268,14 @@ def _run(kv: Client, args: argparse.Namespace) -> int:
     return EXIT_NO if None in values.values() else EXIT_OK
 
 
+def _is_terminal(stream: TextIO | None) -> bool:
+    """Whether reading ``stream`` would wait for somebody's typing (or there is none)."""
+    return stream is None or stream.isatty()
+
+
 def _value_from_stdin(parser: argparse.ArgumentParser) -> str:
     """``kv put KEY`` without VALUE: standard input to its end, unchanged (no newline cut)."""
-    if sys.stdin is None or sys.stdin.isatty():
+    if _is_terminal(sys.stdin):
         parser.error("put: give VALUE, or send it on standard input (kv put KEY < FILE)")
     data = sys.stdin.buffer.read()
     try:
