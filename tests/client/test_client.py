@@ -598,6 +598,14 @@ def test_status_probes_every_node_at_once(zk_server: ZooKeeperServer, zk_path: s
         assert [r.role for r in reports] == ["unreachable"] * 4
         assert all(r.error and "no reply in time" in r.error for r in reports), reports
         assert took < 2.5, took  # one after another: at least 4 s
+        shown = subprocess.run(
+            [sys.executable, "-m", "kvstore", "kv", "--zk", zk_server.connect_string,
+             "--path", zk_path, "status"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert shown.returncode == 2, shown
+        why = [line for line in shown.stdout.splitlines() if "did not answer" in line]
+        assert len(why) == 4, shown.stdout  # each node's reason, not the first one's alone
     finally:
         zk.stop()
         zk.close()

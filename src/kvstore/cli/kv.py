@@ -440,8 +440,7 @@ def _status(args: argparse.Namespace) -> int:
         absent = sorted(set(meta.in_sync) - serving)
         if absent:  # (the primary drops them within a second or so, or it is gone itself)
             print(f"(listed in sync, not answering as primary or backup: {', '.join(absent)})")
-    failed = next((r for r in reports if r.error), None)
-    if failed is not None:
+    for failed in (r for r in reports if r.error):
         how = "failed the TLS check" if failed.role == "forbidden" else "did not answer"
         print(f"({failed.name} {how}: {failed.error})")
     if any(r.role == "stale" for r in reports):
