@@ -19,6 +19,7 @@ from thriftpy2.transport.framed import TCyFramedTransport
 
 from kvstore import errors
 from kvstore.idl import KeyValueService
+from kvstore.rpc.framecheck import NOT_TLS_ALERT_REASON
 from kvstore.rpc.secret import accepts_v1, authenticate_connection
 from kvstore.rpc.tls import peer_certificate_identity, short_identity
 
@@ -202,6 +203,11 @@ class Connection:
             ) from None
         except OSError as exc:
             raw.close()
+            if _is_plaintext_answer(exc):
+                raise errors.ForbiddenError(
+                    f"{self.address} serves plaintext, not TLS: connect without TLS (kv, "
+                    "kv-client: no --tls-* options), or start the nodes with TLS"
+                ) from None
             hint = ""
             if isinstance(exc, ssl.SSLEOFError) or getattr(exc, "reason", None) in _CUT_SHORT:
                 hint = (
@@ -428,6 +434,13 @@ def _lost(exc: BaseException) -> str:
 
 # How OpenSSL reports a handshake the peer cut short or answered with something else.
 _CUT_SHORT = frozenset({"UNEXPECTED_EOF_WHILE_READING", "WRONG_VERSION_NUMBER"})
+
+
+def _is_plaintext_answer(exc: OSError) -> bool:
+    """Whether a failed handshake was a plaintext node's answer (framecheck.NOT_TLS_ALERT;
+    Python may not know OpenSSL's name for that alert, and then gives only its text)."""
+    said = f"{getattr(exc, 'reason', None)} {exc}".upper().replace(" ", "_")
+    return isinstance(exc, ssl.SSLError) and NOT_TLS_ALERT_REASON in said
 
 
 def _is_refused_certificate(exc: ssl.SSLError) -> bool:

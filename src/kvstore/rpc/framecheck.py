@@ -17,7 +17,12 @@ log = logging.getLogger(__name__)
 
 
 class MalformedFrameError(Exception):
-    """No request in the frame, or a frame out of bounds: the connection is closed unanswered."""
+    """No request in the frame, or a frame out of bounds: the connection is closed, unanswered
+    but for ``answer`` (bytes to send first, if any)."""
+
+    def __init__(self, message: str, answer: bytes = b"") -> None:
+        super().__init__(message)
+        self.answer = answer
 
 
 class MalformedRequestError(Exception):
@@ -69,6 +74,13 @@ _LEAST_BYTES = tuple(
 
 # A TLS record starts with its content type (22: handshake) and major version (3).
 TLS_HANDSHAKE_START = b"\x16\x03"
+# What a plaintext node answers a TLS handshake with, before it closes the connection: a TLS
+# alert record (type 21, version 3.3, 2 bytes: fatal, no_application_protocol), which a TLS
+# client reads as TLSV1_ALERT_NO_APPLICATION_PROTOCOL and can fail at once on (a TLS node
+# never sends that alert: it offers no protocols by ALPN). Without it the client sees the
+# handshake cut short, as from a TLS node refusing new connections for now, and retries.
+NOT_TLS_ALERT = b"\x15\x03\x03\x00\x02\x02\x78"
+NOT_TLS_ALERT_REASON = "NO_APPLICATION_PROTOCOL"  # (in OpenSSL's name of the alert)
 
 
 def frame_size_error(header: bytes, frame_size: int) -> MalformedFrameError:
@@ -77,7 +89,8 @@ def frame_size_error(header: bytes, frame_size: int) -> MalformedFrameError:
     if header.startswith(TLS_HANDSHAKE_START):
         return MalformedFrameError(
             "a TLS handshake, but this node serves plaintext (start it with --tls-cert, "
-            "--tls-key and --tls-ca, or connect without TLS)"
+            "--tls-key and --tls-ca, or connect without TLS)",
+            answer=NOT_TLS_ALERT,
         )
     return MalformedFrameError(f"frame of {frame_size} bytes refused")
 

@@ -437,6 +437,9 @@ class EventFront:
             self._finish(conn)
         except MalformedFrameError as exc:
             bad_request_log.warning(log, "closing the connection from %s: %s", conn.peer, exc)
+            if exc.answer:  # (a few bytes into an empty buffer: never blocks)
+                with contextlib.suppress(OSError):
+                    conn.sock.send(exc.answer)
             self._close(conn)
         except Exception as exc:  # a request the decoder refused despite the check
             bad_request_log.warning(

@@ -773,6 +773,9 @@ class RpcServer:
                 sock.sendall(reply)
         except MalformedFrameError as exc:
             bad_request_log.warning(log, "closing the connection from %s: %s", peer, exc)
+            if exc.answer:
+                with contextlib.suppress(OSError):
+                    sock.sendall(exc.answer)
         except OSError:
             pass
         except Exception as exc:  # a request the decoder refused despite the check
