@@ -566,8 +566,9 @@ def _why_unreached(problem: str, is_tls: bool) -> str:
     hint = ""
     if not is_tls and "connection broken" in reason:
         hint = (
-            " (a ZooKeeper port that serves TLS only ends plaintext connections so: if this "
-            "is one, give the --zk-tls-ca/--zk-tls-cert/--zk-tls-key options)"
+            " (what listens there ended the connection: is it ZooKeeper's port, not a "
+            "kvstore node's? A ZooKeeper port that serves TLS only does so too: then give "
+            "the --zk-tls-ca/--zk-tls-cert/--zk-tls-key options)"
         )
     return f": {reason}{hint}"
 

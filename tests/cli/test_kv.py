@@ -455,3 +455,12 @@ def test_max_value_bytes_tells_a_large_put_cut_off_from_one_too_large(
         assert stored.returncode == 0 and len(stored.stdout) == len(big)
     finally:
         local.stop()
+
+
+def test_a_node_port_given_as_zookeeper_is_named_a_likely_mix_up(
+    shared_cluster: LocalCluster,
+) -> None:
+    node = shared_cluster.wait_for("primary").address
+    result = kv(None, "--timeout", "3", "get", "k", zk=node)
+    assert result.returncode == 2, result
+    assert "is it ZooKeeper's port, not a kvstore node's?" in result.stderr, result.stderr
