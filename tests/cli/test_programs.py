@@ -107,6 +107,18 @@ def test_unreachable_zookeeper_is_one_line(args: tuple[str, ...]) -> None:
     assert "WARNING" not in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_load_whose_zookeeper_is_unreachable_says_so_once(tmp_path: Path) -> None:
+    """Reading the keys' values before the run fails as the run would: one line, not a
+    warning about those values and then the same failure again."""
+    result = subprocess.run(
+        [sys.executable, "-m", "kvstore", "client", "127.0.0.1:1", "/x", "1", "1", "10"],
+        capture_output=True, text=True, timeout=TIMEOUT_S, check=False, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "cannot reach ZooKeeper" in result.stderr, result
+    assert not (tmp_path / "execution.log").exists()
+
+
 def test_a_damaged_data_directory_is_one_error_line(tmp_path: Path) -> None:
     (tmp_path / "wal-00000001.log").write_bytes(b"not a record at all, and more after it " * 4)
     (tmp_path / "wal-00000002.log").write_bytes(b"")

@@ -117,9 +117,12 @@ def _run(
 
 def _starting_values(config: ClientConfig, args: argparse.Namespace) -> list[Event]:
     """The values the keys hold before the run (see load.starting_values); none, with a
-    warning, if the cluster does not answer soon (the run then reports how it fares)."""
+    warning, if the cluster does not answer soon (the run then reports how it fares).
+    ZooKeeper unreachable or the parent missing: raised (the run would fail the same)."""
     try:
         return load.starting_values(config, args.keyspace, timeout_s=min(5.0, args.seconds))
+    except errors.CoordinationError:
+        raise
     except errors.KVError as exc:
         report_error(
             "kv-client",
