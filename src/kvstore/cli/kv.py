@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TextIO
@@ -43,7 +43,8 @@ LOAD_THREADS = 8
 DEFAULT_TIMEOUT_S = 5.0
 
 EPILOG = f"""\
-exit status: {EXIT_OK} done; {EXIT_NO} key missing (get, del, any of mget) or cas did not swap;
+exit status: {EXIT_OK} done; {EXIT_NO} key missing (get, del, any of mget), cas did not swap,
+or dump --data-dir of a damaged directory (what was intact is dumped);
 {EXIT_UNAVAILABLE} cluster unreachable, no primary (status: no node answers as primary), or
 timed out; {EXIT_USAGE} bad arguments (a key or value refused for its size or encoding included);
 128 + the signal when interrupted (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP: a write under way
@@ -217,7 +218,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.command == "status":
                 return _status(args)
             if args.command == "dump" and args.data_dir is not None:
-                return _dump(_stored_pairs(args.data_dir), args.file)
+                pairs, is_damaged = _stored_pairs(args.data_dir)
+                done = _dump(pairs, args.file)
+                return EXIT_NO if is_damaged and done == EXIT_OK else done
             with Client(
                 args.zk,
                 args.path,
@@ -316,17 +319,27 @@ def _write_dump(pairs: Iterable[tuple[str, str]], out: TextIO) -> int:
     return count
 
 
-def _stored_pairs(directory: str) -> Iterator[tuple[str, str]]:
+def _stored_pairs(directory: str) -> tuple[list[tuple[str, str]], bool]:
     """The keys and values a stopped node's data directory holds, recovered as the node
-    would (DataDirectoryInUseError while a node uses it; CorruptLogError if damaged)."""
+    would (DataDirectoryInUseError while a node uses it), and whether it is damaged: then
+    what is intact (the records of a damaged file before the damage, every other file's)."""
     path = Path(directory)
     has_data = (path / SNAPSHOT_FILE).exists() or any(path.glob("wal-*"))
     if not path.is_dir() or not has_data:
         raise errors.BadRequestError(f"dump: {directory} holds no node's data (no log or snapshot)")
     store = StripedStore()
     store.log = WriteAheadLog(path, fsync="never")
+    damage: list[str] = []
     try:
-        store.recover()
+        store.recover(on_damage=lambda exc: damage.append(str(exc).split("; refusing")[0]))
+        for problem in damage:
+            print(f"kv: {problem}: dumping what is intact", file=sys.stderr)
+        if damage:
+            print(
+                f"kv: {directory} is damaged: the dump holds every key that could be read, "
+                f"but keys may be missing or older than the node held them (exit {EXIT_NO})",
+                file=sys.stderr,
+            )
         if not store.log.is_complete_copy:
             print(
                 f"kv: {directory} holds an incomplete copy (a join or catch-up was cut short): "
@@ -335,7 +348,7 @@ def _stored_pairs(directory: str) -> Iterator[tuple[str, str]]:
             )
     finally:
         store.log.close()
-    yield from sorted(store.snapshot().items())
+    return sorted(store.snapshot().items()), bool(damage)
 
 
 def _entries(file: str | None) -> list[tuple[str, str]]:

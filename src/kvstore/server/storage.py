@@ -31,12 +31,13 @@ a deleted key is not brought back.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from kvstore import errors
 from kvstore.server import wal
+from kvstore.server.records import CorruptLogError
 from kvstore.server.sessions import RequestRecord, SessionTable
 
 # The exactly-once records of a batch's puts, flat: client ids ("" for none), seqs,
@@ -365,13 +366,14 @@ class StripedStore:
 
     # ------------------------------------------------------------------ durability
 
-    def recover(self) -> int:
+    def recover(self, on_damage: Callable[[CorruptLogError], None] | None = None) -> int:
         """Load the log's snapshot and segments into this (empty) store; returns the number
-        of records read. Call before serving, from one thread."""
+        of records read. Call before serving, from one thread. ``on_damage``: a rescue
+        (WriteAheadLog.recover), never for a store that serves."""
         assert self.log is not None
         count = 0
         shards, stripe_count = self._shards, self.stripe_count
-        for mutation in self.log.recover():
+        for mutation in self.log.recover(on_damage):
             if mutation.bulk is not None:  # a snapshot's stripe: thousands of puts at once
                 keys, values = mutation.bulk
                 count += len(keys)

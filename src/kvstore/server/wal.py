@@ -271,13 +271,17 @@ class WriteAheadLog:
 
     # ------------------------------------------------------------------ recovery
 
-    def recover(self) -> Iterator[Mutation]:
+    def recover(
+        self, on_damage: Callable[[CorruptLogError], None] | None = None
+    ) -> Iterator[Mutation]:
         """The snapshot's records, then every later segment's, in order (markers are not
         yielded: the last one becomes ``marker``). Then the log is open for appends in a
-        new segment."""
+        new segment. ``on_damage`` (a rescue, never a node's start): told of each damaged
+        file or missing segment, instead of CorruptLogError, and the recovery goes on with
+        the next file (the damaged one's records before the damage are yielded)."""
         incomplete = self.directory / INCOMPLETE_FILE
         state = incomplete.read_text().strip() if incomplete.exists() else ""
-        for mutation in self._recorded(is_checked=state != "reset"):
+        for mutation in self._recorded(state != "reset", on_damage):
             if mutation.kind == MARKER:
                 assert mutation.record is not None
                 log_id, epoch, position = mutation.record
@@ -288,26 +292,54 @@ class WriteAheadLog:
             self.marker = None  # a crash in the middle of a reset: no marker holds
         self.is_complete_copy = not state
 
-    def _recorded(self, is_checked: bool) -> Iterator[Mutation]:
+    def _recorded(
+        self, is_checked: bool, on_damage: Callable[[CorruptLogError], None] | None
+    ) -> Iterator[Mutation]:
         """``is_checked``: refuse a segment missing between the snapshot and the last one
         (not after a reset cut short, whose files are thrown away at the next join)."""
+
+        def damaged(exc: CorruptLogError) -> None:
+            if on_damage is None:
+                raise exc
+            on_damage(exc)
+
+        def salvaged(records: Iterator[Mutation]) -> Iterator[Mutation]:
+            try:
+                yield from records
+            except CorruptLogError as exc:
+                damaged(exc)
+
+        def check_segments(wanted: list[int], since: int | None) -> None:
+            try:
+                self._check_segments(wanted, since)
+            except CorruptLogError as exc:
+                damaged(exc)
+
         first = 0
         snapshot = self.directory / SNAPSHOT_FILE
         segments = self.segments()
         if snapshot.exists():
             records = read_records(snapshot, is_torn_tail_allowed=False)
-            header = next(records, None)
-            if header is None or header.kind != SNAPSHOT_HEADER or header.record is None:
-                raise CorruptLogError(f"{snapshot} has no header; refusing to start")
-            first = header.record[1]
-            segments = [s for s in segments if s >= first]
-            if is_checked:
-                self._check_segments(segments, first)
-            yield from records
+            try:
+                header = next(records, None)
+            except CorruptLogError as exc:  # (not through salvaged: it would close records)
+                damaged(exc)  # (rescued: the snapshot is left out, as if it had no header)
+                header = None
+            else:
+                if header is None or header.kind != SNAPSHOT_HEADER or header.record is None:
+                    damaged(CorruptLogError(f"{snapshot} has no header; refusing to start"))
+                    header = None  # (rescued: its records cannot be placed: left out)
+            if header is not None:
+                assert header.record is not None
+                first = header.record[1]
+                segments = [s for s in segments if s >= first]
+                if is_checked:
+                    check_segments(segments, first)
+                yield from salvaged(records)
         elif is_checked:
-            self._check_segments(segments, None)
+            check_segments(segments, None)
         for i, segment in enumerate(segments):
-            yield from read_records(self.segment_path(segment), i == len(segments) - 1)
+            yield from salvaged(read_records(self.segment_path(segment), i == len(segments) - 1))
         self._open_segment(max([*segments, first - 1, 0]) + 1)
         self._recovered_segment = self.segment
 
