@@ -337,7 +337,8 @@ def _stored_pairs(directory: str) -> tuple[list[tuple[str, str]], bool]:
         if damage:
             print(
                 f"kv: {directory} is damaged: the dump holds every key that could be read, "
-                f"but keys may be missing or older than the node held them (exit {EXIT_NO})",
+                "but keys may be missing, older than the node held them, or back though deleted "
+                f"(exit {EXIT_NO})",
                 file=sys.stderr,
             )
         if not store.log.is_complete_copy:
