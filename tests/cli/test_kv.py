@@ -379,19 +379,25 @@ def test_a_timeout_that_is_no_number_is_said_so() -> None:
     assert result.returncode == 64 and "--timeout: not a number: 'abc'" in result.stderr
 
 
-def test_dump_reads_a_stopped_nodes_data_directory_without_zookeeper(tmp_path: Path) -> None:
-    """The way out when no cluster serves a directory's data any more (its parent znode
-    lost, a reset, a directory moved aside): its keys as that node held them."""
-    directory = tmp_path / "data"
+def _snapshot_then_log(directory: Path, keys: int) -> tuple[StripedStore, dict[str, str]]:
+    """A node's data directory (its store still open): ``keys`` keys in a snapshot, then a
+    delete and an overwrite in the log after it; and what it holds."""
     store = StripedStore(8)
     store.log = WriteAheadLog(directory)
     store.recover()
-    for i in range(20):
+    for i in range(keys):
         store.wait_durable(store.put(f"k{i}", f"v{i}"))
     store.write_snapshot()  # (the snapshot and the log after it, both read)
     store.wait_durable(store.apply_change("k3", None))
     store.wait_durable(store.put("k4", "changed"))
-    expected = {f"k{i}": f"v{i}" for i in range(20) if i != 3} | {"k4": "changed"}
+    return store, {f"k{i}": f"v{i}" for i in range(keys) if i != 3} | {"k4": "changed"}
+
+
+def test_dump_reads_a_stopped_nodes_data_directory_without_zookeeper(tmp_path: Path) -> None:
+    """The way out when no cluster serves a directory's data any more (its parent znode
+    lost, a reset, a directory moved aside): its keys as that node held them."""
+    directory = tmp_path / "data"
+    store, expected = _snapshot_then_log(directory, 20)
     busy = kv(None, "dump", "--data-dir", str(directory), zk="127.0.0.1:1")
     assert busy.returncode == 2 and "in use by another node" in busy.stderr, busy
     store.log.close()
@@ -409,14 +415,8 @@ def test_dump_of_a_damaged_data_directory_rescues_what_is_intact(tmp_path: Path)
     """A node refuses to start on a damaged snapshot; kv dump --data-dir is the rescue: the
     records before the damage, every later file's, a line naming the damage, exit 1."""
     directory = tmp_path / "data"
-    store = StripedStore(8)
-    store.log = WriteAheadLog(directory)
-    store.recover()
-    for i in range(200):
-        store.wait_durable(store.put(f"k{i}", f"v{i}"))
-    store.write_snapshot()
-    store.wait_durable(store.apply_change("k3", None))
-    store.wait_durable(store.put("k4", "changed"))
+    store, expected = _snapshot_then_log(directory, 200)
+    assert store.log is not None
     store.log.close()
     snapshot = directory / SNAPSHOT_FILE
     data = bytearray(snapshot.read_bytes())
@@ -431,7 +431,6 @@ def test_dump_of_a_damaged_data_directory_rescues_what_is_intact(tmp_path: Path)
     assert dumped.returncode == 1, dumped
     assert "is damaged at offset" in dumped.stderr and "dumping what is intact" in dumped.stderr
     found = {entry["key"]: entry["value"] for entry in map(json.loads, dumped.stdout.splitlines())}
-    expected = {f"k{i}": f"v{i}" for i in range(200) if i != 3} | {"k4": "changed"}
     assert found["k4"] == "changed" and "k3" not in found  # (the log after the snapshot)
     assert found.items() <= expected.items()
     assert 0 < len(found) < len(expected)  # (the stripes after the damage are lost)
