@@ -11,7 +11,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from kazoo.client import KazooClient
 import kvstore
 from kvstore.coordination import create_parent
 from kvstore.local.cluster import LocalCluster, NodeProcess
+from kvstore.local.processes import wait_until
 from kvstore.local.zkserver import ZooKeeperServer
 from kvstore.server.records import CorruptLogError
 from kvstore.server.storage import StripedStore
@@ -441,6 +441,17 @@ def test_a_timeout_past_the_exactly_once_records_is_refused() -> None:
     assert result.returncode == 64 and "exactly-once" in result.stderr
 
 
+def _ports_connected_to(port: int) -> set[int]:
+    """The local ports of this machine's IPv4 TCP sockets connected to ``port``, in any state
+    (/proc/net/tcp: "local rem st ...", addresses as HEXIP:HEXPORT)."""
+    ports = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, remote = line.split()[1:3]
+        if int(remote.split(":")[1], 16) == port:
+            ports.add(int(local.split(":")[1], 16))
+    return ports
+
+
 def test_max_value_bytes_tells_a_large_put_cut_off_from_one_too_large(
     zk_server: ZooKeeperServer, zk_path: str, tmp_path: Path
 ) -> None:
@@ -455,10 +466,11 @@ def test_max_value_bytes_tells_a_large_put_cut_off_from_one_too_large(
         tmp_path / "nodes",
         node_args=["--max-value-bytes", raised],
     )
-    big = b"v" * (17 * 1024 * 1024)
+    big = tmp_path / "big"
+    big.write_bytes(b"v" * (17 * 1024 * 1024))
     try:
         local.start()
-        local.wait_for("primary")
+        primary = local.wait_for("primary")
         local.wait_for("backup")
         pids = [node.pid for node in local.nodes if node.pid is not None]
         assert len(pids) == 2
@@ -470,21 +482,33 @@ def test_max_value_bytes_tells_a_large_put_cut_off_from_one_too_large(
         # Both paused: the backup cannot take over meanwhile (kv would find it serving).
         for pid in pids:
             os.kill(pid, signal.SIGSTOP)
-        resuming = threading.Timer(3, resume)
         try:
-            refused = kv(local, "--timeout", "20", "put", "big", stdin=big)
+            refused = kv(local, "--timeout", "20", "put", "big", stdin=big.read_bytes())
             assert refused.returncode == 64, refused.stderr
             assert "frame limit" in refused.stderr, refused.stderr
-            resuming.start()  # (kv's first send times out meanwhile: its RPC timeout is 2 s)
-            retried = kv(
-                local, "--max-value-bytes", raised, "--timeout", "30", "put", "big", stdin=big
-            )
+            earlier = _ports_connected_to(primary.port)
+            env = dict(os.environ, KV_ZK=local.zk_connect, KV_PATH=local.zk_path)
+            command = [sys.executable, "-m", "kvstore", "kv", "--max-value-bytes", raised]
+            with open(big, "rb") as value:
+                retried = subprocess.Popen(
+                    [*command, "--timeout", "30", "put", "big"],
+                    stdin=value, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                )  # fmt: skip
+            try:  # its first send times out (kv's RPC timeout is 2 s) and it connects again
+                wait_until(
+                    lambda: len(_ports_connected_to(primary.port) - earlier) >= 2 or None,
+                    TIMEOUT_S,
+                    lambda: "kv did not try the put a second time",
+                )
+            except BaseException:
+                retried.kill()
+                raise
         finally:
-            resuming.cancel()
             resume()
-        assert retried.returncode == 0, retried.stderr
+        _, err = retried.communicate(timeout=TIMEOUT_S)
+        assert retried.returncode == 0, err
         stored = kv(local, "--max-value-bytes", raised, "get", "big", "-n")
-        assert stored.returncode == 0 and len(stored.stdout) == len(big)
+        assert stored.returncode == 0 and len(stored.stdout) == big.stat().st_size
     finally:
         local.stop()
 
