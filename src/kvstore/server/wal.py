@@ -298,48 +298,41 @@ class WriteAheadLog:
         """``is_checked``: refuse a segment missing between the snapshot and the last one
         (not after a reset cut short, whose files are thrown away at the next join)."""
 
-        def damaged(exc: CorruptLogError) -> None:
-            if on_damage is None:
-                raise exc
-            on_damage(exc)
-
-        def salvaged(records: Iterator[Mutation]) -> Iterator[Mutation]:
+        @contextlib.contextmanager
+        def tolerated() -> Iterator[None]:
+            """A rescue (``on_damage``) is told of the damage and goes on; a start raises."""
             try:
-                yield from records
+                yield
             except CorruptLogError as exc:
-                damaged(exc)
-
-        def check_segments(wanted: list[int], since: int | None) -> None:
-            try:
-                self._check_segments(wanted, since)
-            except CorruptLogError as exc:
-                damaged(exc)
+                if on_damage is None:
+                    raise
+                on_damage(exc)
 
         first = 0
         snapshot = self.directory / SNAPSHOT_FILE
         segments = self.segments()
         if snapshot.exists():
             records = read_records(snapshot, is_torn_tail_allowed=False)
-            try:
-                header = next(records, None)
-            except CorruptLogError as exc:  # (not through salvaged: it would close records)
-                damaged(exc)  # (rescued: the snapshot is left out, as if it had no header)
-                header = None
-            else:
-                if header is None or header.kind != SNAPSHOT_HEADER or header.record is None:
-                    damaged(CorruptLogError(f"{snapshot} has no header; refusing to start"))
-                    header = None  # (rescued: its records cannot be placed: left out)
+            header = None
+            with tolerated():  # (rescued: a snapshot without a readable header is left out)
+                found = next(records, None)
+                if found is None or found.kind != SNAPSHOT_HEADER or found.record is None:
+                    raise CorruptLogError(f"{snapshot} has no header; refusing to start")
+                header = found.record
             if header is not None:
-                assert header.record is not None
-                first = header.record[1]
+                first = header[1]
                 segments = [s for s in segments if s >= first]
                 if is_checked:
-                    check_segments(segments, first)
-                yield from salvaged(records)
+                    with tolerated():
+                        self._check_segments(segments, first)
+                with tolerated():
+                    yield from records
         elif is_checked:
-            check_segments(segments, None)
+            with tolerated():
+                self._check_segments(segments, None)
         for i, segment in enumerate(segments):
-            yield from salvaged(read_records(self.segment_path(segment), i == len(segments) - 1))
+            with tolerated():
+                yield from read_records(self.segment_path(segment), i == len(segments) - 1)
         self._open_segment(max([*segments, first - 1, 0]) + 1)
         self._recovered_segment = self.segment
 
