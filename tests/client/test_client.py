@@ -587,6 +587,8 @@ def test_status_probes_every_node_at_once(zk_server: ZooKeeperServer, zk_path: s
     """Four registered nodes that accept a connection and never answer (paused ones) cost
     ``kv status`` one probe timeout, not four."""
     create_parent(zk_server.connect_string, zk_path)
+    config = ClientConfig(zk_server.connect_string, zk_path)
+    assert cluster_state(config, 1000)[1] == []  # (no node registered yet: none probed)
     silent = [socket.create_server(("127.0.0.1", 0)) for _ in range(4)]
     zk = connect(zk_server.connect_string, 10, 10)
     try:
@@ -594,7 +596,7 @@ def test_status_probes_every_node_at_once(zk_server: ZooKeeperServer, zk_path: s
             host, port = listener.getsockname()
             zk.create(f"{zk_path}/node-", f"{host}:{port}".encode(), ephemeral=True, sequence=True)
         started = time.monotonic()
-        _, reports = cluster_state(ClientConfig(zk_server.connect_string, zk_path), 1000)
+        _, reports = cluster_state(config, 1000)
         took = time.monotonic() - started
         assert [r.role for r in reports] == ["unreachable"] * 4
         assert all(r.error and "no reply in time" in r.error for r in reports), reports

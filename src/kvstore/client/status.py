@@ -70,10 +70,8 @@ def cluster_state(
         zk.stop()
         zk.close()
     tls = tls_context(config.tls)
-    if not members:
-        return meta, []
     # All at once: a paused or silent node costs the probe timeout once, not once per node.
-    with ThreadPoolExecutor(min(len(members), MAX_PROBES_AT_ONCE)) as pool:
+    with ThreadPoolExecutor(max(1, min(len(members), MAX_PROBES_AT_ONCE))) as pool:
         reports = pool.map(
             lambda m: _report(m.name, m.address, meta, probe_timeout_ms, tls), members
         )

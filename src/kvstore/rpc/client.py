@@ -439,8 +439,9 @@ _CUT_SHORT = frozenset({"UNEXPECTED_EOF_WHILE_READING", "WRONG_VERSION_NUMBER"})
 def _is_plaintext_answer(exc: OSError) -> bool:
     """Whether a failed handshake was a plaintext node's answer (framecheck.NOT_TLS_ALERT;
     Python may not know OpenSSL's name for that alert, and then gives only its text)."""
-    said = f"{getattr(exc, 'reason', None)} {exc}".upper().replace(" ", "_")
-    return isinstance(exc, ssl.SSLError) and NOT_TLS_ALERT_REASON in said
+    if not isinstance(exc, ssl.SSLError):
+        return False
+    return NOT_TLS_ALERT_REASON in f"{exc.reason} {exc}".upper().replace(" ", "_")
 
 
 def _is_refused_certificate(exc: ssl.SSLError) -> bool:
