@@ -331,7 +331,7 @@ def _stored_pairs(directory: str) -> tuple[list[tuple[str, str]], bool]:
     store.log = WriteAheadLog(path, fsync="never")
     damage: list[str] = []
     try:
-        store.recover(on_damage=lambda exc: damage.append(str(exc).split("; refusing")[0]))
+        store.recover(on_damage=lambda exc: damage.append(exc.damage))
         for problem in damage:
             print(f"kv: {problem}: dumping what is intact", file=sys.stderr)
         if damage:

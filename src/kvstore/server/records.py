@@ -45,7 +45,13 @@ Marker = tuple[int, str, int]
 
 
 class CorruptLogError(errors.KVError):
-    """A log or snapshot file is damaged before its end: refusing to start."""
+    """A log or snapshot file is damaged before its end: refusing to start. ``damage``: what
+    is wrong, without what a node does about it (``consequence``: kv dump --data-dir
+    rescues what it can instead)."""
+
+    def __init__(self, damage: str, consequence: str = "") -> None:
+        super().__init__(f"{damage}; {consequence}" if consequence else damage)
+        self.damage = damage
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,10 +259,10 @@ def scan(
             on_torn_tail(offset, problem)
             return
         raise CorruptLogError(
-            f"{where} is damaged at offset {offset} ({problem}); refusing to start. Move the "
-            "data directory aside to start this node empty: it then copies the store from the "
-            "primary, if another node holds it (if none does, keep the directory: it holds the "
-            "data, up to the damage)"
+            f"{where} is damaged at offset {offset} ({problem})",
+            "refusing to start. Move the data directory aside to start this node empty: it "
+            "then copies the store from the primary, if another node holds it (if none does, "
+            "keep the directory: it holds the data, up to the damage)",
         )
 
 

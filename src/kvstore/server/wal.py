@@ -317,7 +317,7 @@ class WriteAheadLog:
             with tolerated():  # (rescued: a snapshot without a readable header is left out)
                 found = next(records, None)
                 if found is None or found.kind != SNAPSHOT_HEADER or found.record is None:
-                    raise CorruptLogError(f"{snapshot} has no header; refusing to start")
+                    raise CorruptLogError(f"{snapshot} has no header", "refusing to start")
                 header = found.record
             if header is not None:
                 first = header[1]
@@ -356,7 +356,8 @@ class WriteAheadLog:
                 f"{self.directory}: log segment(s) {', '.join(map(str, missing[:5]))} "
                 f"missing (present: {present}, the newest written {newest}"
                 + ("" if first is None else f", snapshot from {first}")
-                + "); refusing to start: recovering without them would lose the writes they held"
+                + ")",
+                "refusing to start: recovering without them would lose the writes they held",
             )
 
     def _open_segment(self, segment: int) -> None:
