@@ -509,8 +509,20 @@ def _ratio_lines(
             if theirs > 0:
                 ratios.append(f"{title} {mine / theirs:.2f}")
         label = f"n{kind}/n{base}" if dimension == "replicas" else f"{kind}/{base}"
-        lines.append(f"{name}: {label} {', '.join(ratios)}")
+        lines.append(f"{name}: {label} {', '.join(ratios)}{_paired(group, groups[twin])}")
     return lines
+
+
+def _paired(group: list[dict[str, Any]], twins: list[dict[str, Any]]) -> str:
+    """With more than one round: each round's throughput ratio to its twin of the same
+    round, and their median. This machine's speed drifts from round to round; both halves
+    of a pair ran in the same round, so a pair's ratio drifts less than the medians'."""
+    pairs = zip(group, twins, strict=False)  # (a session cut short may lack a last twin)
+    ratios = [r["throughput"] / t["throughput"] for r, t in pairs if t["throughput"]]
+    if len(ratios) < 2:
+        return ""
+    each = " ".join(f"{ratio:.2f}" for ratio in ratios)
+    return f"; per round {each} (median {statistics.median(ratios):.2f})"
 
 
 def _twin(
