@@ -270,7 +270,8 @@ def _add_session_arguments(parser: argparse.ArgumentParser) -> None:
         default=1,
         metavar="N",
         help="run the configurations N times, round by round (so a slow spell of "
-        "the machine hits them all alike), and print medians (default 1)",
+        "the machine hits them all alike), and print medians and each round's ratios "
+        "(default 1)",
     )
     parser.add_argument(
         "--full",
