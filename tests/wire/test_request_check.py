@@ -29,7 +29,7 @@ from kvstore.rpc import (
     MalformedRequestError,
     check_request,
 )
-from kvstore.rpc.framecheck import NAME_SHOWN, ParsedRequestId, _ThrottledLog, parse_write
+from kvstore.rpc.framecheck import NAME_SHOWN, _ThrottledLog, parse_write
 
 T_BOOL, T_BYTE, T_I32, T_STRING, T_STRUCT, T_MAP, T_LIST = 2, 3, 8, 11, 12, 13, 15
 SENTINEL = b"<end of frame>"
@@ -294,16 +294,6 @@ def decoded(frame: bytes) -> tuple[str, int, list[Any]]:
     return method, seqid, values
 
 
-def parsed(frame: bytes) -> tuple[str, int, list[Any]] | None:
-    result = parse_write(frame)
-    if result is None:
-        return None
-    method, seqid, args = result
-    if isinstance(args[-1], ParsedRequestId):
-        args[-1] = tuple(args[-1])
-    return method, seqid, args
-
-
 @pytest.mark.parametrize(
     ("method", "args"),
     [
@@ -320,7 +310,7 @@ def test_the_usual_writes_are_parsed_as_the_general_path_reads_them(
 ) -> None:
     frame = encode_call(method, args, seqid=12345)
     check_request(frame)
-    assert parsed(frame) == decoded(frame)
+    assert parse_write(frame) == decoded(frame)
 
 
 @pytest.mark.parametrize(
@@ -356,7 +346,7 @@ def test_what_parse_write_accepts_passes_the_check_and_decodes_alike(
     arguments."""
     frame = mutate(random.Random(seed), VALID_FRAMES[method])
     frame = struct.pack("!i", len(frame) - 4) + frame[4:]
-    result = parsed(frame)
+    result = parse_write(frame)
     if result is None:
         return
     check_request(frame)

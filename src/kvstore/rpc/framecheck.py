@@ -7,7 +7,7 @@ import logging
 import struct
 import threading
 import time
-from typing import Any, NamedTuple
+from typing import Any
 
 from thriftpy2.thrift import TMessageType, TType
 
@@ -411,23 +411,17 @@ _PUT = _HEADER.pack(_CALL_V1, 3) + b"put"
 _KEY, _VALUE, _REQUEST_ID = b"\x0b\x00\x01", b"\x0b\x00\x02", b"\x0c\x00\x03"
 _CLIENT_ID = b"\x0b\x00\x01"
 # After the client id: seq (i64, field 2), acked_below (i64, field 3), the RequestId's STOP
-# and the arguments' STOP.
-_SEQS = struct.Struct("!3sq3sq2s")
-_SEQ, _ACKED, _TWO_STOPS = b"\x0a\x00\x02", b"\x0a\x00\x03", b"\x00\x00"
-
-
-class ParsedRequestId(NamedTuple):
-    """A put_once's RequestId as ``parse_write`` reads it (the attributes of the IDL's)."""
-
-    client_id: str
-    seq: int
-    acked_below: int
+# and the arguments' STOP (type byte, field id, value; read as integers: cheaper than bytes).
+_SEQS = struct.Struct("!BhqBhqH")
+_I64 = 10  # TType.I64
 
 
 def parse_write(frame: bytes) -> tuple[str, int, list[Any]] | None:
     """(method, seqid, arguments) of a framed put_once or put in the usual layout (see above),
-    exactly as ``check_request`` would pass it and thriftpy2 decode it; None for anything
-    else, which the caller checks and decodes the general way."""
+    exactly as ``check_request`` would pass it and thriftpy2 decode it, but for a put_once's
+    RequestId: the tuple (client_id, seq, acked_below), not the IDL's struct (building a
+    NamedTuple for it cost 0.5 µs, a quarter of what parsing the RequestId costs). None for
+    anything else, which the caller checks and decodes the general way."""
     if frame.startswith(_PUT_ONCE, 4):
         api, pos = "put_once", 24
     elif frame.startswith(_PUT, 4):
@@ -458,9 +452,11 @@ def parse_write(frame: bytes) -> tuple[str, int, list[Any]] | None:
         if length < 0 or pos + 24 != end:
             return None
         client_id = frame[start:pos].decode()
-        seq_field, seq, acked_field, acked_below, stops = _SEQS.unpack_from(frame, pos)
+        seq_type, seq_id, seq, acked_type, acked_id, acked_below, stops = _SEQS.unpack_from(
+            frame, pos
+        )
     except (UnicodeDecodeError, IndexError, struct.error):
         return None
-    if seq_field != _SEQ or acked_field != _ACKED or stops != _TWO_STOPS:
+    if seq_type != _I64 or seq_id != 2 or acked_type != _I64 or acked_id != 3 or stops:
         return None
-    return api, seqid, [key, value, ParsedRequestId(client_id, seq, acked_below)]
+    return api, seqid, [key, value, (client_id, seq, acked_below)]

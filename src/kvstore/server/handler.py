@@ -373,16 +373,22 @@ def _reply_bytes(found: dict[str, str]) -> int:
 
 
 def _request_record(request_id: Any) -> RequestRecord | None:
-    """(client_id, seq, acked_below) of a RequestId, or None when the write has none."""
-    if request_id is None or not request_id.client_id:
+    """(client_id, seq, acked_below) of a RequestId (or of the tuple of them that
+    framecheck.parse_write decodes a put_once's into), or None when the write has none."""
+    if request_id is None:
         return None
-    client_id = request_id.client_id
+    if type(request_id) is tuple:
+        record: RequestRecord = request_id
+    else:
+        record = (request_id.client_id, request_id.seq, request_id.acked_below)
+    client_id, seq, acked_below = record
+    if not client_id:
+        return None
     if not isinstance(client_id, str) or len(client_id) > MAX_CLIENT_ID_BYTES:
         raise errors.BadRequestError(f"client_id must be a string of at most {MAX_CLIENT_ID_BYTES}")
-    seq, acked_below = request_id.seq, request_id.acked_below
     if not isinstance(seq, int) or not isinstance(acked_below, int):
         raise errors.BadRequestError("a RequestId needs seq and acked_below")
-    return client_id, seq, acked_below
+    return record
 
 
 def _marker(epoch: object, log_id: object, position: object) -> Marker | None:
