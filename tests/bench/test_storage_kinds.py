@@ -156,6 +156,21 @@ def test_rows_show_the_storage_and_the_summary_the_same_run_ratios() -> None:
     assert any(line.endswith("disk-always/memory ops/s 0.20, p50 4.00, p99 8.00") for line in lines)
 
 
+def test_rounds_the_host_stole_from_are_marked_and_left_out_of_a_second_median() -> None:
+    """A busy host narrows a gap (it slows the side that keeps the CPUs busiest most): the
+    rounds it stole from are marked, and the median of the others follows."""
+    rows = []
+    for memory, disk, steal in ((8000, 4000, 0.0), (6000, 5400, 0.3), (8000, 4800, 0.01)):
+        rows.append(_row("memory", memory, 0.5, 3.0))
+        rows.append(_row("disk", disk, 1.5, 12.0))
+        rows[-1]["cores"] = {"steal": steal}
+    lines = summarize(rows)
+    disk_line = next(line for line in lines if "disk/memory" in line)
+    assert disk_line.endswith(
+        "; per round 0.50 0.90* 0.60 (median 0.60; without the * rounds 0.55)"
+    ), disk_line
+
+
 def test_the_summary_puts_a_figure_on_the_shared_client_and_on_exactly_once() -> None:
     rows = [
         _row("memory", 8000, 0.5, 3.0),

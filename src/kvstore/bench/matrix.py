@@ -516,13 +516,34 @@ def _ratio_lines(
 def _paired(group: list[dict[str, Any]], twins: list[dict[str, Any]]) -> str:
     """With more than one round: each round's throughput ratio to its twin of the same
     round, and their median. This machine's speed drifts from round to round; both halves
-    of a pair ran in the same round, so a pair's ratio drifts less than the medians'."""
-    pairs = zip(group, twins, strict=False)  # (a session cut short may lack a last twin)
-    ratios = [r["throughput"] / t["throughput"] for r, t in pairs if t["throughput"]]
-    if len(ratios) < 2:
+    of a pair ran in the same round, so a pair's ratio drifts less than the medians'.
+
+    A round in which the host stole STOLEN_CORES or more from either half is marked "*",
+    and the median of the other rounds follows: a busy host slows the side that keeps the
+    CPUs busiest most, which narrows a gap (TLS against plaintext read 0.84 over all the
+    rounds of one session, 0.70 over those with little "other" CPU: BENCHMARKS.md)."""
+    pairs = [(r, t) for r, t in zip(group, twins, strict=False) if t["throughput"]]
+    # (a session cut short may lack a last twin)
+    if len(pairs) < 2:
         return ""
-    each = " ".join(f"{ratio:.2f}" for ratio in ratios)
-    return f"; per round {each} (median {statistics.median(ratios):.2f})"
+    ratios = [r["throughput"] / t["throughput"] for r, t in pairs]
+    stolen = [max(_stolen(r), _stolen(t)) >= STOLEN_CORES for r, t in pairs]
+    each = " ".join(
+        f"{ratio:.2f}{'*' if hit else ''}" for ratio, hit in zip(ratios, stolen, strict=True)
+    )
+    text = f"; per round {each} (median {statistics.median(ratios):.2f}"
+    quiet = [ratio for ratio, hit in zip(ratios, stolen, strict=True) if not hit]
+    if quiet and len(quiet) < len(ratios):
+        text += f"; without the * rounds {statistics.median(quiet):.2f}"
+    return text + ")"
+
+
+STOLEN_CORES = 0.05  # the host took this much of a CPU away during a run: a noisy run
+
+
+def _stolen(row: dict[str, Any]) -> float:
+    """The cores the host stole during the run (0 where not recorded: older results)."""
+    return (row.get("cores") or {}).get("steal") or 0.0
 
 
 def _twin(

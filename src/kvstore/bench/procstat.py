@@ -42,12 +42,14 @@ def _child_pids() -> list[int]:
     return children
 
 
-def _machine_s() -> tuple[float, float]:
+def _machine_s() -> tuple[float, float, float]:
     """The machine's busy time and, of it, the time in interrupts (mostly softirq: the
-    loopback TCP stack's receive work), both in CPU seconds."""
+    loopback TCP stack's receive work) and the time stolen (a virtual machine's host ran
+    something else on its CPUs), all in CPU seconds."""
     fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     idle = fields[3] + fields[4]  # idle, iowait
-    return (sum(fields[:8]) - idle) / _clock_ticks(), (fields[5] + fields[6]) / _clock_ticks()
+    ticks = _clock_ticks()
+    return (sum(fields[:8]) - idle) / ticks, (fields[5] + fields[6]) / ticks, fields[7] / ticks
 
 
 def _own_cpu_s() -> float:
@@ -65,10 +67,12 @@ class CpuMeter:
     start() excluded), one per named process (``pids``, e.g. primary, backup, zookeeper),
     "interrupts" (irq + softirq time, mostly loopback TCP's receive processing; the kernel
     also charges it to whichever process it interrupted, so it overlaps the figures
-    above), "machine" (everything), and "other" (machine minus the client and the named
-    processes: other users of the machine). The machine's figures come from /proc/stat's
-    tick sampling while process times are exact, so "other" is only good to about +-0.2
-    cores (it reads below zero on a lightly loaded machine).
+    above), "steal" (time a virtual machine's host gave its CPUs to others: part of
+    "other", the one part nothing in this machine did), "machine" (everything), and
+    "other" (machine minus the client and the named processes: other users of the
+    machine). The machine's figures come from /proc/stat's tick sampling while process
+    times are exact, so "other" is only good to about +-0.2 cores (it reads below zero on
+    a lightly loaded machine); "steal" is the kernel's own count, not a difference.
     A figure is None when it cannot be known (a process gone or restarted meanwhile).
     """
 
@@ -86,11 +90,12 @@ class CpuMeter:
         self._started["client"] = _own_cpu_s() + start_up
 
     def _sample(self) -> dict[str, float | None]:
-        machine_s, interrupts_s = _machine_s()
+        machine_s, interrupts_s, steal_s = _machine_s()
         sample: dict[str, float | None] = {
             "client": _own_cpu_s(),
             "machine": machine_s,
             "interrupts": interrupts_s,
+            "steal": steal_s,
         }
         for name, pid in self._pids.items():
             sample[name] = None if pid is None else process_cpu_s(pid)
