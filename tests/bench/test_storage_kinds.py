@@ -157,8 +157,8 @@ def test_rows_show_the_storage_and_the_summary_the_same_run_ratios() -> None:
 
 
 def test_rounds_the_host_stole_from_are_marked_and_left_out_of_a_second_median() -> None:
-    """A busy host narrows a gap (it slows the side that keeps the CPUs busiest most): the
-    rounds it stole from are marked, and the median of the others follows."""
+    """A round's ratio swings with whichever side the host stole from: such rounds are
+    marked, and the median of the others follows."""
     rows = []
     for memory, disk, steal in ((8000, 4000, 0.0), (6000, 5400, 0.3), (8000, 4800, 0.01)):
         rows.append(_row("memory", memory, 0.5, 3.0))

@@ -519,9 +519,9 @@ def _paired(group: list[dict[str, Any]], twins: list[dict[str, Any]]) -> str:
     of a pair ran in the same round, so a pair's ratio drifts less than the medians'.
 
     A round in which the host stole STOLEN_CORES or more from either half is marked "*",
-    and the median of the other rounds follows: a busy host slows the side that keeps the
-    CPUs busiest most, which narrows a gap (TLS against plaintext read 0.84 over all the
-    rounds of one session, 0.70 over those with little "other" CPU: BENCHMARKS.md)."""
+    and the median of the other rounds follows: a marked round's ratio says more about
+    the host than about the code (one session's TLS/plaintext rounds read 0.57 to 1.10
+    when marked, 0.77 and 0.78 when not)."""
     pairs = [(r, t) for r, t in zip(group, twins, strict=False) if t["throughput"]]
     # (a session cut short may lack a last twin)
     if len(pairs) < 2:
