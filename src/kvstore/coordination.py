@@ -639,10 +639,8 @@ def create_parent(
                 return ", ".join(done)
         with zookeeper_errors(f"changing the existing {path}"):  # (not "creating": it exists)
             data, stat = zk.get(path)
-            if reset:  # (what it holds is replaced, but never ZooKeeper's or a node's znode)
-                check_cluster_parent(path, b"", stat.ephemeralOwner)
-            else:
-                check_cluster_parent(path, data, stat.ephemeralOwner)
+            # (reset: what it holds is replaced, but never ZooKeeper's or a node's znode)
+            check_cluster_parent(path, b"" if reset else data, stat.ephemeralOwner)
             done = ["exists"]
             if secure_existing:
                 assert auth is not None

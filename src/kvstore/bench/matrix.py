@@ -513,6 +513,9 @@ def _ratio_lines(
     return lines
 
 
+STOLEN_CORES = 0.05  # the host took this much of a CPU away during a run: a noisy run
+
+
 def _paired(group: list[dict[str, Any]], twins: list[dict[str, Any]]) -> str:
     """With more than one round: each round's throughput ratio to its twin of the same
     round, and their median. This machine's speed drifts from round to round; both halves
@@ -522,8 +525,8 @@ def _paired(group: list[dict[str, Any]], twins: list[dict[str, Any]]) -> str:
     and the median of the other rounds follows: a marked round's ratio says more about
     the host than about the code (one session's TLS/plaintext rounds read 0.57 to 1.10
     when marked, 0.77 and 0.78 when not)."""
+    # (strict=False: a session cut short may lack a last twin)
     pairs = [(r, t) for r, t in zip(group, twins, strict=False) if t["throughput"]]
-    # (a session cut short may lack a last twin)
     if len(pairs) < 2:
         return ""
     ratios = [r["throughput"] / t["throughput"] for r, t in pairs]
@@ -536,9 +539,6 @@ def _paired(group: list[dict[str, Any]], twins: list[dict[str, Any]]) -> str:
     if quiet and len(quiet) < len(ratios):
         text += f"; without the * rounds {statistics.median(quiet):.2f}"
     return text + ")"
-
-
-STOLEN_CORES = 0.05  # the host took this much of a CPU away during a run: a noisy run
 
 
 def _stolen(row: dict[str, Any]) -> float:
