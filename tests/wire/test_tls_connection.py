@@ -95,8 +95,9 @@ def _client(certs: CertificateFiles, address: str) -> Connection:
 def test_a_reply_in_two_records_and_two_segments_is_read_whole(
     certs: CertificateFiles, tls_peer: Callable[[Peer], str]
 ) -> None:
-    """Two records: the client's first read returns only the first (the rest waits in the
-    kernel); a record split across two TCP segments makes SSL_read wait for its rest."""
+    """Each reply in two records, each in a segment of its own: the client's first read
+    returns three bytes, not even the frame's length, and it reads on for the rest."""
+    done = threading.Event()
 
     def serve(tls: ssl.SSLSocket) -> None:
         for _ in range(2):
@@ -104,14 +105,17 @@ def test_a_reply_in_two_records_and_two_segments_is_read_whole(
             seqid = struct.unpack_from("!i", request, 4 + 4 + 4 + len("put"))[0]
             reply = _put_reply(seqid)
             tls.sendall(reply[:3])  # a record of three bytes: not even the frame's length
-            time.sleep(0.05)
+            time.sleep(0.05)  # (so that the rest comes later, in a segment of its own)
             tls.sendall(reply[3:])
-        time.sleep(1)
+        done.wait(10)  # the connection stays open until the client has read both replies
 
     conn = _client(certs, tls_peer(serve))
-    assert conn.call("put", "k", "v") is None
-    assert conn.call("put", "k", "w") is None  # (the next request on the same connection)
-    conn.close()
+    try:
+        assert conn.call("put", "k", "v") is None
+        assert conn.call("put", "k", "w") is None  # (the next request on the same connection)
+    finally:
+        done.set()
+        conn.close()
 
 
 def test_a_silent_tls_peer_times_out_as_an_unknown_outcome(
