@@ -11,7 +11,9 @@ from typing import Any
 import pytest
 
 from kvstore.bench import matrix as matrix_module
+from kvstore.bench import session as session_module
 from kvstore.bench.matrix import Matrix, Scenario, format_row, header, run_scenario, summarize
+from kvstore.bench.session import Session
 from kvstore.bench.storage import STORAGE_KINDS, node_args, use_storage
 from kvstore.bench.workload import Workload, merge
 from kvstore.check import checker
@@ -169,6 +171,51 @@ def test_rounds_the_host_stole_from_are_marked_and_left_out_of_a_second_median()
     assert disk_line.endswith(
         "; per round 0.50 0.90* 0.60 (median 0.60; without the * rounds 0.55)"
     ), disk_line
+
+
+class _NoArtifacts:
+    skipped_because = None
+
+    def __init__(self, _directory: Path) -> None:
+        pass
+
+    def add_run(self, _row: dict[str, Any]) -> list[Path]:
+        return []
+
+
+def test_every_other_round_runs_the_configurations_backwards_and_rounds_still_pair(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A machine that slows down across each round would, in a fixed order, favour the
+    configuration listed first in every ratio alike; backwards every other round, it
+    favours each side in turn. The summary still pairs each row with its twin of the
+    same round."""
+    ran: list[str] = []
+    throughput = {"memory": 8000, "disk": 4000}
+
+    def fake_run_one(
+        self: Session, _zk: str, _pid: int | None, scenario: Scenario, _label: str
+    ) -> dict[str, Any]:
+        is_second = len(ran) % 2 == 1  # (the second run of a round goes at half speed)
+        ran.append(scenario.storage)
+        return _row(
+            scenario.storage, throughput[scenario.storage] * (0.5 if is_second else 1), 1, 2
+        )
+
+    monkeypatch.setattr(Session, "_run_one", fake_run_one)
+    monkeypatch.setattr(session_module, "Artifacts", _NoArtifacts)  # (rows without histograms)
+    out: list[str] = []
+    session = Session(
+        Matrix(threads=(4,), keyspace=(1000,), read_percent=(50,), value_bytes=(10,),
+               faults=("none",), storage=("memory", "disk")),
+        full=True, seconds=1.0, json_path=tmp_path / "r.json", workdir=tmp_path,
+        repeat=4, out=out.append,
+    )  # fmt: skip
+    session.run("127.0.0.1:1", None)
+    assert ran == ["memory", "disk", "disk", "memory"] * 2
+    # disk/memory per round: 2000/8000, 4000/4000, ...: the drift favours each side in turn
+    disk_line = next(line for line in out if "disk/memory" in line)
+    assert disk_line.endswith("; per round 0.25 1.00 0.25 1.00 (median 0.62)"), disk_line
 
 
 def test_the_summary_puts_a_figure_on_the_shared_client_and_on_exactly_once() -> None:

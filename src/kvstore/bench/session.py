@@ -130,7 +130,7 @@ class Session:
             )
         self.out(header())
         for round_number in range(self.repeat):  # rounds, so slow spells hit every configuration
-            for index, scenario in enumerate(scenarios):
+            for index, scenario in enumerate(round_order(scenarios, round_number)):
                 step = round_number * len(scenarios) + index + 1
                 label = f"[{step}/{len(scenarios) * self.repeat}]"
                 row = self._run_one(zk_connect, zk_pid, scenario, label)
@@ -207,6 +207,15 @@ class Session:
         temporary = self.json_path.with_suffix(".tmp")
         temporary.write_text(json.dumps(self.report, indent=2, default=str) + "\n")
         temporary.replace(self.json_path)
+
+
+def round_order(scenarios: list[Scenario], round_number: int) -> list[Scenario]:
+    """The order round ``round_number`` (from 0) runs the configurations in: as listed,
+    then backwards, and so on. In a fixed order the first configuration of every round
+    would always follow the previous round's last and always run before its twins: a
+    machine that slows down (or speeds up) across a round would favour one side of every
+    ratio the same way. Alternating, the drift cancels over two rounds."""
+    return scenarios if round_number % 2 == 0 else scenarios[::-1]
 
 
 def _fault_line(fault: dict[str, Any]) -> str:

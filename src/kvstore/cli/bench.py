@@ -270,8 +270,9 @@ def _add_session_arguments(parser: argparse.ArgumentParser) -> None:
         default=1,
         metavar="N",
         help="run the configurations N times, round by round (so a slow spell of "
-        "the machine hits them all alike), and print medians and each round's ratios "
-        "(default 1)",
+        "the machine hits them all alike; every other round in reverse order, so a "
+        "drift across a round favours no side), and print medians and each round's "
+        "ratios (default 1)",
     )
     parser.add_argument(
         "--full",
