@@ -20,7 +20,7 @@ from thriftpy2.protocol.cybin import TCyBinaryProtocol
 from thriftpy2.thrift import TType
 from thriftpy2.transport.memory import TCyMemoryBuffer
 
-from kvstore.idl import KeyValueService, RequestId
+from kvstore.idl import KeyValueService, Lookup, RequestId
 from kvstore.rpc import (
     CONNECTION_METHODS,
     MAX_ELEMENTS,
@@ -29,7 +29,9 @@ from kvstore.rpc import (
     MalformedRequestError,
     check_request,
 )
-from kvstore.rpc.framecheck import NAME_SHOWN, _ThrottledLog, parse_write
+from kvstore.rpc.framecheck import NAME_SHOWN, _ThrottledLog, parse_read, parse_write, read_reply
+from kvstore.rpc.front import Frames, codec
+from kvstore.rpc.server import _Dispatcher
 
 T_BOOL, T_BYTE, T_I32, T_STRING, T_STRUCT, T_MAP, T_LIST = 2, 3, 8, 11, 12, 13, 15
 SENTINEL = b"<end of frame>"
@@ -351,3 +353,88 @@ def test_what_parse_write_accepts_passes_the_check_and_decodes_alike(
         return
     check_request(frame)
     assert result == decoded(frame)
+
+
+# --------------------------------------------------------------------------- parse_read
+
+
+@pytest.mark.parametrize("method", ["get", "lookup"])
+@pytest.mark.parametrize("key", ["key-1", "ключ", "k" * 100_000, ""])
+def test_the_usual_reads_are_parsed_as_the_general_path_reads_them(method: str, key: str) -> None:
+    frame = encode_call(method, (key,), seqid=-5)
+    check_request(frame)
+    api, seqid, parsed_key = parse_read(frame) or ("", 0, None)
+    assert (api, seqid, [parsed_key]) == decoded(frame)
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        encode_call("get", (None,)),  # no key: the general path (the handler refuses it)
+        encode_call("get_many", (["key-1"],)),
+        encode_call("put", ("key-1", "v")),
+        call("get", field(T_STRING, 1) + string(b"k") + field(T_I32, 2) + b"\0\0\0\1"),
+        call("get", field(T_STRING, 1) + string(b"k\xff")),  # invalid UTF-8
+        call("lookup", field(T_STRING, 1) + string(b"k"), message_type=4),  # a ONEWAY
+    ],
+)
+def test_other_reads_are_left_to_the_general_path(frame: bytes) -> None:
+    assert parse_read(frame) is None
+
+
+@settings(
+    max_examples=1000,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(method=st.sampled_from(["get", "lookup"]), seed=st.integers(0, 2**32 - 1))
+def test_what_parse_read_accepts_passes_the_check_and_decodes_alike(method: str, seed: int) -> None:
+    frame = mutate(random.Random(seed), VALID_FRAMES[method])
+    frame = struct.pack("!i", len(frame) - 4) + frame[4:]
+    result = parse_read(frame)
+    if result is None:
+        return
+    check_request(frame)
+    api, seqid, key = result
+    assert (api, seqid, [key]) == decoded(frame)
+
+
+class _AnyHandler:
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args: None
+
+
+_DISPATCHER = _Dispatcher(KeyValueService, _AnyHandler())
+
+
+def general_reply(method: str, seqid: int, value: Any) -> bytes:
+    """The reply the general path writes (thriftpy2's result struct)."""
+    frames = Frames()
+    _DISPATCHER.reply(codec(frames), method, seqid, value)
+    return bytes(frames.outbox)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(value=st.text(), seqid=st.integers(-(2**31), 2**31 - 1), is_found=st.booleans())
+def test_replies_to_reads_are_built_as_thriftpy2_writes_them(
+    value: str, seqid: int, is_found: bool
+) -> None:
+    assert read_reply("get", seqid, value) == general_reply("get", seqid, value)
+    found = Lookup(found=True, value=value) if is_found else Lookup(found=False)
+    assert read_reply("lookup", seqid, found) == general_reply("lookup", seqid, found)
+
+
+@pytest.mark.parametrize(
+    ("method", "value"),
+    [
+        ("get", None),
+        ("get", b"bytes"),
+        ("get", "\ud800"),  # (no UTF-8 for a lone surrogate)
+        ("lookup", Lookup(found=True, value=None)),
+        ("lookup", Lookup(found=False, value="v")),
+        ("lookup", "v"),
+    ],
+)
+def test_a_reply_of_another_shape_is_left_to_the_general_path(method: str, value: Any) -> None:
+    assert read_reply(method, 1, value) is None

@@ -460,3 +460,69 @@ def parse_write(frame: bytes) -> tuple[str, int, list[Any]] | None:
     if seq_type != _I64 or seq_id != 2 or acked_type != _I64 or acked_id != 3 or stops:
         return None
     return api, seqid, [key, value, (client_id, seq, acked_below)]
+
+
+# --------------------------------------------------------------------------- the common reads
+
+# A get and a lookup (the reads clients send most) in the usual layout are parsed, and their
+# replies built, by hand too. The general way (the check, thriftpy2's argument and result
+# structs, and for a lookup its Lookup struct) served a get in 9.9 us and a lookup in 11.8,
+# this way 4.0 and 5.1 (timeit, both ways in one run, the handler over a trivial node).
+HAND_PARSED_READS = frozenset({"get", "lookup"})
+_GET = _HEADER.pack(_CALL_V1, 3) + b"get"
+_LOOKUP = _HEADER.pack(_CALL_V1, 6) + b"lookup"
+_REPLY_V1 = _VERSION_1 | TMessageType.REPLY
+_GET_REPLY = _HEADER.pack(_REPLY_V1, 3) + b"get"
+_LOOKUP_REPLY = _HEADER.pack(_REPLY_V1, 6) + b"lookup"
+# A reply: its frame length, header, name and seqid; then its result struct's field 0 (the
+# success) as a string (get) or as the Lookup struct: found (bool, field 1), value (string,
+# field 2) if found; the STOPs close the Lookup and the result.
+_STRING_RESULT = struct.Struct("!Bhi")  # type, field 0, the string's length
+_FOUND = b"\x0c\x00\x00\x02\x00\x01\x01\x0b\x00\x02"  # a struct (field 0): found = True, value:
+_NOT_FOUND = b"\x0c\x00\x00\x02\x00\x01\x00\x00\x00"  # found = False, STOP, STOP
+_I32_BYTES = struct.Struct("!i").pack
+
+
+def parse_read(frame: bytes) -> tuple[str, int, str] | None:
+    """(method, seqid, key) of a framed get or lookup in the usual layout (the key as field
+    1, nothing else), exactly as ``check_request`` would pass it and thriftpy2 decode it;
+    None for anything else, which the caller checks and decodes the general way."""
+    if frame.startswith(_GET, 4):
+        api, pos = "get", 19
+    elif frame.startswith(_LOOKUP, 4):
+        api, pos = "lookup", 22
+    else:
+        return None
+    try:
+        seqid = _unpack_i32(frame, pos - 4)[0]
+        if not frame.startswith(_KEY, pos):
+            return None
+        length = _unpack_i32(frame, pos + 3)[0]
+        start, pos = pos + 7, pos + 7 + length
+        if length < 0 or pos + 1 != len(frame) or frame[pos] != 0:
+            return None
+        return api, seqid, frame[start:pos].decode()
+    except (UnicodeDecodeError, IndexError, struct.error):
+        return None
+
+
+def read_reply(api: str, seqid: int, value: Any) -> bytes | None:
+    """The framed reply to a ``parse_read`` request whose handler returned ``value`` (a get's
+    str, a lookup's Lookup), as thriftpy2 writes it; None if ``value`` is not of that shape
+    (the caller answers the general way)."""
+    try:
+        if api == "get":
+            data = value.encode()
+            body = _STRING_RESULT.pack(11, 0, len(data)) + data + b"\0"
+            header = _GET_REPLY
+        elif value.found is True and type(value.value) is str:
+            data = value.value.encode()
+            body = _FOUND + _I32_BYTES(len(data)) + data + b"\0\0"
+            header = _LOOKUP_REPLY
+        elif value.found is False and value.value is None:
+            body, header = _NOT_FOUND, _LOOKUP_REPLY
+        else:
+            return None
+    except (AttributeError, UnicodeEncodeError):
+        return None
+    return _I32_BYTES(len(header) + 4 + len(body)) + header + _I32_BYTES(seqid) + body

@@ -60,13 +60,16 @@ from kvstore import errors
 from kvstore.rpc.budget import LARGE_REPLY_BYTES, ReplyBudget
 from kvstore.rpc.framecheck import (
     _I32,
+    HAND_PARSED_READS,
     MalformedFrameError,
     MalformedRequestError,
     _exception_frame,
     bad_request_log,
     check_request,
     frame_size_error,
+    parse_read,
     parse_write,
+    read_reply,
 )
 from kvstore.rpc.secret import PeerRole
 
@@ -222,6 +225,10 @@ class EventFront:
         self._grouped: GroupedWrites | None = handler if grouped else None  # type: ignore[assignment]
         self._grouped_methods: frozenset[str] = grouped
         self._inline = inline_methods - grouped
+        # The reads framecheck.parse_read parses by hand (answered by _answer_read).
+        self._hand_parsed_reads = frozenset(
+            api for api in HAND_PARSED_READS & self._inline if self._dispatcher.is_open_to_all(api)
+        )
         self._needs_secret = server._needs_secret
         self._poller = select.epoll()
         self._wake_in, self._wake_out = socket.socketpair()
@@ -415,6 +422,8 @@ class EventFront:
                 parsed = parse_write(frame)  # (a put_once or put: checked and decoded at once)
                 if parsed is not None and parsed[0] in self._grouped_methods:
                     self._join_group(conn, *parsed)
+                elif (read := parse_read(frame)) and read[0] in self._hand_parsed_reads:
+                    self._answer_read(conn, *read)  # (a get or lookup, likewise)
                 else:
                     check_request(frame)
                     if not self._serve_frame(conn, frame):
@@ -473,24 +482,47 @@ class EventFront:
         if api in self._grouped_methods:
             self._join_group(conn, api, seqid)
         elif api in self._inline:
-            outbox = frames.outbox
-            start = len(outbox)
+            start = len(frames.outbox)
             self._dispatcher.answer(api, seqid, proto, proto, conn.role)
-            size = len(outbox) - start
-            if size > LARGE_REPLY_BYTES:
-                if self._budget.is_over():
-                    refusal = self._budget.refusal(api, seqid, size, conn.peer)
-                    del outbox[start:]
-                    outbox += refusal
-                self._count(conn)
-                conn.proto = codec(frames)  # (its buffer grew to the reply's size)
-            self._outgoing.append(conn)
+            self._answered(conn, api, seqid, start)
         else:
             self._hand_off(conn, frame)
             return False
         if len(frame) > LARGE_REPLY_BYTES:
             conn.proto = codec(frames)  # (its buffer grew to the request's size)
         return True
+
+    def _answer_read(self, conn: _Connection, api: str, seqid: int, key: str) -> None:
+        """Answer a get or lookup that framecheck.parse_read parsed, as ``_serve_frame``
+        would: the same handler method, the same reply (built by hand when it has the usual
+        shape) or error."""
+        dispatcher = self._dispatcher
+        start = len(conn.frames.outbox)
+        try:
+            value = dispatcher.call(api, key)
+        except Exception as exc:
+            dispatcher.reply_error(conn.proto, api, seqid, exc)
+        else:
+            reply = read_reply(api, seqid, value)
+            if reply is None:
+                dispatcher.reply(conn.proto, api, seqid, value)
+            else:
+                conn.frames.outbox += reply
+        self._answered(conn, api, seqid, start)
+
+    def _answered(self, conn: _Connection, api: str, seqid: int, start: int) -> None:
+        """An inline call's reply went into ``conn``'s outbox from ``start`` on: a large one
+        is refused while the node holds too much unsent (rpc/budget.py); send it."""
+        outbox = conn.frames.outbox
+        size = len(outbox) - start
+        if size > LARGE_REPLY_BYTES:
+            if self._budget.is_over():
+                refusal = self._budget.refusal(api, seqid, size, conn.peer)
+                del outbox[start:]
+                outbox += refusal
+            self._count(conn)
+            conn.proto = codec(conn.frames)  # (its buffer grew to the reply's size)
+        self._outgoing.append(conn)
 
     def _join_group(
         self, conn: _Connection, api: str, seqid: int, args: list[Any] | None = None

@@ -322,6 +322,15 @@ class _Dispatcher:
         self.reply(oprot, api, seqid, value)
         return str(api)
 
+    def call(self, api: str, *args: Any) -> Any:
+        """The handler's ``api`` on arguments decoded already (the front's hand-parsed
+        reads): what ``answer`` calls, its failures raised for ``reply_error``."""
+        return self._methods[api][2](*args)
+
+    def is_open_to_all(self, api: str) -> bool:
+        """Whether any peer may call the handler's ``api`` (not a node-only one)."""
+        return api in self._methods and api not in self._node_only
+
     def read_args(self, api: str, iprot: Any) -> list[Any]:
         """The arguments of a call to one of the service's methods, in order."""
         args_cls, _, _, names = self._methods[api]
