@@ -398,16 +398,23 @@ _ARGUMENTS: dict[bytes, _Fields] = {
 }
 
 
-# --------------------------------------------------------------------------- the common writes
+# --------------------------------------------------------------------------- the common calls
 
-# A put_once and a put, the writes clients send most, laid out as every Thrift binary-protocol
-# client writes them (strict header, fields in id order, all of put_once's RequestId set), are
-# checked and decoded in one pass here: the general check walks a put_once's nested RequestId
-# with two more calls, and thriftpy2 builds it through its Python __init__, so that decoding
-# a put_once cost 5.0 us against 2.9 for a put (timeit) and most of what exactly-once added to
-# a write on the primary. Anything else (another layout, invalid UTF-8) goes the general way.
+# The calls clients send most, put_once, put, get and lookup, laid out as every Thrift
+# binary-protocol client writes them (strict header, fields in id order, all of put_once's
+# RequestId set), are checked and decoded in one pass here, and a get's or lookup's reply
+# built by hand. The general way walks the frame once to check it, then thriftpy2 builds
+# argument and result structs through their Python __init__:
+# - a put_once's decoding cost 5.0 us against 2.9 for a put (timeit), most of what
+#   exactly-once added to a write on the primary;
+# - the general way served a get in 10.4 us and a lookup in 11.1 (its Lookup struct), this
+#   way 3.5 and 4.6 (timeit, both ways in one run, the handler over a trivial node).
+# Anything else (another layout, invalid UTF-8, a reply of another shape) goes the general way.
+HAND_PARSED_READS = frozenset({"get", "lookup"})
 _PUT_ONCE = _HEADER.pack(_CALL_V1, 8) + b"put_once"
 _PUT = _HEADER.pack(_CALL_V1, 3) + b"put"
+_GET = _HEADER.pack(_CALL_V1, 3) + b"get"
+_LOOKUP = _HEADER.pack(_CALL_V1, 6) + b"lookup"
 _KEY, _VALUE, _REQUEST_ID = b"\x0b\x00\x01", b"\x0b\x00\x02", b"\x0c\x00\x03"
 _CLIENT_ID = b"\x0b\x00\x01"
 # After the client id: seq (i64, field 2), acked_below (i64, field 3), the RequestId's STOP
@@ -416,16 +423,20 @@ _SEQS = struct.Struct("!BhqBhqH")
 _I64 = 10  # TType.I64
 
 
-def parse_write(frame: bytes) -> tuple[str, int, list[Any]] | None:
-    """(method, seqid, arguments) of a framed put_once or put in the usual layout (see above),
-    exactly as ``check_request`` would pass it and thriftpy2 decode it, but for a put_once's
-    RequestId: the tuple (client_id, seq, acked_below), not the IDL's struct (building a
-    NamedTuple for it cost 0.5 µs, a quarter of what parsing the RequestId costs). None for
-    anything else, which the caller checks and decodes the general way."""
-    if frame.startswith(_PUT_ONCE, 4):
+def parse_usual_call(frame: bytes) -> tuple[str, int, list[Any]] | None:
+    """(method, seqid, arguments) of a framed put_once, put, get or lookup in the usual layout
+    (see above), exactly as ``check_request`` would pass it and thriftpy2 decode it, but for a
+    put_once's RequestId: the tuple (client_id, seq, acked_below), not the IDL's struct
+    (building a NamedTuple for it cost 0.5 us, a quarter of what parsing the RequestId costs).
+    None for anything else, which the caller checks and decodes the general way."""
+    if frame.startswith(_PUT_ONCE, 4):  # (pos: where the first field starts, after the seqid)
         api, pos = "put_once", 24
     elif frame.startswith(_PUT, 4):
         api, pos = "put", 19
+    elif frame.startswith(_GET, 4):
+        api, pos = "get", 19
+    elif frame.startswith(_LOOKUP, 4):
+        api, pos = "lookup", 22
     else:
         return None
     end = len(frame)
@@ -435,9 +446,13 @@ def parse_write(frame: bytes) -> tuple[str, int, list[Any]] | None:
             return None
         length = _unpack_i32(frame, pos + 3)[0]
         start, pos = pos + 7, pos + 7 + length
-        if length < 0 or pos > end or not frame.startswith(_VALUE, pos):
+        if length < 0 or pos > end:
             return None
         key = frame[start:pos].decode()
+        if api in HAND_PARSED_READS:
+            return (api, seqid, [key]) if pos + 1 == end and frame[pos] == 0 else None
+        if not frame.startswith(_VALUE, pos):
+            return None
         length = _unpack_i32(frame, pos + 3)[0]
         start, pos = pos + 7, pos + 7 + length
         if length < 0 or pos > end:
@@ -462,15 +477,6 @@ def parse_write(frame: bytes) -> tuple[str, int, list[Any]] | None:
     return api, seqid, [key, value, (client_id, seq, acked_below)]
 
 
-# --------------------------------------------------------------------------- the common reads
-
-# A get and a lookup (the reads clients send most) in the usual layout are parsed, and their
-# replies built, by hand too. The general way (the check, thriftpy2's argument and result
-# structs, and for a lookup its Lookup struct) served a get in 9.9 us and a lookup in 11.8,
-# this way 4.0 and 5.1 (timeit, both ways in one run, the handler over a trivial node).
-HAND_PARSED_READS = frozenset({"get", "lookup"})
-_GET = _HEADER.pack(_CALL_V1, 3) + b"get"
-_LOOKUP = _HEADER.pack(_CALL_V1, 6) + b"lookup"
 _REPLY_V1 = _VERSION_1 | TMessageType.REPLY
 _GET_REPLY = _HEADER.pack(_REPLY_V1, 3) + b"get"
 _LOOKUP_REPLY = _HEADER.pack(_REPLY_V1, 6) + b"lookup"
@@ -483,33 +489,10 @@ _NOT_FOUND = b"\x0c\x00\x00\x02\x00\x01\x00\x00\x00"  # found = False, STOP, STO
 _I32_BYTES = struct.Struct("!i").pack
 
 
-def parse_read(frame: bytes) -> tuple[str, int, str] | None:
-    """(method, seqid, key) of a framed get or lookup in the usual layout (the key as field
-    1, nothing else), exactly as ``check_request`` would pass it and thriftpy2 decode it;
-    None for anything else, which the caller checks and decodes the general way."""
-    if frame.startswith(_GET, 4):
-        api, pos = "get", 19
-    elif frame.startswith(_LOOKUP, 4):
-        api, pos = "lookup", 22
-    else:
-        return None
-    try:
-        seqid = _unpack_i32(frame, pos - 4)[0]
-        if not frame.startswith(_KEY, pos):
-            return None
-        length = _unpack_i32(frame, pos + 3)[0]
-        start, pos = pos + 7, pos + 7 + length
-        if length < 0 or pos + 1 != len(frame) or frame[pos] != 0:
-            return None
-        return api, seqid, frame[start:pos].decode()
-    except (UnicodeDecodeError, IndexError, struct.error):
-        return None
-
-
 def read_reply(api: str, seqid: int, value: Any) -> bytes | None:
-    """The framed reply to a ``parse_read`` request whose handler returned ``value`` (a get's
-    str, a lookup's Lookup), as thriftpy2 writes it; None if ``value`` is not of that shape
-    (the caller answers the general way)."""
+    """The framed reply to a get or lookup whose handler returned ``value`` (a get's str, a
+    lookup's Lookup), as thriftpy2 writes it; None if ``value`` is not of that shape (the
+    caller answers the general way)."""
     try:
         if api == "get":
             data = value.encode()

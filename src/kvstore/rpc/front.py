@@ -67,8 +67,7 @@ from kvstore.rpc.framecheck import (
     bad_request_log,
     check_request,
     frame_size_error,
-    parse_read,
-    parse_write,
+    parse_usual_call,
     read_reply,
 )
 from kvstore.rpc.secret import PeerRole
@@ -225,7 +224,7 @@ class EventFront:
         self._grouped: GroupedWrites | None = handler if grouped else None  # type: ignore[assignment]
         self._grouped_methods: frozenset[str] = grouped
         self._inline = inline_methods - grouped
-        # The reads framecheck.parse_read parses by hand (answered by _answer_read).
+        # The reads framecheck.parse_usual_call parses by hand (answered by _answer_read).
         self._hand_parsed_reads = frozenset(
             api for api in HAND_PARSED_READS & self._inline if self._dispatcher.is_open_to_all(api)
         )
@@ -419,11 +418,12 @@ class EventFront:
                 frame = self._next_frame(conn)
                 if frame is None:
                     break
-                parsed = parse_write(frame)  # (a put_once or put: checked and decoded at once)
+                # A put_once, put, get or lookup is checked and decoded at once.
+                parsed = parse_usual_call(frame)
                 if parsed is not None and parsed[0] in self._grouped_methods:
                     self._join_group(conn, *parsed)
-                elif (read := parse_read(frame)) and read[0] in self._hand_parsed_reads:
-                    self._answer_read(conn, *read)  # (a get or lookup, likewise)
+                elif parsed is not None and parsed[0] in self._hand_parsed_reads:
+                    self._answer_read(conn, parsed[0], parsed[1], parsed[2][0])
                 else:
                     check_request(frame)
                     if not self._serve_frame(conn, frame):
@@ -493,7 +493,7 @@ class EventFront:
         return True
 
     def _answer_read(self, conn: _Connection, api: str, seqid: int, key: str) -> None:
-        """Answer a get or lookup that framecheck.parse_read parsed, as ``_serve_frame``
+        """Answer a get or lookup that framecheck.parse_usual_call parsed, as ``_serve_frame``
         would: the same handler method, the same reply (built by hand when it has the usual
         shape) or error."""
         dispatcher = self._dispatcher
@@ -521,7 +521,8 @@ class EventFront:
                 del outbox[start:]
                 outbox += refusal
             self._count(conn)
-            conn.proto = codec(conn.frames)  # (its buffer grew to the reply's size)
+            conn.proto = codec(conn.frames)  # (its buffer grew to the reply's size, unless
+            # the reply was built by hand)
         self._outgoing.append(conn)
 
     def _join_group(

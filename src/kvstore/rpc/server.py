@@ -292,7 +292,11 @@ class _Dispatcher:
         return self.answer(api, seqid, iprot, oprot, peer)
 
     def answer(self, api: str, seqid: int, iprot: Any, oprot: Any, peer: PeerRole) -> str:
-        """Serve the call whose message header was read (see ``process``)."""
+        """Serve the call whose message header was read (see ``process``).
+
+        The event front answers a get or lookup in the usual layout without this method
+        (front._answer_read, for the methods ``is_open_to_all``): a check added here, before
+        the handler, belongs there too."""
         entry = self._methods.get(api)
         if not peer.is_node and api in self._node_only:
             iprot.skip(TType.STRUCT)

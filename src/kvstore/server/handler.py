@@ -374,7 +374,7 @@ def _reply_bytes(found: dict[str, str]) -> int:
 
 def _request_record(request_id: Any) -> RequestRecord | None:
     """(client_id, seq, acked_below) of a RequestId (or of the tuple of them that
-    framecheck.parse_write decodes a put_once's into), or None when the write has none."""
+    framecheck.parse_usual_call decodes a put_once's into), or None when the write has none."""
     if request_id is None:
         return None
     if type(request_id) is tuple:
