@@ -42,7 +42,7 @@ def _child_pids() -> list[int]:
     return children
 
 
-def _machine_s() -> tuple[float, float, float]:
+def machine_s() -> tuple[float, float, float]:
     """The machine's busy time and, of it, the time in interrupts (mostly softirq: the
     loopback TCP stack's receive work) and the time stolen (a virtual machine's host ran
     something else on its CPUs), all in CPU seconds."""
@@ -90,10 +90,10 @@ class CpuMeter:
         self._started["client"] = _own_cpu_s() + start_up
 
     def _sample(self) -> dict[str, float | None]:
-        machine_s, interrupts_s, steal_s = _machine_s()
+        busy_s, interrupts_s, steal_s = machine_s()
         sample: dict[str, float | None] = {
             "client": _own_cpu_s(),
-            "machine": machine_s,
+            "machine": busy_s,
             "interrupts": interrupts_s,
             "steal": steal_s,
         }
